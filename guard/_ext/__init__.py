@@ -1,0 +1,1 @@
+"""Compiled kernels built from ``ext/*.pyx``; import them through :mod:`guard._native`."""

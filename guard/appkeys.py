@@ -1,0 +1,18 @@
+"""Typed application state: every key the app stores, in one place."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import aiohttp
+from aiohttp import web
+
+if TYPE_CHECKING:
+    from guard.metrics import GuardMetrics
+    from guard.server import Live
+
+LIVE: web.AppKey[Live] = web.AppKey("live")
+METRICS: web.AppKey[GuardMetrics] = web.AppKey("metrics")
+SESSION: web.AppKey[aiohttp.ClientSession] = web.AppKey("session")
+POLICY_PATH: web.AppKey[Path | None] = web.AppKey("policy_path")

@@ -1,0 +1,156 @@
+"""A V2 (Open Inference Protocol) upstream over HTTP.
+
+The request is re-encoded for the upstream, so a client that sends binary
+tensors reaches an upstream that speaks only JSON (MLServer) unchanged. Faults
+map to clear statuses: unreachable → 503, broken or garbled answer → 502,
+too slow → 504; an upstream's own 4xx is passed on with its message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import orjson
+
+from guard.errors import (
+    UpstreamError,
+    UpstreamRejected,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
+from guard.inference import InferRequest, InferResponse, ModelMetadata, TensorSpec
+from guard.protocols import v2
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class UpstreamConfig:
+    url: str
+    model: str | None = None  # the upstream's name for the model; default: the policy's name
+    version: str | None = None
+    timeout: float = 30.0
+    connect_timeout: float = 2.0
+    binary: bool = False  # send binary tensors (Triton); JSON suits every V2 server
+    headers: Mapping[str, str] = field(default_factory=dict)
+
+
+class HttpBackend:
+    def __init__(
+        self, config: UpstreamConfig, *, name: str, session: aiohttp.ClientSession | None
+    ) -> None:
+        self.config = config
+        self.name = name
+        self.session = session
+        model = config.model or name
+        base = config.url.rstrip("/")
+        self._model_url = f"{base}/v2/models/{model}"
+        if config.version:
+            self._model_url += f"/versions/{config.version}"
+        self._timeout = aiohttp.ClientTimeout(
+            total=config.timeout, sock_connect=config.connect_timeout
+        )
+        self._headers = dict(config.headers)
+
+    async def infer(self, request: InferRequest) -> InferResponse:
+        body, headers = v2.encode_request(request, binary=self.config.binary)
+        headers = {**self._headers, **headers}
+        if request.id:
+            headers["X-Request-Id"] = request.id
+        status, reply_headers, payload = await self._call("POST", "/infer", body, headers)
+        if status != 200:
+            raise _rejected(status, payload, self.config.url)
+        length = reply_headers.get(v2.HEADER_LENGTH)
+        try:
+            header_length = int(length) if length is not None else None
+        except ValueError:
+            raise UpstreamError(f"upstream sent a bad {v2.HEADER_LENGTH}: {length!r}") from None
+        response = v2.decode_response(payload, header_length=header_length)
+        # The client asked us, not the upstream: answer in our model's name.
+        response.model_name = request.model_name
+        if request.model_version is not None:
+            response.model_version = request.model_version
+        if response.id is None:
+            response.id = request.id
+        return response
+
+    async def metadata(self) -> ModelMetadata:
+        status, _, payload = await self._call("GET", "", None, self._headers)
+        if status != 200:
+            raise _rejected(status, payload, self.config.url)
+        try:
+            body = orjson.loads(payload)
+            return ModelMetadata(
+                name=self.name,
+                platform=str(body.get("platform", "")),
+                inputs=tuple(_spec(t) for t in body.get("inputs", ())),
+                outputs=tuple(_spec(t) for t in body.get("outputs", ())),
+                versions=tuple(str(v) for v in body.get("versions", ()) or ()),
+            )
+        except (orjson.JSONDecodeError, AttributeError, KeyError, TypeError, ValueError) as exc:
+            raise UpstreamError(f"upstream sent unreadable model metadata: {exc}") from exc
+
+    async def ready(self) -> bool:
+        try:
+            status, _, _ = await self._call("GET", "/ready", None, self._headers)
+        except UpstreamError:
+            return False
+        return status == 200
+
+    async def close(self) -> None:
+        """The session belongs to the application; nothing to close here."""
+
+    async def _call(
+        self, method: str, suffix: str, body: bytes | None, headers: Mapping[str, str]
+    ) -> tuple[int, Mapping[str, str], bytes]:
+        url = self._model_url + suffix
+        if self.session is None:  # built only to be checked (guard check)
+            raise UpstreamUnavailable(f"upstream {self.config.url}: no client session")
+        try:
+            async with self.session.request(
+                method, url, data=body, headers=headers, timeout=self._timeout
+            ) as reply:
+                return reply.status, reply.headers, await reply.read()
+        except asyncio.TimeoutError as exc:
+            raise UpstreamTimeout(
+                f"upstream {self.config.url} did not answer within {self.config.timeout:g} s"
+            ) from exc
+        except aiohttp.ClientConnectorError as exc:
+            raise UpstreamUnavailable(
+                f"upstream {self.config.url} is unreachable: {exc.os_error.strerror or exc}"
+            ) from exc
+        except (aiohttp.ClientError, OSError) as exc:
+            raise UpstreamError(
+                f"upstream {self.config.url} failed: {type(exc).__name__}"
+            ) from exc
+
+
+def _rejected(status: int, payload: bytes, url: str) -> UpstreamError:
+    message = _error_message(payload)
+    if 400 <= status < 500:
+        return UpstreamRejected(f"upstream: {message}", status=status)
+    if status in (503, 504):
+        cls = UpstreamUnavailable if status == 503 else UpstreamTimeout
+        return cls(f"upstream {url} answered {status}: {message}")
+    return UpstreamError(f"upstream {url} answered {status}: {message}")
+
+
+def _error_message(payload: bytes) -> str:
+    try:
+        body: Any = orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        body = None
+    if isinstance(body, dict):
+        for key in ("error", "detail", "message"):
+            if key in body:
+                return str(body[key])[:500]
+    text = payload[:200].decode("utf-8", "replace").strip()
+    return text or "no message"
+
+
+def _spec(tensor: Mapping[str, Any]) -> TensorSpec:
+    return TensorSpec(
+        str(tensor["name"]), str(tensor["datatype"]), tuple(int(d) for d in tensor["shape"])
+    )

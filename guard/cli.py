@@ -1,0 +1,188 @@
+"""The ``guard`` command: serve, check, demo, keygen."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import ssl
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from guard.errors import PolicyError
+
+DEFAULT_POLICY = Path(__file__).parent / "policies" / "default.yaml"
+log = logging.getLogger("guard")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=getattr(logging, args.log_level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return int(args.run(args) or 0)
+    except PolicyError as exc:
+        print(f"guard: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="guard", description="An inference-time guard for model APIs.")
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    commands = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="run the guard")
+    serve.add_argument("--policy", type=Path, default=DEFAULT_POLICY, help="policy YAML (default: the built-in default)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--tls-cert", type=Path)
+    serve.add_argument("--tls-key", type=Path)
+    serve.add_argument("--loop", choices=["auto", "asyncio", "uvloop"], default="auto")
+    serve.add_argument("--access-log", action="store_true", help="log every request")
+    serve.set_defaults(run=_serve)
+
+    check = commands.add_parser("check", help="validate a policy and print the resolved pipeline")
+    check.add_argument("policy", type=Path)
+    check.set_defaults(run=_check)
+
+    demo = commands.add_parser("demo", help="serve the built-in default and show it working")
+    demo.add_argument("--port", type=int, default=0, help="port (default: any free one)")
+    demo.add_argument("--requests", type=int, default=400, help="benign requests to send")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--keep", action="store_true", help="keep serving after the demo")
+    demo.set_defaults(run=_demo)
+
+    keygen = commands.add_parser("keygen", help="make an API key and its keys-file entry")
+    keygen.add_argument("name")
+    keygen.add_argument("--models", nargs="*", help="models this client may call (default: all)")
+    keygen.set_defaults(run=_keygen)
+    return parser
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from guard.config import load_policy
+
+    policy = load_policy(args.policy)  # fail before binding anything
+    if bool(args.tls_cert) != bool(args.tls_key):
+        print("guard: --tls-cert and --tls-key go together", file=sys.stderr)
+        return 2
+    ssl_context = None
+    if args.tls_cert:
+        ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ssl_context.load_cert_chain(args.tls_cert, args.tls_key)
+    _run(serve_forever(policy, args.policy, args.host, args.port, ssl_context, args.access_log), args.loop)
+    return 0
+
+
+async def serve_forever(
+    policy, policy_path: Path, host: str, port: int, ssl_context: ssl.SSLContext | None, access_log: bool
+) -> None:  # type: ignore[no-untyped-def]
+    from aiohttp import web
+
+    from guard.server import create_app, reload_policy
+
+    app = create_app(policy, policy_path=policy_path)
+    runner = web.AppRunner(app, access_log=log if access_log else None, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port, ssl_context=ssl_context, backlog=1024)
+    await site.start()
+    scheme = "https" if ssl_context else "http"
+    log.info("guard serving %s on %s://%s:%d", policy.source, scheme, host, port)
+
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+
+    def on_hup() -> None:
+        async def reload() -> None:
+            try:
+                await reload_policy(app)
+            except PolicyError:
+                pass  # logged and counted by reload_policy; the old policy stays
+
+        loop.create_task(reload())
+
+    loop.add_signal_handler(signal.SIGHUP, on_hup)
+    try:
+        await stop.wait()
+    finally:
+        log.info("guard shutting down")
+        await runner.cleanup()
+
+
+def _run(coro, loop: str) -> None:  # type: ignore[no-untyped-def]
+    if loop in ("auto", "uvloop"):
+        try:
+            import uvloop
+        except ImportError:
+            if loop == "uvloop":
+                raise SystemExit("guard: --loop uvloop needs the 'fast' extra (pip install uvloop)") from None
+        else:
+            uvloop.run(coro)
+            return
+    asyncio.run(coro)
+
+
+def _check(args: argparse.Namespace) -> int:
+    import json
+
+    from guard.config import load_policy
+    from guard.runtime import build_runtime
+
+    policy = load_policy(args.policy)
+    runtime = build_runtime(policy, session=None)
+    print(f"{args.policy}: OK (version {policy.version}, mode {policy.mode})")
+    print(json.dumps(runtime.describe(), indent=2, default=str))
+    for warning in check_warnings(runtime):
+        print(f"warning: {warning}")
+    return 0
+
+
+def check_warnings(runtime) -> list[str]:  # type: ignore[no-untyped-def]
+    """Policy shapes that load but are probably not what the operator meant."""
+    warnings = []
+    for name, model in runtime.models.items():
+        stages = [s.name for s in model.pipeline.stages]
+        if stages and stages[0] != "validate" and "validate" in stages:
+            warnings.append(f"models.{name}: validate is not the first stage; earlier stages see unchecked input")
+        if "validate" not in stages:
+            warnings.append(f"models.{name}: no validate stage; malformed input reaches the model")
+    if not runtime.policy.clients.uses_keys:
+        warnings.append("clients are identified by address (no keys_file): fine behind a trusted edge only")
+    return warnings
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from guard.demo import run_demo
+
+    return _run_demo(run_demo(port=args.port, requests=args.requests, seed=args.seed, keep=args.keep))
+
+
+def _run_demo(coro) -> int:  # type: ignore[no-untyped-def]
+    return int(asyncio.run(coro))
+
+
+def _keygen(args: argparse.Namespace) -> int:
+    from guard.clients import key_digest, new_key
+
+    key = new_key()
+    print(f"# API key for {args.name} (give it to the client; it is not stored anywhere):")
+    print(f"#   {key}")
+    print("# keys-file entry (under 'clients:'):")
+    print(f"  {args.name}:")
+    print(f"    key_sha256: \"{key_digest(key)}\"")
+    if args.models:
+        print(f"    models: [{', '.join(args.models)}]")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,158 @@
+"""Typed, path-aware reading of YAML mappings.
+
+Every value a policy holds is read through a :class:`Section`, so every message
+names the file, the path inside it, the constraint and the value::
+
+    policies/default.yaml: models.digits.stages[2].certify.sigma must be > 0; got -0.5
+
+A section remembers the keys it handed out; :meth:`Section.finish` rejects the
+rest, so a misspelt key stops the load instead of being silently ignored.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, TypeVar
+
+from guard.errors import PolicyError
+
+T = TypeVar("T")
+_MISSING: Any = object()
+
+
+class Section:
+    """A mapping read key by key, with the location of each key for messages."""
+
+    def __init__(self, data: Any, *, source: str, path: str = "") -> None:
+        if data is None:
+            data = {}
+        if not isinstance(data, Mapping):
+            raise PolicyError(f"{source}: {path or 'document'} must be a mapping; got {_show(data)}")
+        self.data: Mapping[str, Any] = data
+        self.source = source
+        self.path = path
+        self._read: set[str] = set()
+
+    # -- locations and errors -------------------------------------------------
+    def where(self, key: str | None = None) -> str:
+        if key is None:
+            return self.path or "document"
+        return f"{self.path}.{key}" if self.path else key
+
+    def error(self, key: str | None, message: str) -> PolicyError:
+        return PolicyError(f"{self.source}: {self.where(key)} {message}")
+
+    def child(self, key: str, *, required: bool = False) -> Section:
+        value = self._get(key, {} if not required else _MISSING)
+        return Section(value, source=self.source, path=self.where(key))
+
+    def section_list(self, key: str) -> Iterator[tuple[int, Any]]:
+        items = self._get(key, [])
+        if not isinstance(items, list):
+            raise self.error(key, f"must be a list; got {_show(items)}")
+        yield from enumerate(items)
+
+    def has(self, key: str) -> bool:
+        return key in self.data
+
+    def keys(self) -> list[str]:
+        self._read.update(self.data)
+        return [str(k) for k in self.data]
+
+    def finish(self) -> None:
+        unknown = [str(k) for k in self.data if k not in self._read]
+        if unknown:
+            known = ", ".join(sorted(self._read)) or "none"
+            raise PolicyError(
+                f"{self.source}: {self.where()} has unknown key(s) {', '.join(unknown)}; "
+                f"known here: {known}"
+            )
+
+    # -- typed getters ---------------------------------------------------------
+    def _get(self, key: str, default: Any) -> Any:
+        self._read.add(key)
+        if key in self.data and self.data[key] is not None:
+            return self.data[key]
+        if default is _MISSING:
+            raise self.error(key, "is required")
+        return default
+
+    def str(self, key: str, default: Any = _MISSING) -> Any:
+        value = self._get(key, default)
+        if value is not default and not isinstance(value, str):
+            raise self.error(key, f"must be a string; got {_show(value)}")
+        return value
+
+    def bool(self, key: str, default: Any = _MISSING) -> Any:
+        value = self._get(key, default)
+        if value is not default and not isinstance(value, bool):
+            raise self.error(key, f"must be true or false; got {_show(value)}")
+        return value
+
+    def int(
+        self, key: str, default: Any = _MISSING, *, min: int | None = None, max: int | None = None
+    ) -> Any:
+        value = self._get(key, default)
+        if value is default:
+            return value
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self.error(key, f"must be an integer; got {_show(value)}")
+        self._bounds(key, value, min, max, inclusive=True)
+        return value
+
+    def float(
+        self,
+        key: str,
+        default: Any = _MISSING,
+        *,
+        min: float | None = None,
+        max: float | None = None,
+        gt: float | None = None,
+        lt: float | None = None,
+    ) -> Any:
+        value = self._get(key, default)
+        if value is default:
+            return value
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+            raise self.error(key, f"must be a number; got {_show(value)}")
+        value = float(value)
+        self._bounds(key, value, min, max, inclusive=True)
+        self._bounds(key, value, gt, lt, inclusive=False)
+        return value
+
+    def choice(self, key: str, options: Sequence[str], default: Any = _MISSING) -> Any:
+        value = self._get(key, default)
+        if value is not default and value not in options:
+            raise self.error(key, f"must be one of {', '.join(options)}; got {_show(value)}")
+        return value
+
+    def str_list(self, key: str, default: Any = _MISSING) -> Any:
+        value = self._get(key, default)
+        if value is default:
+            return value
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise self.error(key, f"must be a list of strings; got {_show(value)}")
+        return tuple(value)
+
+    def shape(self, key: str, default: Any = _MISSING) -> Any:
+        value = self._get(key, default)
+        if value is default:
+            return value
+        if not isinstance(value, list) or not all(
+            isinstance(d, int) and not isinstance(d, bool) and d >= -1 for d in value
+        ):
+            raise self.error(key, f"must be a list of sizes (-1 for any); got {_show(value)}")
+        return tuple(value)
+
+    def _bounds(self, key: str, value: float, lo: Any, hi: Any, *, inclusive: bool) -> None:
+        ge, le = (">=", "<=") if inclusive else (">", "<")
+        if lo is not None and (value < lo if inclusive else value <= lo):
+            raise self.error(key, f"must be {ge} {lo}; got {_show(value)}")
+        if hi is not None and (value > hi if inclusive else value >= hi):
+            raise self.error(key, f"must be {le} {hi}; got {_show(value)}")
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."

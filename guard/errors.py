@@ -1,0 +1,103 @@
+"""The one exception tree of the guard.
+
+Every error a client can see carries its HTTP status and a message that names
+the offending field. The error boundary in :mod:`guard.server` turns any
+:class:`GuardError` into the protocol's own error body; anything else becomes a
+500 with a generic message and a log line (never a stack trace to the client).
+
+::
+
+    GuardError
+    ├── RequestError            400  the request is malformed or violates the policy's input rules
+    │   ├── PayloadTooLarge     413
+    │   └── UnsupportedMediaType 415
+    ├── Unauthorized            401  missing or unknown API key / admin token
+    ├── Forbidden               403  client may not call this model
+    ├── Denied                  403  a stage's finding with action ``deny``
+    ├── NotFound                404  unknown model or version
+    ├── RateLimited             429  budget or quota exhausted (``retry_after`` seconds)
+    ├── Overloaded              503  the guard itself sheds load
+    └── UpstreamError           502  the upstream answered garbage or an error we cannot pass on
+        ├── UpstreamRejected    4xx/5xx passed through with the upstream's own message
+        ├── UpstreamUnavailable 503  connection refused / reset
+        └── UpstreamTimeout     504
+
+    PolicyError                      a policy or keys file is invalid (load time, never per request)
+"""
+
+from __future__ import annotations
+
+
+class GuardError(Exception):
+    """An error with an HTTP status and a client-safe message."""
+
+    status: int = 500
+
+    def __init__(self, message: str, *, status: int | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if status is not None:
+            self.status = status
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class RequestError(GuardError):
+    status = 400
+
+
+class PayloadTooLarge(RequestError):
+    status = 413
+
+
+class UnsupportedMediaType(RequestError):
+    status = 415
+
+
+class Unauthorized(GuardError):
+    status = 401
+
+
+class Forbidden(GuardError):
+    status = 403
+
+
+class Denied(GuardError):
+    status = 403
+
+
+class NotFound(GuardError):
+    status = 404
+
+
+class RateLimited(GuardError):
+    status = 429
+
+    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class Overloaded(GuardError):
+    status = 503
+
+
+class UpstreamError(GuardError):
+    status = 502
+
+
+class UpstreamRejected(UpstreamError):
+    """The upstream refused the request; its status and message are passed on."""
+
+
+class UpstreamUnavailable(UpstreamError):
+    status = 503
+
+
+class UpstreamTimeout(UpstreamError):
+    status = 504
+
+
+class PolicyError(Exception):
+    """A policy, keys file or model file is invalid. Raised at load, never per request."""

@@ -1,0 +1,79 @@
+"""Prometheus metrics on an injected registry.
+
+Labels are bounded: model, protocol, verdict, status code, stage, action, error
+kind. A client name, key or input never becomes a label (unbounded cardinality,
+and a leak).
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+
+from guard.pipeline import RequestContext
+
+# Loopback proxy latencies sit well under a millisecond; upstream models can take seconds.
+_LATENCY_BUCKETS = (
+    0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+)
+
+
+class GuardMetrics:
+    """Every metric the guard exports, built once per application."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.info = Info("guard_build", "Guard version", registry=r)
+        self.requests = Counter(
+            "guard_requests_total",
+            "Inference requests by model, protocol, verdict and HTTP status",
+            ["model", "protocol", "verdict", "code"],
+            registry=r,
+        )
+        self.request_seconds = Histogram(
+            "guard_request_duration_seconds",
+            "Time from request decoded to response encoded, upstream included",
+            ["model"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.upstream_seconds = Histogram(
+            "guard_upstream_duration_seconds",
+            "Time spent in the backend (upstream or embedded model)",
+            ["model"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.stage_seconds = Histogram(
+            "guard_stage_duration_seconds",
+            "Time spent in each stage",
+            ["model", "stage"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.findings = Counter(
+            "guard_findings_total",
+            "Findings by stage and the action taken (shadow: would have acted)",
+            ["model", "stage", "action"],
+            registry=r,
+        )
+        self.errors = Counter(
+            "guard_errors_total", "Errors answered, by kind", ["kind"], registry=r
+        )
+        self.reloads = Counter(
+            "guard_policy_reloads_total", "Policy reloads by result", ["result"], registry=r
+        )
+        self.in_flight = Gauge(
+            "guard_requests_in_flight", "Inference requests being served", registry=r
+        )
+
+    def observe(self, ctx: RequestContext, *, protocol: str, code: int, seconds: float) -> None:
+        model = ctx.model
+        self.requests.labels(model, protocol, ctx.verdict, str(code)).inc()
+        self.request_seconds.labels(model).observe(seconds)
+        if ctx.upstream_seconds is not None:
+            self.upstream_seconds.labels(model).observe(ctx.upstream_seconds)
+        for stage, spent in ctx.stage_seconds.items():
+            self.stage_seconds.labels(model, stage).observe(spent)
+        for finding in ctx.findings:
+            self.findings.labels(model, finding.stage, finding.action.value).inc()

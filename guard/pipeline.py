@@ -1,0 +1,232 @@
+"""The stage chain every inference request runs through.
+
+A policy builds one :class:`Pipeline` per model, once, and freezes it. For each
+request the pipeline runs the request stages in policy order, calls the backend
+unless a stage already answered, then runs the response stages in reverse order
+(the Envoy filter-chain shape)::
+
+    validate ─▶ blacklight ─▶ certify ─▶ [backend] ─▶ certify ─▶ blacklight ─▶ validate
+                (on_request, in order)                (on_response, reversed)
+
+Per-request state lives in the slotted :class:`RequestContext`, never on stages.
+Stages report what they found with :meth:`RequestContext.report`; the policy's
+action for that finding decides what happens:
+
+``allow``    record nothing beyond metrics
+``flag``     answer normally, add ``X-Guard-Verdict: flag``, count it, audit it
+``degrade``  answer with a weaker output for this client (stages read ``ctx.degraded``)
+``deny``     refuse the request (403 in the protocol's error format)
+``shadow``   count and audit what *would* have happened; change nothing
+
+A policy-wide ``mode: shadow`` turns every flag, degrade and deny into shadow.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+from guard.errors import Denied, GuardError, Overloaded
+from guard.inference import InferRequest, InferResponse
+
+if TYPE_CHECKING:
+    from guard.backends.base import Backend
+    from guard.clients import Client
+
+log = logging.getLogger(__name__)
+
+
+class Verdict(enum.Enum):
+    CONTINUE = "continue"
+    RESPOND = "respond"  # ctx.response is set: skip the backend and the later request stages
+    DENY = "deny"  # refuse the request
+
+
+class Action(str, enum.Enum):
+    ALLOW = "allow"
+    FLAG = "flag"
+    DEGRADE = "degrade"
+    DENY = "deny"
+    SHADOW = "shadow"
+
+
+ACTIONS = tuple(a.value for a in Action)
+
+
+@dataclass(frozen=True, slots=True)
+class Finding:
+    """What one stage saw in one request, and what was done about it."""
+
+    stage: str
+    action: Action  # what was done (shadow when the policy or mode says so)
+    intended: Action  # what the stage's action would do in enforce mode
+    message: str
+    score: float | None = None
+    threshold: float | None = None
+    technique: str | None = None  # MITRE ATLAS technique id the finding evidences
+
+
+class RequestContext:
+    """Everything one request carries through the chain."""
+
+    __slots__ = (
+        "request_id",
+        "model",
+        "client",
+        "request",
+        "response",
+        "findings",
+        "stage_seconds",
+        "upstream_seconds",
+        "degraded",
+        "shadow_mode",
+        "headers",
+    )
+
+    def __init__(
+        self,
+        *,
+        request_id: str,
+        model: str,
+        client: Client,
+        request: InferRequest,
+        shadow_mode: bool = False,
+    ) -> None:
+        self.request_id = request_id
+        self.model = model
+        self.client = client
+        self.request = request
+        self.response: InferResponse | None = None
+        self.findings: list[Finding] = []
+        self.stage_seconds: dict[str, float] = {}
+        self.upstream_seconds: float | None = None
+        self.degraded = False
+        self.shadow_mode = shadow_mode
+        self.headers: dict[str, str] = {}
+
+    def report(
+        self,
+        stage: str,
+        action: Action,
+        message: str,
+        *,
+        score: float | None = None,
+        threshold: float | None = None,
+        technique: str | None = None,
+    ) -> Verdict:
+        """Record a finding and return the verdict its action calls for."""
+        taken = action
+        if self.shadow_mode and action in (Action.FLAG, Action.DEGRADE, Action.DENY):
+            taken = Action.SHADOW
+        self.findings.append(
+            Finding(stage, taken, action, message, score, threshold, technique)
+        )
+        if taken is Action.DEGRADE:
+            self.degraded = True
+        return Verdict.DENY if taken is Action.DENY else Verdict.CONTINUE
+
+    @property
+    def verdict(self) -> str:
+        """The strongest action taken on this request, for headers and metrics."""
+        taken = {f.action for f in self.findings}
+        for action in (Action.DENY, Action.DEGRADE, Action.FLAG, Action.SHADOW):
+            if action in taken:
+                return action.value
+        return Action.ALLOW.value
+
+
+class Stage(Protocol):
+    """One step of the chain. Build with ``from_config``; never keep per-request state."""
+
+    name: str
+    fail_open: bool
+
+    async def on_request(self, ctx: RequestContext) -> Verdict: ...
+
+    async def on_response(self, ctx: RequestContext) -> Verdict: ...
+
+
+class BaseStage:
+    """Optional base: no-op hooks, so a stage writes only the side it needs.
+
+    The pipeline skips hooks a stage does not override, so a request-only stage
+    costs nothing on the response path.
+    """
+
+    name = "stage"
+    fail_open = False
+
+    async def on_request(self, ctx: RequestContext) -> Verdict:
+        return Verdict.CONTINUE
+
+    async def on_response(self, ctx: RequestContext) -> Verdict:
+        return Verdict.CONTINUE
+
+    def describe(self) -> dict[str, Any]:
+        """The resolved settings, for ``guard check`` and the admin status page."""
+        return {}
+
+
+def _overrides(stage: object, hook: str) -> bool:
+    base = getattr(BaseStage, hook)
+    return getattr(type(stage), hook, base) is not base
+
+
+class Pipeline:
+    """A frozen chain of stages for one model."""
+
+    __slots__ = ("stages", "_request_stages", "_response_stages")
+
+    def __init__(self, stages: Sequence[Stage]) -> None:
+        self.stages: tuple[Stage, ...] = tuple(stages)
+        # (position, stage) so a chain cut short by RESPOND unwinds only what ran.
+        self._request_stages = tuple(
+            (i, s) for i, s in enumerate(self.stages) if _overrides(s, "on_request")
+        )
+        self._response_stages = tuple(
+            (i, s) for i, s in reversed(list(enumerate(self.stages))) if _overrides(s, "on_response")
+        )
+
+    async def run(self, ctx: RequestContext, backend: Backend) -> InferResponse:
+        reached = len(self.stages)
+        for position, stage in self._request_stages:
+            verdict = await self._call(stage, "on_request", ctx)
+            if verdict is Verdict.DENY:
+                raise Denied(f"request refused by policy ({stage.name})")
+            if verdict is Verdict.RESPOND:
+                reached = position
+                break
+        if ctx.response is None:
+            started = time.perf_counter()
+            ctx.response = await backend.infer(ctx.request)
+            ctx.upstream_seconds = time.perf_counter() - started
+        for position, stage in self._response_stages:
+            if position > reached:
+                continue
+            verdict = await self._call(stage, "on_response", ctx)
+            if verdict is Verdict.DENY:
+                raise Denied(f"response withheld by policy ({stage.name})")
+        return ctx.response
+
+    @staticmethod
+    async def _call(stage: Stage, hook: str, ctx: RequestContext) -> Verdict:
+        started = time.perf_counter()
+        try:
+            verdict: Verdict = await getattr(stage, hook)(ctx)
+        except GuardError:
+            raise
+        except Exception as exc:  # a stage's own fault: apply its declared failure mode
+            log.exception("stage %s failed in %s", stage.name, hook)
+            ctx.report(stage.name, Action.FLAG, f"stage failed: {type(exc).__name__}")
+            if not stage.fail_open:
+                raise Overloaded(f"stage {stage.name} is unavailable; request not served") from exc
+            verdict = Verdict.CONTINUE
+        finally:
+            ctx.stage_seconds[stage.name] = (
+                ctx.stage_seconds.get(stage.name, 0.0) + time.perf_counter() - started
+            )
+        return verdict

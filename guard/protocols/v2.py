@@ -1,0 +1,364 @@
+"""Open Inference Protocol (KServe V2) REST bodies, with the binary tensor data extension.
+
+Specs: kserve/open-inference-protocol ``specification/protocol/inference_rest.md``
+and Triton ``docs/protocol/extension_binary_data.md``.
+
+Server side (a client calls the guard): :func:`decode_request`,
+:func:`encode_response`, :func:`error_body`. Client side (the guard calls a V2
+upstream): :func:`encode_request`, :func:`decode_response`.
+
+Guarantees: decoders return well-formed :class:`~guard.inference.InferRequest`
+/ :class:`~guard.inference.InferResponse` objects (unique names, arrays of the
+declared datatype and shape) or raise :class:`~guard.errors.RequestError`
+(request side, 400) or :class:`~guard.errors.UpstreamError` (response side,
+502) with a message naming the field; nothing else escapes. Requests are read
+strictly (unknown keys are refused, since a re-encoded request would silently
+drop them); upstream responses leniently (unknown keys and per-tensor
+parameters are ignored, ``null`` reads as NaN in float tensors). Encoders
+write what the decoders read, so every tensor round-trips exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import orjson
+
+from guard.errors import RequestError, UpstreamError
+from guard.inference import InferRequest, InferResponse, RequestedOutput, datatype_of, dtype_of
+from guard.protocols import binary
+from guard.protocols.tensors import check_shape, flatten, json_value, show, to_array
+
+HEADER_LENGTH = "Inference-Header-Content-Length"
+JSON_TYPE = "application/json"
+BINARY_TYPE = "application/octet-stream"
+
+_REQUEST_KEYS = frozenset({"id", "parameters", "inputs", "outputs", "model_name", "model_version"})
+_INPUT_KEYS = frozenset({"name", "shape", "datatype", "parameters", "data"})
+_OUTPUT_KEYS = frozenset({"name", "parameters"})
+_DUMPS = orjson.OPT_SERIALIZE_NUMPY
+
+
+def parse_header_length(value: str | None) -> int | None:
+    """The ``Inference-Header-Content-Length`` header as an int (``None`` when absent)."""
+    if value is None:
+        return None
+    text = value.strip()
+    if not text.isdigit() or not text.isascii():
+        raise RequestError(f"{HEADER_LENGTH}: must be a non-negative integer; got {value[:40]!r}")
+    return int(text)
+
+
+def error_body(message: str) -> bytes:
+    """The protocol's error body, ``{"error": message}``."""
+    return orjson.dumps({"error": message})
+
+
+# -- server side -------------------------------------------------------------
+
+
+def decode_request(
+    body: bytes, *, header_length: int | None, model_name: str, model_version: str | None
+) -> InferRequest:
+    """The request in ``body``; ``header_length`` is the JSON part's length under the
+    binary extension (``None``: the whole body is JSON)."""
+    doc, reader = _split(body, header_length, what="request body")
+    _check_keys(doc, _REQUEST_KEYS, field="request")
+    entries = doc.get("inputs")
+    if not isinstance(entries, list) or not entries:
+        raise RequestError(f"inputs: must be a non-empty list of tensors; got {show(entries)}")
+    inputs = _tensors(entries, "inputs", reader, strict=True)
+    parameters = _object(doc.get("parameters"), field="parameters")
+    binary_outputs = parameters.pop("binary_data_output", False)
+    if type(binary_outputs) is not bool:
+        raise RequestError(
+            f"parameters.binary_data_output: must be true or false; got {show(binary_outputs)}"
+        )
+    return InferRequest(
+        model_name=model_name,
+        model_version=model_version,
+        inputs=inputs,
+        id=_id(doc),
+        parameters=parameters,
+        outputs=_requested_outputs(doc.get("outputs")),
+        binary_outputs=binary_outputs,
+    )
+
+
+def encode_response(
+    response: InferResponse, *, request: InferRequest
+) -> tuple[bytes, dict[str, str]]:
+    """``(body, headers)`` answering ``request``: only the outputs it named (in its
+    order; all when it named none), each binary as the request asked."""
+    wishes = {o.name: o.binary for o in request.outputs}
+    unknown = [name for name in wishes if name not in response.outputs]
+    if unknown:
+        available = ", ".join(response.outputs) or "none"
+        raise RequestError(f"outputs: unknown output {unknown[0]!r}; the model returns {available}")
+    names = list(wishes) or list(response.outputs)
+    doc: dict[str, Any] = {"model_name": response.model_name}
+    if response.model_version is not None:
+        doc["model_version"] = response.model_version
+    request_id = response.id if response.id is not None else request.id
+    if request_id is not None:
+        doc["id"] = request_id
+    if response.parameters:
+        doc["parameters"] = response.parameters
+    entries: list[dict[str, Any]] = []
+    chunks: list[bytes | None] = []
+    for name in names:
+        wish = wishes.get(name)
+        entry, chunk = _encode_tensor(
+            name, response.outputs[name], request.binary_outputs if wish is None else wish
+        )
+        entries.append(entry)
+        chunks.append(chunk)
+    doc["outputs"] = entries
+    return _assemble(doc, chunks)
+
+
+# -- client side -------------------------------------------------------------
+
+
+def encode_request(request: InferRequest, *, binary: bool) -> tuple[bytes, dict[str, str]]:
+    """``(body, headers)`` for a V2 upstream: inputs as binary data and binary outputs
+    asked for when ``binary``, plain JSON otherwise (for servers without the
+    extension, such as MLServer). The request's parameters and requested outputs
+    pass through."""
+    doc: dict[str, Any] = {}
+    if request.id is not None:
+        doc["id"] = request.id
+    parameters = {k: v for k, v in request.parameters.items() if k != "binary_data_output"}
+    if binary:
+        parameters["binary_data_output"] = True
+    if parameters:
+        doc["parameters"] = parameters
+    entries: list[dict[str, Any]] = []
+    chunks: list[bytes | None] = []
+    for name, array in request.inputs.items():
+        entry, chunk = _encode_tensor(name, array, binary)
+        entries.append(entry)
+        chunks.append(chunk)
+    doc["inputs"] = entries
+    if request.outputs:
+        doc["outputs"] = [_output_entry(o, binary) for o in request.outputs]
+    return _assemble(doc, chunks)
+
+
+def decode_response(body: bytes, *, header_length: int | None) -> InferResponse:
+    """The upstream's response in ``body``; anything malformed raises UpstreamError."""
+    try:
+        doc, reader = _split(body, header_length, what="response body")
+        entries = doc.get("outputs")
+        if not isinstance(entries, list):
+            raise RequestError(f"outputs: must be a list of tensors; got {show(entries)}")
+        outputs = _tensors(entries, "outputs", reader, strict=False)
+        model_name = doc.get("model_name", "")
+        if not isinstance(model_name, str):
+            raise RequestError(f"model_name: must be a string; got {show(model_name)}")
+        version = doc.get("model_version")
+        if version is not None and not isinstance(version, str):
+            raise RequestError(f"model_version: must be a string; got {show(version)}")
+        return InferResponse(
+            model_name=model_name,
+            model_version=version,
+            outputs=outputs,
+            id=_id(doc),
+            parameters=_object(doc.get("parameters"), field="parameters"),
+        )
+    except RequestError as exc:
+        raise UpstreamError(f"upstream response: {exc.message}") from exc
+
+
+# -- helpers -------------------------------------------------------------------
+
+
+class _Remainder:
+    """The binary part of a body, handed out in order."""
+
+    __slots__ = ("_pos", "_view")
+
+    def __init__(self, view: memoryview | None) -> None:
+        self._view = view
+        self._pos = 0
+
+    def take(self, size: int, *, field: str) -> memoryview:
+        if self._view is None:
+            raise RequestError(f"{field}: binary data needs the {HEADER_LENGTH} header")
+        left = len(self._view) - self._pos
+        if size > left:
+            raise RequestError(f"{field}: {size} bytes exceed the {left} bytes left in the body")
+        self._pos += size
+        return self._view[self._pos - size : self._pos]
+
+    def finish(self, *, what: str) -> None:
+        left = 0 if self._view is None else len(self._view) - self._pos
+        if left:
+            raise RequestError(
+                f"{what}: {left} bytes after the JSON are claimed by no tensor's binary_data_size"
+            )
+
+
+def _split(
+    body: bytes, header_length: int | None, *, what: str
+) -> tuple[dict[str, Any], _Remainder]:
+    view = memoryview(body)
+    if header_length is not None and not 0 <= header_length <= len(view):
+        raise RequestError(
+            f"{HEADER_LENGTH}: {header_length} is outside the body's {len(view)} bytes"
+        )
+    head = view if header_length is None else view[:header_length]
+    try:
+        doc = orjson.loads(head)
+    except orjson.JSONDecodeError as exc:
+        raise RequestError(f"{what}: invalid JSON ({exc})") from None
+    if not isinstance(doc, dict):
+        raise RequestError(f"{what}: must be a JSON object; got {show(doc, 20)}")
+    return doc, _Remainder(None if header_length is None else view[header_length:])
+
+
+def _tensors(
+    entries: list[Any], field: str, reader: _Remainder, *, strict: bool
+) -> dict[str, np.ndarray]:
+    tensors: dict[str, np.ndarray] = {}
+    for i, entry in enumerate(entries):
+        name, array = _decode_tensor(entry, f"{field}[{i}]", reader, strict=strict)
+        if name in tensors:
+            raise RequestError(f"{field}[{i}].name: duplicate tensor name {name!r}")
+        tensors[name] = array
+    reader.finish(what=field)
+    return tensors
+
+
+def _decode_tensor(
+    entry: object, field: str, reader: _Remainder, *, strict: bool
+) -> tuple[str, np.ndarray]:
+    if not isinstance(entry, dict):
+        raise RequestError(f"{field}: must be an object; got {show(entry)}")
+    if strict:
+        _check_keys(entry, _INPUT_KEYS, field=field)
+    name = _name(entry, field)
+    datatype = entry.get("datatype")
+    if not isinstance(datatype, str):
+        raise RequestError(f"{field}.datatype: must be a string; got {show(datatype)}")
+    dtype_of(datatype, field=f"{field}.datatype")
+    shape = check_shape(entry.get("shape"), field=f"{field}.shape")
+    parameters = _object(entry.get("parameters"), field=f"{field}.parameters")
+    size = parameters.get("binary_data_size")
+    if size is not None:
+        if "data" in entry:
+            raise RequestError(f"{field}: has both data and parameters.binary_data_size")
+        if type(size) is not int or size < 0:
+            raise RequestError(
+                f"{field}.parameters.binary_data_size: must be a non-negative integer; "
+                f"got {show(size)}"
+            )
+        chunk = reader.take(size, field=f"{field}.parameters.binary_data_size")
+        return name, binary.decode(
+            chunk, datatype, shape, field=f"{field}.parameters.binary_data_size"
+        )
+    if "data" not in entry:
+        if "shared_memory_region" in parameters:
+            raise RequestError(
+                f"{field}.parameters.shared_memory_region: shared memory is not supported"
+            )
+        raise RequestError(f"{field}: needs data or parameters.binary_data_size")
+    data_field = f"{field}.data"
+    flat = flatten(entry["data"], depth=max(len(shape), 1), field=data_field)
+    count = math.prod(shape)
+    if len(flat) != count:
+        raise RequestError(
+            f"{data_field}: shape {list(shape)} needs {count} values; got {len(flat)}"
+        )
+    nested = len(flat) != len(entry["data"])
+    locate = (lambda i: f"{data_field} element {i}") if nested else (lambda i: f"{data_field}[{i}]")
+    return name, to_array(flat, datatype, locate=locate, null_is_nan=not strict).reshape(shape)
+
+
+def _encode_tensor(
+    name: str, array: np.ndarray, as_binary: bool
+) -> tuple[dict[str, Any], bytes | None]:
+    datatype = datatype_of(array)
+    entry: dict[str, Any] = {"name": name, "datatype": datatype, "shape": list(array.shape)}
+    if as_binary:
+        raw = binary.encode(array, datatype)
+        entry["parameters"] = {"binary_data_size": len(raw)}
+        return entry, raw
+    entry["data"] = json_value(array.reshape(-1), name=name)
+    return entry, None
+
+
+def _assemble(doc: dict[str, Any], chunks: list[bytes | None]) -> tuple[bytes, dict[str, str]]:
+    head = orjson.dumps(doc, option=_DUMPS)
+    if all(chunk is None for chunk in chunks):
+        return head, {"Content-Type": JSON_TYPE}
+    tail = b"".join(chunk for chunk in chunks if chunk is not None)
+    return head + tail, {"Content-Type": BINARY_TYPE, HEADER_LENGTH: str(len(head))}
+
+
+def _output_entry(output: RequestedOutput, as_binary: bool) -> dict[str, Any]:
+    parameters = {k: v for k, v in output.parameters.items() if k != "binary_data"}
+    if as_binary:
+        parameters["binary_data"] = True
+    entry: dict[str, Any] = {"name": output.name}
+    if parameters:
+        entry["parameters"] = parameters
+    return entry
+
+
+def _requested_outputs(value: object) -> list[RequestedOutput]:
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise RequestError(f"outputs: must be a list; got {show(value)}")
+    outputs: list[RequestedOutput] = []
+    seen: set[str] = set()
+    for i, entry in enumerate(value):
+        field = f"outputs[{i}]"
+        if not isinstance(entry, dict):
+            raise RequestError(f"{field}: must be an object; got {show(entry)}")
+        _check_keys(entry, _OUTPUT_KEYS, field=field)
+        name = _name(entry, field)
+        if name in seen:
+            raise RequestError(f"{field}.name: duplicate output name {name!r}")
+        seen.add(name)
+        parameters = _object(entry.get("parameters"), field=f"{field}.parameters")
+        wish = parameters.pop("binary_data", None)
+        if wish is not None and type(wish) is not bool:
+            raise RequestError(
+                f"{field}.parameters.binary_data: must be true or false; got {show(wish)}"
+            )
+        outputs.append(RequestedOutput(name=name, binary=wish, parameters=parameters))
+    return outputs
+
+
+def _check_keys(doc: dict[str, Any], allowed: frozenset[str], *, field: str) -> None:
+    unknown = [k for k in doc if k not in allowed]
+    if unknown:
+        raise RequestError(
+            f"{field}: unknown key {unknown[0]!r}; expected {', '.join(sorted(allowed))}"
+        )
+
+
+def _name(entry: dict[str, Any], field: str) -> str:
+    name = entry.get("name")
+    if not isinstance(name, str) or not name:
+        raise RequestError(f"{field}.name: must be a non-empty string; got {show(name)}")
+    return name
+
+
+def _object(value: object, *, field: str) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise RequestError(f"{field}: must be an object; got {show(value)}")
+    return dict(value)
+
+
+def _id(doc: dict[str, Any]) -> str | None:
+    value = doc.get("id")
+    if value is not None and not isinstance(value, str):
+        raise RequestError(f"id: must be a string; got {show(value)}")
+    return value

@@ -1,0 +1,160 @@
+"""A policy made live: backends opened, stages built, pipelines frozen.
+
+The server holds one :class:`Runtime` at a time. A reload builds a new one
+beside it (any error keeps the old), swaps the reference, and retires the old
+one once the requests it is serving have finished: nothing in flight is dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+
+from guard.audit import AuditLog
+from guard.backends.base import Backend
+from guard.backends.http import HttpBackend
+from guard.backends.onnx import OnnxBackend
+from guard.config import ModelConfig, Policy
+from guard.configreader import Section
+from guard.errors import NotFound, PolicyError
+from guard.inference import ModelMetadata
+from guard.pipeline import Pipeline, Stage
+from guard.stages import STAGES, StageEnv
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class ModelRuntime:
+    name: str
+    config: ModelConfig
+    backend: Backend  # what serves requests: the upstream, else the local copy
+    local: OnnxBackend | None  # the local copy, when the policy names a model file
+    pipeline: Pipeline
+    _metadata: ModelMetadata | None = None
+
+    async def metadata(self) -> ModelMetadata:
+        """The model's metadata: the local copy's, else the upstream's (asked once)."""
+        if self.local is not None:
+            return self.local.model_metadata
+        if self._metadata is None:
+            self._metadata = await self.backend.metadata()
+        return self._metadata
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "backend": self.config.upstream.url if self.config.upstream else "embedded",
+            "model_file": str(self.config.model_file) if self.config.model_file else None,
+            "providers": list(self.local.providers) if self.local else None,
+            "stages": [
+                {"stage": s.name, "on_error": "open" if s.fail_open else "closed", **_describe(s)}
+                for s in self.pipeline.stages
+            ],
+        }
+
+
+class Runtime:
+    def __init__(self, policy: Policy, models: dict[str, ModelRuntime], audit: AuditLog) -> None:
+        self.policy = policy
+        self.models = models
+        self.audit = audit
+        self._active = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def model(self, name: str) -> ModelRuntime:
+        try:
+            return self.models[name]
+        except KeyError:
+            raise NotFound(f"unknown model {name!r}; this guard serves {', '.join(self.models)}") from None
+
+    def enter(self) -> None:
+        self._active += 1
+        self._idle.clear()
+
+    def leave(self) -> None:
+        self._active -= 1
+        if self._active == 0:
+            self._idle.set()
+
+    async def retire(self, grace: float = 60.0) -> None:
+        """Close once the requests in flight on this runtime have finished."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), grace)
+        except asyncio.TimeoutError:
+            log.warning("retiring runtime with %d requests still in flight", self._active)
+        await self.close()
+
+    async def close(self) -> None:
+        for model in self.models.values():
+            await model.backend.close()
+            if model.local is not None and model.local is not model.backend:
+                await model.local.close()
+        self.audit.close()
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "policy": self.policy.source,
+            "mode": self.policy.mode,
+            "models": {name: m.describe() for name, m in self.models.items()},
+        }
+
+
+def build_runtime(policy: Policy, *, session: aiohttp.ClientSession | None) -> Runtime:
+    """Open every backend and build every pipeline; raise PolicyError on any problem."""
+    models = {name: _build_model(config, policy, session) for name, config in policy.models.items()}
+    return Runtime(policy, models, AuditLog(policy.audit_path))
+
+
+def _build_model(config: ModelConfig, policy: Policy, session: aiohttp.ClientSession | None) -> ModelRuntime:
+    local = None
+    if config.model_file is not None:
+        try:
+            local = OnnxBackend(
+                config.model_file,
+                name=config.name,
+                sha256=config.sha256,
+                device=config.device,
+                threads=config.threads,
+            )
+        except PolicyError as exc:
+            raise PolicyError(f"{policy.source}: models.{config.name}: {exc}") from exc
+    backend: Backend
+    if config.upstream is not None:
+        backend = HttpBackend(config.upstream, name=config.name, session=session)
+    elif local is not None:
+        backend = local
+    else:
+        raise PolicyError(f"{policy.source}: models.{config.name} needs an upstream or a model file")
+    env = StageEnv(
+        model=config.name,
+        local=local,
+        metadata=local.model_metadata if local else None,
+    )
+    stages = [_build_stage(entry.kind, entry.options, entry.path, policy.source, env) for entry in config.stages]
+    names = [s.name for s in stages]
+    duplicates = {n for n in names if names.count(n) > 1}
+    if duplicates:
+        raise PolicyError(
+            f"{policy.source}: models.{config.name}.stages lists {', '.join(sorted(duplicates))} twice"
+        )
+    return ModelRuntime(config.name, config, backend, local, Pipeline(stages))
+
+
+def _build_stage(kind: str, options: Any, path: str, source: str, env: StageEnv) -> Stage:
+    builder = STAGES.get(kind)
+    if builder is None:
+        raise PolicyError(
+            f"{source}: {path.rsplit('.', 1)[0]} names unknown stage {kind!r}; "
+            f"valid stages: {', '.join(sorted(STAGES))}"
+        )
+    return builder(Section(options, source=source, path=path), env)
+
+
+def _describe(stage: Stage) -> dict[str, Any]:
+    describe = getattr(stage, "describe", None)
+    return describe() if callable(describe) else {}

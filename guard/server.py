@@ -1,0 +1,404 @@
+"""The HTTP face of the guard: V2 and TF Serving routes, health, metrics, admin.
+
+One request: identify the client, read the body (bounded), decode it into an
+:class:`~guard.inference.InferRequest`, run the model's pipeline, encode the
+answer in the protocol the client spoke. Every error leaves through
+:func:`error_boundary` as ``{"error": "..."}`` with its status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import aiohttp
+import orjson
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+from guard import __version__
+from guard.appkeys import LIVE, METRICS, POLICY_PATH, SESSION
+from guard.clients import token_matches
+from guard.config import Policy, load_policy
+from guard.errors import (
+    GuardError,
+    NotFound,
+    Overloaded,
+    PayloadTooLarge,
+    PolicyError,
+    RateLimited,
+    RequestError,
+    Unauthorized,
+)
+from guard.inference import InferRequest, InferResponse
+from guard.metrics import GuardMetrics
+from guard.pipeline import RequestContext
+from guard.protocols import tfserving, v2
+from guard.runtime import Runtime, build_runtime
+
+log = logging.getLogger(__name__)
+
+JSON = "application/json"
+SERVER_NAME = "inference-guard"
+
+
+class Live:
+    """The runtime being served, swapped whole on reload."""
+
+    def __init__(self, runtime: Runtime | None = None) -> None:
+        self.runtime = runtime
+        self.reload_lock = asyncio.Lock()
+        self.in_flight = 0
+        self.retiring: set[asyncio.Task[None]] = set()
+
+    def current(self) -> Runtime:
+        if self.runtime is None:
+            raise Overloaded("the guard is starting; no policy is loaded yet")
+        return self.runtime
+
+
+def create_app(
+    policy: Policy,
+    *,
+    registry: CollectorRegistry | None = None,
+    policy_path: str | Path | None = None,
+) -> web.Application:
+    """The guard as an aiohttp application; ``policy_path`` enables reloads."""
+    app = web.Application(middlewares=[error_boundary], client_max_size=policy.limits.max_body_bytes)
+    app[LIVE] = Live()
+    app[METRICS] = GuardMetrics(registry)
+    app[METRICS].info.info({"version": __version__})
+    app[POLICY_PATH] = Path(policy_path) if policy_path is not None else None
+    app.cleanup_ctx.append(_lifecycle(policy))
+    app.add_routes(
+        [
+            web.get("/v2/health/live", health_live),
+            web.get("/v2/health/ready", health_ready),
+            web.get("/v2", server_metadata),
+            web.get("/v2/models/{model}", model_metadata),
+            web.get("/v2/models/{model}/versions/{version}", model_metadata),
+            web.get("/v2/models/{model}/ready", model_ready),
+            web.get("/v2/models/{model}/versions/{version}/ready", model_ready),
+            web.post("/v2/models/{model}/infer", v2_infer),
+            web.post("/v2/models/{model}/versions/{version}/infer", v2_infer),
+            web.get("/v1/models/{model}", tf_status),
+            web.get("/v1/models/{model}/versions/{version}", tf_status),
+            web.post(r"/v1/models/{model:[^/:]+}:predict", tf_predict),
+            web.post(r"/v1/models/{model:[^/:]+}/versions/{version:[^/:]+}:predict", tf_predict),
+            web.get("/metrics", metrics),
+            web.post("/admin/reload", admin_reload),
+            web.get("/admin/status", admin_status),
+        ]
+    )
+    return app
+
+
+def _lifecycle(policy: Policy) -> Callable[[web.Application], AsyncIterator[None]]:
+    async def lifecycle(app: web.Application) -> AsyncIterator[None]:
+        session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=256, ttl_dns_cache=300),
+            skip_auto_headers=("Content-Type", "User-Agent"),
+        )
+        app[SESSION] = session
+        live = app[LIVE]
+        try:
+            live.runtime = build_runtime(policy, session=session)
+            yield
+        finally:
+            if live.runtime is not None:
+                await live.runtime.close()
+            await session.close()
+
+    return lifecycle
+
+
+# -- error boundary -----------------------------------------------------------
+
+
+@web.middleware
+async def error_boundary(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """Turn every failure into the protocol's error body; never leak a stack trace."""
+    metrics = request.app[METRICS]
+    try:
+        return await handler(request)
+    except GuardError as exc:
+        metrics.errors.labels(type(exc).__name__).inc()
+        return error_response(exc)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        metrics.errors.labels(f"http_{exc.status}").inc()
+        return _json_error(exc.reason if exc.status != 404 else f"no route for {request.path}", exc.status)
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        metrics.errors.labels("internal").inc()
+        log.exception("unhandled error serving %s %s", request.method, request.path)
+        return _json_error("internal error in the guard", 500)
+
+
+def error_response(exc: GuardError, headers: dict[str, str] | None = None) -> web.Response:
+    response = _json_error(exc.message, exc.status, headers)
+    if isinstance(exc, RateLimited) and exc.retry_after is not None:
+        response.headers["Retry-After"] = str(max(1, round(exc.retry_after)))
+    return response
+
+
+def _json_error(message: str, status: int, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(body=v2.error_body(message), status=status, content_type=JSON, headers=headers)
+
+
+# -- inference ----------------------------------------------------------------
+
+Decode = Callable[[bytes], InferRequest]
+Encode = Callable[[InferResponse, InferRequest], tuple[bytes, dict[str, str]]]
+
+
+async def _serve(
+    http: web.Request,
+    *,
+    model_name: str,
+    protocol: str,
+    decode: Callable[[Runtime, bytes], Awaitable[tuple[InferRequest, Encode]]],
+) -> web.Response:
+    app = http.app
+    live = app[LIVE]
+    runtime = live.current()
+    policy = runtime.policy
+    if live.in_flight >= policy.limits.max_in_flight:
+        raise Overloaded(f"the guard is serving {live.in_flight} requests; try again shortly")
+    started = time.perf_counter()
+    request_id = http.headers.get("X-Request-Id") or os.urandom(8).hex()
+    live.in_flight += 1
+    runtime.enter()
+    ctx: RequestContext | None = None
+    try:
+        client = policy.clients.identify(http.headers, http.remote)
+        policy.clients.authorize(client, model_name)
+        model = runtime.model(model_name)
+        body = await read_body(http, policy.limits.max_body_bytes)
+        infer_request, encode = await decode(runtime, body)
+        if infer_request.id is None:
+            infer_request.id = request_id
+        ctx = RequestContext(
+            request_id=request_id,
+            model=model_name,
+            client=client,
+            request=infer_request,
+            shadow_mode=policy.shadow,
+        )
+        response = await model.pipeline.run(ctx, model.backend)
+        payload, headers = encode(response, infer_request)
+        headers["X-Request-Id"] = request_id
+        if policy.expose_headers:
+            headers["X-Guard-Verdict"] = ctx.verdict
+            headers.update(ctx.headers)
+        _finish(app, runtime, ctx, protocol, 200, started)
+        return web.Response(body=payload, headers=headers)
+    except GuardError as exc:
+        metrics = app[METRICS]
+        metrics.errors.labels(type(exc).__name__).inc()
+        headers = {"X-Request-Id": request_id}
+        if ctx is not None:
+            if policy.expose_headers:
+                headers["X-Guard-Verdict"] = ctx.verdict
+            _finish(app, runtime, ctx, protocol, exc.status, started)
+        else:  # refused before the pipeline: count it under a bounded model label
+            label = model_name if model_name in runtime.models else "unknown"
+            metrics.requests.labels(label, protocol, "rejected", str(exc.status)).inc()
+        return error_response(exc, headers)
+    finally:
+        runtime.leave()
+        live.in_flight -= 1
+
+
+def _finish(
+    app: web.Application, runtime: Runtime, ctx: RequestContext, protocol: str, code: int, started: float
+) -> None:
+    app[METRICS].observe(ctx, protocol=protocol, code=code, seconds=time.perf_counter() - started)
+    runtime.audit.record(ctx)
+
+
+async def read_body(http: web.Request, limit: int) -> bytes:
+    """The request body, refused with 413 past ``limit`` bytes (checked while reading)."""
+    length = http.content_length
+    if length is not None:
+        if length > limit:
+            raise PayloadTooLarge(f"body of {length} bytes exceeds the limit of {limit}")
+        try:
+            return await http.content.readexactly(length)
+        except asyncio.IncompleteReadError as exc:
+            raise RequestError(
+                f"body ended after {len(exc.partial)} of {length} bytes (Content-Length)"
+            ) from None
+    chunks: list[bytes] = []
+    size = 0
+    while chunk := await http.content.readany():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"body exceeds the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _header_length(http: web.Request) -> int | None:
+    raw = http.headers.get(v2.HEADER_LENGTH)
+    if raw is None:
+        return None
+    try:
+        return int(raw)
+    except ValueError:
+        raise RequestError(f"{v2.HEADER_LENGTH}: must be an integer; got {raw[:40]!r}") from None
+
+
+async def v2_infer(http: web.Request) -> web.Response:
+    model_name = http.match_info["model"]
+    version = http.match_info.get("version")
+    header_length = _header_length(http)
+
+    async def decode(runtime: Runtime, body: bytes) -> tuple[InferRequest, Encode]:
+        request = v2.decode_request(
+            body, header_length=header_length, model_name=model_name, model_version=version
+        )
+        return request, lambda response, req: v2.encode_response(response, request=req)
+
+    return await _serve(http, model_name=model_name, protocol="v2", decode=decode)
+
+
+async def tf_predict(http: web.Request) -> web.Response:
+    model_name = http.match_info["model"]
+    version = http.match_info.get("version")
+
+    async def decode(runtime: Runtime, body: bytes) -> tuple[InferRequest, Encode]:
+        metadata = await runtime.model(model_name).metadata()
+        request, fmt = tfserving.decode_predict(
+            body, model_name=model_name, model_version=version, inputs=metadata.inputs
+        )
+        return request, lambda response, _req: (tfserving.encode_predict(response, fmt), {"Content-Type": JSON})
+
+    return await _serve(http, model_name=model_name, protocol="tfserving", decode=decode)
+
+
+# -- health and metadata ------------------------------------------------------
+
+
+async def health_live(http: web.Request) -> web.Response:
+    return web.Response(status=200)
+
+
+async def health_ready(http: web.Request) -> web.Response:
+    return web.Response(status=200 if http.app[LIVE].runtime is not None else 503)
+
+
+async def server_metadata(http: web.Request) -> web.Response:
+    body = {"name": SERVER_NAME, "version": __version__, "extensions": ["binary_tensor_data"]}
+    return web.json_response(body, dumps=_dumps)
+
+
+async def model_metadata(http: web.Request) -> web.Response:
+    runtime = http.app[LIVE].current()
+    name = http.match_info["model"]
+    _authorize(http, runtime, name)
+    metadata = await runtime.model(name).metadata()
+    body = metadata.as_v2()
+    body["name"] = name
+    if "version" in http.match_info:
+        body["versions"] = [http.match_info["version"]]
+    return web.json_response(body, dumps=_dumps)
+
+
+async def model_ready(http: web.Request) -> web.Response:
+    runtime = http.app[LIVE].current()
+    name = http.match_info["model"]
+    _authorize(http, runtime, name)
+    if not await runtime.model(name).backend.ready():
+        return _json_error(f"model {name} is not ready", 503)
+    return web.Response(status=200)
+
+
+async def tf_status(http: web.Request) -> web.Response:
+    runtime = http.app[LIVE].current()
+    name = http.match_info["model"]
+    _authorize(http, runtime, name)
+    ready = await runtime.model(name).backend.ready()
+    status = {
+        "version": http.match_info.get("version", "1"),
+        "state": "AVAILABLE" if ready else "UNAVAILABLE",
+        "status": {"error_code": "OK" if ready else "UNAVAILABLE", "error_message": ""},
+    }
+    return web.json_response({"model_version_status": [status]}, dumps=_dumps)
+
+
+def _authorize(http: web.Request, runtime: Runtime, model: str) -> None:
+    clients = runtime.policy.clients
+    clients.authorize(clients.identify(http.headers, http.remote), model)
+    runtime.model(model)  # 404 for unknown models, after authentication
+
+
+async def metrics(http: web.Request) -> web.Response:
+    body = generate_latest(http.app[METRICS].registry)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+# -- admin ----------------------------------------------------------------------
+
+
+def _require_admin(http: web.Request) -> None:
+    digest = http.app[LIVE].current().policy.admin_token_sha256
+    if digest is None:
+        raise NotFound("admin endpoints are disabled: the policy sets no admin token")
+    auth = http.headers.get("Authorization", "")
+    token = auth[7:] if auth.startswith("Bearer ") else http.headers.get("X-Admin-Token")
+    if not token_matches(token, digest):
+        raise Unauthorized("admin endpoints need the admin token (Authorization: Bearer ...)")
+
+
+async def admin_status(http: web.Request) -> web.Response:
+    _require_admin(http)
+    live = http.app[LIVE]
+    body = {"version": __version__, "in_flight": live.in_flight, **live.current().describe()}
+    return web.json_response(body, dumps=_dumps)
+
+
+async def admin_reload(http: web.Request) -> web.Response:
+    _require_admin(http)
+    try:
+        runtime = await reload_policy(http.app)
+    except PolicyError as exc:
+        return _json_error(f"reload failed; the previous policy stays in force: {exc}", 400)
+    return web.json_response({"reloaded": runtime.policy.source}, dumps=_dumps)
+
+
+async def reload_policy(app: web.Application) -> Runtime:
+    """Load the policy file again and swap it in; on any error keep the old one."""
+    live = app[LIVE]
+    path = app[POLICY_PATH]
+    metrics = app[METRICS]
+    if path is None:
+        raise PolicyError("this guard was started without a policy file; nothing to reload")
+    async with live.reload_lock:
+        try:
+            policy = load_policy(path)
+            runtime = build_runtime(policy, session=app[SESSION])
+        except PolicyError as exc:
+            metrics.reloads.labels("failure").inc()
+            log.error("policy reload failed, keeping the previous policy: %s", exc)
+            raise
+        old, live.runtime = live.runtime, runtime
+        metrics.reloads.labels("success").inc()
+        log.info("policy %s reloaded", path)
+    if old is not None:
+        task = asyncio.get_running_loop().create_task(old.retire())
+        live.retiring.add(task)
+        task.add_done_callback(live.retiring.discard)
+    return runtime
+
+
+def _dumps(value: object) -> str:
+    return orjson.dumps(value).decode()

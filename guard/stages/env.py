@@ -1,0 +1,30 @@
+"""What a stage may use while it is built: its model, the local copy, shared resources."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from guard.configreader import Section
+from guard.inference import ModelMetadata
+from guard.pipeline import ACTIONS, Action
+
+if TYPE_CHECKING:
+    from guard.backends.onnx import OnnxBackend
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class StageEnv:
+    model: str
+    local: OnnxBackend | None  # the policy's local copy of the model, when it has one
+    metadata: ModelMetadata | None  # known without asking the upstream (from the local copy)
+
+
+def read_action(section: Section, default: Action) -> Action:
+    """The ``action`` key every detector takes."""
+    return Action(section.choice("action", ACTIONS, default.value))
+
+
+def read_fail_open(section: Section) -> bool:
+    """The ``on_error`` key: ``closed`` (default) refuses the request, ``open`` serves it flagged."""
+    return section.choice("on_error", ("closed", "open"), "closed") == "open"
