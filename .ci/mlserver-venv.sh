@@ -46,15 +46,15 @@ if [[ -x $DIR/bin/python && "$(installed)" == "$WANT" && -x $DIR/bin/mlserver ]]
     exit 0
 fi
 
+command -v "$BASE_PYTHON" >/dev/null || die "$BASE_PYTHON not found; set MLSERVER_PYTHON to a Python 3.9-3.12"
+"$BASE_PYTHON" -c 'import sys; sys.exit(not (3, 9) <= sys.version_info[:2] <= (3, 12))' \
+    || die "MLServer $MLSERVER_VERSION needs Python 3.9-3.12; $BASE_PYTHON is $("$BASE_PYTHON" -V 2>&1)"
+
 if [[ -e $DIR ]]; then
     [[ -f $DIR/pyvenv.cfg ]] || die "$DIR exists and is not a virtualenv; refusing to replace it"
     log "rebuilding $DIR (want mlserver, mlserver-sklearn, numpy, scikit-learn = $WANT)"
     rm -rf -- "$DIR"
 fi
-
-command -v "$BASE_PYTHON" >/dev/null || die "$BASE_PYTHON not found; set MLSERVER_PYTHON to a Python 3.9-3.12"
-"$BASE_PYTHON" -c 'import sys; sys.exit(not (3, 9) <= sys.version_info[:2] <= (3, 12))' \
-    || die "MLServer $MLSERVER_VERSION needs Python 3.9-3.12; $BASE_PYTHON is $("$BASE_PYTHON" -V 2>&1)"
 
 log "creating $DIR with $("$BASE_PYTHON" -V 2>&1)"
 "$BASE_PYTHON" -m venv "$DIR" || die "python -m venv $DIR failed"

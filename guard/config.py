@@ -47,10 +47,14 @@ class ModelConfig:
     stages: tuple[StageEntry, ...]
 
 
+MAX_BODY_BYTES = 32 << 20
+MAX_IN_FLIGHT = 1024
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Limits:
-    max_body_bytes: int = 32 << 20
-    max_in_flight: int = 1024  # concurrent inference requests before 503
+    max_body_bytes: int = MAX_BODY_BYTES
+    max_in_flight: int = MAX_IN_FLIGHT  # concurrent inference requests before 503
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -112,8 +116,8 @@ def parse_policy(data: Any, *, source: str, base: Path) -> Policy:
 
     limits_section = root.child("limits")
     limits = Limits(
-        max_body_bytes=limits_section.int("max_body_bytes", Limits.max_body_bytes, min=1024),
-        max_in_flight=limits_section.int("max_in_flight", Limits.max_in_flight, min=1),
+        max_body_bytes=limits_section.int("max_body_bytes", MAX_BODY_BYTES, min=1024),
+        max_in_flight=limits_section.int("max_in_flight", MAX_IN_FLIGHT, min=1),
     )
     limits_section.finish()
     root.finish()

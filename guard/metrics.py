@@ -69,7 +69,10 @@ class GuardMetrics:
 
     def observe(self, ctx: RequestContext, *, protocol: str, code: int, seconds: float) -> None:
         model = ctx.model
-        self.requests.labels(model, protocol, ctx.verdict, str(code)).inc()
+        verdict = ctx.verdict
+        if code != 200 and verdict != "deny":
+            verdict = "rejected" if code < 500 else "error"
+        self.requests.labels(model, protocol, verdict, str(code)).inc()
         self.request_seconds.labels(model).observe(seconds)
         if ctx.upstream_seconds is not None:
             self.upstream_seconds.labels(model).observe(ctx.upstream_seconds)

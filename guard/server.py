@@ -211,7 +211,8 @@ async def _serve(
             _finish(app, runtime, ctx, protocol, exc.status, started)
         else:  # refused before the pipeline: count it under a bounded model label
             label = model_name if model_name in runtime.models else "unknown"
-            metrics.requests.labels(label, protocol, "rejected", str(exc.status)).inc()
+            verdict = "rejected" if exc.status < 500 else "error"
+            metrics.requests.labels(label, protocol, verdict, str(exc.status)).inc()
         return error_response(exc, headers)
     finally:
         runtime.leave()

@@ -9,6 +9,7 @@ serving; onnxruntime releases the GIL while it computes.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import hashlib
 import logging
 from collections.abc import Sequence
@@ -49,13 +50,26 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _cuda_driver_present() -> bool:
+    """Whether an NVIDIA driver is installed; without one CUDA cannot load, so do not try.
+
+    ``get_available_providers()`` lists CUDA for every onnxruntime-gpu build, and
+    asking for it on a machine without a GPU prints loader errors before falling back.
+    """
+    try:
+        ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return False
+    return True
+
+
 def _providers(device: str) -> list[str]:
     import onnxruntime as ort
 
     available = ort.get_available_providers()
     if device == "cpu":
         return ["CPUExecutionProvider"]
-    if "CUDAExecutionProvider" not in available:
+    if "CUDAExecutionProvider" not in available or not _cuda_driver_present():
         if device == "cuda":
             raise PolicyError("device: cuda was asked for, but onnxruntime has no CUDA provider")
         return ["CPUExecutionProvider"]

@@ -82,8 +82,9 @@ def check_shape(shape: object, *, field: str) -> tuple[int, ...]:
     return tuple(shape)
 
 
-def flatten(data: object, *, depth: int, field: str) -> list[Any]:
-    """The leaves of ``data``, a list nested at most ``depth`` deep, in row-major order.
+def flatten(data: object, *, depth: int, field: str) -> tuple[list[Any], set[type]]:
+    """The leaves of ``data``, a list nested at most ``depth`` deep, in row-major
+    order, and the set of their types.
 
     Nesting need not be regular (the V2 protocol only fixes the element count),
     but a level may not mix lists and values.
@@ -91,16 +92,17 @@ def flatten(data: object, *, depth: int, field: str) -> list[Any]:
     if not isinstance(data, list):
         raise RequestError(f"{field}: must be a list; got {show(data)}")
     level: list[Any] = data
+    kinds = set(map(type, level))
     for _ in range(depth - 1):
-        kinds = set(map(type, level))
         if list not in kinds:
-            return level
+            break
         if len(kinds) > 1:
             raise RequestError(f"{field}: mixes nested lists and values")
         level = list(chain.from_iterable(level))
-    if any(type(x) is list for x in level):
+        kinds = set(map(type, level))
+    if list in kinds:
         raise RequestError(f"{field}: nested deeper than the shape's {depth} dimensions")
-    return level
+    return level, kinds
 
 
 def flatten_to_shape(
@@ -114,8 +116,8 @@ def flatten_to_shape(
     level: list[Any] = [value]
     shape: list[int] = []
     for dim in dims:
-        bad = next((i for i, x in enumerate(level) if type(x) is not list), None)
-        if bad is not None:
+        if level and set(map(type, level)) != {list}:
+            bad = next(i for i, x in enumerate(level) if type(x) is not list)
             expected = f"{dim} values" if dim is not None else "values"
             where = _at(locate, bad, shape)
             raise RequestError(f"{where}: expected a list of {expected}; got {show(level[bad])}")
@@ -126,8 +128,8 @@ def flatten_to_shape(
             raise RequestError(f"{where}: expected {size} values; got {len(level[bad])}")
         shape.append(size)
         level = list(chain.from_iterable(level))
-    bad = next((i for i, x in enumerate(level) if type(x) is list), None)
-    if bad is not None:
+    if list in set(map(type, level)):
+        bad = next(i for i, x in enumerate(level) if type(x) is list)
         where = _at(locate, bad, shape)
         raise RequestError(
             f"{where}: expected a value; got a list (the shape has {len(dims)} dimensions)"
@@ -140,19 +142,26 @@ def _at(locate: Callable[[tuple[int, ...]], str], index: int, shape: list[int]) 
 
 
 def to_array(
-    flat: list[Any], datatype: str, *, locate: Locate, null_is_nan: bool = False
+    flat: list[Any],
+    datatype: str,
+    *,
+    locate: Locate,
+    kinds: set[type] | None = None,
+    null_is_nan: bool = False,
 ) -> np.ndarray:
     """A 1-D array of ``datatype`` holding ``flat``, or a RequestError naming the first bad value.
 
     BOOL takes only true/false; integer types take ints and integral floats that
     fit exactly; float types take numbers (and ``null`` as NaN when
     ``null_is_nan``, for upstream responses); BYTES takes str (UTF-8 encoded)
-    or bytes.
+    or bytes. ``kinds``, the set of the values' types, saves a pass when known.
     """
     dtype = DATATYPES[datatype]
     kind = dtype.kind
     allowed = _ALLOWED[kind] | ({type(None)} if null_is_nan and kind == "f" else frozenset())
-    if not set(map(type, flat)) <= allowed:
+    if kinds is None:
+        kinds = set(map(type, flat))
+    if not kinds <= allowed:
         i = next(i for i, x in enumerate(flat) if type(x) not in allowed)
         raise RequestError(
             f"{locate(i)}: expected {_EXPECTED[kind]} for {datatype}; got {show(flat[i])}"
@@ -162,7 +171,7 @@ def to_array(
         out[:] = [x.encode() if type(x) is str else x for x in flat]
         return out
     if kind in "iu":
-        return _integers(flat, dtype, datatype, locate)
+        return _integers(flat, dtype, datatype, locate, exact=float not in kinds)
     if kind == "f":
         with np.errstate(over="ignore"):
             out = np.array(flat, dtype=dtype)
@@ -173,8 +182,10 @@ def to_array(
     return np.array(flat, dtype=dtype)
 
 
-def _integers(flat: list[Any], dtype: np.dtype[Any], datatype: str, locate: Locate) -> np.ndarray:
-    if any(type(x) is float for x in flat):
+def _integers(
+    flat: list[Any], dtype: np.dtype[Any], datatype: str, locate: Locate, *, exact: bool
+) -> np.ndarray:
+    if not exact:  # floats are accepted where they hold an integer exactly
         for i, x in enumerate(flat):
             if type(x) is float and not (x.is_integer() and abs(x) <= _EXACT_FLOAT_INT):
                 raise RequestError(f"{locate(i)}: expected integers for {datatype}; got {show(x)}")
@@ -214,7 +225,7 @@ def _text(element: object, name: str) -> str:
             return element.decode()
         except UnicodeDecodeError:
             raise RequestError(
-                f"output {name!r} holds bytes that are not UTF-8 and cannot be sent as JSON; "
-                "request it as binary data"
+                f"tensor {name!r} holds bytes that are not UTF-8 and cannot be sent as JSON; "
+                "use binary data"
             ) from None
-    raise GuardError(f"output {name!r}: BYTES element of type {type(element).__name__}")
+    raise GuardError(f"tensor {name!r}: BYTES element of type {type(element).__name__}")

@@ -81,19 +81,17 @@ def encode_predict(response: InferResponse, fmt: PredictFormat) -> bytes:
     values = {name: _value(name, array) for name, array in response.outputs.items()}
     if fmt is PredictFormat.COLUMNAR:
         body: Any = next(iter(values.values())) if len(values) == 1 else values
-    elif len(values) == 1:
-        _batch_first(*next(iter(response.outputs.items())))
-        body = next(iter(values.values()))
     else:
         sizes = {_batch_first(name, array) for name, array in response.outputs.items()}
         if len(sizes) > 1:
             raise GuardError(
                 f"outputs have different batch sizes {sorted(sizes)}; cannot form row predictions"
             )
-        body = [
-            {name: value[i] for name, value in values.items()}
-            for i in range(sizes.pop() if sizes else 0)
-        ]
+        if len(values) == 1:
+            body = next(iter(values.values()))
+        else:
+            batch = sizes.pop() if sizes else 0
+            body = [{name: value[i] for name, value in values.items()} for i in range(batch)]
     return orjson.dumps({fmt.response_key: body}, option=orjson.OPT_SERIALIZE_NUMPY)
 
 

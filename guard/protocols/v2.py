@@ -21,6 +21,7 @@ write what the decoders read, so every tensor round-trips exactly.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -63,7 +64,8 @@ def decode_request(
     body: bytes, *, header_length: int | None, model_name: str, model_version: str | None
 ) -> InferRequest:
     """The request in ``body``; ``header_length`` is the JSON part's length under the
-    binary extension (``None``: the whole body is JSON)."""
+    binary extension (``None``: the whole body is JSON). The model comes from the
+    URL: ``model_name``/``model_version`` keys in the body are ignored."""
     doc, reader = _split(body, header_length, what="request body")
     _check_keys(doc, _REQUEST_KEYS, field="request")
     entries = doc.get("inputs")
@@ -106,16 +108,11 @@ def encode_response(
         doc["id"] = request_id
     if response.parameters:
         doc["parameters"] = response.parameters
-    entries: list[dict[str, Any]] = []
-    chunks: list[bytes | None] = []
-    for name in names:
-        wish = wishes.get(name)
-        entry, chunk = _encode_tensor(
-            name, response.outputs[name], request.binary_outputs if wish is None else wish
-        )
-        entries.append(entry)
-        chunks.append(chunk)
-    doc["outputs"] = entries
+    default = request.binary_outputs
+    doc["outputs"], chunks = _encode_tensors(
+        (n, response.outputs[n], default if wishes.get(n) is None else bool(wishes[n]))
+        for n in names
+    )
     return _assemble(doc, chunks)
 
 
@@ -135,13 +132,7 @@ def encode_request(request: InferRequest, *, binary: bool) -> tuple[bytes, dict[
         parameters["binary_data_output"] = True
     if parameters:
         doc["parameters"] = parameters
-    entries: list[dict[str, Any]] = []
-    chunks: list[bytes | None] = []
-    for name, array in request.inputs.items():
-        entry, chunk = _encode_tensor(name, array, binary)
-        entries.append(entry)
-        chunks.append(chunk)
-    doc["inputs"] = entries
+    doc["inputs"], chunks = _encode_tensors((n, a, binary) for n, a in request.inputs.items())
     if request.outputs:
         doc["outputs"] = [_output_entry(o, binary) for o in request.outputs]
     return _assemble(doc, chunks)
@@ -265,16 +256,31 @@ def _decode_tensor(
                 f"{field}.parameters.shared_memory_region: shared memory is not supported"
             )
         raise RequestError(f"{field}: needs data or parameters.binary_data_size")
-    data_field = f"{field}.data"
-    flat = flatten(entry["data"], depth=max(len(shape), 1), field=data_field)
+    return name, _from_json(
+        entry["data"], datatype, shape, field=f"{field}.data", lenient=not strict
+    )
+
+
+def _from_json(
+    data: object, datatype: str, shape: tuple[int, ...], *, field: str, lenient: bool
+) -> np.ndarray:
+    flat, kinds = flatten(data, depth=max(len(shape), 1), field=field)
     count = math.prod(shape)
     if len(flat) != count:
-        raise RequestError(
-            f"{data_field}: shape {list(shape)} needs {count} values; got {len(flat)}"
-        )
-    nested = len(flat) != len(entry["data"])
-    locate = (lambda i: f"{data_field} element {i}") if nested else (lambda i: f"{data_field}[{i}]")
-    return name, to_array(flat, datatype, locate=locate, null_is_nan=not strict).reshape(shape)
+        raise RequestError(f"{field}: shape {list(shape)} needs {count} values; got {len(flat)}")
+
+    def locate(i: int) -> str:
+        return f"{field}[{i}]" if flat is data else f"{field} element {i}"
+
+    return to_array(flat, datatype, locate=locate, kinds=kinds, null_is_nan=lenient).reshape(shape)
+
+
+def _encode_tensors(
+    tensors: Iterable[tuple[str, np.ndarray, bool]],
+) -> tuple[list[dict[str, Any]], list[bytes | None]]:
+    """The JSON entries of ``(name, array, as_binary)`` and their binary parts (``None``: JSON)."""
+    pairs = [_encode_tensor(name, array, as_binary) for name, array, as_binary in tensors]
+    return [entry for entry, _ in pairs], [chunk for _, chunk in pairs]
 
 
 def _encode_tensor(

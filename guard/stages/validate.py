@@ -152,7 +152,7 @@ class Validate(BaseStage):
         )
         if index >= 0:
             where = list(np.unravel_index(index, array.shape)) if array.size else []
-            value = array.reshape(-1)[index]
+            value = array.reshape(-1)[index].item()
             message = _MESSAGES[code].format(lo=rule.lo or 0.0, hi=rule.hi or 0.0)
             raise RequestError(f"{field}{[int(i) for i in where]}: value {value!r} {message}")
         return out

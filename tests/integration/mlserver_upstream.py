@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 import pytest
 
@@ -138,7 +138,7 @@ def start_mlserver(
         "http_port": http_port,
         "grpc_port": grpc_port,  # MLServer cannot turn gRPC off
         "metrics_endpoint": None,  # no metrics server, no third port
-        "parallel_workers": 0,  # infer in the main process: starts in ~2 s
+        "parallel_workers": 0,  # infer in the main process: starts in seconds
     }
     model_settings = {
         "name": name,
@@ -231,7 +231,7 @@ def venv_problem(venv: Path) -> str | None:
     if not (venv / "bin" / "mlserver").is_file() or not python.is_file():
         return f"no MLServer venv at {venv}"
     query = 'from importlib.metadata import version as v; print(v("numpy"), v("scikit-learn"))'
-    result = subprocess.run([str(python), "-c", query], capture_output=True, text=True)
+    result = subprocess.run([str(python), "-c", query], capture_output=True, text=True, timeout=60)
     theirs = result.stdout.split()
     ours = [version("numpy"), version("scikit-learn")]
     if result.returncode != 0 or theirs != ours:
@@ -239,7 +239,7 @@ def venv_problem(venv: Path) -> str | None:
     return None
 
 
-def _unavailable(reason: str, venv: Path) -> None:
+def _unavailable(reason: str, venv: Path) -> NoReturn:
     hint = f"run GUARD_PYTHON={sys.executable} .ci/mlserver-venv.sh {venv}"
     if os.environ.get(REQUIRE_ENV, "") not in ("", "0"):
         pytest.fail(f"{reason}; {hint}. {REQUIRE_ENV} is set, so this is an error", pytrace=False)

@@ -457,7 +457,7 @@ def test_unknown_requested_output_is_named() -> None:
 
 def test_non_utf8_bytes_cannot_be_json() -> None:
     output = np.array([b"\xff"], dtype=object)
-    with pytest.raises(RequestError, match="output 's' holds bytes that are not UTF-8"):
+    with pytest.raises(RequestError, match="tensor 's' holds bytes that are not UTF-8"):
         v2.encode_response(
             InferResponse(model_name="m", outputs={"s": output}), request=InferRequest("m", {})
         )

@@ -1,0 +1,47 @@
+"""Guards on real loopback sockets, built from policies written by each test."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import yaml
+from aiohttp.test_utils import TestServer
+from prometheus_client import CollectorRegistry
+
+from guard.config import load_policy
+from guard.server import create_app
+
+from tests.integration.mlserver_upstream import mlserver_breast_cancer  # noqa: F401  (fixture)
+
+StartGuard = Callable[..., Awaitable[TestServer]]
+
+
+def digits_policy(**extra: Any) -> dict[str, Any]:
+    model = {"model": "builtin:digits", "stages": [{"validate": {"min": 0.0, "max": 16.0}}]}
+    model.update(extra.pop("model", {}))
+    return {"version": 1, "models": {"digits": model}, **extra}
+
+
+@pytest.fixture
+async def start_guard(aiohttp_server: Any, tmp_path: Path) -> StartGuard:
+    """Write a policy file, start a guard on it, return the server (``.make_url(path)``)."""
+
+    async def start(policy: dict[str, Any], *, files: dict[str, str] | None = None) -> TestServer:
+        for name, text in (files or {}).items():
+            (tmp_path / name).write_text(text)
+        path = tmp_path / "policy.yaml"
+        path.write_text(yaml.safe_dump(policy))
+        app = create_app(load_policy(path), registry=CollectorRegistry(), policy_path=path)
+        return await aiohttp_server(app)
+
+    return start
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as session:
+        yield session
