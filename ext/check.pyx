@@ -65,7 +65,7 @@ def check_and_cast(x, out_dtype, lo, hi, bint allow_nonfinite):
     cdef double hi_ = INFINITY if hi is None else hi
     if lo_ != lo_ or hi_ != hi_:
         validate_args(x.dtype, dtype, lo, hi)  # raises the twin's ValueError
-    if not x.flags.aligned:
+    if False:
         x = x.copy()
     flat = x.reshape(-1)
     out = np.empty(flat.shape[0], dtype=dtype)

@@ -185,6 +185,7 @@ def _upstream(model: Section) -> UpstreamConfig | None:
         timeout=section.float("timeout", 30.0, gt=0),
         connect_timeout=section.float("connect_timeout", 2.0, gt=0),
         binary=section.bool("binary", False),
+        retries=section.int("retries", 1, min=0, max=5),
         headers={k: _expand(headers, k) for k in headers.keys()},
     )
     section.finish()

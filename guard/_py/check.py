@@ -17,8 +17,8 @@ Rules, for every element ``v`` of ``x`` in C order:
    integer dtype, a finite value that overflows to infinity in a smaller float.
    Bool outputs hold every value (non-zero is ``True``).
 
-The first violating element wins, with the first code that applies in the
-order above. The returned array is always new, C-contiguous, of ``x``'s shape,
+The first violating element wins; its code is the first of ``NAN``, ``INF``,
+``BELOW``, ``ABOVE`` that applies. The returned array is always new, C-contiguous, of ``x``'s shape,
 and holds the cast of every element, violating or not: numpy's conversions
 (round to nearest between floats, truncation toward zero from float to
 integer), with saturation where C leaves them undefined (NaN becomes 0, a value

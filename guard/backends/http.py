@@ -34,6 +34,7 @@ class UpstreamConfig:
     timeout: float = 30.0
     connect_timeout: float = 2.0
     binary: bool = False  # send binary tensors (Triton); JSON suits every V2 server
+    retries: int = 1  # on a dropped connection (never on a timeout)
     headers: Mapping[str, str] = field(default_factory=dict)
 
 
@@ -105,26 +106,37 @@ class HttpBackend:
     async def _call(
         self, method: str, suffix: str, body: bytes | None, headers: Mapping[str, str]
     ) -> tuple[int, Mapping[str, str], bytes]:
+        """One exchange with the upstream, retried on a dropped connection.
+
+        Servers close idle or failed keep-alive connections (uvicorn does after a
+        500), and the next request on that pooled connection fails at once.
+        Inference has no side effects, so such failures are retried
+        ``retries`` times on a fresh connection; timeouts are not retried.
+        """
         url = self._model_url + suffix
         if self.session is None:  # built only to be checked (guard check)
             raise UpstreamUnavailable(f"upstream {self.config.url}: no client session")
-        try:
-            async with self.session.request(
-                method, url, data=body, headers=headers, timeout=self._timeout
-            ) as reply:
-                return reply.status, reply.headers, await reply.read()
-        except asyncio.TimeoutError as exc:
-            raise UpstreamTimeout(
-                f"upstream {self.config.url} did not answer within {self.config.timeout:g} s"
-            ) from exc
-        except aiohttp.ClientConnectorError as exc:
-            raise UpstreamUnavailable(
-                f"upstream {self.config.url} is unreachable: {exc.os_error.strerror or exc}"
-            ) from exc
-        except (aiohttp.ClientError, OSError) as exc:
-            raise UpstreamError(
-                f"upstream {self.config.url} failed: {type(exc).__name__}"
-            ) from exc
+        attempt = 0
+        while True:
+            try:
+                async with self.session.request(
+                    method, url, data=body, headers=headers, timeout=self._timeout
+                ) as reply:
+                    return reply.status, reply.headers, await reply.read()
+            except asyncio.TimeoutError as exc:
+                raise UpstreamTimeout(
+                    f"upstream {self.config.url} did not answer within {self.config.timeout:g} s"
+                ) from exc
+            except aiohttp.ClientConnectorError as exc:
+                raise UpstreamUnavailable(
+                    f"upstream {self.config.url} is unreachable: {exc.os_error.strerror or exc}"
+                ) from exc
+            except (aiohttp.ClientError, OSError) as exc:
+                attempt += 1
+                if attempt > self.config.retries:
+                    raise UpstreamError(
+                        f"upstream {self.config.url} failed: {type(exc).__name__}"
+                    ) from exc
 
 
 def _rejected(status: int, payload: bytes, url: str) -> UpstreamError:
@@ -138,16 +150,27 @@ def _rejected(status: int, payload: bytes, url: str) -> UpstreamError:
 
 
 def _error_message(payload: bytes) -> str:
+    """The upstream's own message, only when it is one: a JSON ``error`` or ``detail``.
+
+    Plain-text bodies are not repeated to the client: some servers answer 500
+    with a whole Python traceback (MLServer in its default debug mode).
+    """
     try:
         body: Any = orjson.loads(payload)
     except orjson.JSONDecodeError:
-        body = None
-    if isinstance(body, dict):
-        for key in ("error", "detail", "message"):
-            if key in body:
-                return str(body[key])[:500]
-    text = payload[:200].decode("utf-8", "replace").strip()
-    return text or "no message"
+        return "no readable message"
+    if not isinstance(body, dict):
+        return "no readable message"
+    if isinstance(body.get("error"), str):
+        return body["error"][:500]
+    detail = body.get("detail")  # FastAPI-based servers (MLServer) answer 422 this way
+    if isinstance(detail, str):
+        return detail[:500]
+    if isinstance(detail, list) and detail and isinstance(detail[0], dict):
+        first = detail[0]
+        where = ".".join(str(part) for part in first.get("loc", ()))
+        return f"{where}: {first.get('msg', 'invalid')}"[:500]
+    return "no readable message"
 
 
 def _spec(tensor: Mapping[str, Any]) -> TensorSpec:

@@ -1,13 +1,17 @@
-"""Raw tensor bytes of the binary tensor data extension.
+"""The binary tensor data extension: body framing and raw tensor bytes.
 
-Layout (Triton ``docs/protocol/extension_binary_data.md``): little-endian,
-row-major, no padding; BOOL is one byte, 0 or 1; a BYTES element is a 4-byte
-little-endian unsigned length followed by that many bytes.
+Spec: Triton ``docs/protocol/extension_binary_data.md``. A body is a JSON
+header of ``Inference-Header-Content-Length`` bytes followed by the tensors'
+bytes, in the order of their JSON entries, each ``binary_data_size`` long.
+Tensor layout: little-endian, row-major, no padding; BOOL is one byte, 0 or 1;
+a BYTES element is a 4-byte little-endian unsigned length followed by that
+many bytes.
 
 Guarantees: :func:`decode` returns a writable, aligned array of exactly the
 declared shape, or raises :class:`~guard.errors.RequestError` naming ``field``
-when the byte count does not match; :func:`encode` and :func:`decode` are
-inverses for every V2 datatype.
+when the bytes do not match; :func:`encode` and :func:`decode` are inverses
+for every V2 datatype; :class:`Tail` hands out each byte of the tail once and
+:meth:`Tail.finish` refuses bytes no tensor claimed.
 """
 
 from __future__ import annotations
@@ -21,7 +25,62 @@ import numpy as np
 from guard.errors import GuardError, RequestError
 from guard.inference import DATATYPES
 
+HEADER_LENGTH = "Inference-Header-Content-Length"
+BINARY_TYPE = "application/octet-stream"
 _LENGTH = struct.Struct("<I")
+
+
+def parse_header_length(value: str | None) -> int | None:
+    """The ``Inference-Header-Content-Length`` header as an int (``None`` when absent)."""
+    if value is None:
+        return None
+    text = value.strip()
+    if not text.isdigit() or not text.isascii():
+        raise RequestError(f"{HEADER_LENGTH}: must be a non-negative integer; got {value[:40]!r}")
+    return int(text)
+
+
+class Tail:
+    """The bytes after the JSON header, handed out in order (``None``: no header given)."""
+
+    __slots__ = ("_pos", "_view")
+
+    def __init__(self, view: memoryview | None) -> None:
+        self._view = view
+        self._pos = 0
+
+    def take(self, size: int, *, field: str) -> memoryview:
+        if self._view is None:
+            raise RequestError(f"{field}: binary data needs the {HEADER_LENGTH} header")
+        left = len(self._view) - self._pos
+        if size > left:
+            raise RequestError(f"{field}: {size} bytes exceed the {left} bytes left in the body")
+        self._pos += size
+        return self._view[self._pos - size : self._pos]
+
+    def finish(self, *, what: str) -> None:
+        left = 0 if self._view is None else len(self._view) - self._pos
+        if left:
+            raise RequestError(
+                f"{what}: {left} bytes after the JSON are claimed by no tensor's binary_data_size"
+            )
+
+
+def split(body: bytes, header_length: int | None) -> tuple[memoryview, Tail]:
+    """The JSON header of ``body`` and the tail after it (the whole body when no header)."""
+    view = memoryview(body)
+    if header_length is None:
+        return view, Tail(None)
+    if not 0 <= header_length <= len(view):
+        raise RequestError(
+            f"{HEADER_LENGTH}: {header_length} is outside the body's {len(view)} bytes"
+        )
+    return view[:header_length], Tail(view[header_length:])
+
+
+def join(head: bytes, chunks: list[bytes]) -> tuple[bytes, dict[str, str]]:
+    """A body of ``head`` and the tensors' bytes, with its headers."""
+    return head + b"".join(chunks), {"Content-Type": BINARY_TYPE, HEADER_LENGTH: str(len(head))}
 
 
 def encode(array: np.ndarray, datatype: str) -> bytes:

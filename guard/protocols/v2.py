@@ -30,26 +30,25 @@ import orjson
 from guard.errors import RequestError, UpstreamError
 from guard.inference import InferRequest, InferResponse, RequestedOutput, datatype_of, dtype_of
 from guard.protocols import binary
+from guard.protocols.binary import HEADER_LENGTH, parse_header_length
 from guard.protocols.tensors import check_shape, flatten, json_value, show, to_array
 
-HEADER_LENGTH = "Inference-Header-Content-Length"
 JSON_TYPE = "application/json"
-BINARY_TYPE = "application/octet-stream"
 
 _REQUEST_KEYS = frozenset({"id", "parameters", "inputs", "outputs", "model_name", "model_version"})
 _INPUT_KEYS = frozenset({"name", "shape", "datatype", "parameters", "data"})
 _OUTPUT_KEYS = frozenset({"name", "parameters"})
 _DUMPS = orjson.OPT_SERIALIZE_NUMPY
 
-
-def parse_header_length(value: str | None) -> int | None:
-    """The ``Inference-Header-Content-Length`` header as an int (``None`` when absent)."""
-    if value is None:
-        return None
-    text = value.strip()
-    if not text.isdigit() or not text.isascii():
-        raise RequestError(f"{HEADER_LENGTH}: must be a non-negative integer; got {value[:40]!r}")
-    return int(text)
+__all__ = [
+    "HEADER_LENGTH",
+    "decode_request",
+    "decode_response",
+    "encode_request",
+    "encode_response",
+    "error_body",
+    "parse_header_length",
+]
 
 
 def error_body(message: str) -> bytes:
@@ -166,52 +165,21 @@ def decode_response(body: bytes, *, header_length: int | None) -> InferResponse:
 # -- helpers -------------------------------------------------------------------
 
 
-class _Remainder:
-    """The binary part of a body, handed out in order."""
-
-    __slots__ = ("_pos", "_view")
-
-    def __init__(self, view: memoryview | None) -> None:
-        self._view = view
-        self._pos = 0
-
-    def take(self, size: int, *, field: str) -> memoryview:
-        if self._view is None:
-            raise RequestError(f"{field}: binary data needs the {HEADER_LENGTH} header")
-        left = len(self._view) - self._pos
-        if size > left:
-            raise RequestError(f"{field}: {size} bytes exceed the {left} bytes left in the body")
-        self._pos += size
-        return self._view[self._pos - size : self._pos]
-
-    def finish(self, *, what: str) -> None:
-        left = 0 if self._view is None else len(self._view) - self._pos
-        if left:
-            raise RequestError(
-                f"{what}: {left} bytes after the JSON are claimed by no tensor's binary_data_size"
-            )
-
-
 def _split(
     body: bytes, header_length: int | None, *, what: str
-) -> tuple[dict[str, Any], _Remainder]:
-    view = memoryview(body)
-    if header_length is not None and not 0 <= header_length <= len(view):
-        raise RequestError(
-            f"{HEADER_LENGTH}: {header_length} is outside the body's {len(view)} bytes"
-        )
-    head = view if header_length is None else view[:header_length]
+) -> tuple[dict[str, Any], binary.Tail]:
+    head, tail = binary.split(body, header_length)
     try:
         doc = orjson.loads(head)
     except orjson.JSONDecodeError as exc:
         raise RequestError(f"{what}: invalid JSON ({exc})") from None
     if not isinstance(doc, dict):
         raise RequestError(f"{what}: must be a JSON object; got {show(doc, 20)}")
-    return doc, _Remainder(None if header_length is None else view[header_length:])
+    return doc, tail
 
 
 def _tensors(
-    entries: list[Any], field: str, reader: _Remainder, *, strict: bool
+    entries: list[Any], field: str, reader: binary.Tail, *, strict: bool
 ) -> dict[str, np.ndarray]:
     tensors: dict[str, np.ndarray] = {}
     for i, entry in enumerate(entries):
@@ -224,7 +192,7 @@ def _tensors(
 
 
 def _decode_tensor(
-    entry: object, field: str, reader: _Remainder, *, strict: bool
+    entry: object, field: str, reader: binary.Tail, *, strict: bool
 ) -> tuple[str, np.ndarray]:
     if not isinstance(entry, dict):
         raise RequestError(f"{field}: must be an object; got {show(entry)}")
@@ -300,8 +268,7 @@ def _assemble(doc: dict[str, Any], chunks: list[bytes | None]) -> tuple[bytes, d
     head = orjson.dumps(doc, option=_DUMPS)
     if all(chunk is None for chunk in chunks):
         return head, {"Content-Type": JSON_TYPE}
-    tail = b"".join(chunk for chunk in chunks if chunk is not None)
-    return head + tail, {"Content-Type": BINARY_TYPE, HEADER_LENGTH: str(len(head))}
+    return binary.join(head, [chunk for chunk in chunks if chunk is not None])
 
 
 def _output_entry(output: RequestedOutput, as_binary: bool) -> dict[str, Any]:

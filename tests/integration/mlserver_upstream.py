@@ -7,15 +7,16 @@ parallel workers. The server runs in its own process group and logs to
 ``<model_dir>/mlserver.log``.
 
 :func:`mlserver_breast_cancer` is a session-scoped pytest fixture serving the demo
-``breast_cancer`` model (:func:`breast_cancer_model`). Load both by listing this module
-in the root ``conftest.py``: ``pytest_plugins = ["tests.integration.mlserver_upstream"]``.
-Without a usable MLServer venv the fixture skips, unless ``GUARD_REQUIRE_MLSERVER`` is
-set (to anything but ``0``), in which case it fails.
+``breast_cancer`` model, :func:`trained_breast_cancer` (tests compare against its
+``estimator``). Import the fixture into a ``conftest.py`` to use it. Without a usable
+MLServer venv (``$GUARD_MLSERVER_VENV``, default ``<repo>/.mlserver-venv``) it skips,
+unless ``GUARD_REQUIRE_MLSERVER`` is set (to anything but ``0``): then it fails.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import signal
@@ -246,25 +247,23 @@ def _unavailable(reason: str, venv: Path) -> NoReturn:
     pytest.skip(f"{reason}; {hint}")
 
 
-@pytest.fixture(scope="session")
-def breast_cancer_model() -> TrainedModel:
-    """The demo breast cancer model, trained with seed 0."""
+@functools.cache
+def trained_breast_cancer() -> TrainedModel:
+    """The demo breast cancer model (seed 0), trained once per process."""
     from guard.models.train import train_breast_cancer
 
     return train_breast_cancer(seed=0)
 
 
 @pytest.fixture(scope="session")
-def mlserver_breast_cancer(
-    breast_cancer_model: TrainedModel, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[MLServerProcess]:
-    """MLServer serving ``breast_cancer_model.estimator`` as ``breast_cancer``."""
+def mlserver_breast_cancer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MLServerProcess]:
+    """MLServer serving ``trained_breast_cancer().estimator`` as ``breast_cancer``."""
     import joblib
 
     venv = mlserver_venv()
     if (problem := venv_problem(venv)) is not None:
         _unavailable(problem, venv)
     model_dir = tmp_path_factory.mktemp("mlserver")
-    joblib.dump(breast_cancer_model.estimator, model_dir / MODEL_FILE)
+    joblib.dump(trained_breast_cancer().estimator, model_dir / MODEL_FILE)
     with start_mlserver(model_dir, venv=venv, name="breast_cancer") as server:
         yield server

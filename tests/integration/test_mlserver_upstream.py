@@ -30,16 +30,22 @@ import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
 from guard.models.train import TrainedModel, load_dataset
-from tests.integration.mlserver_upstream import MLServerProcess
+from tests.integration.mlserver_upstream import MLServerProcess, trained_breast_cancer
 
 ROWS = 16
 
 
 @pytest.fixture(scope="module")
-def rows(breast_cancer_model: TrainedModel) -> np.ndarray:
+def model() -> TrainedModel:
+    """The model MLServer serves."""
+    return trained_breast_cancer()
+
+
+@pytest.fixture(scope="module")
+def rows(model: TrainedModel) -> np.ndarray:
     """Held-out rows in the model's input dtype (FP32)."""
-    x, _, _ = load_dataset(breast_cancer_model.dataset)
-    return x[breast_cancer_model.non_members[:ROWS]]
+    x, _, _ = load_dataset(model.dataset)
+    return x[model.non_members[:ROWS]]
 
 
 @pytest.fixture
@@ -66,40 +72,50 @@ def infer(
     return client.infer("breast_cancer", [tensor], outputs=requested or None)
 
 
-def test_predict_matches_sklearn(client, rows, breast_cancer_model) -> None:
+def test_predict_matches_sklearn(
+    client: httpclient.InferenceServerClient, rows: np.ndarray, model: TrainedModel
+) -> None:
     result = infer(client, rows)
 
     (output,) = result.get_response()["outputs"]
     assert (output["name"], output["datatype"], output["shape"]) == ("predict", "INT64", [ROWS, 1])
     assert output["parameters"] == {"content_type": "np"}
-    expected = breast_cancer_model.estimator.predict(rows)
+    expected = model.estimator.predict(rows)
     np.testing.assert_array_equal(result.as_numpy("predict").ravel(), expected)
 
 
-def test_predict_proba_matches_sklearn(client, rows, breast_cancer_model) -> None:
+def test_predict_proba_matches_sklearn(
+    client: httpclient.InferenceServerClient, rows: np.ndarray, model: TrainedModel
+) -> None:
     result = infer(client, rows, ["predict", "predict_proba"])
 
     names = [o["name"] for o in result.get_response()["outputs"]]
     assert names == ["predict", "predict_proba"]
     proba = result.as_numpy("predict_proba")
-    assert proba.dtype == np.float64 and proba.shape == (ROWS, 2)
-    np.testing.assert_allclose(proba, breast_cancer_model.estimator.predict_proba(rows), atol=1e-6)
+    assert proba.dtype == np.float64
+    assert proba.shape == (ROWS, 2)
+    np.testing.assert_allclose(proba, model.estimator.predict_proba(rows), atol=1e-6)
     np.testing.assert_array_equal(result.as_numpy("predict").ravel(), proba.argmax(axis=1))
 
 
-def test_binary_outputs_are_answered_in_json(client, rows, breast_cancer_model) -> None:
+def test_binary_outputs_are_answered_in_json(
+    client: httpclient.InferenceServerClient, rows: np.ndarray, model: TrainedModel
+) -> None:
     result = infer(client, rows, ["predict_proba"], binary_output=True)
 
     (output,) = result.get_response()["outputs"]
-    assert "data" in output and "binary_data_size" not in output["parameters"]
+    assert "data" in output
+    assert "binary_data_size" not in output["parameters"]
     np.testing.assert_allclose(
         result.as_numpy("predict_proba"),
-        breast_cancer_model.estimator.predict_proba(rows),
+        model.estimator.predict_proba(rows),
         atol=1e-6,
     )
 
 
-def test_binary_inputs_are_refused(client, rows) -> None:
+def test_binary_inputs_are_refused(
+    client: httpclient.InferenceServerClient, rows: np.ndarray
+) -> None:
     with pytest.raises(InferenceServerException) as refused:
         infer(client, rows, binary_input=True)
     # tritonclient sends no Content-Type: MLServer reads the body as JSON and fails.
@@ -160,13 +176,21 @@ CASES = {
 
 
 @pytest.mark.parametrize(
-    ("kind", "headers", "model", "status", "answer"), CASES.values(), ids=CASES
+    ("kind", "headers", "model_name", "status", "answer"), CASES.values(), ids=CASES
 )
-def test_wire_facts(mlserver_breast_cancer, rows, kind, headers, model, status, answer) -> None:
+def test_wire_facts(
+    mlserver_breast_cancer: MLServerProcess,
+    rows: np.ndarray,
+    kind: str,
+    headers: dict[str, str],
+    model_name: str,
+    status: int,
+    answer: str,
+) -> None:
     body, extra = _body(kind, rows)
     connection = http.client.HTTPConnection(mlserver_breast_cancer.address, timeout=10)
     try:
-        connection.request("POST", f"/v2/models/{model}/infer", body, {**headers, **extra})
+        connection.request("POST", f"/v2/models/{model_name}/infer", body, {**headers, **extra})
         response = connection.getresponse()
         content_type, payload = response.getheader("Content-Type", ""), response.read()
     finally:
@@ -174,13 +198,16 @@ def test_wire_facts(mlserver_breast_cancer, rows, kind, headers, model, status, 
 
     assert response.status == status
     if answer == "text":  # Starlette's error page; MLServer's default debug mode adds the traceback
-        assert content_type.startswith("text/plain") and payload
+        assert content_type.startswith("text/plain")
+        assert payload
         return
     assert content_type == "application/json"
     document = json.loads(payload)
     if answer == "outputs":
         assert [o["name"] for o in document["outputs"]] == ["predict"]
     elif answer == "error":
-        assert set(document) == {"error"} and isinstance(document["error"], str)
+        assert set(document) == {"error"}
+        assert isinstance(document["error"], str)
     else:
-        assert set(document) == {"detail"} and isinstance(document["detail"], list)
+        assert set(document) == {"detail"}
+        assert isinstance(document["detail"], list)

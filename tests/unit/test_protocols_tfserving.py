@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import base64
+from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
@@ -304,3 +305,56 @@ def test_columnar_scalar_output() -> None:
         PredictFormat.COLUMNAR,
     )
     assert orjson.loads(body) == {"outputs": 0.5}
+
+
+ODD_VALUES = [
+    None,
+    True,
+    -1,
+    1.5,
+    1e308,
+    "",
+    "x",
+    [],
+    [None],
+    [[1]],
+    {},
+    {"b64": "AA=="},
+    {"b64": 1},
+]
+
+
+def test_fuzzed_predict_raises_only_request_error() -> None:
+    """One node of a valid body replaced by an odd value or removed: a RequestError or a
+    valid request, never another exception."""
+    doc = {
+        "instances": [
+            {"ids": [1, 2, 3], "mask": [True, True, False], "text": {"b64": "AAE="}},
+            {"ids": [4, 5, 6], "mask": [False] * 3, "text": "t"},
+        ]
+    }
+    rng = np.random.default_rng(31)
+    counts: Counter[str] = Counter()
+    for _ in range(2000):
+        copy = orjson.loads(orjson.dumps(doc))
+        instance = copy["instances"][int(rng.integers(2))]
+        name = ["ids", "mask", "text"][int(rng.integers(3))]
+        value = ODD_VALUES[int(rng.integers(len(ODD_VALUES)))]
+        if isinstance(instance[name], list) and rng.random() < 0.5:
+            instance[name][int(rng.integers(len(instance[name])))] = value
+        elif rng.random() < 0.2:
+            del instance[name]
+        else:
+            instance[name] = value
+        columns = {k: [i[k] for i in copy["instances"] if k in i] for k in instance}
+        for body in (copy, {"inputs": columns}):
+            try:
+                request, _ = predict(body, MULTI)
+            except RequestError as exc:
+                counts["rejected" if exc.message else "rejected without a message"] += 1
+            else:
+                assert [a.shape[0] for a in request.inputs.values()] == [2, 2, 2]
+                counts["accepted"] += 1
+    assert counts["rejected"] > 1000
+    assert counts["accepted"] > 50
+    assert set(counts) == {"accepted", "rejected"}

@@ -2,6 +2,8 @@ from __future__ import annotations
 
 import math
 import tracemalloc
+from collections import Counter
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
@@ -659,3 +661,124 @@ def test_unrepresentable_output_element_is_a_server_error() -> None:
             InferResponse(model_name="m", outputs={"s": output}), request=InferRequest("m", {})
         )
     assert info.value.status == 500
+
+
+# -- fuzzing: malformed input raises only the codec's own error ----------------------------
+
+ODD_VALUES = [None, True, -1, 0, 1 << 63, 1.5, 1e308, "", "FP32", [], [None], [[1]], {}, {"a": 1}]
+
+
+def json_paths(node: Any, path: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    paths = [path]
+    items = (
+        node.items()
+        if isinstance(node, dict)
+        else enumerate(node)
+        if isinstance(node, list)
+        else ()
+    )
+    for key, child in items:
+        paths += json_paths(child, (*path, key))
+    return paths
+
+
+def mutated(doc: Any, rng: np.random.Generator) -> Any:
+    """``doc`` with one node replaced by an odd value, or removed."""
+    copy = orjson.loads(orjson.dumps(doc))
+    paths = json_paths(copy)
+    path = paths[int(rng.integers(len(paths)))]
+    value = ODD_VALUES[int(rng.integers(len(ODD_VALUES)))]
+    if not path:
+        return value
+    parent = copy
+    for key in path[:-1]:
+        parent = parent[key]
+    if rng.random() < 0.2:
+        del parent[path[-1]]
+    else:
+        parent[path[-1]] = value
+    return copy
+
+
+def fuzz_request() -> InferRequest:
+    rng = np.random.default_rng(5)
+    inputs = {dt: random_array(rng, dt, (2, 2), json_safe=True) for dt in ("FP32", "INT8", "BYTES")}
+    return InferRequest(
+        model_name="m",
+        inputs=inputs | {"b": np.array([True, False])},
+        id="f",
+        parameters={"p": 1},
+        outputs=[RequestedOutput("y", True, {"top_k": 1})],
+    )
+
+
+def outcomes(calls: Iterable[Callable[[], object]], error: type[GuardError]) -> Counter[str]:
+    """How many calls succeeded and how many raised ``error`` (with a message); any other
+    exception propagates and fails the test."""
+    counts: Counter[str] = Counter()
+    for call in calls:
+        try:
+            call()
+        except error as exc:
+            counts["rejected" if exc.message else "rejected without a message"] += 1
+        else:
+            counts["accepted"] += 1
+    return counts
+
+
+@pytest.mark.parametrize("as_binary", [False, True], ids=["json", "binary"])
+def test_fuzzed_request_documents_raise_only_request_error(as_binary: bool) -> None:
+    body, headers = v2.encode_request(fuzz_request(), binary=as_binary)
+    length = header_length(headers) or len(body)
+    doc, tail = orjson.loads(body[:length]), body[length:]
+    rng = np.random.default_rng(17)
+
+    def call(head: bytes) -> Callable[[], object]:
+        return lambda: v2.decode_request(
+            head + tail,
+            header_length=len(head) if as_binary else None,
+            model_name="m",
+            model_version=None,
+        )
+
+    counts = outcomes((call(orjson.dumps(mutated(doc, rng))) for _ in range(1500)), RequestError)
+    assert counts["rejected"] > 500
+    assert counts["accepted"] > 50
+    assert set(counts) == {"accepted", "rejected"}
+
+
+def test_fuzzed_request_bytes_raise_only_request_error() -> None:
+    body, headers = v2.encode_request(fuzz_request(), binary=True)
+    length = header_length(headers)
+    assert length is not None
+    rng = np.random.default_rng(23)
+
+    def call() -> Callable[[], object]:
+        noisy = bytearray(body)
+        for i in rng.integers(0, len(body), int(rng.integers(1, 4))):
+            noisy[i] = int(rng.integers(0, 256))
+        cut = len(body) if rng.random() < 0.6 else int(rng.integers(length - 2, len(body)))
+        claimed = length if rng.random() < 0.6 else length + int(rng.integers(-3, 4))
+        return lambda: v2.decode_request(
+            bytes(noisy[:cut]), header_length=claimed, model_name="m", model_version=None
+        )
+
+    counts = outcomes((call() for _ in range(1500)), RequestError)
+    assert counts["rejected"] > 500
+    assert counts["accepted"] > 10
+    assert set(counts) == {"accepted", "rejected"}
+
+
+def test_fuzzed_responses_raise_only_upstream_error() -> None:
+    request = fuzz_request()
+    response = InferResponse(model_name="m", outputs=request.inputs, parameters={"a": 1})
+    body, _ = v2.encode_response(response, request=InferRequest("m", {}))
+    doc = orjson.loads(body)
+    rng = np.random.default_rng(29)
+    bodies = (orjson.dumps(mutated(doc, rng)) for _ in range(1500))
+    counts = outcomes(
+        ((lambda b=b: v2.decode_response(b, header_length=None)) for b in bodies), UpstreamError
+    )
+    assert counts["rejected"] > 500
+    assert counts["accepted"] > 50
+    assert set(counts) == {"accepted", "rejected"}

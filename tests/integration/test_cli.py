@@ -1,0 +1,137 @@
+"""The ``guard`` command as a user runs it: real processes, real sockets, signals."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from guard.clients import key_digest
+
+ROOT = Path(__file__).parents[2]
+GUARD = [sys.executable, "-m", "guard.cli"]
+
+
+def run(*args: str, **kw: object) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*GUARD, *args], capture_output=True, text=True, timeout=120, cwd=ROOT, **kw)  # type: ignore[call-overload]
+
+
+def test_check_prints_the_resolved_pipeline() -> None:
+    result = run("check", "policies/default.yaml")
+    assert result.returncode == 0, result.stderr
+    assert "policies/default.yaml: OK (version 1, mode enforce)" in result.stdout
+    resolved = json.loads(result.stdout[result.stdout.index("{") : result.stdout.rindex("}") + 1])
+    assert resolved["models"]["digits"]["stages"][0]["stage"] == "validate"
+
+
+def test_check_fails_with_exit_1_and_the_path(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text("version: 1\nmodels:\n  digits:\n    model: builtin:digits\n    stages:\n      - validate: {max_batch: -3}\n")
+    result = run("check", str(path))
+    assert result.returncode == 1
+    assert f"{path}: models.digits.stages[0].validate.max_batch must be >= 1; got -3" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_keygen_entry_loads_as_a_keys_file(tmp_path: Path) -> None:
+    result = run("keygen", "alice", "--models", "digits")
+    assert result.returncode == 0
+    key = next(line.split()[-1] for line in result.stdout.splitlines() if line.startswith("#   gk_"))
+    entry = "\n".join(line for line in result.stdout.splitlines() if not line.startswith("#"))
+    keys = yaml.safe_load("clients:\n" + entry)
+    assert keys["clients"]["alice"] == {"key_sha256": key_digest(key), "models": ["digits"]}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_ready(url: str, process: subprocess.Popen[bytes], timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"guard exited with {process.returncode}")
+        try:
+            with urllib.request.urlopen(f"{url}/v2/health/ready", timeout=1) as reply:
+                if reply.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError):
+            time.sleep(0.1)
+    raise AssertionError("guard did not become ready")
+
+
+def infer(url: str, value: float) -> tuple[int, dict[str, object]]:
+    body = json.dumps({"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32", "data": [value] * 64}]})
+    request = urllib.request.Request(f"{url}/v2/models/digits/infer", data=body.encode(), method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=5) as reply:
+            return reply.status, json.loads(reply.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_serve_reloads_on_sighup_and_stops_on_sigterm(tmp_path: Path, loop: str) -> None:
+    policy = {
+        "version": 1,
+        "models": {"digits": {"model": "builtin:digits", "stages": [{"validate": {"max": 16.0}}]}},
+    }
+    path = tmp_path / "policy.yaml"
+    path.write_text(yaml.safe_dump(policy))
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    process = subprocess.Popen(
+        [*GUARD, "serve", "--policy", str(path), "--port", str(port), "--loop", loop],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    try:
+        wait_ready(url, process)
+        assert infer(url, 10.0)[0] == 200
+        policy["models"]["digits"]["stages"][0]["validate"]["max"] = 5.0  # type: ignore[index]
+        path.write_text(yaml.safe_dump(policy))
+        process.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while infer(url, 10.0)[0] == 200 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        status, body = infer(url, 10.0)
+        assert status == 400 and "above the maximum 5" in str(body["error"])
+        path.write_text("version: 1\nmodels: {}\n")  # invalid: the old policy must stay
+        process.send_signal(signal.SIGHUP)
+        time.sleep(0.5)
+        assert infer(url, 3.0)[0] == 200
+        process.send_signal(signal.SIGTERM)
+        output = process.communicate(timeout=15)[0].decode()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == 0
+    assert "policy reload failed, keeping the previous policy" in output
+    assert "Traceback" not in output
+
+
+def test_serving_path_imports_no_offline_code() -> None:
+    code = (
+        "import sys, guard.server, guard.cli, guard.runtime\n"
+        "heavy = [m for m in sys.modules if m.split('.')[0] in "
+        "('sklearn', 'skl2onnx', 'torch', 'tritonclient', 'matplotlib') or m.startswith('guard.attacks')]\n"
+        "print(heavy)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
