@@ -4,7 +4,8 @@
 # Usage: .ci/mlserver-venv.sh [DIR]        (DIR defaults to <repo>/.mlserver-venv)
 #
 # MLServer pins its own dependencies, so it gets a venv of its own. Its numpy and
-# scikit-learn match the project's interpreter (GUARD_PYTHON, default <repo>/.venv/bin/python)
+# scikit-learn match the project's interpreter (GUARD_PYTHON, default: the python3 on PATH,
+# i.e. the active virtualenv)
 # so that a model pickled by the tests loads unchanged. A DIR that already holds those
 # versions is reused; any other venv there is rebuilt. MLSERVER_PYTHON (default python3,
 # 3.9 to 3.12) builds the venv.
@@ -20,7 +21,7 @@ FALLBACK_SKLEARN=1.9.1
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 DIR=${1:-$REPO/.mlserver-venv}
 BASE_PYTHON=${MLSERVER_PYTHON:-python3}
-PROJECT_PYTHON=${GUARD_PYTHON:-$REPO/.venv/bin/python}
+PROJECT_PYTHON=${GUARD_PYTHON:-python3}
 
 die() { echo "mlserver-venv: $*" >&2; exit 1; }
 log() { echo "mlserver-venv: $*" >&2; }

@@ -72,12 +72,16 @@ def check_and_cast(
     return out.reshape(x.shape), index, code
 
 
-def validate_args(in_dtype: np.dtype[Any], out_dtype: Any, lo: float | None, hi: float | None) -> np.dtype[Any]:
+def validate_args(
+    in_dtype: np.dtype[Any], out_dtype: Any, lo: float | None, hi: float | None
+) -> np.dtype[Any]:
     """``out_dtype`` as a ``np.dtype``, once both dtypes and the bounds are known good."""
     dtype = np.dtype(out_dtype)
     for role, dt in (("input", in_dtype), ("output", dtype)):
         if dt.kind not in _NUMERIC_KINDS:
-            raise TypeError(f"check_and_cast: {role} dtype must be bool, integer or float; got {dt}")
+            raise TypeError(
+                f"check_and_cast: {role} dtype must be bool, integer or float; got {dt}"
+            )
     for name, bound in (("lo", lo), ("hi", hi)):
         if bound is not None and bound != bound:
             raise ValueError(f"check_and_cast: {name} must not be NaN")

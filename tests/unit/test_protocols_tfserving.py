@@ -224,29 +224,29 @@ def test_model_without_inputs_is_refused() -> None:
 
 # -- responses ------------------------------------------------------------------------
 
-PROBS = np.array([[0.25, 0.75], [0.1, 0.9]], dtype=np.float32)
+PROBS = np.array([[0.25, 0.75], [0.125, 0.875]], dtype=np.float32)
 LABELS = np.array([1, 1], dtype=np.int64)
 
 
 @pytest.mark.parametrize(
     ("outputs", "fmt", "expected"),
     [
-        ({"probs": PROBS}, PredictFormat.ROW, {"predictions": [[0.25, 0.75], [0.1, 0.9]]}),
+        ({"probs": PROBS}, PredictFormat.ROW, {"predictions": [[0.25, 0.75], [0.125, 0.875]]}),
         (
             {"probs": PROBS, "label": LABELS},
             PredictFormat.ROW,
             {
                 "predictions": [
                     {"probs": [0.25, 0.75], "label": 1},
-                    {"probs": [0.1, 0.9], "label": 1},
+                    {"probs": [0.125, 0.875], "label": 1},
                 ]
             },
         ),
-        ({"probs": PROBS}, PredictFormat.COLUMNAR, {"outputs": [[0.25, 0.75], [0.1, 0.9]]}),
+        ({"probs": PROBS}, PredictFormat.COLUMNAR, {"outputs": [[0.25, 0.75], [0.125, 0.875]]}),
         (
             {"probs": PROBS, "label": LABELS},
             PredictFormat.COLUMNAR,
-            {"outputs": {"probs": [[0.25, 0.75], [0.1, 0.9]], "label": [1, 1]}},
+            {"outputs": {"probs": [[0.25, 0.75], [0.125, 0.875]], "label": [1, 1]}},
         ),
         ({"probs": PROBS[:0]}, PredictFormat.ROW, {"predictions": []}),
     ],

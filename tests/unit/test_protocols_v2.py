@@ -405,12 +405,15 @@ def test_random_fp32_bit_patterns_survive_json_exactly() -> None:
     assert_same(v2.decode_response(body, header_length=header_length(headers)).outputs["y"], values)
 
 
-def test_json_writes_float32_in_its_own_shortest_form() -> None:
-    response = InferResponse(
-        model_name="m", outputs={"y": np.array([0.1, 1 / 3], dtype=np.float32)}
-    )
+def test_float32_that_its_shortest_digits_would_not_round_trip() -> None:
+    """ "7.038531e-26", the shortest float32 digits of 0x15ae43fd, reads back through a
+    double as 0x15ae43fe: JSON carries the float32's exact double value instead."""
+    values = np.array([0x15AE43FD, 0x95AE43FD], dtype=np.uint32).view(np.float32)
+    response = InferResponse(model_name="m", outputs={"y": values})
     body, _ = v2.encode_response(response, request=InferRequest(model_name="m", inputs={}))
-    assert orjson.loads(body)["outputs"][0]["data"] == [0.1, 0.33333334]
+    assert orjson.loads(body)["outputs"][0]["data"] == values.astype(np.float64).tolist()
+    assert_same(v2.decode_response(body, header_length=None).outputs["y"], values)
+    assert_same(triton.InferResult.from_response_body(body).as_numpy("y"), values)
 
 
 def test_non_finite_floats_become_null_and_read_back_as_nan() -> None:
