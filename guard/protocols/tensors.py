@@ -27,6 +27,7 @@ from itertools import chain, islice
 from typing import Any
 
 import numpy as np
+import orjson
 
 from guard.errors import GuardError, RequestError
 from guard.inference import DATATYPES
@@ -47,6 +48,26 @@ _ALLOWED: dict[str, frozenset[type]] = {
     "f": frozenset({int, float}),
     "O": frozenset({str, bytes}),
 }
+
+
+def load_json(body: bytes | memoryview, *, what: str) -> dict[str, Any]:
+    """Parse a JSON object; ``NaN`` and ``Infinity`` literals are accepted.
+
+    They are not JSON, but Python's ``json.dumps`` (and so tritonclient) writes
+    them for non-finite floats; reading them lets the ``validate`` stage refuse
+    such values by name instead of failing the whole body as unparsable. orjson
+    parses everything else; the slower standard parser runs only when it fails.
+    """
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        try:
+            doc = json.loads(bytes(body))
+        except (ValueError, RecursionError):
+            raise RequestError(f"{what}: invalid JSON ({exc})") from None
+    if not isinstance(doc, dict):
+        raise RequestError(f"{what}: must be a JSON object; got {show(doc, 20)}")
+    return doc
 
 
 def show(value: object, limit: int = 60) -> str:
@@ -179,9 +200,12 @@ def to_array(
     if kind == "f":
         with np.errstate(over="ignore"):
             out = np.array(flat, dtype=dtype)
-        if np.isinf(out).any():  # JSON has no infinity: this is overflow
-            i = int(np.flatnonzero(np.isinf(out))[0])
-            raise RequestError(f"{locate(i)}: {show(flat[i])} is out of range for {datatype}")
+        if np.isinf(out).any():  # overflow, unless the value was an Infinity literal
+            for i in np.flatnonzero(np.isinf(out)).tolist():
+                if not math.isinf(flat[i]):
+                    raise RequestError(
+                        f"{locate(i)}: {show(flat[i])} is out of range for {datatype}"
+                    )
         return out
     return np.array(flat, dtype=dtype)
 

@@ -33,7 +33,7 @@ import orjson
 
 from guard.errors import GuardError, RequestError
 from guard.inference import InferRequest, InferResponse, TensorSpec, datatype_of
-from guard.protocols.tensors import flatten_to_shape, json_value, show, to_array
+from guard.protocols.tensors import flatten_to_shape, json_value, load_json, show, to_array
 
 _SIGNATURE = "serving_default"
 _KEYS = frozenset({"signature_name", "instances", "inputs"})
@@ -91,7 +91,7 @@ def encode_predict(response: InferResponse, fmt: PredictFormat) -> bytes:
             body = next(iter(values.values()))
         else:
             batch = sizes.pop() if sizes else 0
-            body = [{name: value[i] for name, value in values.items()} for i in range(batch)]
+            body = [{name: _row(value, i) for name, value in values.items()} for i in range(batch)]
     return orjson.dumps({fmt.response_key: body}, option=orjson.OPT_SERIALIZE_NUMPY)
 
 
@@ -99,13 +99,7 @@ def encode_predict(response: InferResponse, fmt: PredictFormat) -> bytes:
 
 
 def _load(body: bytes) -> dict[str, Any]:
-    try:
-        doc = orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        raise RequestError(f"request body: invalid JSON ({exc})") from None
-    if not isinstance(doc, dict):
-        raise RequestError(f"request body: must be a JSON object; got {show(doc, 20)}")
-    return doc
+    return load_json(body, what="request body")
 
 
 def _is_named(value: object, specs: Sequence[TensorSpec]) -> bool:
@@ -220,6 +214,12 @@ def _text_or_b64(element: bytes | str) -> Any:
 def _b64_text(element: bytes | str) -> dict[str, str]:
     raw = element.encode() if isinstance(element, str) else element
     return {"b64": base64.b64encode(raw).decode("ascii")}
+
+
+def _row(value: Any, i: int) -> Any:
+    """Row ``i`` of an output's JSON value; numpy scalars become Python ones for orjson."""
+    item = value[i]
+    return item.tolist() if isinstance(item, (np.ndarray, np.generic)) else item
 
 
 def _batch_first(name: str, array: np.ndarray) -> int:

@@ -31,7 +31,7 @@ from guard.errors import RequestError, UpstreamError
 from guard.inference import InferRequest, InferResponse, RequestedOutput, datatype_of, dtype_of
 from guard.protocols import binary
 from guard.protocols.binary import HEADER_LENGTH, parse_header_length
-from guard.protocols.tensors import check_shape, flatten, json_value, show, to_array
+from guard.protocols.tensors import check_shape, flatten, json_value, load_json, show, to_array
 
 JSON_TYPE = "application/json"
 
@@ -169,13 +169,7 @@ def _split(
     body: bytes, header_length: int | None, *, what: str
 ) -> tuple[dict[str, Any], binary.Tail]:
     head, tail = binary.split(body, header_length)
-    try:
-        doc = orjson.loads(head)
-    except orjson.JSONDecodeError as exc:
-        raise RequestError(f"{what}: invalid JSON ({exc})") from None
-    if not isinstance(doc, dict):
-        raise RequestError(f"{what}: must be a JSON object; got {show(doc, 20)}")
-    return doc, tail
+    return load_json(head, what=what), tail
 
 
 def _tensors(

@@ -27,18 +27,13 @@ from typing import Any
 import numpy as np
 
 from guard import _native
+from guard._native import Violation
 from guard.configreader import Section
 from guard.errors import RequestError
 from guard.inference import DATATYPES, TensorSpec, datatype_name
 from guard.pipeline import BaseStage, RequestContext, Verdict
 from guard.stages.env import StageEnv
 
-_MESSAGES = {
-    1: "is NaN",
-    2: "is infinite",
-    3: "is below the minimum {lo:g}",
-    4: "is above the maximum {hi:g}",
-}
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -151,11 +146,22 @@ class Validate(BaseStage):
             array, target, rule.lo, rule.hi, rule.allow_nonfinite
         )
         if index >= 0:
-            where = list(np.unravel_index(index, array.shape)) if array.size else []
+            where = [int(i) for i in np.unravel_index(index, array.shape)]
             value = array.reshape(-1)[index].item()
-            message = _MESSAGES[code].format(lo=rule.lo or 0.0, hi=rule.hi or 0.0)
-            raise RequestError(f"{field}{[int(i) for i in where]}: value {value!r} {message}")
+            raise RequestError(f"{field}{where}: value {value!r} {_violation(code, rule, target)}")
         return out
+
+
+def _violation(code: int, rule: Rule, target: np.dtype[Any]) -> str:
+    if code == Violation.NAN:
+        return "is NaN"
+    if code == Violation.INF:
+        return "is infinite"
+    bound = rule.lo if code == Violation.BELOW else rule.hi
+    if bound is None:  # no bound set: the value does not fit the model's datatype
+        return f"does not fit the model's datatype {datatype_name(target)}"
+    side = "below the minimum" if code == Violation.BELOW else "above the maximum"
+    return f"is {side} {bound:g}"
 
 
 def _shape_matches(actual: tuple[int, ...], expected: tuple[int, ...]) -> bool:
