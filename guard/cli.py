@@ -86,10 +86,10 @@ async def serve_forever(
 ) -> None:  # type: ignore[no-untyped-def]
     from aiohttp import web
 
-    from guard.server import create_app, reload_policy
+    from guard.server import create_app, make_runner, reload_policy
 
     app = create_app(policy, policy_path=policy_path)
-    runner = web.AppRunner(app, access_log=log if access_log else None, handle_signals=False)
+    runner = make_runner(app, access_log=log if access_log else None)
     await runner.setup()
     site = web.TCPSite(runner, host, port, ssl_context=ssl_context, backlog=1024)
     await site.start()
@@ -163,11 +163,7 @@ def check_warnings(runtime) -> list[str]:  # type: ignore[no-untyped-def]
 def _demo(args: argparse.Namespace) -> int:
     from guard.demo import run_demo
 
-    return _run_demo(run_demo(port=args.port, requests=args.requests, seed=args.seed, keep=args.keep))
-
-
-def _run_demo(coro) -> int:  # type: ignore[no-untyped-def]
-    return int(asyncio.run(coro))
+    return asyncio.run(run_demo(port=args.port, requests=args.requests, seed=args.seed, keep=args.keep))
 
 
 def _keygen(args: argparse.Namespace) -> int:

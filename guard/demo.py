@@ -24,7 +24,7 @@ from guard.config import load_policy
 from guard.inference import InferRequest
 from guard.models import load_samples
 from guard.protocols import v2
-from guard.server import create_app
+from guard.server import create_app, make_runner
 
 DEFAULT_POLICY = Path(__file__).parent / "policies" / "default.yaml"
 
@@ -48,7 +48,7 @@ class Tally:
 async def run_demo(*, port: int = 0, requests: int = 400, seed: int = 0, keep: bool = False) -> int:
     policy = load_policy(DEFAULT_POLICY)
     app = create_app(policy, policy_path=DEFAULT_POLICY)
-    runner = web.AppRunner(app, handle_signals=False)
+    runner = make_runner(app)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", port)
     await site.start()
@@ -129,7 +129,7 @@ HOSTILE: list[tuple[str, str, bytes]] = [
     ("wrong shape", "/v2/models/digits/infer",
      orjson.dumps({"inputs": [{"name": "input", "shape": [1, 63], "datatype": "FP32", "data": [0.0] * 63}]})),
     ("wrong datatype", "/v2/models/digits/infer",
-     orjson.dumps({"inputs": [{"name": "input", "shape": [1, 1], "datatype": "BYTES", "data": ["x"]}]})),
+     orjson.dumps({"inputs": [{"name": "input", "shape": [1, 64], "datatype": "BYTES", "data": ["x"] * 64}]})),
     ("NaN in input", "/v2/models/digits/infer", b'{"inputs": [{"name": "input", "shape": [1, 64], '
      b'"datatype": "FP64", "data": [' + b"1.0, " * 10 + b"NaN" + b", 1.0" * 53 + b"]}]}"),
     ("out of range", "/v2/models/digits/infer",

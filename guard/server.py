@@ -116,6 +116,16 @@ def _lifecycle(policy: Policy) -> Callable[[web.Application], AsyncIterator[None
     return lifecycle
 
 
+def make_runner(app: web.Application, *, access_log: logging.Logger | None = None) -> web.AppRunner:
+    """The runner ``guard serve`` and ``guard demo`` use.
+
+    After refusing a body unread (413), aiohttp drains the rest of it for up to
+    ``lingering_time`` seconds so the client can read the answer; its default of
+    10 s holds a connection (and shutdown) for a client that stopped sending.
+    """
+    return web.AppRunner(app, access_log=access_log, handle_signals=False, lingering_time=1.0)
+
+
 # -- error boundary -----------------------------------------------------------
 
 
@@ -147,6 +157,8 @@ def error_response(exc: GuardError, headers: dict[str, str] | None = None) -> we
     response = _json_error(exc.message, exc.status, headers)
     if isinstance(exc, RateLimited) and exc.retry_after is not None:
         response.headers["Retry-After"] = str(max(1, round(exc.retry_after)))
+    if isinstance(exc, PayloadTooLarge):
+        response.force_close()  # the rest of the body is unread: no keep-alive
     return response
 
 

@@ -135,3 +135,20 @@ def test_serving_path_imports_no_offline_code() -> None:
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+def test_demo_serves_real_traffic_and_refuses_hostile_input() -> None:
+    result = run("demo", "--requests", "40")
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    rows = [line.split() for line in out.splitlines() if line.strip().startswith(("digits", "breast_cancer"))]
+    assert len(rows) == 4
+    for row in rows:
+        sent, ok, accuracy = int(row[-5]), int(row[-4]), float(row[-1])
+        assert sent == ok and accuracy > 0.8
+    hostile = out[out.index("hostile input") :]
+    for name, status in [("malformed JSON", 400), ("NaN in input", 400), ("oversized body", 413), ("unknown model", 404)]:
+        line = next(line for line in hostile.splitlines() if line.strip().startswith(name))
+        assert int(line.split()[len(name.split())]) == status
+    assert 'guard_requests_total{code="200"' in out
+    assert "Traceback" not in out + result.stderr
