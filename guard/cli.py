@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import logging
 import signal
 import ssl
@@ -14,6 +15,8 @@ from pathlib import Path
 from guard.errors import PolicyError
 
 DEFAULT_POLICY = Path(__file__).parent / "policies" / "default.yaml"
+# Offline subcommands: modules under guard/commands/ with an ``add_parser(commands)``.
+OFFLINE_COMMANDS: tuple[str, ...] = ()
 log = logging.getLogger("guard")
 
 
@@ -63,6 +66,9 @@ def _parser() -> argparse.ArgumentParser:
     keygen.add_argument("name")
     keygen.add_argument("--models", nargs="*", help="models this client may call (default: all)")
     keygen.set_defaults(run=_keygen)
+
+    for name in OFFLINE_COMMANDS:
+        importlib.import_module(f"guard.commands.{name}").add_parser(commands)
     return parser
 
 

@@ -132,6 +132,7 @@ def _build_model(config: ModelConfig, policy: Policy, session: aiohttp.ClientSes
         raise PolicyError(f"{policy.source}: models.{config.name} needs an upstream or a model file")
     env = StageEnv(
         model=config.name,
+        backend=backend,
         local=local,
         metadata=local.model_metadata if local else None,
     )

@@ -10,12 +10,14 @@ from guard.inference import ModelMetadata
 from guard.pipeline import ACTIONS, Action
 
 if TYPE_CHECKING:
+    from guard.backends.base import Backend
     from guard.backends.onnx import OnnxBackend
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class StageEnv:
     model: str
+    backend: Backend | None  # what serves this model's requests (upstream or local copy)
     local: OnnxBackend | None  # the policy's local copy of the model, when it has one
     metadata: ModelMetadata | None  # known without asking the upstream (from the local copy)
 

@@ -17,7 +17,7 @@ from guard.stages.validate import Validate
 
 
 def stage(**options: Any) -> Validate:
-    env = StageEnv(model="m", local=None, metadata=None)
+    env = StageEnv(model="m", backend=None, local=None, metadata=None)
     return Validate.from_config(Section(options, source="p.yaml", path="validate"), env)
 
 
