@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import importlib
 import logging
 import signal
@@ -37,12 +38,21 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="guard", description="An inference-time guard for model APIs.")
-    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    parser = argparse.ArgumentParser(
+        prog="guard", description="An inference-time guard for model APIs."
+    )
+    parser.add_argument(
+        "--log-level", default="info", choices=["debug", "info", "warning", "error"]
+    )
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
 
     serve = commands.add_parser("serve", help="run the guard")
-    serve.add_argument("--policy", type=Path, default=DEFAULT_POLICY, help="policy YAML (default: the built-in default)")
+    serve.add_argument(
+        "--policy",
+        type=Path,
+        default=DEFAULT_POLICY,
+        help="policy YAML (default: the built-in default)",
+    )
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--tls-cert", type=Path)
@@ -83,12 +93,20 @@ def _serve(args: argparse.Namespace) -> int:
     if args.tls_cert:
         ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         ssl_context.load_cert_chain(args.tls_cert, args.tls_key)
-    _run(serve_forever(policy, args.policy, args.host, args.port, ssl_context, args.access_log), args.loop)
+    _run(
+        serve_forever(policy, args.policy, args.host, args.port, ssl_context, args.access_log),
+        args.loop,
+    )
     return 0
 
 
 async def serve_forever(
-    policy, policy_path: Path, host: str, port: int, ssl_context: ssl.SSLContext | None, access_log: bool
+    policy,
+    policy_path: Path,
+    host: str,
+    port: int,
+    ssl_context: ssl.SSLContext | None,
+    access_log: bool,
 ) -> None:  # type: ignore[no-untyped-def]
     from aiohttp import web
 
@@ -107,14 +125,16 @@ async def serve_forever(
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
 
-    def on_hup() -> None:
-        async def reload() -> None:
-            try:
-                await reload_policy(app)
-            except PolicyError:
-                pass  # logged and counted by reload_policy; the old policy stays
+    reloads: set[asyncio.Task[None]] = set()
 
-        loop.create_task(reload())
+    async def reload() -> None:
+        with contextlib.suppress(PolicyError):  # logged and counted; the old policy stays
+            await reload_policy(app)
+
+    def on_hup() -> None:
+        task = loop.create_task(reload())
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
 
     loop.add_signal_handler(signal.SIGHUP, on_hup)
     try:
@@ -130,7 +150,9 @@ def _run(coro, loop: str) -> None:  # type: ignore[no-untyped-def]
             import uvloop
         except ImportError:
             if loop == "uvloop":
-                raise SystemExit("guard: --loop uvloop needs the 'fast' extra (pip install uvloop)") from None
+                raise SystemExit(
+                    "guard: --loop uvloop needs the 'fast' extra (pip install uvloop)"
+                ) from None
         else:
             uvloop.run(coro)
             return
@@ -158,18 +180,25 @@ def check_warnings(runtime) -> list[str]:  # type: ignore[no-untyped-def]
     for name, model in runtime.models.items():
         stages = [s.name for s in model.pipeline.stages]
         if stages and stages[0] != "validate" and "validate" in stages:
-            warnings.append(f"models.{name}: validate is not the first stage; earlier stages see unchecked input")
+            warnings.append(
+                f"models.{name}: validate is not the first stage; "
+                "earlier stages see unchecked input"
+            )
         if "validate" not in stages:
             warnings.append(f"models.{name}: no validate stage; malformed input reaches the model")
     if not runtime.policy.clients.uses_keys:
-        warnings.append("clients are identified by address (no keys_file): fine behind a trusted edge only")
+        warnings.append(
+            "clients are identified by address (no keys_file): fine behind a trusted edge only"
+        )
     return warnings
 
 
 def _demo(args: argparse.Namespace) -> int:
     from guard.demo import run_demo
 
-    return asyncio.run(run_demo(port=args.port, requests=args.requests, seed=args.seed, keep=args.keep))
+    return asyncio.run(
+        run_demo(port=args.port, requests=args.requests, seed=args.seed, keep=args.keep)
+    )
 
 
 def _keygen(args: argparse.Namespace) -> int:
@@ -180,7 +209,7 @@ def _keygen(args: argparse.Namespace) -> int:
     print(f"#   {key}")
     print("# keys-file entry (under 'clients:'):")
     print(f"  {args.name}:")
-    print(f"    key_sha256: \"{key_digest(key)}\"")
+    print(f'    key_sha256: "{key_digest(key)}"')
     if args.models:
         print(f"    models: [{', '.join(args.models)}]")
     return 0

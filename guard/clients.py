@@ -99,7 +99,7 @@ def load_keys(path: Path) -> dict[str, Client]:
     root = Section(data, source=source)
     clients = root.child("clients", required=True)
     keys: dict[str, Client] = {}
-    for name in clients.keys():
+    for name in clients.names():
         entry = clients.child(name)
         digest = entry.str("key_sha256").lower()
         if not _HEX64.match(digest):

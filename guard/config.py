@@ -94,7 +94,7 @@ def parse_policy(data: Any, *, source: str, base: Path) -> Policy:
         raise root.error("version", f"must be {VERSION}; got {version}")
     mode = root.choice("mode", MODES, "enforce")
     models_section = root.child("models", required=True)
-    names = models_section.keys()
+    names = models_section.names()
     if not names:
         raise models_section.error(None, "must name at least one model")
     models = {name: _model(models_section.child(name), name, base) for name in names}
@@ -186,7 +186,7 @@ def _upstream(model: Section) -> UpstreamConfig | None:
         connect_timeout=section.float("connect_timeout", 2.0, gt=0),
         binary=section.bool("binary", False),
         retries=section.int("retries", 1, min=0, max=5),
-        headers={k: _expand(headers, k) for k in headers.keys()},
+        headers={k: _expand(headers, k) for k in headers.names()},
     )
     section.finish()
     return config

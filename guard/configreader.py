@@ -28,7 +28,9 @@ class Section:
         if data is None:
             data = {}
         if not isinstance(data, Mapping):
-            raise PolicyError(f"{source}: {path or 'document'} must be a mapping; got {_show(data)}")
+            raise PolicyError(
+                f"{source}: {path or 'document'} must be a mapping; got {_show(data)}"
+            )
         self.data: Mapping[str, Any] = data
         self.source = source
         self.path = path
@@ -56,7 +58,8 @@ class Section:
     def has(self, key: str) -> bool:
         return key in self.data
 
-    def keys(self) -> list[str]:
+    def names(self) -> list[str]:
+        """Every key of this mapping (all count as read: for sections of user-chosen names)."""
         self._read.update(self.data)
         return [str(k) for k in self.data]
 

@@ -103,8 +103,12 @@ async def _benign(http: aiohttp.ClientSession, requests: int, rng: np.random.Gen
         print(tallies[name].row(name))
 
 
-async def _v2(http: aiohttp.ClientSession, model: str, x: np.ndarray, *, binary: bool) -> tuple[int, object]:
-    request = InferRequest(model_name=model, inputs={"input": x.astype(np.float32)}, binary_outputs=binary)
+async def _v2(
+    http: aiohttp.ClientSession, model: str, x: np.ndarray, *, binary: bool
+) -> tuple[int, object]:
+    request = InferRequest(
+        model_name=model, inputs={"input": x.astype(np.float32)}, binary_outputs=binary
+    )
     body, headers = v2.encode_request(request, binary=binary)
     async with http.post(f"/v2/models/{model}/infer", data=body, headers=headers) as reply:
         payload = await reply.read()
@@ -126,19 +130,68 @@ async def _tf(http: aiohttp.ClientSession, model: str, x: np.ndarray) -> tuple[i
 
 HOSTILE: list[tuple[str, str, bytes]] = [
     ("malformed JSON", "/v2/models/digits/infer", b'{"inputs": [{"name": "input",'),
-    ("wrong shape", "/v2/models/digits/infer",
-     orjson.dumps({"inputs": [{"name": "input", "shape": [1, 63], "datatype": "FP32", "data": [0.0] * 63}]})),
-    ("wrong datatype", "/v2/models/digits/infer",
-     orjson.dumps({"inputs": [{"name": "input", "shape": [1, 64], "datatype": "BYTES", "data": ["x"] * 64}]})),
-    ("NaN in input", "/v2/models/digits/infer", b'{"inputs": [{"name": "input", "shape": [1, 64], '
-     b'"datatype": "FP64", "data": [' + b"1.0, " * 10 + b"NaN" + b", 1.0" * 53 + b"]}]}"),
-    ("out of range", "/v2/models/digits/infer",
-     orjson.dumps({"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32", "data": [0.0] * 63 + [255.0]}]})),
-    ("data/shape mismatch", "/v2/models/digits/infer",
-     orjson.dumps({"inputs": [{"name": "input", "shape": [1000000, 64], "datatype": "FP32", "data": [1.0]}]})),
+    (
+        "wrong shape",
+        "/v2/models/digits/infer",
+        orjson.dumps(
+            {
+                "inputs": [
+                    {"name": "input", "shape": [1, 63], "datatype": "FP32", "data": [0.0] * 63}
+                ]
+            }
+        ),
+    ),
+    (
+        "wrong datatype",
+        "/v2/models/digits/infer",
+        orjson.dumps(
+            {
+                "inputs": [
+                    {"name": "input", "shape": [1, 64], "datatype": "BYTES", "data": ["x"] * 64}
+                ]
+            }
+        ),
+    ),
+    (
+        "NaN in input",
+        "/v2/models/digits/infer",
+        b'{"inputs": [{"name": "input", "shape": [1, 64], '
+        b'"datatype": "FP64", "data": [' + b"1.0, " * 10 + b"NaN" + b", 1.0" * 53 + b"]}]}",
+    ),
+    (
+        "out of range",
+        "/v2/models/digits/infer",
+        orjson.dumps(
+            {
+                "inputs": [
+                    {
+                        "name": "input",
+                        "shape": [1, 64],
+                        "datatype": "FP32",
+                        "data": [0.0] * 63 + [255.0],
+                    }
+                ]
+            }
+        ),
+    ),
+    (
+        "data/shape mismatch",
+        "/v2/models/digits/infer",
+        orjson.dumps(
+            {
+                "inputs": [
+                    {"name": "input", "shape": [1000000, 64], "datatype": "FP32", "data": [1.0]}
+                ]
+            }
+        ),
+    ),
     ("oversized body", "/v2/models/digits/infer", b" " * (9 << 20)),
     ("unknown model", "/v2/models/imagenet/infer", b"{}"),
-    ("TF: ragged instances", "/v1/models/breast_cancer:predict", orjson.dumps({"instances": [[1.0] * 30, [1.0] * 29]})),
+    (
+        "TF: ragged instances",
+        "/v1/models/breast_cancer:predict",
+        orjson.dumps({"instances": [[1.0] * 30, [1.0] * 29]}),
+    ),
 ]
 
 

@@ -131,7 +131,9 @@ class OnnxBackend:
     def on_gpu(self) -> bool:
         return "CUDAExecutionProvider" in self.providers
 
-    def run(self, inputs: dict[str, np.ndarray], outputs: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+    def run(
+        self, inputs: dict[str, np.ndarray], outputs: Sequence[str] | None = None
+    ) -> dict[str, np.ndarray]:
         """Synchronous inference (for certification and offline tools)."""
         names = list(outputs) if outputs else self._output_names
         results = self.session.run(names, inputs)

@@ -35,7 +35,6 @@ from guard.pipeline import BaseStage, RequestContext, Verdict
 from guard.stages.env import StageEnv
 
 
-
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Rule:
     shape: tuple[int, ...] | None
@@ -64,9 +63,11 @@ class Validate(BaseStage):
         name = section.str("input", None)
         specs = {s.name: s for s in env.metadata.inputs} if env.metadata else {}
         if name is not None and specs and name not in specs:
-            raise section.error("input", f"names no input of model {env.model}; it has {', '.join(specs)}")
-        known: TensorSpec | None = specs.get(name) if name else (
-            next(iter(specs.values())) if len(specs) == 1 else None
+            raise section.error(
+                "input", f"names no input of model {env.model}; it has {', '.join(specs)}"
+            )
+        known: TensorSpec | None = (
+            specs.get(name) if name else (next(iter(specs.values())) if len(specs) == 1 else None)
         )
         shape = section.shape("shape", None)
         if shape is None and known is not None:
@@ -123,7 +124,9 @@ class Validate(BaseStage):
                 inputs[target] = checked
                 total += checked.nbytes
         if total > self.max_bytes:
-            raise RequestError(f"inputs: {total} bytes of tensors exceed the limit of {self.max_bytes}")
+            raise RequestError(
+                f"inputs: {total} bytes of tensors exceed the limit of {self.max_bytes}"
+            )
         return Verdict.CONTINUE
 
     def _check(self, name: str, array: np.ndarray, rule: Rule) -> np.ndarray:
@@ -131,7 +134,9 @@ class Validate(BaseStage):
         if array.ndim == 0:
             raise RequestError(f"{field}: expected a batch; got a scalar")
         if array.shape[0] > self.max_batch:
-            raise RequestError(f"{field}: batch of {array.shape[0]} exceeds max_batch {self.max_batch}")
+            raise RequestError(
+                f"{field}: batch of {array.shape[0]} exceeds max_batch {self.max_batch}"
+            )
         if rule.shape is not None and not _shape_matches(array.shape[1:], rule.shape):
             expected = ["batch", *(d if d >= 0 else "any" for d in rule.shape)]
             raise RequestError(f"{field}: shape {list(array.shape)} does not match {expected}")
@@ -139,9 +144,8 @@ class Validate(BaseStage):
             raise RequestError(f"{field}: datatype BYTES is not accepted; expected numbers")
         target = rule.dtype if rule.dtype is not None else array.dtype
         if not _castable(array.dtype, target):
-            raise RequestError(
-                f"{field}: datatype {datatype_name(array.dtype)} cannot be used as {datatype_name(target)}"
-            )
+            given, wanted = datatype_name(array.dtype), datatype_name(target)
+            raise RequestError(f"{field}: datatype {given} cannot be used as {wanted}")
         out, index, code = _native.check_and_cast(
             array, target, rule.lo, rule.hi, rule.allow_nonfinite
         )

@@ -14,7 +14,6 @@ from prometheus_client import CollectorRegistry
 
 from guard.config import load_policy
 from guard.server import create_app
-
 from tests.integration.mlserver_upstream import mlserver_breast_cancer  # noqa: F401  (fixture)
 
 StartGuard = Callable[..., Awaitable[TestServer]]

@@ -23,7 +23,9 @@ GUARD = [sys.executable, "-m", "guard.cli"]
 
 
 def run(*args: str, **kw: object) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*GUARD, *args], capture_output=True, text=True, timeout=120, cwd=ROOT, **kw)  # type: ignore[call-overload]
+    return subprocess.run(
+        [*GUARD, *args], capture_output=True, text=True, timeout=120, cwd=ROOT, **kw
+    )  # type: ignore[call-overload]
 
 
 def test_check_prints_the_resolved_pipeline() -> None:
@@ -36,17 +38,23 @@ def test_check_prints_the_resolved_pipeline() -> None:
 
 def test_check_fails_with_exit_1_and_the_path(tmp_path: Path) -> None:
     path = tmp_path / "bad.yaml"
-    path.write_text("version: 1\nmodels:\n  digits:\n    model: builtin:digits\n    stages:\n      - validate: {max_batch: -3}\n")
+    path.write_text(
+        "version: 1\nmodels:\n  digits:\n    model: builtin:digits\n    stages:\n      - validate: {max_batch: -3}\n"
+    )
     result = run("check", str(path))
     assert result.returncode == 1
-    assert f"{path}: models.digits.stages[0].validate.max_batch must be >= 1; got -3" in result.stderr
+    assert (
+        f"{path}: models.digits.stages[0].validate.max_batch must be >= 1; got -3" in result.stderr
+    )
     assert "Traceback" not in result.stderr
 
 
 def test_keygen_entry_loads_as_a_keys_file(tmp_path: Path) -> None:
     result = run("keygen", "alice", "--models", "digits")
     assert result.returncode == 0
-    key = next(line.split()[-1] for line in result.stdout.splitlines() if line.startswith("#   gk_"))
+    key = next(
+        line.split()[-1] for line in result.stdout.splitlines() if line.startswith("#   gk_")
+    )
     entry = "\n".join(line for line in result.stdout.splitlines() if not line.startswith("#"))
     keys = yaml.safe_load("clients:\n" + entry)
     assert keys["clients"]["alice"] == {"key_sha256": key_digest(key), "models": ["digits"]}
@@ -73,8 +81,12 @@ def wait_ready(url: str, process: subprocess.Popen[bytes], timeout: float = 30) 
 
 
 def infer(url: str, value: float) -> tuple[int, dict[str, object]]:
-    body = json.dumps({"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32", "data": [value] * 64}]})
-    request = urllib.request.Request(f"{url}/v2/models/digits/infer", data=body.encode(), method="POST")
+    body = json.dumps(
+        {"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32", "data": [value] * 64}]}
+    )
+    request = urllib.request.Request(
+        f"{url}/v2/models/digits/infer", data=body.encode(), method="POST"
+    )
     try:
         with urllib.request.urlopen(request, timeout=5) as reply:
             return reply.status, json.loads(reply.read())
@@ -132,7 +144,9 @@ def test_serving_path_imports_no_offline_code() -> None:
         "('sklearn', 'skl2onnx', 'torch', 'tritonclient', 'matplotlib') or m.startswith('guard.attacks')]\n"
         "print(heavy)"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
 
@@ -141,13 +155,22 @@ def test_demo_serves_real_traffic_and_refuses_hostile_input() -> None:
     result = run("demo", "--requests", "40")
     assert result.returncode == 0, result.stderr
     out = result.stdout
-    rows = [line.split() for line in out.splitlines() if line.strip().startswith(("digits", "breast_cancer"))]
+    rows = [
+        line.split()
+        for line in out.splitlines()
+        if line.strip().startswith(("digits", "breast_cancer"))
+    ]
     assert len(rows) == 4
     for row in rows:
         sent, ok, accuracy = int(row[-5]), int(row[-4]), float(row[-1])
         assert sent == ok and accuracy > 0.8
     hostile = out[out.index("hostile input") :]
-    for name, status in [("malformed JSON", 400), ("NaN in input", 400), ("oversized body", 413), ("unknown model", 404)]:
+    for name, status in [
+        ("malformed JSON", 400),
+        ("NaN in input", 400),
+        ("oversized body", 413),
+        ("unknown model", 404),
+    ]:
         line = next(line for line in hostile.splitlines() if line.strip().startswith(name))
         assert int(line.split()[len(name.split())]) == status
     assert 'guard_requests_total{code="200"' in out

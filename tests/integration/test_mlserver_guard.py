@@ -21,7 +21,9 @@ def policy(url: str) -> dict[str, Any]:
         "models": {
             "breast_cancer": {
                 "upstream": {"url": url, "timeout": 10},
-                "stages": [{"validate": {"shape": [30], "dtype": "FP32", "min": 0.0, "max": 10000.0}}],
+                "stages": [
+                    {"validate": {"shape": [30], "dtype": "FP32", "min": 0.0, "max": 10000.0}}
+                ],
             }
         },
     }
@@ -44,7 +46,9 @@ async def test_triton_client_through_guard_to_mlserver(
     try:
         inputs = [triton.InferInput("input", list(x.shape), "FP32")]
         inputs[0].set_data_from_numpy(x, binary_data=binary)
-        outputs = [triton.InferRequestedOutput(n, binary_data=binary) for n in ("predict", "predict_proba")]
+        outputs = [
+            triton.InferRequestedOutput(n, binary_data=binary) for n in ("predict", "predict_proba")
+        ]
         result = await client.infer("breast_cancer", inputs, outputs=outputs)
     finally:
         await client.close()
@@ -57,13 +61,24 @@ async def test_guard_refuses_what_mlserver_would_answer_with_a_traceback(
 ) -> None:
     guard = await start_guard(policy(mlserver_breast_cancer.url))
     url = guard.make_url("/v2/models/breast_cancer/infer")
-    nan = {"inputs": [{"name": "input", "shape": [1, 30], "datatype": "FP64", "data": [1.0] * 29 + [float("nan")]}]}
+    nan = {
+        "inputs": [
+            {
+                "name": "input",
+                "shape": [1, 30],
+                "datatype": "FP64",
+                "data": [1.0] * 29 + [float("nan")],
+            }
+        ]
+    }
     import json
 
     async with http.post(url, data=json.dumps(nan)) as reply:  # stdlib json writes NaN
         body = await reply.json()
     assert reply.status == 400 and "is NaN" in body["error"]
-    wrong = {"inputs": [{"name": "input", "shape": [1, 29], "datatype": "FP32", "data": [1.0] * 29}]}
+    wrong = {
+        "inputs": [{"name": "input", "shape": [1, 29], "datatype": "FP32", "data": [1.0] * 29}]
+    }
     async with http.post(url, json=wrong) as reply:
         body = await reply.json()
     assert reply.status == 400 and "shape [1, 29] does not match" in body["error"]
@@ -77,7 +92,9 @@ async def test_mlserver_errors_come_back_in_the_guard_format(
     bare = policy(mlserver_breast_cancer.url)
     bare["models"]["breast_cancer"]["stages"] = []
     guard = await start_guard(bare)
-    wrong = {"inputs": [{"name": "input", "shape": [1, 29], "datatype": "FP32", "data": [1.0] * 29}]}
+    wrong = {
+        "inputs": [{"name": "input", "shape": [1, 29], "datatype": "FP32", "data": [1.0] * 29}]
+    }
     async with http.post(guard.make_url("/v2/models/breast_cancer/infer"), json=wrong) as reply:
         body = await reply.json()
     assert reply.status == 502

@@ -29,7 +29,9 @@ def infer_sync(url: str, x: np.ndarray, binary: bool) -> dict[str, np.ndarray]:
         assert client.is_server_live() and client.is_model_ready("digits")
         inputs = [triton.InferInput("input", list(x.shape), "FP32")]
         inputs[0].set_data_from_numpy(x, binary_data=binary)
-        outputs = [triton.InferRequestedOutput(n, binary_data=binary) for n in ("label", "probabilities")]
+        outputs = [
+            triton.InferRequestedOutput(n, binary_data=binary) for n in ("label", "probabilities")
+        ]
         result = client.infer("digits", inputs, outputs=outputs)
         return {n: result.as_numpy(n) for n in ("label", "probabilities")}
     finally:

@@ -45,13 +45,21 @@ async def test_binary_client_reaches_a_json_only_upstream(
     guard = await start_guard(upstream_policy(str(upstream.make_url("")), binary=False))
     header = orjson.dumps(
         {
-            "inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32",
-                        "parameters": {"binary_data_size": x.nbytes}}],
+            "inputs": [
+                {
+                    "name": "input",
+                    "shape": list(x.shape),
+                    "datatype": "FP32",
+                    "parameters": {"binary_data_size": x.nbytes},
+                }
+            ],
             "parameters": {"binary_data_output": True},
         }
     )
     headers = {"Inference-Header-Content-Length": str(len(header))}
-    async with http.post(guard.make_url("/v2/models/digits/infer"), data=header + x.tobytes(), headers=headers) as reply:
+    async with http.post(
+        guard.make_url("/v2/models/digits/infer"), data=header + x.tobytes(), headers=headers
+    ) as reply:
         assert reply.status == 200, await reply.text()
         body = await reply.read()
         json_length = int(reply.headers["Inference-Header-Content-Length"])
@@ -63,7 +71,9 @@ async def test_binary_client_reaches_a_json_only_upstream(
     assert labels.tolist() == expected
 
 
-async def test_upstream_4xx_is_passed_on(start_guard: StartGuard, http: aiohttp.ClientSession, x: np.ndarray) -> None:
+async def test_upstream_4xx_is_passed_on(
+    start_guard: StartGuard, http: aiohttp.ClientSession, x: np.ndarray
+) -> None:
     upstream = await start_guard(digits_policy())
     guard = await start_guard(upstream_policy(str(upstream.make_url("")), model="no-such-model"))
     status, body, _ = await post(http, guard.make_url("/v2/models/digits/infer"), v2_body(x))
@@ -77,7 +87,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-async def test_upstream_down_is_503(start_guard: StartGuard, http: aiohttp.ClientSession, x: np.ndarray) -> None:
+async def test_upstream_down_is_503(
+    start_guard: StartGuard, http: aiohttp.ClientSession, x: np.ndarray
+) -> None:
     guard = await start_guard(upstream_policy(f"http://127.0.0.1:{free_port()}"))
     status, body, _ = await post(http, guard.make_url("/v2/models/digits/infer"), v2_body(x))
     assert status == 503 and "unreachable" in body["error"]
@@ -95,16 +107,29 @@ async def fake_upstream(aiohttp_server: Any, handler: Any) -> str:
 @pytest.mark.parametrize(
     ("reply", "status", "fragment"),
     [
-        (lambda: web.Response(body=b"<html>oops</html>", content_type="text/html"), 502, "upstream"),
-        (lambda: web.json_response({"error": "model crashed"}, status=500), 502, "answered 500: model crashed"),
+        (
+            lambda: web.Response(body=b"<html>oops</html>", content_type="text/html"),
+            502,
+            "upstream",
+        ),
+        (
+            lambda: web.json_response({"error": "model crashed"}, status=500),
+            502,
+            "answered 500: model crashed",
+        ),
         (lambda: web.json_response({"error": "busy"}, status=503), 503, "busy"),
         (lambda: web.json_response({"outputs": "nope"}), 502, "upstream"),
     ],
     ids=["not-json", "500", "503", "bad-outputs"],
 )
 async def test_upstream_garbage_is_502(
-    start_guard: StartGuard, aiohttp_server: Any, http: aiohttp.ClientSession, x: np.ndarray,
-    reply: Any, status: int, fragment: str,
+    start_guard: StartGuard,
+    aiohttp_server: Any,
+    http: aiohttp.ClientSession,
+    x: np.ndarray,
+    reply: Any,
+    status: int,
+    fragment: str,
 ) -> None:
     async def handler(request: web.Request) -> web.Response:
         await request.read()
@@ -137,7 +162,9 @@ async def test_slow_upstream_is_504(
         await asyncio.sleep(5)
         return web.Response()
 
-    guard = await start_guard(upstream_policy(await fake_upstream(aiohttp_server, handler), timeout=0.3))
+    guard = await start_guard(
+        upstream_policy(await fake_upstream(aiohttp_server, handler), timeout=0.3)
+    )
     loop = asyncio.get_running_loop()
     started = loop.time()
     got, body, _ = await post(http, guard.make_url("/v2/models/digits/infer"), v2_body(x))
@@ -146,7 +173,11 @@ async def test_slow_upstream_is_504(
 
 
 async def test_reload_swaps_policy_without_dropping_requests_in_flight(
-    start_guard: StartGuard, aiohttp_server: Any, http: aiohttp.ClientSession, x: np.ndarray, tmp_path: Any
+    start_guard: StartGuard,
+    aiohttp_server: Any,
+    http: aiohttp.ClientSession,
+    x: np.ndarray,
+    tmp_path: Any,
 ) -> None:
     upstream = await start_guard(digits_policy())
     direct = str(upstream.make_url(""))
@@ -159,7 +190,9 @@ async def test_reload_swaps_policy_without_dropping_requests_in_flight(
             async with session.post(f"{direct}/v2/models/digits/infer", data=body) as reply:
                 return web.Response(body=await reply.read(), content_type="application/json")
 
-    guard = await start_guard(upstream_policy(await fake_upstream(aiohttp_server, slow), timeout=10))
+    guard = await start_guard(
+        upstream_policy(await fake_upstream(aiohttp_server, slow), timeout=10)
+    )
     url = guard.make_url("/v2/models/digits/infer")
     in_flight = asyncio.ensure_future(post(http, url, v2_body(x)))
     await asyncio.sleep(0.2)

@@ -52,7 +52,10 @@ def test_address_identity_and_forwarded_for() -> None:
     [
         ("clients:\n  a:\n    key_sha256: abc\n", "clients.a.key_sha256 must be 64 hex digits"),
         ("clients:\n  a:\n    key: plain\n", "clients.a.key_sha256 is required"),
-        (f"clients:\n  a:\n    key_sha256: {'a' * 64}\n  b:\n    key_sha256: {'a' * 64}\n", "is also the key of a"),
+        (
+            f"clients:\n  a:\n    key_sha256: {'a' * 64}\n  b:\n    key_sha256: {'a' * 64}\n",
+            "is also the key of a",
+        ),
         ("users: {}\n", "clients is required"),
     ],
 )

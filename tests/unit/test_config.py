@@ -41,24 +41,54 @@ def test_default_policy_loads_and_builds() -> None:
         ({"version": 2, "models": {}}, "version must be 1; got 2"),
         ({"models": {}}, "version is required"),
         ({"version": 1, "models": {}}, "models must name at least one model"),
-        ({"version": 1, "mode": "audit", "models": {}}, "mode must be one of enforce, shadow; got 'audit'"),
+        (
+            {"version": 1, "mode": "audit", "models": {}},
+            "mode must be one of enforce, shadow; got 'audit'",
+        ),
         ({"version": 1, "modles": {}}, "models is required"),
         (minimal(), None),
         (minimal(upstream="ftp://x"), "models.digits.upstream must be an http:// or https:// URL"),
         (minimal(sha256="abc"), "models.digits.sha256 must be 64 hex digits"),
         (minimal(device="tpu"), "models.digits.device must be one of auto, cpu, cuda; got 'tpu'"),
-        (minimal(model="builtin:imagenet"), "names no built-in model; built-ins: digits, breast_cancer"),
+        (
+            minimal(model="builtin:imagenet"),
+            "names no built-in model; built-ins: digits, breast_cancer",
+        ),
         (minimal(model="missing.onnx"), "missing.onnx does not exist"),
-        (minimal(stages=[{"validat": {}}]), "models.digits.stages[0] names unknown stage 'validat'; valid stages: validate"),
-        (minimal(stages=[{"validate": {"mni": 0}}]), "models.digits.stages[0].validate has unknown key(s) mni"),
-        (minimal(stages=[{"validate": {"min": 5, "max": 1}}]), "stages[0].validate.min must be <= max (1); got 5"),
-        (minimal(stages=[{"validate": {"max_batch": 0}}]), "stages[0].validate.max_batch must be >= 1; got 0"),
-        (minimal(stages=[{"validate": {"input": "pixels"}}]), "validate.input names no input of model digits; it has input"),
+        (
+            minimal(stages=[{"validat": {}}]),
+            "models.digits.stages[0] names unknown stage 'validat'; valid stages: validate",
+        ),
+        (
+            minimal(stages=[{"validate": {"mni": 0}}]),
+            "models.digits.stages[0].validate has unknown key(s) mni",
+        ),
+        (
+            minimal(stages=[{"validate": {"min": 5, "max": 1}}]),
+            "stages[0].validate.min must be <= max (1); got 5",
+        ),
+        (
+            minimal(stages=[{"validate": {"max_batch": 0}}]),
+            "stages[0].validate.max_batch must be >= 1; got 0",
+        ),
+        (
+            minimal(stages=[{"validate": {"input": "pixels"}}]),
+            "validate.input names no input of model digits; it has input",
+        ),
         (minimal(stages=[{"validate": {}}, {"validate": {}}]), "stages lists validate twice"),
         (minimal(stages=["validate", {"a": 1, "b": 2}]), "stages[1] must be one stage"),
-        ({"version": 1, "models": {"m": {"stages": []}}}, "models.m needs an upstream, a model file, or both"),
-        ({**minimal(), "limits": {"max_body_bytes": 10}}, "limits.max_body_bytes must be >= 1024; got 10"),
-        ({**minimal(), "admin": {"token_env": "GUARD_TEST_UNSET_VAR"}}, "token_env names environment variable"),
+        (
+            {"version": 1, "models": {"m": {"stages": []}}},
+            "models.m needs an upstream, a model file, or both",
+        ),
+        (
+            {**minimal(), "limits": {"max_body_bytes": 10}},
+            "limits.max_body_bytes must be >= 1024; got 10",
+        ),
+        (
+            {**minimal(), "admin": {"token_env": "GUARD_TEST_UNSET_VAR"}},
+            "token_env names environment variable",
+        ),
     ],
 )
 def test_policies(tmp_path: Path, policy: dict, message: str | None) -> None:  # type: ignore[type-arg]

@@ -13,11 +13,19 @@ def section(data: object) -> Section:
 @pytest.mark.parametrize(
     ("data", "read", "message"),
     [
-        ({"sigma": -0.5}, lambda s: s.float("sigma", gt=0), "p.yaml: models.m.stages[0].x.sigma must be > 0; got -0.5"),
+        (
+            {"sigma": -0.5},
+            lambda s: s.float("sigma", gt=0),
+            "p.yaml: models.m.stages[0].x.sigma must be > 0; got -0.5",
+        ),
         ({"n": 1.5}, lambda s: s.int("n"), "x.n must be an integer; got 1.5"),
         ({"n": True}, lambda s: s.int("n"), "x.n must be an integer; got True"),
         ({"n": 0}, lambda s: s.int("n", min=1), "x.n must be >= 1; got 0"),
-        ({"a": "maybe"}, lambda s: s.choice("a", ["deny", "flag"]), "x.a must be one of deny, flag; got 'maybe'"),
+        (
+            {"a": "maybe"},
+            lambda s: s.choice("a", ["deny", "flag"]),
+            "x.a must be one of deny, flag; got 'maybe'",
+        ),
         ({"on": "yes"}, lambda s: s.bool("on"), "x.on must be true or false; got 'yes'"),
         ({"shape": [8, "a"]}, lambda s: s.shape("shape"), "x.shape must be a list of sizes"),
         ({"shape": [-2]}, lambda s: s.shape("shape"), "x.shape must be a list of sizes"),

@@ -12,7 +12,9 @@ from guard.pipeline import Action, BaseStage, Pipeline, RequestContext, Verdict
 
 
 class Recorder(BaseStage):
-    def __init__(self, name: str, log: list[str], *, respond: bool = False, action: Action | None = None):
+    def __init__(
+        self, name: str, log: list[str], *, respond: bool = False, action: Action | None = None
+    ):
         self.name = name
         self.log = log
         self.respond = respond
@@ -73,7 +75,9 @@ class EchoBackend:
 
 def _ctx(shadow: bool = False) -> RequestContext:
     request = InferRequest(model_name="m", inputs={"x": np.ones((1, 2), np.float32)})
-    return RequestContext(request_id="r", model="m", client=Client("c"), request=request, shadow_mode=shadow)
+    return RequestContext(
+        request_id="r", model="m", client=Client("c"), request=request, shadow_mode=shadow
+    )
 
 
 async def test_request_stages_in_order_response_stages_reversed() -> None:
@@ -110,7 +114,9 @@ async def test_respond_skips_backend_and_unwinds_only_stages_that_ran() -> None:
         (Action.FLAG, True, False, "shadow", Action.SHADOW),
     ],
 )
-async def test_actions(action: Action, shadow: bool, denied: bool, verdict: str, taken: Action) -> None:
+async def test_actions(
+    action: Action, shadow: bool, denied: bool, verdict: str, taken: Action
+) -> None:
     log: list[str] = []
     ctx = _ctx(shadow)
     pipeline = Pipeline([Recorder("detector", log, action=action)])

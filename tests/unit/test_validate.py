@@ -23,7 +23,10 @@ def stage(**options: Any) -> Validate:
 
 async def run(v: Validate, x: np.ndarray) -> np.ndarray:
     ctx = RequestContext(
-        request_id="r", model="m", client=Client("c"), request=InferRequest(model_name="m", inputs={"x": x})
+        request_id="r",
+        model="m",
+        client=Client("c"),
+        request=InferRequest(model_name="m", inputs={"x": x}),
     )
     await v.on_request(ctx)
     return ctx.request.inputs["x"]
@@ -48,15 +51,43 @@ async def test_accepted_and_cast(options: dict[str, Any], x: np.ndarray, dtype: 
 @pytest.mark.parametrize(
     ("options", "x", "message"),
     [
-        ({"dtype": "INT64"}, np.ones((1, 2), np.float32), "inputs.x: datatype FP32 cannot be used as INT64"),
-        ({"dtype": "FP32"}, np.ones((1, 2), np.bool_), "inputs.x: datatype BOOL cannot be used as FP32"),
-        ({}, np.array([[b"a"]], dtype=object), "inputs.x: datatype BYTES is not accepted; expected numbers"),
-        ({"dtype": "INT32"}, np.array([[1, 2**40]], np.int64), "inputs.x[0, 1]: value 1099511627776 does not fit the model's datatype INT32"),
-        ({"min": -1.0}, np.array([[0.0, -2.0]], np.float32), "inputs.x[0, 1]: value -2.0 is below the minimum -1"),
+        (
+            {"dtype": "INT64"},
+            np.ones((1, 2), np.float32),
+            "inputs.x: datatype FP32 cannot be used as INT64",
+        ),
+        (
+            {"dtype": "FP32"},
+            np.ones((1, 2), np.bool_),
+            "inputs.x: datatype BOOL cannot be used as FP32",
+        ),
+        (
+            {},
+            np.array([[b"a"]], dtype=object),
+            "inputs.x: datatype BYTES is not accepted; expected numbers",
+        ),
+        (
+            {"dtype": "INT32"},
+            np.array([[1, 2**40]], np.int64),
+            "inputs.x[0, 1]: value 1099511627776 does not fit the model's datatype INT32",
+        ),
+        (
+            {"min": -1.0},
+            np.array([[0.0, -2.0]], np.float32),
+            "inputs.x[0, 1]: value -2.0 is below the minimum -1",
+        ),
         ({}, np.array([[0.0], [np.inf]]), "inputs.x[1, 0]: value inf is infinite"),
-        ({"shape": [3]}, np.ones((1, 4), np.float32), "inputs.x: shape [1, 4] does not match ['batch', 3]"),
+        (
+            {"shape": [3]},
+            np.ones((1, 4), np.float32),
+            "inputs.x: shape [1, 4] does not match ['batch', 3]",
+        ),
         ({}, np.float32(1.0).reshape(()), "inputs.x: expected a batch; got a scalar"),
-        ({"max_bytes": 1024}, np.ones((2, 200), np.float32), "inputs: 1600 bytes of tensors exceed the limit of 1024"),
+        (
+            {"max_bytes": 1024},
+            np.ones((2, 200), np.float32),
+            "inputs: 1600 bytes of tensors exceed the limit of 1024",
+        ),
     ],
 )
 async def test_refused_with_the_field(options: dict[str, Any], x: np.ndarray, message: str) -> None:
