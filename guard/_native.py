@@ -9,6 +9,18 @@ import from here and never from either package directly.
     One pass over a tensor for the ``validate`` stage: every value finite
     (unless allowed), within ``[lo, hi]`` (either bound may be ``None``), cast
     to ``out_dtype``. See :mod:`guard._py.check` for the exact rules.
+
+``reduce_bits(x, bits, lo, hi)``, ``median_smooth(x, size, height, width, channels, layout)``,
+``clip(x, lo, hi)``
+    The feature squeezers of the ``squeeze`` and ``squeeze_detect`` stages, each
+    returning a new array of ``x``'s shape and dtype. See :mod:`guard._py.squeeze`.
+
+``fingerprint(x, offsets, step, window, stride, top, multiplier, k1, k2) -> (hashes, sizes)``
+    Blacklight's query fingerprints: the ``top`` largest keyed hashes of the
+    quantized windows of each row. See :mod:`guard._py.fingerprint`.
+
+The kernels are taken together: if any of them is missing (a partial build),
+every one comes from :mod:`guard._py`, so ``USING_EXTENSIONS`` tells the whole story.
 """
 
 from __future__ import annotations
@@ -17,18 +29,32 @@ import os
 
 from guard._py.check import Violation
 
-__all__ = ["USING_EXTENSIONS", "Violation", "check_and_cast"]
+__all__ = [
+    "USING_EXTENSIONS",
+    "Violation",
+    "check_and_cast",
+    "clip",
+    "fingerprint",
+    "median_smooth",
+    "reduce_bits",
+]
 
 USING_EXTENSIONS: bool
 if os.environ.get("GUARD_NO_EXTENSIONS", "") not in ("", "0"):
     from guard._py.check import check_and_cast
+    from guard._py.fingerprint import fingerprint
+    from guard._py.squeeze import clip, median_smooth, reduce_bits
 
     USING_EXTENSIONS = False
 else:
     try:
         from guard._ext.check import check_and_cast
+        from guard._ext.fingerprint import fingerprint
+        from guard._ext.squeeze import clip, median_smooth, reduce_bits
     except ImportError:
         from guard._py.check import check_and_cast
+        from guard._py.fingerprint import fingerprint
+        from guard._py.squeeze import clip, median_smooth, reduce_bits
 
         USING_EXTENSIONS = False
     else:

@@ -23,6 +23,7 @@ from guard.backends.onnx import DEVICES
 from guard.clients import ClientDirectory, key_digest, load_keys
 from guard.configreader import Section
 from guard.errors import PolicyError
+from guard.state import StateConfig, read_state_config
 
 VERSION = 1
 MODES = ("enforce", "shadow")
@@ -68,6 +69,7 @@ class Policy:
     audit_path: str | None = None
     expose_headers: bool = True
     limits: Limits = field(default_factory=Limits)
+    state: StateConfig = field(default_factory=StateConfig)
 
     @property
     def shadow(self) -> bool:
@@ -120,6 +122,7 @@ def parse_policy(data: Any, *, source: str, base: Path) -> Policy:
         max_in_flight=limits_section.int("max_in_flight", MAX_IN_FLIGHT, min=1),
     )
     limits_section.finish()
+    state = read_state_config(root.child("state"))
     root.finish()
     return Policy(
         source=source,
@@ -131,6 +134,7 @@ def parse_policy(data: Any, *, source: str, base: Path) -> Policy:
         audit_path=audit_path,
         expose_headers=expose,
         limits=limits,
+        state=state,
     )
 
 

@@ -17,6 +17,7 @@ the offending field. The error boundary in :mod:`guard.server` turns any
     ├── NotFound                404  unknown model or version
     ├── RateLimited             429  budget or quota exhausted (``retry_after`` seconds)
     ├── Overloaded              503  the guard itself sheds load
+    │   └── StateUnavailable    503  the shared state store (Redis) failed or timed out
     └── UpstreamError           502  the upstream answered garbage or an error we cannot pass on
         ├── UpstreamRejected    4xx/5xx passed through with the upstream's own message
         ├── UpstreamUnavailable 503  connection refused / reset
@@ -81,6 +82,10 @@ class RateLimited(GuardError):
 
 class Overloaded(GuardError):
     status = 503
+
+
+class StateUnavailable(Overloaded):
+    """The state store failed; the stage that needed it applies its ``on_error``."""
 
 
 class UpstreamError(GuardError):

@@ -77,6 +77,24 @@ class GuardMetrics:
         self.reloads = Counter(
             "guard_policy_reloads_total", "Policy reloads by result", ["result"], registry=r
         )
+        self.privacy_answers = Counter(
+            "guard_privacy_answers_total",
+            "Answer rows released by the privacy stage, by the mechanism applied",
+            ["model", "mechanism"],
+            registry=r,
+        )
+        self.privacy_spent = Counter(
+            "guard_privacy_budget_spent_total",
+            "Privacy loss charged to client budgets (epsilon for laplace, rho for gaussian)",
+            ["model", "mechanism"],
+            registry=r,
+        )
+        self.state_errors = Counter(
+            "guard_state_errors_total",
+            "State store operations that failed (the stage's on_error then applied)",
+            ["backend", "op"],
+            registry=r,
+        )
         self.in_flight = Gauge(
             "guard_requests_in_flight", "Inference requests being served", registry=r
         )

@@ -14,7 +14,8 @@ action for that finding decides what happens:
 
 ``allow``    record nothing beyond metrics
 ``flag``     answer normally, add ``X-Guard-Verdict: flag``, count it, audit it
-``degrade``  answer with a weaker output for this client (stages read ``ctx.degraded``)
+``degrade``  answer with a weaker output for this client (stages read ``ctx.degraded``;
+             when no stage declares ``handles_degrade``, :func:`label_only` is applied)
 ``deny``     refuse the request (403 in the protocol's error format)
 ``shadow``   count and audit what *would* have happened; change nothing
 
@@ -26,11 +27,13 @@ from __future__ import annotations
 import enum
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
-from guard.errors import Denied, GuardError, Overloaded
+import numpy as np
+
+from guard.errors import Denied, GuardError, Overloaded, StateUnavailable
 from guard.inference import InferRequest, InferResponse
 
 if TYPE_CHECKING:
@@ -85,6 +88,7 @@ class RequestContext:
         "degraded",
         "shadow_mode",
         "headers",
+        "request_headers",
     )
 
     def __init__(
@@ -95,6 +99,7 @@ class RequestContext:
         client: Client,
         request: InferRequest,
         shadow_mode: bool = False,
+        request_headers: Mapping[str, str] | None = None,
     ) -> None:
         self.request_id = request_id
         self.model = model
@@ -106,7 +111,9 @@ class RequestContext:
         self.upstream_seconds: float | None = None
         self.degraded = False
         self.shadow_mode = shadow_mode
-        self.headers: dict[str, str] = {}
+        self.headers: dict[str, str] = {}  # extra response headers
+        # The client's HTTP request headers (read-only; case-insensitive when the server sets them).
+        self.request_headers: Mapping[str, str] = {} if request_headers is None else request_headers
 
     def report(
         self,
@@ -159,6 +166,7 @@ class BaseStage:
 
     name = "stage"
     fail_open = False
+    handles_degrade = False  # True: this stage decides what ``ctx.degraded`` answers look like
 
     async def on_request(self, ctx: RequestContext) -> Verdict:
         return Verdict.CONTINUE
@@ -179,7 +187,7 @@ def _overrides(stage: object, hook: str) -> bool:
 class Pipeline:
     """A frozen chain of stages for one model."""
 
-    __slots__ = ("stages", "_request_stages", "_response_stages")
+    __slots__ = ("stages", "_request_stages", "_response_stages", "_default_degrade")
 
     def __init__(self, stages: Sequence[Stage]) -> None:
         self.stages: tuple[Stage, ...] = tuple(stages)
@@ -190,6 +198,7 @@ class Pipeline:
         self._response_stages = tuple(
             (i, s) for i, s in reversed(list(enumerate(self.stages))) if _overrides(s, "on_response")
         )
+        self._default_degrade = not any(getattr(s, "handles_degrade", False) for s in self.stages)
 
     async def run(self, ctx: RequestContext, backend: Backend) -> InferResponse:
         reached = len(self.stages)
@@ -210,6 +219,8 @@ class Pipeline:
             verdict = await self._call(stage, "on_response", ctx)
             if verdict is Verdict.DENY:
                 raise Denied(f"response withheld by policy ({stage.name})")
+        if ctx.degraded and self._default_degrade:
+            label_only(ctx.response)
         return ctx.response
 
     @staticmethod
@@ -217,6 +228,12 @@ class Pipeline:
         started = time.perf_counter()
         try:
             verdict: Verdict = await getattr(stage, hook)(ctx)
+        except StateUnavailable as exc:  # the state store, not the request: same failure mode
+            log.warning("stage %s failed in %s: %s", stage.name, hook, exc)
+            ctx.report(stage.name, Action.FLAG, f"stage failed: {exc}")
+            if not stage.fail_open:
+                raise
+            verdict = Verdict.CONTINUE
         except GuardError:
             raise
         except Exception as exc:  # a stage's own fault: apply its declared failure mode
@@ -230,3 +247,17 @@ class Pipeline:
                 ctx.stage_seconds.get(stage.name, 0.0) + time.perf_counter() - started
             )
         return verdict
+
+
+def label_only(response: InferResponse) -> None:
+    """What ``degraded`` means when no stage handles it: answers carry the label alone.
+
+    Every score output (floating point, ``[batch, classes]`` with two or more
+    classes) is replaced in place by the one-hot of its argmax, in its dtype;
+    labels and other outputs are left as they are. The client is not told.
+    """
+    for name, scores in response.outputs.items():
+        if scores.ndim == 2 and scores.shape[1] > 1 and scores.dtype.kind == "f":
+            onehot = np.zeros_like(scores)
+            onehot[np.arange(scores.shape[0]), np.argmax(scores, axis=1)] = 1
+            response.outputs[name] = onehot

@@ -24,6 +24,7 @@ from guard.errors import NotFound, PolicyError
 from guard.inference import ModelMetadata
 from guard.pipeline import Pipeline, Stage
 from guard.stages import STAGES, StageEnv
+from guard.state import StateStore, build_store
 
 log = logging.getLogger(__name__)
 
@@ -58,10 +59,20 @@ class ModelRuntime:
 
 
 class Runtime:
-    def __init__(self, policy: Policy, models: dict[str, ModelRuntime], audit: AuditLog) -> None:
+    def __init__(
+        self,
+        policy: Policy,
+        models: dict[str, ModelRuntime],
+        audit: AuditLog,
+        *,
+        state: StateStore,
+        owns_state: bool = False,
+    ) -> None:
         self.policy = policy
         self.models = models
         self.audit = audit
+        self.state = state
+        self._owns_state = owns_state  # False: the server's store, which outlives this runtime
         self._active = 0
         self._idle = asyncio.Event()
         self._idle.set()
@@ -95,22 +106,38 @@ class Runtime:
             if model.local is not None and model.local is not model.backend:
                 await model.local.close()
         self.audit.close()
+        if self._owns_state:
+            await self.state.close()
 
     def describe(self) -> dict[str, Any]:
         return {
             "policy": self.policy.source,
             "mode": self.policy.mode,
+            "state": self.state.backend,
             "models": {name: m.describe() for name, m in self.models.items()},
         }
 
 
-def build_runtime(policy: Policy, *, session: aiohttp.ClientSession | None) -> Runtime:
-    """Open every backend and build every pipeline; raise PolicyError on any problem."""
-    models = {name: _build_model(config, policy, session) for name, config in policy.models.items()}
-    return Runtime(policy, models, AuditLog(policy.audit_path))
+def build_runtime(
+    policy: Policy, *, session: aiohttp.ClientSession | None, state: StateStore | None = None
+) -> Runtime:
+    """Open every backend and build every pipeline; raise PolicyError on any problem.
+
+    Stages keep their state in ``state`` (the server's store, shared across
+    reloads); without one the runtime opens its own from ``policy.state`` and
+    closes it with itself.
+    """
+    owns_state = state is None
+    store = build_store(policy.state) if state is None else state
+    models = {
+        name: _build_model(config, policy, session, store) for name, config in policy.models.items()
+    }
+    return Runtime(policy, models, AuditLog(policy.audit_path), state=store, owns_state=owns_state)
 
 
-def _build_model(config: ModelConfig, policy: Policy, session: aiohttp.ClientSession | None) -> ModelRuntime:
+def _build_model(
+    config: ModelConfig, policy: Policy, session: aiohttp.ClientSession | None, state: StateStore
+) -> ModelRuntime:
     local = None
     if config.model_file is not None:
         try:
@@ -135,6 +162,7 @@ def _build_model(config: ModelConfig, policy: Policy, session: aiohttp.ClientSes
         backend=backend,
         local=local,
         metadata=local.model_metadata if local else None,
+        state=state,
     )
     stages = [_build_stage(entry.kind, entry.options, entry.path, policy.source, env) for entry in config.stages]
     names = [s.name for s in stages]

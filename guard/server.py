@@ -39,6 +39,7 @@ from guard.metrics import GuardMetrics
 from guard.pipeline import RequestContext
 from guard.protocols import tfserving, v2
 from guard.runtime import Runtime, build_runtime
+from guard.state import StateConfig, StateStore, build_store
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,10 @@ class Live:
         self.reload_lock = asyncio.Lock()
         self.in_flight = 0
         self.retiring: set[asyncio.Task[None]] = set()
+        # The state store stages use: one per app, kept across reloads while the policy's
+        # state section is unchanged. ``stores`` holds it and any a retiring runtime still uses.
+        self.state: StateStore | None = None
+        self.stores: set[StateStore] = set()
 
     def current(self) -> Runtime:
         if self.runtime is None:
@@ -73,6 +78,7 @@ def create_app(
     app[METRICS] = GuardMetrics(registry)
     app[METRICS].info.info({"version": __version__})
     app[POLICY_PATH] = Path(policy_path) if policy_path is not None else None
+    app.cleanup_ctx.append(_state_lifecycle(policy))
     app.cleanup_ctx.append(_lifecycle(policy))
     app.add_routes(
         [
@@ -106,7 +112,7 @@ def _lifecycle(policy: Policy) -> Callable[[web.Application], AsyncIterator[None
         app[SESSION] = session
         live = app[LIVE]
         try:
-            live.runtime = build_runtime(policy, session=session)
+            live.runtime = build_runtime(policy, session=session, state=live.state)
             yield
         finally:
             if live.runtime is not None:
@@ -114,6 +120,28 @@ def _lifecycle(policy: Policy) -> Callable[[web.Application], AsyncIterator[None
             await session.close()
 
     return lifecycle
+
+
+def _state_lifecycle(policy: Policy) -> Callable[[web.Application], AsyncIterator[None]]:
+    async def lifecycle(app: web.Application) -> AsyncIterator[None]:
+        live = app[LIVE]
+        live.state = _open_store(app, policy.state)
+        try:
+            yield
+        finally:
+            for store in list(live.stores):
+                await store.close()
+            live.stores.clear()
+
+    return lifecycle
+
+
+def _open_store(app: web.Application, config: StateConfig) -> StateStore:
+    """A state store whose failures are counted in ``guard_state_errors_total``."""
+    errors = app[METRICS].state_errors
+    store = build_store(config, on_error=lambda op: errors.labels(config.backend, op).inc())
+    app[LIVE].stores.add(store)
+    return store
 
 
 def make_runner(app: web.Application, *, access_log: logging.Logger | None = None) -> web.AppRunner:
@@ -204,6 +232,7 @@ async def _serve(
             client=client,
             request=infer_request,
             shadow_mode=policy.shadow,
+            request_headers=http.headers,
         )
         response = await model.pipeline.run(ctx, model.backend)
         payload, headers = encode(response, infer_request)
@@ -396,21 +425,39 @@ async def reload_policy(app: web.Application) -> Runtime:
     if path is None:
         raise PolicyError("this guard was started without a policy file; nothing to reload")
     async with live.reload_lock:
+        state = None
         try:
             policy = load_policy(path)
-            runtime = build_runtime(policy, session=app[SESSION])
+            if live.runtime is not None and policy.state == live.runtime.policy.state:
+                state = live.state  # unchanged: keep the store, its connections and its contents
+            else:
+                state = _open_store(app, policy.state)
+            runtime = build_runtime(policy, session=app[SESSION], state=state)
         except PolicyError as exc:
+            if state is not None and state is not live.state:
+                live.stores.discard(state)
+                await state.close()
             metrics.reloads.labels("failure").inc()
             log.error("policy reload failed, keeping the previous policy: %s", exc)
             raise
         old, live.runtime = live.runtime, runtime
+        old_state, live.state = live.state, state
         metrics.reloads.labels("success").inc()
         log.info("policy %s reloaded", path)
     if old is not None:
-        task = asyncio.get_running_loop().create_task(old.retire())
+        retired = old_state if old_state is not state else None
+        task = asyncio.get_running_loop().create_task(_retire(live, old, retired))
         live.retiring.add(task)
         task.add_done_callback(live.retiring.discard)
     return runtime
+
+
+async def _retire(live: Live, runtime: Runtime, state: StateStore | None) -> None:
+    """Retire a replaced runtime, then the state store it alone was using."""
+    await runtime.retire()
+    if state is not None:
+        live.stores.discard(state)
+        await state.close()
 
 
 def _dumps(value: object) -> str:

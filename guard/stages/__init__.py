@@ -10,13 +10,27 @@ from collections.abc import Callable
 
 from guard.configreader import Section
 from guard.pipeline import Stage
+from guard.stages.blacklight import Blacklight
+from guard.stages.budget import Budget
+from guard.stages.certify import Certify
 from guard.stages.env import StageEnv
+from guard.stages.prada import Prada
+from guard.stages.privacy import Privacy
+from guard.stages.squeeze import Squeeze
+from guard.stages.squeeze_detect import SqueezeDetect
 from guard.stages.validate import Validate
 
 StageBuilder = Callable[[Section, StageEnv], Stage]
 
 STAGES: dict[str, StageBuilder] = {
+    "blacklight": Blacklight.from_config,
+    "budget": Budget.from_config,
+    "certify": Certify.from_config,
+    "prada": Prada.from_config,
+    "privacy": Privacy.from_config,
     "validate": Validate.from_config,
+    "squeeze": Squeeze.from_config,
+    "squeeze_detect": SqueezeDetect.from_config,
 }
 
 __all__ = ["STAGES", "StageBuilder", "StageEnv"]

@@ -12,6 +12,7 @@ from guard.pipeline import ACTIONS, Action
 if TYPE_CHECKING:
     from guard.backends.base import Backend
     from guard.backends.onnx import OnnxBackend
+    from guard.state import StateStore
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -20,6 +21,9 @@ class StageEnv:
     backend: Backend | None  # what serves this model's requests (upstream or local copy)
     local: OnnxBackend | None  # the policy's local copy of the model, when it has one
     metadata: ModelMetadata | None  # known without asking the upstream (from the local copy)
+    # Shared per-client state (budgets, histories, fingerprints); one store per app, kept
+    # across reloads. None only where a stage is built on its own (tests, tools).
+    state: StateStore | None = None
 
 
 def read_action(section: Section, default: Action) -> Action:

@@ -47,7 +47,9 @@ async def forward(request: web.Request) -> web.Response:
     body = await request.read()
     headers = {k: v for k in FORWARDED if (v := request.headers.get(k)) is not None}
     url = request.app[UPSTREAM] + request.path_qs
-    async with request.app[SESSION].request(request.method, url, data=body, headers=headers) as reply:
+    async with request.app[SESSION].request(
+        request.method, url, data=body, headers=headers
+    ) as reply:
         payload = await reply.read()
         back = {k: v for k in FORWARDED if (v := reply.headers.get(k)) is not None}
         return web.Response(status=reply.status, body=payload, headers=back)

@@ -1,0 +1,319 @@
+"""What an attack queries: a local ONNX model or a V2 endpoint (a guard or a bare server).
+
+Both targets answer a batch of input rows with an :class:`Answers` and count one
+query per row. Every row is logged with the HTTP status it got and the guard's
+``X-Guard-Verdict`` header, so a run can tell when an attack was first caught
+and whether it still succeeded.
+
+What an attack receives for a refused row (any status but 200: a 403 deny, a 429
+budget, a 400 from ``validate``, a 5xx): no answer. ``Answers.answered`` is
+false there, the row's label is :data:`REFUSED` and its scores are NaN. Attacks
+treat such a row as a failed query (not adversarial, no improvement, no training
+label) and keep going: the target never stops on a refusal and never honours
+``Retry-After``. Only a target that cannot be attacked as configured raises
+:class:`TargetError` (401: wrong or missing API key; 404: unknown model; a
+connection failure; a malformed 200 body).
+
+A row counts as *detected* when its verdict is flag, degrade, deny or shadow, or
+its status is 403 or 429. A 400 is refused but not detected: the input broke a
+rule, no detector fired.
+"""
+
+from __future__ import annotations
+
+import http.client
+import urllib.parse
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REFUSED = -1  # the label of a row the target did not answer
+DETECTED_VERDICTS = frozenset({"flag", "degrade", "deny", "shadow"})
+DETECTED_STATUS = frozenset({403, 429})
+
+
+class TargetError(Exception):
+    """The target cannot be attacked as configured (bad key, unknown model, no server)."""
+
+
+@dataclass(frozen=True, slots=True)
+class TargetSpec:
+    """The model's interface as the attacker knows it. ``lo``/``hi`` broadcast to ``[F]``."""
+
+    n_features: int
+    n_classes: int
+    lo: np.ndarray
+    hi: np.ndarray
+
+    @classmethod
+    def builtin(cls, name: str) -> TargetSpec:
+        """The spec of a demo model in :mod:`guard.models` (its recorded input range)."""
+        from guard.models import model_info
+
+        info = model_info(name)
+        lo, hi = (np.asarray(v, dtype=np.float64) for v in info["input_range"])
+        return cls(int(info["n_features"]), int(info["n_classes"]), lo, hi)
+
+    @property
+    def scalar_range(self) -> bool:
+        """Whether every feature shares one range (pixels), so norms have one unit."""
+        return self.lo.ndim == 0 and self.hi.ndim == 0
+
+    def clip(self, x: np.ndarray) -> np.ndarray:
+        return np.clip(x, self.lo, self.hi)
+
+
+@dataclass(frozen=True, slots=True)
+class Answers:
+    """A target's answers to a batch: ``scores`` float64 ``[N, C]`` (probabilities;
+    a label-only answer reads as one-hot; NaN where refused), ``labels`` int64 ``[N]``
+    (:data:`REFUSED` where refused)."""
+
+    scores: np.ndarray
+    labels: np.ndarray
+
+    @property
+    def answered(self) -> np.ndarray:
+        return self.labels != REFUSED
+
+    @classmethod
+    def refused(cls, n: int, n_classes: int) -> Answers:
+        return cls(np.full((n, n_classes), np.nan), np.full(n, REFUSED, dtype=np.int64))
+
+
+class QueryLog:
+    """Status and verdict of every query row, in order. Row ``i`` is query ``i + 1``."""
+
+    def __init__(self) -> None:
+        self.status: list[int] = []
+        self.verdicts: list[str | None] = []
+
+    def __len__(self) -> int:
+        return len(self.status)
+
+    def record(self, n: int, status: int, verdict: str | None) -> None:
+        self.status.extend([status] * n)
+        self.verdicts.extend([verdict] * n)
+
+    def detected(self, start: int = 0, end: int | None = None) -> np.ndarray:
+        """Per row of ``[start, end)``: did a detector fire on it?"""
+        end = len(self) if end is None else end
+        return np.array(
+            [
+                v in DETECTED_VERDICTS or s in DETECTED_STATUS
+                for s, v in zip(self.status[start:end], self.verdicts[start:end], strict=True)
+            ],
+            dtype=bool,
+        )
+
+    def refused(self, start: int = 0, end: int | None = None) -> np.ndarray:
+        """Per row of ``[start, end)``: was it left unanswered?"""
+        return np.asarray(self.status[start:end], dtype=np.int64) != 200
+
+    def first_detection(self, start: int = 0, end: int | None = None) -> int | None:
+        """The 1-based position within ``[start, end)`` of the first detected row, if any."""
+        hits = np.flatnonzero(self.detected(start, end))
+        return int(hits[0]) + 1 if hits.size else None
+
+
+class Target:
+    """Base of both targets: batching, counting, logging. Subclasses implement ``_send``."""
+
+    def __init__(self, spec: TargetSpec, *, batch_size: int) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1; got {batch_size}")
+        self.spec = spec
+        self.batch_size = batch_size
+        self.log = QueryLog()
+
+    @property
+    def queries(self) -> int:
+        """Rows sent so far (answered or not)."""
+        return len(self.log)
+
+    def query(self, x: np.ndarray) -> Answers:
+        """Answers for the rows of ``x`` (``[N, F]``), sent in batches of ``batch_size``."""
+        x = np.asarray(x, dtype=np.float32)
+        if x.ndim != 2 or x.shape[1] != self.spec.n_features:
+            raise ValueError(f"expected inputs of shape [N, {self.spec.n_features}]; got {x.shape}")
+        parts = []
+        for begin in range(0, len(x), self.batch_size):
+            batch = x[begin : begin + self.batch_size]
+            answers, status, verdict = self._send(batch)
+            self.log.record(len(batch), status, verdict)
+            parts.append(answers)
+        if not parts:
+            return Answers.refused(0, self.spec.n_classes)
+        return Answers(
+            np.concatenate([a.scores for a in parts]), np.concatenate([a.labels for a in parts])
+        )
+
+    def close(self) -> None:
+        """Release connections or sessions; the target is not used afterwards."""
+
+    def __enter__(self) -> Target:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _send(self, x: np.ndarray) -> tuple[Answers, int, str | None]:
+        raise NotImplementedError
+
+    def _answers(self, outputs: dict[str, np.ndarray], n: int, scores: str, label: str) -> Answers:
+        """Answers from a model's named outputs: scores if present, else one-hot labels."""
+        c = self.spec.n_classes
+        if scores in outputs:
+            probabilities = np.asarray(outputs[scores], dtype=np.float64).reshape(n, c)
+            labels = (
+                np.asarray(outputs[label], dtype=np.int64).reshape(n)
+                if label in outputs
+                else probabilities.argmax(axis=1)
+            )
+            return Answers(probabilities, labels)
+        if label in outputs:
+            labels = np.asarray(outputs[label], dtype=np.int64).reshape(n)
+            return Answers(np.eye(c)[labels], labels)
+        raise TargetError(f"the answer has neither {scores!r} nor {label!r}; got {sorted(outputs)}")
+
+
+class OnnxTarget(Target):
+    """An ONNX model run in-process by onnxruntime on one CPU thread: undefended,
+    always answers."""
+
+    def __init__(
+        self,
+        path: Path,
+        spec: TargetSpec,
+        *,
+        input_name: str = "input",
+        scores_output: str = "probabilities",
+        label_output: str = "label",
+        batch_size: int = 4096,
+    ) -> None:
+        import onnxruntime as ort
+
+        super().__init__(spec, batch_size=batch_size)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = 1
+        options.log_severity_level = 3
+        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.input_name = input_name
+        self.outputs = (scores_output, label_output)
+        self._names = [o.name for o in self.session.get_outputs()]
+
+    @classmethod
+    def builtin(cls, name: str, **kwargs: Any) -> OnnxTarget:
+        """A demo model of :mod:`guard.models` with its recorded spec."""
+        from guard.models import model_path
+
+        return cls(model_path(name), TargetSpec.builtin(name), **kwargs)
+
+    def _send(self, x: np.ndarray) -> tuple[Answers, int, str | None]:
+        outputs = dict(
+            zip(self._names, self.session.run(self._names, {self.input_name: x}), strict=True)
+        )
+        return self._answers(outputs, len(x), *self.outputs), 200, None
+
+
+class HttpTarget(Target):
+    """A model behind a KServe V2 REST endpoint, called synchronously over one
+    keep-alive connection. ``url`` is the server's base (``http://host:port[/prefix]``).
+
+    ``api_key`` goes in the ``X-API-Key`` header so the attack runs as a named
+    client; ``headers`` adds any others. Requests are JSON unless ``binary``
+    (the binary tensor extension; the guard and Triton speak it, MLServer does not).
+    """
+
+    def __init__(
+        self,
+        url: str,
+        model: str,
+        spec: TargetSpec,
+        *,
+        api_key: str | None = None,
+        headers: dict[str, str] | None = None,
+        input_name: str = "input",
+        scores_output: str = "probabilities",
+        label_output: str = "label",
+        batch_size: int = 1,
+        binary: bool = False,
+        timeout: float = 30.0,
+    ) -> None:
+        super().__init__(spec, batch_size=batch_size)
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"target URL must be http(s)://host[:port][/prefix]; got {url!r}")
+        self.url = url
+        self.path = f"{parts.path.rstrip('/')}/v2/models/{urllib.parse.quote(model, safe='')}/infer"
+        self.model = model
+        self.input_name = input_name
+        self.outputs = (scores_output, label_output)
+        self.binary = binary
+        self.headers = {"Content-Type": "application/json", **(headers or {})}
+        if api_key is not None:
+            self.headers["X-API-Key"] = api_key
+        connection = (
+            http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+        )
+        self._connection = connection(parts.hostname, parts.port, timeout=timeout)
+
+    def close(self) -> None:
+        self._connection.close()
+
+    def _send(self, x: np.ndarray) -> tuple[Answers, int, str | None]:
+        from guard.errors import UpstreamError
+        from guard.inference import InferRequest
+        from guard.protocols import v2
+
+        body, extra = v2.encode_request(
+            InferRequest(model_name=self.model, inputs={self.input_name: x}), binary=self.binary
+        )
+        status, headers, payload = self._post(body, {**self.headers, **extra})
+        verdict = headers.get("x-guard-verdict")
+        if status in (401, 404):
+            raise TargetError(f"{self.url}{self.path} answered {status}: {_message(payload)}")
+        if status != 200:
+            return Answers.refused(len(x), self.spec.n_classes), status, verdict
+        length = headers.get(v2.HEADER_LENGTH.lower())
+        try:
+            response = v2.decode_response(payload, header_length=int(length) if length else None)
+        except (UpstreamError, ValueError) as exc:
+            raise TargetError(f"{self.url}{self.path}: malformed answer: {exc}") from exc
+        return self._answers(response.outputs, len(x), *self.outputs), status, verdict
+
+    def _post(self, body: bytes, headers: dict[str, str]) -> tuple[int, dict[str, str], bytes]:
+        """One POST on the kept-alive connection, retried once on a fresh connection
+        when the server had closed the idle one before answering."""
+        try:
+            return self._exchange(body, headers)
+        except http.client.RemoteDisconnected:
+            self._connection.close()
+        try:
+            return self._exchange(body, headers)
+        except http.client.RemoteDisconnected as exc:
+            self._connection.close()
+            raise TargetError(f"{self.url}: the server closed the connection") from exc
+
+    def _exchange(self, body: bytes, headers: dict[str, str]) -> tuple[int, dict[str, str], bytes]:
+        try:
+            self._connection.request("POST", self.path, body=body, headers=headers)
+            reply = self._connection.getresponse()
+            payload = reply.read()
+        except http.client.RemoteDisconnected:
+            raise
+        except (OSError, http.client.HTTPException) as exc:
+            self._connection.close()
+            raise TargetError(f"{self.url}: {type(exc).__name__}: {exc}") from exc
+        return reply.status, {k.lower(): v for k, v in reply.getheaders()}, payload
+
+
+def _message(payload: bytes) -> str:
+    import orjson
+
+    try:
+        return str(orjson.loads(payload).get("error", ""))[:200]
+    except (orjson.JSONDecodeError, AttributeError):
+        return payload[:200].decode("utf-8", "replace")

@@ -1,0 +1,136 @@
+"""``guard attack``: run the offline attack suite against a model or a guard.
+
+``--target local`` (the default) attacks the built-in ONNX model in-process;
+``--target http://HOST:PORT`` attacks a V2 endpoint (a guard, or any server)
+serving it, one query per request unless ``--batch-size`` says otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def add_parser(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "attack",
+        help="attack a model or a guard with the offline attack suite",
+        description="Run evasion, extraction, membership, inversion and benign-traffic "
+        "attacks; print a table and optionally write a JSON report and plots.",
+    )
+    parser.add_argument("--model", required=True, choices=["digits", "breast_cancer"])
+    parser.add_argument("--target", default="local", help="'local' or the URL of a V2 server/guard")
+    parser.add_argument(
+        "--attack",
+        default="all",
+        help="comma-separated: hopskipjump, square (square-linf, square-l2), simba, knockoff, "
+        "jbda, membership, inversion, benign, evasion, all (default: all)",
+    )
+    parser.add_argument("--samples", type=int, default=10, help="evasion samples (default 10)")
+    parser.add_argument("--budget", type=int, help="queries per unit (default: per attack)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--epsilon-l2", type=float, help="L2 radius in input units (digits: 10)")
+    parser.add_argument(
+        "--epsilon-linf", type=float, help="L-inf radius in input units (digits: 2)"
+    )
+    parser.add_argument("--report", type=Path, help="write the JSON report here")
+    parser.add_argument(
+        "--plots", type=Path, help="write PNG plots into this folder (needs matplotlib)"
+    )
+    parser.add_argument("--api-key", help="X-API-Key for the attacking client")
+    parser.add_argument("--benign-keys", help="comma-separated keys, one per benign client")
+    parser.add_argument("--served-name", help="the model's name on the server (default: --model)")
+    parser.add_argument(
+        "--batch-size", type=int, default=1, help="rows per request to a URL (default 1)"
+    )
+    parser.add_argument("--binary", action="store_true", help="use the binary tensor extension")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from guard.attacks.suite import SuiteConfig, run_suite
+    from guard.attacks.targets import TargetError
+
+    for flag in ("samples", "budget", "batch_size"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            print(
+                f"guard attack: --{flag.replace('_', '-')} must be >= 1; got {value}",
+                file=sys.stderr,
+            )
+            return 2
+    keys = args.benign_keys.split(",") if args.benign_keys else []
+    config = SuiteConfig(
+        model=args.model,
+        samples=args.samples,
+        budget=args.budget,
+        seed=args.seed,
+        epsilon_l2=args.epsilon_l2,
+        epsilon_linf=args.epsilon_linf,
+        benign_clients=len(keys) or 3,
+    )
+    try:
+        with _single_blas_thread():
+            report = run_suite(
+                [n.strip() for n in args.attack.split(",") if n.strip()],
+                config,
+                _factory(args, keys),
+                target_label=args.target,
+                progress=lambda name: print(f"running {name} ...", file=sys.stderr, flush=True),
+            )
+    except (TargetError, ValueError) as exc:
+        print(f"guard attack: {exc}", file=sys.stderr)
+        return 2
+    print(report.table())
+    if args.report:
+        report.write(args.report)
+        print(f"report written to {args.report}")
+    if args.plots:
+        try:
+            for path in report.plots(args.plots):
+                print(f"plot written to {path}")
+        except ImportError:
+            print(
+                "guard attack: --plots needs matplotlib (pip install matplotlib)", file=sys.stderr
+            )
+            return 1
+    return 0
+
+
+def _factory(args: argparse.Namespace, benign_keys: list[str]):  # type: ignore[no-untyped-def]
+    """A fresh target per call: ``None`` for the attacker (``--api-key``), ``i`` for
+    benign client ``i`` (``--benign-keys``' i-th key, else ``--api-key``)."""
+    from guard.attacks.targets import HttpTarget, OnnxTarget, TargetSpec
+
+    if args.target == "local":
+        return lambda _client: OnnxTarget.builtin(args.model)
+    spec = TargetSpec.builtin(args.model)
+
+    def make(client: int | None) -> HttpTarget:
+        key = (
+            benign_keys[client]
+            if client is not None and client < len(benign_keys)
+            else args.api_key
+        )
+        return HttpTarget(
+            args.target,
+            args.served_name or args.model,
+            spec,
+            api_key=key,
+            batch_size=args.batch_size,
+            binary=args.binary,
+        )
+
+    return make
+
+
+def _single_blas_thread():  # type: ignore[no-untyped-def]
+    """One BLAS thread: the attacks' small matrix products run faster so on a busy machine."""
+    try:
+        from threadpoolctl import threadpool_limits  # type: ignore[import-untyped]
+    except ImportError:
+        import contextlib
+
+        return contextlib.nullcontext()
+    return threadpool_limits(1)

@@ -1,0 +1,154 @@
+"""What the query-pattern stages share: durations, the state store, and acting on a finding.
+
+Every detector (``blacklight``, ``prada``, ``budget``) takes these YAML keys:
+
+``action``       ``flag``, ``degrade``, ``deny``, ``shadow`` or ``allow`` (each stage names its default)
+``degrade_for``  with ``action: degrade``, how long the client stays degraded after a
+                 finding; a duration, default ``10m``
+``on_error``     ``closed`` (default) refuses the request with 503 when the stage or
+                 its state store fails; ``open`` serves it, flagged
+
+``degrade`` marks the client in the state store (``{client}:degrade:<model>``, one
+mark per model shared by every detector): while the mark lives, each detector
+whose action is ``degrade`` sets ``ctx.degraded`` at the start of the client's
+requests, and the answer is weakened without telling the client (label-only
+unless a stage such as ``privacy`` handles it, see :func:`guard.pipeline.label_only`).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from guard.configreader import Section
+from guard.errors import RequestError
+from guard.pipeline import Action, RequestContext, Verdict
+from guard.stages.env import StageEnv, read_action
+from guard.state import StateStore, client_key
+
+__all__ = ["Enforcement", "input_rows", "read_duration", "read_input", "state_of"]
+
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
+
+
+def read_duration(section: Section, key: str, default: float | None) -> float:
+    """A positive duration in seconds: a number, or a string such as ``500ms``, ``30s``, ``1d``.
+
+    ``default`` ``None``: the key is required.
+    """
+    if not isinstance(section.data.get(key), str):
+        seconds = float(section.float(key, gt=0) if default is None else section.float(key, default, gt=0))
+        if seconds == float("inf"):
+            raise section.error(key, "must be a finite duration")
+        return seconds
+    text = section.str(key)
+    match = _DURATION.match(text)
+    if match is None:
+        raise section.error(key, f"must be a duration such as 30s, 5m, 1h or 1d; got {text!r}")
+    seconds = float(match[1]) * _UNITS[match[2]]
+    if seconds <= 0:
+        raise section.error(key, f"must be a positive duration; got {text!r}")
+    return seconds
+
+
+def format_duration(seconds: float) -> str:
+    for unit in ("d", "h", "m", "s"):
+        if seconds >= _UNITS[unit] and (seconds / _UNITS[unit]).is_integer():
+            return f"{int(seconds / _UNITS[unit])}{unit}"
+    return f"{seconds:g}s"
+
+
+def state_of(env: StageEnv) -> StateStore:
+    """The runtime's state store; a private in-memory one for a stage built on its own."""
+    if env.state is not None:
+        return env.state
+    from guard.state.memory import MemoryStore
+
+    return MemoryStore()
+
+
+def read_input(section: Section, env: StageEnv) -> str | None:
+    """The ``input`` key: the input a detector watches (default: the model's only input)."""
+    name = section.str("input", None)
+    if name is not None and env.metadata is not None:
+        known = [spec.name for spec in env.metadata.inputs]
+        if name not in known:
+            raise section.error("input", f"names no input of model {env.model}; it has {', '.join(known)}")
+    return name
+
+
+def input_rows(ctx: RequestContext, name: str | None) -> np.ndarray:
+    """The watched input as ``[batch, values]`` float32 (one query per row)."""
+    inputs = ctx.request.inputs
+    if name is None:
+        if len(inputs) != 1:
+            raise RequestError(
+                f"inputs: this model's detectors watch one input; got {len(inputs)} "
+                "(name it with the stage's input key)"
+            )
+        (x,) = inputs.values()
+    elif name in inputs:
+        x = inputs[name]
+    else:
+        raise RequestError(f"inputs: input {name!r} is required")
+    if x.ndim == 0 or x.dtype.kind not in "biuf":
+        raise RequestError("inputs: detectors need a numeric batch")
+    return np.asarray(x, dtype=np.float32).reshape(x.shape[0], int(np.prod(x.shape[1:])))
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Enforcement:
+    """A detector's action, its degrade marks, and the finding's ATLAS technique."""
+
+    stage: str
+    model: str
+    action: Action
+    degrade_for: float
+    technique: str | None
+    store: StateStore
+
+    @classmethod
+    def read(
+        cls, section: Section, env: StageEnv, *, stage: str, technique: str | None, default: Action
+    ) -> Enforcement:
+        return cls(
+            stage=stage,
+            model=env.model,
+            action=read_action(section, default),
+            degrade_for=read_duration(section, "degrade_for", 600.0),
+            technique=technique,
+            store=state_of(env),
+        )
+
+    def mark_key(self, client: str) -> str:
+        return client_key(client, "degrade", self.model)
+
+    async def honour_marks(self, ctx: RequestContext) -> None:
+        """At a request's start: degrade a client a finding has marked."""
+        if (
+            self.action is Action.DEGRADE
+            and not ctx.degraded
+            and await self.store.marked(self.mark_key(ctx.client.name))
+        ):
+            ctx.degraded = True
+
+    async def report(
+        self, ctx: RequestContext, message: str, *, score: float, threshold: float
+    ) -> Verdict:
+        """Record the finding, act on it, and return the verdict its action calls for."""
+        verdict = ctx.report(
+            self.stage, self.action, message, score=score, threshold=threshold, technique=self.technique
+        )
+        if ctx.findings[-1].action is Action.DEGRADE:
+            await self.store.mark(self.mark_key(ctx.client.name), self.degrade_for)
+        return verdict
+
+    def describe(self) -> dict[str, Any]:
+        described: dict[str, Any] = {"action": self.action.value, "technique": self.technique}
+        if self.action is Action.DEGRADE:
+            described["degrade_for"] = format_duration(self.degrade_for)
+        return described

@@ -1,0 +1,102 @@
+"""Where detectors and budgets keep what they remember between requests.
+
+The policy's top-level ``state:`` section picks the backend::
+
+    state: {backend: memory, max_clients: 10000, max_bytes: 67108864}   # the default
+    state:
+      backend: redis
+      url: redis://127.0.0.1:6379/0     # or url_env: REDIS_URL (keeps a password out of the file)
+      key_prefix: "guard:"
+      timeout: 0.2                      # seconds per Redis operation
+
+``memory`` serves one guard process; ``redis`` lets every replica see the same
+state (a client splitting an attack across replicas is still one client).
+:func:`build_store` opens one; it connects lazily, so building is cheap and
+never blocks. Importing this package does not import ``redis``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from guard.configreader import Section
+from guard.state.base import FingerprintMatch, StateStore, client_key, hash_tag
+
+__all__ = [
+    "BACKENDS",
+    "FingerprintMatch",
+    "StateConfig",
+    "StateStore",
+    "build_store",
+    "client_key",
+    "hash_tag",
+    "read_state_config",
+]
+
+BACKENDS = ("memory", "redis")
+_REDIS_ONLY = ("url", "url_env", "key_prefix", "timeout")
+_MEMORY_ONLY = ("max_clients", "max_bytes")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class StateConfig:
+    """The ``state:`` section. Equal configs share one open store across reloads."""
+
+    backend: str = "memory"
+    url: str | None = None
+    key_prefix: str = "guard:"
+    timeout: float = 0.2
+    max_clients: int = 10_000
+    max_bytes: int = 64 << 20
+
+
+def read_state_config(section: Section) -> StateConfig:
+    """Validate a policy's ``state:`` section (absent: the memory default)."""
+    backend = section.choice("backend", BACKENDS, "memory")
+    wrong = _MEMORY_ONLY if backend == "redis" else _REDIS_ONLY
+    for key in wrong:
+        if section.has(key):
+            raise section.error(key, f"does not apply to backend {backend}")
+    config = StateConfig(
+        backend=backend,
+        url=_redis_url(section) if backend == "redis" else None,
+        key_prefix=section.str("key_prefix", "guard:"),
+        timeout=section.float("timeout", 0.2, gt=0),
+        max_clients=section.int("max_clients", 10_000, min=1),
+        max_bytes=section.int("max_bytes", 64 << 20, min=1 << 16),
+    )
+    section.finish()
+    return config
+
+
+def _redis_url(section: Section) -> str:
+    url = section.str("url", None)
+    env = section.str("url_env", None)
+    if (url is None) == (env is None):
+        raise section.error(None, "backend redis takes url or url_env (one of them)")
+    if env is not None:
+        url = os.environ.get(env)
+        if not url:
+            raise section.error("url_env", f"names environment variable {env}, which is not set")
+    if not url.startswith(("redis://", "rediss://", "unix://")):
+        raise section.error("url" if env is None else "url_env", "must be a redis://, rediss:// or unix:// URL")
+    return str(url)
+
+
+def build_store(
+    config: StateConfig, *, on_error: Callable[[str], None] | None = None
+) -> StateStore:
+    """Open the configured store; ``on_error(op)`` is called for each failed operation."""
+    if config.backend == "redis":
+        from guard.state.redis import RedisStore
+
+        if config.url is None:
+            raise ValueError("a redis state config needs a url")
+        return RedisStore(
+            config.url, key_prefix=config.key_prefix, timeout=config.timeout, on_error=on_error
+        )
+    from guard.state.memory import MemoryStore
+
+    return MemoryStore(max_clients=config.max_clients, max_bytes=config.max_bytes)

@@ -1,0 +1,119 @@
+"""The state store protocol: the few primitives detectors and budgets share.
+
+Every operation is atomic on its own (a Lua script or a MULTI pipeline in
+Redis, one uninterrupted step of the event loop in memory) and works in integer
+units: counters and budgets never go through floats.
+
+Keys name their client in a hash tag, ``{alice}:budget:digits:60``
+(:func:`client_key`), so one client's keys share a Redis Cluster slot and the
+memory store can evict clients least recently used as a whole. A fingerprint
+table is tagged by its own name instead: it is shared by every client.
+
+A backend failure raises :class:`~guard.errors.StateUnavailable`; the stage that
+called applies its ``on_error`` (closed: 503, open: serve and flag).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+__all__ = ["FingerprintMatch", "StateStore", "client_key", "hash_tag"]
+
+
+@dataclass(frozen=True, slots=True)
+class FingerprintMatch:
+    """How one fingerprint compares with the earlier ones still in its table.
+
+    ``matches`` counts earlier queries (live: inserted less than ``ttl_s`` ago)
+    sharing more than ``threshold`` hashes with it, ``client_matches`` those of
+    them sent by the same client, and ``best`` is the most hashes it shares with
+    any earlier query still indexed (0 for none).
+    """
+
+    matches: int
+    client_matches: int
+    best: int
+
+
+@runtime_checkable
+class StateStore(Protocol):
+    """Shared, bounded, expiring state. Implementations: memory and Redis."""
+
+    backend: str  # "memory" or "redis": the metric label
+    shared: bool  # True when several guard processes see the same state
+
+    async def incr(self, key: str, amount: int, window_s: float) -> tuple[int, float]:
+        """Add ``amount`` to a fixed-window counter.
+
+        The window opens at the first increment and lasts ``window_s``; returns
+        the count after the increment and the seconds until the window resets.
+        """
+        ...
+
+    async def spend(
+        self, key: str, amount: int, limit: int, window_s: float | None
+    ) -> tuple[bool, int]:
+        """Spend ``amount`` from a budget of ``limit``, all or nothing.
+
+        If ``used + amount <= limit`` adds it and returns ``(True, used_after)``;
+        otherwise leaves it and returns ``(False, used)``. ``window_s`` ``None``:
+        the budget never resets; else it resets ``window_s`` after its first spend.
+        """
+        ...
+
+    async def mark(self, key: str, ttl_s: float) -> None:
+        """Set a flag that expires after ``ttl_s`` (setting it again renews it)."""
+        ...
+
+    async def marked(self, key: str) -> bool:
+        """Whether the flag is set and not expired."""
+        ...
+
+    async def push(self, key: str, items: Sequence[bytes], cap: int, ttl_s: float) -> int:
+        """Append ``items`` to a history keeping its newest ``cap``; return its length.
+
+        The history expires ``ttl_s`` after its last push.
+        """
+        ...
+
+    async def items(self, key: str) -> list[bytes]:
+        """A history's items, oldest first (empty when absent or expired)."""
+        ...
+
+    async def match_fingerprints(
+        self,
+        table: str,
+        client: str,
+        fingerprints: Sequence[Sequence[int]],
+        *,
+        threshold: int,
+        max_queries: int,
+        ttl_s: float,
+        max_per_hash: int,
+    ) -> list[FingerprintMatch]:
+        """Compare each fingerprint (distinct 64-bit hashes) with the table, then insert it.
+
+        In order, so a later fingerprint of the batch is compared with the
+        earlier ones. The table keeps at most ``max_queries`` queries, each for
+        at most ``ttl_s`` (the oldest are evicted first), and indexes at most
+        the newest ``max_per_hash`` queries per hash (a hash in very many
+        queries says little, and would cost every lookup).
+        """
+        ...
+
+    async def close(self) -> None:
+        """Release connections; idempotent."""
+        ...
+
+
+def hash_tag(name: str) -> str:
+    """``name`` as a Redis hash tag, escaped so that distinct names give distinct tags."""
+    escaped = name.replace("%", "%25").replace("{", "%7B").replace("}", "%7D")
+    return "{" + escaped + "}"
+
+
+def client_key(client: str, *parts: str) -> str:
+    """A key of ``client``'s own state: ``{client}:part:part``."""
+    return ":".join((hash_tag(client), *parts))

@@ -1,0 +1,280 @@
+"""The in-process state store: the default, for a single guard process.
+
+Bounded: clients (the hash tag of a key, see :func:`guard.state.base.client_key`)
+are evicted least recently used as a whole once there are more than
+``max_clients`` of them or their histories hold more than ``max_bytes``;
+histories keep their newest ``cap`` items; everything expires. Eviction forgets:
+an evicted client's counters, budgets and histories start again from zero, so
+budgets that must never reset belong in Redis (with a ``noeviction`` policy).
+
+Every operation completes without awaiting, so each is atomic on the event loop.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter, OrderedDict, deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from guard.state.base import FingerprintMatch
+
+__all__ = ["MemoryStore"]
+
+_GLOBAL = ""  # the bucket of keys without a hash tag: never evicted
+_ENTRY_BYTES = 64  # rough overhead of one key, for the byte bound
+# Queries evicted for age per insert beyond the ones over capacity: bounded work per call.
+EXPIRE_PER_INSERT = 8
+
+
+@dataclass(slots=True)
+class _Entry:
+    value: Any  # int (counter, budget), True (mark) or deque[bytes] (history)
+    expires: float | None
+    nbytes: int = 0
+
+
+class _Bucket:
+    __slots__ = ("entries", "nbytes")
+
+    def __init__(self) -> None:
+        self.entries: dict[str, _Entry] = {}
+        self.nbytes = 0
+
+
+@dataclass(slots=True)
+class _Query:
+    at: float
+    client: str
+    hashes: tuple[int, ...]
+
+
+@dataclass(slots=True)
+class _Table:
+    """Earlier fingerprints and an inverted index from hash to the queries holding it."""
+
+    seq: int = 0
+    head: int = 1  # oldest query not yet evicted
+    used_at: float = 0.0
+    queries: dict[int, _Query] = field(default_factory=dict)
+    index: dict[int, deque[int]] = field(default_factory=dict)
+
+    def evict(self, qid: int) -> None:
+        query = self.queries.pop(qid, None)
+        if query is not None:
+            for h in query.hashes:
+                postings = self.index.get(h)
+                while postings and postings[0] <= qid:
+                    postings.popleft()
+                if postings is not None and not postings:
+                    del self.index[h]
+
+
+class MemoryStore:
+    """:class:`~guard.state.base.StateStore` in this process's memory."""
+
+    backend = "memory"
+    shared = False
+
+    def __init__(
+        self,
+        *,
+        max_clients: int = 10_000,
+        max_bytes: int = 64 << 20,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if max_clients < 1 or max_bytes < 1:
+            raise ValueError("max_clients and max_bytes must be positive")
+        self.max_clients = max_clients
+        self.max_bytes = max_bytes
+        self._clock = clock
+        self._buckets: OrderedDict[str, _Bucket] = OrderedDict()
+        self._global = _Bucket()
+        self._nbytes = 0
+        self._tables: dict[str, _Table] = {}
+
+    # -- counters, budgets, marks ------------------------------------------------
+    async def incr(self, key: str, amount: int, window_s: float) -> tuple[int, float]:
+        now = self._clock()
+        entry = self._live(key, now) or self._put(key, 0, now + window_s)
+        entry.value += amount
+        return entry.value, max(0.0, (entry.expires or now) - now)
+
+    async def spend(
+        self, key: str, amount: int, limit: int, window_s: float | None
+    ) -> tuple[bool, int]:
+        now = self._clock()
+        entry = self._live(key, now)
+        used: int = 0 if entry is None else entry.value
+        if used + amount > limit:
+            return False, used
+        if entry is None:
+            entry = self._put(key, 0, None if window_s is None else now + window_s)
+        entry.value = used + amount
+        return True, entry.value
+
+    async def mark(self, key: str, ttl_s: float) -> None:
+        now = self._clock()
+        entry = self._live(key, now) or self._put(key, True, now + ttl_s)
+        entry.expires = now + ttl_s
+
+    async def marked(self, key: str) -> bool:
+        return self._live(key, self._clock()) is not None
+
+    # -- histories ----------------------------------------------------------------
+    async def push(self, key: str, items: Sequence[bytes], cap: int, ttl_s: float) -> int:
+        now = self._clock()
+        entry = self._live(key, now) or self._put(key, deque(), now)
+        history: deque[bytes] = entry.value
+        added = 0
+        for item in items:
+            history.append(bytes(item))
+            added += len(item)
+        while len(history) > cap:
+            added -= len(history.popleft())
+        entry.expires = now + ttl_s
+        self._grow(key, entry, added)
+        return len(history)
+
+    async def items(self, key: str) -> list[bytes]:
+        entry = self._live(key, self._clock())
+        return [] if entry is None else list(entry.value)
+
+    # -- fingerprints ---------------------------------------------------------------
+    async def match_fingerprints(
+        self,
+        table: str,
+        client: str,
+        fingerprints: Sequence[Sequence[int]],
+        *,
+        threshold: int,
+        max_queries: int,
+        ttl_s: float,
+        max_per_hash: int,
+    ) -> list[FingerprintMatch]:
+        now = self._clock()
+        state = self._tables.get(table)
+        if state is None or state.used_at <= now - ttl_s:
+            state = self._tables[table] = _Table()  # idle past its ttl: start afresh
+        state.used_at = now
+        return [
+            self._match_one(state, client, tuple(hashes), now, threshold, max_queries, ttl_s, max_per_hash)
+            for hashes in fingerprints
+        ]
+
+    @staticmethod
+    def _match_one(
+        state: _Table,
+        client: str,
+        hashes: tuple[int, ...],
+        now: float,
+        threshold: int,
+        max_queries: int,
+        ttl_s: float,
+        max_per_hash: int,
+    ) -> FingerprintMatch:
+        shared: Counter[int] = Counter()
+        for h in hashes:
+            shared.update(state.index.get(h, ()))
+        matches = own = best = 0
+        for qid, n in shared.items():
+            best = max(best, n)
+            if n > threshold:
+                query = state.queries[qid]
+                if query.at > now - ttl_s:
+                    matches += 1
+                    own += query.client == client
+        state.seq += 1
+        state.queries[state.seq] = _Query(now, client, hashes)
+        for h in hashes:
+            postings = state.index.setdefault(h, deque())
+            postings.append(state.seq)
+            if len(postings) > max_per_hash:
+                postings.popleft()
+        while state.head <= state.seq - max_queries:
+            state.evict(state.head)
+            state.head += 1
+        for _ in range(EXPIRE_PER_INSERT):
+            oldest = state.queries.get(state.head)
+            if state.head >= state.seq or (oldest is not None and oldest.at > now - ttl_s):
+                break
+            state.evict(state.head)
+            state.head += 1
+        return FingerprintMatch(matches, own, best)
+
+    async def close(self) -> None:
+        self._buckets.clear()
+        self._global = _Bucket()
+        self._tables.clear()
+        self._nbytes = 0
+
+    # -- buckets --------------------------------------------------------------------
+    def _bucket(self, key: str, *, create: bool) -> _Bucket | None:
+        """The bucket of ``key``'s client, now the most recently used."""
+        tag = _tag(key)
+        if tag == _GLOBAL:
+            return self._global
+        bucket = self._buckets.get(tag)
+        if bucket is not None:
+            self._buckets.move_to_end(tag)
+        elif create:
+            bucket = self._buckets[tag] = _Bucket()
+        return bucket
+
+    def _live(self, key: str, now: float) -> _Entry | None:
+        """The entry of ``key`` unless absent or expired (an expired one is dropped)."""
+        bucket = self._bucket(key, create=False)
+        entry = None if bucket is None else bucket.entries.get(key)
+        if bucket is None or entry is None:
+            return None
+        if entry.expires is not None and entry.expires <= now:
+            del bucket.entries[key]
+            bucket.nbytes -= entry.nbytes
+            if bucket is not self._global:
+                self._nbytes -= entry.nbytes
+            return None
+        return entry
+
+    def _put(self, key: str, value: Any, expires: float | None) -> _Entry:
+        entry = _Entry(value, expires)
+        self._grow(key, entry, _ENTRY_BYTES + len(key), new=True)
+        return entry
+
+    def _grow(self, key: str, entry: _Entry, nbytes: int, *, new: bool = False) -> None:
+        """Account ``nbytes`` more to ``entry`` (stored under ``key`` when ``new``), then evict."""
+        bucket = self._bucket(key, create=True) or self._global
+        if new:
+            bucket.entries[key] = entry
+        entry.nbytes += nbytes
+        bucket.nbytes += nbytes
+        if bucket is not self._global:
+            self._nbytes += nbytes
+            self._evict()
+
+    def _evict(self) -> None:
+        """Drop least recently used clients past either bound; the newest one stays."""
+        while len(self._buckets) > 1 and (
+            len(self._buckets) > self.max_clients or self._nbytes > self.max_bytes
+        ):
+            _, bucket = self._buckets.popitem(last=False)
+            self._nbytes -= bucket.nbytes
+
+    @property
+    def clients(self) -> int:
+        """Clients with state held."""
+        return len(self._buckets)
+
+    @property
+    def nbytes(self) -> int:
+        """Approximate bytes held by per-client state (fingerprint tables excluded)."""
+        return self._nbytes
+
+
+def _tag(key: str) -> str:
+    """The hash tag of ``key`` (``{...}`` at its start) or ``""``."""
+    if key.startswith("{"):
+        end = key.find("}")
+        if end > 0:
+            return key[: end + 1]
+    return _GLOBAL

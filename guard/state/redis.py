@@ -1,0 +1,281 @@
+"""The Redis state store: one state for every guard replica.
+
+Each operation is one round trip and atomic: a Lua script (counters, budgets,
+fingerprints) or a MULTI pipeline (histories). Times come from Redis's own
+clock where a script needs one (``TIME``), so replicas with skewed clocks agree.
+Keys are ``<key_prefix><key>``; a client's keys carry its hash tag, a
+fingerprint table's keys the table's, so every script touches one Cluster slot.
+
+Any failure (refused, reset, timed out, an error reply) raises
+:class:`~guard.errors.StateUnavailable` and is counted through ``on_error``.
+After a connection failure the store answers :class:`StateUnavailable` at once
+for ``backoff_s`` instead of making every request wait for a dead server, then
+tries again: ``redis.asyncio`` reconnects on the next command.
+
+Lua numbers are doubles: counters and budgets are exact up to 2**53.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from guard.errors import StateUnavailable
+from guard.state.base import FingerprintMatch, hash_tag
+
+__all__ = ["RedisStore"]
+
+# KEYS[1] counter; ARGV amount, window (ms). A new window starts at the first increment.
+_INCR = """
+local n = redis.call('INCRBY', KEYS[1], ARGV[1])
+local ttl = redis.call('PTTL', KEYS[1])
+if ttl < 0 then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  ttl = tonumber(ARGV[2])
+end
+return {n, ttl}
+"""
+
+# KEYS[1] budget; ARGV amount, limit, window (ms, or '' for none).
+_SPEND = """
+local used = tonumber(redis.call('GET', KEYS[1]) or '0')
+local amount = tonumber(ARGV[1])
+if used + amount > tonumber(ARGV[2]) then
+  return {0, used}
+end
+used = redis.call('INCRBY', KEYS[1], amount)
+if ARGV[3] ~= '' and redis.call('PTTL', KEYS[1]) < 0 then
+  redis.call('PEXPIRE', KEYS[1], ARGV[3])
+end
+return {1, used}
+"""
+
+# KEYS: index (hash -> "qid qid ..."), queries (qid -> "ms hashes client"), meta (seq, head).
+# ARGV: client, threshold, max_queries, ttl (ms), max_per_hash, expire_per_insert,
+#       then per fingerprint: its number of hashes and the hashes (16 hex digits each).
+# Returns {matches, client_matches, best} per fingerprint. Mirrors MemoryStore.
+_FINGERPRINTS = """
+local idx, qs, meta = KEYS[1], KEYS[2], KEYS[3]
+local client = ARGV[1]
+local threshold = tonumber(ARGV[2])
+local max_queries = tonumber(ARGV[3])
+local ttl = tonumber(ARGV[4])
+local max_per_hash = tonumber(ARGV[5])
+local expire_per_insert = tonumber(ARGV[6])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local seq = tonumber(redis.call('HGET', meta, 'seq') or '0')
+local head = tonumber(redis.call('HGET', meta, 'head') or '1')
+
+local function evict(qid)
+  local rec = redis.call('HGET', qs, qid)
+  if not rec then return end
+  redis.call('HDEL', qs, qid)
+  local hashes = string.match(rec, '^%d+ (%x*) ')
+  for i = 1, #hashes, 16 do
+    local h = string.sub(hashes, i, i + 15)
+    local ids = redis.call('HGET', idx, h)
+    if ids then
+      local rest = ids
+      for id, tail in string.gmatch(ids, '(%d+) ?()') do
+        if tonumber(id) > qid then break end
+        rest = string.sub(ids, tail)
+      end
+      if rest == '' then redis.call('HDEL', idx, h) else redis.call('HSET', idx, h, rest) end
+    end
+  end
+end
+
+local out = {}
+local a = 7
+while a <= #ARGV do
+  local k = tonumber(ARGV[a])
+  local hashes = {}
+  local shared = {}
+  for i = a + 1, a + k do
+    local h = ARGV[i]
+    hashes[#hashes + 1] = h
+    local ids = redis.call('HGET', idx, h)
+    if ids then
+      for id in string.gmatch(ids, '%d+') do shared[id] = (shared[id] or 0) + 1 end
+    end
+  end
+  a = a + k + 1
+  local matches, own, best = 0, 0, 0
+  for id, n in pairs(shared) do
+    if n > best then best = n end
+    if n > threshold then
+      local rec = redis.call('HGET', qs, id)
+      local at, who = string.match(rec, '^(%d+) %x* (.*)$')
+      if tonumber(at) > now - ttl then
+        matches = matches + 1
+        if who == client then own = own + 1 end
+      end
+    end
+  end
+  seq = seq + 1
+  redis.call('HSET', qs, seq, now .. ' ' .. table.concat(hashes) .. ' ' .. client)
+  for _, h in ipairs(hashes) do
+    local ids = redis.call('HGET', idx, h)
+    if ids then
+      local _, count = string.gsub(ids, ' ', ' ')
+      if count + 1 >= max_per_hash then ids = string.match(ids, '^%d+ (.*)$') or '' end
+      if ids == '' then ids = tostring(seq) else ids = ids .. ' ' .. seq end
+    else
+      ids = tostring(seq)
+    end
+    redis.call('HSET', idx, h, ids)
+  end
+  while head <= seq - max_queries do
+    evict(head)
+    head = head + 1
+  end
+  for _ = 1, expire_per_insert do
+    if head >= seq then break end
+    local rec = redis.call('HGET', qs, head)
+    if rec and tonumber(string.match(rec, '^(%d+)')) > now - ttl then break end
+    evict(head)
+    head = head + 1
+  end
+  out[#out + 1] = {matches, own, best}
+end
+redis.call('HSET', meta, 'seq', seq, 'head', head)
+for _, key in ipairs(KEYS) do redis.call('PEXPIRE', key, ttl) end
+return out
+"""
+
+
+def _ms(seconds: float) -> int:
+    return max(1, round(seconds * 1000))
+
+
+class RedisStore:
+    """:class:`~guard.state.base.StateStore` on a Redis server (``redis.asyncio``)."""
+
+    backend = "redis"
+    shared = True
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        key_prefix: str = "guard:",
+        timeout: float = 0.2,
+        backoff_s: float = 0.5,
+        on_error: Callable[[str], None] | None = None,
+        expire_per_insert: int = 8,
+    ) -> None:
+        self.key_prefix = key_prefix
+        self.backoff_s = backoff_s
+        self._on_error = on_error
+        self._expire_per_insert = expire_per_insert
+        self._down_until = 0.0
+        # No retries: a request must not wait out backoffs; the next request reconnects.
+        self._redis = aioredis.Redis.from_url(
+            url,
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+            retry=Retry(NoBackoff(), 0),
+            decode_responses=False,
+        )
+        self._incr = self._redis.register_script(_INCR)
+        self._spend = self._redis.register_script(_SPEND)
+        self._fingerprints = self._redis.register_script(_FINGERPRINTS)
+
+    def _key(self, key: str) -> str:
+        return self.key_prefix + key
+
+    async def _run(self, op: str, call: Callable[[], Any]) -> Any:
+        """Await ``call()``, turning every Redis failure into StateUnavailable."""
+        if time.monotonic() < self._down_until:
+            self._failed(op)
+            raise StateUnavailable("state store unavailable (redis: reconnecting)")
+        try:
+            return await call()
+        except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+            self._down_until = time.monotonic() + self.backoff_s
+            self._failed(op)
+            raise StateUnavailable(f"state store unavailable (redis: {type(exc).__name__})") from exc
+        except RedisError as exc:
+            self._failed(op)
+            raise StateUnavailable(f"state store error (redis: {type(exc).__name__})") from exc
+
+    def _failed(self, op: str) -> None:
+        if self._on_error is not None:
+            self._on_error(op)
+
+    # -- counters, budgets, marks ------------------------------------------------
+    async def incr(self, key: str, amount: int, window_s: float) -> tuple[int, float]:
+        count, ttl_ms = await self._run(
+            "incr", lambda: self._incr(keys=[self._key(key)], args=[int(amount), _ms(window_s)])
+        )
+        return int(count), int(ttl_ms) / 1000
+
+    async def spend(
+        self, key: str, amount: int, limit: int, window_s: float | None
+    ) -> tuple[bool, int]:
+        window = "" if window_s is None else _ms(window_s)
+        ok, used = await self._run(
+            "spend",
+            lambda: self._spend(keys=[self._key(key)], args=[int(amount), int(limit), window]),
+        )
+        return bool(ok), int(used)
+
+    async def mark(self, key: str, ttl_s: float) -> None:
+        await self._run("mark", lambda: self._redis.set(self._key(key), b"1", px=_ms(ttl_s)))
+
+    async def marked(self, key: str) -> bool:
+        return bool(await self._run("marked", lambda: self._redis.exists(self._key(key))))
+
+    # -- histories ----------------------------------------------------------------
+    async def push(self, key: str, items: Sequence[bytes], cap: int, ttl_s: float) -> int:
+        if not items:
+            return len(await self.items(key))
+        full = self._key(key)
+
+        async def call() -> Any:
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.rpush(full, *items).ltrim(full, -cap, -1).pexpire(full, _ms(ttl_s))
+                return await pipe.execute()
+
+        length, _, _ = await self._run("push", call)
+        return min(int(length), cap)
+
+    async def items(self, key: str) -> list[bytes]:
+        return list(await self._run("items", lambda: self._redis.lrange(self._key(key), 0, -1)))
+
+    # -- fingerprints ---------------------------------------------------------------
+    async def match_fingerprints(
+        self,
+        table: str,
+        client: str,
+        fingerprints: Sequence[Sequence[int]],
+        *,
+        threshold: int,
+        max_queries: int,
+        ttl_s: float,
+        max_per_hash: int,
+    ) -> list[FingerprintMatch]:
+        if not fingerprints:
+            return []
+        base = self._key(hash_tag(table))
+        args: list[Any] = [
+            client, threshold, max_queries, _ms(ttl_s), max_per_hash, self._expire_per_insert,
+        ]
+        for hashes in fingerprints:
+            args.append(len(hashes))
+            args.extend(f"{h:016x}" for h in hashes)
+        keys = [f"{base}:idx", f"{base}:q", f"{base}:meta"]
+        rows = await self._run("fingerprints", lambda: self._fingerprints(keys=keys, args=args))
+        return [FingerprintMatch(int(m), int(c), int(b)) for m, c, b in rows]
+
+    async def close(self) -> None:
+        await self._redis.aclose()

@@ -1,0 +1,325 @@
+"""The state stores: one suite run against memory and a real Redis, then each one's own bounds."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import numpy as np
+import pytest
+import redis.asyncio as aioredis
+
+from guard.configreader import Section
+from guard.errors import PolicyError, StateUnavailable
+from guard.state import StateConfig, StateStore, build_store, client_key, read_state_config
+from guard.state.memory import MemoryStore
+from guard.state.redis import RedisStore
+from tests.integration.redis_server import RedisServer, redis_module, redis_server  # noqa: F401
+
+TICK = 0.25  # a window or ttl long enough to act within, short enough to wait out
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def store(request: pytest.FixtureRequest) -> AsyncIterator[StateStore]:
+    if request.param == "memory":
+        built: StateStore = MemoryStore()
+    else:
+        server: RedisServer = request.getfixturevalue("redis_server")
+        built = RedisStore(server.url, key_prefix="t:")
+    yield built
+    await built.close()
+
+
+def fingerprint_args(**overrides: Any) -> dict[str, Any]:
+    return {"threshold": 2, "max_queries": 100, "ttl_s": 60.0, "max_per_hash": 64} | overrides
+
+
+# -- counters -------------------------------------------------------------------------
+
+
+async def test_incr_counts_within_a_window_then_resets(store: StateStore) -> None:
+    key = client_key("alice", "n")
+    assert (await store.incr(key, 2, TICK))[0] == 2
+    count, reset = await store.incr(key, 3, TICK)
+    assert count == 5
+    assert 0 < reset <= TICK
+    await asyncio.sleep(TICK + 0.05)
+    assert (await store.incr(key, 1, TICK))[0] == 1
+
+
+async def test_counters_are_per_key(store: StateStore) -> None:
+    await store.incr(client_key("alice", "n"), 5, 10)
+    assert (await store.incr(client_key("bob", "n"), 1, 10))[0] == 1
+    assert (await store.incr(client_key("alice", "m"), 1, 10))[0] == 1
+
+
+# -- budgets --------------------------------------------------------------------------
+
+
+async def test_spend_is_all_or_nothing(store: StateStore) -> None:
+    key = client_key("alice", "eps")
+    assert await store.spend(key, 600, 1000, None) == (True, 600)
+    assert await store.spend(key, 500, 1000, None) == (False, 600)
+    assert await store.spend(key, 400, 1000, None) == (True, 1000)
+    assert await store.spend(key, 1, 1000, None) == (False, 1000)
+    assert await store.spend(key, 0, 1000, None) == (True, 1000)
+
+
+async def test_spend_over_the_limit_at_once_is_refused(store: StateStore) -> None:
+    assert await store.spend(client_key("alice", "eps"), 11, 10, None) == (False, 0)
+
+
+async def test_windowed_budget_resets_and_unwindowed_does_not(store: StateStore) -> None:
+    windowed, forever = client_key("a", "w"), client_key("a", "f")
+    assert await store.spend(windowed, 10, 10, TICK) == (True, 10)
+    assert await store.spend(forever, 10, 10, None) == (True, 10)
+    await asyncio.sleep(TICK + 0.05)
+    assert await store.spend(windowed, 10, 10, TICK) == (True, 10)
+    assert await store.spend(forever, 1, 10, None) == (False, 10)
+
+
+async def test_concurrent_spends_never_exceed_the_limit(store: StateStore) -> None:
+    key = client_key("alice", "eps")
+    results = await asyncio.gather(*(store.spend(key, 3, 100, None) for _ in range(60)))
+    granted = [used for ok, used in results if ok]
+    assert len(granted) == 33  # floor(100 / 3)
+    assert sorted(granted) == list(range(3, 100, 3))
+    assert await store.spend(key, 1, 100, None) == (True, 100)
+
+
+# -- marks ----------------------------------------------------------------------------
+
+
+async def test_marks_expire_and_renew(store: StateStore) -> None:
+    key = client_key("alice", "degrade", "digits")
+    assert not await store.marked(key)
+    await store.mark(key, TICK)
+    assert await store.marked(key)
+    await asyncio.sleep(TICK / 2)
+    await store.mark(key, TICK)  # renewed: outlives the first ttl
+    await asyncio.sleep(TICK / 2 + 0.05)
+    assert await store.marked(key)
+    await asyncio.sleep(TICK)
+    assert not await store.marked(key)
+
+
+# -- histories --------------------------------------------------------------------------
+
+
+async def test_push_keeps_the_newest_items_in_order(store: StateStore) -> None:
+    key = client_key("alice", "h")
+    assert await store.items(key) == []
+    assert await store.push(key, [b"a", b"b"], 3, 10) == 2
+    assert await store.push(key, [b"c", b"d", b"e"], 3, 10) == 3
+    assert await store.items(key) == [b"c", b"d", b"e"]
+    assert await store.push(key, [], 3, 10) == 3
+
+
+async def test_history_expires_after_its_last_push(store: StateStore) -> None:
+    key = client_key("alice", "h")
+    await store.push(key, [b"\x00\xff" * 8], 10, TICK)
+    await asyncio.sleep(TICK / 2)
+    await store.push(key, [b"x"], 10, TICK)
+    await asyncio.sleep(TICK / 2 + 0.05)
+    assert await store.items(key) == [b"\x00\xff" * 8, b"x"]  # binary-safe, ttl renewed
+    await asyncio.sleep(TICK)
+    assert await store.items(key) == []
+
+
+# -- fingerprints -----------------------------------------------------------------------
+
+
+async def test_a_match_shares_more_than_threshold_hashes(store: StateStore) -> None:
+    first = await store.match_fingerprints("t", "alice", [[1, 2, 3, 4]], **fingerprint_args())
+    assert (first[0].matches, first[0].best) == (0, 0)
+    got = await store.match_fingerprints(
+        "t", "bob", [[1, 2, 9], [1, 2, 3, 10], [2**64 - 1, 2**63]], **fingerprint_args()
+    )
+    # [1,2,9] shares 2 (not > 2) with the first; [1,2,3,10] shares 3 with it and 2 with [1,2,9].
+    assert [(m.matches, m.client_matches, m.best) for m in got] == [(0, 0, 2), (1, 0, 3), (0, 0, 0)]
+    again = await store.match_fingerprints("t", "alice", [[1, 2, 3, 4]], **fingerprint_args())
+    assert (again[0].matches, again[0].client_matches, again[0].best) == (2, 1, 4)
+
+
+async def test_tables_are_separate(store: StateStore) -> None:
+    await store.match_fingerprints("a", "c", [[1, 2, 3, 4]], **fingerprint_args())
+    got = await store.match_fingerprints("b", "c", [[1, 2, 3, 4]], **fingerprint_args())
+    assert got[0].matches == 0
+
+
+async def test_fingerprint_table_keeps_max_queries(store: StateStore) -> None:
+    args = fingerprint_args(threshold=0, max_queries=3)
+    for i in range(5):
+        await store.match_fingerprints("t", "c", [[100 + i, 7]], **args)
+    got = await store.match_fingerprints("t", "c", [[7]], **args)
+    assert got[0].matches == 3  # only the newest 3 of the 5 were kept
+
+
+async def test_fingerprints_expire(store: StateStore) -> None:
+    args = fingerprint_args(threshold=0, ttl_s=TICK)
+    await store.match_fingerprints("t", "c", [[5, 6]], **args)
+    await asyncio.sleep(TICK + 0.05)
+    assert (await store.match_fingerprints("t", "c", [[5, 6]], **args))[0].matches == 0
+
+
+async def test_popular_hashes_index_only_the_newest_queries(store: StateStore) -> None:
+    args = fingerprint_args(threshold=0, max_per_hash=4)
+    for _ in range(10):
+        await store.match_fingerprints("t", "c", [[42]], **args)
+    assert (await store.match_fingerprints("t", "c", [[42]], **args))[0].matches == 4
+
+
+async def test_stores_agree_on_a_random_workload(redis_server: RedisServer) -> None:
+    rng = np.random.default_rng(5)
+    memory, shared = MemoryStore(), RedisStore(redis_server.url)
+    args = fingerprint_args(threshold=3, max_queries=40, max_per_hash=8)
+    try:
+        for _ in range(60):
+            batch = [
+                sorted({int(h) for h in rng.integers(0, 24, size=int(rng.integers(1, 10)))})
+                for _ in range(int(rng.integers(1, 4)))
+            ]
+            client = f"c{rng.integers(3)}"
+            want = await memory.match_fingerprints("t", client, batch, **args)
+            assert await shared.match_fingerprints("t", client, batch, **args) == want
+    finally:
+        await shared.close()
+
+
+# -- keys -------------------------------------------------------------------------------
+
+
+def test_client_keys_carry_an_unambiguous_hash_tag() -> None:
+    assert client_key("alice", "budget", "digits") == "{alice}:budget:digits"
+    assert client_key("a}b", "x") == "{a%7Db}:x"
+    assert client_key("a%7Db", "x") != client_key("a}b", "x")
+    assert client_key("addr:::1", "x") == "{addr:::1}:x"
+
+
+async def test_redis_keys_are_prefixed_and_tagged(redis_server: RedisServer) -> None:
+    store = RedisStore(redis_server.url, key_prefix="g1:")
+    try:
+        await store.incr(client_key("alice", "n"), 1, 10)
+        await store.match_fingerprints("blacklight:digits", "alice", [[1]], **fingerprint_args())
+        async with aioredis.Redis.from_url(redis_server.url) as raw:
+            keys = sorted(k.decode() for k in await raw.keys("*"))
+            ttls = [await raw.pttl(k) for k in keys]
+    finally:
+        await store.close()
+    assert keys == [
+        "g1:{alice}:n",
+        "g1:{blacklight:digits}:idx",
+        "g1:{blacklight:digits}:meta",
+        "g1:{blacklight:digits}:q",
+    ]
+    assert all(t > 0 for t in ttls)  # nothing is kept forever
+
+
+# -- memory bounds ----------------------------------------------------------------------
+
+
+async def test_memory_store_evicts_least_recently_used_clients() -> None:
+    store = MemoryStore(max_clients=2)
+    await store.incr(client_key("a", "n"), 1, 60)
+    await store.incr(client_key("b", "n"), 1, 60)
+    await store.incr(client_key("a", "n"), 1, 60)  # a is now the most recent
+    await store.incr(client_key("c", "n"), 1, 60)
+    assert store.clients == 2
+    assert (await store.incr(client_key("a", "n"), 1, 60))[0] == 3
+    assert (await store.incr(client_key("b", "n"), 1, 60))[0] == 1  # b was evicted
+
+
+async def test_memory_store_bounds_history_bytes() -> None:
+    store = MemoryStore(max_bytes=10_000)
+    for client in range(20):
+        await store.push(client_key(str(client), "h"), [bytes(1000)], 5, 60)
+    assert store.nbytes <= 10_000
+    assert 5 <= store.clients < 20
+    assert await store.items(client_key("19", "h")) == [bytes(1000)]
+    assert await store.items(client_key("0", "h")) == []
+
+
+async def test_memory_store_follows_its_clock() -> None:
+    now = [0.0]
+    store = MemoryStore(clock=lambda: now[0])
+    await store.mark("{a}:m", 10)
+    now[0] = 9.9
+    assert await store.marked("{a}:m")
+    now[0] = 10.0
+    assert not await store.marked("{a}:m")
+
+
+# -- Redis failures -----------------------------------------------------------------------
+
+
+async def test_redis_down_raises_state_unavailable_counts_and_recovers(
+    redis_server: RedisServer,
+) -> None:
+    errors: list[str] = []
+    store = RedisStore(redis_server.url, timeout=0.2, backoff_s=0.1, on_error=errors.append)
+    key = client_key("alice", "n")
+    try:
+        assert (await store.incr(key, 1, 60))[0] == 1
+        redis_server.stop()
+        with pytest.raises(StateUnavailable, match="state store unavailable"):
+            await store.incr(key, 1, 60)
+        with pytest.raises(StateUnavailable):  # within the backoff: refused without a wait
+            await store.match_fingerprints("t", "alice", [[1]], **fingerprint_args())
+        assert errors == ["incr", "fingerprints"]
+        redis_server.start()
+        await asyncio.sleep(0.15)
+        assert (await store.incr(key, 1, 60))[0] == 1  # a fresh server: state was not persisted
+        assert (await store.match_fingerprints("t", "a", [[1]], **fingerprint_args()))[0].matches == 0
+    finally:
+        await store.close()
+
+
+async def test_unreachable_redis_fails_within_the_timeout() -> None:
+    store = RedisStore("redis://127.0.0.1:1/0", timeout=0.2)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    try:
+        with pytest.raises(StateUnavailable):
+            await store.spend("{a}:b", 1, 10, None)
+    finally:
+        await store.close()
+    assert loop.time() - started < 1.0
+
+
+# -- configuration ----------------------------------------------------------------------
+
+
+def read(data: Any) -> StateConfig:
+    return read_state_config(Section(data, source="p.yaml", path="state"))
+
+
+def test_state_config_defaults_to_memory() -> None:
+    assert read(None) == StateConfig()
+    assert isinstance(build_store(read({})), MemoryStore)
+
+
+def test_state_config_reads_redis(monkeypatch: pytest.MonkeyPatch) -> None:
+    config = read({"backend": "redis", "url": "redis://h:6379/1", "key_prefix": "x:", "timeout": 0.5})
+    assert (config.url, config.key_prefix, config.timeout) == ("redis://h:6379/1", "x:", 0.5)
+    monkeypatch.setenv("REDIS_URL", "redis://:secret@h:6379/0")
+    assert read({"backend": "redis", "url_env": "REDIS_URL"}).url == "redis://:secret@h:6379/0"
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"backend": "etcd"}, "state.backend must be one of memory, redis"),
+        ({"backend": "redis"}, "takes url or url_env"),
+        ({"backend": "redis", "url": "http://h"}, "must be a redis://"),
+        ({"backend": "redis", "url_env": "GUARD_TEST_UNSET"}, "which is not set"),
+        ({"backend": "redis", "url": "redis://h", "max_clients": 5}, "max_clients does not apply"),
+        ({"url": "redis://h"}, "state.url does not apply to backend memory"),
+        ({"max_clients": 0}, "max_clients must be >= 1"),
+        ({"backend": "redis", "url": "redis://h", "timeout": 0}, "timeout must be > 0"),
+        ({"size": 3}, "unknown key"),
+    ],
+)
+def test_state_config_errors(data: Any, message: str) -> None:
+    with pytest.raises(PolicyError, match=message):
+        read(data)
