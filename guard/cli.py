@@ -176,9 +176,12 @@ def _check(args: argparse.Namespace) -> int:
 
 def check_warnings(runtime) -> list[str]:  # type: ignore[no-untyped-def]
     """Policy shapes that load but are probably not what the operator meant."""
+    from guard.defenses.squeeze import squeeze_warnings
+
     warnings = []
     for name, model in runtime.models.items():
         stages = [s.name for s in model.pipeline.stages]
+        warnings += [f"models.{name}: {w}" for w in squeeze_warnings(stages)]
         if stages and stages[0] != "validate" and "validate" in stages:
             warnings.append(
                 f"models.{name}: validate is not the first stage; "

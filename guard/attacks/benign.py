@@ -1,8 +1,10 @@
 """Ordinary clients, to measure a defence's false positives and its cost to utility.
 
-Each client replays held-out inputs in its own random order with natural
-variation (Gaussian noise of ``noise`` times the input range; image shifts of up
-to ``shift`` pixels), one row per request. With ``rate`` set, each client's
+Each client replays its own share of the held-out inputs (the shares are
+disjoint, so two clients never send the same image; a client repeats an image
+only once its share is used up) in a random order, with natural variation
+(Gaussian noise of ``noise`` times the input range; image shifts of up to
+``shift`` pixels), one row per request. With ``rate`` set, each client's
 requests arrive as a Poisson process of that many per second and the clients
 interleave in time order; otherwise they interleave in a random order with no
 pause. Give each client its own target (its own API key) so per-client
@@ -90,8 +92,10 @@ class BenignTraffic:
         n = self.queries
         shape = image_shape(x.shape[1], None) if self.shift else None
         plans = []
-        for _, target in clients:
-            rows = np.concatenate([rng.permutation(len(x)) for _ in range(-(-n // len(x)))])[:n]
+        shares = np.array_split(rng.permutation(len(x)), len(clients))
+        for (_, target), share in zip(clients, shares, strict=True):
+            cycles = -(-n // len(share))
+            rows = np.concatenate([rng.permutation(share) for _ in range(cycles)])[:n]
             inputs = augment(
                 x[rows], target.spec, rng, noise=self.noise, shift=self.shift, shape=shape
             )

@@ -16,6 +16,7 @@ most similar. ``success_rate`` is the identified fraction (chance: ``1 / C``).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from dataclasses import dataclass
@@ -99,7 +100,7 @@ class Inversion:
 
         x = start.copy()
         d = x.size
-        try:
+        with contextlib.suppress(BudgetExhausted):  # the budget ends the ascent
             while True:
                 g = nes_gradient(
                     objective,
@@ -112,8 +113,6 @@ class Inversion:
                 )
                 g = g / (np.linalg.norm(g) + 1e-12) - self.prior * (x - start) / span
                 x = spec.clip(x + self.lr * span * np.sqrt(d) * g / (np.linalg.norm(g) + 1e-12))
-        except BudgetExhausted:
-            pass
         return x, oracle
 
     def run(
@@ -126,6 +125,8 @@ class Inversion:
         rng: np.random.Generator,
     ) -> InversionRun:
         """Invert every class with ``budget`` queries each (one of them checks the result)."""
+        if budget < 2:
+            raise ValueError(f"inversion needs a budget of at least 2 per class; got {budget}")
         started = time.perf_counter()
         c_count = target.spec.n_classes
         means = np.stack([evaluation_x[evaluation_y == k].mean(axis=0) for k in range(c_count)])

@@ -10,7 +10,9 @@ budget, a 400 from ``validate``, a 5xx): no answer. ``Answers.answered`` is
 false there, the row's label is :data:`REFUSED` and its scores are NaN. Attacks
 treat such a row as a failed query (not adversarial, no improvement, no training
 label) and keep going: the target never stops on a refusal and never honours
-``Retry-After``. Only a target that cannot be attacked as configured raises
+``Retry-After``. A 200 whose label is outside ``[0, C)`` (an abstention, say
+from a smoothing defence) reads the same way, though the log shows it as
+answered. Only a target that cannot be attacked as configured raises
 :class:`TargetError` (401: wrong or missing API key; 404: unknown model; a
 connection failure; a malformed 200 body).
 
@@ -112,11 +114,6 @@ class QueryLog:
         """Per row of ``[start, end)``: was it left unanswered?"""
         return np.asarray(self.status[start:end], dtype=np.int64) != 200
 
-    def first_detection(self, start: int = 0, end: int | None = None) -> int | None:
-        """The 1-based position within ``[start, end)`` of the first detected row, if any."""
-        hits = np.flatnonzero(self.detected(start, end))
-        return int(hits[0]) + 1 if hits.size else None
-
 
 class Target:
     """Base of both targets: batching, counting, logging. Subclasses implement ``_send``."""
@@ -163,7 +160,8 @@ class Target:
         raise NotImplementedError
 
     def _answers(self, outputs: dict[str, np.ndarray], n: int, scores: str, label: str) -> Answers:
-        """Answers from a model's named outputs: scores if present, else one-hot labels."""
+        """Answers from a model's named outputs: scores if present, else one-hot labels.
+        A label outside ``[0, C)`` (an abstention) is no answer."""
         c = self.spec.n_classes
         if scores in outputs:
             probabilities = np.asarray(outputs[scores], dtype=np.float64).reshape(n, c)
@@ -172,11 +170,18 @@ class Target:
                 if label in outputs
                 else probabilities.argmax(axis=1)
             )
-            return Answers(probabilities, labels)
-        if label in outputs:
+        elif label in outputs:
             labels = np.asarray(outputs[label], dtype=np.int64).reshape(n)
-            return Answers(np.eye(c)[labels], labels)
-        raise TargetError(f"the answer has neither {scores!r} nor {label!r}; got {sorted(outputs)}")
+            probabilities = np.eye(c)[np.clip(labels, 0, c - 1)]
+        else:
+            raise TargetError(
+                f"the answer has neither {scores!r} nor {label!r}; got {sorted(outputs)}"
+            )
+        valid = (labels >= 0) & (labels < c)
+        if not valid.all():
+            labels = np.where(valid, labels, REFUSED)
+            probabilities = np.where(valid[:, None], probabilities, np.nan)
+        return Answers(probabilities, labels)
 
 
 class OnnxTarget(Target):

@@ -1,25 +1,27 @@
 """``blacklight``: catch query-based attacks by their near-duplicate queries.
 
 Each query (each row of a batch) is fingerprinted (:mod:`guard.defenses.blacklight`)
-and compared with the recent queries of *every* client of the model, so an
-attacker spreading its queries over many accounts or over several guard
-replicas (a shared Redis state) is still seen; the action applies to the
+and compared with the recent queries of *every* client of the model. Two counts
+decide: the earlier queries of the same client that match (an attack), and
+those of any client (an attacker spreading its queries over many accounts, or
+over several guard replicas sharing a Redis state). The action applies to the
 client that sent the matching query.
 
 YAML keys (all optional):
 
 ``input``        the input to watch; default: the model's only input
-``quantize``     quantization step, in the input's units; default ``2.0`` (the
-                 digits demo's 0–16 pixels: one eighth of the range, where the
-                 paper uses 50 on 0–255)
+``quantize``     quantization step, in the input's units; about a fifth of the
+                 input range (the paper: 50 on 0–255). Default ``3.0``, for the
+                 digits demo's 0–16 pixels; use 0.2 for inputs in [0, 1]
 ``window``       values per hashed window; default 20
 ``stride``       step between windows; default 1
 ``top``          hashes kept per fingerprint; default 50
 ``threshold``    an earlier query *matches* when it shares more than this many
                  hashes; default ``top // 2`` (25)
-``matches``      flag when at least this many earlier queries match; default 1
-``scope``        ``global`` (default): count matches with every client's queries;
-                 ``client``: only with the same client's
+``matches``      flag when at least this many earlier queries *of the same
+                 client* match; default 2 (one identical retry is not an attack)
+``global_matches``  flag when at least this many earlier queries of *any* client
+                 match; default 5 (a popular input sent by a few users is not one)
 ``max_queries``  queries remembered per model; default 10000
 ``ttl``          how long a query is remembered; default ``1h``
 ``key_env``      environment variable holding the secret the hash key is derived
@@ -27,8 +29,10 @@ YAML keys (all optional):
                  hashes alike; without it the key is random per process
 ``action``       default ``deny``; ``degrade_for``, ``on_error``: see :mod:`guard.stages.detector`
 
-Finding: ``score`` the number of matching earlier queries (``matches`` is the
-threshold), technique AML.T0043 (craft adversarial data). Failure mode: as
+Finding: ``score`` the client's matching earlier queries against ``matches``,
+or when only the global count is reached, all clients' against
+``global_matches``; the message gives both. Technique AML.T0043 (craft
+adversarial data). Failure mode: as
 ``on_error`` says (default closed: 503 when the state store is down).
 """
 
@@ -43,7 +47,6 @@ from guard.defenses.blacklight import FingerprintKey, Fingerprinter
 from guard.pipeline import Action, BaseStage, RequestContext, Verdict
 from guard.stages.detector import Enforcement, format_duration, input_rows, read_duration, read_input
 from guard.stages.env import StageEnv, read_fail_open
-from guard.state import FingerprintMatch
 
 TECHNIQUE = "AML.T0043"  # Craft Adversarial Data (black-box evasion probes)
 MAX_PER_HASH = 256  # postings kept per hash: a hash common to many queries says little
@@ -65,7 +68,7 @@ class Blacklight(BaseStage):
         fingerprinter: Fingerprinter,
         threshold: int,
         matches: int,
-        scope: str,
+        global_matches: int,
         max_queries: int,
         ttl: float,
         keyed_by: str | None,
@@ -76,7 +79,7 @@ class Blacklight(BaseStage):
         self.fingerprinter = fingerprinter
         self.threshold = threshold
         self.matches = matches
-        self.scope = scope
+        self.global_matches = global_matches
         self.max_queries = max_queries
         self.ttl = ttl
         self.keyed_by = keyed_by
@@ -107,14 +110,14 @@ class Blacklight(BaseStage):
             input_name=read_input(section, env),
             fingerprinter=Fingerprinter(
                 key=key,
-                step=section.float("quantize", 2.0, gt=0),
+                step=section.float("quantize", 3.0, gt=0),
                 window=section.int("window", 20, min=1),
                 stride=section.int("stride", 1, min=1),
                 top=top,
             ),
             threshold=section.int("threshold", top // 2, min=0, max=top - 1),
-            matches=section.int("matches", 1, min=1),
-            scope=section.choice("scope", ("global", "client"), "global"),
+            matches=section.int("matches", 2, min=1),
+            global_matches=section.int("global_matches", 5, min=1),
             max_queries=section.int("max_queries", 10_000, min=1, max=10_000_000),
             ttl=read_duration(section, "ttl", 3600.0),
             keyed_by=key_env,
@@ -134,7 +137,7 @@ class Blacklight(BaseStage):
             "top": f.top,
             "threshold": self.threshold,
             "matches": self.matches,
-            "scope": self.scope,
+            "global_matches": self.global_matches,
             "max_queries": self.max_queries,
             "ttl": format_duration(self.ttl),
             "key": f"from ${self.keyed_by}" if self.keyed_by else "random per process",
@@ -155,16 +158,19 @@ class Blacklight(BaseStage):
         )
         if not results:
             return Verdict.CONTINUE
-        worst = max(results, key=self._score)
-        if self._score(worst) < self.matches:
-            return Verdict.CONTINUE
+        own = max(results, key=lambda r: r.client_matches)
+        if own.client_matches >= self.matches:
+            found, score, threshold = own, own.client_matches, self.matches
+        else:
+            found = max(results, key=lambda r: r.matches)
+            if found.matches < self.global_matches:
+                return Verdict.CONTINUE
+            score, threshold = found.matches, self.global_matches
         return await self.enforcement.report(
             ctx,
-            f"query matches {worst.matches} recent queries ({worst.client_matches} from this "
-            f"client): up to {worst.best} of {self.fingerprinter.top} fingerprint hashes shared",
-            score=float(self._score(worst)),
-            threshold=float(self.matches),
+            f"query matches {found.client_matches} recent queries of this client and "
+            f"{found.matches} of all clients (up to {found.best} of {self.fingerprinter.top} "
+            "fingerprint hashes shared)",
+            score=float(score),
+            threshold=float(threshold),
         )
-
-    def _score(self, result: FingerprintMatch) -> int:
-        return result.matches if self.scope == "global" else result.client_matches

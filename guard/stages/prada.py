@@ -76,6 +76,8 @@ class Prada(BaseStage):
 
     @classmethod
     def from_config(cls, section: Section, env: StageEnv) -> Prada:
+        import scipy.stats  # noqa: F401  - slow (1-2 s): paid at load, not on a client's 100th query
+
         output = section.str("output", None)
         if output is not None and env.metadata is not None:
             known = [spec.name for spec in env.metadata.outputs]

@@ -57,7 +57,7 @@ def test_default_policy_loads_and_builds() -> None:
         (minimal(model="missing.onnx"), "missing.onnx does not exist"),
         (
             minimal(stages=[{"validat": {}}]),
-            "models.digits.stages[0] names unknown stage 'validat'; valid stages: validate",
+            "models.digits.stages[0] names unknown stage 'validat'; valid stages: ",
         ),
         (
             minimal(stages=[{"validate": {"mni": 0}}]),

@@ -20,6 +20,7 @@ improvement.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -87,7 +88,7 @@ class SquareLinf:
         eps = self.epsilon
         best = np.clip(image + rng.choice([-eps, eps], size=(1, w)), lo, hi)  # vertical stripes
         loss = margin(oracle.ask(best.reshape(1, -1)).scores, y0)[0]
-        for i in range(oracle.budget):
+        for i in itertools.count():  # until success; the budget ends it otherwise
             if loss < 0:
                 progress.found(best.ravel(), success=True)
                 return
@@ -132,7 +133,7 @@ class SquareL2:
         eps = self.epsilon
         best = np.clip(image + eps * _unit(_initial_l2(rng, h, w)), lo, hi)
         loss = margin(oracle.ask(best.reshape(1, -1)).scores, y0)[0]
-        for i in range(oracle.budget):
+        for i in itertools.count():  # until success; the budget ends it otherwise
             if loss < 0:
                 progress.found(best.ravel(), success=True)
                 return
@@ -148,9 +149,8 @@ class SquareL2:
             norm_both = float(np.linalg.norm(delta[both]))
             update = _meta_pseudo_gaussian(rng, s) * rng.choice([-1.0, 1.0])
             update += delta[first] / (1e-10 + norm_first)
-            room = np.sqrt(
-                max(eps**2 - norm_all**2, 0.0) + norm_both**2
-            )  # norm the windows may use
+            # The windows get the norm they hold now plus whatever the ball has left.
+            room = np.sqrt(max(eps**2 - norm_all**2, 0.0) + norm_both**2)
             update *= room / np.linalg.norm(update)
             delta[second] = 0.0
             delta[first] = update

@@ -75,3 +75,12 @@ def test_clients_need_their_own_targets(digits: tuple[np.ndarray, np.ndarray]) -
     shared = OnnxTarget.builtin("digits")
     with pytest.raises(ValueError, match="own target"):
         BenignTraffic(queries=2).run([("a", shared), ("b", shared)], x, y, np.random.default_rng(0))
+
+
+def test_clients_replay_disjoint_shares(digits: tuple[np.ndarray, np.ndarray]) -> None:
+    x, y = digits
+    group = [(name, Recording(target)) for name, target in clients(3)]
+    BenignTraffic(queries=50, noise=0.0).run(group, x, y, np.random.default_rng(0))
+    seen = [{row.tobytes() for row in np.concatenate(t.sent)} for _, t in group]
+    assert all(len(rows) == 50 for rows in seen)  # no repeats within a share's first pass
+    assert not (seen[0] & seen[1] or seen[0] & seen[2] or seen[1] & seen[2])

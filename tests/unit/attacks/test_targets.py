@@ -59,6 +59,19 @@ def test_a_label_only_answer_reads_as_one_hot_scores() -> None:
     assert target.log.verdicts == ["degrade"] * 5
 
 
+class Abstaining(Target):
+    def _send(self, x: np.ndarray) -> tuple[Answers, int, str | None]:
+        outputs = {"label": np.array([1, -1]), "probabilities": np.array([[0.2, 0.8], [0.5, 0.5]])}
+        return self._answers(outputs, len(x), "probabilities", "label"), 200, "allow"
+
+
+def test_an_abstention_is_no_answer_though_the_query_was_served() -> None:
+    target = Abstaining(TargetSpec(3, 2, np.asarray(0.0), np.asarray(1.0)), batch_size=2)
+    answers = target.query(np.zeros((2, 3)))
+    assert answers.answered.tolist() == [True, False] and np.isnan(answers.scores[1]).all()
+    assert answers.scores[0].tolist() == [0.2, 0.8] and not target.log.refused().any()
+
+
 def test_refused_rows_have_no_answer_and_detection_reads_verdicts_and_status(
     digits_target: OnnxTarget,
 ) -> None:

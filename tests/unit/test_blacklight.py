@@ -1,0 +1,380 @@
+"""Blacklight: the fingerprint kernel against its twin, the fingerprints, the stage."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from typing import Any
+
+import numpy as np
+import pytest
+
+from guard import _native
+from guard._py import fingerprint as twin
+from guard.clients import Client
+from guard.configreader import Section
+from guard.defenses.blacklight import FingerprintKey, Fingerprinter
+from guard.errors import PolicyError, RequestError
+from guard.inference import InferRequest
+from guard.models import load_samples
+from guard.pipeline import Action, RequestContext, Verdict
+from guard.stages.blacklight import Blacklight
+from guard.stages.env import StageEnv
+from guard.state.base import client_key
+from guard.state.memory import MemoryStore
+
+try:
+    from guard._ext import fingerprint as ext
+except ImportError:
+    ext = None
+
+needs_ext = pytest.mark.skipif(ext is None, reason="the Cython extension is not built")
+IMPLS = [pytest.param(twin.fingerprint, id="twin"), pytest.param(
+    ext.fingerprint if ext else None, id="kernel", marks=needs_ext
+)]
+KEY = FingerprintKey.derive(b"test secret")
+
+
+def args_for(x: np.ndarray, **overrides: Any) -> dict[str, Any]:
+    rng = np.random.default_rng(x.shape[1])
+    defaults = {
+        "offsets": rng.random(x.shape[1]) * 3.0,
+        "step": 3.0,
+        "window": 20,
+        "stride": 1,
+        "top": 50,
+        "multiplier": KEY.multiplier,
+        "k1": KEY.k1,
+        "k2": KEY.k2,
+    }
+    return defaults | overrides
+
+
+def reference(x: np.ndarray, offsets: np.ndarray, step: float, window: int, stride: int, top: int,
+              multiplier: int, k1: int, k2: int) -> list[list[int]]:
+    """The module docstring's rules in plain Python integers, one window at a time."""
+    mask = 2**64 - 1
+
+    def fmix(h: int) -> int:
+        h ^= h >> 33
+        h = (h * 0xFF51AFD7ED558CCD) & mask
+        h ^= h >> 33
+        h = (h * 0xC4CEB9FE1A85EC53) & mask
+        return h ^ (h >> 33)
+
+    out = []
+    for row in np.asarray(x, dtype=np.float64):
+        d = len(row)
+        w = min(window, d)
+        with np.errstate(invalid="ignore"):
+            q = np.floor((row + offsets) / step)
+        values = [0 if np.isnan(v) else int(np.clip(v, -(2.0**62), 2.0**62)) for v in q]
+        e = [fmix((v + k1) & mask) for v in values]
+        hashes = set()
+        for start in range(0, d - w + 1, stride) if d else ():
+            h = 0
+            for j in range(w):
+                h = (h * multiplier + e[start + j]) & mask
+            hashes.add(fmix(h ^ k2))
+        out.append(sorted(hashes, reverse=True)[:top])
+    return out
+
+
+def as_lists(result: tuple[np.ndarray, np.ndarray]) -> list[list[int]]:
+    hashes, sizes = result
+    return [row[:n].tolist() for row, n in zip(hashes, sizes, strict=True)]
+
+
+# -- the kernel and its twin --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fingerprint", IMPLS)
+@pytest.mark.parametrize(
+    ("d", "options"),
+    [
+        (64, {}),
+        (64, {"window": 1}),
+        (64, {"window": 64}),
+        (10, {"window": 20}),  # shorter than a window: one window over the whole row
+        (64, {"stride": 7}),
+        (64, {"stride": 30, "window": 5}),  # stride longer than the window
+        (64, {"top": 3}),
+        (0, {}),
+        (300, {"window": 50, "stride": 25}),  # the paper's ImageNet-sized setting, scaled
+    ],
+)
+def test_fingerprints_follow_the_rules(fingerprint: Any, d: int, options: dict[str, Any]) -> None:
+    x = np.random.default_rng(d).uniform(0, 16, (3, d)).astype(np.float32)
+    args = args_for(x, **options)
+    got = fingerprint(x, **args)
+    assert got[0].dtype == np.uint64 and got[0].shape == (3, args["top"])
+    assert as_lists(got) == reference(x, **args)
+    assert not got[0][np.arange(args["top"]) >= got[1][:, None]].any()  # zero padded
+
+
+@needs_ext
+@pytest.mark.parametrize("seed", range(40))
+def test_kernel_matches_twin_bit_for_bit(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    n, d = int(rng.integers(0, 5)), int(rng.integers(0, 200))
+    dtype = rng.choice([np.float32, np.float64, np.int64, np.uint8])
+    x = (rng.normal(8, 6, (n, d)) if dtype in (np.float32, np.float64) else rng.integers(0, 255, (n, d)))
+    x = x.astype(dtype)
+    if x.size and dtype in (np.float32, np.float64):
+        x.flat[rng.integers(x.size, size=3)] = [np.nan, np.inf, -np.inf]
+    args = args_for(
+        x,
+        step=float(rng.choice([0.25, 3.0, 50.0])),
+        window=int(rng.integers(1, 40)),
+        stride=int(rng.integers(1, 30)),
+        top=int(rng.integers(1, 80)),
+    )
+    want, got = twin.fingerprint(x, **args), ext.fingerprint(x, **args)
+    assert np.array_equal(got[0], want[0]) and np.array_equal(got[1], want[1])
+
+
+@needs_ext
+def test_kernel_takes_unaligned_and_strided_input() -> None:
+    x = np.random.default_rng(0).uniform(0, 16, (4, 64))
+    raw = np.frombuffer(b"\x00" + x.astype(np.float32).tobytes(), dtype=np.float32, offset=1).reshape(4, 64)
+    for view in (raw, x[:, ::-1], np.asfortranarray(x)):
+        args = args_for(view)
+        assert as_lists(ext.fingerprint(view, **args)) == as_lists(twin.fingerprint(view, **args))
+
+
+@pytest.mark.parametrize("fingerprint", IMPLS)
+def test_nonfinite_values_saturate(fingerprint: Any) -> None:
+    x = np.array([[np.nan, np.inf, -np.inf, 1e300, 5.0]])
+    args = args_for(x, window=1, offsets=np.zeros(5))
+    same_as = np.array([[0.0, 2.0**62 * 3, -(2.0**62) * 3, 2.0**62 * 3, 5.0]])
+    assert as_lists(fingerprint(x, **args)) == as_lists(twin.fingerprint(same_as, **args))
+
+
+@pytest.mark.parametrize("fingerprint", IMPLS)
+@pytest.mark.parametrize(
+    ("options", "error"),
+    [
+        ({"step": 0.0}, "step must be a positive"),
+        ({"step": float("nan")}, "step must be a positive"),
+        ({"window": 0}, "must be >= 1"),
+        ({"multiplier": 2}, "multiplier must be an odd"),
+        ({"offsets": np.zeros(3)}, "offsets must have shape"),
+    ],
+)
+def test_bad_arguments_are_refused(fingerprint: Any, options: dict[str, Any], error: str) -> None:
+    x = np.zeros((1, 8))
+    with pytest.raises(ValueError, match=error):
+        fingerprint(x, **args_for(x, **options))
+
+
+def test_native_picks_the_kernel_when_built() -> None:
+    forced_off = os.environ.get("GUARD_NO_EXTENSIONS", "") not in ("", "0")
+    chosen = ext if (ext is not None and not forced_off) else twin
+    assert _native.fingerprint is chosen.fingerprint
+    code = "import guard._native as n; print(n.fingerprint.__module__)"
+    env = {**os.environ, "GUARD_NO_EXTENSIONS": "1"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "guard._py.fingerprint"
+
+
+# -- fingerprints -------------------------------------------------------------------------
+
+
+def test_key_derivation_is_deterministic_and_secret_dependent() -> None:
+    assert FingerprintKey.derive(b"s") == FingerprintKey.derive(b"s")
+    assert FingerprintKey.derive(b"s") != FingerprintKey.derive(b"t")
+    assert FingerprintKey.derive(b"s").multiplier % 2 == 1
+    assert FingerprintKey.random() != FingerprintKey.random()
+
+
+def test_offsets_are_keyed_and_within_a_step() -> None:
+    a = Fingerprinter(key=KEY, step=3.0).offsets(64)
+    assert a.shape == (64,) and (a >= 0).all() and (a < 3.0).all()
+    assert np.array_equal(a, Fingerprinter(key=KEY, step=3.0).offsets(64))
+    assert not np.array_equal(a, Fingerprinter(key=FingerprintKey.derive(b"x"), step=3.0).offsets(64))
+
+
+def shared(a: list[int], b: list[int]) -> int:
+    return len(set(a) & set(b))
+
+
+def test_near_duplicates_share_most_hashes_and_different_inputs_few() -> None:
+    x, _ = load_samples("digits")
+    rng = np.random.default_rng(0)
+    fp = Fingerprinter(key=KEY, step=3.0)
+    base = fp(x[:50])
+    nudged = fp(np.clip(x[:50] + rng.normal(0, 0.05, x[:50].shape), 0, 16))
+    others = fp(x[50:100])
+    near = [shared(a, b) for a, b in zip(base, nudged, strict=True)]
+    far = [shared(a, b) for a, b in zip(base, others, strict=True)]
+    assert np.median(near) > 25 >= np.median(far)
+    assert all(len(f) == 45 for f in base)  # 64 - 20 + 1 windows; the top 50 keeps them all
+    assert fp(x[:3]) == [fp(x[i : i + 1])[0] for i in range(3)]  # rows are independent
+
+
+def test_another_key_gives_unrelated_fingerprints() -> None:
+    x, _ = load_samples("digits")
+    a = Fingerprinter(key=KEY, step=3.0)(x[:5])
+    b = Fingerprinter(key=FingerprintKey.derive(b"other"), step=3.0)(x[:5])
+    assert all(shared(p, q) == 0 for p, q in zip(a, b, strict=True))
+
+
+# -- the stage ----------------------------------------------------------------------------
+
+
+@pytest.fixture(autouse=True)
+def fixed_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The key shifts the quantization grid: fix it so the stage tests are deterministic."""
+    monkeypatch.setenv("GUARD_TEST_BL_KEY", "stage tests")
+
+
+def build(store: MemoryStore | None = None, **options: Any) -> Blacklight:
+    env = StageEnv(model="digits", backend=None, local=None, metadata=None, state=store or MemoryStore())
+    options = {"key_env": "GUARD_TEST_BL_KEY"} | options
+    return Blacklight.from_config(Section(options, source="p.yaml", path="blacklight"), env)
+
+
+def context(x: np.ndarray, client: str = "alice", shadow: bool = False) -> RequestContext:
+    request = InferRequest(model_name="digits", inputs={"input": np.atleast_2d(x).astype(np.float32)})
+    return RequestContext(request_id="r", model="digits", client=Client(client), request=request, shadow_mode=shadow)
+
+
+def probes(n: int, seed: int = 0) -> np.ndarray:
+    """A boundary walk: one digit nudged a little at a time."""
+    x, _ = load_samples("digits")
+    rng = np.random.default_rng(seed)
+    return np.clip(x[seed] + rng.normal(0, 0.02, (n, 64)), 0, 16)
+
+
+async def test_repeated_near_duplicates_are_denied() -> None:
+    stage = build()
+    verdicts = [await stage.on_request(context(q)) for q in probes(4)]
+    assert verdicts[:2] == [Verdict.CONTINUE, Verdict.CONTINUE]
+    assert Verdict.DENY in verdicts[2:]
+
+
+async def test_one_retry_is_not_an_attack_and_unrelated_queries_pass() -> None:
+    x, _ = load_samples("digits")
+    stage = build()
+    for row in x[:100]:
+        assert await stage.on_request(context(row)) is Verdict.CONTINUE
+    assert await stage.on_request(context(x[0])) is Verdict.CONTINUE  # a retry of the first
+
+
+async def test_finding_names_both_counts_and_the_technique() -> None:
+    stage = build(action="flag")
+    for q in probes(3):
+        ctx = context(q)
+        await stage.on_request(ctx)
+    (finding,) = ctx.findings
+    assert (finding.stage, finding.action, finding.technique) == ("blacklight", Action.FLAG, "AML.T0043")
+    assert (finding.score, finding.threshold) == (2.0, 2.0)
+    assert "2 recent queries of this client and 2 of all clients" in finding.message
+
+
+async def test_many_accounts_are_caught_by_the_global_count() -> None:
+    stage = build(action="flag")
+    flagged = []
+    for i, q in enumerate(probes(8)):
+        ctx = context(q, client=f"sybil-{i}")  # never twice the same client
+        await stage.on_request(ctx)
+        flagged.append(bool(ctx.findings))
+    assert flagged[:5] == [False] * 5
+    assert all(flagged[5:])
+    assert ctx.findings[0].threshold == 5.0
+
+
+async def test_a_batch_is_compared_row_by_row() -> None:
+    ctx = context(probes(3))
+    assert await build().on_request(ctx) is Verdict.DENY
+
+
+async def test_degrade_marks_the_client_for_later_requests() -> None:
+    store = MemoryStore()
+    stage = build(store, action="degrade", degrade_for="1m")
+    for q in probes(3):
+        ctx = context(q)
+        await stage.on_request(ctx)
+    assert ctx.degraded and ctx.findings[-1].action is Action.DEGRADE
+    assert await store.marked(client_key("alice", "degrade", "digits"))
+    x, _ = load_samples("digits")
+    later = context(x[500])
+    await stage.on_request(later)
+    assert later.degraded and not later.findings
+    other = context(x[501], client="bob")
+    await stage.on_request(other)
+    assert not other.degraded
+
+
+async def test_shadow_mode_records_without_acting() -> None:
+    store = MemoryStore()
+    stage = build(store, action="degrade")
+    verdicts = []
+    for q in probes(3):
+        ctx = context(q, shadow=True)
+        verdicts.append(await stage.on_request(ctx))
+    assert verdicts == [Verdict.CONTINUE] * 3
+    assert ctx.findings[-1].action is Action.SHADOW and ctx.findings[-1].intended is Action.DEGRADE
+    assert not ctx.degraded
+    assert not await store.marked(client_key("alice", "degrade", "digits"))
+
+
+async def test_the_table_is_bounded() -> None:
+    stage = build(max_queries=2, action="flag")
+    queries = probes(5)
+    for q in queries[:2]:
+        await stage.on_request(context(q))
+    for q in probes(3, seed=7):  # push the first ones out
+        await stage.on_request(context(q, client="bob"))
+    ctx = context(queries[2])
+    await stage.on_request(ctx)
+    assert not ctx.findings
+
+
+async def test_a_multi_input_request_needs_the_input_named() -> None:
+    ctx = context(probes(1))
+    ctx.request.inputs["mask"] = np.zeros((1, 4), np.float32)
+    with pytest.raises(RequestError, match="name it with the stage's input key"):
+        await build().on_request(ctx)
+    assert await build(input="input").on_request(ctx) is Verdict.CONTINUE
+
+
+def test_describe_never_shows_the_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BL_KEY", "hunter2")
+    described = build(key_env="BL_KEY").describe()
+    assert described["key"] == "from $BL_KEY"
+    assert "hunter2" not in repr(described)
+    assert (described["quantize"], described["window"], described["top"], described["threshold"]) == (3.0, 20, 50, 25)
+
+
+class SharedStore(MemoryStore):
+    shared = True
+
+
+@pytest.mark.parametrize(
+    ("options", "store", "message"),
+    [
+        ({"key_env": None}, SharedStore(), "needs key_env with a shared state store"),
+        ({"key_env": "GUARD_TEST_UNSET_KEY"}, None, "GUARD_TEST_UNSET_KEY, which is not set"),
+        ({"quantize": 0}, None, "quantize must be > 0"),
+        ({"top": 10, "threshold": 10}, None, "threshold must be <= 9"),
+        ({"window": 0}, None, "window must be >= 1"),
+        ({"ttl": "forever"}, None, "ttl must be a duration"),
+        ({"action": "explode"}, None, "action must be one of"),
+        ({"scope": "global"}, None, "unknown key"),
+    ],
+)
+def test_bad_options_stop_the_load(options: dict[str, Any], store: MemoryStore | None, message: str) -> None:
+    with pytest.raises(PolicyError, match=message):
+        build(store, **options)
+
+
+def test_a_shared_store_with_a_key_builds(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BL_KEY", "k")
+    a, b = build(SharedStore(), key_env="BL_KEY"), build(SharedStore(), key_env="BL_KEY")
+    x, _ = load_samples("digits")
+    assert a.fingerprinter(x[:2]) == b.fingerprinter(x[:2])  # replicas hash alike
+    c, d = build(key_env=None), build(key_env=None)
+    assert c.fingerprinter(x[:2]) == d.fingerprinter(x[:2])  # one process: one key, across reloads
+    assert c.describe()["key"] == "random per process"

@@ -1,0 +1,188 @@
+"""PRADA: the algorithm's steps, then the stage on responses."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+
+from guard.backends.onnx import OnnxBackend
+from guard.clients import Client
+from guard.configreader import Section
+from guard.defenses.prada import ClassSet, class_threshold, observe, shapiro_w
+from guard.errors import PolicyError
+from guard.inference import InferRequest, InferResponse
+from guard.models import load_samples, model_path
+from guard.pipeline import Action, RequestContext, Verdict
+from guard.stages.env import StageEnv
+from guard.stages.prada import Prada
+from guard.state.base import client_key
+from guard.state.memory import MemoryStore
+
+# -- the algorithm ------------------------------------------------------------------------
+
+
+def naive_threshold(joined: list[float]) -> float:
+    """T_c as the paper updates it, one growth at a time."""
+    t, grown = 0.0, []
+    for d in joined:
+        grown.append(d)
+        t = max(t, float(np.mean(grown) - np.std(grown)))
+    return t
+
+
+@pytest.mark.parametrize("joined", [[], [3.0], [3.0, 1.0], [1.0, 5.0, 2.0, 8.0, 8.5], [2.0] * 6])
+def test_class_threshold_is_the_running_max_of_mean_minus_std(joined: list[float]) -> None:
+    with_first = np.array([np.nan, *joined], dtype=np.float32)  # the first member joined at no distance
+    assert class_threshold(with_first) == pytest.approx(naive_threshold(joined), abs=1e-6)
+
+
+def test_observe_grows_the_set_only_past_the_threshold() -> None:
+    g = ClassSet.empty(2)
+    assert observe(g, np.array([0, 0], np.float32)).distance is None  # the first only starts G_c
+    far = observe(g, np.array([3, 4], np.float32))
+    assert (far.distance, far.grows) == (5.0, True)  # T was 0
+    assert class_threshold(g.joined) == 5.0
+    near = observe(g, np.array([0, 1], np.float32))
+    assert (near.distance, near.grows) == (1.0, False)  # min over G_c, below T = 5
+    assert g.members.shape == (2, 2)
+
+
+def test_class_sets_round_trip_through_bytes() -> None:
+    g = ClassSet.empty(3)
+    items = [ClassSet.encode(np.array([1, 2, 3], np.float32), np.nan), ClassSet.encode(np.arange(3.0), 2.5)]
+    decoded = ClassSet.decode([*items, b"wrong size"], 3)
+    assert decoded.members.tolist() == [[1, 2, 3], [0, 1, 2]]
+    assert np.isnan(decoded.joined[0]) and decoded.joined[1] == 2.5
+    assert ClassSet.decode([], 3).members.shape == g.members.shape
+
+
+def test_shapiro_w_separates_normal_from_skewed_distances() -> None:
+    rng = np.random.default_rng(0)
+    assert shapiro_w(rng.normal(10, 1, 300)) > 0.95
+    assert shapiro_w(np.concatenate([np.full(250, 0.1), rng.normal(10, 1, 50)])) < 0.9
+    assert shapiro_w(np.full(10, 2.0)) == 1.0
+    with pytest.raises(ValueError, match="at least 3"):
+        shapiro_w(np.ones(2))
+
+
+# -- the stage ------------------------------------------------------------------------------
+
+ONNX = OnnxBackend(model_path("digits"), name="digits", device="cpu")
+
+
+def build(store: MemoryStore | None = None, **options: Any) -> Prada:
+    env = StageEnv(model="digits", backend=None, local=None, metadata=ONNX.model_metadata, state=store or MemoryStore())
+    return Prada.from_config(Section(options, source="p.yaml", path="prada"), env)
+
+
+async def ask(stage: Prada, x: np.ndarray, client: str = "alice", outputs: tuple[str, ...] = ()) -> RequestContext:
+    x = np.atleast_2d(x).astype(np.float32)
+    request = InferRequest(model_name="digits", inputs={"input": x})
+    ctx = RequestContext(request_id="r", model="digits", client=Client(client), request=request)
+    await stage.on_request(ctx)
+    answer = ONNX.run({"input": x})
+    ctx.response = InferResponse(model_name="digits", outputs={k: v for k, v in answer.items() if not outputs or k in outputs})
+    return ctx
+
+
+def walk(n: int, seed: int = 0) -> np.ndarray:
+    """Extraction-like queries: a few seeds, each perturbed many times (as JbDA does)."""
+    x, _ = load_samples("digits")
+    rng = np.random.default_rng(seed)
+    seeds = x[rng.choice(len(x), 5, replace=False)]
+    return np.clip(seeds[rng.integers(5, size=n)] + rng.normal(0, 0.3, (n, 64)), 0, 16)
+
+
+async def run(
+    stage: Prada, queries: np.ndarray, client: str = "alice", **kw: Any
+) -> tuple[list[Verdict], RequestContext]:
+    """Each query in turn; the verdicts and the last request's context."""
+    verdicts = []
+    for q in queries:
+        ctx = await ask(stage, q, client, **kw)
+        verdicts.append(await stage.on_response(ctx))
+    return verdicts, ctx
+
+
+async def test_benign_held_out_queries_are_not_flagged() -> None:
+    x, _ = load_samples("digits")
+    verdicts, _ = await run(build(action="deny"), x[np.random.default_rng(1).permutation(len(x))[:300]])
+    assert verdicts == [Verdict.CONTINUE] * 300
+
+
+async def test_extraction_like_queries_are_flagged_once_tested() -> None:
+    stage = build(action="deny")
+    verdicts, _ = await run(stage, walk(140))
+    first = verdicts.index(Verdict.DENY)
+    assert first + 1 == 110  # 100 distances (the first query has none), tested every 10
+    _, last = await run(stage, walk(10, seed=1))
+    finding = last.findings[-1]
+    assert (finding.stage, finding.technique, finding.threshold) == ("prada", "AML.T0024.002", 0.9)
+    assert finding.score < 0.9 and "Shapiro-Wilk" in finding.message
+
+
+async def test_clients_are_separate() -> None:
+    store = MemoryStore()
+    stage = build(store, action="deny")
+    queries = walk(200)
+    assert set((await run(stage, queries[::2], "a"))[0]) == {Verdict.CONTINUE}
+    assert set((await run(stage, queries[1::2], "b"))[0]) == {Verdict.CONTINUE}
+
+
+async def test_class_comes_from_any_output_the_client_asked_for() -> None:
+    for outputs in (("label",), ("probabilities",)):
+        stage = build(action="deny")
+        assert Verdict.DENY in (await run(stage, walk(110), outputs=outputs))[0]
+
+
+async def test_a_batch_counts_each_row() -> None:
+    stage = build(action="flag")
+    ctx = await ask(stage, walk(110))
+    assert await stage.on_response(ctx) is Verdict.CONTINUE
+    assert ctx.findings and ctx.findings[-1].action is Action.FLAG
+
+
+async def test_histories_are_bounded() -> None:
+    store = MemoryStore()
+    stage = build(store, max_per_class=4, max_distances=50, min_queries=20)
+    await run(stage, walk(120))
+    d = await store.items(client_key("alice", "prada", "digits", "d"))
+    assert len(d) == 50
+    for c in range(10):
+        assert len(await store.items(client_key("alice", "prada", "digits", "g", str(c)))) <= 4
+
+
+async def test_degrade_marks_the_client() -> None:
+    store = MemoryStore()
+    stage = build(store, action="degrade", degrade_for=60)
+    _, last = await run(stage, walk(110))
+    assert last.degraded
+    x, _ = load_samples("digits")
+    ctx = await ask(stage, x[0])
+    assert ctx.degraded and await store.marked(client_key("alice", "degrade", "digits"))
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"delta": 1.0}, "delta must be < 1"),
+        ({"min_queries": 2}, "min_queries must be >= 3"),
+        ({"max_distances": 100, "min_queries": 200}, "min_queries must be <= 100"),
+        ({"max_distances": 6000}, "max_distances must be <= 5000"),
+        ({"output": "logits"}, "names no output of model digits"),
+        ({"input": "pixels"}, "names no input of model digits"),
+        ({"every": 0}, "every must be >= 1"),
+        ({"windows": 3}, "unknown key"),
+    ],
+)
+def test_bad_options_stop_the_load(options: dict[str, Any], message: str) -> None:
+    with pytest.raises(PolicyError, match=message):
+        build(**options)
+
+
+def test_describe() -> None:
+    described = build(action="degrade").describe()
+    assert described["delta"] == 0.9 and described["min_queries"] == 100
+    assert described["action"] == "degrade" and described["degrade_for"] == "10m"
