@@ -42,7 +42,13 @@ def fmix64(h: np.ndarray) -> np.ndarray:
 
 
 def validate_args(
-    x: np.ndarray, offsets: np.ndarray, step: float, window: int, stride: int, top: int, multiplier: int
+    x: np.ndarray,
+    offsets: np.ndarray,
+    step: float,
+    window: int,
+    stride: int,
+    top: int,
+    multiplier: int,
 ) -> tuple[np.ndarray, np.ndarray]:
     """``x`` as a 2-D batch and ``offsets`` as float64, once every argument is known good."""
     x = np.asarray(x)
@@ -52,7 +58,9 @@ def validate_args(
         raise TypeError(f"fingerprint: x must be numeric; got {x.dtype}")
     offsets = np.ascontiguousarray(offsets, dtype=np.float64)
     if offsets.shape != (x.shape[1],):
-        raise ValueError(f"fingerprint: offsets must have shape ({x.shape[1]},); got {offsets.shape}")
+        raise ValueError(
+            f"fingerprint: offsets must have shape ({x.shape[1]},); got {offsets.shape}"
+        )
     if not step > 0 or not np.isfinite(step):
         raise ValueError(f"fingerprint: step must be a positive number; got {step}")
     if window < 1 or stride < 1 or top < 1:

@@ -12,8 +12,11 @@ Juuti et al. EuroS&P 2019, evaluates against). From a small seed set, each
 substitute epoch ``rho`` labels the new points with the victim, retrains the
 surrogate on every labelled point, and adds ``x + lambda * sign(J_F(x)[O(x)])``
 for each known ``x`` (``J_F`` the surrogate's input Jacobian, ``O(x)`` the
-victim's label); with ``tau`` set, ``lambda`` flips sign every ``tau`` epochs
-(Papernot's periodic step size).
+victim's label); ``lambda`` flips sign every ``tau`` epochs (Papernot's
+periodic step size). Our default is ``tau = 3``: with a fixed sign the repeated
+steps pin inputs to the range's edges; on digits, from 30 seed images and 2,000
+queries, fidelity ended at 0.74-0.76 without the flip and 0.84-0.91 with it
+(three seeds).
 
 Both report a curve of fidelity (agreement with the victim's labels on held-out
 inputs) and accuracy (against their true labels) against queries spent. The
@@ -172,9 +175,9 @@ class Knockoff:
 @dataclass(frozen=True, kw_only=True, slots=True)
 class JbDA:
     budget: int = 2000
-    seed_size: int = 100  # pool rows labelled first
+    seed_size: int = 50  # pool rows labelled first
     lam: float = 0.1  # lambda, as a fraction of the input range
-    tau: int | None = None  # flip lambda's sign every tau substitute epochs
+    tau: int | None = 3  # flip lambda's sign every tau substitute epochs; None: never
     hidden: int = 128
     steps: int = 1500
     name: ClassVar[str] = "jbda"

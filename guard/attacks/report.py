@@ -88,21 +88,25 @@ class Report:
 
         directory.mkdir(parents=True, exist_ok=True)
         written = []
-        curves = [e for e in self.entries if "curve" in e]
-        if curves:
-            figure = Figure(figsize=(6, 4), layout="constrained")
-            axes = figure.add_subplot()
-            for e in curves:
-                rate = e["curve"].get("success_rate") or e["curve"].get("fidelity")
-                axes.plot(e["curve"]["queries"], rate, marker=".", label=e["attack"])
-            axes.set(
-                xlabel="queries (per sample for evasion, in all for extraction)",
-                ylabel="success rate / fidelity",
-                ylim=(0, 1.02),
-                title=f"{self.model} via {self.target}",
+        panels = [
+            (family, label, [e for e in self.entries if e["family"] == family and "curve" in e])
+            for family, label in (
+                ("evasion", "success rate (queries per sample)"),
+                ("extraction", "fidelity (queries in all)"),
             )
-            axes.set_xscale("log")
-            axes.legend(fontsize="small")
+        ]
+        panels = [panel for panel in panels if panel[2]]
+        if panels:
+            figure = Figure(figsize=(5 * len(panels), 4), layout="constrained")
+            figure.suptitle(f"{self.model} via {self.target}")
+            for k, (family, label, entries) in enumerate(panels, start=1):
+                axes = figure.add_subplot(1, len(panels), k)
+                for e in entries:
+                    rate = e["curve"].get("success_rate") or e["curve"].get("fidelity")
+                    axes.plot(e["curve"]["queries"], rate, marker=".", label=e["attack"])
+                axes.set(xlabel="queries", ylabel=label, ylim=(0, 1.02), title=family)
+                axes.set_xscale("log")
+                axes.legend(fontsize="small")
             written.append(directory / "success_vs_queries.png")
             figure.savefig(written[-1], dpi=120)
         rocs = [e for e in self.entries if "roc" in e]

@@ -15,14 +15,16 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 TABLE_RADII = (0.0, 0.25, 0.5, 1.0, 1.5, 2.0)
 CSV_HEADER = ("sigma", "index", "label", "predict", "radius", "correct", "abstained", "time")
 
 
-class Row(NamedTuple):
+@dataclass(frozen=True, slots=True)
+class Row:
     sigma: float
     index: int
     label: int

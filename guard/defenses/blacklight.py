@@ -9,7 +9,7 @@ share most windows, hence most of their fingerprint; unrelated inputs share
 almost none. A query *matches* an earlier one when their fingerprints share
 more than ``threshold`` hashes.
 
-The paper's settings for 0–255 images are step 50, window 20, stride 1,
+The paper's settings for 0-255 images are step 50, window 20, stride 1,
 top 50, threshold 25. Differences from the reference code (Huiying-Li/blacklight):
 
 * the hash is a keyed 64-bit hash (:mod:`guard._py.fingerprint`) rather than

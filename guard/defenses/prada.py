@@ -6,12 +6,12 @@ other whose minima look normally distributed; the synthetic queries of a model
 extraction attack (JbDA and its variants, and the perturbations of evasion
 attacks) do not. Per client, for each query ``x`` of predicted class ``c``:
 
-1. ``d = min_{y ∈ G_c} ||x − y||₂``, the distance to the client's *growing
+1. ``d = min_{y ∈ G_c} ||x - y||₂``, the distance to the client's *growing
    set* ``G_c`` of earlier class-``c`` queries (the first query of a class only
    starts ``G_c``); ``d`` joins the client's distances ``D``.
 2. When ``d > T_c``, ``x`` joins ``G_c``, ``d`` joins ``D_{G_c}``, and
-   ``T_c ← max(T_c, mean(D_{G_c}) − std(D_{G_c}))``.
-3. Once ``D`` holds enough distances, the Shapiro–Wilk statistic ``W`` of
+   ``T_c ← max(T_c, mean(D_{G_c}) - std(D_{G_c}))``.
+3. Once ``D`` holds enough distances, the Shapiro-Wilk statistic ``W`` of
    ``D`` (``scipy.stats.shapiro``) below ``δ`` (0.9 in the paper) flags an attack.
 
 What we bound and the paper does not: ``G_c`` keeps its newest members (``T_c``
@@ -33,7 +33,7 @@ _HEADER = np.dtype("<f4")
 
 @dataclass(slots=True)
 class ClassSet:
-    """A growing set ``G_c``: its members (rows) and the distance each joined at (NaN: the first)."""
+    """A growing set ``G_c``: its members (rows), the distance each joined at (NaN: the first)."""
 
     members: np.ndarray  # [k, D] float32
     joined: np.ndarray  # [k] float32
@@ -54,7 +54,7 @@ class ClassSet:
 
     @staticmethod
     def encode(x: np.ndarray, joined: float) -> bytes:
-        """One member as stored: the distance it joined at, then its values (float32, little-endian)."""
+        """One member as stored: the distance it joined at, then its values (little-endian f4)."""
         return np.concatenate(([joined], x)).astype(_HEADER).tobytes()
 
     def add(self, x: np.ndarray, joined: float) -> None:
@@ -64,14 +64,15 @@ class ClassSet:
 
 @dataclass(frozen=True, slots=True)
 class Observation:
-    """One query seen: its distance to the growing set (None: first of its class) and whether it joined."""
+    """One query seen: its distance to the growing set (None: first of its class), and
+    whether it joined the set."""
 
     distance: float | None
     grows: bool
 
 
 def class_threshold(joined: np.ndarray) -> float:
-    """``T_c``: the running maximum of ``mean − std`` over the distances ``G_c`` grew at."""
+    """``T_c``: the running maximum of ``mean - std`` over the distances ``G_c`` grew at."""
     d = joined[~np.isnan(joined)].astype(np.float64)
     if d.size == 0:
         return 0.0
@@ -95,7 +96,7 @@ def observe(growing: ClassSet, x: np.ndarray) -> Observation:
 
 
 def shapiro_w(distances: np.ndarray) -> float:
-    """The Shapiro–Wilk statistic of ``distances`` (1.0 when they are all equal: no evidence)."""
+    """The Shapiro-Wilk statistic of ``distances`` (1.0 when they are all equal: no evidence)."""
     from scipy.stats import shapiro
 
     d = np.asarray(distances, dtype=np.float64)

@@ -11,8 +11,8 @@ YAML keys (all optional):
 
 ``input``        the input to watch; default: the model's only input
 ``quantize``     quantization step, in the input's units; about a fifth of the
-                 input range (the paper: 50 on 0–255). Default ``3.0``, for the
-                 digits demo's 0–16 pixels; use 0.2 for inputs in [0, 1]
+                 input range (the paper: 50 on 0-255). Default ``3.0``, for the
+                 digits demo's 0-16 pixels; use 0.2 for inputs in [0, 1]
 ``window``       values per hashed window; default 20
 ``stride``       step between windows; default 1
 ``top``          hashes kept per fingerprint; default 50
@@ -43,9 +43,15 @@ import os
 from typing import Any
 
 from guard.configreader import Section
-from guard.defenses.blacklight import FingerprintKey, Fingerprinter
+from guard.defenses.blacklight import Fingerprinter, FingerprintKey
 from guard.pipeline import Action, BaseStage, RequestContext, Verdict
-from guard.stages.detector import Enforcement, format_duration, input_rows, read_duration, read_input
+from guard.stages.detector import (
+    Enforcement,
+    format_duration,
+    input_rows,
+    read_duration,
+    read_input,
+)
 from guard.stages.env import StageEnv, read_fail_open
 
 TECHNIQUE = "AML.T0043"  # Craft Adversarial Data (black-box evasion probes)
@@ -97,12 +103,14 @@ class Blacklight(BaseStage):
         if key_env is not None:
             secret = os.environ.get(key_env)
             if not secret:
-                raise section.error("key_env", f"names environment variable {key_env}, which is not set")
+                raise section.error(
+                    "key_env", f"names environment variable {key_env}, which is not set"
+                )
             key = FingerprintKey.derive(secret.encode())
         elif enforcement.store.shared:
             raise section.error(
                 None,
-                "needs key_env with a shared state store: every replica must hash with the same key",
+                "needs key_env with a shared state store: every replica must hash with one key",
             )
         else:
             key = FingerprintKey.derive(_process_secret())

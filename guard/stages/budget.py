@@ -90,12 +90,16 @@ class Budget(BaseStage):
         store, client, model = self.enforcement.store, ctx.client.name, self.enforcement.model
         counts = await asyncio.gather(
             *(
-                store.incr(client_key(client, "budget", model, f"{round(q.per * 1000)}ms"), amount, q.per)
+                store.incr(
+                    client_key(client, "budget", model, f"{round(q.per * 1000)}ms"), amount, q.per
+                )
                 for q in self.limits
             )
         )
         exceeded = [
-            (q, n, reset) for q, (n, reset) in zip(self.limits, counts, strict=True) if n > q.queries
+            (q, n, reset)
+            for q, (n, reset) in zip(self.limits, counts, strict=True)
+            if n > q.queries
         ]
         if not exceeded:
             return Verdict.CONTINUE

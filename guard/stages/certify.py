@@ -83,7 +83,7 @@ from guard.stages.env import StageEnv, read_fail_open
 if TYPE_CHECKING:
     from guard.backends.base import Backend
     from guard.backends.onnx import OnnxBackend
-    from guard.defenses.smoothing import Certificate, Smooth
+    from guard.defenses.smoothing import Certificate
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +123,8 @@ class SampleBudget:
 
 
 class Certify(BaseStage):
+    """CERTIFY on every row of the requests it selects; see the module docstring."""
+
     name = "certify"
 
     def __init__(
@@ -238,6 +240,7 @@ class Certify(BaseStage):
             "max_samples_per_second": self.budget.rate if self.budget else None,
             "on_overload": self.on_overload,
             "seeded": self.seed is not None,
+            "running": self._active,
         }
 
     async def on_response(self, ctx: RequestContext) -> Verdict:
@@ -251,11 +254,8 @@ class Certify(BaseStage):
                 raise Overloaded(f"certification capacity exhausted ({refusal}); try again shortly")
             _publish_uncertified(ctx, response, len(x), refusal)
             return Verdict.CONTINUE
-        self._active += 1
-        try:
-            certificates = await self._certify(ctx, x)
-        finally:
-            self._active -= 1
+        self._active += 1  # _certify releases it once sampling has really stopped
+        certificates = await self._certify(ctx, x)
         _publish(ctx, response, certificates)
         return Verdict.CONTINUE
 
@@ -297,6 +297,12 @@ class Certify(BaseStage):
     # -- sampling ----------------------------------------------------------------
 
     async def _certify(self, ctx: RequestContext, x: np.ndarray) -> list[Certificate]:
+        """Certify every row; release the concurrency slot when sampling has stopped.
+
+        A request cancelled while its rows are sampled in a worker thread keeps
+        its slot until the thread is done, so cancelled requests cannot pile up
+        more than ``max_concurrent`` certifications.
+        """
         from guard.defenses.smoothing import AsyncSmooth, Smooth
 
         rng = np.random.default_rng(self._seeds.spawn(1)[0])
@@ -309,21 +315,30 @@ class Certify(BaseStage):
 
             smooth = Smooth(local_labels, self.sigma, batch=self.batch, dtype=self.dtype)
             loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(
-                local.executor, lambda: [self._certify_row(smooth, row, rng) for row in x]
-            )
+
+            def work() -> list[Certificate]:
+                return [smooth.certify(row, self.n0, self.n, self.alpha, rng=rng) for row in x]
+
+            try:
+                sampling = loop.run_in_executor(local.executor, work)
+            except BaseException:
+                self._release()
+                raise
+            sampling.add_done_callback(self._release)
+            return await asyncio.shield(sampling)
 
         async def upstream_labels(batch: np.ndarray) -> np.ndarray:
             return await self._upstream_labels(ctx, batch)
 
         dtype = x.dtype if x.dtype == np.float64 else self.dtype
         remote = AsyncSmooth(upstream_labels, self.sigma, batch=self.batch, dtype=dtype)
-        return [await remote.certify(row, self.n0, self.n, self.alpha, rng=rng) for row in x]
+        try:
+            return [await remote.certify(row, self.n0, self.n, self.alpha, rng=rng) for row in x]
+        finally:
+            self._release()
 
-    def _certify_row(
-        self, smooth: Smooth, row: np.ndarray, rng: np.random.Generator
-    ) -> Certificate:
-        return smooth.certify(row, self.n0, self.n, self.alpha, rng=rng)
+    def _release(self, _: object = None) -> None:
+        self._active -= 1
 
     async def _upstream_labels(self, ctx: RequestContext, batch: np.ndarray) -> np.ndarray:
         name = self.input_name or next(iter(ctx.request.inputs))

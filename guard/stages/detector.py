@@ -2,7 +2,8 @@
 
 Every detector (``blacklight``, ``prada``, ``budget``) takes these YAML keys:
 
-``action``       ``flag``, ``degrade``, ``deny``, ``shadow`` or ``allow`` (each stage names its default)
+``action``       ``flag``, ``degrade``, ``deny``, ``shadow`` or ``allow`` (each stage
+                 names its default)
 ``degrade_for``  with ``action: degrade``, how long the client stays degraded after a
                  finding; a duration, default ``10m``
 ``on_error``     ``closed`` (default) refuses the request with 503 when the stage or
@@ -41,7 +42,9 @@ def read_duration(section: Section, key: str, default: float | None) -> float:
     ``default`` ``None``: the key is required.
     """
     if not isinstance(section.data.get(key), str):
-        seconds = float(section.float(key, gt=0) if default is None else section.float(key, default, gt=0))
+        seconds = float(
+            section.float(key, gt=0) if default is None else section.float(key, default, gt=0)
+        )
         if seconds == float("inf"):
             raise section.error(key, "must be a finite duration")
         return seconds
@@ -77,7 +80,9 @@ def read_input(section: Section, env: StageEnv) -> str | None:
     if name is not None and env.metadata is not None:
         known = [spec.name for spec in env.metadata.inputs]
         if name not in known:
-            raise section.error("input", f"names no input of model {env.model}; it has {', '.join(known)}")
+            raise section.error(
+                "input", f"names no input of model {env.model}; it has {', '.join(known)}"
+            )
     return name
 
 
@@ -141,7 +146,12 @@ class Enforcement:
     ) -> Verdict:
         """Record the finding, act on it, and return the verdict its action calls for."""
         verdict = ctx.report(
-            self.stage, self.action, message, score=score, threshold=threshold, technique=self.technique
+            self.stage,
+            self.action,
+            message,
+            score=score,
+            threshold=threshold,
+            technique=self.technique,
         )
         if ctx.findings[-1].action is Action.DEGRADE:
             await self.store.mark(self.mark_key(ctx.client.name), self.degrade_for)

@@ -3,7 +3,7 @@
 Runs on the response, since PRADA needs the class the model predicted
 (:mod:`guard.defenses.prada`): per client and class, each query's minimum L2
 distance to the client's earlier queries of that class; every ``every``
-queries, once ``min_queries`` distances are held, a Shapiro–Wilk test on them.
+queries, once ``min_queries`` distances are held, a Shapiro-Wilk test on them.
 A finding with action ``deny`` withholds the answer (403).
 
 YAML keys (all optional):
@@ -13,7 +13,7 @@ YAML keys (all optional):
                    classes]`` score output or a ``[batch]`` label output; default:
                    ``probabilities``, else ``label``. When the response lacks it
                    (the client asked for other outputs), any output of either shape
-``delta``          flag when Shapiro–Wilk W < delta; default 0.9
+``delta``          flag when Shapiro-Wilk W < delta; default 0.9
 ``min_queries``    distances needed before the first test; default 100
 ``every``          test every this many queries; default 10
 ``max_distances``  newest distances tested (at most 5000); default 1000
@@ -37,7 +37,13 @@ from guard.configreader import Section
 from guard.defenses.prada import ClassSet, observe, shapiro_w
 from guard.inference import InferResponse
 from guard.pipeline import Action, BaseStage, RequestContext, Verdict
-from guard.stages.detector import Enforcement, format_duration, input_rows, read_duration, read_input
+from guard.stages.detector import (
+    Enforcement,
+    format_duration,
+    input_rows,
+    read_duration,
+    read_input,
+)
 from guard.stages.env import StageEnv, read_fail_open
 from guard.state import client_key
 
@@ -82,7 +88,9 @@ class Prada(BaseStage):
         if output is not None and env.metadata is not None:
             known = [spec.name for spec in env.metadata.outputs]
             if output not in known:
-                raise section.error("output", f"names no output of model {env.model}; it has {', '.join(known)}")
+                raise section.error(
+                    "output", f"names no output of model {env.model}; it has {', '.join(known)}"
+                )
         max_distances = section.int("max_distances", 1000, min=3, max=5000)
         stage = cls(
             input_name=read_input(section, env),
@@ -128,7 +136,9 @@ class Prada(BaseStage):
         store, client, ttl = self.enforcement.store, ctx.client.name, self.ttl
         keys = {int(c): self._key(client, "g", str(int(c))) for c in np.unique(classes)}
         stored = await asyncio.gather(*(store.items(k) for k in keys.values()))
-        sets = {c: ClassSet.decode(items, x.shape[1]) for c, items in zip(keys, stored, strict=True)}
+        sets = {
+            c: ClassSet.decode(items, x.shape[1]) for c, items in zip(keys, stored, strict=True)
+        }
 
         joined: dict[int, list[bytes]] = {}
         distances: list[float] = []
@@ -141,10 +151,15 @@ class Prada(BaseStage):
                 joined.setdefault(c, []).append(entry)
 
         d_key = self._key(client, "d")
-        updates = [store.push(keys[c], items, self.max_per_class, ttl) for c, items in joined.items()]
-        updates.append(store.push(d_key, [np.float32(d).tobytes() for d in distances], self.max_distances, ttl))
-        updates.append(store.incr(self._key(client, "n"), len(x), ttl))
-        *_, held, (count, _) = await asyncio.gather(*updates)
+        recorded = [np.float32(d).tobytes() for d in distances]
+        grown = [store.push(keys[c], items, self.max_per_class, ttl) for c, items in joined.items()]
+        (held, (count, _)), _ = await asyncio.gather(
+            asyncio.gather(
+                store.push(d_key, recorded, self.max_distances, ttl),
+                store.incr(self._key(client, "n"), len(x), ttl),
+            ),
+            asyncio.gather(*grown),
+        )
         if held < self.min_queries or (count - len(x)) // self.every == count // self.every:
             return Verdict.CONTINUE
         history = np.frombuffer(b"".join(await store.items(d_key)), dtype=_DISTANCE)

@@ -81,7 +81,9 @@ def _redis_url(section: Section) -> str:
         if not url:
             raise section.error("url_env", f"names environment variable {env}, which is not set")
     if not url.startswith(("redis://", "rediss://", "unix://")):
-        raise section.error("url" if env is None else "url_env", "must be a redis://, rediss:// or unix:// URL")
+        raise section.error(
+            "url" if env is None else "url_env", "must be a redis://, rediss:// or unix:// URL"
+        )
     return str(url)
 
 

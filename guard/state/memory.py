@@ -159,7 +159,9 @@ class MemoryStore:
             state = self._tables[table] = _Table()  # idle past its ttl: start afresh
         state.used_at = now
         return [
-            self._match_one(state, client, tuple(hashes), now, threshold, max_queries, ttl_s, max_per_hash)
+            self._match_one(
+                state, client, tuple(hashes), now, threshold, max_queries, ttl_s, max_per_hash
+            )
             for hashes in fingerprints
         ]
 

@@ -203,7 +203,9 @@ class RedisStore:
         except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
             self._down_until = time.monotonic() + self.backoff_s
             self._failed(op)
-            raise StateUnavailable(f"state store unavailable (redis: {type(exc).__name__})") from exc
+            raise StateUnavailable(
+                f"state store unavailable (redis: {type(exc).__name__})"
+            ) from exc
         except RedisError as exc:
             self._failed(op)
             raise StateUnavailable(f"state store error (redis: {type(exc).__name__})") from exc
@@ -243,7 +245,9 @@ class RedisStore:
 
         async def call() -> Any:
             async with self._redis.pipeline(transaction=True) as pipe:
-                pipe.rpush(full, *items).ltrim(full, -cap, -1).pexpire(full, _ms(ttl_s))
+                pipe.rpush(full, *items)
+                pipe.ltrim(full, -cap, -1)
+                pipe.pexpire(full, _ms(ttl_s))
                 return await pipe.execute()
 
         length, _, _ = await self._run("push", call)
@@ -268,7 +272,12 @@ class RedisStore:
             return []
         base = self._key(hash_tag(table))
         args: list[Any] = [
-            client, threshold, max_queries, _ms(ttl_s), max_per_hash, self._expire_per_insert,
+            client,
+            threshold,
+            max_queries,
+            _ms(ttl_s),
+            max_per_hash,
+            self._expire_per_insert,
         ]
         for hashes in fingerprints:
             args.append(len(hashes))

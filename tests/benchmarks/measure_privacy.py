@@ -8,6 +8,11 @@ with a mechanism of :mod:`guard.defenses.privacy` applied to its scores, keyed
 as the ``privacy`` stage keys it (one generator per input row), so what is
 measured is what the stage serves.
 
+Utility: top-1 accuracy on non-members, and how much confidence information
+survives: the Pearson correlation between the released and the model's own
+probability of the model's top-1 class (1: untouched; 0 for label-only answers,
+whose confidence is always 1).
+
 Attacks (members: the model's training rows; non-members: its held-out rows):
 
 * Confidence membership (Yeom et al., CSF 2018): the released probability of
@@ -18,11 +23,12 @@ Attacks (members: the model's training rows; non-members: its held-out rows):
   level on its calibration half.
 
   Advantage = TPR - FPR on an evaluation half, with the threshold (and noise
-  level) chosen on the other half; averaged over 20 random halvings. Choosing
+  level) chosen on the other half; mean ± standard deviation over 20 random
+  halvings. Choosing
   the threshold on the same rows it is scored on would report ~0.03 on a model
   that leaks nothing.
-* Extraction (Knockoff Nets, Orekondy et al., CVPR 2019, random strategy): a
-  fixed budget of non-member rows asked once each, the suite's
+* Extraction (Knockoff Nets, Orekondy et al., CVPR 2019, random strategy): two
+  fixed budgets of non-member rows asked once each, the suite's
   :class:`~guard.attacks.surrogate.Surrogate` trained on the released scores
   and, separately, on the released labels; fidelity (agreement with the
   undefended model on other non-members) is the better of the two.
@@ -113,12 +119,13 @@ def best_threshold(members: np.ndarray, nonmembers: np.ndarray) -> tuple[float, 
     return float(candidates[i]), float(tpr[i] - fpr[i])
 
 
-def advantage(scores_m: np.ndarray, scores_n: np.ndarray) -> float:
+def advantage(scores_m: np.ndarray, scores_n: np.ndarray) -> tuple[float, float]:
     """Held-out TPR - FPR of a threshold chosen on the other half, averaged over halvings.
 
     ``scores_*`` are ``[V, N]``: one row per attack variant (e.g. noise level);
     the variant and the threshold are both chosen on the calibration half. Every
-    call uses the same halvings, so equal scores give equal advantages.
+    call uses the same halvings, so equal scores give equal advantages. Returns
+    the mean and the standard deviation over the halvings.
     """
     rng = np.random.default_rng([SEED, 6])
     scores_m, scores_n = np.atleast_2d(scores_m), np.atleast_2d(scores_n)
@@ -131,7 +138,7 @@ def advantage(scores_m: np.ndarray, scores_n: np.ndarray) -> float:
         v = int(np.argmax([adv for _, adv in fits]))
         t = fits[v][0]
         results.append(np.mean(scores_m[v, em] >= t) - np.mean(scores_n[v, en] >= t))
-    return float(np.mean(results))
+    return float(np.mean(results)), float(np.std(results))
 
 
 def confidence_scores(target: Target, x: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -191,6 +198,13 @@ def invert(
     return z
 
 
+def correlation(a: np.ndarray, b: np.ndarray) -> float:
+    """Pearson correlation; 0 when either side is constant (it tells nothing)."""
+    if np.ptp(a) == 0 or np.ptp(b) == 0:
+        return 0.0
+    return float(np.corrcoef(a, b)[0, 1])
+
+
 def cosine(a: np.ndarray, b: np.ndarray) -> float:
     na, nb = np.linalg.norm(a), np.linalg.norm(b)
     return float(a @ b / (na * nb)) if na > 0 and nb > 0 else 0.0
@@ -219,7 +233,7 @@ class Data:
     hi: np.ndarray
     scale: np.ndarray  # per-feature spread, for perturbations
     noise: tuple[float, ...]  # label-only perturbation levels (times ``scale``)
-    budget: int  # extraction queries
+    budgets: tuple[int, ...]  # extraction queries
 
 
 def load(name: str) -> Data:
@@ -247,14 +261,19 @@ def load(name: str) -> Data:
         # pixels share one unit; tabular features each get their own spread
         scale=np.ones_like(lo) if image else np.where(std > 0, std, 1.0),
         noise=(1.0, 2.0, 4.0) if image else (0.1, 0.3, 1.0),
-        budget=250 if image else 100,
+        budgets=(100, 250) if image else (25, 100),
     )
 
 
 def measure(data: Data, setting: Setting) -> dict[str, Any]:
     rng = np.random.default_rng([SEED, 2])
     target = DefendedTarget(data.name, setting.mechanism)
-    accuracy = float(np.mean(target.query(data.xn).labels == data.yn))
+    released = target.query(data.xn)
+    accuracy = float(np.mean(released.labels == data.yn))
+    truth = OnnxTarget.builtin(data.name).query(data.xn).scores
+    top = np.argmax(truth, axis=1)
+    rows = np.arange(len(top))
+    utility = correlation(released.scores[rows, top], truth[rows, top])
     conf = advantage(confidence_scores(target, data.xm, data.ym), confidence_scores(target, data.xn, data.yn))
     label_m = label_only_scores(target, data.xm, data.ym, data.noise, data.scale, data.lo, data.hi, rng)
     label_n = label_only_scores(target, data.xn, data.yn, data.noise, data.scale, data.lo, data.hi, rng)
@@ -264,6 +283,7 @@ def measure(data: Data, setting: Setting) -> dict[str, Any]:
     return {
         "setting": setting.label,
         "accuracy": accuracy,
+        "confidence_correlation": utility,
         "confidence_advantage": conf,
         "label_only_advantage": label,
         "extraction_fidelity": fidelity,
@@ -271,19 +291,23 @@ def measure(data: Data, setting: Setting) -> dict[str, Any]:
     }
 
 
-def extraction_fidelity(data: Data, target: Target) -> dict[str, float]:
-    """Knockoff (random strategy): ``budget`` pool rows asked once, a surrogate trained on
-    the released scores and one on the released labels; their fidelity on held-out rows."""
+def extraction_fidelity(data: Data, target: Target) -> dict[str, dict[str, float]]:
+    """Knockoff (random strategy): pool rows asked once; at each budget, a surrogate trained
+    on the released scores and one on the released labels, scored on held-out rows."""
     spec = target.spec
     evaluation = Evaluation.of(OnnxTarget.builtin(data.name), data.held_x, data.held_y)
     rng = np.random.default_rng([SEED, 3])
-    x = data.pool[rng.permutation(len(data.pool))[: data.budget]]
+    x = data.pool[rng.permutation(len(data.pool))[: max(data.budgets)]]
     answers = target.query(x)
+    labels = np.eye(spec.n_classes)[answers.labels]
     result = {}
-    for view, targets in (("scores", answers.scores), ("labels", np.eye(spec.n_classes)[answers.labels])):
-        surrogate = Surrogate(spec.n_features, spec.n_classes)
-        surrogate.fit(x, targets, rng=np.random.default_rng([SEED, 3]))
-        result[view] = evaluation.score(surrogate)[0]
+    for budget in data.budgets:
+        fidelity = {}
+        for view, targets in (("scores", answers.scores), ("labels", labels)):
+            surrogate = Surrogate(spec.n_features, spec.n_classes)
+            surrogate.fit(x[:budget], targets[:budget], rng=np.random.default_rng([SEED, 3]))
+            fidelity[view] = evaluation.score(surrogate)[0]
+        result[str(budget)] = fidelity
     return result
 
 
@@ -329,8 +353,8 @@ def repeats(data: Data, mechanism: Mechanism, n: int = 100) -> list[dict[str, An
                 "case": label,
                 "advantage_1": advantage(single[members], single[~members]),
                 f"advantage_{n}": advantage(mean[members], mean[~members]),
-                "correlation_1": float(np.corrcoef(single, true_p)[0, 1]),
-                f"correlation_{n}": float(np.corrcoef(mean, true_p)[0, 1]),
+                "correlation_1": correlation(single, true_p),
+                f"correlation_{n}": correlation(mean, true_p),
                 "identical": bool(np.array_equal(mean, single)),
             }
         )
@@ -361,18 +385,20 @@ def settings(recommended: Mechanism) -> list[Setting]:
 RECOMMENDED = Laplace(epsilon=2.0)
 
 
-def table(rows: list[dict[str, Any]]) -> str:
-    head = (
-        "| setting | top-1 acc | conf. MIA adv | label-only MIA adv | extraction fidelity "
-        "(scores / labels) | inversion sim |\n|---|---|---|---|---|---|"
-    )
-    lines = [head]
+def table(rows: list[dict[str, Any]], budgets: tuple[int, ...]) -> str:
+    fid = " / ".join(f"@{b}" for b in budgets)
+    lines = [
+        f"| setting | top-1 acc | confidence corr. | conf. MIA adv | label-only MIA adv | "
+        f"extraction fidelity {fid} | inversion sim |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        f = r["extraction_fidelity"]
+        conf, label = r["confidence_advantage"], r["label_only_advantage"]
+        fidelity = " / ".join(f"{max(f.values()):.3f}" for f in r["extraction_fidelity"].values())
         lines.append(
-            f"| {r['setting']} | {r['accuracy']:.4f} | {r['confidence_advantage']:.3f} | "
-            f"{r['label_only_advantage']:.3f} | {max(f.values()):.3f} "
-            f"({f['scores']:.3f} / {f['labels']:.3f}) | {r['inversion_similarity']:.3f} |"
+            f"| {r['setting']} | {r['accuracy']:.4f} | {r['confidence_correlation']:.3f} | "
+            f"{conf[0]:.3f} ± {conf[1]:.3f} | {label[0]:.3f} ± {label[1]:.3f} | {fidelity} | "
+            f"{r['inversion_similarity']:.3f} |"
         )
     return "\n".join(lines)
 
@@ -385,7 +411,7 @@ def repeats_table(rows: list[dict[str, Any]]) -> str:
     ]
     for r in rows:
         lines.append(
-            f"| {r['case']} | {r['advantage_1']:.3f} | {r['advantage_100']:.3f} | "
+            f"| {r['case']} | {r['advantage_1'][0]:.3f} | {r['advantage_100'][0]:.3f} | "
             f"{r['correlation_1']:.3f} | {r['correlation_100']:.3f} | {'yes' if r['identical'] else 'no'} |"
         )
     return "\n".join(lines)
@@ -407,7 +433,7 @@ def main(argv: list[str] | None = None) -> int:
             if not args.only or s.label in args.only
         ]
         print(f"\n### {name} (recommended: {RECOMMENDED.fingerprint()})\n")
-        print(table(rows))
+        print(table(rows, data.budgets))
         rep = repeats(data, RECOMMENDED)
         print(f"\nRepeats, {RECOMMENDED.fingerprint()}:\n")
         print(repeats_table(rep))

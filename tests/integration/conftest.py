@@ -15,6 +15,7 @@ from prometheus_client import CollectorRegistry
 from guard.config import load_policy
 from guard.server import create_app
 from tests.integration.mlserver_upstream import mlserver_breast_cancer  # noqa: F401  (fixture)
+from tests.integration.redis_server import redis_module, redis_server  # noqa: F401  (fixtures)
 
 StartGuard = Callable[..., Awaitable[TestServer]]
 

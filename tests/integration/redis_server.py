@@ -64,7 +64,11 @@ class RedisServer:
         while not self._answers():
             if self.process.poll() is not None or time.monotonic() > deadline:
                 self.stop()
-                tail = self.log_path.read_text(errors="replace")[-2000:] if self.log_path.exists() else ""
+                tail = (
+                    self.log_path.read_text(errors="replace")[-2000:]
+                    if self.log_path.exists()
+                    else ""
+                )
                 raise RuntimeError(f"redis-server did not start on port {self.port}:\n{tail}")
             time.sleep(0.02)
 
@@ -102,10 +106,15 @@ def _free_port() -> int:
 
 def redis_executable() -> str:
     """The redis-server to run, or skip (fail when GUARD_REQUIRE_REDIS is set)."""
-    found = os.environ.get(SERVER_ENV) or shutil.which("redis-server")
+    configured = os.environ.get(SERVER_ENV)
+    found = shutil.which(configured) if configured else shutil.which("redis-server")
     if found:
         return found
-    reason = "redis-server not found on PATH (apt-get install redis-server, or set GUARD_REDIS_SERVER)"
+    reason = (
+        f"{SERVER_ENV}={configured} is not an executable"
+        if configured
+        else "redis-server not found on PATH (apt-get install redis-server, or set GUARD_REDIS_SERVER)"
+    )
     if os.environ.get(REQUIRE_ENV, "") not in ("", "0"):
         pytest.fail(f"{reason}; {REQUIRE_ENV} is set, so this is an error", pytrace=False)
     pytest.skip(reason)
@@ -128,9 +137,9 @@ def redis_module(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
 
 
 @pytest.fixture
-def redis_server(redis_module: RedisServer) -> Iterator[RedisServer]:
+def redis_server(redis_module: RedisServer) -> RedisServer:
     """A running redis-server, emptied before the test (restarted if a test stopped it)."""
     if redis_module.process is None or redis_module.process.poll() is not None:
         redis_module.start()
     redis_module.flush()
-    yield redis_module
+    return redis_module

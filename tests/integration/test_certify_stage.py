@@ -21,7 +21,7 @@ from guard.config import parse_policy
 from guard.configreader import Section
 from guard.defenses.sampling import labels_from_output
 from guard.defenses.smoothing import Certificate, Smooth, max_radius
-from guard.errors import PolicyError, RequestError
+from guard.errors import Overloaded, PolicyError, RequestError
 from guard.inference import InferRequest, InferResponse
 from guard.models import load_samples, model_path
 from guard.pipeline import Action, RequestContext
@@ -224,6 +224,24 @@ async def test_overload_answers_uncertified(
             assert body["parameters"]["abstain_reason"].startswith("overloaded")
             assert headers["X-Guard-Certified-Radius"] == "uncertified"
             assert "label" in {o["name"] for o in body["outputs"]}  # answered normally
+
+
+async def test_a_cancelled_request_keeps_its_slot_until_sampling_stops(x: np.ndarray) -> None:
+    stage = build({"sigma": SIGMA, "n": 300_000, "max_concurrent": 1})
+    first = asyncio.create_task(stage.on_response(context(x[:1], certify=True)))
+    await asyncio.sleep(0.05)  # sampling has started in a worker thread
+    first.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await first
+    with pytest.raises(Overloaded, match="1 certifications running"):
+        await stage.on_response(context(x[:1], certify=True))
+    for _ in range(500):  # the thread finishes its rows, then frees the slot
+        if stage.describe()["running"] == 0:
+            break
+        await asyncio.sleep(0.02)
+    ctx = context(x[:1], certify=True)
+    await stage.on_response(ctx)
+    assert ctx.response is not None and ctx.response.parameters["certified"] is True
 
 
 def test_sample_budget_admits_while_not_in_debt() -> None:

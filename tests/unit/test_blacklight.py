@@ -14,7 +14,7 @@ from guard import _native
 from guard._py import fingerprint as twin
 from guard.clients import Client
 from guard.configreader import Section
-from guard.defenses.blacklight import FingerprintKey, Fingerprinter
+from guard.defenses.blacklight import Fingerprinter, FingerprintKey
 from guard.errors import PolicyError, RequestError
 from guard.inference import InferRequest
 from guard.models import load_samples
@@ -30,9 +30,10 @@ except ImportError:
     ext = None
 
 needs_ext = pytest.mark.skipif(ext is None, reason="the Cython extension is not built")
-IMPLS = [pytest.param(twin.fingerprint, id="twin"), pytest.param(
-    ext.fingerprint if ext else None, id="kernel", marks=needs_ext
-)]
+IMPLS = [
+    pytest.param(twin.fingerprint, id="twin"),
+    pytest.param(ext.fingerprint if ext else None, id="kernel", marks=needs_ext),
+]
 KEY = FingerprintKey.derive(b"test secret")
 
 
@@ -51,8 +52,17 @@ def args_for(x: np.ndarray, **overrides: Any) -> dict[str, Any]:
     return defaults | overrides
 
 
-def reference(x: np.ndarray, offsets: np.ndarray, step: float, window: int, stride: int, top: int,
-              multiplier: int, k1: int, k2: int) -> list[list[int]]:
+def reference(
+    x: np.ndarray,
+    offsets: np.ndarray,
+    step: float,
+    window: int,
+    stride: int,
+    top: int,
+    multiplier: int,
+    k1: int,
+    k2: int,
+) -> list[list[int]]:
     """The module docstring's rules in plain Python integers, one window at a time."""
     mask = 2**64 - 1
 
@@ -119,7 +129,11 @@ def test_kernel_matches_twin_bit_for_bit(seed: int) -> None:
     rng = np.random.default_rng(seed)
     n, d = int(rng.integers(0, 5)), int(rng.integers(0, 200))
     dtype = rng.choice([np.float32, np.float64, np.int64, np.uint8])
-    x = (rng.normal(8, 6, (n, d)) if dtype in (np.float32, np.float64) else rng.integers(0, 255, (n, d)))
+    x = (
+        rng.normal(8, 6, (n, d))
+        if dtype in (np.float32, np.float64)
+        else rng.integers(0, 255, (n, d))
+    )
     x = x.astype(dtype)
     if x.size and dtype in (np.float32, np.float64):
         x.flat[rng.integers(x.size, size=3)] = [np.nan, np.inf, -np.inf]
@@ -137,7 +151,9 @@ def test_kernel_matches_twin_bit_for_bit(seed: int) -> None:
 @needs_ext
 def test_kernel_takes_unaligned_and_strided_input() -> None:
     x = np.random.default_rng(0).uniform(0, 16, (4, 64))
-    raw = np.frombuffer(b"\x00" + x.astype(np.float32).tobytes(), dtype=np.float32, offset=1).reshape(4, 64)
+    raw = np.frombuffer(
+        b"\x00" + x.astype(np.float32).tobytes(), dtype=np.float32, offset=1
+    ).reshape(4, 64)
     for view in (raw, x[:, ::-1], np.asfortranarray(x)):
         args = args_for(view)
         assert as_lists(ext.fingerprint(view, **args)) == as_lists(twin.fingerprint(view, **args))
@@ -174,7 +190,9 @@ def test_native_picks_the_kernel_when_built() -> None:
     assert _native.fingerprint is chosen.fingerprint
     code = "import guard._native as n; print(n.fingerprint.__module__)"
     env = {**os.environ, "GUARD_NO_EXTENSIONS": "1"}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    )
     assert out.stdout.strip() == "guard._py.fingerprint"
 
 
@@ -192,7 +210,9 @@ def test_offsets_are_keyed_and_within_a_step() -> None:
     a = Fingerprinter(key=KEY, step=3.0).offsets(64)
     assert a.shape == (64,) and (a >= 0).all() and (a < 3.0).all()
     assert np.array_equal(a, Fingerprinter(key=KEY, step=3.0).offsets(64))
-    assert not np.array_equal(a, Fingerprinter(key=FingerprintKey.derive(b"x"), step=3.0).offsets(64))
+    assert not np.array_equal(
+        a, Fingerprinter(key=FingerprintKey.derive(b"x"), step=3.0).offsets(64)
+    )
 
 
 def shared(a: list[int], b: list[int]) -> int:
@@ -230,14 +250,20 @@ def fixed_key(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def build(store: MemoryStore | None = None, **options: Any) -> Blacklight:
-    env = StageEnv(model="digits", backend=None, local=None, metadata=None, state=store or MemoryStore())
+    env = StageEnv(
+        model="digits", backend=None, local=None, metadata=None, state=store or MemoryStore()
+    )
     options = {"key_env": "GUARD_TEST_BL_KEY"} | options
     return Blacklight.from_config(Section(options, source="p.yaml", path="blacklight"), env)
 
 
 def context(x: np.ndarray, client: str = "alice", shadow: bool = False) -> RequestContext:
-    request = InferRequest(model_name="digits", inputs={"input": np.atleast_2d(x).astype(np.float32)})
-    return RequestContext(request_id="r", model="digits", client=Client(client), request=request, shadow_mode=shadow)
+    request = InferRequest(
+        model_name="digits", inputs={"input": np.atleast_2d(x).astype(np.float32)}
+    )
+    return RequestContext(
+        request_id="r", model="digits", client=Client(client), request=request, shadow_mode=shadow
+    )
 
 
 def probes(n: int, seed: int = 0) -> np.ndarray:
@@ -268,7 +294,11 @@ async def test_finding_names_both_counts_and_the_technique() -> None:
         ctx = context(q)
         await stage.on_request(ctx)
     (finding,) = ctx.findings
-    assert (finding.stage, finding.action, finding.technique) == ("blacklight", Action.FLAG, "AML.T0043")
+    assert (finding.stage, finding.action, finding.technique) == (
+        "blacklight",
+        Action.FLAG,
+        "AML.T0043",
+    )
     assert (finding.score, finding.threshold) == (2.0, 2.0)
     assert "2 recent queries of this client and 2 of all clients" in finding.message
 
@@ -345,7 +375,12 @@ def test_describe_never_shows_the_key(monkeypatch: pytest.MonkeyPatch) -> None:
     described = build(key_env="BL_KEY").describe()
     assert described["key"] == "from $BL_KEY"
     assert "hunter2" not in repr(described)
-    assert (described["quantize"], described["window"], described["top"], described["threshold"]) == (3.0, 20, 50, 25)
+    assert (
+        described["quantize"],
+        described["window"],
+        described["top"],
+        described["threshold"],
+    ) == (3.0, 20, 50, 25)
 
 
 class SharedStore(MemoryStore):
@@ -365,7 +400,9 @@ class SharedStore(MemoryStore):
         ({"scope": "global"}, None, "unknown key"),
     ],
 )
-def test_bad_options_stop_the_load(options: dict[str, Any], store: MemoryStore | None, message: str) -> None:
+def test_bad_options_stop_the_load(
+    options: dict[str, Any], store: MemoryStore | None, message: str
+) -> None:
     with pytest.raises(PolicyError, match=message):
         build(store, **options)
 

@@ -34,7 +34,9 @@ def naive_threshold(joined: list[float]) -> float:
 
 @pytest.mark.parametrize("joined", [[], [3.0], [3.0, 1.0], [1.0, 5.0, 2.0, 8.0, 8.5], [2.0] * 6])
 def test_class_threshold_is_the_running_max_of_mean_minus_std(joined: list[float]) -> None:
-    with_first = np.array([np.nan, *joined], dtype=np.float32)  # the first member joined at no distance
+    with_first = np.array(
+        [np.nan, *joined], dtype=np.float32
+    )  # the first member joined at no distance
     assert class_threshold(with_first) == pytest.approx(naive_threshold(joined), abs=1e-6)
 
 
@@ -51,7 +53,10 @@ def test_observe_grows_the_set_only_past_the_threshold() -> None:
 
 def test_class_sets_round_trip_through_bytes() -> None:
     g = ClassSet.empty(3)
-    items = [ClassSet.encode(np.array([1, 2, 3], np.float32), np.nan), ClassSet.encode(np.arange(3.0), 2.5)]
+    items = [
+        ClassSet.encode(np.array([1, 2, 3], np.float32), np.nan),
+        ClassSet.encode(np.arange(3.0), 2.5),
+    ]
     decoded = ClassSet.decode([*items, b"wrong size"], 3)
     assert decoded.members.tolist() == [[1, 2, 3], [0, 1, 2]]
     assert np.isnan(decoded.joined[0]) and decoded.joined[1] == 2.5
@@ -73,26 +78,40 @@ ONNX = OnnxBackend(model_path("digits"), name="digits", device="cpu")
 
 
 def build(store: MemoryStore | None = None, **options: Any) -> Prada:
-    env = StageEnv(model="digits", backend=None, local=None, metadata=ONNX.model_metadata, state=store or MemoryStore())
+    env = StageEnv(
+        model="digits",
+        backend=None,
+        local=None,
+        metadata=ONNX.model_metadata,
+        state=store or MemoryStore(),
+    )
     return Prada.from_config(Section(options, source="p.yaml", path="prada"), env)
 
 
-async def ask(stage: Prada, x: np.ndarray, client: str = "alice", outputs: tuple[str, ...] = ()) -> RequestContext:
+async def ask(
+    stage: Prada, x: np.ndarray, client: str = "alice", outputs: tuple[str, ...] = ()
+) -> RequestContext:
     x = np.atleast_2d(x).astype(np.float32)
     request = InferRequest(model_name="digits", inputs={"input": x})
     ctx = RequestContext(request_id="r", model="digits", client=Client(client), request=request)
     await stage.on_request(ctx)
     answer = ONNX.run({"input": x})
-    ctx.response = InferResponse(model_name="digits", outputs={k: v for k, v in answer.items() if not outputs or k in outputs})
+    ctx.response = InferResponse(
+        model_name="digits",
+        outputs={k: v for k, v in answer.items() if not outputs or k in outputs},
+    )
     return ctx
 
 
 def walk(n: int, seed: int = 0) -> np.ndarray:
-    """Extraction-like queries: a few seeds, each perturbed many times (as JbDA does)."""
+    """Extraction-like queries as JbDA sends them: a few seeds, then sign steps off earlier queries."""
     x, _ = load_samples("digits")
     rng = np.random.default_rng(seed)
-    seeds = x[rng.choice(len(x), 5, replace=False)]
-    return np.clip(seeds[rng.integers(5, size=n)] + rng.normal(0, 0.3, (n, 64)), 0, 16)
+    queries = list(x[rng.choice(len(x), 10, replace=False)])
+    while len(queries) < n:
+        base = queries[rng.integers(len(queries))]
+        queries.append(np.clip(base + np.sign(rng.normal(size=64)), 0, 16))
+    return np.array(queries[:n])
 
 
 async def run(
@@ -108,7 +127,9 @@ async def run(
 
 async def test_benign_held_out_queries_are_not_flagged() -> None:
     x, _ = load_samples("digits")
-    verdicts, _ = await run(build(action="deny"), x[np.random.default_rng(1).permutation(len(x))[:300]])
+    verdicts, _ = await run(
+        build(action="deny"), x[np.random.default_rng(1).permutation(len(x))[:300]]
+    )
     assert verdicts == [Verdict.CONTINUE] * 300
 
 

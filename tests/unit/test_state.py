@@ -15,7 +15,7 @@ from guard.errors import PolicyError, StateUnavailable
 from guard.state import StateConfig, StateStore, build_store, client_key, read_state_config
 from guard.state.memory import MemoryStore
 from guard.state.redis import RedisStore
-from tests.integration.redis_server import RedisServer, redis_module, redis_server  # noqa: F401
+from tests.integration.redis_server import RedisServer
 
 TICK = 0.25  # a window or ttl long enough to act within, short enough to wait out
 
@@ -26,7 +26,7 @@ async def store(request: pytest.FixtureRequest) -> AsyncIterator[StateStore]:
         built: StateStore = MemoryStore()
     else:
         server: RedisServer = request.getfixturevalue("redis_server")
-        built = RedisStore(server.url, key_prefix="t:")
+        built = RedisStore(server.url, key_prefix="t:", timeout=5.0)  # CI machines can be slow
     yield built
     await built.close()
 
@@ -172,7 +172,7 @@ async def test_popular_hashes_index_only_the_newest_queries(store: StateStore) -
 
 async def test_stores_agree_on_a_random_workload(redis_server: RedisServer) -> None:
     rng = np.random.default_rng(5)
-    memory, shared = MemoryStore(), RedisStore(redis_server.url)
+    memory, shared = MemoryStore(), RedisStore(redis_server.url, timeout=5.0)
     args = fingerprint_args(threshold=3, max_queries=40, max_per_hash=8)
     try:
         for _ in range(60):
@@ -198,7 +198,7 @@ def test_client_keys_carry_an_unambiguous_hash_tag() -> None:
 
 
 async def test_redis_keys_are_prefixed_and_tagged(redis_server: RedisServer) -> None:
-    store = RedisStore(redis_server.url, key_prefix="g1:")
+    store = RedisStore(redis_server.url, key_prefix="g1:", timeout=5.0)
     try:
         await store.incr(client_key("alice", "n"), 1, 10)
         await store.match_fingerprints("blacklight:digits", "alice", [[1]], **fingerprint_args())
@@ -270,7 +270,9 @@ async def test_redis_down_raises_state_unavailable_counts_and_recovers(
         redis_server.start()
         await asyncio.sleep(0.15)
         assert (await store.incr(key, 1, 60))[0] == 1  # a fresh server: state was not persisted
-        assert (await store.match_fingerprints("t", "a", [[1]], **fingerprint_args()))[0].matches == 0
+        assert (await store.match_fingerprints("t", "a", [[1]], **fingerprint_args()))[
+            0
+        ].matches == 0
     finally:
         await store.close()
 
@@ -300,7 +302,9 @@ def test_state_config_defaults_to_memory() -> None:
 
 
 def test_state_config_reads_redis(monkeypatch: pytest.MonkeyPatch) -> None:
-    config = read({"backend": "redis", "url": "redis://h:6379/1", "key_prefix": "x:", "timeout": 0.5})
+    config = read(
+        {"backend": "redis", "url": "redis://h:6379/1", "key_prefix": "x:", "timeout": 0.5}
+    )
     assert (config.url, config.key_prefix, config.timeout) == ("redis://h:6379/1", "x:", 0.5)
     monkeypatch.setenv("REDIS_URL", "redis://:secret@h:6379/0")
     assert read({"backend": "redis", "url_env": "REDIS_URL"}).url == "redis://:secret@h:6379/0"

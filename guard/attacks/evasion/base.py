@@ -21,7 +21,7 @@ from guard.attacks.budget import BudgetExhausted, Oracle
 from guard.attacks.detection import detection
 from guard.attacks.targets import Target
 
-CURVE_POINTS = 20
+CURVE_POINTS = 25  # geometrically spaced, for log-scale plots
 
 
 class Progress:
@@ -100,7 +100,7 @@ class EvasionRun:
     def success_curve(self, points: int = CURVE_POINTS) -> dict[str, list[float]]:
         """Success rate against the queries spent per sample, up to the budget."""
         attacked = self.attacked
-        grid = np.unique(np.linspace(1, self.budget, points).round().astype(int))
+        grid = np.unique(np.geomspace(1, self.budget, points).round().astype(int))
         when = np.array([s.success_query if s.success else np.inf for s in attacked], dtype=float)
         rate = [(float(np.mean(when <= q)) if attacked else 0.0) for q in grid]
         return {"queries": grid.tolist(), "success_rate": rate}

@@ -1,0 +1,285 @@
+"""Query-pattern detection through real sockets: actions, audit, shared Redis state, outages."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import numpy as np
+import orjson
+import pytest
+import yaml
+from aiohttp.test_utils import TestServer
+
+from guard.appkeys import LIVE
+from guard.clients import key_digest
+from guard.models import load_samples
+from tests.integration.conftest import StartGuard
+from tests.integration.redis_server import RedisServer
+
+ADMIN = "admin-token"
+KEYS = {"alice": "key-alice", "bob": "key-bob", "mallory": "key-mallory"}
+BLACKLIGHT_KEY = "GUARD_TEST_BLACKLIGHT_KEY"
+
+
+def keys_file() -> str:
+    return yaml.safe_dump(
+        {"clients": {name: {"key_sha256": key_digest(k)} for name, k in KEYS.items()}}
+    )
+
+
+def policy(
+    stages: list[dict[str, Any]], *, state: dict[str, Any] | None = None, **extra: Any
+) -> dict[str, Any]:
+    document: dict[str, Any] = {
+        "version": 1,
+        "models": {
+            "digits": {
+                "model": "builtin:digits",
+                "stages": [{"validate": {"min": 0.0, "max": 16.0}}, *stages],
+            }
+        },
+        "clients": {"keys_file": "keys.yaml"},
+        "admin": {"token_sha256": key_digest(ADMIN)},
+        **extra,
+    }
+    if state is not None:
+        document["state"] = state
+    return document
+
+
+async def start(start_guard: StartGuard, document: dict[str, Any]) -> TestServer:
+    return await start_guard(document, files={"keys.yaml": keys_file()})
+
+
+def probes(n: int, seed: int = 0) -> np.ndarray:
+    """A boundary walk: one held-out digit nudged a little each time."""
+    x, _ = load_samples("digits")
+    rng = np.random.default_rng(seed)
+    return np.clip(x[seed] + rng.normal(0, 0.02, (n, 64)), 0, 16).astype(np.float32)
+
+
+async def infer(
+    http: aiohttp.ClientSession, guard: TestServer, x: np.ndarray, client: str
+) -> tuple[int, Any, Any]:
+    x = np.atleast_2d(x)
+    body = orjson.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "input",
+                    "shape": list(x.shape),
+                    "datatype": "FP32",
+                    "data": x.ravel().tolist(),
+                }
+            ]
+        }
+    )
+    async with http.post(
+        guard.make_url("/v2/models/digits/infer"), data=body, headers={"X-API-Key": KEYS[client]}
+    ) as reply:
+        data = await reply.json()
+        return reply.status, data, reply.headers
+
+
+def outputs(data: Any) -> dict[str, list[Any]]:
+    return {o["name"]: o["data"] for o in data["outputs"]}
+
+
+async def metric_lines(http: aiohttp.ClientSession, guard: TestServer, name: str) -> list[str]:
+    async with http.get(guard.make_url("/metrics")) as reply:
+        text = await reply.text()
+    return [line for line in text.splitlines() if line.startswith(name)]
+
+
+@pytest.fixture(autouse=True)
+def blacklight_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(BLACKLIGHT_KEY, "the deployment's secret")
+
+
+async def test_blacklight_denies_a_boundary_walk_and_audits_it(
+    start_guard: StartGuard, http: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    guard = await start(
+        start_guard,
+        policy([{"blacklight": {"key_env": BLACKLIGHT_KEY}}], audit={"path": "audit.jsonl"}),
+    )
+    x, _ = load_samples("digits")
+    statuses = [(await infer(http, guard, q, "mallory"))[0] for q in probes(6)]
+    assert statuses[:2] == [200, 200] and statuses[2:] == [403] * 4
+    status, data, headers = await infer(http, guard, probes(1)[0], "mallory")
+    assert status == 403 and "blacklight" in data["error"] and headers["X-Guard-Verdict"] == "deny"
+    for row in x[100:110]:  # others are unaffected
+        assert (await infer(http, guard, row, "alice"))[0] == 200
+    records = [orjson.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
+    record = records[0]
+    assert {k: record[k] for k in ("client", "stage", "action", "technique", "model")} == {
+        "client": "mallory",
+        "stage": "blacklight",
+        "action": "deny",
+        "technique": "AML.T0043",
+        "model": "digits",
+    }
+    assert record["score"] >= record["threshold"] == 2.0 and record["request_id"]
+    assert (
+        'guard_findings_total{action="deny",model="digits",stage="blacklight"} 5.0'
+        in await metric_lines(http, guard, "guard_findings_total")
+    )
+
+
+async def test_budget_answers_429_with_retry_after(
+    start_guard: StartGuard, http: aiohttp.ClientSession
+) -> None:
+    guard = await start(
+        start_guard, policy([{"budget": {"limits": [{"queries": 3, "per": "1m"}]}}])
+    )
+    x, _ = load_samples("digits")
+    assert (await infer(http, guard, x[:3], "alice"))[0] == 200
+    status, data, headers = await infer(http, guard, x[3], "alice")
+    assert status == 429 and "query budget exhausted" in data["error"]
+    assert 55 <= int(headers["Retry-After"]) <= 60
+    assert (await infer(http, guard, x[3], "bob"))[0] == 200
+
+
+async def test_degraded_clients_get_label_only_answers(
+    start_guard: StartGuard, http: aiohttp.ClientSession
+) -> None:
+    guard = await start(
+        start_guard,
+        policy(
+            [{"blacklight": {"key_env": BLACKLIGHT_KEY, "action": "degrade", "degrade_for": "1m"}}]
+        ),
+    )
+    x, _ = load_samples("digits")
+    before = outputs((await infer(http, guard, x[7], "mallory"))[1])
+    assert sorted(set(before["probabilities"])) != [0.0, 1.0]
+    for q in probes(3):
+        status, data, headers = await infer(http, guard, q, "mallory")
+    assert status == 200 and headers["X-Guard-Verdict"] == "degrade"
+    # From now on, for a minute, every answer to this client carries the label alone, silently.
+    status, data, headers = await infer(http, guard, x[7], "mallory")
+    after = outputs(data)
+    assert status == 200 and headers["X-Guard-Verdict"] == "allow"
+    assert sorted(set(after["probabilities"])) == [0.0, 1.0]
+    assert after["label"] == before["label"] == [int(np.argmax(after["probabilities"]))]
+    other = outputs((await infer(http, guard, x[7], "alice"))[1])
+    assert other["probabilities"] == before["probabilities"]
+
+
+async def test_prada_degrades_an_extraction_run(
+    start_guard: StartGuard, http: aiohttp.ClientSession
+) -> None:
+    guard = await start(start_guard, policy([{"prada": {"action": "degrade"}}]))
+    x, _ = load_samples("digits")
+    rng = np.random.default_rng(0)
+    queries = list(x[rng.choice(len(x), 10, replace=False)])
+    while len(queries) < 120:  # JbDA-style: sign steps off earlier queries
+        queries.append(
+            np.clip(queries[rng.integers(len(queries))] + np.sign(rng.normal(size=64)), 0, 16)
+        )
+    verdicts = [(await infer(http, guard, q, "mallory"))[2]["X-Guard-Verdict"] for q in queries]
+    assert verdicts.index("degrade") == 109
+    data = (await infer(http, guard, x[0], "mallory"))[1]
+    assert sorted(set(outputs(data)["probabilities"])) == [0.0, 1.0]
+
+
+# -- shared state -------------------------------------------------------------------------
+
+
+def redis_state(server: RedisServer, **extra: Any) -> dict[str, Any]:
+    return {"backend": "redis", "url": server.url, "key_prefix": "test:", "timeout": 2.0, **extra}
+
+
+async def test_two_guards_sharing_redis_catch_an_attack_split_between_them(
+    start_guard: StartGuard, http: aiohttp.ClientSession, redis_server: RedisServer
+) -> None:
+    document = policy(
+        [
+            {"budget": {"limits": [{"queries": 7, "per": "1m"}]}},
+            {"blacklight": {"key_env": BLACKLIGHT_KEY}},
+        ],
+        state=redis_state(redis_server),
+    )
+    a, b = await start(start_guard, document), await start(start_guard, document)
+    assert a.app[LIVE].state is not b.app[LIVE].state  # one store (one Redis client) per app
+    statuses = [
+        (await infer(http, (a, b)[i % 2], q, "mallory"))[0] for i, q in enumerate(probes(4))
+    ]
+    assert statuses == [200, 200, 403, 403]  # the third query matches one sent to each guard
+    # Budgets are shared too: 4 queries counted above, 3 more allowed across both guards.
+    x, _ = load_samples("digits")
+    assert [(await infer(http, (a, b)[i % 2], x[200 + i], "mallory"))[0] for i in range(4)] == [
+        200,
+        200,
+        200,
+        429,
+    ]
+
+
+async def test_without_a_key_blacklight_refuses_a_shared_store(
+    start_guard: StartGuard, redis_server: RedisServer
+) -> None:
+    from guard.errors import PolicyError
+
+    with pytest.raises(PolicyError, match="needs key_env with a shared state store"):
+        await start(start_guard, policy([{"blacklight": {}}], state=redis_state(redis_server)))
+
+
+@pytest.mark.parametrize(("on_error", "status"), [("closed", 503), ("open", 200)])
+async def test_redis_outage_applies_on_error_and_the_guard_recovers(
+    start_guard: StartGuard,
+    http: aiohttp.ClientSession,
+    redis_server: RedisServer,
+    on_error: str,
+    status: int,
+) -> None:
+    stages = [
+        {"budget": {"limits": [{"queries": 100, "per": "1m"}], "on_error": on_error}},
+        {"blacklight": {"key_env": BLACKLIGHT_KEY, "on_error": on_error}},
+    ]
+    guard = await start(start_guard, policy(stages, state=redis_state(redis_server)))
+    x, _ = load_samples("digits")
+    assert (await infer(http, guard, x[0], "alice"))[0] == 200
+    redis_server.stop()
+    for row in x[1:4]:
+        got, data, headers = await infer(http, guard, row, "alice")
+        assert got == status
+        assert headers["X-Guard-Verdict"] == "flag"
+        if status == 503:
+            assert "state store unavailable" in data["error"]
+    errors = await metric_lines(http, guard, "guard_state_errors_total{")
+    assert errors and all('backend="redis"' in line for line in errors)
+    assert sum(float(line.rsplit(" ", 1)[1]) for line in errors) >= 3
+    redis_server.start()
+    await asyncio.sleep(0.6)  # past the store's reconnect backoff
+    got, _, headers = await infer(http, guard, x[5], "alice")
+    assert (got, headers["X-Guard-Verdict"]) == (200, "allow")
+
+
+async def test_reload_keeps_the_store_unless_the_state_section_changes(
+    start_guard: StartGuard, http: aiohttp.ClientSession, tmp_path: Path, redis_server: RedisServer
+) -> None:
+    stages = [{"budget": {"limits": [{"queries": 3, "per": "1m"}]}}]
+    guard = await start(start_guard, policy(stages))
+    live = guard.app[LIVE]
+    first = live.state
+    x, _ = load_samples("digits")
+    assert (await infer(http, guard, x[:3], "alice"))[0] == 200
+    admin = {"Authorization": f"Bearer {ADMIN}"}
+
+    async def reload(document: dict[str, Any]) -> None:
+        (tmp_path / "policy.yaml").write_text(yaml.safe_dump(document))
+        async with http.post(guard.make_url("/admin/reload"), headers=admin) as reply:
+            assert reply.status == 200, await reply.text()
+
+    await reload(policy([{"budget": {"limits": [{"queries": 4, "per": "1m"}]}}]))
+    assert live.state is first  # same state section: same store, counts carried over
+    assert (await infer(http, guard, x[3], "alice"))[0] == 200
+    assert (await infer(http, guard, x[4], "alice"))[0] == 429
+    await reload(policy(stages, state=redis_state(redis_server)))
+    assert live.state is not first and live.state.backend == "redis"
+    assert (await infer(http, guard, x[:3], "alice"))[0] == 200  # a fresh store
+    await asyncio.sleep(0.1)  # the old runtime retires, then its store closes
+    assert first not in live.stores and live.stores == {live.state}

@@ -1,0 +1,147 @@
+"""What the detectors share: failure modes on a dead state store, degrade marks, label-only answers."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+
+from guard.clients import Client
+from guard.configreader import Section
+from guard.errors import PolicyError, StateUnavailable
+from guard.inference import InferRequest, InferResponse
+from guard.pipeline import Action, BaseStage, Pipeline, RequestContext, Verdict, label_only
+from guard.stages.budget import Budget
+from guard.stages.detector import Enforcement, read_duration
+from guard.stages.env import StageEnv
+from guard.state.memory import MemoryStore
+
+
+class DeadStore(MemoryStore):
+    """A store whose every operation fails as an unreachable Redis does."""
+
+    async def incr(self, key: str, amount: int, window_s: float) -> tuple[int, float]:
+        raise StateUnavailable("state store unavailable (redis: ConnectionError)")
+
+
+class Backend:
+    async def infer(self, request: InferRequest) -> InferResponse:
+        scores = np.array([[0.1, 0.7, 0.2], [0.5, 0.3, 0.2]], np.float32)
+        return InferResponse(
+            model_name="m", outputs={"probabilities": scores, "label": np.array([1, 0])}
+        )
+
+
+def context() -> RequestContext:
+    request = InferRequest(model_name="m", inputs={"input": np.zeros((2, 4), np.float32)})
+    return RequestContext(request_id="r", model="m", client=Client("alice"), request=request)
+
+
+def budget(store: MemoryStore, **options: Any) -> Budget:
+    env = StageEnv(model="m", backend=None, local=None, metadata=None, state=store)
+    options = {"limits": [{"queries": 10, "per": 60}]} | options
+    return Budget.from_config(Section(options, source="p.yaml", path="budget"), env)
+
+
+async def test_dead_store_fails_closed_with_503() -> None:
+    ctx = context()
+    with pytest.raises(StateUnavailable) as refused:
+        await Pipeline([budget(DeadStore())]).run(ctx, Backend())
+    assert refused.value.status == 503
+    assert (
+        ctx.findings[-1].action is Action.FLAG
+        and "state store unavailable" in ctx.findings[-1].message
+    )
+
+
+async def test_dead_store_fails_open_when_told() -> None:
+    ctx = context()
+    response = await Pipeline([budget(DeadStore(), on_error="open")]).run(ctx, Backend())
+    assert response.outputs["label"].tolist() == [1, 0]
+    assert ctx.verdict == "flag"
+
+
+class Degrader(BaseStage):
+    name = "degrader"
+
+    async def on_request(self, ctx: RequestContext) -> Verdict:
+        return ctx.report(self.name, Action.DEGRADE, "suspicious")
+
+
+class Privacy(BaseStage):
+    name = "privacy"
+    handles_degrade = True
+
+
+async def test_degraded_answers_are_label_only_by_default() -> None:
+    ctx = context()
+    response = await Pipeline([Degrader()]).run(ctx, Backend())
+    assert response.outputs["probabilities"].tolist() == [[0, 1, 0], [1, 0, 0]]
+    assert response.outputs["probabilities"].dtype == np.float32
+    assert response.outputs["label"].tolist() == [1, 0]
+
+
+async def test_a_stage_that_handles_degrade_takes_over() -> None:
+    response = await Pipeline([Degrader(), Privacy()]).run(context(), Backend())
+    assert response.outputs["probabilities"][0].tolist() == pytest.approx([0.1, 0.7, 0.2])
+
+
+async def test_undegraded_answers_are_untouched() -> None:
+    response = await Pipeline([]).run(context(), Backend())
+    assert response.outputs["probabilities"][0].tolist() == pytest.approx([0.1, 0.7, 0.2])
+
+
+def test_label_only_leaves_labels_and_single_scores_alone() -> None:
+    response = InferResponse(
+        model_name="m",
+        outputs={
+            "scores": np.array([[0.2, 0.8]], np.float64),
+            "logit": np.array([[3.0]], np.float32),
+            "label": np.array([1]),
+            "embedding": np.zeros((1, 2, 2), np.float32),
+        },
+    )
+    label_only(response)
+    assert response.outputs["scores"].tolist() == [[0.0, 1.0]]
+    assert response.outputs["logit"].tolist() == [[3.0]]
+    assert response.outputs["embedding"].shape == (1, 2, 2)
+
+
+async def test_marks_are_honoured_only_by_degrading_detectors() -> None:
+    store = MemoryStore()
+    env = StageEnv(model="m", backend=None, local=None, metadata=None, state=store)
+
+    def enforcement(action: str) -> Enforcement:
+        section = Section({"action": action}, source="p.yaml", path="x")
+        return Enforcement.read(section, env, stage="x", technique=None, default=Action.FLAG)
+
+    await store.mark(enforcement("degrade").mark_key("alice"), 60)
+    for action, degraded in (("deny", False), ("degrade", True)):
+        ctx = context()
+        await enforcement(action).honour_marks(ctx)
+        assert ctx.degraded is degraded
+
+
+@pytest.mark.parametrize(
+    ("value", "seconds"),
+    [
+        (None, 600.0),
+        (30, 30.0),
+        (0.5, 0.5),
+        ("250ms", 0.25),
+        ("30s", 30.0),
+        ("5m", 300.0),
+        ("2h", 7200.0),
+        ("1d", 86400.0),
+        ("1.5h", 5400.0),
+    ],
+)
+def test_durations(value: Any, seconds: float) -> None:
+    assert read_duration(Section({"t": value}, source="p.yaml"), "t", 600.0) == seconds
+
+
+@pytest.mark.parametrize("value", ["", "5 minutes", "-1s", "1w", True, [1], float("inf"), 0])
+def test_bad_durations(value: Any) -> None:
+    with pytest.raises(PolicyError, match="t must be"):
+        read_duration(Section({"t": value}, source="p.yaml"), "t", 600.0)
