@@ -89,6 +89,7 @@ class RequestContext:
         "shadow_mode",
         "headers",
         "request_headers",
+        "stage_state",
     )
 
     def __init__(
@@ -114,6 +115,8 @@ class RequestContext:
         self.headers: dict[str, str] = {}  # extra response headers
         # The client's HTTP request headers (read-only; case-insensitive when the server sets them).
         self.request_headers: Mapping[str, str] = {} if request_headers is None else request_headers
+        # What a stage keeps from its on_request for its on_response, keyed by stage name.
+        self.stage_state: dict[str, Any] = {}
 
     def report(
         self,

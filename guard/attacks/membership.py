@@ -68,10 +68,14 @@ def membership_data(
     k = min(len(held), len(split.x_members), size or len(held))
     members = rng.choice(len(split.x_members), k, replace=False)
     held = held[:k]
+    # Interleaved at random: a defence that kicks in part-way must not meet one side only.
+    shuffle = rng.permutation(2 * k)
     return MembershipData(
-        x=np.concatenate([split.x_members[members], split.x_nonmembers[held]]).astype(np.float64),
-        y=np.concatenate([split.y_members[members], split.y_nonmembers[held]]),
-        member=np.concatenate([np.ones(k, dtype=bool), np.zeros(k, dtype=bool)]),
+        x=np.concatenate([split.x_members[members], split.x_nonmembers[held]])[shuffle].astype(
+            np.float64
+        ),
+        y=np.concatenate([split.y_members[members], split.y_nonmembers[held]])[shuffle],
+        member=np.concatenate([np.ones(k, dtype=bool), np.zeros(k, dtype=bool)])[shuffle],
         x_attacker=split.x_nonmembers[attacker].astype(np.float64),
         y_attacker=split.y_nonmembers[attacker],
     )

@@ -32,7 +32,7 @@ YAML keys:
 ``alpha``                   failure probability of a certificate, in (0, 1); default 0.001
 ``batch``                   noisy samples per model call; default 1000
 ``when``                    ``on_request`` (default): when the client asks; ``always``; ``flagged``:
-                            when the client asks or an earlier stage reported a finding
+                            when the client asks or a stage listed earlier reported a finding
                             (action other than allow) or degraded the request
 ``source``                  ``local``: the policy's local model file, in worker threads (default
                             when there is one); ``upstream``: batches of noisy samples sent to the
@@ -50,13 +50,16 @@ YAML keys:
 ``seed``                    seed of the noise (tests and reproductions only); default: fresh entropy
 ``on_error``                ``closed`` (default) or ``open``, as every stage
 
-Order: certification runs on the input the model received, after every request
-stage of the policy (whatever its position in the list). A stage that changes
-the input (squeezing, quantization) therefore changes the certified function:
-the radius bounds perturbations of the *transformed* input, not of what the
-client sent, and a transform that is not 1-Lipschitz in L2 (quantization is
-not) voids any statement about the raw input. To certify raw inputs, run no
-input-changing stage before the model, or fold the transform into the model.
+Order: the stage keeps the input as it is at its place in the policy (its
+request hook copies it) and certifies it once the model has answered. A stage
+listed before ``certify`` that changes the input (squeezing, quantization)
+therefore changes the certified function: the radius bounds perturbations of
+the *transformed* input, not of what the client sent, and a transform that is
+not 1-Lipschitz in L2 (quantization is not) voids any statement about the raw
+input. List ``certify`` before such stages to certify what the client sent
+(the noisy copies then go to the model without the transform), or fold the
+transform into the model. ``flagged`` sees the findings of the stages listed
+before ``certify``.
 
 Failure mode: ``on_overload`` decides when capacity is exhausted; a fault while
 sampling follows ``on_error``; an upstream error while sampling (``source:
@@ -243,11 +246,16 @@ class Certify(BaseStage):
             "running": self._active,
         }
 
+    async def on_request(self, ctx: RequestContext) -> Verdict:
+        if self._wanted(ctx):  # keep the input as it is here, before later stages change it
+            ctx.stage_state[self.name] = self._rows(ctx).copy()
+        return Verdict.CONTINUE
+
     async def on_response(self, ctx: RequestContext) -> Verdict:
         response = ctx.response
-        if response is None or not self._wanted(ctx):
+        x = ctx.stage_state.pop(self.name, None)
+        if response is None or x is None:
             return Verdict.CONTINUE
-        x = self._rows(ctx)
         refusal = self._admit(len(x) * (self.n0 + self.n))
         if refusal is not None:
             if self.on_overload == "503":

@@ -50,17 +50,14 @@ def x() -> np.ndarray:
     return load_samples("digits")[0][:3]
 
 
-def expected(
-    local: OnnxBackend, rows: np.ndarray, *, seed: int = 7, request: int = 0
-) -> list[Certificate]:
-    """What the stage must answer: the library's CERTIFY with the stage's noise stream."""
-    seeds = np.random.SeedSequence(seed).spawn(request + 1)[request]
-    rng = np.random.default_rng(seeds)
+def expected(local: OnnxBackend, rows: np.ndarray, *, sigma: float = SIGMA) -> list[Certificate]:
+    """What the stage must answer: the library's CERTIFY with the noise of its first request."""
+    rng = np.random.default_rng(np.random.SeedSequence(7).spawn(1)[0])
 
     def f(b: np.ndarray) -> np.ndarray:
         return labels_from_output(local.run({"input": b}, ["label"])["label"], len(b))
 
-    smooth = Smooth(f, SIGMA, batch=500)
+    smooth = Smooth(f, sigma, batch=500)
     return [smooth.certify(row, 50, N, ALPHA, rng=rng) for row in rows]
 
 
@@ -187,6 +184,38 @@ async def test_sampling_the_upstream_gives_the_local_answer(
     )
 
 
+@pytest.mark.parametrize("certify_first", [True, False], ids=["certify-first", "squeeze-first"])
+async def test_certify_sees_the_input_at_its_place_in_the_policy(
+    start_guard: StartGuard,
+    http: aiohttp.ClientSession,
+    local: OnnxBackend,
+    x: np.ndarray,
+    certify_first: bool,
+) -> None:
+    from guard.defenses.squeeze import Squeezer
+
+    squeeze = {"squeeze": {"bits": 1, "range": [0.0, 16.0]}}
+    certify = {"certify": {"sigma": 2.0, "n": N, "n0": 50, "batch": 500, "seed": 7}}
+    stages = [squeeze, certify] if not certify_first else [certify, squeeze]
+    policy = digits_policy(model={"stages": [{"validate": {"min": 0.0, "max": 16.0}}, *stages]})
+    guard = await start_guard(policy)
+    status, body, _ = await post(http, guard, x, headers={"X-Guard-Certify": "1"})
+    assert status == 200, body
+    squeezed = Squeezer(bits=1, value_range=(0.0, 16.0))(x)
+    assert not np.array_equal(squeezed, x)
+    raw, transformed = expected(local, x, sigma=2.0), expected(local, squeezed, sigma=2.0)
+    assert raw != transformed  # at this σ the squeezed input gets other votes
+    want = raw if certify_first else transformed
+    assert body["parameters"]["certified_label"] == [
+        -1 if c.label is None else c.label for c in want
+    ]
+    assert body["parameters"]["certified_radius"] == pytest.approx(
+        [c.radius for c in want], rel=1e-12
+    )
+    served = next(o for o in body["outputs"] if o["name"] == "label")["data"]
+    assert served == local.run({"input": squeezed})["label"].tolist()  # the model saw it squeezed
+
+
 # -- overload ----------------------------------------------------------------------------
 
 
@@ -228,19 +257,19 @@ async def test_overload_answers_uncertified(
 
 async def test_a_cancelled_request_keeps_its_slot_until_sampling_stops(x: np.ndarray) -> None:
     stage = build({"sigma": SIGMA, "n": 300_000, "max_concurrent": 1})
-    first = asyncio.create_task(stage.on_response(context(x[:1], certify=True)))
+    first = asyncio.create_task(through(stage, context(x[:1], certify=True)))
     await asyncio.sleep(0.05)  # sampling has started in a worker thread
     first.cancel()
     with pytest.raises(asyncio.CancelledError):
         await first
     with pytest.raises(Overloaded, match="1 certifications running"):
-        await stage.on_response(context(x[:1], certify=True))
+        await through(stage, context(x[:1], certify=True))
     for _ in range(500):  # the thread finishes its rows, then frees the slot
         if stage.describe()["running"] == 0:
             break
         await asyncio.sleep(0.02)
     ctx = context(x[:1], certify=True)
-    await stage.on_response(ctx)
+    await through(stage, ctx)
     assert ctx.response is not None and ctx.response.parameters["certified"] is True
 
 
@@ -282,22 +311,28 @@ def context(x: np.ndarray, **parameters: Any) -> RequestContext:
     return ctx
 
 
+async def through(stage: Certify, ctx: RequestContext) -> None:
+    """Both hooks, as the pipeline runs them around the model call."""
+    await stage.on_request(ctx)
+    await stage.on_response(ctx)
+
+
 async def test_flagged_certifies_requests_with_findings(x: np.ndarray) -> None:
     stage = build({"sigma": SIGMA, "n": 200, "when": "flagged"})
     quiet = context(x[:1])
-    await stage.on_response(quiet)
+    await through(stage, quiet)
     assert quiet.response is not None and quiet.response.parameters == {}
     allowed = context(x[:1])
     allowed.report("other", Action.ALLOW, "seen, nothing wrong")
-    await stage.on_response(allowed)
+    await through(stage, allowed)
     assert allowed.response is not None and allowed.response.parameters == {}
     flagged = context(x[:1])
     flagged.report("blacklight", Action.FLAG, "similar queries")
-    await stage.on_response(flagged)
+    await through(stage, flagged)
     assert flagged.response is not None and flagged.response.parameters["certified"] is True
     degraded = context(x[:1])
     degraded.degraded = True
-    await stage.on_response(degraded)
+    await through(stage, degraded)
     assert degraded.response is not None and degraded.response.parameters["certified"] is True
 
 
@@ -316,7 +351,7 @@ async def test_scores_output_certifies_by_argmax(x: np.ndarray) -> None:
     answers = []
     for stage in (by_scores, by_label):
         ctx = context(x[:2], certify=True)
-        await stage.on_response(ctx)
+        await through(stage, ctx)
         assert ctx.response is not None
         answers.append(ctx.response.parameters)
     assert answers[0] == answers[1]
@@ -327,7 +362,7 @@ async def test_a_request_with_another_input_is_refused(x: np.ndarray) -> None:
     ctx = context(x[:1], certify=True)
     ctx.request.inputs["mask"] = np.ones((1, 64), np.float32)
     with pytest.raises(RequestError, match="perturbs 'input' only"):
-        await stage.on_response(ctx)
+        await through(stage, ctx)
 
 
 @pytest.mark.parametrize(
