@@ -17,7 +17,7 @@ from guard.errors import PolicyError
 
 DEFAULT_POLICY = Path(__file__).parent / "policies" / "default.yaml"
 # Offline subcommands: modules under guard/commands/ with an ``add_parser(commands)``.
-OFFLINE_COMMANDS: tuple[str, ...] = ("certify", "calibrate_squeeze", "attack")
+OFFLINE_COMMANDS: tuple[str, ...] = ("certify", "calibrate_squeeze", "attack", "load")
 log = logging.getLogger("guard")
 
 

@@ -93,6 +93,9 @@ class InferResponse:
     model_version: str | None = None
     id: str | None = None
     parameters: dict[str, Any] = field(default_factory=dict)
+    # The upstream's V2 JSON body, answered as it is when nothing needs the decoded
+    # outputs (no response stage, a JSON client); ``outputs`` is then empty.
+    raw: bytes | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,6 +7,8 @@ and a leak).
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
 from guard.pipeline import RequestContext
@@ -37,6 +39,7 @@ class GuardMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         self.info = Info("guard_build", "Guard version", registry=r)
         self.requests = Counter(
             "guard_requests_total",
@@ -104,11 +107,20 @@ class GuardMetrics:
         verdict = ctx.verdict
         if code != 200 and verdict != "deny":
             verdict = "rejected" if code < 500 else "error"
-        self.requests.labels(model, protocol, verdict, str(code)).inc()
-        self.request_seconds.labels(model).observe(seconds)
+        self._child(self.requests, model, protocol, verdict, str(code)).inc()
+        self._child(self.request_seconds, model).observe(seconds)
         if ctx.upstream_seconds is not None:
-            self.upstream_seconds.labels(model).observe(ctx.upstream_seconds)
+            self._child(self.upstream_seconds, model).observe(ctx.upstream_seconds)
         for stage, spent in ctx.stage_seconds.items():
-            self.stage_seconds.labels(model, stage).observe(spent)
+            self._child(self.stage_seconds, model, stage).observe(spent)
         for finding in ctx.findings:
-            self.findings.labels(model, finding.stage, finding.action.value).inc()
+            self._child(self.findings, model, finding.stage, finding.action.value).inc()
+
+    def _child(self, metric: Any, *labels: str) -> Any:
+        """``metric.labels(*labels)``, remembered: ``labels()`` takes a lock per call,
+        and the label sets are bounded, so the cache is too."""
+        key = (id(metric), labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child

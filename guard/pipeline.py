@@ -203,7 +203,11 @@ class Pipeline:
         )
         self._default_degrade = not any(getattr(s, "handles_degrade", False) for s in self.stages)
 
-    async def run(self, ctx: RequestContext, backend: Backend) -> InferResponse:
+    async def run(
+        self, ctx: RequestContext, backend: Backend, *, passthrough: bool = False
+    ) -> InferResponse:
+        """Run the chain. ``passthrough``: the caller can answer with the backend's raw
+        V2 JSON body, which is used when no response stage or degradation needs outputs."""
         reached = len(self.stages)
         for position, stage in self._request_stages:
             verdict = await self._call(stage, "on_request", ctx)
@@ -214,7 +218,9 @@ class Pipeline:
                 break
         if ctx.response is None:
             started = time.perf_counter()
-            ctx.response = await backend.infer(ctx.request)
+            raw_ok = passthrough and not self._response_stages
+            raw_ok = raw_ok and not (ctx.degraded and self._default_degrade)
+            ctx.response = await backend.infer(ctx.request, passthrough=raw_ok)
             ctx.upstream_seconds = time.perf_counter() - started
         for position, stage in self._response_stages:
             if position > reached:

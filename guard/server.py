@@ -234,7 +234,8 @@ async def _serve(
             shadow_mode=policy.shadow,
             request_headers=http.headers,
         )
-        response = await model.pipeline.run(ctx, model.backend)
+        passthrough = protocol == "v2" and not _wants_binary(infer_request)
+        response = await model.pipeline.run(ctx, model.backend, passthrough=passthrough)
         payload, headers = encode(response, infer_request)
         headers["X-Request-Id"] = request_id
         if policy.expose_headers:
@@ -289,20 +290,14 @@ async def read_body(http: web.Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def _header_length(http: web.Request) -> int | None:
-    raw = http.headers.get(v2.HEADER_LENGTH)
-    if raw is None:
-        return None
-    try:
-        return int(raw)
-    except ValueError:
-        raise RequestError(f"{v2.HEADER_LENGTH}: must be an integer; got {raw[:40]!r}") from None
+def _wants_binary(request: InferRequest) -> bool:
+    return request.binary_outputs or any(o.binary for o in request.outputs)
 
 
 async def v2_infer(http: web.Request) -> web.Response:
     model_name = http.match_info["model"]
     version = http.match_info.get("version")
-    header_length = _header_length(http)
+    header_length = v2.parse_header_length(http.headers.get(v2.HEADER_LENGTH))
 
     async def decode(runtime: Runtime, body: bytes) -> tuple[InferRequest, Encode]:
         request = v2.decode_request(

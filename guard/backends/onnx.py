@@ -139,7 +139,7 @@ class OnnxBackend:
         results = self.session.run(names, inputs)
         return dict(zip(names, results, strict=True))
 
-    async def infer(self, request: InferRequest) -> InferResponse:
+    async def infer(self, request: InferRequest, *, passthrough: bool = False) -> InferResponse:
         feeds = self._feeds(request.inputs)
         wanted = [o.name for o in request.outputs] or None
         if wanted:

@@ -92,7 +92,10 @@ def encode_response(
     response: InferResponse, *, request: InferRequest
 ) -> tuple[bytes, dict[str, str]]:
     """``(body, headers)`` answering ``request``: only the outputs it named (in its
-    order; all when it named none), each binary as the request asked."""
+    order; all when it named none), each binary as the request asked. A response
+    carrying the upstream's ``raw`` JSON body is answered with it unchanged."""
+    if response.raw is not None:
+        return response.raw, {"Content-Type": JSON_TYPE}
     wishes = {o.name: o.binary for o in request.outputs}
     unknown = [name for name in wishes if name not in response.outputs]
     if unknown:

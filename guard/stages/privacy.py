@@ -83,6 +83,7 @@ from guard.stages.env import StageEnv, read_fail_open
 
 if TYPE_CHECKING:
     from guard.defenses.accountant import BudgetStore
+    from guard.metrics import GuardMetrics
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +128,7 @@ class Privacy(BaseStage):
         on_exhausted: str,
         fail_open: bool = False,
         rng: np.random.Generator | None = None,
-        metrics: Any = None,
+        metrics: GuardMetrics | None = None,
     ) -> None:
         if on_exhausted not in ON_EXHAUSTED:
             raise ValueError(f"on_exhausted must be one of {', '.join(ON_EXHAUSTED)}")
@@ -142,7 +143,7 @@ class Privacy(BaseStage):
         self.on_exhausted = on_exhausted
         self.fail_open = fail_open
         self.rng = rng if rng is not None else np.random.default_rng()
-        self.metrics = metrics  # GuardMetrics with privacy counters, when the runtime provides it
+        self.metrics = metrics
         self._derive_label = not all(_keeps_argmax(m) for m in (mechanism, degraded))
 
     # -- building ------------------------------------------------------------------
@@ -186,7 +187,7 @@ class Privacy(BaseStage):
             accountant=accountant,
             on_exhausted=on_exhausted,
             fail_open=fail_open,
-            metrics=getattr(env, "metrics", None),
+            metrics=getattr(env, "metrics", None),  # where the runtime hands stages its metrics
         )
 
     def describe(self) -> dict[str, Any]:
@@ -462,10 +463,9 @@ def _read_secret(section: Section, *, needed: bool) -> bytes | None:
 
 
 def _store(env: StageEnv) -> BudgetStore:
-    store = getattr(env, "state", None)
-    if store is not None:
-        return store
-    # A runtime without a shared store: keep budgets in this process.
+    if env.state is not None:
+        return env.state
+    # A stage built on its own (tests, tools): budgets live in this process.
     from guard.state.memory import MemoryStore
 
     return MemoryStore()

@@ -1,17 +1,19 @@
 """Query-pattern detection on the digits model, measured through a real guard.
 
     python tests/benchmarks/measure_detection.py [--samples 10] [--seed 0]
-        [--policy default|blacklight|prada|all] [--benign-clients 5] [--benign-queries 400]
+        [--policy default|blacklight|prada|all] [--attacks hopskipjump,...] [--accounts 1]
+        [--benign-clients 5] [--benign-queries 400]
 
 For each policy (the digits stages of ``guard/policies/default.yaml``, or one
 detector alone with action ``flag`` so the attack runs unimpeded and its first
 detection is measured, not its reaction to refusals), each attack of the
-project's suite (:mod:`guard.attacks`: HopSkipJump, Square L∞ and L2, SimBA,
-Knockoff, JbDA) runs against a fresh guard (a fresh state) served on loopback
-in a background thread, through :class:`~guard.attacks.targets.HttpTarget` as
-one API client. Benign clients (held-out digits replayed in random order with
-Gaussian noise of 2 % of the range, one row per request, each its own API key)
-measure false positives.
+project's suite (:mod:`guard.attacks`: HopSkipJump, Square L-inf and L2, SimBA,
+Knockoff, JbDA) runs against a fresh guard (a fresh state) served on loopback in
+a background thread, through :class:`~guard.attacks.targets.HttpTarget` as one
+API client (with ``--accounts K``: a new one of K API keys for every request,
+an attacker with many accounts). Benign clients (held-out digits, each client
+its own share, replayed in random order with Gaussian noise of 2 % of the
+range, one row per request, each its own API key) measure false positives.
 
 Prints a markdown table per policy (used in docs/detection.md): per attack the
 runs (samples attacked, or one extraction run), the fraction detected, the
@@ -97,6 +99,20 @@ class Guard:
         return f"http://127.0.0.1:{self.port}"
 
 
+class Attacker(HttpTarget):
+    """The attacker's client: one API key, or a new one of ``accounts`` keys for every request."""
+
+    def __init__(self, url: str, accounts: int) -> None:
+        super().__init__(url, "digits", TargetSpec.builtin("digits"), api_key="key-attacker-0")
+        self.keys = [f"key-attacker-{i}" for i in range(accounts)]
+        self.sent = 0
+
+    def _send(self, x: np.ndarray) -> Any:
+        self.headers["X-API-Key"] = self.keys[self.sent % len(self.keys)]
+        self.sent += 1
+        return super()._send(x)
+
+
 def write_policy(directory: Path, stages: list[dict[str, Any]], clients: list[str]) -> Path:
     keys = {"clients": {name: {"key_sha256": key_digest(f"key-{name}")} for name in clients}}
     (directory / "keys.yaml").write_text(yaml.safe_dump(keys))
@@ -113,7 +129,9 @@ def write_policy(directory: Path, stages: list[dict[str, Any]], clients: list[st
     return path
 
 
-def evasion_runs(name: str, policy_path: Path, config: suite.SuiteConfig) -> dict[str, Any]:
+def evasion_runs(
+    name: str, policy_path: Path, config: suite.SuiteConfig, accounts: int
+) -> dict[str, Any]:
     """One evasion attack: per sample, first detection and queries spent."""
     from guard.attacks import evasion
     from guard.models import load_samples
@@ -132,7 +150,7 @@ def evasion_runs(name: str, policy_path: Path, config: suite.SuiteConfig) -> dic
     budget = suite.BUDGETS[name]
     with (
         Guard(policy_path) as guard,
-        HttpTarget(guard.url, "digits", spec, api_key="key-attacker") as target,
+        Attacker(guard.url, accounts) as target,
     ):
         run = evasion.run_evasion(attack, target, x[rows], y[rows], budget=budget, rng=rng)
     attacked = run.attacked
@@ -145,12 +163,13 @@ def evasion_runs(name: str, policy_path: Path, config: suite.SuiteConfig) -> dic
     }
 
 
-def extraction_run(name: str, policy_path: Path, config: suite.SuiteConfig) -> dict[str, Any]:
-    spec = TargetSpec.builtin("digits")
+def extraction_run(
+    name: str, policy_path: Path, config: suite.SuiteConfig, accounts: int
+) -> dict[str, Any]:
     with Guard(policy_path) as guard:
 
         def make_target(i: int | None) -> HttpTarget:
-            return HttpTarget(guard.url, "digits", spec, api_key="key-attacker")
+            return Attacker(guard.url, accounts)
 
         entry = suite.run_suite([name], config, make_target, target_label=guard.url).entries[0]
     first = entry["first_detection_query"]
@@ -204,12 +223,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--attacks", default=",".join(ATTACKS))
     parser.add_argument("--benign-clients", type=int, default=5)
     parser.add_argument("--benign-queries", type=int, default=400, help="per benign client")
+    parser.add_argument(
+        "--accounts",
+        type=int,
+        default=1,
+        help="API keys the attacker rotates over, one per request",
+    )
     args = parser.parse_args(argv)
     os.environ.setdefault(KEY_ENV, "measurement")
     config = suite.SuiteConfig(model="digits", samples=args.samples, seed=args.seed)
     chosen = policies() if args.policy == "all" else {args.policy: policies()[args.policy]}
     attacks = [a for a in args.attacks.split(",") if a]
-    clients = ["attacker", *(f"benign-{i}" for i in range(args.benign_clients))]
+    clients = [
+        *(f"attacker-{i}" for i in range(args.accounts)),
+        *(f"benign-{i}" for i in range(args.benign_clients)),
+    ]
     for label, stages in chosen.items():
         started = time.perf_counter()
         with tempfile.TemporaryDirectory() as tmp:
@@ -222,7 +250,7 @@ def main(argv: list[str] | None = None) -> None:
             print("|---|---:|---:|---:|---:|---:|---:|---:|")
             for name in attacks:
                 measure = evasion_runs if name in suite.EVASION else extraction_run
-                print(row(name, measure(name, path, config)), flush=True)
+                print(row(name, measure(name, path, config, args.accounts)), flush=True)
             benign = benign_run(path, args.benign_clients, args.benign_queries, args.seed)
             print(
                 f"\nbenign: {benign['flagged']} of {benign['queries']} queries flagged "

@@ -54,7 +54,14 @@ def privacy_policy(**privacy: Any) -> dict[str, Any]:
 
 def body(x: np.ndarray, outputs: list[str] | None = None) -> bytes:
     doc: dict[str, Any] = {
-        "inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32", "data": x.ravel().tolist()}]
+        "inputs": [
+            {
+                "name": "input",
+                "shape": list(x.shape),
+                "datatype": "FP32",
+                "data": x.ravel().tolist(),
+            }
+        ]
     }
     if outputs:
         doc["outputs"] = [{"name": name} for name in outputs]
@@ -68,9 +75,7 @@ async def infer(
         payload = orjson.loads(await reply.read())
         if reply.status != 200:
             return reply.status, payload["error"], reply.headers
-        tensors = {
-            o["name"]: np.asarray(o["data"]).reshape(o["shape"]) for o in payload["outputs"]
-        }
+        tensors = {o["name"]: np.asarray(o["data"]).reshape(o["shape"]) for o in payload["outputs"]}
         return reply.status, tensors, reply.headers
 
 
@@ -110,7 +115,9 @@ async def test_the_budget_runs_out_into_label_only_answers(
     status, answer, headers = await infer(http, guard, x[:4])  # 8 more would make 24
     assert status == 200
     assert headers["X-Guard-Verdict"] == "degrade"
-    np.testing.assert_array_equal(answer["probabilities"], np.eye(10)[np.argmax(true_p[:4], axis=1)])
+    np.testing.assert_array_equal(
+        answer["probabilities"], np.eye(10)[np.argmax(true_p[:4], axis=1)]
+    )
     status, _, headers = await infer(http, guard, x[:2])  # 4 more fit exactly
     assert headers["X-Guard-Privacy-Epsilon"] == "20/20"
     async with http.get(guard.make_url("/metrics")) as reply:
@@ -178,9 +185,14 @@ async def test_label_only_requests_are_free_when_the_label_is_kept(
 
 def context(x: np.ndarray, scores: np.ndarray, *, degraded: bool = False) -> RequestContext:
     ctx = RequestContext(
-        request_id="r", model="digits", client=Client("alice"), request=InferRequest("digits", {"input": x})
+        request_id="r",
+        model="digits",
+        client=Client("alice"),
+        request=InferRequest("digits", {"input": x}),
     )
-    ctx.response = InferResponse("digits", {"probabilities": scores.copy(), "label": np.argmax(scores, axis=1)})
+    ctx.response = InferResponse(
+        "digits", {"probabilities": scores.copy(), "label": np.argmax(scores, axis=1)}
+    )
     ctx.degraded = degraded
     return ctx
 
@@ -205,7 +217,9 @@ async def test_a_degraded_client_gets_the_degraded_mechanism_charged_at_its_own_
     digits: Any,
 ) -> None:
     x, true_p = digits
-    acc = Accountant(MemoryStore(), Budget(unit="epsilon", limit=10.0, window_s=None), model="digits")
+    acc = Accountant(
+        MemoryStore(), Budget(unit="epsilon", limit=10.0, window_s=None), model="digits"
+    )
     registry = CollectorRegistry()
     metrics = GuardMetrics(registry)
     privacy = stage(accountant=acc, metrics=metrics)
@@ -239,16 +253,23 @@ async def test_fresh_noise_when_not_consistent(digits: Any) -> None:
 
 async def test_deny_outside_the_server_raises_rate_limited(digits: Any) -> None:
     x, true_p = digits
-    acc = Accountant(MemoryStore(), Budget(unit="epsilon", limit=1.0, window_s=None), model="digits")
+    acc = Accountant(
+        MemoryStore(), Budget(unit="epsilon", limit=1.0, window_s=None), model="digits"
+    )
     privacy = stage(accountant=acc, on_exhausted="deny")
     with pytest.raises(RateLimited, match="it does not reset") as caught:
         await privacy.on_response(context(x, true_p))
     assert caught.value.retry_after is None
 
 
-async def test_an_added_scores_output_is_removed_from_the_request_and_the_answer(digits: Any) -> None:
+async def test_an_added_scores_output_is_removed_from_the_request_and_the_answer(
+    digits: Any,
+) -> None:
     x, true_p = digits
-    privacy = stage(mechanism=Laplace(epsilon=1.0, keep_argmax=False), degraded=Laplace(epsilon=1.0, keep_argmax=False))
+    privacy = stage(
+        mechanism=Laplace(epsilon=1.0, keep_argmax=False),
+        degraded=Laplace(epsilon=1.0, keep_argmax=False),
+    )
     ctx = context(x, true_p)
     ctx.request.outputs.append(RequestedOutput("label"))
     await privacy.on_request(ctx)
@@ -267,20 +288,63 @@ async def test_an_added_scores_output_is_removed_from_the_request_and_the_answer
         ({"mechanism": "laplace"}, "privacy.epsilon is required"),
         ({"mechanism": "laplace", "epsilon": 0}, "privacy.epsilon must be > 0.0; got 0"),
         ({"mechanism": "noise"}, "privacy.mechanism must be one of laplace, gaussian"),
-        ({"mechanism": "laplace", "epsilon": 1, "sigma": 1}, "privacy.sigma does not apply to mechanism laplace"),
+        (
+            {"mechanism": "laplace", "epsilon": 1, "sigma": 1},
+            "privacy.sigma does not apply to mechanism laplace",
+        ),
         ({"mechanism": "gaussian"}, "takes sigma or epsilon (one of them)"),
-        ({"mechanism": "round", "k": 2}, "privacy.k does not apply to mechanism round (it takes decimals, keep_argmax)"),
-        ({"mechanism": "laplace", "epsilon": 1, "delta": 1e-5}, "privacy.delta applies to mechanism gaussian only"),
-        ({"mechanism": "round", "budget": {"epsilon": 10}}, "privacy.budget needs a noisy mechanism"),
-        ({"mechanism": "laplace", "epsilon": 1, "budget": {"epsilon": 10, "per": "daily"}}, "privacy.budget.per must be seconds or a duration"),
-        ({"mechanism": "laplace", "epsilon": 1, "budget": {"epsilon": 10, "per": 0.5}}, "privacy.budget.per must be >= 1.0"),
-        ({"mechanism": "laplace", "epsilon": 1, "budget": {"per": "1d"}}, "privacy.budget.epsilon is required"),
-        ({"mechanism": "laplace", "epsilon": 1, "on_exhausted": "wait"}, "privacy.on_exhausted must be one of"),
-        ({"mechanism": "laplace", "epsilon": 1, "degraded": {"mechanism": "laplace", "epsilon": 2}}, "privacy.degraded must be label_only or laplace with at least as much noise"),
-        ({"mechanism": "laplace", "epsilon": 1, "degraded": {"mechanism": "round"}}, "privacy.degraded must be label_only or laplace"),
-        ({"mechanism": "laplace", "epsilon": 1, "output": "logits"}, "privacy.output names no output of model digits"),
-        ({"mechanism": "laplace", "epsilon": 1, "secret_env": "GUARD_TEST_UNSET_VARIABLE"}, "names environment variable GUARD_TEST_UNSET_VARIABLE, which is not set"),
-        ({"mechanism": "laplace", "epsilon": 1, "epsilon_per_query": 1}, "has unknown key(s) epsilon_per_query"),
+        (
+            {"mechanism": "round", "k": 2},
+            "privacy.k does not apply to mechanism round (it takes decimals, keep_argmax)",
+        ),
+        (
+            {"mechanism": "laplace", "epsilon": 1, "delta": 1e-5},
+            "privacy.delta applies to mechanism gaussian only",
+        ),
+        (
+            {"mechanism": "round", "budget": {"epsilon": 10}},
+            "privacy.budget needs a noisy mechanism",
+        ),
+        (
+            {"mechanism": "laplace", "epsilon": 1, "budget": {"epsilon": 10, "per": "daily"}},
+            "privacy.budget.per must be seconds or a duration",
+        ),
+        (
+            {"mechanism": "laplace", "epsilon": 1, "budget": {"epsilon": 10, "per": 0.5}},
+            "privacy.budget.per must be >= 1.0",
+        ),
+        (
+            {"mechanism": "laplace", "epsilon": 1, "budget": {"per": "1d"}},
+            "privacy.budget.epsilon is required",
+        ),
+        (
+            {"mechanism": "laplace", "epsilon": 1, "on_exhausted": "wait"},
+            "privacy.on_exhausted must be one of",
+        ),
+        (
+            {
+                "mechanism": "laplace",
+                "epsilon": 1,
+                "degraded": {"mechanism": "laplace", "epsilon": 2},
+            },
+            "privacy.degraded must be label_only or laplace with at least as much noise",
+        ),
+        (
+            {"mechanism": "laplace", "epsilon": 1, "degraded": {"mechanism": "round"}},
+            "privacy.degraded must be label_only or laplace",
+        ),
+        (
+            {"mechanism": "laplace", "epsilon": 1, "output": "logits"},
+            "privacy.output names no output of model digits",
+        ),
+        (
+            {"mechanism": "laplace", "epsilon": 1, "secret_env": "GUARD_TEST_UNSET_VARIABLE"},
+            "names environment variable GUARD_TEST_UNSET_VARIABLE, which is not set",
+        ),
+        (
+            {"mechanism": "laplace", "epsilon": 1, "epsilon_per_query": 1},
+            "has unknown key(s) epsilon_per_query",
+        ),
     ],
 )
 def test_invalid_options_stop_the_load_with_a_clear_message(options: dict, message: str) -> None:
@@ -295,7 +359,9 @@ def test_invalid_options_stop_the_load_with_a_clear_message(options: dict, messa
 def test_a_short_secret_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("GUARD_TEST_SHORT", "short")
     options = {"mechanism": "laplace", "epsilon": 1, "secret_env": "GUARD_TEST_SHORT"}
-    policy = parse_policy(digits_policy(model={"stages": [{"privacy": options}]}), source="p.yaml", base=Path("."))
+    policy = parse_policy(
+        digits_policy(model={"stages": [{"privacy": options}]}), source="p.yaml", base=Path(".")
+    )
     with pytest.raises(PolicyError, match="needs at least 16"):
         build_runtime(policy, session=None)
 
@@ -310,7 +376,9 @@ async def test_valid_options_are_described() -> None:
         "degraded": {"mechanism": "gaussian", "sigma": 10.0},
         "secret_env": SECRET_ENV,
     }
-    policy = parse_policy(digits_policy(model={"stages": [{"privacy": options}]}), source="p.yaml", base=Path("."))
+    policy = parse_policy(
+        digits_policy(model={"stages": [{"privacy": options}]}), source="p.yaml", base=Path(".")
+    )
     runtime = build_runtime(policy, session=None)
     try:
         described = runtime.models["digits"].describe()["stages"][0]

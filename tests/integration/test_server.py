@@ -292,7 +292,7 @@ async def test_lying_binary_header_and_oversized_body(
     status, reply, _ = await post(
         http, url, b"{}", headers={"Inference-Header-Content-Length": "two"}
     )
-    assert status == 400 and "must be an integer" in reply["error"]
+    assert status == 400 and "must be a non-negative integer" in reply["error"]
     status, reply, _ = await post(http, url, b" " * 5000)
     assert status == 413 and "limit of 4096" in reply["error"]
 

@@ -228,3 +228,21 @@ async def test_reload_swaps_policy_without_dropping_requests_in_flight(
         text = await reply.text()
     assert 'guard_policy_reloads_total{result="failure"} 1.0' in text
     assert 'guard_policy_reloads_total{result="success"} 1.0' in text
+
+
+async def test_json_answer_passes_through_undecoded_when_nothing_reads_it(
+    start_guard: StartGuard, http: aiohttp.ClientSession, x: np.ndarray
+) -> None:
+    upstream = await start_guard(digits_policy())
+    guard = await start_guard(upstream_policy(str(upstream.make_url(""))))
+    body = v2_body(x, id="same-id")
+    async with http.post(upstream.make_url("/v2/models/digits/infer"), data=body) as reply:
+        direct = await reply.read()
+    async with http.post(guard.make_url("/v2/models/digits/infer"), data=body) as reply:
+        assert reply.status == 200
+        proxied = await reply.read()
+    assert proxied == direct  # the upstream's bytes, not a re-encoding
+    # Asking for binary outputs makes the guard decode and re-encode.
+    binary = v2_body(x, id="same-id", parameters={"binary_data_output": True})
+    async with http.post(guard.make_url("/v2/models/digits/infer"), data=binary) as reply:
+        assert reply.status == 200 and "Inference-Header-Content-Length" in reply.headers

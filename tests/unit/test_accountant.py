@@ -27,7 +27,9 @@ class Clock:
         return self.now
 
 
-def accountant(limit: float, *, window_s: float | None = None, clock: Clock | None = None) -> Accountant:
+def accountant(
+    limit: float, *, window_s: float | None = None, clock: Clock | None = None
+) -> Accountant:
     budget = Budget(unit="epsilon", limit=limit, window_s=window_s)
     return Accountant(MemoryStore(), budget, model="digits", clock=clock or Clock())
 
@@ -40,7 +42,9 @@ def test_zcdp_to_epsilon_follows_bun_and_steinke() -> None:
 
 @pytest.mark.parametrize("epsilon", [0.1, 1.0, 10.0, 1000.0])
 @pytest.mark.parametrize("delta", [1e-9, 1e-6, 1e-3])
-def test_an_epsilon_budget_converts_to_the_largest_rho_within_it(epsilon: float, delta: float) -> None:
+def test_an_epsilon_budget_converts_to_the_largest_rho_within_it(
+    epsilon: float, delta: float
+) -> None:
     rho = zcdp_rho(epsilon, delta)
     assert zcdp_epsilon(rho, delta) == pytest.approx(epsilon, rel=1e-9)
     assert zcdp_epsilon(rho * 1.001, delta) > epsilon

@@ -26,7 +26,7 @@ class DeadStore(MemoryStore):
 
 
 class Backend:
-    async def infer(self, request: InferRequest) -> InferResponse:
+    async def infer(self, request: InferRequest, *, passthrough: bool = False) -> InferResponse:
         scores = np.array([[0.1, 0.7, 0.2], [0.5, 0.3, 0.2]], np.float32)
         return InferResponse(
             model_name="m", outputs={"probabilities": scores, "label": np.array([1, 0])}

@@ -59,7 +59,7 @@ class EchoBackend:
     def __init__(self, log: list[str]) -> None:
         self.log = log
 
-    async def infer(self, request: InferRequest) -> InferResponse:
+    async def infer(self, request: InferRequest, *, passthrough: bool = False) -> InferResponse:
         self.log.append("backend")
         return InferResponse(model_name=request.model_name, outputs=dict(request.inputs))
 

@@ -149,7 +149,9 @@ def test_to_simplex_clips_negatives_and_keeps_an_all_negative_row_valid() -> Non
 
 def test_rounding() -> None:
     scores = np.array([[0.123456, 0.876544], [0.494, 0.506]], dtype=np.float32)
-    np.testing.assert_allclose(Rounding(decimals=2, keep_argmax=False).apply(scores)[0], [0.12, 0.88])
+    np.testing.assert_allclose(
+        Rounding(decimals=2, keep_argmax=False).apply(scores)[0], [0.12, 0.88]
+    )
     tied = Rounding(decimals=1, keep_argmax=False).apply(scores)[1]
     assert tied[0] == tied[1]  # rounding alone ties, and argmax would say class 0
     assert np.argmax(Rounding(decimals=1).apply(scores)[1]) == 1
@@ -310,6 +312,8 @@ def test_degrade_outputs_with_a_noisy_mechanism_and_missing_scores() -> None:
     noisy = degrade_outputs(
         {"probabilities": scores}, mechanism=Laplace(epsilon=0.5), rng=np.random.default_rng(0)
     )
-    np.testing.assert_array_equal(np.argmax(noisy["probabilities"], axis=1), np.argmax(scores, axis=1))
+    np.testing.assert_array_equal(
+        np.argmax(noisy["probabilities"], axis=1), np.argmax(scores, axis=1)
+    )
     only_label = {"label": np.arange(6)}
     assert degrade_outputs(only_label) == only_label

@@ -44,7 +44,7 @@ class ScoringBackend:
         self.output = output
         self.requests: list[InferRequest] = []
 
-    async def infer(self, request: InferRequest) -> InferResponse:
+    async def infer(self, request: InferRequest, *, passthrough: bool = False) -> InferResponse:
         self.requests.append(request)
         x = next(iter(request.inputs.values()))
         return InferResponse(model_name=request.model_name, outputs={self.output: self.fn(x)})
