@@ -25,6 +25,7 @@ are already waiting, not sent (``backlog``); nothing is dropped silently.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -100,6 +101,7 @@ class LoadReport:
     errors: dict[str, int]
     latency_ms: dict[str, float]  # p50, p90, p99, max, mean over answered requests
     send_lag_p99_ms: float  # how late the generator itself sent: large means it was the bottleneck
+    first_error: str | None = None  # the first failure's message, e.g. why connecting failed
 
     @property
     def server_errors(self) -> int:
@@ -126,7 +128,8 @@ class LoadReport:
             "  latency    "
             + "  ".join(f"{k} {lat[k]:.2f} ms" for k in ("p50", "p90", "p99", "max") if k in lat),
             f"  status     {statuses or '-'}",
-            f"  errors     {errors or 'none'}",
+            f"  errors     {errors or 'none'}"
+            + (f"  (first: {self.first_error})" if self.first_error else ""),
             f"  generator  send lag p99 {self.send_lag_p99_ms:.2f} ms",
         ]
 
@@ -139,6 +142,12 @@ class _Tally:
     errors: Counter[str] = field(default_factory=Counter)
     sent: int = 0
     last_answer: float = 0.0
+    first_error: str | None = None
+
+    def fail(self, kind: str, exc: BaseException) -> None:
+        self.errors[kind] += 1
+        if self.first_error is None:
+            self.first_error = f"{type(exc).__name__}: {exc}"[:300]
 
 
 class Bodies:
@@ -226,10 +235,11 @@ async def run_load(config: LoadConfig) -> LoadReport:
         loop = asyncio.get_running_loop()
         scheduled = max(1, round(config.rate * config.duration))
         pending: set[asyncio.Task[None]] = set()
-        start = loop.time() + 0.05
+        # perf_counter, not loop.time(): uvloop's clock ticks in whole milliseconds.
+        start = time.perf_counter() + 0.05
         for i in range(scheduled):
             at = start + i / config.rate
-            if (delay := at - loop.time()) > 0:
+            if (delay := at - time.perf_counter()) > 0:
                 await asyncio.sleep(delay)
             if len(pending) >= config.max_outstanding:
                 tally.errors["backlog"] += 1
@@ -251,22 +261,21 @@ async def _send(
     at: float,
     tally: _Tally,
 ) -> None:
-    loop = asyncio.get_running_loop()
-    tally.lags.append(loop.time() - at)
+    tally.lags.append(time.perf_counter() - at)
     tally.sent += 1
     try:
         async with session.post(url, data=body, headers=headers) as reply:
             await reply.read()
-    except asyncio.TimeoutError:
-        tally.errors["timeout"] += 1
+    except asyncio.TimeoutError as exc:
+        tally.fail("timeout", exc)
         return
-    except aiohttp.ClientConnectionError:
-        tally.errors["connection"] += 1
+    except aiohttp.ClientConnectionError as exc:
+        tally.fail("connection", exc)
         return
-    except aiohttp.ClientError:
-        tally.errors["client"] += 1
+    except aiohttp.ClientError as exc:
+        tally.fail("client", exc)
         return
-    now = loop.time()
+    now = time.perf_counter()
     tally.latencies.append(now - at)
     tally.statuses[str(reply.status)] += 1
     tally.last_answer = max(tally.last_answer, now)
@@ -299,4 +308,5 @@ def _report(config: LoadConfig, scheduled: int, start: float, tally: _Tally) -> 
         errors=dict(tally.errors),
         latency_ms=latency,
         send_lag_p99_ms=lag,
+        first_error=tally.first_error,
     )

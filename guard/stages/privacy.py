@@ -38,19 +38,26 @@ YAML keys:
                   ``on_exhausted: degrade``); same keys as above; default ``{mechanism:
                   label_only}``. With a noisy main mechanism it must be label_only or the same
                   mechanism with at least as much noise
-``on_error``      ``closed`` (default): a fault, or an unreachable state store, refuses the
-                  request (503); ``open``: serve it perturbed but uncharged, flagged
+``on_error``      the state store unreachable: ``closed`` (default) refuses the request (503);
+                  ``open`` serves it perturbed but uncharged, flagged. Scores that cannot be
+                  perturbed (not probability rows) always refuse it (503): an unperturbed
+                  answer never leaves
 
 Where in the list: put ``privacy`` right after ``validate``. Response stages run in
 reverse, so it then perturbs the final outputs, and a later stage answering by
 itself still has its answer perturbed. ``validate`` casting inputs to the model's
 dtype makes equal model inputs hash equally.
 
+Noise is keyed on the model, its version, the output, the mechanism with its
+parameters and the input row, not on the client: everyone asking the same
+question gets the same answer.
+
 Each answered row costs one answer's ε (ρ for the Gaussian); a request whose
 cost does not fit the budget is answered as ``on_exhausted`` says, all rows
-alike. Rows released label-only are never charged. Exhaustion is a finding
-(action ``degrade`` or ``deny``; technique AML.T0024), so it is counted in
-``guard_findings_total{stage="privacy"}`` and written to the audit log.
+alike. Rows released label-only are never charged. Answers carry
+``X-Guard-Privacy-Epsilon: spent/budget`` (ε in the current window). Exhaustion
+is a finding (action ``degrade`` or ``deny``; technique AML.T0024), so it is
+counted in ``guard_findings_total{stage="privacy"}`` and written to the audit log.
 """
 
 from __future__ import annotations
@@ -76,7 +83,7 @@ from guard.defenses.privacy import (
     consistent_generators,
     gaussian_sigma,
 )
-from guard.errors import RateLimited, StateUnavailable
+from guard.errors import Overloaded, RateLimited, StateUnavailable
 from guard.inference import RequestedOutput
 from guard.pipeline import Action, BaseStage, RequestContext, Verdict
 from guard.stages.env import StageEnv, read_fail_open
@@ -251,8 +258,14 @@ class Privacy(BaseStage):
         rows = int(scores.shape[0]) if scores.ndim else 0
         if self.accountant is not None and mechanism.cost is not None and rows:
             mechanism = await self._charge(ctx, mechanism, rows)
-        rng = self._generators(ctx, mechanism, rows) if mechanism.noisy else None
-        released = mechanism.apply(np.asarray(scores), rng)
+        try:
+            rng = self._generators(ctx, mechanism, rows) if mechanism.noisy else None
+            released = mechanism.apply(np.asarray(scores), rng)
+        except ValueError as exc:  # never let unperturbed scores out, whatever on_error says
+            log.error("privacy: cannot perturb %s of model %s: %s", self.output, self.model, exc)
+            raise Overloaded(
+                f"output {self.output!r} of model {self.model} cannot be released"
+            ) from exc
         if releases_scores:
             outputs[self.output] = released
         if label is not None:

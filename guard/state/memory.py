@@ -13,6 +13,7 @@ Every operation completes without awaiting, so each is atomic on the event loop.
 from __future__ import annotations
 
 import time
+from array import array
 from collections import Counter, OrderedDict, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -47,27 +48,62 @@ class _Bucket:
 class _Query:
     at: float
     client: str
-    hashes: tuple[int, ...]
+    hashes: array[int]  # uint64: 8 bytes a hash, not a Python int each
 
 
 @dataclass(slots=True)
 class _Table:
-    """Earlier fingerprints and an inverted index from hash to the queries holding it."""
+    """Earlier fingerprints and an inverted index from hash to the queries holding it.
+
+    Most hashes belong to one query, so a posting is a bare query id until a
+    second query shares it (then an ascending list): a full table of 10,000
+    digits queries holds about 370,000 distinct hashes.
+    """
 
     seq: int = 0
     head: int = 1  # oldest query not yet evicted
     used_at: float = 0.0
     queries: dict[int, _Query] = field(default_factory=dict)
-    index: dict[int, deque[int]] = field(default_factory=dict)
+    index: dict[int, int | list[int]] = field(default_factory=dict)
+
+    def postings(self, h: int) -> tuple[int, ...] | list[int]:
+        found = self.index.get(h)
+        if found is None:
+            return ()
+        return (found,) if isinstance(found, int) else found
+
+    def insert(self, h: int, qid: int, max_per_hash: int) -> None:
+        found = self.index.get(h)
+        if found is None or max_per_hash == 1:
+            self.index[h] = qid
+        elif isinstance(found, int):
+            self.index[h] = [found, qid]
+        else:
+            found.append(qid)
+            if len(found) > max_per_hash:
+                del found[0]
 
     def evict(self, qid: int) -> None:
+        """Forget query ``qid`` and every older posting of its hashes."""
         query = self.queries.pop(qid, None)
-        if query is not None:
-            for h in query.hashes:
-                postings = self.index.get(h)
-                while postings and postings[0] <= qid:
-                    postings.popleft()
-                if postings is not None and not postings:
+        if query is None:
+            return
+        for h in query.hashes:
+            found = self.index.get(h)
+            if found is None:
+                continue
+            if isinstance(found, int):
+                if found <= qid:
+                    del self.index[h]
+                continue
+            keep = 0
+            while keep < len(found) and found[keep] <= qid:
+                keep += 1
+            del found[:keep]
+            if len(found) <= 1:
+                if found:
+                    self.index[h] = found[0]
+                else:
                     del self.index[h]
 
 
@@ -178,7 +214,7 @@ class MemoryStore:
     ) -> FingerprintMatch:
         shared: Counter[int] = Counter()
         for h in hashes:
-            shared.update(state.index.get(h, ()))
+            shared.update(state.postings(h))
         matches = own = best = 0
         for qid, n in shared.items():
             best = max(best, n)
@@ -188,12 +224,9 @@ class MemoryStore:
                     matches += 1
                     own += query.client == client
         state.seq += 1
-        state.queries[state.seq] = _Query(now, client, hashes)
+        state.queries[state.seq] = _Query(now, client, array("Q", hashes))
         for h in hashes:
-            postings = state.index.setdefault(h, deque())
-            postings.append(state.seq)
-            if len(postings) > max_per_hash:
-                postings.popleft()
+            state.insert(h, state.seq, max_per_hash)
         while state.head <= state.seq - max_queries:
             state.evict(state.head)
             state.head += 1

@@ -17,7 +17,7 @@ from guard.clients import Client
 from guard.config import parse_policy
 from guard.defenses.accountant import Accountant, Budget
 from guard.defenses.privacy import Laplace
-from guard.errors import PolicyError, RateLimited
+from guard.errors import Overloaded, PolicyError, RateLimited
 from guard.inference import InferRequest, InferResponse, RequestedOutput
 from guard.metrics import GuardMetrics
 from guard.models import load_samples, model_path
@@ -260,6 +260,14 @@ async def test_deny_outside_the_server_raises_rate_limited(digits: Any) -> None:
     with pytest.raises(RateLimited, match="it does not reset") as caught:
         await privacy.on_response(context(x, true_p))
     assert caught.value.retry_after is None
+
+
+async def test_scores_that_cannot_be_perturbed_are_never_released(digits: Any) -> None:
+    x, true_p = digits
+    privacy = stage(fail_open=True)
+    ctx = context(x, true_p * 3.0)  # not probabilities
+    with pytest.raises(Overloaded, match="cannot be released"):
+        await privacy.on_response(ctx)
 
 
 async def test_an_added_scores_output_is_removed_from_the_request_and_the_answer(
