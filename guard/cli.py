@@ -113,7 +113,9 @@ async def serve_forever(
     from guard.server import create_app, make_runner, reload_policy
 
     app = create_app(policy, policy_path=policy_path)
-    runner = make_runner(app, access_log=log if access_log else None)
+    runner = make_runner(
+        app, access_log=log if access_log else None, idle_timeout=policy.limits.idle_timeout
+    )
     await runner.setup()
     site = web.TCPSite(runner, host, port, ssl_context=ssl_context, backlog=1024)
     await site.start()

@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import yaml
 
@@ -50,12 +51,18 @@ class ModelConfig:
 
 MAX_BODY_BYTES = 32 << 20
 MAX_IN_FLIGHT = 1024
+BODY_TIMEOUT = 30.0
+IDLE_TIMEOUT = 75.0  # above the 60 s idle timeout of common load balancers
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Limits:
     max_body_bytes: int = MAX_BODY_BYTES
     max_in_flight: int = MAX_IN_FLIGHT  # concurrent inference requests before 503
+    body_timeout: float = BODY_TIMEOUT  # seconds for a request body to arrive, then 408
+    # Seconds a connection may sit idle between requests, or take over its first request's
+    # headers, before it is closed. Read at startup: a reload does not change it.
+    idle_timeout: float = IDLE_TIMEOUT
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -120,6 +127,8 @@ def parse_policy(data: Any, *, source: str, base: Path) -> Policy:
     limits = Limits(
         max_body_bytes=limits_section.int("max_body_bytes", MAX_BODY_BYTES, min=1024),
         max_in_flight=limits_section.int("max_in_flight", MAX_IN_FLIGHT, min=1),
+        body_timeout=limits_section.float("body_timeout", BODY_TIMEOUT, gt=0, max=86400),
+        idle_timeout=limits_section.float("idle_timeout", IDLE_TIMEOUT, gt=0, max=86400),
     )
     limits_section.finish()
     state = read_state_config(root.child("state"))
@@ -199,6 +208,10 @@ def _upstream(model: Section) -> UpstreamConfig | None:
 def _url(section: Section, key: str, url: str) -> str:
     if not url.startswith(("http://", "https://")):
         raise section.error(key, f"must be an http:// or https:// URL; got {url!r}")
+    if "@" in urlsplit(url).netloc:  # the URL is shown in errors, logs and guard check
+        raise section.error(
+            key, "must not carry credentials (user:password@); send them in upstream.headers"
+        )
     return url.rstrip("/")
 
 

@@ -22,6 +22,7 @@ from guard.config import ModelConfig, Policy
 from guard.configreader import Section
 from guard.errors import NotFound, PolicyError
 from guard.inference import ModelMetadata
+from guard.metrics import GuardMetrics
 from guard.pipeline import Pipeline, Stage
 from guard.stages import STAGES, StageEnv
 from guard.state import StateStore, build_store
@@ -119,7 +120,11 @@ class Runtime:
 
 
 def build_runtime(
-    policy: Policy, *, session: aiohttp.ClientSession | None, state: StateStore | None = None
+    policy: Policy,
+    *,
+    session: aiohttp.ClientSession | None,
+    state: StateStore | None = None,
+    metrics: GuardMetrics | None = None,
 ) -> Runtime:
     """Open every backend and build every pipeline; raise PolicyError on any problem.
 
@@ -130,13 +135,18 @@ def build_runtime(
     owns_state = state is None
     store = build_store(policy.state) if state is None else state
     models = {
-        name: _build_model(config, policy, session, store) for name, config in policy.models.items()
+        name: _build_model(config, policy, session, store, metrics)
+        for name, config in policy.models.items()
     }
     return Runtime(policy, models, AuditLog(policy.audit_path), state=store, owns_state=owns_state)
 
 
 def _build_model(
-    config: ModelConfig, policy: Policy, session: aiohttp.ClientSession | None, state: StateStore
+    config: ModelConfig,
+    policy: Policy,
+    session: aiohttp.ClientSession | None,
+    state: StateStore,
+    metrics: GuardMetrics | None,
 ) -> ModelRuntime:
     local = None
     if config.model_file is not None:
@@ -163,6 +173,7 @@ def _build_model(
         local=local,
         metadata=local.model_metadata if local else None,
         state=state,
+        metrics=metrics,
     )
     stages = [_build_stage(entry.kind, entry.options, entry.path, policy.source, env) for entry in config.stages]
     names = [s.name for s in stages]

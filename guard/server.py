@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -23,7 +24,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from guard import __version__
 from guard.appkeys import LIVE, METRICS, POLICY_PATH, SESSION
 from guard.clients import token_matches
-from guard.config import Policy, load_policy
+from guard.config import IDLE_TIMEOUT, Policy, load_policy
 from guard.errors import (
     GuardError,
     NotFound,
@@ -40,6 +41,11 @@ from guard.pipeline import RequestContext
 from guard.protocols import tfserving, v2
 from guard.runtime import Runtime, build_runtime
 from guard.state import StateConfig, StateStore, build_store
+
+if sys.version_info >= (3, 11):
+    from asyncio import timeout as _deadline
+else:  # aiohttp depends on async-timeout before 3.11
+    from async_timeout import timeout as _deadline
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +83,8 @@ def create_app(
     app[LIVE] = Live()
     app[METRICS] = GuardMetrics(registry)
     app[METRICS].info.info({"version": __version__})
+    live = app[LIVE]
+    app[METRICS].in_flight.set_function(lambda: live.in_flight)
     app[POLICY_PATH] = Path(policy_path) if policy_path is not None else None
     app.cleanup_ctx.append(_state_lifecycle(policy))
     app.cleanup_ctx.append(_lifecycle(policy))
@@ -112,7 +120,9 @@ def _lifecycle(policy: Policy) -> Callable[[web.Application], AsyncIterator[None
         app[SESSION] = session
         live = app[LIVE]
         try:
-            live.runtime = build_runtime(policy, session=session, state=live.state)
+            live.runtime = build_runtime(
+                policy, session=session, state=live.state, metrics=app[METRICS]
+            )
             yield
         finally:
             if live.runtime is not None:
@@ -144,14 +154,28 @@ def _open_store(app: web.Application, config: StateConfig) -> StateStore:
     return store
 
 
-def make_runner(app: web.Application, *, access_log: logging.Logger | None = None) -> web.AppRunner:
+def make_runner(
+    app: web.Application,
+    *,
+    access_log: logging.Logger | None = None,
+    idle_timeout: float = IDLE_TIMEOUT,
+) -> web.AppRunner:
     """The runner ``guard serve`` and ``guard demo`` use.
 
     After refusing a body unread (413), aiohttp drains the rest of it for up to
     ``lingering_time`` seconds so the client can read the answer; its default of
     10 s holds a connection (and shutdown) for a client that stopped sending.
+    ``idle_timeout`` (``limits.idle_timeout``) closes a connection idle between
+    requests, or still sending its first request's headers, after that many
+    seconds; aiohttp's own default is an hour.
     """
-    return web.AppRunner(app, access_log=access_log, handle_signals=False, lingering_time=1.0)
+    return web.AppRunner(
+        app,
+        access_log=access_log,
+        handle_signals=False,
+        lingering_time=1.0,
+        keepalive_timeout=idle_timeout,
+    )
 
 
 # -- error boundary -----------------------------------------------------------
@@ -185,7 +209,7 @@ def error_response(exc: GuardError, headers: dict[str, str] | None = None) -> we
     response = _json_error(exc.message, exc.status, headers)
     if isinstance(exc, RateLimited) and exc.retry_after is not None:
         response.headers["Retry-After"] = str(max(1, round(exc.retry_after)))
-    if isinstance(exc, PayloadTooLarge):
+    if isinstance(exc, PayloadTooLarge) or exc.status == 408:
         response.force_close()  # the rest of the body is unread: no keep-alive
     return response
 
@@ -222,7 +246,7 @@ async def _serve(
         client = policy.clients.identify(http.headers, http.remote)
         policy.clients.authorize(client, model_name)
         model = runtime.model(model_name)
-        body = await read_body(http, policy.limits.max_body_bytes)
+        body = await read_body(http, policy.limits.max_body_bytes, policy.limits.body_timeout)
         infer_request, encode = await decode(runtime, body)
         if infer_request.id is None:
             infer_request.id = request_id
@@ -268,8 +292,19 @@ def _finish(
     runtime.audit.record(ctx)
 
 
-async def read_body(http: web.Request, limit: int) -> bytes:
-    """The request body, refused with 413 past ``limit`` bytes (checked while reading)."""
+async def read_body(http: web.Request, limit: int, timeout: float | None = None) -> bytes:
+    """The request body, refused with 413 past ``limit`` bytes (checked while reading),
+    and with 408 when it has not all arrived ``timeout`` seconds after reading began."""
+    try:
+        async with _deadline(timeout):  # no extra task, unlike wait_for before 3.12
+            return await _read_body(http, limit)
+    except asyncio.TimeoutError:
+        raise RequestError(
+            f"request body not received within {timeout:g} s", status=408
+        ) from None
+
+
+async def _read_body(http: web.Request, limit: int) -> bytes:
     length = http.content_length
     if length is not None:
         if length > limit:
@@ -427,7 +462,9 @@ async def reload_policy(app: web.Application) -> Runtime:
                 state = live.state  # unchanged: keep the store, its connections and its contents
             else:
                 state = _open_store(app, policy.state)
-            runtime = build_runtime(policy, session=app[SESSION], state=state)
+            runtime = build_runtime(
+                policy, session=app[SESSION], state=state, metrics=metrics
+            )
         except PolicyError as exc:
             if state is not None and state is not live.state:
                 live.stores.discard(state)

@@ -10,6 +10,7 @@ from guard.inference import ModelMetadata
 from guard.pipeline import ACTIONS, Action
 
 if TYPE_CHECKING:
+    from guard.metrics import GuardMetrics
     from guard.backends.base import Backend
     from guard.backends.onnx import OnnxBackend
     from guard.state import StateStore
@@ -24,6 +25,7 @@ class StageEnv:
     # Shared per-client state (budgets, histories, fingerprints); one store per app, kept
     # across reloads. None only where a stage is built on its own (tests, tools).
     state: StateStore | None = None
+    metrics: GuardMetrics | None = None  # the app's metrics, for stages that count their own
 
 
 def read_action(section: Section, default: Action) -> Action:

@@ -119,6 +119,7 @@ class _AddedOutput(RequestedOutput):
 
 
 class Privacy(BaseStage):
+    handles_degrade = True  # degraded clients get the ``degraded`` mechanism, not label-only
     name = "privacy"
 
     def __init__(
@@ -194,7 +195,7 @@ class Privacy(BaseStage):
             accountant=accountant,
             on_exhausted=on_exhausted,
             fail_open=fail_open,
-            metrics=getattr(env, "metrics", None),  # where the runtime hands stages its metrics
+            metrics=env.metrics,
         )
 
     def describe(self) -> dict[str, Any]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import socket
 import time
 from typing import Any
@@ -138,6 +139,7 @@ def test_descriptor_exhaustion_is_survived(spawn_guard: GuardSpawner) -> None:
             with contextlib.suppress(OSError):
                 held.append(socket.create_connection((HOST, guard.port), timeout=2))
         time.sleep(0.5)
+        assert len(os.listdir(f"/proc/{guard.pid}/fd")) >= 120  # at the limit, really
         assert guard.alive()
     finally:
         for sock in held:
