@@ -7,6 +7,7 @@ and a leak).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
@@ -98,6 +99,19 @@ class GuardMetrics:
             ["backend", "op"],
             registry=r,
         )
+        self.certifications = Counter(
+            "guard_certifications_total",
+            "Rows certified by the certify stage, by outcome (certified, abstained, overloaded)",
+            ["model", "outcome"],
+            registry=r,
+        )
+        self.certified_radius = Histogram(
+            "guard_certified_radius",
+            "Certified L2 radius of rows that were not abstained (input units)",
+            ["model"],
+            buckets=(0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0),
+            registry=r,
+        )
         self.in_flight = Gauge(
             "guard_requests_in_flight", "Inference requests being served", registry=r
         )
@@ -115,6 +129,17 @@ class GuardMetrics:
             self._child(self.stage_seconds, model, stage).observe(spent)
         for finding in ctx.findings:
             self._child(self.findings, model, finding.stage, finding.action.value).inc()
+
+    def count_certifications(self, model: str, outcome: str, rows: int) -> None:
+        self._child(self.certifications, model, outcome).inc(rows)
+
+    def record_certificates(self, model: str, certificates: Sequence[Any]) -> None:
+        for certificate in certificates:
+            if certificate.abstained:
+                self.count_certifications(model, "abstained", 1)
+            else:
+                self.count_certifications(model, "certified", 1)
+                self._child(self.certified_radius, model).observe(certificate.radius)
 
     def _child(self, metric: Any, *labels: str) -> Any:
         """``metric.labels(*labels)``, remembered: ``labels()`` takes a lock per call,

@@ -240,6 +240,7 @@ async def _serve(
     started = time.perf_counter()
     request_id = http.headers.get("X-Request-Id") or os.urandom(8).hex()
     live.in_flight += 1
+    app[METRICS].in_flight.inc()
     runtime.enter()
     ctx: RequestContext | None = None
     try:
@@ -283,6 +284,7 @@ async def _serve(
     finally:
         runtime.leave()
         live.in_flight -= 1
+        app[METRICS].in_flight.dec()
 
 
 def _finish(

@@ -87,6 +87,7 @@ if TYPE_CHECKING:
     from guard.backends.base import Backend
     from guard.backends.onnx import OnnxBackend
     from guard.defenses.smoothing import Certificate
+    from guard.metrics import GuardMetrics
 
 log = logging.getLogger(__name__)
 
@@ -166,6 +167,7 @@ class Certify(BaseStage):
         self.fail_open = fail_open
         self.max_radius = max_radius(sigma, n, alpha)
         self._seeds = np.random.SeedSequence(seed)
+        self.metrics: GuardMetrics | None = None
         self._active = 0  # certifications running (touched on the event loop only)
 
     @classmethod
@@ -225,6 +227,7 @@ class Certify(BaseStage):
             alpha,
             stage.max_radius,
         )
+        stage.metrics = env.metrics
         return stage
 
     def describe(self) -> dict[str, Any]:
@@ -261,10 +264,14 @@ class Certify(BaseStage):
             if self.on_overload == "503":
                 raise Overloaded(f"certification capacity exhausted ({refusal}); try again shortly")
             _publish_uncertified(ctx, response, len(x), refusal)
+            if self.metrics is not None:
+                self.metrics.count_certifications(ctx.model, "overloaded", len(x))
             return Verdict.CONTINUE
         self._active += 1  # _certify releases it once sampling has really stopped
         certificates = await self._certify(ctx, x)
         _publish(ctx, response, certificates)
+        if self.metrics is not None:
+            self.metrics.record_certificates(ctx.model, certificates)
         return Verdict.CONTINUE
 
     # -- deciding --------------------------------------------------------------

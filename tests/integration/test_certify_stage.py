@@ -487,3 +487,27 @@ def test_guard_certify_refuses_hopeless_settings(capsys: pytest.CaptureFixture[s
 
     assert main(["certify", "--model", "digits", "--sigma", "0.25", "--n", "9"]) == 2
     assert "--n must be >= 10" in capsys.readouterr().err
+
+
+async def test_certifications_are_counted_in_metrics(start_guard: Any, http: Any) -> None:
+    guard = await start_guard(
+        {
+            "version": 1,
+            "models": {
+                "digits": {
+                    "model": "builtin:digits",
+                    "stages": [{"certify": {"sigma": 0.5, "n0": 20, "n": 200, "alpha": 0.01, "when": "always"}}],
+                }
+            },
+        }
+    )
+    x = load_samples("digits")[0][:3]
+    body = {"inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32", "data": x.ravel().tolist()}]}
+    async with http.post(guard.make_url("/v2/models/digits/infer"), json=body) as reply:
+        assert reply.status == 200
+        params = (await reply.json())["parameters"]
+    async with http.get(guard.make_url("/metrics")) as reply:
+        text = await reply.text()
+    certified = sum(not a for a in params["abstained"])
+    assert f'guard_certifications_total{{model="digits",outcome="certified"}} {float(certified)}' in text
+    assert f'guard_certified_radius_count{{model="digits"}} {float(certified)}' in text
