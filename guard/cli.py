@@ -17,7 +17,7 @@ from guard.errors import PolicyError
 
 DEFAULT_POLICY = Path(__file__).parent / "policies" / "default.yaml"
 # Offline subcommands: modules under guard/commands/ with an ``add_parser(commands)``.
-OFFLINE_COMMANDS: tuple[str, ...] = ("certify", "calibrate_squeeze", "attack", "load")
+OFFLINE_COMMANDS: tuple[str, ...] = ("certify", "calibrate_squeeze", "attack", "load", "tune")
 log = logging.getLogger("guard")
 
 
@@ -28,6 +28,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=getattr(logging, args.log_level.upper()),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    logging.getLogger("aiohttp.server").addFilter(_one_line_for_malformed_http)
     try:
         return int(args.run(args) or 0)
     except PolicyError as exc:
@@ -35,6 +36,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+
+
+def _one_line_for_malformed_http(record: logging.LogRecord) -> bool:
+    """aiohttp logs each malformed HTTP request with a traceback at ERROR: a client
+    could fill the log with them. Keep one WARNING line naming the client and the fault."""
+    from aiohttp.http_exceptions import HttpProcessingError
+
+    exc = record.exc_info[1] if record.exc_info else None
+    if isinstance(exc, HttpProcessingError):
+        record.msg = f"{record.getMessage()}: {exc.message.splitlines()[0] if exc.message else exc}"
+        record.args = ()
+        record.exc_info = None
+        record.levelno, record.levelname = logging.WARNING, "WARNING"
+    return True
 
 
 def _parser() -> argparse.ArgumentParser:

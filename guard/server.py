@@ -50,6 +50,7 @@ else:  # aiohttp depends on async-timeout before 3.11
 log = logging.getLogger(__name__)
 
 JSON = "application/json"
+MAX_REQUEST_ID = 128
 SERVER_NAME = "inference-guard"
 
 
@@ -83,8 +84,6 @@ def create_app(
     app[LIVE] = Live()
     app[METRICS] = GuardMetrics(registry)
     app[METRICS].info.info({"version": __version__})
-    live = app[LIVE]
-    app[METRICS].in_flight.set_function(lambda: live.in_flight)
     app[POLICY_PATH] = Path(policy_path) if policy_path is not None else None
     app.cleanup_ctx.append(_state_lifecycle(policy))
     app.cleanup_ctx.append(_lifecycle(policy))
@@ -215,7 +214,11 @@ def error_response(exc: GuardError, headers: dict[str, str] | None = None) -> we
 
 
 def _json_error(message: str, status: int, headers: dict[str, str] | None = None) -> web.Response:
-    return web.Response(body=v2.error_body(message), status=status, content_type=JSON, headers=headers)
+    try:
+        body = v2.error_body(message)
+    except TypeError:  # the message quotes a lone surrogate from the request ("\ud800" in JSON)
+        body = v2.error_body(message.encode("utf-8", "backslashreplace").decode("utf-8"))
+    return web.Response(body=body, status=status, content_type=JSON, headers=headers)
 
 
 # -- inference ----------------------------------------------------------------
@@ -238,7 +241,7 @@ async def _serve(
     if live.in_flight >= policy.limits.max_in_flight:
         raise Overloaded(f"the guard is serving {live.in_flight} requests; try again shortly")
     started = time.perf_counter()
-    request_id = http.headers.get("X-Request-Id") or os.urandom(8).hex()
+    request_id = _request_id(http.headers.get("X-Request-Id"))
     live.in_flight += 1
     app[METRICS].in_flight.inc()
     runtime.enter()
@@ -285,6 +288,17 @@ async def _serve(
         runtime.leave()
         live.in_flight -= 1
         app[METRICS].in_flight.dec()
+
+
+def _request_id(given: str | None) -> str:
+    """The client's ``X-Request-Id`` when it is short printable ASCII, else a fresh one.
+
+    The id is echoed in headers, JSON bodies, logs and the upstream request; a header
+    that was not valid UTF-8 reaches us with surrogates, which none of them can carry.
+    """
+    if given and len(given) <= MAX_REQUEST_ID and given.isascii() and given.isprintable():
+        return given
+    return os.urandom(8).hex()
 
 
 def _finish(

@@ -1,0 +1,395 @@
+"""Measure one candidate policy: a real guard on loopback, benign clients, attackers.
+
+:func:`measure_policy` serves the candidate with :func:`guard.server.create_app`
+on 127.0.0.1 (in a thread of its own: the clients are synchronous), then, in
+this order and each as its own API key: benign clients (false positives,
+accuracy, time spent in the stages), each attack (what it got, when it was
+caught), and certification requests when the policy has a ``certify`` stage.
+Each candidate gets a fresh guard, so no state carries over between candidates.
+
+To measure the policy and nothing else, the candidate is served as a copy that
+differs from what ``guard tune`` writes only where measuring needs it: only
+the tuned model; clients identified by a generated keys file; state in memory;
+verdict headers on; no audit log or admin token; the blacklight hash key, the
+privacy noise key and the certify noise seed derived from the seed, so one
+seed measures one candidate the same way twice. Every candidate of a search
+sees the same traffic (the same seed): differences between candidates are the
+policy's, not the draw's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import copy
+import os
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+import yaml
+
+from guard.attacks.targets import OnnxTarget, Target
+from guard.tuning.attackers import AttackOutcome, ObservedTarget, run_attack
+from guard.tuning.workload import Interface, TuneData, Workload
+
+STREAMS = ("benign", "hopskipjump", "square-linf", "square-l2", "simba", "knockoff", "jbda",
+           "membership", "certify")
+BLACKLIGHT_ENV = "GUARD_TUNE_BLACKLIGHT_KEY"
+PRIVACY_ENV = "GUARD_TUNE_PRIVACY_KEY"
+ATTACK_BATCH = {"knockoff": 10, "jbda": 10, "membership": 51}
+CERTIFY_BATCH = 10
+
+
+def stream(seed: int, name: str) -> np.random.Generator:
+    """The random stream of one part of a measurement."""
+    return np.random.default_rng([seed, STREAMS.index(name)])
+
+
+@dataclass(frozen=True, slots=True)
+class BenignOutcome:
+    queries: int
+    false_positives: int  # queries a detector fired on
+    refused: int
+    accuracy: float  # served labels against the truth (a refused query is wrong)
+    accuracy_loss: float  # the bare model's accuracy on the same inputs, minus ``accuracy``
+    score_change: float  # mean L1 distance, served vs the bare model's probabilities (answered rows)
+    stage_ms: dict[str, float]  # mean milliseconds per request spent in each stage
+    round_trip_ms: float  # median client round trip, HTTP included
+
+    @property
+    def fp_rate(self) -> float:
+        return self.false_positives / self.queries if self.queries else 0.0
+
+    @property
+    def added_ms(self) -> float:
+        """Mean time per request in the policy's stages (the model and HTTP excluded)."""
+        return sum(self.stage_ms.values())
+
+
+@dataclass(frozen=True, slots=True)
+class CertifiedOutcome:
+    inputs: int
+    accuracy: float  # certified label right (abstentions are wrong)
+    accuracy_loss: float  # the bare model's accuracy on the same inputs, minus ``accuracy``
+    acr: float  # average certified radius: radius when right, else 0
+    abstained: float
+    ms_per_input: float
+
+
+@dataclass(frozen=True, slots=True)
+class Baseline:
+    """What the same traffic gets from the bare model (no guard)."""
+
+    benign_accuracy: float
+    attacks: dict[str, AttackOutcome]
+
+
+@dataclass(frozen=True, slots=True)
+class Measurement:
+    benign: BenignOutcome
+    attacks: tuple[AttackOutcome, ...]
+    certified: CertifiedOutcome | None
+    seconds: float
+
+    def attack(self, name: str) -> AttackOutcome:
+        return next(a for a in self.attacks if a.attack == name)
+
+
+class LocalGuard:
+    """A guard serving ``policy`` on 127.0.0.1 from a background thread; a context manager."""
+
+    def __init__(self, policy: Any) -> None:
+        from prometheus_client import CollectorRegistry
+
+        self.policy = policy
+        self.registry = CollectorRegistry()
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._runner: Any = None
+        self.port = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> LocalGuard:
+        self._thread.start()
+        try:
+            asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(120)
+        except BaseException:
+            self._stop()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop()
+
+    async def _start(self) -> None:
+        from aiohttp import web
+
+        from guard.server import create_app, make_runner
+
+        self._runner = make_runner(create_app(self.policy, registry=self.registry))
+        await self._runner.setup()
+        await web.TCPSite(self._runner, "127.0.0.1", 0).start()
+        self.port = self._runner.addresses[0][1]
+
+    def _stop(self) -> None:
+        if self._runner is not None:
+            asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(120)
+            self._runner = None
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join()
+        self._loop.close()
+
+    def stage_seconds(self, model: str, stages: list[str]) -> dict[str, float]:
+        """Total seconds each stage has spent so far (from the guard's own histogram)."""
+        total = {}
+        for stage in stages:
+            value = self.registry.get_sample_value(
+                "guard_stage_duration_seconds_sum", {"model": model, "stage": stage}
+            )
+            total[stage] = value or 0.0
+        return total
+
+
+def stage_kinds(document: dict[str, Any], model: str) -> list[str]:
+    """The stage names of ``model`` in a policy document, in order."""
+    return [_kind(entry) for entry in document["models"][model].get("stages") or []]
+
+
+def _kind(entry: Any) -> str:
+    return entry if isinstance(entry, str) else next(iter(entry))
+
+
+def evaluation_document(
+    document: dict[str, Any], model: str, *, keys_file: Path, seed: int
+) -> dict[str, Any]:
+    """The copy of a candidate that is served while it is measured (see the module)."""
+    doc = copy.deepcopy(document)
+    entry = doc["models"][model]
+    stages = []
+    for raw in entry.get("stages") or []:
+        kind = _kind(raw)
+        options = dict(raw[kind] or {}) if isinstance(raw, dict) else {}
+        if kind == "blacklight":
+            options["key_env"] = BLACKLIGHT_ENV
+        elif kind == "privacy":
+            options["secret_env"] = PRIVACY_ENV
+        elif kind == "certify":
+            options["seed"] = seed
+        stages.append({kind: options})
+    entry["stages"] = stages
+    doc["models"] = {model: entry}
+    doc["clients"] = {"keys_file": str(keys_file)}
+    doc["state"] = {"backend": "memory"}
+    doc["headers"] = {"expose": True}
+    for key in ("audit", "admin"):
+        doc.pop(key, None)
+    return doc
+
+
+@contextlib.contextmanager
+def _secrets(seed: int) -> Iterator[None]:
+    """The measurement's hash and noise keys in the environment, restored afterwards."""
+    values = {BLACKLIGHT_ENV: f"guard-tune-blacklight-{seed}", PRIVACY_ENV: f"guard-tune-privacy-{seed}"}
+    saved = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def measure_policy(
+    document: dict[str, Any],
+    *,
+    model: str,
+    base_dir: Path,
+    source: str,
+    data: TuneData,
+    workload: Workload,
+    attacks: tuple[str, ...],
+    baseline: Baseline,
+    seed: int,
+    interface: Interface = Interface(),
+) -> Measurement:
+    """Serve ``document`` (a policy as parsed YAML; relative paths from ``base_dir``)
+    and measure it. Raises :class:`~guard.errors.PolicyError` when it does not load."""
+    from guard.clients import key_digest
+    from guard.config import parse_policy
+
+    started = time.perf_counter()
+    clients = [f"benign-{i}" for i in range(workload.benign_clients)]
+    clients += [f"attacker-{name}" for name in attacks]
+    reference = OnnxTarget.builtin(data.name)
+    with tempfile.TemporaryDirectory(prefix="guard-tune-") as tmp:
+        keys_file = Path(tmp) / "keys.yaml"
+        entries = {name: {"key_sha256": key_digest(_key(name, seed))} for name in clients}
+        keys_file.write_text(yaml.safe_dump({"clients": entries}))
+        served = evaluation_document(document, model, keys_file=keys_file, seed=seed)
+        with _secrets(seed):
+            policy = parse_policy(served, source=source, base=base_dir)
+            with LocalGuard(policy) as guard:
+                stages = stage_kinds(served, model)
+
+                def target(name: str, batch: int = 1) -> ObservedTarget:
+                    return ObservedTarget(
+                        guard.url,
+                        model,
+                        data.spec,
+                        api_key=_key(name, seed),
+                        batch_size=batch,
+                        input_name=interface.input,
+                        scores_output=interface.scores,
+                        label_output=interface.label,
+                    )
+
+                benign = _benign(guard, target, clients, stages, model, data, workload, reference,
+                                 baseline, seed)
+                outcomes = []
+                for name in attacks:
+                    with target(f"attacker-{name}", ATTACK_BATCH.get(name, 1)) as attacker:
+                        outcomes.append(
+                            run_attack(name, attacker, reference, data, workload,
+                                       stream(seed, name))
+                        )
+                certified = None
+                if "certify" in stages:
+                    certified = _certify(guard.url, model, _key(clients[0], seed), data,
+                                         workload, reference, seed, interface.input)
+    return Measurement(benign, tuple(outcomes), certified, time.perf_counter() - started)
+
+
+def _key(client: str, seed: int) -> str:
+    return f"gk-tune-{seed}-{client}"
+
+
+def _benign(
+    guard: LocalGuard,
+    target: Any,
+    clients: list[str],
+    stages: list[str],
+    model: str,
+    data: TuneData,
+    workload: Workload,
+    reference: Target,
+    baseline: Baseline,
+    seed: int,
+) -> BenignOutcome:
+    from guard.attacks.benign import BenignTraffic
+
+    names = [c for c in clients if c.startswith("benign-")]
+    targets = [target(name) for name in names]
+    try:
+        run = BenignTraffic(queries=workload.benign_queries).run(
+            list(zip(names, targets, strict=True)), data.benign_x, data.benign_y,
+            stream(seed, "benign"),
+        )
+    finally:
+        for t in targets:
+            t.close()
+    summary = run.summary()
+    queries = summary["queries"]
+    spent = guard.stage_seconds(model, stages)
+    inputs = np.concatenate([x for t in targets for x in t.inputs])
+    served = np.concatenate([a.scores for t in targets for a in t.answers])
+    answered = ~np.isnan(served).any(axis=1)
+    truth = reference.query(inputs).scores
+    change = np.abs(served[answered] - truth[answered]).sum(axis=1)
+    return BenignOutcome(
+        queries=queries,
+        false_positives=sum(c.detected for c in run.clients),
+        refused=sum(c.refused for c in run.clients),
+        accuracy=summary["accuracy"],
+        accuracy_loss=baseline.benign_accuracy - summary["accuracy"],
+        score_change=float(change.mean()) if len(change) else 0.0,
+        stage_ms={stage: 1e3 * spent[stage] / queries for stage in stages},
+        round_trip_ms=1e3 * float(np.median([s for t in targets for s in t.seconds])),
+    )
+
+
+def measure_baseline(
+    data: TuneData, workload: Workload, attacks: tuple[str, ...], seed: int
+) -> Baseline:
+    """The same benign traffic and attacks against the bare model (in-process ONNX)."""
+    from guard.attacks.benign import BenignTraffic
+
+    clients = [(f"benign-{i}", OnnxTarget.builtin(data.name)) for i in range(workload.benign_clients)]
+    run = BenignTraffic(queries=workload.benign_queries).run(
+        clients, data.benign_x, data.benign_y, stream(seed, "benign")
+    )
+    reference = OnnxTarget.builtin(data.name)
+    outcomes = {
+        name: run_attack(name, OnnxTarget.builtin(data.name), reference, data, workload,
+                         stream(seed, name))
+        for name in attacks
+    }
+    return Baseline(benign_accuracy=run.summary()["accuracy"], attacks=outcomes)
+
+
+def _certify(
+    url: str,
+    model: str,
+    key: str,
+    data: TuneData,
+    workload: Workload,
+    reference: Target,
+    seed: int,
+    input_name: str,
+) -> CertifiedOutcome:
+    """Ask the guard for certificates on benign inputs (``certify: true``), in batches."""
+    from guard.inference import InferRequest
+    from guard.protocols import v2
+
+    rows = stream(seed, "certify").permutation(len(data.benign_x))[: workload.certify_inputs]
+    x, y = data.benign_x[rows].astype(np.float32), data.benign_y[rows]
+    labels, radii = [], []
+    started = time.perf_counter()
+    for begin in range(0, len(x), CERTIFY_BATCH):
+        batch = x[begin : begin + CERTIFY_BATCH]
+        body, headers = v2.encode_request(
+            InferRequest(model_name=model, inputs={input_name: batch}, parameters={"certify": True}),
+            binary=False,
+        )
+        request = urllib.request.Request(
+            f"{url}/v2/models/{model}/infer",
+            data=body,
+            headers={**headers, "Content-Type": "application/json", "X-API-Key": key},
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=120) as reply:
+                parameters = orjson.loads(reply.read()).get("parameters") or {}
+        except urllib.error.HTTPError:  # refused (a detector, a budget): no certificate
+            parameters = {}
+        if not parameters.get("certified"):
+            labels += [-1] * len(batch)
+            radii += [0.0] * len(batch)
+            continue
+        labels += np.atleast_1d(parameters["certified_label"]).tolist()
+        radii += np.atleast_1d(parameters["certified_radius"]).tolist()
+    seconds = time.perf_counter() - started
+    label, radius = np.asarray(labels), np.asarray(radii, dtype=np.float64)
+    right = label == y
+    bare = float(np.mean(reference.query(x).labels == y))
+    return CertifiedOutcome(
+        inputs=len(x),
+        accuracy=float(right.mean()),
+        accuracy_loss=bare - float(right.mean()),
+        acr=float(np.where(right, radius, 0.0).mean()),
+        abstained=float(np.mean(label < 0)),
+        ms_per_input=1e3 * seconds / len(x),
+    )

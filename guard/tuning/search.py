@@ -1,0 +1,355 @@
+"""Search a policy's space for the candidate that meets the operator's constraints.
+
+**Constraints** (:class:`Constraints`), each measured on the benign traffic:
+false-positive rate (queries a detector fired on), accuracy loss (the bare
+model's accuracy on the same inputs minus the guard's; a refused query is
+wrong), added latency (mean time per request in the policy's stages), and
+optionally the change of the released probabilities (mean L1 distance; noise
+of a ``privacy`` stage). With a ``certify`` stage, the certified label's
+accuracy loss is held to the accuracy bound too.
+
+**Risk**: for each attack, the gain it made before being caught (see
+:mod:`guard.tuning.attackers`) as a share of what it gets from the bare model;
+the mean over attacks. 0: every attacker caught before it got anything; 1: the
+guard changed nothing. Attacks the bare model already defeats are left out.
+
+**Choice** (:func:`pick`): among candidates that meet every constraint, those
+whose risk is within ``tolerance`` of the lowest, and of those the one that
+uses least of what the constraints allow (:attr:`Candidate.cost`, the sum of
+each measure's share of its bound): a candidate that is as safe, within the
+measurement's resolution, but cheaper for benign clients wins. Costs within a
+tenth of the allowance are a tie, broken by fewest changes from the base policy. ``certify``
+parameters are chosen for the largest average certified radius instead. When
+no candidate meets the constraints, the one that exceeds them least.
+
+**Search** (:func:`tune`): coordinate descent from the base policy. Each pass
+visits the parameters in a seeded random order; for each, every grid value is
+measured with the others held, and the choice above moves there. Passes stop
+early once nothing moves; measurements are cached, and the final choice is
+made over every candidate measured. Every candidate sees the same seeded
+traffic, so their differences are the policy's.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+
+from guard.errors import PolicyError
+from guard.tuning.measure import Baseline, Measurement, measure_baseline, measure_policy
+from guard.tuning.space import Param, apply, calibrate_squeeze, search_space, stage_entries
+from guard.tuning.workload import Interface, TuneData, Workload, attacks_for
+
+SIMPLEX_L1 = 2.0  # the largest L1 distance between two probability vectors
+NEGLIGIBLE = 0.02  # an attack whose bare success is below this is left out of the risk
+COST_TOLERANCE = 0.1  # costs this close (a tenth of the allowance) are a tie
+CALIBRATION_NOISE = 0.02  # benign clients' noise, as a fraction of the range (BenignTraffic)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Constraints:
+    max_false_positive: float = 0.001
+    max_accuracy_loss: float = 0.01
+    max_added_latency_ms: float = 2.0
+    max_score_change: float | None = None
+
+    def measures(self, m: Measurement) -> list[tuple[str, float, float]]:
+        """``(what, measured, bound)`` for every constrained quantity of ``m``."""
+        rows = [
+            ("false positives", m.benign.fp_rate, self.max_false_positive),
+            ("accuracy loss", m.benign.accuracy_loss, self.max_accuracy_loss),
+            ("added latency ms", m.benign.added_ms, self.max_added_latency_ms),
+        ]
+        if self.max_score_change is not None:
+            rows.append(("score change", m.benign.score_change, self.max_score_change))
+        if m.certified is not None:
+            rows.append(
+                ("certified accuracy loss", m.certified.accuracy_loss, self.max_accuracy_loss)
+            )
+        return rows
+
+    def violations(self, m: Measurement) -> tuple[str, ...]:
+        return tuple(
+            f"{what} {value:.4g} > {bound:g}"
+            for what, value, bound in self.measures(m)
+            if value > bound + 1e-12
+        )
+
+    def excess(self, m: Measurement) -> float:
+        """How far past the bounds, each excess as a share of its bound."""
+        return sum(max(0.0, _share(value, bound) - 1.0) for _, value, bound in self.measures(m))
+
+    def cost(self, m: Measurement) -> float:
+        """What a candidate uses of the allowance: each measure's share of its bound
+        (score change against ``max_score_change``, or the whole range of 2 without one)."""
+        total = sum(max(0.0, _share(value, bound)) for _, value, bound in self.measures(m))
+        if self.max_score_change is None:
+            total += m.benign.score_change / SIMPLEX_L1
+        return total
+
+
+def _share(value: float, bound: float) -> float:
+    if bound > 0:
+        return value / bound
+    return 0.0 if value <= 0 else math.inf
+
+
+def risk(m: Measurement, baseline: Baseline) -> float:
+    """Mean over attacks of the undetected gain as a share of the bare model's."""
+    shares = [
+        a.undetected / baseline.attacks[a.attack].success
+        for a in m.attacks
+        if baseline.attacks[a.attack].success >= NEGLIGIBLE
+    ]
+    return float(np.mean(shares)) if shares else 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    values: dict[str, Any]  # param name -> value, every param
+    calibrated: dict[str, tuple[float, int]]  # derived option -> (value, inputs it came from)
+    measurement: Measurement | None  # None: the policy did not load (``error``)
+    error: str | None
+    risk: float
+    violations: tuple[str, ...]
+    excess: float
+    cost: float
+
+    @property
+    def feasible(self) -> bool:
+        return self.measurement is not None and not self.violations
+
+    def objective(self, group: str) -> float:
+        """What the choice minimises: risk, or minus the average certified radius."""
+        if group == "certified":
+            certified = self.measurement.certified if self.measurement else None
+            return -certified.acr if certified else 0.0
+        return self.risk
+
+
+def pick(
+    candidates: list[Candidate],
+    group: str,
+    tolerance: float,
+    base: dict[str, Any] | None = None,
+) -> Candidate:
+    """The choice the module describes. Within the risk band, candidates whose cost is
+    within :data:`COST_TOLERANCE` of the cheapest count as equally cheap (latency is
+    measured to about a tenth of a millisecond), and of those the one with fewest
+    changes from ``base`` wins: the search moves only where a move measurably helps."""
+    valid = [c for c in candidates if c.measurement is not None] or candidates
+    feasible = [c for c in valid if c.feasible]
+    if not feasible:
+        return min(valid, key=lambda c: (c.excess, c.objective(group)))
+    best = min(c.objective(group) for c in feasible)
+    slack = tolerance if group == "risk" else 0.0
+    band = [c for c in feasible if c.objective(group) <= best + slack + 1e-12]
+    cheapest = min(c.cost for c in band)
+    band = [c for c in band if c.cost <= cheapest + COST_TOLERANCE]
+
+    def changes(c: Candidate) -> int:
+        return sum(c.values[k] != v for k, v in (base or {}).items())
+
+    return min(band, key=lambda c: (changes(c), c.objective(group), c.cost))
+
+
+@dataclass(frozen=True, slots=True)
+class TuneResult:
+    model: str
+    data: str
+    params: tuple[Param, ...]
+    attacks: tuple[str, ...]
+    baseline: Baseline
+    candidates: tuple[Candidate, ...]  # in the order measured; the first is the base policy
+    chosen: Candidate
+    constraints: Constraints
+    workload: Workload
+    seed: int
+    tolerance: float
+    seconds: float
+    calibration_inputs: int = 0
+
+    @property
+    def base(self) -> Candidate:
+        return self.candidates[0]
+
+    def tried(self, param: Param) -> list[Candidate]:
+        """Candidates that differ from the choice in ``param`` alone (and the choice)."""
+        others = {k: v for k, v in self.chosen.values.items() if k != param.name}
+        return [
+            c for c in self.candidates
+            if all(c.values[k] == v for k, v in others.items())
+        ]
+
+
+def tune(
+    document: dict[str, Any],
+    *,
+    model: str,
+    base_dir: Path,
+    source: str,
+    data: TuneData,
+    workload: Workload,
+    constraints: Constraints,
+    seed: int = 0,
+    tolerance: float = 0.05,
+    search: bool = True,
+    interface: Interface = Interface(),
+    progress: Callable[[str], None] | None = None,
+) -> TuneResult:
+    """Search ``document``'s space for ``model`` (see the module). Without ``search``,
+    measure the policy as it is: the result's only candidate is the base."""
+    started = time.perf_counter()
+    say = progress or (lambda _: None)
+    params = search_space(
+        document, model, grid=workload.grid, n_classes=data.spec.n_classes, image=data.image
+    )
+    kinds = {p.stage for p in params}
+    attacks = attacks_for(kinds, workload, data)
+    say(f"baseline: {', '.join(attacks) or 'benign traffic'} against the bare model")
+    baseline = measure_baseline(data, workload, attacks, seed)
+    rng = np.random.default_rng([seed, 99])
+    calibration = _calibration_inputs(data, rng)
+    thresholds: dict[str, tuple[float, int]] = {}
+    cache: dict[bytes, Candidate] = {}
+    order: list[Candidate] = []
+
+    def evaluate(values: dict[str, Any]) -> Candidate:
+        key = orjson.dumps(values, option=orjson.OPT_SORT_KEYS)
+        if key not in cache:
+            cache[key] = candidate = _measure(values)
+            order.append(candidate)
+            say(_progress_line(len(order), candidate, params))
+        return cache[key]
+
+    def _measure(values: dict[str, Any]) -> Candidate:
+        doc = apply(document, model, params, values)
+        calibrated = _calibrate(doc, model, data, calibration, constraints, thresholds)
+        try:
+            m = measure_policy(
+                doc,
+                model=model,
+                base_dir=base_dir,
+                source=source,
+                data=data,
+                workload=workload,
+                attacks=attacks,
+                baseline=baseline,
+                seed=seed,
+                interface=interface,
+            )
+        except PolicyError as exc:
+            return Candidate(dict(values), calibrated, None, str(exc), math.inf, (), math.inf,
+                             math.inf)
+        return Candidate(
+            dict(values),
+            calibrated,
+            m,
+            None,
+            risk(m, baseline),
+            constraints.violations(m),
+            constraints.excess(m),
+            constraints.cost(m),
+        )
+
+    base_values = {p.name: p.base for p in params}
+    current = evaluate(base_values)
+    for _ in range(workload.passes if search else 0):
+        moved = False
+        for index in rng.permutation(len(params)):
+            param = params[index]
+            options = [evaluate({**current.values, param.name: v}) for v in param.values]
+            best = pick(options, param.group, tolerance, base_values)
+            moved |= best is not current
+            current = best
+        if not moved:
+            break
+    certified = {p.name for p in params if p.group == "certified"}
+    final = [
+        c for c in order if all(c.values[n] == current.values[n] for n in certified)
+    ]
+    if search and len(certified) < len(params):
+        chosen = pick(final, "risk", tolerance, base_values)
+    else:
+        chosen = current
+    return TuneResult(
+        model=model,
+        data=data.name,
+        params=tuple(params),
+        attacks=attacks,
+        baseline=baseline,
+        candidates=tuple(order),
+        chosen=chosen,
+        constraints=constraints,
+        workload=workload,
+        seed=seed,
+        tolerance=tolerance,
+        seconds=time.perf_counter() - started,
+        calibration_inputs=len(calibration) if thresholds else 0,
+    )
+
+
+def _calibration_inputs(data: TuneData, rng: np.random.Generator) -> np.ndarray:
+    """The calibration rows as benign clients send them: with their Gaussian noise."""
+    spec = data.spec
+    noisy = data.calibration + rng.normal(0.0, 1.0, data.calibration.shape) * (
+        CALIBRATION_NOISE * (spec.hi - spec.lo)
+    )
+    return spec.clip(noisy).astype(np.float32)
+
+
+def _calibrate(
+    doc: dict[str, Any],
+    model: str,
+    data: TuneData,
+    calibration: np.ndarray,
+    constraints: Constraints,
+    cache: dict[str, tuple[float, int]],
+) -> dict[str, tuple[float, int]]:
+    """Set each ``squeeze_detect`` threshold in ``doc`` (in place) from benign data at the
+    false-positive bound; returns what was set."""
+    derived = {}
+    stages = doc["models"][model]["stages"]
+    for index, (kind, options) in enumerate(stage_entries(doc, model)):
+        if kind != "squeeze_detect" or "squeezers" not in options:
+            continue
+        options.pop("threshold", None)
+        key = orjson.dumps(options, option=orjson.OPT_SORT_KEYS).decode()
+        if key not in cache:
+            cache[key] = calibrate_squeeze(
+                options,
+                data_name=data.name,
+                benign=calibration,
+                fpr=constraints.max_false_positive,
+            )
+        stages[index] = {kind: {**options, "threshold": cache[key][0]}}
+        derived["squeeze_detect.threshold"] = cache[key]
+    return derived
+
+
+def _progress_line(n: int, c: Candidate, params: list[Param]) -> str:
+    settings = ", ".join(f"{p.name}={_short(c.values[p.name])}" for p in params) or "base"
+    if c.measurement is None:
+        return f"  #{n:<3} {settings}: does not load ({c.error})"
+    m = c.measurement
+    verdict = "ok" if c.feasible else "; ".join(c.violations)
+    return (
+        f"  #{n:<3} {settings}: FP {m.benign.false_positives}/{m.benign.queries}, "
+        f"+{m.benign.added_ms:.2f} ms, risk {c.risk:.3f} [{verdict}] ({m.seconds:.1f} s)"
+    )
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, list):
+        return "+".join(
+            ",".join(f"{k}={v}" for k, v in item.items()) if isinstance(item, dict) else str(item)
+            for item in value
+        )
+    return str(value)

@@ -1,0 +1,148 @@
+"""What a measurement sends: the data it draws from and how much of each traffic.
+
+The held-out rows of a built-in model are split once, by a fixed permutation
+that no seed changes, into three disjoint parts:
+
+* ``calibration`` (a quarter): only for thresholds calibrated on benign data
+  (``squeeze_detect``); never sent as traffic, so no threshold is judged on the
+  inputs it was fitted to;
+* ``benign`` (45 %): what benign clients send;
+* ``attacker`` (the rest): the attacker's own natural data (evasion samples,
+  the extraction pool).
+
+A seed changes the order, the noise and the sample choice within those parts,
+never the parts themselves: a policy tuned with one seed and re-measured with
+another meets new draws of the same kind of traffic.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from guard.attacks.targets import TargetSpec
+
+SPLIT_STREAM = 7_000  # the fixed permutation's seed
+
+
+@dataclass(frozen=True, slots=True)
+class TuneData:
+    """A built-in model's held-out rows, split as the module says."""
+
+    name: str
+    spec: TargetSpec
+    calibration: np.ndarray
+    benign_x: np.ndarray
+    benign_y: np.ndarray
+    attacker_x: np.ndarray
+    attacker_y: np.ndarray
+
+    @classmethod
+    def builtin(cls, name: str) -> TuneData:
+        from guard.models import load_samples
+
+        x, y = load_samples(name)
+        order = np.random.default_rng(SPLIT_STREAM).permutation(len(x))
+        a, b = len(x) // 4, len(x) // 4 + (len(x) * 45) // 100
+        calibration, benign, attacker = order[:a], order[a:b], order[b:]
+        return cls(
+            name=name,
+            spec=TargetSpec.builtin(name),
+            calibration=x[calibration],
+            benign_x=x[benign],
+            benign_y=y[benign],
+            attacker_x=x[attacker],
+            attacker_y=y[attacker],
+        )
+
+    @property
+    def image(self) -> bool:
+        """Whether every feature shares one range (pixels): evasion attacks apply."""
+        return self.spec.scalar_range
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Interface:
+    """The names the served model answers with (an MLServer scikit-learn model answers
+    ``predict_proba``, say); without a label output the label is the scores' argmax."""
+
+    input: str = "input"
+    scores: str = "probabilities"
+    label: str = "label"
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Workload:
+    """How much of each traffic one measurement sends, and how wide the search is."""
+
+    name: str
+    benign_clients: int  # each its own API key; each sends distinct images once
+    benign_queries: int  # per client, one row per request
+    evasion: tuple[str, ...]  # attack names of guard.attacks.suite
+    evasion_samples: int
+    evasion_budget: int  # queries per sample
+    knockoff_budgets: tuple[int, ...]  # curve points; the last is the total
+    jbda_budget: int
+    membership: tuple[str, ...]  # "threshold" (loss and confidence), "label-only"
+    membership_records: int  # records the label-only attack queries (51 queries each)
+    surrogate_steps: int  # training steps of each extraction surrogate
+    certify_inputs: int
+    grid: str  # "small" or "full": the width of each parameter's grid
+    passes: int  # coordinate-descent passes over the parameters
+
+
+WORKLOADS = {
+    "small": Workload(
+        name="small",
+        benign_clients=3,
+        benign_queries=100,
+        evasion=("simba", "square-linf"),
+        evasion_samples=3,
+        evasion_budget=150,
+        knockoff_budgets=(50, 100, 200),
+        jbda_budget=250,
+        membership=("threshold",),
+        membership_records=150,
+        surrogate_steps=300,
+        certify_inputs=100,
+        grid="small",
+        passes=1,
+    ),
+    "full": Workload(
+        name="full",
+        benign_clients=5,
+        benign_queries=80,
+        evasion=("hopskipjump", "square-linf", "square-l2", "simba"),
+        evasion_samples=10,
+        evasion_budget=1000,
+        knockoff_budgets=(100, 250, 500, 1000),
+        jbda_budget=1000,
+        membership=("threshold", "label-only"),
+        membership_records=300,
+        surrogate_steps=1000,
+        certify_inputs=400,
+        grid="full",
+        passes=2,
+    ),
+}
+
+# Which attacks say something about which stage (the rest of the policy is
+# measured as it is, but its own knobs are not searched).
+ATTACKS_FOR_STAGE: dict[str, tuple[str, ...]] = {
+    "blacklight": ("evasion", "knockoff"),
+    "squeeze_detect": ("evasion",),
+    "prada": ("evasion", "knockoff", "jbda"),
+    "privacy": ("knockoff", "membership"),
+}
+
+
+def attacks_for(stages: set[str], workload: Workload, data: TuneData) -> tuple[str, ...]:
+    """The attack names a measurement runs for a policy with these tuned stages, in
+    order: evasion (image data only), then extraction, then membership."""
+    families = {family for stage in stages for family in ATTACKS_FOR_STAGE.get(stage, ())}
+    names: list[str] = []
+    if "evasion" in families and data.image:
+        names += workload.evasion
+    names += [f for f in ("knockoff", "jbda", "membership") if f in families]
+    return tuple(names)
