@@ -40,12 +40,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _one_line_for_malformed_http(record: logging.LogRecord) -> bool:
     """aiohttp logs each malformed HTTP request with a traceback at ERROR: a client
-    could fill the log with them. Keep one WARNING line naming the client and the fault."""
+    could fill the log with them. Keep one WARNING line naming the client and the fault,
+    without the bytes aiohttp quotes (the offending header, which may hold a key)."""
     from aiohttp.http_exceptions import HttpProcessingError
 
     exc = record.exc_info[1] if record.exc_info else None
     if isinstance(exc, HttpProcessingError):
-        record.msg = f"{record.getMessage()}: {exc.message.splitlines()[0] if exc.message else exc}"
+        fault = str(exc.message or "").split(":", 1)[0].strip()
+        record.msg = f"{record.getMessage()}: {type(exc).__name__} ({fault or exc.code})"
         record.args = ()
         record.exc_info = None
         record.levelno, record.levelname = logging.WARNING, "WARNING"

@@ -1,32 +1,54 @@
-"""``guard demo``: the built-in default policy, served and exercised for real.
+"""``guard demo``: the built-in default policy, served and attacked for real.
 
-It starts the guard on loopback with both demo models embedded, sends it
-ordinary traffic in each protocol it speaks, then hostile input, and prints
-what the guard answered and measured.
+It starts the guard on loopback with both demo models embedded and the
+default policy, plus two things the demo needs to tell its clients apart: a
+keys file generated at start (the default policy identifies clients by
+address, and every client here is 127.0.0.1) and an audit log. Then:
+
+1. ordinary traffic in each protocol the guard speaks, and hostile input;
+2. two users and three attackers at once, each with its own API key: an
+   evasion attacker (Square L∞ on digits), an extraction attacker (Knockoff)
+   and a membership-inference attacker, with a line as each is caught;
+3. the same attacks against the bare model (in-process ONNX, no guard);
+4. who was caught, when, by which stage, and what each got with and without
+   the guard; the metrics.
+
+With ``--keep`` the guard keeps serving (the demo prints a user's key).
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
+import secrets
 import statistics
+import tempfile
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import numpy as np
 import orjson
+import yaml
 from aiohttp import web
 
-from guard.config import load_policy
+from guard.clients import key_digest, new_key
+from guard.config import parse_policy
 from guard.inference import InferRequest
 from guard.models import load_samples
 from guard.protocols import v2
 from guard.server import create_app, make_runner
 
 DEFAULT_POLICY = Path(__file__).parent / "policies" / "default.yaml"
+USERS = ("alice", "bob")
+PRIVACY_ENV = "GUARD_DEMO_PRIVACY_KEY"  # the privacy stages' noise key, random per run
+TOUR = "demo-app"  # the client of the protocol tour and the hostile input
 
 
 @dataclass
@@ -46,50 +68,87 @@ class Tally:
 
 
 async def run_demo(*, port: int = 0, requests: int = 400, seed: int = 0, keep: bool = False) -> int:
-    policy = load_policy(DEFAULT_POLICY)
-    app = create_app(policy, policy_path=DEFAULT_POLICY)
-    runner = make_runner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", port)
-    await site.start()
-    bound = runner.addresses[0][1]
-    base = f"http://127.0.0.1:{bound}"
-    print(f"inference-guard demo: digits and breast_cancer served embedded at {base}")
-    print(f"policy: {DEFAULT_POLICY} (mode {policy.mode})\n")
-    rng = np.random.default_rng(seed)
-    try:
-        async with aiohttp.ClientSession(base) as http:
-            await _benign(http, requests, rng)
-            await _hostile(http)
-            await _metrics(http)
-        print(f"\nmetrics: {base}/metrics")
-        if keep:
-            print("serving until interrupted (Ctrl-C)")
-            await asyncio.Event().wait()
-    finally:
-        await runner.cleanup()
+    with tempfile.TemporaryDirectory(prefix="guard-demo-") as tmp:
+        folder = Path(tmp)
+        keys = {name: new_key() for name in (*USERS, *ATTACKERS, TOUR)}
+        entries = {name: {"key_sha256": key_digest(key)} for name, key in keys.items()}
+        (folder / "keys.yaml").write_text(yaml.safe_dump({"clients": entries}))
+        document = yaml.safe_load(DEFAULT_POLICY.read_text(encoding="utf-8"))
+        document["clients"] = {"keys_file": str(folder / "keys.yaml")}
+        document["audit"] = {"path": str(folder / "audit.jsonl")}
+        for model in document["models"].values():
+            for stage in model.get("stages") or []:
+                if isinstance(stage, dict) and "privacy" in stage:
+                    stage["privacy"].setdefault("secret_env", PRIVACY_ENV)
+        os.environ.setdefault(PRIVACY_ENV, secrets.token_urlsafe(24))
+        policy = parse_policy(document, source=str(DEFAULT_POLICY), base=DEFAULT_POLICY.parent)
+        runner = make_runner(create_app(policy))
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        base = f"http://127.0.0.1:{runner.addresses[0][1]}"
+        print(f"inference-guard demo: digits and breast_cancer served embedded at {base}")
+        print(f"policy: {DEFAULT_POLICY} (mode {policy.mode})")
+        print(f"  + a keys file for the demo's clients ({', '.join(keys)}),")
+        print(f"    an audit log and a privacy noise key, generated in {folder}\n")
+        rng = np.random.default_rng(seed)
+        try:
+            headers = {"X-API-Key": keys[TOUR]}
+            async with aiohttp.ClientSession(base, headers=headers) as http:
+                await _benign(http, requests, rng)
+                await _hostile(http)
+                rows = await _attacks(base, keys, seed)
+                _table(rows, folder / "audit.jsonl")
+                await _metrics(http)
+            print(f"\nmetrics: {base}/metrics")
+            if keep:
+                digit = load_samples("digits")[0][0].astype(int).tolist()
+                body = orjson.dumps(
+                    {
+                        "inputs": [
+                            {"name": "input", "shape": [1, 64], "datatype": "FP32", "data": digit}
+                        ]
+                    }
+                ).decode()
+                print("serving until interrupted (Ctrl-C); as alice:")
+                print(f"  curl -H 'X-API-Key: {keys['alice']}' {base}/v2/models/digits/infer \\")
+                print(f"       -d '{body}'")
+                await asyncio.Event().wait()
+        finally:
+            await runner.cleanup()
     return 0
 
 
+# -- 1. protocols and hostile input ------------------------------------------------------
+
+
 async def _benign(http: aiohttp.ClientSession, requests: int, rng: np.random.Generator) -> None:
-    senders: dict[str, Callable[..., object]] = {
+    senders: dict[str, Callable[..., Any]] = {
         "digits  v2 json": lambda x: _v2(http, "digits", x, binary=False),
         "digits  v2 binary": lambda x: _v2(http, "digits", x, binary=True),
         "breast_cancer  tf rows": lambda x: _tf(http, "breast_cancer", x),
         "breast_cancer  v2 json": lambda x: _v2(http, "breast_cancer", x, binary=False),
     }
     data = {name: load_samples(name) for name in ("digits", "breast_cancer")}
+    # Each sample once before any repeats: a client re-sending the same digit is what
+    # the default policy's blacklight stage refuses.
+    streams = {
+        name: iter(np.concatenate([rng.permutation(len(x)) for _ in range(8)]))
+        for name, (x, _) in data.items()
+    }
     tallies = {name: Tally() for name in senders}
     names = list(senders)
-    print(f"benign traffic: {requests} requests, 4 concurrent, batches of 1-4 held-out samples")
+    print(
+        f"1. ordinary traffic: {requests} requests, 4 concurrent, batches of 1-4 held-out samples"
+    )
 
     async def worker(count: int) -> None:
         for _ in range(count):
             name = names[int(rng.integers(len(names)))]
             x_all, y_all = data[name.split()[0]]
-            rows = rng.choice(len(x_all), size=int(rng.integers(1, 5)), replace=False)
+            stream = streams[name.split()[0]]
+            rows = np.array([next(stream) for _ in range(int(rng.integers(1, 5)))])
             started = time.perf_counter()
-            status, labels = await senders[name](x_all[rows])  # type: ignore[misc]
+            status, labels = await senders[name](x_all[rows])
             tally = tallies[name]
             tally.latencies.append(time.perf_counter() - started)
             tally.statuses[status] += 1
@@ -128,77 +187,41 @@ async def _tf(http: aiohttp.ClientSession, model: str, x: np.ndarray) -> tuple[i
         return reply.status, [p["label"] for p in payload["predictions"]]
 
 
+def _v2_body(shape: list[int], datatype: str, data: list[Any]) -> bytes:
+    return orjson.dumps(
+        {"inputs": [{"name": "input", "shape": shape, "datatype": datatype, "data": data}]}
+    )
+
+
+DIGITS = "/v2/models/digits/infer"
 HOSTILE: list[tuple[str, str, bytes]] = [
-    ("malformed JSON", "/v2/models/digits/infer", b'{"inputs": [{"name": "input",'),
-    (
-        "wrong shape",
-        "/v2/models/digits/infer",
-        orjson.dumps(
-            {
-                "inputs": [
-                    {"name": "input", "shape": [1, 63], "datatype": "FP32", "data": [0.0] * 63}
-                ]
-            }
-        ),
-    ),
-    (
-        "wrong datatype",
-        "/v2/models/digits/infer",
-        orjson.dumps(
-            {
-                "inputs": [
-                    {"name": "input", "shape": [1, 64], "datatype": "BYTES", "data": ["x"] * 64}
-                ]
-            }
-        ),
-    ),
+    ("malformed JSON", DIGITS, b'{"inputs": [{"name": "input",'),
+    ("wrong shape", DIGITS, _v2_body([1, 63], "FP32", [0.0] * 63)),
+    ("wrong datatype", DIGITS, _v2_body([1, 64], "BYTES", ["x"] * 64)),
     (
         "NaN in input",
-        "/v2/models/digits/infer",
+        DIGITS,
         b'{"inputs": [{"name": "input", "shape": [1, 64], '
         b'"datatype": "FP64", "data": [' + b"1.0, " * 10 + b"NaN" + b", 1.0" * 53 + b"]}]}",
     ),
-    (
-        "out of range",
-        "/v2/models/digits/infer",
-        orjson.dumps(
-            {
-                "inputs": [
-                    {
-                        "name": "input",
-                        "shape": [1, 64],
-                        "datatype": "FP32",
-                        "data": [0.0] * 63 + [255.0],
-                    }
-                ]
-            }
-        ),
-    ),
-    (
-        "data/shape mismatch",
-        "/v2/models/digits/infer",
-        orjson.dumps(
-            {
-                "inputs": [
-                    {"name": "input", "shape": [1000000, 64], "datatype": "FP32", "data": [1.0]}
-                ]
-            }
-        ),
-    ),
-    ("oversized body", "/v2/models/digits/infer", b" " * (9 << 20)),
+    ("out of range", DIGITS, _v2_body([1, 64], "FP32", [0.0] * 63 + [255.0])),
+    ("data/shape mismatch", DIGITS, _v2_body([1000000, 64], "FP32", [1.0])),
+    ("oversized body", DIGITS, b" " * (9 << 20)),
     ("unknown model", "/v2/models/imagenet/infer", b"{}"),
     (
         "TF: ragged instances",
         "/v1/models/breast_cancer:predict",
         orjson.dumps({"instances": [[1.0] * 30, [1.0] * 29]}),
     ),
+    ("no API key", DIGITS, _v2_body([1, 64], "FP32", [0.0] * 64)),
 ]
 
 
 async def _hostile(http: aiohttp.ClientSession) -> None:
     print("\nhostile input: each refused in the protocol's error format, the guard stays up")
     for name, path, body in HOSTILE:
-        async with http.post(path, data=body) as reply:
+        headers = {"X-API-Key": ""} if name == "no API key" else None
+        async with http.post(path, data=body, headers=headers) as reply:
             text = await reply.text()
             try:
                 message = orjson.loads(text)["error"]
@@ -207,10 +230,232 @@ async def _hostile(http: aiohttp.ClientSession) -> None:
         print(f"  {name:<22}{reply.status:>5}  {message[:90]}")
 
 
+# -- 2-4. attackers ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Attacker:
+    client: str
+    role: str
+    plan: str  # what it does, for the opening line
+    batch: int  # rows per request
+    run: Callable[[Any, Any, Any, np.random.Generator], Any]  # (target, data, workload, rng)
+    result: Callable[[Any], str]  # its outcome in words
+
+
+def _evasion(target: Any, data: Any, workload: Any, rng: np.random.Generator) -> Any:
+    from guard.tuning.attackers import run_evasion
+
+    return run_evasion("square-linf", target, data, workload, rng)
+
+
+def _extraction(target: Any, data: Any, workload: Any, rng: np.random.Generator) -> Any:
+    from guard.attacks.targets import OnnxTarget
+    from guard.tuning.attackers import run_extraction
+
+    return run_extraction("knockoff", target, OnnxTarget.builtin("digits"), data, workload, rng)
+
+
+def _membership(target: Any, data: Any, workload: Any, rng: np.random.Generator) -> Any:
+    from guard.tuning.attackers import run_membership
+
+    return run_membership(target, data, workload, rng)
+
+
+ATTACKERS = {
+    a.client: a
+    for a in (
+        Attacker(
+            "mallory-evasion",
+            "evasion, Square L∞",
+            "Square L∞ (ε 2 of 16) on 10 digits, up to 1000 queries each",
+            1,
+            _evasion,
+            lambda o: f"fooled the model on {round(o.success * o.units)}/{o.units} digits",
+        ),
+        Attacker(
+            "mallory-extraction",
+            "extraction, Knockoff",
+            "Knockoff: 2000 queries from its own digits, batches of 20, then trains a copy",
+            20,
+            _extraction,
+            lambda o: f"a copy agreeing {o.success:.0%} with the model",
+        ),
+        Attacker(
+            "mallory-membership",
+            "membership inference",
+            "loss and confidence thresholds on 898 records, label-only on 100 (51 queries each)",
+            51,
+            _membership,
+            lambda o: f"advantage {o.success:.3f} (0: a coin flip)",
+        ),
+    )
+}
+
+
+def _workload() -> Any:
+    from guard.tuning.workload import Workload
+
+    return Workload(
+        name="demo",
+        benign_clients=len(USERS),
+        benign_queries=150,
+        evasion=("square-linf",),
+        evasion_samples=10,
+        evasion_budget=1000,
+        knockoff_budgets=(250, 500, 1000, 2000),
+        jbda_budget=0,
+        membership=("threshold", "label-only"),
+        membership_records=100,
+        surrogate_steps=1000,
+        certify_inputs=0,
+        grid="small",
+        passes=0,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    client: str
+    role: str
+    queries: int
+    caught: int | None
+    guarded: str
+    bare: str
+
+
+async def _attacks(base: str, keys: dict[str, str], seed: int) -> list[Row]:
+    from guard.attacks.benign import BenignTraffic
+    from guard.attacks.targets import OnnxTarget, TargetSpec
+    from guard.tuning.attackers import ObservedTarget
+    from guard.tuning.workload import TuneData
+
+    data, workload = TuneData.builtin("digits"), _workload()
+    spec = TargetSpec.builtin("digits")
+    say = _Clock()
+    print("\n2. two users and three attackers at once, on digits, each with its own API key")
+
+    def target(client: str, batch: int = 1) -> ObservedTarget:
+        def caught(query: int, status: int, verdict: str | None) -> None:
+            say(f"{client} caught at query {query}: {status} {verdict or ''}".rstrip())
+
+        return ObservedTarget(
+            base, "digits", spec, api_key=keys[client], batch_size=batch, on_caught=caught
+        )
+
+    def users() -> Any:
+        say(f"{' and '.join(USERS)}: 150 held-out digits each, 25 a second")
+        clients = [(name, target(name)) for name in USERS]
+        run = BenignTraffic(queries=workload.benign_queries, rate=25.0).run(
+            clients, data.benign_x, data.benign_y, np.random.default_rng([seed, 0])
+        )
+        say(f"{' and '.join(USERS)}: done")
+        return run
+
+    def attack(a: Attacker, index: int) -> tuple[Any, int]:
+        say(f"{a.client}: {a.plan}")
+        with target(a.client, a.batch) as t:
+            outcome = a.run(t, data, workload, np.random.default_rng([seed, index]))
+            answered = int(np.sum(np.asarray(t.log.status) == 200))
+        say(f"{a.client}: done, {outcome.queries} queries, {answered} answered")
+        return outcome, answered
+
+    loop = asyncio.get_running_loop()
+    with ThreadPoolExecutor(max_workers=1 + len(ATTACKERS)) as pool:
+        jobs = [loop.run_in_executor(pool, users)]
+        jobs += [
+            loop.run_in_executor(pool, attack, a, i) for i, a in enumerate(ATTACKERS.values(), 1)
+        ]
+        benign, *guarded = await asyncio.gather(*jobs)
+
+        print("\n3. the same attacks and users against the bare model (no guard) ...")
+        started = time.perf_counter()
+
+        def bare() -> tuple[Any, list[Any]]:
+            clients = [(name, OnnxTarget.builtin("digits")) for name in USERS]
+            users_bare = BenignTraffic(queries=workload.benign_queries).run(
+                clients, data.benign_x, data.benign_y, np.random.default_rng([seed, 0])
+            )
+            outcomes = [
+                a.run(
+                    OnnxTarget.builtin("digits"), data, workload, np.random.default_rng([seed, i])
+                )
+                for i, a in enumerate(ATTACKERS.values(), 1)
+            ]
+            return users_bare, outcomes
+
+        benign_bare, unguarded = await loop.run_in_executor(pool, bare)
+    print(f"  done in {time.perf_counter() - started:.1f} s")
+
+    flagged = sum(c.detected for c in benign.clients)
+    queries = sum(c.queries for c in benign.clients)
+    rows = [
+        Row(
+            ", ".join(USERS),
+            "users",
+            queries,
+            None,
+            f"{flagged} flagged, accuracy {benign.summary()['accuracy']:.3f}",
+            f"accuracy {benign_bare.summary()['accuracy']:.3f}",
+        )
+    ]
+    for a, (outcome, _), bare_outcome in zip(ATTACKERS.values(), guarded, unguarded, strict=True):
+        rows.append(
+            Row(
+                a.client,
+                a.role,
+                outcome.queries,
+                outcome.first_caught,
+                a.result(outcome),
+                a.result(bare_outcome),
+            )
+        )
+    return rows
+
+
+class _Clock:
+    """Progress lines stamped with the time since the attacks began; thread-safe."""
+
+    def __init__(self) -> None:
+        self.started = time.perf_counter()
+        self.lock = threading.Lock()
+
+    def __call__(self, line: str) -> None:
+        with self.lock:
+            print(f"  [{time.perf_counter() - self.started:5.1f} s] {line}", flush=True)
+
+
+def _table(rows: list[Row], audit: Path) -> None:
+    first: dict[str, str] = {}
+    for line in audit.read_text().splitlines() if audit.exists() else []:
+        record = orjson.loads(line)
+        first.setdefault(record["client"], f"{record['stage']} ({record['action']})")
+    print("\n4. who was caught, and what each got")
+    head = ("client", "role", "queries", "caught at", "by", "with the guard", "without")
+    cells = [head] + [
+        (
+            r.client,
+            r.role,
+            str(r.queries),
+            f"query {r.caught}" if r.caught else "-",
+            first.get(r.client, "-") if r.caught else "-",
+            r.guarded,
+            r.bare,
+        )
+        for r in rows
+    ]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(head))]
+    for n, row in enumerate(cells):
+        print("  " + "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+        if n == 0:
+            print("  " + "  ".join("-" * w for w in widths))
+
+
 async def _metrics(http: aiohttp.ClientSession) -> None:
     async with http.get("/metrics") as reply:
         text = await reply.text()
-    lines = [line for line in text.splitlines() if line.startswith("guard_requests_total{")]
-    print("\nwhat the guard counted (guard_requests_total):")
+    wanted = ("guard_findings_total{", "guard_requests_total{")
+    lines = [line for line in text.splitlines() if line.startswith(wanted)]
+    print("\nwhat the guard counted (guard_findings_total, guard_requests_total):")
     for line in sorted(lines):
         print(f"  {line}")

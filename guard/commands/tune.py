@@ -77,12 +77,15 @@ def run(args: argparse.Namespace) -> int:
             return _fail(f"--{flag.replace('_', '-')} must be >= 0")
     policy = load_policy(args.policy)  # a broken base policy stops here, with its message
     if args.model not in policy.models:
-        return _fail(f"{args.policy} has no model {args.model!r}; it has {', '.join(policy.models)}")
+        return _fail(
+            f"{args.policy} has no model {args.model!r}; it has {', '.join(policy.models)}"
+        )
     document = yaml.safe_load(args.policy.read_text(encoding="utf-8"))
     data_name = args.data or _builtin(document["models"][args.model], args.model, BUILTIN_PREFIX)
     if data_name not in MODELS:
         return _fail(
-            f"tuning sends a built-in data set's traffic; name one with --data ({', '.join(MODELS)})"
+            "tuning sends a built-in data set's traffic; name one with --data "
+            f"({', '.join(MODELS)})"
         )
     constraints = Constraints(
         max_false_positive=args.max_false_positive,
@@ -101,7 +104,9 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         tolerance=args.risk_tolerance,
         search=not args.verify,
-        interface=Interface(input=args.input_name, scores=args.scores_output, label=args.label_output),
+        interface=Interface(
+            input=args.input_name, scores=args.scores_output, label=args.label_output
+        ),
         progress=lambda line: print(line, file=sys.stderr, flush=True),
     )
     if not result.params and not args.verify:
@@ -117,7 +122,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _builtin(model: dict[str, Any], name: str, prefix: str) -> str:
     value = model.get("model")
-    return value[len(prefix):] if isinstance(value, str) and value.startswith(prefix) else name
+    return value[len(prefix) :] if isinstance(value, str) and value.startswith(prefix) else name
 
 
 def _verify(result: Any) -> int:
@@ -154,8 +159,10 @@ def _write_policy(document: dict[str, Any], result: Any, args: argparse.Namespac
         return 0
     args.out.write_text(text, encoding="utf-8")
     build_runtime(load_policy(args.out), session=None)  # what `guard check` does
-    print(f"tuned policy written to {args.out} (risk {chosen.risk:.3f}, base {result.base.risk:.3f})",
-          file=sys.stderr)
+    print(
+        f"tuned policy written to {args.out} (risk {chosen.risk:.3f}, base {result.base.risk:.3f})",
+        file=sys.stderr,
+    )
     return 0
 
 

@@ -65,10 +65,14 @@ class AttackOutcome:
 
 class ObservedTarget(HttpTarget):
     """An :class:`HttpTarget` that also keeps, per request, its inputs, answers and
-    round-trip time, and calls ``on_caught(query_index)`` once, at its first detected row."""
+    round-trip time, and calls ``on_caught(query_index, status, verdict)`` once, at its
+    first detected row."""
 
     def __init__(
-        self, *args: Any, on_caught: Callable[[int], None] | None = None, **kwargs: Any
+        self,
+        *args: Any,
+        on_caught: Callable[[int, int, str | None], None] | None = None,
+        **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
         self.inputs: list[np.ndarray] = []
@@ -86,7 +90,7 @@ class ObservedTarget(HttpTarget):
         if self.first_caught is None and _detected(status, verdict):
             self.first_caught = self.queries + 1  # the log records this batch after _send
             if self.on_caught is not None:
-                self.on_caught(self.first_caught)
+                self.on_caught(self.first_caught, status, verdict)
         return answers, status, verdict
 
 
@@ -131,9 +135,7 @@ def run_evasion(
     judged = [s for s in run.samples if s.attacked or s.refused]
     wins = [s for s in judged if s.success]
     unnoticed = [
-        s
-        for s in wins
-        if s.first_detection is None or s.first_detection > (s.success_query or 0)
+        s for s in wins if s.first_detection is None or s.first_detection > (s.success_query or 0)
     ]
     found = detection(target.log, run.spans)
     n = len(judged)
@@ -175,7 +177,9 @@ def run_extraction(
         )
     else:
         budget = workload.jbda_budget
-        attack = JbDA(budget=budget, seed_size=max(10, budget // 10), steps=workload.surrogate_steps)
+        attack = JbDA(
+            budget=budget, seed_size=max(10, budget // 10), steps=workload.surrogate_steps
+        )
     run = attack.run(target, data.attacker_x, evaluation, rng)
     caught = first_caught(target.log)
     final = run.curve[-1].fidelity if run.curve else 0.0
@@ -211,7 +215,10 @@ def run_membership(
     if "label-only" in workload.membership:
         k = workload.membership_records
         subset = membership.MembershipData(
-            records.x[:k], records.y[:k], records.member[:k], records.x_attacker,
+            records.x[:k],
+            records.y[:k],
+            records.member[:k],
+            records.x_attacker,
             records.y_attacker,
         )
         runs.append(membership.label_only_attack(target, subset, rng))
@@ -253,9 +260,7 @@ def holdout_advantage(
         tpr = (fit[None, :] >= cuts[:, None])[:, member[half]].mean(axis=1)
         fpr = (fit[None, :] >= cuts[:, None])[:, ~member[half]].mean(axis=1)
         t = cuts[int(np.argmax(tpr - fpr))]
-        values.append(
-            float(np.mean(test[member[~half]] >= t) - np.mean(test[~member[~half]] >= t))
-        )
+        values.append(float(np.mean(test[member[~half]] >= t) - np.mean(test[~member[~half]] >= t)))
     return float(np.mean(values))
 
 

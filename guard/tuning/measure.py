@@ -41,8 +41,17 @@ from guard.attacks.targets import OnnxTarget, Target
 from guard.tuning.attackers import AttackOutcome, ObservedTarget, run_attack
 from guard.tuning.workload import Interface, TuneData, Workload
 
-STREAMS = ("benign", "hopskipjump", "square-linf", "square-l2", "simba", "knockoff", "jbda",
-           "membership", "certify")
+STREAMS = (
+    "benign",
+    "hopskipjump",
+    "square-linf",
+    "square-l2",
+    "simba",
+    "knockoff",
+    "jbda",
+    "membership",
+    "certify",
+)
 BLACKLIGHT_ENV = "GUARD_TUNE_BLACKLIGHT_KEY"
 PRIVACY_ENV = "GUARD_TUNE_PRIVACY_KEY"
 ATTACK_BATCH = {"knockoff": 10, "jbda": 10, "membership": 51}
@@ -61,7 +70,7 @@ class BenignOutcome:
     refused: int
     accuracy: float  # served labels against the truth (a refused query is wrong)
     accuracy_loss: float  # the bare model's accuracy on the same inputs, minus ``accuracy``
-    score_change: float  # mean L1 distance, served vs the bare model's probabilities (answered rows)
+    score_change: float  # mean L1, served vs the bare model's probabilities (answered rows)
     stage_ms: dict[str, float]  # mean milliseconds per request spent in each stage
     round_trip_ms: float  # median client round trip, HTTP included
 
@@ -201,7 +210,10 @@ def evaluation_document(
 @contextlib.contextmanager
 def _secrets(seed: int) -> Iterator[None]:
     """The measurement's hash and noise keys in the environment, restored afterwards."""
-    values = {BLACKLIGHT_ENV: f"guard-tune-blacklight-{seed}", PRIVACY_ENV: f"guard-tune-privacy-{seed}"}
+    values = {
+        BLACKLIGHT_ENV: f"guard-tune-blacklight-{seed}",
+        PRIVACY_ENV: f"guard-tune-privacy-{seed}",
+    }
     saved = {name: os.environ.get(name) for name in values}
     os.environ.update(values)
     try:
@@ -225,13 +237,14 @@ def measure_policy(
     attacks: tuple[str, ...],
     baseline: Baseline,
     seed: int,
-    interface: Interface = Interface(),
+    interface: Interface | None = None,
 ) -> Measurement:
     """Serve ``document`` (a policy as parsed YAML; relative paths from ``base_dir``)
     and measure it. Raises :class:`~guard.errors.PolicyError` when it does not load."""
     from guard.clients import key_digest
     from guard.config import parse_policy
 
+    interface = interface or Interface()
     started = time.perf_counter()
     clients = [f"benign-{i}" for i in range(workload.benign_clients)]
     clients += [f"attacker-{name}" for name in attacks]
@@ -258,19 +271,29 @@ def measure_policy(
                         label_output=interface.label,
                     )
 
-                benign = _benign(guard, target, clients, stages, model, data, workload, reference,
-                                 baseline, seed)
+                benign = _benign(
+                    guard, target, clients, stages, model, data, workload, reference, baseline, seed
+                )
                 outcomes = []
                 for name in attacks:
                     with target(f"attacker-{name}", ATTACK_BATCH.get(name, 1)) as attacker:
                         outcomes.append(
-                            run_attack(name, attacker, reference, data, workload,
-                                       stream(seed, name))
+                            run_attack(
+                                name, attacker, reference, data, workload, stream(seed, name)
+                            )
                         )
                 certified = None
                 if "certify" in stages:
-                    certified = _certify(guard.url, model, _key(clients[0], seed), data,
-                                         workload, reference, seed, interface.input)
+                    certified = _certify(
+                        guard.url,
+                        model,
+                        _key(clients[0], seed),
+                        data,
+                        workload,
+                        reference,
+                        seed,
+                        interface.input,
+                    )
     return Measurement(benign, tuple(outcomes), certified, time.perf_counter() - started)
 
 
@@ -296,7 +319,9 @@ def _benign(
     targets = [target(name) for name in names]
     try:
         run = BenignTraffic(queries=workload.benign_queries).run(
-            list(zip(names, targets, strict=True)), data.benign_x, data.benign_y,
+            list(zip(names, targets, strict=True)),
+            data.benign_x,
+            data.benign_y,
             stream(seed, "benign"),
         )
     finally:
@@ -328,14 +353,17 @@ def measure_baseline(
     """The same benign traffic and attacks against the bare model (in-process ONNX)."""
     from guard.attacks.benign import BenignTraffic
 
-    clients = [(f"benign-{i}", OnnxTarget.builtin(data.name)) for i in range(workload.benign_clients)]
+    clients = [
+        (f"benign-{i}", OnnxTarget.builtin(data.name)) for i in range(workload.benign_clients)
+    ]
     run = BenignTraffic(queries=workload.benign_queries).run(
         clients, data.benign_x, data.benign_y, stream(seed, "benign")
     )
     reference = OnnxTarget.builtin(data.name)
     outcomes = {
-        name: run_attack(name, OnnxTarget.builtin(data.name), reference, data, workload,
-                         stream(seed, name))
+        name: run_attack(
+            name, OnnxTarget.builtin(data.name), reference, data, workload, stream(seed, name)
+        )
         for name in attacks
     }
     return Baseline(benign_accuracy=run.summary()["accuracy"], attacks=outcomes)
@@ -362,7 +390,9 @@ def _certify(
     for begin in range(0, len(x), CERTIFY_BATCH):
         batch = x[begin : begin + CERTIFY_BATCH]
         body, headers = v2.encode_request(
-            InferRequest(model_name=model, inputs={input_name: batch}, parameters={"certify": True}),
+            InferRequest(
+                model_name=model, inputs={input_name: batch}, parameters={"certify": True}
+            ),
             binary=False,
         )
         request = urllib.request.Request(

@@ -19,8 +19,8 @@ from typing import Any
 import yaml
 
 from guard.tuning.attackers import AttackOutcome
-from guard.tuning.space import Param, apply
 from guard.tuning.search import Candidate, TuneResult
+from guard.tuning.space import Param, apply
 
 Path_ = tuple[str | int, ...]
 FLOW_WIDTH = 72
@@ -55,8 +55,7 @@ class _Notes:
 
     def inside(self, path: Path_) -> bool:
         return any(
-            len(p) > len(path) and p[: len(path)] == path
-            for p in (*self.inline, *self.above)
+            len(p) > len(path) and p[: len(path)] == path for p in (*self.inline, *self.above)
         )
 
 
@@ -94,9 +93,7 @@ def _mapping(
             _sequence(value, child, here, lines, notes)
 
 
-def _sequence(
-    items: list[Any], indent: int, path: Path_, lines: list[str], notes: _Notes
-) -> None:
+def _sequence(items: list[Any], indent: int, path: Path_, lines: list[str], notes: _Notes) -> None:
     pad = " " * indent
     for j, item in enumerate(items):
         here = (*path, j)
@@ -245,10 +242,10 @@ def _metrics(param: Param, c: Candidate) -> str:
 
 
 def describe_calibrated(result: TuneResult) -> str:
-    value, inputs = result.chosen.calibrated["squeeze_detect.threshold"]
+    _, inputs = result.chosen.calibrated["squeeze_detect.threshold"]
     return (
-        f"calibrated: at most {result.constraints.max_false_positive:g} of {inputs} "
-        "noisy benign inputs (never sent as traffic) score above it"
+        f"calibrated: at most {result.constraints.max_false_positive / 2:g} (half the bound) "
+        f"of {inputs} noisy benign inputs, never sent as traffic, score above it"
     )
 
 

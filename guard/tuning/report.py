@@ -9,11 +9,13 @@ candidates (none both safer and cheaper) joined, and the chosen one circled.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from guard.tuning.measure import BenignOutcome
 from guard.tuning.policyfile import attack_line, constraint_text, summary_lines
-from guard.tuning.search import Candidate, TuneResult
+from guard.tuning.search import TuneResult
 
 
 def markdown(result: TuneResult, *, base_path: Path, plot: Path | None) -> str:
@@ -44,7 +46,9 @@ def markdown(result: TuneResult, *, base_path: Path, plot: Path | None) -> str:
     ]
     if result.chosen.calibrated:
         value, inputs = result.chosen.calibrated["squeeze_detect.threshold"]
-        lines.append(f"| `squeeze_detect.threshold` | | {value:g} | calibrated on {inputs} inputs |")
+        lines.append(
+            f"| `squeeze_detect.threshold` | | {value:g} | calibrated on {inputs} inputs |"
+        )
     lines += ["", "## Attacks: bare model, base policy, chosen policy", ""]
     lines += ["| attack | bare model | base policy | chosen policy |", "|---|---|---|---|"]
     for name in result.attacks:
@@ -74,11 +78,14 @@ def _candidates(result: TuneResult) -> list[str]:
         head, rule = head + " ACR |", rule + "---:|"
     rows = [head + " meets constraints |", rule + "---|"]
     for n, c in enumerate(result.candidates, start=1):
-        settings = ", ".join(
-            f"{p.name}={_cell(c.values[p.name])}"
-            for p in result.params
-            if c.values[p.name] != result.base.values[p.name]
-        ) or "base policy"
+        settings = (
+            ", ".join(
+                f"{p.name}={_cell(c.values[p.name])}"
+                for p in result.params
+                if c.values[p.name] != result.base.values[p.name]
+            )
+            or "base policy"
+        )
         if c is result.chosen:
             settings = f"**{settings}** (chosen)"
         m = c.measurement
@@ -110,53 +117,55 @@ def plot(result: TuneResult, path: Path) -> Path:
     from matplotlib.figure import Figure
 
     k = result.constraints
-    measured = [c for c in result.candidates if c.measurement is not None]
-    panels: list[tuple[str, Any, float | None]] = [
-        ("false-positive rate", lambda c: c.measurement.benign.fp_rate, k.max_false_positive),
-        ("added latency (ms)", lambda c: c.measurement.benign.added_ms, k.max_added_latency_ms),
+    measured = [(c, c.measurement.benign) for c in result.candidates if c.measurement is not None]
+    panels: list[tuple[str, Callable[[BenignOutcome], float], float | None]] = [
+        ("false-positive rate", lambda b: b.fp_rate, k.max_false_positive),
+        ("added latency (ms)", lambda b: b.added_ms, k.max_added_latency_ms),
     ]
-    if any(c.measurement.benign.score_change > 0 for c in measured):
-        panels.append(
-            ("score change (L1)", lambda c: c.measurement.benign.score_change, k.max_score_change)
-        )
+    if any(b.score_change > 0 for _, b in measured):
+        panels.append(("score change (L1)", lambda b: b.score_change, k.max_score_change))
     else:
-        panels.append(
-            ("accuracy loss", lambda c: c.measurement.benign.accuracy_loss, k.max_accuracy_loss)
-        )
+        panels.append(("accuracy loss", lambda b: b.accuracy_loss, k.max_accuracy_loss))
     figure = Figure(figsize=(4.2 * len(panels), 3.8), layout="constrained")
     figure.suptitle(f"guard tune: {result.model}, {len(measured)} candidates")
     for i, (label, measure, bound) in enumerate(panels, start=1):
         axes = figure.add_subplot(1, len(panels), i)
         for feasible, colour in ((True, "tab:blue"), (False, "tab:grey")):
-            points = [c for c in measured if c.feasible is feasible]
+            points = [(measure(b), c.risk) for c, b in measured if c.feasible is feasible]
             axes.scatter(
-                [measure(c) for c in points],
-                [c.risk for c in points],
+                [x for x, _ in points],
+                [y for _, y in points],
                 color=colour,
                 s=22,
                 label="meets constraints" if feasible else "does not",
             )
-        front = pareto_front(measured, measure)
-        axes.plot([measure(c) for c in front], [c.risk for c in front], color="tab:blue", lw=1)
-        axes.scatter(
-            [measure(result.chosen)], [result.chosen.risk], s=140, facecolors="none",
-            edgecolors="tab:red", label="chosen",
-        )
+        front = pareto_front([(measure(b), c.risk) for c, b in measured])
+        axes.plot([x for x, _ in front], [y for _, y in front], color="tab:blue", lw=1)
+        chosen = result.chosen.measurement
+        if chosen is not None:
+            axes.scatter(
+                [measure(chosen.benign)],
+                [result.chosen.risk],
+                s=140,
+                facecolors="none",
+                edgecolors="tab:red",
+                label="chosen",
+            )
         if bound is not None:
             axes.axvline(bound, color="tab:red", linestyle="--", linewidth=1)
         axes.set(xlabel=label, ylabel="risk (share of the bare model's attack gain)")
-        axes.set_xlim(left=0.0 if i < len(panels) or "accuracy" in label else None)
+        if "score" not in label:
+            axes.set_xlim(left=0.0)
         if i == 1:
             axes.legend(fontsize="small")
     figure.savefig(path, dpi=110)
     return path
 
 
-def pareto_front(candidates: list[Candidate], measure: Any) -> list[Candidate]:
-    """Candidates no other beats on both ``measure`` and risk, by increasing measure."""
-    ordered = sorted(candidates, key=lambda c: (measure(c), c.risk))
-    front: list[Candidate] = []
-    for c in ordered:
-        if not front or c.risk < front[-1].risk:
-            front.append(c)
+def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The ``(measure, risk)`` points no other beats on both, by increasing measure."""
+    front: list[tuple[float, float]] = []
+    for point in sorted(points):
+        if not front or point[1] < front[-1][1]:
+            front.append(point)
     return front

@@ -183,10 +183,7 @@ class TuneResult:
     def tried(self, param: Param) -> list[Candidate]:
         """Candidates that differ from the choice in ``param`` alone (and the choice)."""
         others = {k: v for k, v in self.chosen.values.items() if k != param.name}
-        return [
-            c for c in self.candidates
-            if all(c.values[k] == v for k, v in others.items())
-        ]
+        return [c for c in self.candidates if all(c.values[k] == v for k, v in others.items())]
 
 
 def tune(
@@ -201,7 +198,7 @@ def tune(
     seed: int = 0,
     tolerance: float = 0.05,
     search: bool = True,
-    interface: Interface = Interface(),
+    interface: Interface | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> TuneResult:
     """Search ``document``'s space for ``model`` (see the module). Without ``search``,
@@ -243,11 +240,12 @@ def tune(
                 attacks=attacks,
                 baseline=baseline,
                 seed=seed,
-                interface=interface,
+                interface=interface or Interface(),
             )
         except PolicyError as exc:
-            return Candidate(dict(values), calibrated, None, str(exc), math.inf, (), math.inf,
-                             math.inf)
+            return Candidate(
+                dict(values), calibrated, None, str(exc), math.inf, (), math.inf, math.inf
+            )
         return Candidate(
             dict(values),
             calibrated,
@@ -272,9 +270,7 @@ def tune(
         if not moved:
             break
     certified = {p.name for p in params if p.group == "certified"}
-    final = [
-        c for c in order if all(c.values[n] == current.values[n] for n in certified)
-    ]
+    final = [c for c in order if all(c.values[n] == current.values[n] for n in certified)]
     if search and len(certified) < len(params):
         chosen = pick(final, "risk", tolerance, base_values)
     else:
@@ -313,8 +309,10 @@ def _calibrate(
     constraints: Constraints,
     cache: dict[str, tuple[float, int]],
 ) -> dict[str, tuple[float, int]]:
-    """Set each ``squeeze_detect`` threshold in ``doc`` (in place) from benign data at the
-    false-positive bound; returns what was set."""
+    """Set each ``squeeze_detect`` threshold in ``doc`` (in place) from benign data at half
+    the false-positive bound (the other half is margin: for new benign traffic, where the
+    rate is the target only in expectation, and for the other detectors); returns what
+    was set."""
     derived = {}
     stages = doc["models"][model]["stages"]
     for index, (kind, options) in enumerate(stage_entries(doc, model)):
@@ -327,7 +325,7 @@ def _calibrate(
                 options,
                 data_name=data.name,
                 benign=calibration,
-                fpr=constraints.max_false_positive,
+                fpr=constraints.max_false_positive / 2,
             )
         stages[index] = {kind: {**options, "threshold": cache[key][0]}}
         derived["squeeze_detect.threshold"] = cache[key]

@@ -8,14 +8,14 @@ points per parameter, ``full`` grids five (and a few extra parameters):
 ============== ===================================== =====================================
 stage          searched                               derived
 ============== ===================================== =====================================
-blacklight     ``threshold`` (± top/10 steps),        
+blacklight     ``threshold`` (± top/10 steps),
                ``quantize`` (x 2/3 .. 4/3);
                full: ``matches``
 prada          ``delta`` (± 0.04; full ± 0.03 steps);
                full: ``min_queries`` (x 1/2 .. 2)
 squeeze_detect ``squeezers`` (the base set, bits=2,   ``threshold``: calibrated on benign
-               bits=3; full: bits 2+3, bits=4, and    data at the false-positive target
-               median variants for images)            (:func:`calibrate_squeeze`)
+               bits=3; full: bits 2+3, bits=4, and    data at half the false-positive
+               median variants for images)            bound (:func:`calibrate_squeeze`)
 privacy        laplace/gaussian ``epsilon`` (or
                ``sigma``) x 1/2 .. 2 (full x 1/4 ..
                4; full: ``mechanism`` laplace or
@@ -63,7 +63,7 @@ class Param:
 
 def stage_entries(document: dict[str, Any], model: str) -> list[tuple[str, dict[str, Any]]]:
     """``(kind, options)`` of each stage of ``model`` (options copied; ``{}`` when bare)."""
-    entries = []
+    entries: list[tuple[str, dict[str, Any]]] = []
     for raw in document["models"][model].get("stages") or []:
         if isinstance(raw, str):
             entries.append((raw, {}))
@@ -116,7 +116,8 @@ def _blacklight(options: dict[str, Any], full: bool, n_classes: int, image: bool
     step = max(1, top // 10)
     reach = 2 if full else 1
     thresholds = [
-        t for t in range(threshold - reach * step, threshold + reach * step + 1, step)
+        t
+        for t in range(threshold - reach * step, threshold + reach * step + 1, step)
         if 0 <= t <= top - 1
     ]
     quantize = float(options.get("quantize", 3.0))

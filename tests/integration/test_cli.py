@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -151,7 +152,7 @@ def test_serving_path_imports_no_offline_code() -> None:
     assert result.stdout.strip() == "[]"
 
 
-def test_demo_serves_real_traffic_and_refuses_hostile_input() -> None:
+def test_demo_serves_real_traffic_refuses_hostile_input_and_catches_attackers() -> None:
     result = run("demo", "--requests", "40")
     assert result.returncode == 0, result.stderr
     out = result.stdout
@@ -170,8 +171,19 @@ def test_demo_serves_real_traffic_and_refuses_hostile_input() -> None:
         ("NaN in input", 400),
         ("oversized body", 413),
         ("unknown model", 404),
+        ("no API key", 401),
     ]:
         line = next(line for line in hostile.splitlines() if line.strip().startswith(name))
         assert int(line.split()[len(name.split())]) == status
+    table = out[out.index("who was caught") :]
+    users = next(line for line in table.splitlines() if line.strip().startswith("alice, bob"))
+    assert float(users.split("accuracy")[1].split()[0]) > 0.9
+    evasion = next(line for line in table.splitlines() if line.strip().startswith("mallory-evasion"))
+    caught = re.search(r"query (\d+)\s+(\w+) \((\w+)\)", evasion)
+    assert caught is not None, evasion  # Square's near-duplicate queries: blacklight
+    fooled = [int(n) for n in re.findall(r"fooled the model on (\d+)/10", evasion)]
+    assert len(fooled) == 2 and fooled[0] <= fooled[1]  # with the guard, then without
+    for attacker in ("mallory-extraction", "mallory-membership"):
+        assert any(line.strip().startswith(attacker) for line in table.splitlines())
     assert 'guard_requests_total{code="200"' in out
     assert "Traceback" not in out + result.stderr

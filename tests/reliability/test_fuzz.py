@@ -340,3 +340,25 @@ def test_identity_headers_that_are_not_utf8_are_refused(
     statuses = [raw_exchange(guard, [(header.encode(), b"\xff\xfe")], body) for _ in range(4)]
     assert all(status < 500 for status in statuses), statuses
     assert_healthy(guard)
+
+
+SURROGATE_BUG = (
+    "guard/protocols: orjson.loads accepts a lone UTF-16 surrogate escape (\"\\ud800\") in a "
+    "request's id or parameters, which orjson.dumps then cannot encode: the response (id echo) "
+    "or the upstream request (parameters) fails with 500; decode_request should refuse it"
+)
+
+
+@pytest.mark.xfail(strict=True, reason=SURROGATE_BUG)
+@pytest.mark.parametrize("field", ["id", "parameters"])
+def test_lone_surrogate_escapes_are_refused(spawn_guard: GuardSpawner, field: str) -> None:
+    upstream = spawn_guard({"version": 1, "models": {"digits": {"model": "builtin:digits"}}})
+    guard = spawn_guard({
+        "version": 1,
+        "models": {"digits": {"upstream": upstream.url, "model": "builtin:digits", "stages": []}},
+    })  # fmt: skip
+    x = load_samples("digits")[0][:1]
+    tensor = b'{"name":"input","shape":[1,64],"datatype":"FP32","data":%s}' % orjson.dumps(x.ravel().tolist())
+    extra = b'"id":"\\ud800"' if field == "id" else b'"parameters":{"note":"\\udfff"}'
+    reply = request("POST", guard.url + v2_path("digits"), b'{"inputs":[%s],%s}' % (tensor, extra))
+    assert reply.status < 500, reply.body
