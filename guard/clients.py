@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 import re
 import secrets
 from collections.abc import Mapping
@@ -45,7 +46,8 @@ class Client:
 
 
 def key_digest(key: str) -> str:
-    return hashlib.sha256(key.encode("utf-8")).hexdigest()
+    # surrogateescape: a header that was not UTF-8 still hashes (to no known key).
+    return hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()
 
 
 def new_key() -> str:
@@ -83,7 +85,11 @@ class ClientDirectory:
         if self.trust_forwarded_for:
             forwarded = headers.get("X-Forwarded-For")
             if forwarded:
-                return forwarded.split(",", 1)[0].strip()
+                hop = forwarded.split(",", 1)[0].strip()
+                try:  # a client name must be an address: it reaches logs and the audit
+                    return str(ipaddress.ip_address(hop))
+                except ValueError:
+                    pass
         return remote or "unknown"
 
 

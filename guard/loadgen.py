@@ -153,9 +153,7 @@ class _Tally:
 class Bodies:
     """Request bodies and headers, request by request, fixed by the config's seed."""
 
-    def __init__(
-        self, config: LoadConfig, x: np.ndarray, input_name: str, datatype: str
-    ) -> None:
+    def __init__(self, config: LoadConfig, x: np.ndarray, input_name: str, datatype: str) -> None:
         self.config = config
         self.input_name = input_name
         self.x = x.astype(DATATYPES.get(datatype, np.dtype(np.float32)), copy=False)
@@ -168,7 +166,9 @@ class Bodies:
         if config.inputs == "samples":
             cached = self._cache.get(i % len(self.x))
             if cached is None:
-                rows = np.take(self.x, range(i * config.batch, (i + 1) * config.batch), axis=0, mode="wrap")
+                rows = np.take(
+                    self.x, range(i * config.batch, (i + 1) * config.batch), axis=0, mode="wrap"
+                )
                 cached = self._cache[i % len(self.x)] = self._encode(rows)
             body, headers = cached
         else:
@@ -202,9 +202,7 @@ def address(client: int) -> str:
     return f"10.{client >> 16 & 255}.{client >> 8 & 255}.{client & 255}"
 
 
-async def input_spec(
-    session: aiohttp.ClientSession, config: LoadConfig
-) -> tuple[str, str]:
+async def input_spec(session: aiohttp.ClientSession, config: LoadConfig) -> tuple[str, str]:
     """``(input name, datatype)`` from the model's V2 metadata; ``("input", "FP32")`` without it."""
     headers = {config.key_header: config.api_keys[0]} if config.api_keys else {}
     try:

@@ -315,9 +315,7 @@ async def read_body(http: web.Request, limit: int, timeout: float | None = None)
         async with _deadline(timeout):  # no extra task, unlike wait_for before 3.12
             return await _read_body(http, limit)
     except asyncio.TimeoutError:
-        raise RequestError(
-            f"request body not received within {timeout:g} s", status=408
-        ) from None
+        raise RequestError(f"request body not received within {timeout:g} s", status=408) from None
 
 
 async def _read_body(http: web.Request, limit: int) -> bytes:

@@ -17,9 +17,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
+# guard.loadgen's PROTOCOLS and INPUTS (a test keeps them equal): that module imports
+# aiohttp and numpy, which building the parser of every other command must not pay for.
+PROTOCOLS = ("v2", "v2-binary", "tf")
+INPUTS = ("samples", "blend")
+
 
 def add_parser(commands: Any) -> None:
-    from guard.loadgen import INPUTS, PROTOCOLS
     from guard.models import MODELS
 
     parser = commands.add_parser(

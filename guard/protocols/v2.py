@@ -72,6 +72,7 @@ def decode_request(
         raise RequestError(f"inputs: must be a non-empty list of tensors; got {show(entries)}")
     inputs = _tensors(entries, "inputs", reader, strict=True)
     parameters = _object(doc.get("parameters"), field="parameters")
+    _encodable(parameters, field="parameters")
     binary_outputs = parameters.pop("binary_data_output", False)
     if type(binary_outputs) is not bool:
         raise RequestError(
@@ -331,4 +332,14 @@ def _id(doc: dict[str, Any]) -> str | None:
     value = doc.get("id")
     if value is not None and not isinstance(value, str):
         raise RequestError(f"id: must be a string; got {show(value)}")
+    if value is not None:
+        _encodable(value, field="id")
     return value
+
+
+def _encodable(value: object, *, field: str) -> None:
+    """Refuse text JSON can carry in but not out: lone UTF-16 surrogates ("\\ud800")."""
+    try:
+        orjson.dumps(value)
+    except TypeError:
+        raise RequestError(f"{field}: contains text that is not valid Unicode") from None

@@ -1,11 +1,14 @@
 """Measure one candidate policy: a real guard on loopback, benign clients, attackers.
 
 :func:`measure_policy` serves the candidate with :func:`guard.server.create_app`
-on 127.0.0.1 (in a thread of its own: the clients are synchronous), then, in
-this order and each as its own API key: benign clients (false positives,
-accuracy, time spent in the stages), each attack (what it got, when it was
-caught), and certification requests when the policy has a ``certify`` stage.
-Each candidate gets a fresh guard, so no state carries over between candidates.
+on 127.0.0.1 (in a thread of its own: the clients are synchronous) and sends
+it, each as its own API key, benign clients (false positives, accuracy, time
+spent in the stages), then certification requests when the policy has a
+``certify`` stage. Each attack then runs against a fresh guard of its own (what
+it got, when it was caught): an attacker is measured as if it were the first,
+never caught because an earlier attacker sent similar inputs (which a guard's
+``global_matches`` would hold against it). No state carries over between
+candidates either.
 
 To measure the policy and nothing else, the candidate is served as a copy that
 differs from what ``guard tune`` writes only where measuring needs it: only
@@ -254,46 +257,49 @@ def measure_policy(
         entries = {name: {"key_sha256": key_digest(_key(name, seed))} for name in clients}
         keys_file.write_text(yaml.safe_dump({"clients": entries}))
         served = evaluation_document(document, model, keys_file=keys_file, seed=seed)
+        stages = stage_kinds(served, model)
         with _secrets(seed):
             policy = parse_policy(served, source=source, base=base_dir)
-            with LocalGuard(policy) as guard:
-                stages = stage_kinds(served, model)
 
-                def target(name: str, batch: int = 1) -> ObservedTarget:
-                    return ObservedTarget(
-                        guard.url,
-                        model,
-                        data.spec,
-                        api_key=_key(name, seed),
-                        batch_size=batch,
-                        input_name=interface.input,
-                        scores_output=interface.scores,
-                        label_output=interface.label,
-                    )
-
-                benign = _benign(
-                    guard, target, clients, stages, model, data, workload, reference, baseline, seed
+            def target(guard: LocalGuard, name: str, batch: int = 1) -> ObservedTarget:
+                return ObservedTarget(
+                    guard.url,
+                    model,
+                    data.spec,
+                    api_key=_key(name, seed),
+                    batch_size=batch,
+                    input_name=interface.input,
+                    scores_output=interface.scores,
+                    label_output=interface.label,
                 )
-                outcomes = []
-                for name in attacks:
-                    with target(f"attacker-{name}", ATTACK_BATCH.get(name, 1)) as attacker:
-                        outcomes.append(
-                            run_attack(
-                                name, attacker, reference, data, workload, stream(seed, name)
-                            )
-                        )
+
+            with LocalGuard(policy) as guard:
+                benign = _benign(
+                    guard,
+                    lambda name: target(guard, name),
+                    clients,
+                    stages,
+                    model,
+                    data,
+                    workload,
+                    reference,
+                    baseline,
+                    seed,
+                )
                 certified = None
                 if "certify" in stages:
+                    key = _key(clients[0], seed)
                     certified = _certify(
-                        guard.url,
-                        model,
-                        _key(clients[0], seed),
-                        data,
-                        workload,
-                        reference,
-                        seed,
-                        interface.input,
+                        guard.url, model, key, data, workload, reference, seed, interface.input
                     )
+            outcomes = []
+            for name in attacks:  # each against a fresh guard: no attacker inherits another's
+                with (
+                    LocalGuard(policy) as guard,
+                    target(guard, f"attacker-{name}", ATTACK_BATCH.get(name, 1)) as attacker,
+                ):
+                    rng = stream(seed, name)
+                    outcomes.append(run_attack(name, attacker, reference, data, workload, rng))
     return Measurement(benign, tuple(outcomes), certified, time.perf_counter() - started)
 
 

@@ -20,7 +20,7 @@ import yaml
 
 from guard.tuning.attackers import AttackOutcome
 from guard.tuning.search import Candidate, TuneResult
-from guard.tuning.space import Param, apply
+from guard.tuning.space import Param, apply, budget_answers
 
 Path_ = tuple[str | int, ...]
 FLOW_WIDTH = 72
@@ -152,11 +152,23 @@ def render(document: dict[str, Any], result: TuneResult, *, base_path: Path, out
     for param in result.params:
         path = ("models", result.model, "stages", param.index, param.stage, param.key)
         comments[path], above[path] = describe_param(result, param)
-    if result.chosen.calibrated:
-        for index, raw in enumerate(doc["models"][result.model]["stages"]):
-            if isinstance(raw, dict) and "squeeze_detect" in raw:
-                path = ("models", result.model, "stages", index, "squeeze_detect", "threshold")
-                comments[path] = describe_calibrated(result)
+    for index, raw in enumerate(doc["models"][result.model]["stages"]):
+        stage = ("models", result.model, "stages", index)
+        if isinstance(raw, dict) and "squeeze_detect" in raw and result.chosen.calibrated:
+            comments[(*stage, "squeeze_detect", "threshold")] = describe_calibrated(result)
+        if (
+            isinstance(raw, dict)
+            and "privacy" in raw
+            and any(p.stage == "privacy" for p in result.params)
+        ):
+            answers = budget_answers(raw["privacy"])
+            if answers is not None:
+                per = raw["privacy"]["budget"].get("per")
+                window = f" per {per}" if per else ""
+                comments[(*stage, "privacy", "budget", "epsilon")] = (
+                    f"follows the noise: {answers:.0f} scored answers per client{window}, "
+                    "as in the base policy"
+                )
     return dump(doc, comments, above=above, header=header_lines(result, base_path))
 
 
@@ -170,7 +182,7 @@ def header_lines(result: TuneResult, base_path: Path) -> list[str]:
         f"in {result.seconds:.0f} s. The base policy's comments are not carried over.",
         f"Constraints: {bounds}.",
         f"Measured for this policy ({w.benign_clients * w.benign_queries} benign queries from "
-        f"{w.benign_clients} clients, then each attack as a client of its own):",
+        f"{w.benign_clients} clients; each attack against a fresh guard of its own):",
         *(f"  {line}" for line in summary_lines(result)),
         "Each tuned number says what was measured for it; the lines above it, what was",
         "measured for the other values tried (the other tuned numbers as chosen).",

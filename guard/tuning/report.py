@@ -29,8 +29,8 @@ def markdown(result: TuneResult, *, base_path: Path, plot: Path | None) -> str:
         "",
         f"Traffic per candidate: {w.benign_clients} benign clients x {w.benign_queries} queries "
         f"(held-out {result.data} rows with 2% noise, one row per request), then "
-        f"{', '.join(result.attacks) or 'no attack'}, each as a client of its own, against a "
-        "fresh guard on loopback.",
+        f"{', '.join(result.attacks) or 'no attack'}, each against a fresh guard of its own "
+        "(all on loopback, in-process).",
         "",
         "## Chosen",
         "",

@@ -26,6 +26,8 @@ certify        ``sigma`` (x 1/2 .. 2; full .. 4)
 
 Other stages (``validate``, ``budget``, ``squeeze``) are measured as they are:
 quotas and input rules are the operator's decisions, not trade-offs to search.
+For the same reason a ``privacy`` budget keeps the number of scored answers it
+allows: its ``epsilon`` follows the searched noise (:func:`apply`).
 A ``certify`` parameter is judged on its own objective (the average certified
 radius): it changes only the certified answers, never what the attacks or the
 benign clients get, so it is tuned apart from the others (``group``).
@@ -92,7 +94,12 @@ def search_space(
 def apply(
     document: dict[str, Any], model: str, params: Sequence[Param], values: dict[str, Any]
 ) -> dict[str, Any]:
-    """A copy of ``document`` with each param's option set to ``values[param.name]``."""
+    """A copy of ``document`` with each param's option set to ``values[param.name]``.
+
+    A ``privacy`` budget follows its mechanism: when the noise changes, the budget's
+    ``epsilon`` is rescaled so that it still allows as many scored answers per
+    client as in ``document`` (:func:`rescaled_budget`). The quota is the
+    operator's decision; the tuner searches the noise, not the quota."""
     doc = copy.deepcopy(document)
     stages = doc["models"][model]["stages"]
     for param in params:
@@ -102,7 +109,61 @@ def apply(
         if raw[param.stage] is None:
             raw[param.stage] = {}
         raw[param.stage][param.key] = copy.deepcopy(values[param.name])
+    base = stage_entries(document, model)
+    for index, (kind, options) in enumerate(stage_entries(doc, model)):
+        if kind == "privacy" and isinstance(options.get("budget"), dict):
+            epsilon = rescaled_budget(base[index][1], options)
+            if epsilon is not None:
+                stages[index]["privacy"]["budget"]["epsilon"] = epsilon
     return doc
+
+
+def budget_answers(options: dict[str, Any]) -> float | None:
+    """How many scored answers a ``privacy`` stage's budget allows per client and window
+    (None without a budget or a noisy mechanism)."""
+    cost, capacity = _cost(options), _capacity(options)
+    return capacity / cost if cost and capacity else None
+
+
+def rescaled_budget(base: dict[str, Any], options: dict[str, Any]) -> float | None:
+    """The budget ``epsilon`` that gives ``options``' mechanism as many scored answers as
+    ``base``'s budget gives its own; None when either has no noisy mechanism or budget."""
+    from guard.defenses.accountant import zcdp_epsilon
+
+    answers, cost = budget_answers(base), _cost(options)
+    if answers is None or cost is None or options["budget"].get("epsilon") is None:
+        return None
+    if options.get("mechanism") == "gaussian":
+        return _round(zcdp_epsilon(answers * cost, float(options.get("delta", 1e-6))), 4)
+    return _round(answers * cost, 4)
+
+
+def _cost(options: dict[str, Any]) -> float | None:
+    """One answer's cost in the budget's unit: ε (laplace) or ρ (gaussian)."""
+    from guard.defenses.accountant import zcdp_rho
+    from guard.defenses.privacy import gaussian_rho
+
+    mechanism, delta = options.get("mechanism"), float(options.get("delta", 1e-6))
+    if mechanism == "laplace" and "epsilon" in options:
+        return float(options["epsilon"])
+    if mechanism == "gaussian" and "epsilon" in options:
+        return zcdp_rho(float(options["epsilon"]), delta)
+    if mechanism == "gaussian" and "sigma" in options:
+        return gaussian_rho(float(options["sigma"]))
+    return None
+
+
+def _capacity(options: dict[str, Any]) -> float | None:
+    """The budget's limit in the mechanism's unit."""
+    from guard.defenses.accountant import zcdp_rho
+
+    budget = options.get("budget")
+    if not isinstance(budget, dict) or budget.get("epsilon") is None:
+        return None
+    epsilon = float(budget["epsilon"])
+    if options.get("mechanism") == "gaussian":
+        return zcdp_rho(epsilon, float(options.get("delta", 1e-6)))
+    return epsilon
 
 
 # -- the spaces ------------------------------------------------------------------

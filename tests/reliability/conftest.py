@@ -122,7 +122,9 @@ class GuardProcess:
         deadline = time.monotonic() + timeout
         while not self.ready():
             if not self.alive():
-                raise RuntimeError(f"guard exited with {self.process.returncode}:\n{self.log()[-3000:]}")
+                raise RuntimeError(
+                    f"guard exited with {self.process.returncode}:\n{self.log()[-3000:]}"
+                )
             if time.monotonic() > deadline:
                 raise RuntimeError(f"guard not ready after {timeout:g} s:\n{self.log()[-3000:]}")
             time.sleep(0.05)
@@ -222,22 +224,33 @@ def spawn_guard(tmp_path: Path) -> Iterator[GuardSpawner]:
 
 
 def digits_model(*stages: dict[str, Any], **extra: Any) -> dict[str, Any]:
-    return {"model": "builtin:digits", "stages": [{"validate": {"min": 0.0, "max": 16.0}}, *stages], **extra}
+    return {
+        "model": "builtin:digits",
+        "stages": [{"validate": {"min": 0.0, "max": 16.0}}, *stages],
+        **extra,
+    }
 
 
 def v2_body(x: Any, datatype: str = "FP32") -> bytes:
-    tensor = {"name": "input", "shape": list(x.shape), "datatype": datatype, "data": x.ravel().tolist()}
+    tensor = {
+        "name": "input",
+        "shape": list(x.shape),
+        "datatype": datatype,
+        "data": x.ravel().tolist(),
+    }
     return orjson.dumps({"inputs": [tensor]})
 
 
-def assert_healthy(guard: GuardProcess, model: str = "digits") -> None:
+def assert_healthy(
+    guard: GuardProcess, model: str = "digits", headers: dict[str, str] | None = None
+) -> None:
     """The process lives, says ready, answers a valid request, and logged no traceback."""
     from guard.models import load_samples
 
     assert guard.alive(), guard.log()[-3000:]
     assert guard.ready()
     x = load_samples(model)[0][:1]
-    reply = request("POST", f"{guard.url}/v2/models/{model}/infer", v2_body(x))
+    reply = request("POST", f"{guard.url}/v2/models/{model}/infer", v2_body(x), headers or {})
     assert reply.status == 200, reply.body[:500]
     log = guard.log()
     assert "Traceback" not in log, log[-3000:]
@@ -258,4 +271,3 @@ def metric_value(text: str, name: str, **labels: str) -> float:
             if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
                 total += sample.value
     return total
-

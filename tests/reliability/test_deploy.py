@@ -4,7 +4,12 @@ commands, ports and names agree across files, policies pass ``guard check``."""
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
+import sys
 import urllib.parse
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -129,7 +134,9 @@ def test_mlserver_image_copies_what_exists() -> None:
     for arguments in stage.all("COPY"):
         sources, _, _ = copy_sources(arguments)
         assert all((context / s).exists() for s in sources), sources
-    settings = json.loads((context / "models" / "breast_cancer" / "model-settings.json").read_text())
+    settings = json.loads(
+        (context / "models" / "breast_cancer" / "model-settings.json").read_text()
+    )
     assert settings["name"] == "breast_cancer"
     assert settings["implementation"] == "mlserver_sklearn.SKLearnModel"
     # Declared inputs: the guard needs them to decode TF Serving requests for an upstream.
@@ -167,7 +174,9 @@ def test_compose_guard_service_is_consistent(compose: dict[str, Any]) -> None:
 
     upstream = urllib.parse.urlsplit(policy["models"]["breast_cancer"]["upstream"]["url"])
     assert upstream.hostname in services and upstream.port == 8080  # MLServer's default port
-    assert "ports" not in services[upstream.hostname], "the model must be reachable only via the guard"
+    assert "ports" not in services[upstream.hostname], (
+        "the model must be reachable only via the guard"
+    )
     assert (DEPLOY / services[upstream.hostname]["build"] / "Dockerfile").is_file()
     redis = urllib.parse.urlsplit(guard["environment"]["REDIS_URL"])
     assert redis.hostname in services and "ports" not in services[redis.hostname]
@@ -190,9 +199,13 @@ def test_compose_prometheus_and_grafana_are_wired(compose: dict[str, Any]) -> No
     grafana = services["grafana"]
     mounts = {v.split(":")[1]: DEPLOY / v.split(":")[0] for v in grafana["volumes"]}
     provisioning = mounts["/etc/grafana/provisioning"]
-    (source,) = yaml.safe_load((provisioning / "datasources" / "prometheus.yaml").read_text())["datasources"]
+    (source,) = yaml.safe_load((provisioning / "datasources" / "prometheus.yaml").read_text())[
+        "datasources"
+    ]
     assert urllib.parse.urlsplit(source["url"]).hostname == "prometheus"
-    (provider,) = yaml.safe_load((provisioning / "dashboards" / "guard.yaml").read_text())["providers"]
+    (provider,) = yaml.safe_load((provisioning / "dashboards" / "guard.yaml").read_text())[
+        "providers"
+    ]
     dashboards = mounts[provider["options"]["path"]]
     assert (dashboards / "guard.json").is_file()
     home = grafana["environment"]["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
@@ -208,7 +221,11 @@ def test_dashboard_variables_resolve() -> None:
     for panel in dashboard["panels"]:
         for target in panel.get("targets", []):
             assert target["datasource"]["uid"] == "${datasource}"
-            used = {word[1:] for word in target["expr"].replace('"', " ").split() if word.startswith("$")}
+            used = {
+                word[1:]
+                for word in target["expr"].replace('"', " ").split()
+                if word.startswith("$")
+            }
             assert {u.strip("(){}[]") for u in used if not u.startswith("__")} <= variables
 
 
@@ -255,7 +272,9 @@ def test_guard_container_runs_a_real_command_with_probes_and_limits(variant: Var
     assert container["resources"]["requests"]["cpu"] and container["resources"]["limits"]["memory"]
 
     pod = deployment["spec"]["template"]["spec"]
-    assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] != 0
+    assert (
+        pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] != 0
+    )
     assert pod["automountServiceAccountToken"] is False
     for each in containers(deployment):
         security = each["securityContext"]
@@ -306,7 +325,9 @@ def test_services_monitors_autoscalers_and_budgets_select_the_guard(variant: Var
 
     monitor = variant.named("ServiceMonitor", "inference-guard")
     assert labels_match(monitor["spec"]["selector"]["matchLabels"], service["metadata"]["labels"])
-    assert {e["port"] for e in monitor["spec"]["endpoints"]} <= {p["name"] for p in service["spec"]["ports"]}
+    assert {e["port"] for e in monitor["spec"]["endpoints"]} <= {
+        p["name"] for p in service["spec"]["ports"]
+    }
     assert all(e["path"] == "/metrics" for e in monitor["spec"]["endpoints"])
 
     (hpa,) = variant.of_kind("HorizontalPodAutoscaler")
@@ -320,7 +341,9 @@ def test_services_monitors_autoscalers_and_budgets_select_the_guard(variant: Var
 def test_the_model_is_reachable_only_through_the_guard(variant: Variant) -> None:
     deployment, container = guard_container(variant)
     args = parse_guard_args(container["args"])
-    policy = yaml.safe_load(variant.config_maps[_policy_map(deployment)][args.policy.name].read_text())
+    policy = yaml.safe_load(
+        variant.config_maps[_policy_map(deployment)][args.policy.name].read_text()
+    )
     upstream = urllib.parse.urlsplit(policy["models"]["breast_cancer"]["upstream"]["url"])
     if variant.root.name == "sidecar":
         (model,) = [c for c in containers(deployment) if image_name(c) == MLSERVER_IMAGE]
@@ -331,7 +354,11 @@ def test_the_model_is_reachable_only_through_the_guard(variant: Variant) -> None
     else:
         service = variant.named("Service", upstream.hostname)
         assert upstream.port in {p["port"] for p in service["spec"]["ports"]}
-        policies = [p for p in variant.of_kind("NetworkPolicy") if p["metadata"]["name"] == upstream.hostname]
+        policies = [
+            p
+            for p in variant.of_kind("NetworkPolicy")
+            if p["metadata"]["name"] == upstream.hostname
+        ]
         (network,) = policies
         pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
         (rule,) = network["spec"]["ingress"]
@@ -361,7 +388,9 @@ def test_deploy_policies_pass_guard_check(
     for name, value in ENV.items():
         monkeypatch.setenv(name, value)
     policy = yaml.safe_load(path.read_text())
-    if keys_file := policy["clients"].get("keys_file"):  # absolute, inside the pod: use the Secret's
+    if keys_file := policy["clients"].get(
+        "keys_file"
+    ):  # absolute, inside the pod: use the Secret's
         (tmp_path / "keys.yaml").write_text(SECRET["stringData"][Path(keys_file).name])
         policy["clients"]["keys_file"] = str(tmp_path / "keys.yaml")
     checked = tmp_path / path.name
@@ -374,3 +403,31 @@ def test_deploy_policies_pass_guard_check(
     assert all("identified by address" in w for w in warnings), warnings
     assert runtime.policy.state.backend == "redis"  # replicas share detection state
     assert runtime.policy.limits.body_timeout <= 60 and runtime.policy.limits.idle_timeout > 60
+
+
+@pytest.mark.skipif(
+    os.environ.get("GUARD_BUILD_TESTS", "") in ("", "0"),
+    reason="compiles the kernels (~30 s): set GUARD_BUILD_TESTS=1",
+)
+def test_the_build_context_makes_a_wheel_with_compiled_kernels(tmp_path: Path) -> None:
+    """What deploy/Dockerfile's builder does, on exactly the files its context sends."""
+    ignore = DockerIgnore(DEPLOY / "Dockerfile.dockerignore")
+    context = tmp_path / "context"
+    skip = (".git/", ".venv/", ".mlserver-venv/", "build/")
+    for path in REPO.rglob("*"):
+        relative = str(path.relative_to(REPO))
+        if path.is_file() and not relative.startswith(skip) and ignore.included(relative):
+            (context / relative).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(path, context / relative)
+    wheels = tmp_path / "wheels"
+    command = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
+               "--wheel-dir", str(wheels), str(context)]  # fmt: skip
+    subprocess.run(command, check=True, capture_output=True, timeout=600)
+    (wheel,) = wheels.glob("inference_guard-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert {
+        n.split("/")[-1].split(".")[0]
+        for n in names
+        if n.startswith("guard/_ext/") and n.endswith(".so")
+    } == {p.stem for p in (REPO / "ext").glob("*.pyx")}
+    assert "guard/models/digits.onnx" in names and "guard/policies/default.yaml" in names

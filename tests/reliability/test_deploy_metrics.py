@@ -9,7 +9,6 @@ import re
 import shutil
 import subprocess
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 import pytest
@@ -145,7 +144,9 @@ def test_selectors_use_real_labels_and_values(exported_labels: dict[str, set[str
                 assert label in exported_labels[name], f"{where}: {name} has no label {label}"
                 if label in allowed_values and op in ("=", "=~", "!=", "!~") and "$" not in value:
                     for alternative in value.split("|"):
-                        assert alternative in allowed_values[label], f"{where}: {label}={alternative!r}"
+                        assert alternative in allowed_values[label], (
+                            f"{where}: {label}={alternative!r}"
+                        )
         for group in BY.findall(expr):
             for label in (g.strip() for g in group.split(",")):
                 assert any(label in exported_labels[n] for n in names), f"{where}: by ({label})"
@@ -241,7 +242,9 @@ def test_alerts_fire_on_attacks_and_faults_and_not_on_healthy_traffic(
             {
                 "interval": "1m",
                 "input_series": healthy,
-                "alert_rule_test": [{"eval_time": "15m", "alertname": n, "exp_alerts": []} for n in names],
+                "alert_rule_test": [
+                    {"eval_time": "15m", "alertname": n, "exp_alerts": []} for n in names
+                ],
             },
             {
                 "interval": "1m",
@@ -251,7 +254,8 @@ def test_alerts_fire_on_attacks_and_faults_and_not_on_healthy_traffic(
                         "eval_time": "15m",
                         "alertname": name,
                         "exp_alerts": [
-                            {"exp_labels": {**labels, "severity": severities[name]}} for labels in expected
+                            {"exp_labels": {**labels, "severity": severities[name]}}
+                            for labels in expected
                         ],
                     }
                     for name, expected in fired.items()

@@ -108,7 +108,9 @@ async def test_compose_policy_guards_the_image_model(
     guard = await start_guard(compose_policy(deployed_mlserver))
 
     x = load_samples("breast_cancer")[0][:8]
-    async with http.post(guard.make_url("/v2/models/breast_cancer/infer"), data=v2_body(x)) as reply:
+    async with http.post(
+        guard.make_url("/v2/models/breast_cancer/infer"), data=v2_body(x)
+    ) as reply:
         assert reply.status == 200, await reply.text()
         body = orjson.loads(await reply.read())
     (predict,) = [o for o in body["outputs"] if o["name"] == "predict"]

@@ -219,7 +219,9 @@ async def test_redis_killed_under_load_applies_on_error_and_state_resumes(
     restarting = time.monotonic()
     await asyncio.to_thread(redis_server.start)
     back = time.monotonic()
-    recovered = await recovery(outcomes, stop, back, lambda o: (o.status, o.verdict) == (200, "allow"))
+    recovered = await recovery(
+        outcomes, stop, back, lambda o: (o.status, o.verdict) == (200, "allow")
+    )
     await load
 
     assert all(o.status in (200, 503) for o in outcomes), {(o.status, o.error) for o in outcomes}

@@ -7,8 +7,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import socket
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -188,3 +190,20 @@ async def test_max_in_flight_sheds_with_503_and_recovers(
     assert after.status == 200
     assert metric_value(await asyncio.to_thread(scrape, guard), "guard_requests_in_flight") == 0
     assert np.isfinite(metric_value(scrape(guard), "guard_requests_total", code="503"))
+
+
+@pytest.mark.parametrize(
+    ("limits", "message"),
+    [
+        ({"body_timeout": 0}, "limits.body_timeout must be > 0"),
+        ({"idle_timeout": -1}, "limits.idle_timeout must be > 0"),
+        ({"idle_timeout": float("inf")}, "limits.idle_timeout must be <= 86400"),
+        ({"read_timeout": 5}, "unknown key(s) read_timeout"),
+    ],
+)
+def test_limit_keys_are_checked_at_load(limits: dict[str, Any], message: str) -> None:
+    from guard.config import parse_policy
+    from guard.errors import PolicyError
+
+    with pytest.raises(PolicyError, match=re.escape(message)):
+        parse_policy(policy(**limits), source="policy.yaml", base=Path("."))

@@ -50,9 +50,18 @@ def test_guard_load_reports_what_it_did(guard: GuardProcess, tmp_path: Path) -> 
 
 @pytest.mark.parametrize(("model", "protocol"), [("digits", "v2-binary"), ("breast_cancer", "tf")])
 async def test_each_protocol_is_answered(guard: GuardProcess, model: str, protocol: str) -> None:
-    config = LoadConfig(url=guard.url, model=model, rate=100, duration=1, protocol=protocol, batch=2)
+    config = LoadConfig(
+        url=guard.url, model=model, rate=100, duration=1, protocol=protocol, batch=2
+    )
     report = await run_load(config)
     assert report.statuses == {"200": 100} and not report.failed, report.lines()
+
+
+def test_the_command_offers_what_the_engine_takes() -> None:
+    import guard.commands.load as command
+    import guard.loadgen as engine
+
+    assert (command.PROTOCOLS, command.INPUTS) == (engine.PROTOCOLS, engine.INPUTS)
 
 
 def test_usage_errors_exit_2(guard: GuardProcess) -> None:
@@ -85,7 +94,9 @@ async def test_a_stall_counts_against_every_request_it_delayed(aiohttp_server: A
         return web.json_response({"model_name": "digits", "outputs": outputs})
 
     async def metadata(request: web.Request) -> web.Response:
-        return web.json_response({"name": "digits", "inputs": [{"name": "input", "datatype": "FP32", "shape": [-1, 64]}]})
+        return web.json_response(
+            {"name": "digits", "inputs": [{"name": "input", "datatype": "FP32", "shape": [-1, 64]}]}
+        )
 
     app = web.Application()
     app.router.add_post("/v2/models/digits/infer", infer)

@@ -8,13 +8,17 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 import yaml
 from aiohttp import web
 
 from guard.clients import key_digest, new_key
+from guard.config import parse_policy
+from guard.errors import PolicyError
 from guard.models import load_samples
 from tests.reliability.conftest import REPO, GuardSpawner, digits_model, free_port, v2_body
 
@@ -43,7 +47,11 @@ SECRETS = [API_KEY, ADMIN_TOKEN, UPSTREAM_TOKEN.split()[1], BLACKLIGHT_SECRET, R
 
 def policy(upstream: str) -> dict[str, Any]:
     upstream_model = {
-        "upstream": {"url": upstream, "timeout": 2, "headers": {"Authorization": "${UPSTREAM_TOKEN}"}},
+        "upstream": {
+            "url": upstream,
+            "timeout": 2,
+            "headers": {"Authorization": "${UPSTREAM_TOKEN}"},
+        },
         "stages": [{"validate": {"shape": [64], "dtype": "FP32", "min": 0.0, "max": 16.0}}],
     }
     detected = digits_model(
@@ -108,7 +116,9 @@ async def test_secrets_never_leave_the_guard(
     statuses = []
     async with aiohttp.ClientSession() as session:
         for method, path, headers, body in calls:
-            async with session.request(method, guard.url + path, headers=headers, data=body) as reply:
+            async with session.request(
+                method, guard.url + path, headers=headers, data=body
+            ) as reply:
                 statuses.append(reply.status)
                 seen.append(await reply.text())
                 seen.append(str(dict(reply.headers)))
@@ -129,7 +139,9 @@ async def test_secrets_never_leave_the_guard(
     assert "GET /admin/status" in log  # the access log ran
     for text in [*seen, log]:
         for secret in SECRETS:
-            assert secret not in text, f"a secret leaked: ...{text[max(0, text.find(secret) - 80):][:200]}"
+            assert secret not in text, (
+                f"a secret leaked: ...{text[max(0, text.find(secret) - 80) :][:200]}"
+            )
 
 
 def _environ() -> dict[str, str]:
@@ -137,3 +149,11 @@ def _environ() -> dict[str, str]:
 
     path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
     return {**os.environ, "PYTHONPATH": path}
+
+
+def test_credentials_in_an_upstream_url_are_refused_without_echoing_them() -> None:
+    url = f"http://user:{REDIS_PASSWORD}@127.0.0.1:8080"
+    document = {"version": 1, "models": {"digits": {"upstream": url}}}
+    with pytest.raises(PolicyError, match="must not carry credentials") as caught:
+        parse_policy(document, source="policy.yaml", base=Path("."))
+    assert REDIS_PASSWORD not in str(caught.value)

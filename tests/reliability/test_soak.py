@@ -76,7 +76,9 @@ async def test_soak_from_many_clients_keeps_memory_bounded(spawn_guard: GuardSpa
     warm = started + SECONDS / 3  # by then MAX_CLIENTS clients have been seen: caps reached
     baseline = max(rss for at, rss in samples if at <= warm)
     peak = max(rss for _, rss in samples)
-    assert peak - baseline < GROWTH_LIMIT, [(round(at - started, 1), rss >> 20) for at, rss in samples]
+    assert peak - baseline < GROWTH_LIMIT, [
+        (round(at - started, 1), rss >> 20) for at, rss in samples
+    ]
     text = scrape(guard)
     assert metric_value(text, "guard_requests_total", code="200") == report.answered
     assert_healthy(guard)

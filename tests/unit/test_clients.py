@@ -69,3 +69,15 @@ def test_admin_token_check() -> None:
     assert token_matches("s3cret", digest)
     assert not token_matches("s3cret ", digest)
     assert not token_matches(None, digest)
+
+
+def test_forwarded_for_that_is_not_an_address_falls_back_to_the_peer() -> None:
+    trusting = ClientDirectory(trust_forwarded_for=True)
+    assert trusting.identify({"X-Forwarded-For": "<script>, 10.0.0.1"}, "10.0.0.9").name == "addr:10.0.0.9"
+    assert trusting.identify({"X-Forwarded-For": "2001:db8::1"}, "10.0.0.9").name == "addr:2001:db8::1"
+
+
+def test_key_that_was_not_utf8_hashes_to_no_known_key() -> None:
+    directory = ClientDirectory(keys={key_digest("k"): __import__("guard.clients").clients.Client("alice")})
+    with pytest.raises(Unauthorized):
+        directory.identify({"X-API-Key": "\udcff\udcfe"}, None)

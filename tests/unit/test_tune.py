@@ -14,7 +14,7 @@ from guard.tuning.attackers import AttackOutcome, holdout_advantage
 from guard.tuning.measure import Baseline, BenignOutcome, Measurement, evaluation_document
 from guard.tuning.policyfile import dump, fp_upper_bound, rebase_paths
 from guard.tuning.search import Candidate, Constraints, pick, risk
-from guard.tuning.space import Param, apply, search_space
+from guard.tuning.space import Param, apply, budget_answers, search_space
 from guard.tuning.workload import WORKLOADS, TuneData, attacks_for
 
 DEFAULT = Path(__file__).parents[2] / "guard" / "policies" / "default.yaml"
@@ -121,6 +121,27 @@ def test_apply_sets_options_on_a_copy() -> None:
     tuned = apply(document, "digits", [param], {"blacklight.threshold": 20})
     assert tuned["models"]["digits"]["stages"][1] == {"blacklight": {"threshold": 20}}
     assert document["models"]["digits"]["stages"][1] == "blacklight"
+
+
+@pytest.mark.parametrize(
+    ("mechanism", "epsilon"), [("laplace", 8.0), ("laplace", 0.5), ("gaussian", 2.0)]
+)
+def test_a_privacy_budget_keeps_its_number_of_scored_answers(
+    mechanism: str, epsilon: float
+) -> None:
+    options = {"mechanism": "laplace", "epsilon": 2.0, "budget": {"epsilon": 2000, "per": "1d"}}
+    document = policy({"privacy": options})
+    params = [
+        Param("privacy", 0, "epsilon", (epsilon,), 2.0),
+        Param("privacy", 0, "mechanism", (mechanism,), "laplace"),
+    ]
+    values = {"privacy.epsilon": epsilon, "privacy.mechanism": mechanism}
+    tuned = apply(document, "digits", params, values)["models"]["digits"]["stages"][0]["privacy"]
+    assert budget_answers(options) == 1000.0
+    assert budget_answers(tuned) == pytest.approx(1000.0, rel=1e-3)
+    assert tuned["budget"]["per"] == "1d"
+    if mechanism == "laplace":
+        assert tuned["budget"]["epsilon"] == 1000 * epsilon
 
 
 def test_attacks_follow_the_tuned_stages_and_the_data() -> None:
