@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from guard.clients import ClientDirectory, key_digest, load_keys, new_key, token_matches
+from guard.clients import Client, ClientDirectory, key_digest, load_keys, new_key, token_matches
 from guard.errors import Forbidden, PolicyError, Unauthorized
 
 
@@ -78,6 +78,6 @@ def test_forwarded_for_that_is_not_an_address_falls_back_to_the_peer() -> None:
 
 
 def test_key_that_was_not_utf8_hashes_to_no_known_key() -> None:
-    directory = ClientDirectory(keys={key_digest("k"): __import__("guard.clients").clients.Client("alice")})
+    directory = ClientDirectory(keys={key_digest("k"): Client("alice")})
     with pytest.raises(Unauthorized):
         directory.identify({"X-API-Key": "\udcff\udcfe"}, None)
