@@ -12,8 +12,12 @@ import ssl
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from guard.errors import PolicyError
+
+if TYPE_CHECKING:
+    from guard.config import Policy
 
 DEFAULT_POLICY = Path(__file__).parent / "policies" / "default.yaml"
 # Offline subcommands: modules under guard/commands/ with an ``add_parser(commands)``.
@@ -118,13 +122,13 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 async def serve_forever(
-    policy,
+    policy: Policy,
     policy_path: Path,
     host: str,
     port: int,
     ssl_context: ssl.SSLContext | None,
     access_log: bool,
-) -> None:  # type: ignore[no-untyped-def]
+) -> None:
     from aiohttp import web
 
     from guard.server import create_app, make_runner, reload_policy

@@ -216,7 +216,7 @@ def _url(section: Section, key: str, url: str) -> str:
 
 
 def _expand(section: Section, key: str) -> str:
-    """Header values may name an environment variable (``${UPSTREAM_TOKEN}``), kept out of the file."""
+    """A header value, or the environment variable it names (``${UPSTREAM_TOKEN}``)."""
     value = section.str(key)
     if value.startswith("${") and value.endswith("}"):
         var = value[2:-1]
@@ -230,7 +230,7 @@ def _model_path(section: Section, value: str, base: Path) -> Path:
     if value.startswith(BUILTIN_PREFIX):
         from guard.models import MODELS, model_path
 
-        name = value[len(BUILTIN_PREFIX):]
+        name = value[len(BUILTIN_PREFIX) :]
         if name not in MODELS:
             raise section.error("model", f"names no built-in model; built-ins: {', '.join(MODELS)}")
         return model_path(name)

@@ -11,6 +11,7 @@ rest, so a misspelt key stops the load instead of being silently ignored.
 
 from __future__ import annotations
 
+import builtins
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, TypeVar
@@ -24,41 +25,41 @@ _MISSING: Any = object()
 class Section:
     """A mapping read key by key, with the location of each key for messages."""
 
-    def __init__(self, data: Any, *, source: str, path: str = "") -> None:
+    def __init__(self, data: Any, *, source: builtins.str, path: builtins.str = "") -> None:
         if data is None:
             data = {}
         if not isinstance(data, Mapping):
             raise PolicyError(
                 f"{source}: {path or 'document'} must be a mapping; got {_show(data)}"
             )
-        self.data: Mapping[str, Any] = data
+        self.data: Mapping[builtins.str, Any] = data
         self.source = source
         self.path = path
-        self._read: set[str] = set()
+        self._read: set[builtins.str] = set()
 
     # -- locations and errors -------------------------------------------------
-    def where(self, key: str | None = None) -> str:
+    def where(self, key: builtins.str | None = None) -> builtins.str:
         if key is None:
             return self.path or "document"
         return f"{self.path}.{key}" if self.path else key
 
-    def error(self, key: str | None, message: str) -> PolicyError:
+    def error(self, key: builtins.str | None, message: builtins.str) -> PolicyError:
         return PolicyError(f"{self.source}: {self.where(key)} {message}")
 
-    def child(self, key: str, *, required: bool = False) -> Section:
+    def child(self, key: builtins.str, *, required: builtins.bool = False) -> Section:
         value = self._get(key, {} if not required else _MISSING)
         return Section(value, source=self.source, path=self.where(key))
 
-    def section_list(self, key: str) -> Iterator[tuple[int, Any]]:
+    def section_list(self, key: builtins.str) -> Iterator[tuple[builtins.int, Any]]:
         items = self._get(key, [])
         if not isinstance(items, list):
             raise self.error(key, f"must be a list; got {_show(items)}")
         yield from enumerate(items)
 
-    def has(self, key: str) -> bool:
+    def has(self, key: builtins.str) -> builtins.bool:
         return key in self.data
 
-    def names(self) -> list[str]:
+    def names(self) -> list[builtins.str]:
         """Every key of this mapping (all count as read: for sections of user-chosen names)."""
         self._read.update(self.data)
         return [str(k) for k in self.data]
@@ -73,7 +74,7 @@ class Section:
             )
 
     # -- typed getters ---------------------------------------------------------
-    def _get(self, key: str, default: Any) -> Any:
+    def _get(self, key: builtins.str, default: Any) -> Any:
         self._read.add(key)
         if key in self.data and self.data[key] is not None:
             return self.data[key]
@@ -81,20 +82,25 @@ class Section:
             raise self.error(key, "is required")
         return default
 
-    def str(self, key: str, default: Any = _MISSING) -> Any:
+    def str(self, key: builtins.str, default: Any = _MISSING) -> Any:
         value = self._get(key, default)
         if value is not default and not isinstance(value, str):
             raise self.error(key, f"must be a string; got {_show(value)}")
         return value
 
-    def bool(self, key: str, default: Any = _MISSING) -> Any:
+    def bool(self, key: builtins.str, default: Any = _MISSING) -> Any:
         value = self._get(key, default)
         if value is not default and not isinstance(value, bool):
             raise self.error(key, f"must be true or false; got {_show(value)}")
         return value
 
     def int(
-        self, key: str, default: Any = _MISSING, *, min: int | None = None, max: int | None = None
+        self,
+        key: builtins.str,
+        default: Any = _MISSING,
+        *,
+        min: builtins.int | None = None,
+        max: builtins.int | None = None,
     ) -> Any:
         value = self._get(key, default)
         if value is default:
@@ -106,13 +112,13 @@ class Section:
 
     def float(
         self,
-        key: str,
+        key: builtins.str,
         default: Any = _MISSING,
         *,
-        min: float | None = None,
-        max: float | None = None,
-        gt: float | None = None,
-        lt: float | None = None,
+        min: builtins.float | None = None,
+        max: builtins.float | None = None,
+        gt: builtins.float | None = None,
+        lt: builtins.float | None = None,
     ) -> Any:
         value = self._get(key, default)
         if value is default:
@@ -124,13 +130,15 @@ class Section:
         self._bounds(key, value, gt, lt, inclusive=False)
         return value
 
-    def choice(self, key: str, options: Sequence[str], default: Any = _MISSING) -> Any:
+    def choice(
+        self, key: builtins.str, options: Sequence[builtins.str], default: Any = _MISSING
+    ) -> Any:
         value = self._get(key, default)
         if value is not default and value not in options:
             raise self.error(key, f"must be one of {', '.join(options)}; got {_show(value)}")
         return value
 
-    def str_list(self, key: str, default: Any = _MISSING) -> Any:
+    def str_list(self, key: builtins.str, default: Any = _MISSING) -> Any:
         value = self._get(key, default)
         if value is default:
             return value
@@ -138,7 +146,7 @@ class Section:
             raise self.error(key, f"must be a list of strings; got {_show(value)}")
         return tuple(value)
 
-    def shape(self, key: str, default: Any = _MISSING) -> Any:
+    def shape(self, key: builtins.str, default: Any = _MISSING) -> Any:
         value = self._get(key, default)
         if value is default:
             return value
@@ -148,7 +156,15 @@ class Section:
             raise self.error(key, f"must be a list of sizes (-1 for any); got {_show(value)}")
         return tuple(value)
 
-    def _bounds(self, key: str, value: float, lo: Any, hi: Any, *, inclusive: bool) -> None:
+    def _bounds(
+        self,
+        key: builtins.str,
+        value: builtins.float,
+        lo: Any,
+        hi: Any,
+        *,
+        inclusive: builtins.bool,
+    ) -> None:
         ge, le = (">=", "<=") if inclusive else (">", "<")
         if lo is not None and (value < lo if inclusive else value <= lo):
             raise self.error(key, f"must be {ge} {lo}; got {_show(value)}")

@@ -132,9 +132,7 @@ class RequestContext:
         taken = action
         if self.shadow_mode and action in (Action.FLAG, Action.DEGRADE, Action.DENY):
             taken = Action.SHADOW
-        self.findings.append(
-            Finding(stage, taken, action, message, score, threshold, technique)
-        )
+        self.findings.append(Finding(stage, taken, action, message, score, threshold, technique))
         if taken is Action.DEGRADE:
             self.degraded = True
         return Verdict.DENY if taken is Action.DENY else Verdict.CONTINUE
@@ -199,7 +197,9 @@ class Pipeline:
             (i, s) for i, s in enumerate(self.stages) if _overrides(s, "on_request")
         )
         self._response_stages = tuple(
-            (i, s) for i, s in reversed(list(enumerate(self.stages))) if _overrides(s, "on_response")
+            (i, s)
+            for i, s in reversed(list(enumerate(self.stages)))
+            if _overrides(s, "on_response")
         )
         self._default_degrade = not any(getattr(s, "handles_degrade", False) for s in self.stages)
 

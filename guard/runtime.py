@@ -82,7 +82,9 @@ class Runtime:
         try:
             return self.models[name]
         except KeyError:
-            raise NotFound(f"unknown model {name!r}; this guard serves {', '.join(self.models)}") from None
+            raise NotFound(
+                f"unknown model {name!r}; this guard serves {', '.join(self.models)}"
+            ) from None
 
     def enter(self) -> None:
         self._active += 1
@@ -166,7 +168,9 @@ def _build_model(
     elif local is not None:
         backend = local
     else:
-        raise PolicyError(f"{policy.source}: models.{config.name} needs an upstream or a model file")
+        raise PolicyError(
+            f"{policy.source}: models.{config.name} needs an upstream or a model file"
+        )
     env = StageEnv(
         model=config.name,
         backend=backend,
@@ -175,12 +179,16 @@ def _build_model(
         state=state,
         metrics=metrics,
     )
-    stages = [_build_stage(entry.kind, entry.options, entry.path, policy.source, env) for entry in config.stages]
+    stages = [
+        _build_stage(entry.kind, entry.options, entry.path, policy.source, env)
+        for entry in config.stages
+    ]
     names = [s.name for s in stages]
     duplicates = {n for n in names if names.count(n) > 1}
     if duplicates:
         raise PolicyError(
-            f"{policy.source}: models.{config.name}.stages lists {', '.join(sorted(duplicates))} twice"
+            f"{policy.source}: models.{config.name}.stages lists "
+            f"{', '.join(sorted(duplicates))} twice"
         )
     return ModelRuntime(config.name, config, backend, local, Pipeline(stages))
 

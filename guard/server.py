@@ -80,7 +80,9 @@ def create_app(
     policy_path: str | Path | None = None,
 ) -> web.Application:
     """The guard as an aiohttp application; ``policy_path`` enables reloads."""
-    app = web.Application(middlewares=[error_boundary], client_max_size=policy.limits.max_body_bytes)
+    app = web.Application(
+        middlewares=[error_boundary], client_max_size=policy.limits.max_body_bytes
+    )
     app[LIVE] = Live()
     app[METRICS] = GuardMetrics(registry)
     app[METRICS].info.info({"version": __version__})
@@ -195,7 +197,9 @@ async def error_boundary(
         if exc.status < 400:
             raise
         metrics.errors.labels(f"http_{exc.status}").inc()
-        return _json_error(exc.reason if exc.status != 404 else f"no route for {request.path}", exc.status)
+        return _json_error(
+            exc.reason if exc.status != 404 else f"no route for {request.path}", exc.status
+        )
     except asyncio.CancelledError:
         raise
     except Exception:
@@ -302,7 +306,12 @@ def _request_id(given: str | None) -> str:
 
 
 def _finish(
-    app: web.Application, runtime: Runtime, ctx: RequestContext, protocol: str, code: int, started: float
+    app: web.Application,
+    runtime: Runtime,
+    ctx: RequestContext,
+    protocol: str,
+    code: int,
+    started: float,
 ) -> None:
     app[METRICS].observe(ctx, protocol=protocol, code=code, seconds=time.perf_counter() - started)
     runtime.audit.record(ctx)
@@ -366,7 +375,10 @@ async def tf_predict(http: web.Request) -> web.Response:
         request, fmt = tfserving.decode_predict(
             body, model_name=model_name, model_version=version, inputs=metadata.inputs
         )
-        return request, lambda response, _req: (tfserving.encode_predict(response, fmt), {"Content-Type": JSON})
+        return request, lambda response, _req: (
+            tfserving.encode_predict(response, fmt),
+            {"Content-Type": JSON},
+        )
 
     return await _serve(http, model_name=model_name, protocol="tfserving", decode=decode)
 
@@ -476,9 +488,7 @@ async def reload_policy(app: web.Application) -> Runtime:
                 state = live.state  # unchanged: keep the store, its connections and its contents
             else:
                 state = _open_store(app, policy.state)
-            runtime = build_runtime(
-                policy, session=app[SESSION], state=state, metrics=metrics
-            )
+            runtime = build_runtime(policy, session=app[SESSION], state=state, metrics=metrics)
         except PolicyError as exc:
             if state is not None and state is not live.state:
                 live.stores.discard(state)

@@ -189,7 +189,7 @@ class OnnxBackend:
         return True
 
     async def close(self) -> None:
-        self.session = None  # type: ignore[assignment]
+        self.session = None  # onnxruntime frees the session with its last reference
 
 
 def _short(exc: Exception) -> str:

@@ -10,9 +10,9 @@ from guard.inference import ModelMetadata
 from guard.pipeline import ACTIONS, Action
 
 if TYPE_CHECKING:
-    from guard.metrics import GuardMetrics
     from guard.backends.base import Backend
     from guard.backends.onnx import OnnxBackend
+    from guard.metrics import GuardMetrics
     from guard.state import StateStore
 
 
@@ -34,5 +34,5 @@ def read_action(section: Section, default: Action) -> Action:
 
 
 def read_fail_open(section: Section) -> bool:
-    """The ``on_error`` key: ``closed`` (default) refuses the request, ``open`` serves it flagged."""
+    """The ``on_error`` key: ``closed`` (default) refuses; ``open`` serves the request, flagged."""
     return section.choice("on_error", ("closed", "open"), "closed") == "open"
