@@ -6,7 +6,10 @@ that no seed changes, into three disjoint parts:
 * ``calibration`` (a quarter): only for thresholds calibrated on benign data
   (``squeeze_detect``); never sent as traffic, so no threshold is judged on the
   inputs it was fitted to;
-* ``benign`` (45 %): what benign clients send;
+* ``benign`` (45 %): what benign clients send. Each client replays its own
+  share in a random order, with fresh noise, and starts over when it is used
+  up: in both budgets most rows are sent twice, as a client that retries would
+  (near-duplicate detectors must tolerate that);
 * ``attacker`` (the rest): the attacker's own natural data (evasion samples,
   the extraction pool).
 
@@ -77,8 +80,8 @@ class Workload:
     """How much of each traffic one measurement sends, and how wide the search is."""
 
     name: str
-    benign_clients: int  # each its own API key; each sends distinct images once
-    benign_queries: int  # per client, one row per request
+    benign_clients: int  # each its own API key and its own share of the benign rows
+    benign_queries: int  # per client, one row per request; past its share, rows repeat
     evasion: tuple[str, ...]  # attack names of guard.attacks.suite
     evasion_samples: int
     evasion_budget: int  # queries per sample
@@ -96,7 +99,7 @@ WORKLOADS = {
     "small": Workload(
         name="small",
         benign_clients=3,
-        benign_queries=100,
+        benign_queries=200,
         evasion=("simba", "square-linf"),
         evasion_samples=3,
         evasion_budget=150,
@@ -112,7 +115,7 @@ WORKLOADS = {
     "full": Workload(
         name="full",
         benign_clients=5,
-        benign_queries=80,
+        benign_queries=160,
         evasion=("hopskipjump", "square-linf", "square-l2", "simba"),
         evasion_samples=10,
         evasion_budget=1000,
