@@ -51,8 +51,8 @@ def add_parser(commands: Any) -> None:
     parser.add_argument(
         "--risk-tolerance",
         type=float,
-        default=0.05,
-        help="risks this close to the lowest count as equal; the cheaper wins (default 0.05)",
+        help="risks this close to the lowest count as equal and the cheaper wins (default: "
+        "twice the standard deviation of the base policy's risk, measured over three seeds)",
     )
     parser.add_argument("--budget", choices=["small", "full"], default="small")
     parser.add_argument("--seed", type=int, default=0)

@@ -2,8 +2,8 @@
 
 :func:`dump` is a small emitter for policy documents (mappings, lists, scalars):
 block style for mappings, flow style for short flat lists and mappings, scalars
-formatted by PyYAML so quoting is always right, and an end-of-line comment
-wherever :func:`dump` is given one for that path. ``yaml.safe_load`` of its
+formatted by PyYAML so quoting is always right, and comments (at the end of a
+key's line, or on lines above it) wherever :func:`dump` is given them for a path. ``yaml.safe_load`` of its
 output equals the document (tested). The base policy's own comments are not
 carried over; relative paths are rewritten for the output's folder.
 """
@@ -175,12 +175,14 @@ def render(document: dict[str, Any], result: TuneResult, *, base_path: Path, out
 def header_lines(result: TuneResult, base_path: Path) -> list[str]:
     w = result.workload
     bounds = constraint_text(result)
+    draws = ", ".join(f"{r:.3f}" for r in result.noise)
     return [
         f"Tuned by `guard tune` from {base_path} for model {result.model} "
         f"(data: built-in {result.data}),",
         f"budget {w.name}, seed {result.seed}: {len(result.candidates)} candidates measured "
         f"in {result.seconds:.0f} s. The base policy's comments are not carried over.",
-        f"Constraints: {bounds}.",
+        f"Constraints: {bounds}; risk tolerance {result.tolerance:.3f}"
+        + (f" (the base policy's risk over three seeds: {draws})." if draws else "."),
         f"Measured for this policy ({w.benign_clients * w.benign_queries} benign queries from "
         f"{w.benign_clients} clients; each attack against a fresh guard of its own):",
         *(f"  {line}" for line in summary_lines(result)),

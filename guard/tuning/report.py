@@ -25,7 +25,7 @@ def markdown(result: TuneResult, *, base_path: Path, plot: Path | None) -> str:
         "",
         f"Budget `{w.name}`, seed {result.seed}, {len(result.candidates)} candidates measured "
         f"in {result.seconds:.0f} s. Constraints: {constraint_text(result)}; risk tolerance "
-        f"{result.tolerance:g}.",
+        f"{result.tolerance:.3f}, cost tolerance {result.cost_tolerance:.3f}{_noise(result)}.",
         "",
         f"Traffic per candidate: {w.benign_clients} benign clients x {w.benign_queries} queries "
         f"(held-out {result.data} rows with 2% noise, one row per request), then "
@@ -68,6 +68,13 @@ def markdown(result: TuneResult, *, base_path: Path, plot: Path | None) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _noise(result: TuneResult) -> str:
+    if not result.noise:
+        return ""
+    draws = ", ".join(f"{r:.3f}" for r in result.noise)
+    return f" (from the base policy measured with three seeds; its risk: {draws})"
 
 
 def _candidates(result: TuneResult) -> list[str]:

@@ -14,13 +14,16 @@ the mean over attacks. 0: every attacker caught before it got anything; 1: the
 guard changed nothing. Attacks the bare model already defeats are left out.
 
 **Choice** (:func:`pick`): among candidates that meet every constraint, those
-whose risk is within ``tolerance`` of the lowest, and of those the one that
-uses least of what the constraints allow (:attr:`Candidate.cost`, the sum of
-each measure's share of its bound): a candidate that is as safe, within the
-measurement's resolution, but cheaper for benign clients wins. Costs within a
-tenth of the allowance are a tie, broken by fewest changes from the base policy. ``certify``
-parameters are chosen for the largest average certified radius instead. When
-no candidate meets the constraints, the one that exceeds them least.
+whose risk is within ``tolerance`` of the lowest (by default twice the standard
+deviation of the base policy's risk over three seeds: the resolution of the
+measurement); of those, the one that uses least of what the constraints allow
+(:attr:`Candidate.cost`, the sum of each measure's share of its bound), costs
+within the latency's own resolution counting as a tie; of those, the one with
+fewest changes from the base policy. So a candidate that is as safe but cheaper
+for benign clients wins, and nothing moves unless the move measurably helps.
+``certify`` parameters are chosen for the largest average certified radius
+instead. When no candidate meets the constraints, the same rule runs among
+those that exceed them least.
 
 **Search** (:func:`tune`): coordinate descent from the base policy. Each pass
 visits the parameters in a seeded random order; for each, every grid value is
@@ -49,6 +52,9 @@ from guard.tuning.workload import Interface, TuneData, Workload, attacks_for
 
 SIMPLEX_L1 = 2.0  # the largest L1 distance between two probability vectors
 NEGLIGIBLE = 0.02  # an attack whose bare success is below this is left out of the risk
+NOISE_SEEDS = 2  # extra draws of the base policy that measure the noise of risk
+MIN_TOLERANCE = 0.02
+FALLBACK_TOLERANCE = 0.05  # when the noise cannot be measured (the base does not load)
 COST_TOLERANCE = 0.1  # costs this close (a tenth of the allowance) are a tie
 CALIBRATION_NOISE = 0.02  # benign clients' noise, as a fraction of the range (BenignTraffic)
 
@@ -139,20 +145,24 @@ def pick(
     group: str,
     tolerance: float,
     base: dict[str, Any] | None = None,
+    cost_tolerance: float = COST_TOLERANCE,
 ) -> Candidate:
     """The choice the module describes. Within the risk band, candidates whose cost is
-    within :data:`COST_TOLERANCE` of the cheapest count as equally cheap (latency is
-    measured to about a tenth of a millisecond), and of those the one with fewest
-    changes from ``base`` wins: the search moves only where a move measurably helps."""
+    within ``cost_tolerance`` of the cheapest count as equally cheap (latency is
+    measured to a tenth of a millisecond or so), and of those the one with fewest
+    changes from ``base`` wins: the search moves only where a move measurably helps.
+    Without a feasible candidate the same rule runs among those that exceed the
+    constraints least."""
     valid = [c for c in candidates if c.measurement is not None] or candidates
-    feasible = [c for c in valid if c.feasible]
-    if not feasible:
-        return min(valid, key=lambda c: (c.excess, c.objective(group)))
-    best = min(c.objective(group) for c in feasible)
+    pool = [c for c in valid if c.feasible]
+    if not pool:
+        least = min(c.excess for c in valid)
+        pool = [c for c in valid if c.excess <= least + 1e-9]
+    best = min(c.objective(group) for c in pool)
     slack = tolerance if group == "risk" else 0.0
-    band = [c for c in feasible if c.objective(group) <= best + slack + 1e-12]
+    band = [c for c in pool if c.objective(group) <= best + slack + 1e-12]
     cheapest = min(c.cost for c in band)
-    band = [c for c in band if c.cost <= cheapest + COST_TOLERANCE]
+    band = [c for c in band if c.cost <= cheapest + cost_tolerance or c.cost == cheapest]
 
     def changes(c: Candidate) -> int:
         return sum(c.values[k] != v for k, v in (base or {}).items())
@@ -173,8 +183,10 @@ class TuneResult:
     workload: Workload
     seed: int
     tolerance: float
+    cost_tolerance: float
     seconds: float
     calibration_inputs: int = 0
+    noise: tuple[float, ...] = ()  # the base policy's risk over seeds, when measured
 
     @property
     def base(self) -> Candidate:
@@ -196,13 +208,21 @@ def tune(
     workload: Workload,
     constraints: Constraints,
     seed: int = 0,
-    tolerance: float = 0.05,
+    tolerance: float | None = None,
     search: bool = True,
     interface: Interface | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> TuneResult:
     """Search ``document``'s space for ``model`` (see the module). Without ``search``,
-    measure the policy as it is: the result's only candidate is the base."""
+    measure the policy as it is: the result's only candidate is the base.
+
+    ``tolerance`` None: measured. The base policy is measured again with
+    :data:`NOISE_SEEDS` other seeds, and the tolerance is twice the standard
+    deviation of its risk over the three draws (at least :data:`MIN_TOLERANCE`):
+    a candidate must beat the base by more than the draw alone moves it. The cost
+    tolerance is twice the standard deviation of the added latency over the same
+    draws, as a share of its bound (at least :data:`COST_TOLERANCE`): latency is
+    the noisy part of the cost."""
     started = time.perf_counter()
     say = progress or (lambda _: None)
     params = search_space(
@@ -226,7 +246,9 @@ def tune(
             say(_progress_line(len(order), candidate, params))
         return cache[key]
 
-    def _measure(values: dict[str, Any]) -> Candidate:
+    def _measure(
+        values: dict[str, Any], draw: int = seed, against: Baseline = baseline
+    ) -> Candidate:
         doc = apply(document, model, params, values)
         calibrated = _calibrate(doc, model, data, calibration, constraints, thresholds)
         try:
@@ -238,8 +260,8 @@ def tune(
                 data=data,
                 workload=workload,
                 attacks=attacks,
-                baseline=baseline,
-                seed=seed,
+                baseline=against,
+                seed=draw,
                 interface=interface or Interface(),
             )
         except PolicyError as exc:
@@ -251,7 +273,7 @@ def tune(
             calibrated,
             m,
             None,
-            risk(m, baseline),
+            risk(m, against),
             constraints.violations(m),
             constraints.excess(m),
             constraints.cost(m),
@@ -259,12 +281,32 @@ def tune(
 
     base_values = {p.name: p.base for p in params}
     current = evaluate(base_values)
+    noise: tuple[float, ...] = ()
+    cost_tolerance = COST_TOLERANCE
+    if tolerance is None:
+        tolerance = FALLBACK_TOLERANCE
+        if search and params and current.measurement is not None:
+            draws = [current]
+            for draw in range(seed + 1, seed + 1 + NOISE_SEEDS):
+                say(f"  the base policy again with seed {draw}: how much the draw alone moves it")
+                draws.append(
+                    _measure(base_values, draw, measure_baseline(data, workload, attacks, draw))
+                )
+            noise = tuple(c.risk for c in draws)
+            tolerance = max(MIN_TOLERANCE, 2.0 * float(np.std(noise, ddof=1)))
+            latency = [c.measurement.benign.added_ms for c in draws if c.measurement]
+            spread = 2.0 * float(np.std(latency, ddof=1)) if len(latency) > 1 else 0.0
+            cost_tolerance = max(COST_TOLERANCE, _share(spread, constraints.max_added_latency_ms))
+            say(
+                f"  risk {' / '.join(f'{r:.3f}' for r in noise)}: tolerances {tolerance:.3f} "
+                f"(risk), {cost_tolerance:.3f} (cost)"
+            )
     for _ in range(workload.passes if search else 0):
         moved = False
         for index in rng.permutation(len(params)):
             param = params[index]
             options = [evaluate({**current.values, param.name: v}) for v in param.values]
-            best = pick(options, param.group, tolerance, base_values)
+            best = pick(options, param.group, tolerance, base_values, cost_tolerance)
             moved |= best is not current
             current = best
         if not moved:
@@ -272,7 +314,7 @@ def tune(
     certified = {p.name for p in params if p.group == "certified"}
     final = [c for c in order if all(c.values[n] == current.values[n] for n in certified)]
     if search and len(certified) < len(params):
-        chosen = pick(final, "risk", tolerance, base_values)
+        chosen = pick(final, "risk", tolerance, base_values, cost_tolerance)
     else:
         chosen = current
     return TuneResult(
@@ -287,8 +329,10 @@ def tune(
         workload=workload,
         seed=seed,
         tolerance=tolerance,
+        cost_tolerance=cost_tolerance,
         seconds=time.perf_counter() - started,
         calibration_inputs=len(calibration) if thresholds else 0,
+        noise=noise,
     )
 
 

@@ -113,7 +113,7 @@ def apply(
     for index, (kind, options) in enumerate(stage_entries(doc, model)):
         if kind == "privacy" and isinstance(options.get("budget"), dict):
             epsilon = rescaled_budget(base[index][1], options)
-            if epsilon is not None:
+            if epsilon is not None and not math.isclose(epsilon, options["budget"]["epsilon"]):
                 stages[index]["privacy"]["budget"]["epsilon"] = epsilon
     return doc
 

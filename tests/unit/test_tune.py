@@ -246,6 +246,9 @@ def test_pick_without_a_feasible_candidate_takes_the_least_excess() -> None:
     worse = candidate({"t": 1}, measurement(fp=5), 0.0, k)
     closer = candidate({"t": 2}, measurement(fp=2), 0.5, k)
     assert pick([worse, closer], "risk", 0.05) is closer
+    # As close, and no safer beyond the tolerance: the base stays.
+    kept = candidate({"t": 3}, measurement(fp=2), 0.53, k)
+    assert pick([worse, closer, kept], "risk", 0.05, {"t": 3}) is kept
 
 
 # -- the YAML writer -----------------------------------------------------------------------
