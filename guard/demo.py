@@ -314,6 +314,16 @@ def _workload() -> Any:
     )
 
 
+STAGE_NOTES = {
+    "blacklight": "near-duplicate queries, as query-based attacks send (docs/detection.md)",
+    "prada": "a query-distance distribution unlike natural data (docs/detection.md)",
+    "budget": "over its query quota: 429 with Retry-After (docs/detection.md)",
+    "privacy": "its privacy budget is spent: its answers now carry the label alone "
+    "(docs/privacy.md)",
+    "squeeze_detect": "predictions that move when the input is squeezed (docs/squeezing.md)",
+}
+
+
 @dataclass(frozen=True, slots=True)
 class Row:
     client: str
@@ -427,9 +437,12 @@ class _Clock:
 
 def _table(rows: list[Row], audit: Path) -> None:
     first: dict[str, str] = {}
+    stages: dict[str, str] = {}
     for line in audit.read_text().splitlines() if audit.exists() else []:
         record = orjson.loads(line)
-        first.setdefault(record["client"], f"{record['stage']} ({record['action']})")
+        if record["client"] not in first:
+            first[record["client"]] = f"{record['stage']} ({record['action']})"
+            stages[record["client"]] = record["stage"]
     print("\n4. who was caught, and what each got")
     head = ("client", "role", "queries", "caught at", "by", "with the guard", "without")
     cells = [head] + [
@@ -449,6 +462,9 @@ def _table(rows: list[Row], audit: Path) -> None:
         print("  " + "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
         if n == 0:
             print("  " + "  ".join("-" * w for w in widths))
+    caught_by = {stages[r.client] for r in rows if r.caught and r.client in stages}
+    for stage in sorted(caught_by):
+        print(f"  {stage}: {STAGE_NOTES.get(stage, 'see its documentation')}")
 
 
 async def _metrics(http: aiohttp.ClientSession) -> None:

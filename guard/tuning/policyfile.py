@@ -3,9 +3,10 @@
 :func:`dump` is a small emitter for policy documents (mappings, lists, scalars):
 block style for mappings, flow style for short flat lists and mappings, scalars
 formatted by PyYAML so quoting is always right, and comments (at the end of a
-key's line, or on lines above it) wherever :func:`dump` is given them for a path. ``yaml.safe_load`` of its
-output equals the document (tested). The base policy's own comments are not
-carried over; relative paths are rewritten for the output's folder.
+key's line, or on lines above it) wherever :func:`dump` is given them for a
+path. ``yaml.safe_load`` of its output equals the document (tested). The base
+policy's own comments are not carried over; relative paths are rewritten for the
+output's folder.
 """
 
 from __future__ import annotations

@@ -146,13 +146,15 @@ def pick(
     tolerance: float,
     base: dict[str, Any] | None = None,
     cost_tolerance: float = COST_TOLERANCE,
+    grids: dict[str, tuple[Any, ...]] | None = None,
 ) -> Candidate:
     """The choice the module describes. Within the risk band, candidates whose cost is
     within ``cost_tolerance`` of the cheapest count as equally cheap (latency is
     measured to a tenth of a millisecond or so), and of those the one with fewest
-    changes from ``base`` wins: the search moves only where a move measurably helps.
-    Without a feasible candidate the same rule runs among those that exceed the
-    constraints least."""
+    changes from ``base`` wins (then the fewest grid steps away from it, when ``grids``
+    gives each parameter's grid): the search moves only where a move measurably
+    helps, and no further than it must. Without a feasible candidate the same rule
+    runs among those that exceed the constraints least."""
     valid = [c for c in candidates if c.measurement is not None] or candidates
     pool = [c for c in valid if c.feasible]
     if not pool:
@@ -164,8 +166,14 @@ def pick(
     cheapest = min(c.cost for c in band)
     band = [c for c in band if c.cost <= cheapest + cost_tolerance or c.cost == cheapest]
 
-    def changes(c: Candidate) -> int:
-        return sum(c.values[k] != v for k, v in (base or {}).items())
+    def changes(c: Candidate) -> tuple[int, int]:
+        moved = [k for k, v in (base or {}).items() if c.values[k] != v]
+        steps = 0
+        for k in moved:
+            grid = (grids or {}).get(k, ())
+            if c.values[k] in grid and base is not None and base[k] in grid:
+                steps += abs(grid.index(c.values[k]) - grid.index(base[k]))
+        return len(moved), steps
 
     return min(band, key=lambda c: (changes(c), c.objective(group), c.cost))
 
@@ -280,6 +288,7 @@ def tune(
         )
 
     base_values = {p.name: p.base for p in params}
+    grids = {p.name: p.values for p in params}
     current = evaluate(base_values)
     noise: tuple[float, ...] = ()
     cost_tolerance = COST_TOLERANCE
@@ -306,7 +315,7 @@ def tune(
         for index in rng.permutation(len(params)):
             param = params[index]
             options = [evaluate({**current.values, param.name: v}) for v in param.values]
-            best = pick(options, param.group, tolerance, base_values, cost_tolerance)
+            best = pick(options, param.group, tolerance, base_values, cost_tolerance, grids)
             moved |= best is not current
             current = best
         if not moved:
@@ -314,7 +323,7 @@ def tune(
     certified = {p.name for p in params if p.group == "certified"}
     final = [c for c in order if all(c.values[n] == current.values[n] for n in certified)]
     if search and len(certified) < len(params):
-        chosen = pick(final, "risk", tolerance, base_values, cost_tolerance)
+        chosen = pick(final, "risk", tolerance, base_values, cost_tolerance, grids)
     else:
         chosen = current
     return TuneResult(

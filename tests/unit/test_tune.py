@@ -239,6 +239,10 @@ def test_pick_prefers_the_cheapest_within_the_risk_band_then_the_base() -> None:
     assert pick([safest, cheaper, kept, over], "risk", 0.05, base) is kept
     assert pick([safest, cheaper, kept, over], "risk", 0.01, base) is safest
     assert pick([safest, cheaper, over], "risk", 0.05, base) is cheaper
+    # Equally safe and cheap, one change each: the one fewer grid steps from the base.
+    near = candidate({"t": 30}, measurement(fp=0, ms=0.5), 0.14, k)
+    far = candidate({"t": 35}, measurement(fp=0, ms=0.5), 0.13, k)
+    assert pick([far, near], "risk", 0.05, base, grids={"t": (20, 25, 30, 35)}) is near
 
 
 def test_pick_without_a_feasible_candidate_takes_the_least_excess() -> None:
