@@ -52,7 +52,7 @@ def add_parser(commands: Any) -> None:
         "--risk-tolerance",
         type=float,
         help="risks this close to the lowest count as equal and the cheaper wins (default: "
-        "twice the standard deviation of the base policy's risk, measured over three seeds)",
+        "measured, from the base policy's risk over three seeds)",
     )
     parser.add_argument("--budget", choices=["small", "full"], default="small")
     parser.add_argument("--seed", type=int, default=0)

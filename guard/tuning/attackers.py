@@ -120,6 +120,8 @@ def evasion_attack(name: str, data: TuneData) -> Any:
 def run_evasion(
     name: str, target: Target, data: TuneData, workload: Workload, rng: np.random.Generator
 ) -> AttackOutcome:
+    """``name`` on ``evasion_samples`` of the attacker's rows, ``evasion_budget`` queries
+    each; samples whose clean query was refused count as failures (see the module)."""
     from guard.attacks.evasion import run_evasion as attack_samples
 
     started = time.perf_counter()

@@ -15,12 +15,13 @@ guard changed nothing. Attacks the bare model already defeats are left out.
 
 **Choice** (:func:`pick`): among candidates that meet every constraint, those
 whose risk is within ``tolerance`` of the lowest (by default twice the standard
-deviation of the base policy's risk over three seeds: the resolution of the
-measurement); of those, the one that uses least of what the constraints allow
-(:attr:`Candidate.cost`, the sum of each measure's share of its bound), costs
-within the latency's own resolution counting as a tie; of those, the one with
-fewest changes from the base policy. So a candidate that is as safe but cheaper
-for benign clients wins, and nothing moves unless the move measurably helps.
+deviation of the difference between two draws, from the base policy measured
+with three seeds: the resolution of the measurement); of those, the one that
+uses least of what the constraints allow (:attr:`Candidate.cost`, the sum of
+each measure's share of its bound), costs within the latency's own resolution
+counting as a tie; of those, the one with fewest changes from the base policy.
+So a candidate that is as safe but cheaper for benign clients wins, and nothing
+moves unless the move measurably helps.
 ``certify`` parameters are chosen for the largest average certified radius
 instead. When no candidate meets the constraints, the same rule runs among
 those that exceed them least.
@@ -53,9 +54,11 @@ from guard.tuning.workload import Interface, TuneData, Workload, attacks_for
 SIMPLEX_L1 = 2.0  # the largest L1 distance between two probability vectors
 NEGLIGIBLE = 0.02  # an attack whose bare success is below this is left out of the risk
 NOISE_SEEDS = 2  # extra draws of the base policy that measure the noise of risk
+# Two standard deviations of the difference between two independent draws (sd x sqrt 2).
+DIFFERENCE = 2.0 * math.sqrt(2.0)
 MIN_TOLERANCE = 0.02
 FALLBACK_TOLERANCE = 0.05  # when the noise cannot be measured (the base does not load)
-COST_TOLERANCE = 0.1  # costs this close (a tenth of the allowance) are a tie
+COST_TOLERANCE = 0.25  # costs this close (a quarter of one allowance) are a tie
 CALIBRATION_NOISE = 0.02  # benign clients' noise, as a fraction of the range (BenignTraffic)
 
 
@@ -149,8 +152,9 @@ def pick(
     grids: dict[str, tuple[Any, ...]] | None = None,
 ) -> Candidate:
     """The choice the module describes. Within the risk band, candidates whose cost is
-    within ``cost_tolerance`` of the cheapest count as equally cheap (latency is
-    measured to a tenth of a millisecond or so), and of those the one with fewest
+    within ``cost_tolerance`` of the cheapest count as equally cheap (on a shared
+    machine the latency moves by a few tenths of a millisecond between candidates
+    that cost the same), and of those the one with fewest
     changes from ``base`` wins (then the fewest grid steps away from it, when ``grids``
     gives each parameter's grid): the search moves only where a move measurably
     helps, and no further than it must. Without a feasible candidate the same rule
@@ -225,11 +229,11 @@ def tune(
     measure the policy as it is: the result's only candidate is the base.
 
     ``tolerance`` None: measured. The base policy is measured again with
-    :data:`NOISE_SEEDS` other seeds, and the tolerance is twice the standard
-    deviation of its risk over the three draws (at least :data:`MIN_TOLERANCE`):
-    a candidate must beat the base by more than the draw alone moves it. The cost
-    tolerance is twice the standard deviation of the added latency over the same
-    draws, as a share of its bound (at least :data:`COST_TOLERANCE`): latency is
+    :data:`NOISE_SEEDS` other seeds; the tolerance is twice the standard deviation
+    of the difference between two draws (``2 sqrt(2)`` times that of its risk over
+    the three draws, at least :data:`MIN_TOLERANCE`): a candidate must beat another
+    by more than the draw alone would. The cost tolerance is the same for the added
+    latency, as a share of its bound (at least :data:`COST_TOLERANCE`): latency is
     the noisy part of the cost."""
     started = time.perf_counter()
     say = progress or (lambda _: None)
@@ -302,9 +306,9 @@ def tune(
                     _measure(base_values, draw, measure_baseline(data, workload, attacks, draw))
                 )
             noise = tuple(c.risk for c in draws)
-            tolerance = max(MIN_TOLERANCE, 2.0 * float(np.std(noise, ddof=1)))
+            tolerance = max(MIN_TOLERANCE, DIFFERENCE * float(np.std(noise, ddof=1)))
             latency = [c.measurement.benign.added_ms for c in draws if c.measurement]
-            spread = 2.0 * float(np.std(latency, ddof=1)) if len(latency) > 1 else 0.0
+            spread = DIFFERENCE * float(np.std(latency, ddof=1)) if len(latency) > 1 else 0.0
             cost_tolerance = max(COST_TOLERANCE, _share(spread, constraints.max_added_latency_ms))
             say(
                 f"  risk {' / '.join(f'{r:.3f}' for r in noise)}: tolerances {tolerance:.3f} "
