@@ -52,6 +52,10 @@ class ModelConfig:
 MAX_BODY_BYTES = 32 << 20
 MAX_IN_FLIGHT = 1024
 BODY_TIMEOUT = 30.0
+BODY_STALL_TIMEOUT = 10.0  # nginx's client_body_timeout is 60 s; a model API needs less
+MAX_IN_FLIGHT_PER_CLIENT = 64
+PARSE_BYTES_PER_SECOND = 16 << 20  # per client
+OFFLOAD_DECODE_BYTES = 1 << 20
 IDLE_TIMEOUT = 75.0  # above the 60 s idle timeout of common load balancers
 
 
@@ -60,6 +64,17 @@ class Limits:
     max_body_bytes: int = MAX_BODY_BYTES
     max_in_flight: int = MAX_IN_FLIGHT  # concurrent inference requests before 503
     body_timeout: float = BODY_TIMEOUT  # seconds for a request body to arrive, then 408
+    # Seconds without a byte of the body arriving before it is refused with 408.
+    body_stall_timeout: float = BODY_STALL_TIMEOUT
+    # Requests of one client in progress at once (headers read, not yet answered): past
+    # it, 429 at once, before the body is read. One client cannot take every slot.
+    max_in_flight_per_client: int = MAX_IN_FLIGHT_PER_CLIENT
+    # Body bytes one client may make the guard decode per second (a token bucket holding
+    # max_body_bytes or a second's worth, whichever is more): past it, 429.
+    parse_bytes_per_second: int = PARSE_BYTES_PER_SECOND
+    # Bodies of at least this many bytes are decoded in a worker process, off the event
+    # loop; 0 decodes every body on the loop.
+    offload_decode_bytes: int = OFFLOAD_DECODE_BYTES
     # Seconds a connection may sit idle between requests, or take over its first request's
     # headers, before it is closed. Read at startup: a reload does not change it.
     idle_timeout: float = IDLE_TIMEOUT
@@ -128,6 +143,16 @@ def parse_policy(data: Any, *, source: str, base: Path) -> Policy:
         max_body_bytes=limits_section.int("max_body_bytes", MAX_BODY_BYTES, min=1024),
         max_in_flight=limits_section.int("max_in_flight", MAX_IN_FLIGHT, min=1),
         body_timeout=limits_section.float("body_timeout", BODY_TIMEOUT, gt=0, max=86400),
+        body_stall_timeout=limits_section.float(
+            "body_stall_timeout", BODY_STALL_TIMEOUT, gt=0, max=86400
+        ),
+        max_in_flight_per_client=limits_section.int(
+            "max_in_flight_per_client", MAX_IN_FLIGHT_PER_CLIENT, min=1
+        ),
+        parse_bytes_per_second=limits_section.int(
+            "parse_bytes_per_second", PARSE_BYTES_PER_SECOND, min=1024
+        ),
+        offload_decode_bytes=limits_section.int("offload_decode_bytes", OFFLOAD_DECODE_BYTES, min=0),
         idle_timeout=limits_section.float("idle_timeout", IDLE_TIMEOUT, gt=0, max=86400),
     )
     limits_section.finish()

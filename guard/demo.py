@@ -43,6 +43,7 @@ from guard.config import parse_policy
 from guard.inference import InferRequest
 from guard.models import load_samples
 from guard.protocols import v2
+from guard.appkeys import LIVE
 from guard.server import create_app, make_runner
 
 DEFAULT_POLICY = Path(__file__).parent / "policies" / "default.yaml"
@@ -82,7 +83,8 @@ async def run_demo(*, port: int = 0, requests: int = 400, seed: int = 0, keep: b
                     stage["privacy"].setdefault("secret_env", PRIVACY_ENV)
         os.environ.setdefault(PRIVACY_ENV, secrets.token_urlsafe(24))
         policy = parse_policy(document, source=str(DEFAULT_POLICY), base=DEFAULT_POLICY.parent)
-        runner = make_runner(create_app(policy))
+        app = create_app(policy)
+        runner = make_runner(app)
         await runner.setup()
         await web.TCPSite(runner, "127.0.0.1", port).start()
         base = f"http://127.0.0.1:{runner.addresses[0][1]}"
@@ -97,6 +99,7 @@ async def run_demo(*, port: int = 0, requests: int = 400, seed: int = 0, keep: b
                 await _benign(http, requests, rng)
                 await _hostile(http)
                 rows = await _attacks(base, keys, seed)
+                app[LIVE].current().audit.flush()  # written by a thread: wait for the last
                 _table(rows, folder / "audit.jsonl")
                 await _metrics(http)
             print(f"\nmetrics: {base}/metrics")

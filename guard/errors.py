@@ -43,6 +43,18 @@ class GuardError(Exception):
     def __str__(self) -> str:
         return self.message
 
+    def __reduce__(self) -> tuple[object, ...]:
+        # Decoding may run in a worker process: its errors cross back pickled, with
+        # their status (and a subclass's own attributes such as ``retry_after``).
+        return (_rebuild, (type(self), self.message, dict(self.__dict__)))
+
+
+def _rebuild(cls: type[GuardError], message: str, attributes: dict[str, object]) -> GuardError:
+    error = cls.__new__(cls)
+    Exception.__init__(error, message)
+    error.__dict__.update(attributes)
+    return error
+
 
 class RequestError(GuardError):
     status = 400

@@ -42,6 +42,11 @@ class GuardMetrics:
         r = self.registry
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         self.info = Info("guard_build", "Guard version", registry=r)
+        self.audit_dropped = Counter(
+            "guard_audit_dropped_total",
+            "Audit records dropped because the writer could not keep up",
+            registry=r,
+        )
         self.requests = Counter(
             "guard_requests_total",
             "Inference requests by model, protocol, verdict and HTTP status",

@@ -30,6 +30,9 @@ from guard.state import StateStore, build_store
 log = logging.getLogger(__name__)
 
 
+EMBEDDED_VERSION = "1"
+
+
 @dataclass(slots=True)
 class ModelRuntime:
     name: str
@@ -46,6 +49,22 @@ class ModelRuntime:
         if self._metadata is None:
             self._metadata = await self.backend.metadata()
         return self._metadata
+
+    async def versions(self) -> tuple[str, ...]:
+        """The versions clients may name: the upstream's (as its metadata lists them,
+        and the one the policy pins), else ``"1"``, an embedded model's only version."""
+        known: tuple[str, ...] = ()
+        upstream = self.config.upstream
+        if upstream is not None:
+            known = (await self.metadata()).versions
+            if upstream.version is not None and upstream.version not in known:
+                known = (*known, upstream.version)
+        return known or (EMBEDDED_VERSION,)
+
+    async def require_version(self, version: str | None) -> None:
+        """404 for a version the model does not have (``None``: the client named none)."""
+        if version is not None and version not in await self.versions():
+            raise NotFound(f"model {self.name} has no version {version!r}")
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -140,7 +159,10 @@ def build_runtime(
         name: _build_model(config, policy, session, store, metrics)
         for name, config in policy.models.items()
     }
-    return Runtime(policy, models, AuditLog(policy.audit_path), state=store, owns_state=owns_state)
+    audit = AuditLog(
+        policy.audit_path, on_drop=metrics.audit_dropped.inc if metrics is not None else None
+    )
+    return Runtime(policy, models, audit, state=store, owns_state=owns_state)
 
 
 def _build_model(

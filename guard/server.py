@@ -9,6 +9,7 @@ answer in the protocol the client spoke. Every error leaves through
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import sys
@@ -19,12 +20,14 @@ from pathlib import Path
 import aiohttp
 import orjson
 from aiohttp import web
+from aiohttp.web_protocol import RequestPayloadError
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from guard import __version__
 from guard.appkeys import LIVE, METRICS, POLICY_PATH, SESSION
 from guard.clients import token_matches
-from guard.config import IDLE_TIMEOUT, Policy, load_policy
+from guard.admission import ClientSlots, DecodeMeter
+from guard.config import IDLE_TIMEOUT, OFFLOAD_DECODE_BYTES, Limits, Policy, load_policy
 from guard.errors import (
     GuardError,
     NotFound,
@@ -37,6 +40,7 @@ from guard.errors import (
 )
 from guard.inference import InferRequest, InferResponse
 from guard.metrics import GuardMetrics
+from guard.offload import Decoder
 from guard.pipeline import RequestContext
 from guard.protocols import tfserving, v2
 from guard.runtime import Runtime, build_runtime
@@ -66,6 +70,10 @@ class Live:
         # state section is unchanged. ``stores`` holds it and any a retiring runtime still uses.
         self.state: StateStore | None = None
         self.stores: set[StateStore] = set()
+        # Per process, whatever the state store: what one client may take of this process.
+        self.slots = ClientSlots()
+        self.meter = DecodeMeter()
+        self.decoder = Decoder(OFFLOAD_DECODE_BYTES)
 
     def current(self) -> Runtime:
         if self.runtime is None:
@@ -120,6 +128,7 @@ def _lifecycle(policy: Policy) -> Callable[[web.Application], AsyncIterator[None
         )
         app[SESSION] = session
         live = app[LIVE]
+        live.decoder.threshold = policy.limits.offload_decode_bytes
         try:
             live.runtime = build_runtime(
                 policy, session=session, state=live.state, metrics=app[METRICS]
@@ -128,6 +137,7 @@ def _lifecycle(policy: Policy) -> Callable[[web.Application], AsyncIterator[None
         finally:
             if live.runtime is not None:
                 await live.runtime.close()
+            live.decoder.close()
             await session.close()
 
     return lifecycle
@@ -200,6 +210,11 @@ async def error_boundary(
         return _json_error(
             exc.reason if exc.status != 404 else f"no route for {request.path}", exc.status
         )
+    except ClientGone:  # nobody to answer: count it, close quietly
+        metrics.errors.labels("client_gone").inc()
+        response = web.Response(status=400)
+        response.force_close()
+        return response
     except asyncio.CancelledError:
         raise
     except Exception:
@@ -235,6 +250,7 @@ async def _serve(
     http: web.Request,
     *,
     model_name: str,
+    version: str | None,
     protocol: str,
     decode: Callable[[Runtime, bytes], Awaitable[tuple[InferRequest, Encode]]],
 ) -> web.Response:
@@ -242,33 +258,45 @@ async def _serve(
     live = app[LIVE]
     runtime = live.current()
     policy = runtime.policy
-    if live.in_flight >= policy.limits.max_in_flight:
+    limits = policy.limits
+    if live.in_flight >= limits.max_in_flight:
         raise Overloaded(f"the guard is serving {live.in_flight} requests; try again shortly")
     started = time.perf_counter()
     request_id = _request_id(http.headers.get("X-Request-Id"))
-    live.in_flight += 1
-    app[METRICS].in_flight.inc()
     runtime.enter()
     ctx: RequestContext | None = None
+    counted = False
     try:
         client = policy.clients.identify(http.headers, http.remote)
         policy.clients.authorize(client, model_name)
         model = runtime.model(model_name)
-        body = await read_body(http, policy.limits.max_body_bytes, policy.limits.body_timeout)
-        infer_request, encode = await decode(runtime, body)
-        if infer_request.id is None:
-            infer_request.id = request_id
-        ctx = RequestContext(
-            request_id=request_id,
-            model=model_name,
-            client=client,
-            request=infer_request,
-            shadow_mode=policy.shadow,
-            request_headers=http.headers,
-        )
-        passthrough = protocol == "v2" and not _wants_binary(infer_request)
-        response = await model.pipeline.run(ctx, model.backend, passthrough=passthrough)
-        payload, headers = encode(response, infer_request)
+        await model.require_version(version)
+        with live.slots.hold(client.name, limits.max_in_flight_per_client):
+            rate = limits.parse_bytes_per_second
+            burst = max(rate, limits.max_body_bytes)
+            declared = http.content_length or 0
+            live.meter.spend(client.name, declared, rate=rate, burst=burst)
+            body = await read_body(http, limits)
+            live.meter.debit(client.name, len(body) - declared)
+            infer_request, encode = await decode(runtime, body)
+            if live.in_flight >= limits.max_in_flight:
+                raise Overloaded(f"the guard is serving {live.in_flight} requests; try again shortly")
+            live.in_flight += 1
+            app[METRICS].in_flight.inc()
+            counted = True
+            if infer_request.id is None:
+                infer_request.id = request_id
+            ctx = RequestContext(
+                request_id=request_id,
+                model=model_name,
+                client=client,
+                request=infer_request,
+                shadow_mode=policy.shadow,
+                request_headers=http.headers,
+            )
+            passthrough = protocol == "v2" and not _wants_binary(infer_request)
+            response = await model.pipeline.run(ctx, model.backend, passthrough=passthrough)
+            payload, headers = encode(response, infer_request)
         headers["X-Request-Id"] = request_id
         if policy.expose_headers:
             headers["X-Guard-Verdict"] = ctx.verdict
@@ -279,9 +307,9 @@ async def _serve(
         metrics = app[METRICS]
         metrics.errors.labels(type(exc).__name__).inc()
         headers = {"X-Request-Id": request_id}
+        if policy.expose_headers:  # a refusal is a refusal, whichever stage (if any) made it
+            headers["X-Guard-Verdict"] = "deny" if exc.status < 500 else "error"
         if ctx is not None:
-            if policy.expose_headers:
-                headers["X-Guard-Verdict"] = ctx.verdict
             _finish(app, runtime, ctx, protocol, exc.status, started)
         else:  # refused before the pipeline: count it under a bounded model label
             label = model_name if model_name in runtime.models else "unknown"
@@ -290,8 +318,9 @@ async def _serve(
         return error_response(exc, headers)
     finally:
         runtime.leave()
-        live.in_flight -= 1
-        app[METRICS].in_flight.dec()
+        if counted:
+            live.in_flight -= 1
+            app[METRICS].in_flight.dec()
 
 
 def _request_id(given: str | None) -> str:
@@ -317,35 +346,64 @@ def _finish(
     runtime.audit.record(ctx)
 
 
-async def read_body(http: web.Request, limit: int, timeout: float | None = None) -> bytes:
-    """The request body, refused with 413 past ``limit`` bytes (checked while reading),
-    and with 408 when it has not all arrived ``timeout`` seconds after reading began."""
+class ClientGone(Exception):
+    """The client closed its connection while sending: nobody is left to answer."""
+
+
+async def read_body(http: web.Request, limits: Limits) -> bytes:
+    """The request body, refused with 413 past ``max_body_bytes`` (decoded bytes, checked
+    while reading), and with 408 when it has not all arrived ``body_timeout`` seconds
+    after reading began or no byte came for ``body_stall_timeout`` seconds.
+
+    A body the client declared compressed (``Content-Encoding``) reaches us decoded by
+    aiohttp, so its ``Content-Length`` (the compressed size) says nothing of its length:
+    it is read to its end. A body that does not decode is a 400 naming the encoding.
+    """
+    timeout = limits.body_timeout
     try:
         async with _deadline(timeout):  # no extra task, unlike wait_for before 3.12
-            return await _read_body(http, limit)
+            return await _read_body(http, limits.max_body_bytes, limits.body_stall_timeout)
     except asyncio.TimeoutError:
         raise RequestError(f"request body not received within {timeout:g} s", status=408) from None
-
-
-async def _read_body(http: web.Request, limit: int) -> bytes:
-    length = http.content_length
-    if length is not None:
-        if length > limit:
-            raise PayloadTooLarge(f"body of {length} bytes exceeds the limit of {limit}")
-        try:
-            return await http.content.readexactly(length)
-        except asyncio.IncompleteReadError as exc:
+    except RequestPayloadError:
+        encoding = http.headers.get("Content-Encoding", "")
+        if encoding:
             raise RequestError(
-                f"body ended after {len(exc.partial)} of {length} bytes (Content-Length)"
+                f"body is not valid {_quote(encoding)} data (Content-Encoding)"
             ) from None
+        raise RequestError("body is malformed (chunked transfer encoding)") from None
+    except (ConnectionResetError, ConnectionAbortedError, BrokenPipeError):
+        raise ClientGone from None
+
+
+async def _read_body(http: web.Request, limit: int, stall: float) -> bytes:
+    length = None if http.headers.get("Content-Encoding") else http.content_length
+    if length is not None and length > limit:
+        raise PayloadTooLarge(f"body of {length} bytes exceeds the limit of {limit}")
     chunks: list[bytes] = []
     size = 0
-    while chunk := await http.content.readany():
+    while True:
+        try:
+            async with _deadline(stall):
+                chunk = await http.content.readany()
+        except asyncio.TimeoutError:
+            raise RequestError(
+                f"request body stalled: no data for {stall:g} s", status=408
+            ) from None
+        if not chunk:
+            break
         size += len(chunk)
         if size > limit:
             raise PayloadTooLarge(f"body exceeds the limit of {limit} bytes")
         chunks.append(chunk)
+    if length is not None and size != length:
+        raise RequestError(f"body ended after {size} of {length} bytes (Content-Length)")
     return b"".join(chunks)
+
+
+def _quote(text: str) -> str:
+    """A client's header value, short and printable, for a message."""
+    return ascii(text[:40])
 
 
 def _wants_binary(request: InferRequest) -> bool:
@@ -358,12 +416,19 @@ async def v2_infer(http: web.Request) -> web.Response:
     header_length = v2.parse_header_length(http.headers.get(v2.HEADER_LENGTH))
 
     async def decode(runtime: Runtime, body: bytes) -> tuple[InferRequest, Encode]:
-        request = v2.decode_request(
-            body, header_length=header_length, model_name=model_name, model_version=version
+        request = await decoder(
+            v2.decode_request,
+            body,
+            header_length=header_length,
+            model_name=model_name,
+            model_version=version,
         )
         return request, lambda response, req: v2.encode_response(response, request=req)
 
-    return await _serve(http, model_name=model_name, protocol="v2", decode=decode)
+    decoder = http.app[LIVE].decoder
+    return await _serve(
+        http, model_name=model_name, version=version, protocol="v2", decode=decode
+    )
 
 
 async def tf_predict(http: web.Request) -> web.Response:
@@ -372,15 +437,22 @@ async def tf_predict(http: web.Request) -> web.Response:
 
     async def decode(runtime: Runtime, body: bytes) -> tuple[InferRequest, Encode]:
         metadata = await runtime.model(model_name).metadata()
-        request, fmt = tfserving.decode_predict(
-            body, model_name=model_name, model_version=version, inputs=metadata.inputs
+        request, fmt = await decoder(
+            tfserving.decode_predict,
+            body,
+            model_name=model_name,
+            model_version=version,
+            inputs=metadata.inputs,
         )
         return request, lambda response, _req: (
             tfserving.encode_predict(response, fmt),
             {"Content-Type": JSON},
         )
 
-    return await _serve(http, model_name=model_name, protocol="tfserving", decode=decode)
+    decoder = http.app[LIVE].decoder
+    return await _serve(
+        http, model_name=model_name, version=version, protocol="tfserving", decode=decode
+    )
 
 
 # -- health and metadata ------------------------------------------------------
@@ -403,6 +475,7 @@ async def model_metadata(http: web.Request) -> web.Response:
     runtime = http.app[LIVE].current()
     name = http.match_info["model"]
     _authorize(http, runtime, name)
+    await runtime.model(name).require_version(http.match_info.get("version"))
     metadata = await runtime.model(name).metadata()
     body = metadata.as_v2()
     body["name"] = name
@@ -415,6 +488,7 @@ async def model_ready(http: web.Request) -> web.Response:
     runtime = http.app[LIVE].current()
     name = http.match_info["model"]
     _authorize(http, runtime, name)
+    await runtime.model(name).require_version(http.match_info.get("version"))
     if not await runtime.model(name).backend.ready():
         return _json_error(f"model {name} is not ready", 503)
     return web.Response(status=200)
@@ -424,6 +498,7 @@ async def tf_status(http: web.Request) -> web.Response:
     runtime = http.app[LIVE].current()
     name = http.match_info["model"]
     _authorize(http, runtime, name)
+    await runtime.model(name).require_version(http.match_info.get("version"))
     ready = await runtime.model(name).backend.ready()
     status = {
         "version": http.match_info.get("version", "1"),
@@ -480,15 +555,21 @@ async def reload_policy(app: web.Application) -> Runtime:
     metrics = app[METRICS]
     if path is None:
         raise PolicyError("this guard was started without a policy file; nothing to reload")
+    loop = asyncio.get_running_loop()
     async with live.reload_lock:
         state = None
         try:
-            policy = load_policy(path)
+            # Reading and hashing files and opening onnxruntime sessions take long: in a
+            # thread, so requests go on being served by the old policy meanwhile.
+            policy = await loop.run_in_executor(None, load_policy, path)
             if live.runtime is not None and policy.state == live.runtime.policy.state:
                 state = live.state  # unchanged: keep the store, its connections and its contents
             else:
                 state = _open_store(app, policy.state)
-            runtime = build_runtime(policy, session=app[SESSION], state=state, metrics=metrics)
+            build = functools.partial(
+                build_runtime, policy, session=app[SESSION], state=state, metrics=metrics
+            )
+            runtime = await loop.run_in_executor(None, build)
         except PolicyError as exc:
             if state is not None and state is not live.state:
                 live.stores.discard(state)
@@ -498,6 +579,7 @@ async def reload_policy(app: web.Application) -> Runtime:
             raise
         old, live.runtime = live.runtime, runtime
         old_state, live.state = live.state, state
+        live.decoder.threshold = policy.limits.offload_decode_bytes
         metrics.reloads.labels("success").inc()
         log.info("policy %s reloaded", path)
     if old is not None:

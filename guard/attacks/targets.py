@@ -16,9 +16,10 @@ answered. Only a target that cannot be attacked as configured raises
 :class:`TargetError` (401: wrong or missing API key; 404: unknown model; a
 connection failure; a malformed 200 body).
 
-A row counts as *detected* when its verdict is flag, degrade, deny or shadow, or
-its status is 403 or 429. A 400 is refused but not detected: the input broke a
-rule, no detector fired.
+A row counts as *detected* when it was answered with a verdict of flag, degrade
+or shadow, or refused with 403 or 429. A 400 is refused but not detected (its
+verdict says ``deny`` as every refusal does): the input broke a rule, no
+detector fired.
 """
 
 from __future__ import annotations
@@ -104,7 +105,7 @@ class QueryLog:
         end = len(self) if end is None else end
         return np.array(
             [
-                v in DETECTED_VERDICTS or s in DETECTED_STATUS
+                (s == 200 and v in DETECTED_VERDICTS) or s in DETECTED_STATUS
                 for s, v in zip(self.status[start:end], self.verdicts[start:end], strict=True)
             ],
             dtype=bool,

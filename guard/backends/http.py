@@ -59,7 +59,7 @@ class HttpBackend:
     async def infer(self, request: InferRequest, *, passthrough: bool = False) -> InferResponse:
         body, headers = v2.encode_request(request, binary=self.config.binary)
         headers = {**self._headers, **headers}
-        if request.id:
+        if request.id and _header_safe(request.id):  # the id is the client's: any string
             headers["X-Request-Id"] = request.id
         status, reply_headers, payload = await self._call("POST", "/infer", body, headers)
         if status != 200:
@@ -199,3 +199,8 @@ def _spec(tensor: Mapping[str, Any]) -> TensorSpec:
     return TensorSpec(
         str(tensor["name"]), str(tensor["datatype"]), tuple(int(d) for d in tensor["shape"])
     )
+
+
+def _header_safe(value: str) -> bool:
+    """Whether ``value`` can be sent as a header value as it is (short printable ASCII)."""
+    return len(value) <= 256 and value.isascii() and value.isprintable()
