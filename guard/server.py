@@ -315,7 +315,10 @@ async def _serve(
             label = model_name if model_name in runtime.models else "unknown"
             verdict = "rejected" if exc.status < 500 else "error"
             metrics.requests.labels(label, protocol, verdict, str(exc.status)).inc()
-        return error_response(exc, headers)
+        response = error_response(exc, headers)
+        if not http.content.is_eof():  # refused before its body was all read: drop it, do
+            response.force_close()  # not drain it (a broken body would raise there)
+        return response
     finally:
         runtime.leave()
         if counted:
@@ -366,6 +369,7 @@ async def read_body(http: web.Request, limits: Limits) -> bytes:
     except asyncio.TimeoutError:
         raise RequestError(f"request body not received within {timeout:g} s", status=408) from None
     except RequestPayloadError:
+        http.content.feed_eof()  # nothing more will come: aiohttp must not drain it after us
         encoding = http.headers.get("Content-Encoding", "")
         if encoding:
             raise RequestError(
@@ -373,6 +377,7 @@ async def read_body(http: web.Request, limits: Limits) -> bytes:
             ) from None
         raise RequestError("body is malformed (chunked transfer encoding)") from None
     except (ConnectionResetError, ConnectionAbortedError, BrokenPipeError):
+        http.content.feed_eof()
         raise ClientGone from None
 
 
