@@ -15,6 +15,8 @@ waited for. :meth:`AuditLog.close` writes what is queued, then stops the thread.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import queue
 import sys
 import threading
@@ -27,6 +29,8 @@ import orjson
 
 from guard.pipeline import RequestContext
 
+log = logging.getLogger(__name__)
+
 MAX_QUEUED = 10_000  # batches (one per request with findings) waiting for the writer
 CLOSE_WAIT = 5.0  # seconds close() waits for the writer to finish
 
@@ -34,7 +38,13 @@ CLOSE_WAIT = 5.0  # seconds close() waits for the writer to finish
 class AuditLog:
     """Appends findings to a file (or stderr with ``-``); nothing at all when unset."""
 
-    def __init__(self, target: str | None, *, on_drop: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self,
+        target: str | None,
+        *,
+        on_drop: Callable[[], None] | None = None,
+        max_queued: int = MAX_QUEUED,
+    ) -> None:
         self.target = target
         self.dropped = 0
         self._on_drop = on_drop
@@ -44,9 +54,10 @@ class AuditLog:
         elif target:
             Path(target).parent.mkdir(parents=True, exist_ok=True)
             self._stream = open(target, "ab")  # noqa: SIM115 - closed in close()
-        self._queue: queue.Queue[bytes | None] = queue.Queue(MAX_QUEUED)
+        self._queue: queue.Queue[bytes | None] = queue.Queue(max_queued)
         self._queued = 0  # batches queued and written: flush() waits for them to meet
         self._written = 0
+        self._failing = False
         self._writer: threading.Thread | None = None
         if self._stream is not None:
             self._writer = threading.Thread(
@@ -101,8 +112,16 @@ class AuditLog:
                     stop = True
                     break
                 batch.append(more)
-            stream.write(b"".join(batch))
-            stream.flush()
+            try:
+                stream.write(b"".join(batch))
+                stream.flush()
+            except (OSError, ValueError) as exc:  # a full disk, a closed pipe: drop, say so
+                self.dropped += len(batch)
+                if not self._failing:
+                    log.error("audit log %s cannot be written: %s", self.target, exc)
+                self._failing = True
+            else:
+                self._failing = False
             self._written += len(batch)
 
     def flush(self, timeout: float = CLOSE_WAIT) -> bool:
@@ -121,5 +140,6 @@ class AuditLog:
             self._writer.join(CLOSE_WAIT)
             self._writer = None
         if self._stream is not None and self._stream is not sys.stderr.buffer:
-            self._stream.close()
+            with contextlib.suppress(OSError):  # what it could not write was counted
+                self._stream.close()
         self._stream = None

@@ -152,7 +152,9 @@ def parse_policy(data: Any, *, source: str, base: Path) -> Policy:
         parse_bytes_per_second=limits_section.int(
             "parse_bytes_per_second", PARSE_BYTES_PER_SECOND, min=1024
         ),
-        offload_decode_bytes=limits_section.int("offload_decode_bytes", OFFLOAD_DECODE_BYTES, min=0),
+        offload_decode_bytes=limits_section.int(
+            "offload_decode_bytes", OFFLOAD_DECODE_BYTES, min=0
+        ),
         idle_timeout=limits_section.float("idle_timeout", IDLE_TIMEOUT, gt=0, max=86400),
     )
     limits_section.finish()

@@ -38,12 +38,12 @@ import orjson
 import yaml
 from aiohttp import web
 
+from guard.appkeys import LIVE
 from guard.clients import key_digest, new_key
 from guard.config import parse_policy
 from guard.inference import InferRequest
 from guard.models import load_samples
 from guard.protocols import v2
-from guard.appkeys import LIVE
 from guard.server import create_app, make_runner
 
 DEFAULT_POLICY = Path(__file__).parent / "policies" / "default.yaml"

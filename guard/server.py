@@ -24,9 +24,9 @@ from aiohttp.web_protocol import RequestPayloadError
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from guard import __version__
+from guard.admission import ClientSlots, DecodeMeter
 from guard.appkeys import LIVE, METRICS, POLICY_PATH, SESSION
 from guard.clients import token_matches
-from guard.admission import ClientSlots, DecodeMeter
 from guard.config import IDLE_TIMEOUT, OFFLOAD_DECODE_BYTES, Limits, Policy, load_policy
 from guard.errors import (
     GuardError,
@@ -180,6 +180,7 @@ def make_runner(
     requests, or still sending its first request's headers, after that many
     seconds; aiohttp's own default is an hour.
     """
+    _quiet_client_faults()
     return web.AppRunner(
         app,
         access_log=access_log,
@@ -187,6 +188,34 @@ def make_runner(
         lingering_time=1.0,
         keepalive_timeout=idle_timeout,
     )
+
+
+class _ClientFaultFilter(logging.Filter):
+    """aiohttp logs a traceback when a body the guard refused unread turns out broken
+    as aiohttp drains it after the answer (a lying ``Content-Encoding``), or its client
+    vanished: the client's fault, not the guard's. Logged as one warning line instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, (RequestPayloadError, ConnectionResetError, BrokenPipeError)):
+            record.msg, record.args = "client sent a broken body: %s", (_first_line(exc),)
+            record.exc_info = record.exc_text = None
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return ascii(" ".join(line.strip() for line in text))[1:-1][:200] or type(exc).__name__
+
+
+_CLIENT_FAULTS = _ClientFaultFilter()
+
+
+def _quiet_client_faults() -> None:
+    server_log = logging.getLogger("aiohttp.server")
+    if _CLIENT_FAULTS not in server_log.filters:
+        server_log.addFilter(_CLIENT_FAULTS)
 
 
 # -- error boundary -----------------------------------------------------------
@@ -274,13 +303,15 @@ async def _serve(
         with live.slots.hold(client.name, limits.max_in_flight_per_client):
             rate = limits.parse_bytes_per_second
             burst = max(rate, limits.max_body_bytes)
-            declared = http.content_length or 0
+            declared = min(http.content_length or 0, limits.max_body_bytes)  # 413 past it
             live.meter.spend(client.name, declared, rate=rate, burst=burst)
             body = await read_body(http, limits)
             live.meter.debit(client.name, len(body) - declared)
             infer_request, encode = await decode(runtime, body)
             if live.in_flight >= limits.max_in_flight:
-                raise Overloaded(f"the guard is serving {live.in_flight} requests; try again shortly")
+                raise Overloaded(
+                    f"the guard is serving {live.in_flight} requests; try again shortly"
+                )
             live.in_flight += 1
             app[METRICS].in_flight.inc()
             counted = True
@@ -315,10 +346,10 @@ async def _serve(
             label = model_name if model_name in runtime.models else "unknown"
             verdict = "rejected" if exc.status < 500 else "error"
             metrics.requests.labels(label, protocol, verdict, str(exc.status)).inc()
-        response = error_response(exc, headers)
+        refusal = error_response(exc, headers)
         if not http.content.is_eof():  # refused before its body was all read: drop it, do
-            response.force_close()  # not drain it (a broken body would raise there)
-        return response
+            refusal.force_close()  # not drain it (a broken body would raise there)
+        return refusal
     finally:
         runtime.leave()
         if counted:
@@ -431,9 +462,7 @@ async def v2_infer(http: web.Request) -> web.Response:
         return request, lambda response, req: v2.encode_response(response, request=req)
 
     decoder = http.app[LIVE].decoder
-    return await _serve(
-        http, model_name=model_name, version=version, protocol="v2", decode=decode
-    )
+    return await _serve(http, model_name=model_name, version=version, protocol="v2", decode=decode)
 
 
 async def tf_predict(http: web.Request) -> web.Response:

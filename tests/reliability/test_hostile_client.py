@@ -135,7 +135,9 @@ def test_a_body_that_is_not_its_declared_encoding_is_400(
 ) -> None:
     guard = spawn_guard({"version": 1, "models": {"digits": digits_model()}})
     body = b"certainly not compressed"
-    status, answer = exchange(guard, head(len(body), extra=f"Content-Encoding: {encoding}\r\n") + body)
+    status, answer = exchange(
+        guard, head(len(body), extra=f"Content-Encoding: {encoding}\r\n") + body
+    )
     assert status == 400
     # aiohttp's parser may refuse a broken deflate stream before the guard sees the
     # request; it still answers 400 naming the encoding, and logs no traceback.
@@ -151,7 +153,9 @@ def test_a_compressed_body_with_its_compressed_length_is_read_whole(
     guard = spawn_guard({"version": 1, "models": {"digits": digits_model()}})
     plain = v2_body(load_samples("digits")[0][:3])
     body = gzip.compress(plain) if encoding == "gzip" else zlib.compress(plain)
-    status, answer = exchange(guard, head(len(body), extra=f"Content-Encoding: {encoding}\r\n") + body)
+    status, answer = exchange(
+        guard, head(len(body), extra=f"Content-Encoding: {encoding}\r\n") + body
+    )
     assert status == 200, answer
     assert orjson.loads(answer)["outputs"][0]["shape"][0] == 3
 
@@ -169,7 +173,9 @@ def test_clients_vanishing_mid_body_leave_no_traceback(spawn_guard: GuardSpawner
     assert len(guard.log()) < 20_000  # no line per vanished client at the default level
 
 
-@pytest.mark.parametrize("request_id", ["a\nb", "x\r\nX-Evil: 1", "nul\x00byte", "é" * 3, "x" * 300])
+@pytest.mark.parametrize(
+    "request_id", ["a\nb", "x\r\nX-Evil: 1", "nul\x00byte", "é" * 3, "x" * 300]
+)
 def test_request_ids_that_cannot_be_headers_still_reach_the_upstream(
     spawn_guard: GuardSpawner, request_id: str
 ) -> None:
