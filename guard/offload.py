@@ -7,7 +7,8 @@ Smaller bodies decode on the loop, where a process hop would cost more than it
 saves. The worker starts with the first large body (a ``spawn`` child: no
 forked copy of the guard's threads and sessions) and lives as long as the app.
 Errors raised in the worker are :class:`~guard.errors.GuardError` and cross
-back intact (see ``GuardError.__reduce__``).
+back intact (see ``GuardError.__reduce__``). A worker that dies (killed, out of
+memory) fails the requests it held with 503 and is replaced at the next one.
 """
 
 from __future__ import annotations
@@ -17,7 +18,10 @@ import functools
 import multiprocessing
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from typing import Any, TypeVar
+
+from guard.errors import Overloaded
 
 __all__ = ["Decoder"]
 
@@ -43,7 +47,14 @@ class Decoder:
                 self.workers, mp_context=multiprocessing.get_context("spawn")
             )
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._pool, functools.partial(decode, body, **kwargs))
+        pool = self._pool
+        try:
+            return await loop.run_in_executor(pool, functools.partial(decode, body, **kwargs))
+        except BrokenProcessPool:  # the worker died (killed, out of memory): a new one next
+            if self._pool is pool:
+                pool.shutdown(wait=False, cancel_futures=True)
+                self._pool = None
+            raise Overloaded("the guard's decoder restarted; try again") from None
 
     def close(self) -> None:
         if self._pool is not None:

@@ -258,3 +258,29 @@ def test_refusals_say_deny_and_unknown_versions_are_404(spawn_guard: GuardSpawne
         assert missing.status == 404 and "no version" in missing.json()["error"], path
     for path in ("/v2/models/digits/versions/7", "/v2/models/digits/versions/7/ready"):
         assert request("GET", guard.url + path).status == 404
+
+
+def test_a_compression_bomb_is_413_with_memory_flat(spawn_guard: GuardSpawner) -> None:
+    """260 KB of gzip that inflates to 256 MiB: refused once the inflated bytes pass the
+    limit (32 MiB), without ever holding the rest."""
+    guard = spawn_guard({"version": 1, "models": {"digits": digits_model()}})
+    packer = zlib.compressobj(9, zlib.DEFLATED, 31)  # gzip framing
+    bomb = b"".join(packer.compress(bytes(1 << 20)) for _ in range(256)) + packer.flush()
+    before = guard.rss_bytes()
+    started = time.monotonic()
+    status, answer = exchange(guard, head(len(bomb), extra="Content-Encoding: gzip\r\n") + bomb)
+    assert status == 413 and "exceeds the limit" in orjson.loads(answer)["error"]
+    assert time.monotonic() - started < 10.0
+    assert guard.rss_bytes() - before < 128 << 20  # the limit and buffers, not 256 MiB
+    assert_healthy(guard)
+
+
+def test_a_client_past_its_decode_rate_is_throttled_alone(spawn_guard: GuardSpawner) -> None:
+    guard = spawn_keyed(spawn_guard, parse_bytes_per_second=200_000, max_body_bytes=200_000)
+    x = load_samples("digits")[0]
+    batch = v2_body(x[:100])  # about 40 KB a request
+    statuses = [request("POST", guard.url + INFER, batch, as_("mallory")).status for _ in range(12)]
+    assert statuses[:4] == [200] * 4 and 429 in statuses
+    throttled = request("POST", guard.url + INFER, batch, as_("mallory"))
+    assert throttled.status == 429 and float(throttled.headers["retry-after"]) >= 1
+    assert request("POST", guard.url + INFER, batch, as_("alice")).status == 200
