@@ -4,11 +4,16 @@ The request is re-encoded for the upstream, so a client that sends binary
 tensors reaches an upstream that speaks only JSON (MLServer) unchanged. Faults
 map to clear statuses: unreachable → 503, broken or garbled answer → 502,
 too slow → 504; an upstream's own 4xx is passed on with its message.
+
+A client reads which model's upstream failed and how (``upstream for model
+digits is unreachable``), never its URL, address or the socket error: those go
+to the log (the ``guard.backends.http`` logger, escaped like every log line).
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,8 +29,10 @@ from guard.errors import (
     UpstreamUnavailable,
 )
 from guard.inference import InferRequest, InferResponse, ModelMetadata, TensorSpec
+from guard.logs import quote
 from guard.protocols import v2
 
+log = logging.getLogger(__name__)
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class UpstreamConfig:
@@ -63,7 +70,7 @@ class HttpBackend:
             headers["X-Request-Id"] = request.id
         status, reply_headers, payload = await self._call("POST", "/infer", body, headers)
         if status != 200:
-            raise _rejected(status, payload, self.config.url)
+            raise self._rejected(status, payload)
         length = reply_headers.get(v2.HEADER_LENGTH)
         if passthrough and length is None and self._same_names(request) and _is_v2_json(payload):
             # Nothing reads the outputs and the client wants JSON: skip building
@@ -93,7 +100,7 @@ class HttpBackend:
     async def metadata(self) -> ModelMetadata:
         status, _, payload = await self._call("GET", "", None, self._headers)
         if status != 200:
-            raise _rejected(status, payload, self.config.url)
+            raise self._rejected(status, payload)
         try:
             body = orjson.loads(payload)
             return ModelMetadata(
@@ -104,7 +111,10 @@ class HttpBackend:
                 versions=tuple(str(v) for v in body.get("versions", ()) or ()),
             )
         except (orjson.JSONDecodeError, AttributeError, KeyError, TypeError, ValueError) as exc:
-            raise UpstreamError(f"upstream sent unreadable model metadata: {exc}") from exc
+            self._log("sent unreadable model metadata: %s", exc)
+            raise UpstreamError(
+                f"upstream for model {self.name} sent unreadable model metadata"
+            ) from exc
 
     async def ready(self) -> bool:
         try:
@@ -128,7 +138,7 @@ class HttpBackend:
         """
         url = self._model_url + suffix
         if self.session is None:  # built only to be checked (guard check)
-            raise UpstreamUnavailable(f"upstream {self.config.url}: no client session")
+            raise UpstreamUnavailable(f"upstream for model {self.name} has no client session")
         attempt = 0
         while True:
             try:
@@ -137,19 +147,41 @@ class HttpBackend:
                 ) as reply:
                     return reply.status, reply.headers, await reply.read()
             except asyncio.TimeoutError as exc:
+                self._log("did not answer %s %s within %g s", method, suffix, self.config.timeout)
                 raise UpstreamTimeout(
-                    f"upstream {self.config.url} did not answer within {self.config.timeout:g} s"
+                    f"upstream for model {self.name} did not answer in time"
                 ) from exc
             except aiohttp.ClientConnectorError as exc:
-                raise UpstreamUnavailable(
-                    f"upstream {self.config.url} is unreachable: {exc.os_error.strerror or exc}"
-                ) from exc
+                self._log("is unreachable: %s", exc.os_error.strerror or exc)
+                raise UpstreamUnavailable(f"upstream for model {self.name} is unreachable") from exc
             except (aiohttp.ClientError, OSError) as exc:
                 attempt += 1
                 if attempt > self.config.retries:
-                    raise UpstreamError(
-                        f"upstream {self.config.url} failed: {type(exc).__name__}"
-                    ) from exc
+                    self._log("failed after %d attempt(s): %r", attempt, exc)
+                    raise UpstreamError(f"upstream for model {self.name} failed") from exc
+
+    def _log(self, what: str, *args: object) -> None:
+        """The detail a client is not told: which URL failed and why (quoted: the text
+        of a socket error or an upstream's answer is not ours)."""
+        quoted = tuple(a if isinstance(a, int | float) else quote(a) for a in args)
+        log.warning(
+            "model %s: upstream %s " + what,
+            self.name,
+            self.config.url,
+            *quoted,
+            extra={"model": self.name, "upstream": self.config.url},
+        )
+
+    def _rejected(self, status: int, payload: bytes) -> UpstreamError:
+        message = _error_message(payload)
+        if 400 <= status < 500:  # about the request: the upstream's own message is passed on
+            return UpstreamRejected(f"upstream: {message}", status=status)
+        self._log("answered %d: %s", status, message)
+        what = f"upstream for model {self.name} answered {status}"
+        if status in (503, 504):
+            cls = UpstreamUnavailable if status == 503 else UpstreamTimeout
+            return cls(what)
+        return UpstreamError(what)
 
 
 def _is_v2_json(payload: bytes) -> bool:
@@ -159,16 +191,6 @@ def _is_v2_json(payload: bytes) -> bool:
     except orjson.JSONDecodeError:
         return False
     return isinstance(doc, dict) and isinstance(doc.get("outputs"), list)
-
-
-def _rejected(status: int, payload: bytes, url: str) -> UpstreamError:
-    message = _error_message(payload)
-    if 400 <= status < 500:
-        return UpstreamRejected(f"upstream: {message}", status=status)
-    if status in (503, 504):
-        cls = UpstreamUnavailable if status == 503 else UpstreamTimeout
-        return cls(f"upstream {url} answered {status}: {message}")
-    return UpstreamError(f"upstream {url} answered {status}: {message}")
 
 
 def _error_message(payload: bytes) -> str:
