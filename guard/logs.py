@@ -10,8 +10,9 @@ cannot start a new line, move the cursor or colour a terminal:
   line and paragraph separators, bidirectional overrides, zero-width
   characters and lone surrogates written as ``\\n``, ``\\x1b``, ``\\u202e`` ...;
 - a traceback (ours, but its last line may quote input) keeps its newlines
-  and has every continuation line indented, so no line of it can pass for a
-  record of its own;
+  and has every line indented, so no line of it can pass for a record of its
+  own: in the text format, a line that does not start with whitespace starts
+  a record;
 - :func:`quote` wraps a client string in quotes with ``repr``-style escapes
   (backslashes included) and a length cap, so a log reader can tell where the
   client's text begins and ends. Log calls pass client strings through it.
@@ -85,8 +86,9 @@ def quote(value: object, limit: int = QUOTE_LIMIT) -> str:
 
 
 def _traceback(text: str) -> str:
+    """A traceback under its record: every line indented, so none passes for a record."""
     lines = _UNSAFE_IN_TRACEBACK.sub(_escape_char, text).split("\n")
-    return "\n".join(lines[:1] + ["    " + line for line in lines[1:]])
+    return "\n".join("    " + line for line in lines)
 
 
 class GuardFormatter(logging.Formatter):
