@@ -20,7 +20,9 @@ cannot start a new line, move the cursor or colour a terminal:
 ``--log-format json`` writes one JSON object per line: ``ts`` (ISO 8601, UTC),
 ``level``, ``logger``, ``message``, ``exc`` when there is a traceback, and the
 structured extras a call attaches (``request_id``, ``model``, ``client``,
-``method``, ``path``, ``status``, ``remote``, ``stage``, ``upstream``).
+``method``, ``path``, ``status``, ``remote``, ``stage``, ``upstream``; the access
+log's ``remote_address``, ``first_request_line``, ``response_status``,
+``response_size``).
 """
 
 from __future__ import annotations
@@ -46,6 +48,11 @@ EXTRAS = (
     "remote",
     "stage",
     "upstream",
+    # aiohttp's access log (--access-log) attaches these
+    "remote_address",
+    "first_request_line",
+    "response_status",
+    "response_size",
 )
 
 # C0 controls, DEL and C1 controls (\x9b is a one-byte CSI to some terminals), line and
