@@ -194,10 +194,13 @@ async def serve_forever(
             await web.TCPSite(
                 ops, listen.metrics_host, listen.metrics_port, ssl_context=ssl_context
             ).start()
-        except OSError:
+        except OSError as exc:
             await ops.cleanup()
             await runner.cleanup()
-            raise
+            raise SystemExit(
+                f"guard: cannot listen for metrics and admin on "
+                f"{listen.metrics_host}:{listen.metrics_port}: {exc.strerror or exc}"
+            ) from None
         bound = ops.addresses[0][1] if ops.addresses else listen.metrics_port
         log.info(
             "metrics and admin on %s://%s:%d (/metrics, /admin/*)",
