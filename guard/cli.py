@@ -279,6 +279,14 @@ def check_warnings(runtime) -> list[str]:  # type: ignore[no-untyped-def]
             )
         if "validate" not in stages:
             warnings.append(f"models.{name}: no validate stage; malformed input reaches the model")
+    disclose = runtime.policy.disclose
+    if disclose.headers:
+        warnings.append(
+            "disclose.headers is on: every client sees X-Guard-* verdicts (fine for trusted "
+            "callers only; a detected attacker learns when it was caught)"
+        )
+    if disclose.reasons:
+        warnings.append("disclose.reasons is on: refusals name the stage and its thresholds")
     if not runtime.policy.clients.uses_keys:
         warnings.append(
             "clients are identified by address (no keys_file): fine behind a trusted edge only"
