@@ -143,11 +143,24 @@ class GuardFormatter(logging.Formatter):
 
 
 def setup_logging(level: str = "info", fmt: str = "text", stream: TextIO | None = None) -> None:
-    """Route every logger (ours, aiohttp's access and server logs) through one formatter."""
+    """Route every logger (ours, aiohttp's access and server logs, ``warnings``) through
+    one :class:`GuardFormatter` on ``stream`` (default: stderr).
+
+    Like :func:`logging.basicConfig`, it leaves a root logger that something else
+    already configured alone (a host application, pytest); a handler it installed
+    itself before is replaced.
+    """
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if getattr(h, _OURS, False)]:
+        root.removeHandler(old)
+    if root.handlers:
+        return
     handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
     handler.setFormatter(GuardFormatter(fmt))
-    root = logging.getLogger()
-    for old in list(root.handlers):
-        root.removeHandler(old)
+    setattr(handler, _OURS, True)
     root.addHandler(handler)
     root.setLevel(getattr(logging, level.upper()))
+    logging.captureWarnings(True)
+
+
+_OURS = "_guard_handler"

@@ -82,10 +82,25 @@ def test_setup_logging_routes_every_logger() -> None:
     root = logging.getLogger()
     saved = (list(root.handlers), root.level)
     try:
+        root.handlers[:] = []  # pytest's capture handler: setup_logging leaves those alone
         setup_logging("info", "json", stream=stream)
+        setup_logging("info", "json", stream=stream)  # replaces its own handler: one line
         logging.getLogger("aiohttp.access").info("GET /%s", "a\nb")
         (line,) = stream.getvalue().splitlines()
         assert orjson.loads(line)["message"] == "GET /a\\nb"
     finally:
         root.handlers[:] = saved[0]
         root.setLevel(saved[1])
+        logging.captureWarnings(False)
+
+
+def test_setup_logging_leaves_a_configured_root_alone() -> None:
+    root = logging.getLogger()
+    other = logging.NullHandler()
+    saved = list(root.handlers)
+    try:
+        root.handlers[:] = [other]
+        setup_logging("info", "text", stream=io.StringIO())
+        assert root.handlers == [other]
+    finally:
+        root.handlers[:] = saved
