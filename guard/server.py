@@ -233,7 +233,7 @@ async def error_boundary(
         metrics.errors.labels("internal").inc()
         log.exception(
             "unhandled error serving %s %s",
-            quote(request.method),
+            request.method,  # an HTTP token: the parser refuses anything else
             quote(request.path),
             extra={"method": request.method, "path": request.path},
         )
