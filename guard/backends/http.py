@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,6 +34,7 @@ from guard.logs import quote
 from guard.protocols import v2
 
 log = logging.getLogger(__name__)
+LOG_EVERY_S = 10.0
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class UpstreamConfig:
@@ -62,6 +64,8 @@ class HttpBackend:
             total=config.timeout, sock_connect=config.connect_timeout
         )
         self._headers = dict(config.headers)
+        self._logged: dict[str, float] = {}  # failure kind -> when it was last logged
+        self._quiet: dict[str, int] = {}  # failure kind -> lines left out since
 
     async def infer(self, request: InferRequest, *, passthrough: bool = False) -> InferResponse:
         body, headers = v2.encode_request(request, binary=self.config.binary)
@@ -147,28 +151,41 @@ class HttpBackend:
                 ) as reply:
                     return reply.status, reply.headers, await reply.read()
             except asyncio.TimeoutError as exc:
-                self._log("did not answer %s %s within %g s", method, suffix, self.config.timeout)
+                self._log(f"did not answer {method} {suffix or '/'} in {self.config.timeout:g} s")
                 raise UpstreamTimeout(
                     f"upstream for model {self.name} did not answer in time"
                 ) from exc
             except aiohttp.ClientConnectorError as exc:
-                self._log("is unreachable: %s", exc.os_error.strerror or exc)
+                self._log("is unreachable", exc.os_error.strerror or exc)
                 raise UpstreamUnavailable(f"upstream for model {self.name} is unreachable") from exc
             except (aiohttp.ClientError, OSError) as exc:
                 attempt += 1
                 if attempt > self.config.retries:
-                    self._log("failed after %d attempt(s): %r", attempt, exc)
+                    self._log(f"failed after {attempt} attempt(s)", f"{type(exc).__name__}: {exc}")
                     raise UpstreamError(f"upstream for model {self.name} failed") from exc
 
-    def _log(self, what: str, *args: object) -> None:
-        """The detail a client is not told: which URL failed and why (quoted: the text
-        of a socket error or an upstream's answer is not ours)."""
-        quoted = tuple(a if isinstance(a, int | float) else quote(a) for a in args)
+    def _log(self, event: str, detail: object | None = None) -> None:
+        """What a client is not told: which URL failed, how, and why (``detail``, quoted:
+        a socket error's or an upstream's text is not ours).
+
+        At most one line per kind of failure every ``LOG_EVERY_S`` seconds, with the
+        number left out since: an outage under load must not turn every request into a
+        log line (nor let a client write the log at its own rate through ``/ready``).
+        """
+        now = time.monotonic()
+        last = self._logged.get(event)
+        if last is not None and now - last < LOG_EVERY_S:
+            self._quiet[event] = self._quiet.get(event, 0) + 1
+            return
+        self._logged[event] = now
+        quiet = self._quiet.pop(event, 0)
         log.warning(
-            "model %s: upstream %s " + what,
+            "model %s: upstream %s %s%s%s",
             self.name,
             self.config.url,
-            *quoted,
+            event,
+            "" if detail is None else f": {quote(detail)}",
+            f" ({quiet} more like it since the last such line)" if quiet else "",
             extra={"model": self.name, "upstream": self.config.url},
         )
 
@@ -176,7 +193,7 @@ class HttpBackend:
         message = _error_message(payload)
         if 400 <= status < 500:  # about the request: the upstream's own message is passed on
             return UpstreamRejected(f"upstream: {message}", status=status)
-        self._log("answered %d: %s", status, message)
+        self._log(f"answered {status}", message)
         what = f"upstream for model {self.name} answered {status}"
         if status in (503, 504):
             cls = UpstreamUnavailable if status == 503 else UpstreamTimeout

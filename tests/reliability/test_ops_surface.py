@@ -175,10 +175,14 @@ async def test_an_upstream_failure_names_the_model_not_the_address(
                 assert leak not in text, (leak, text)
         meta = await asyncio.to_thread(request, "GET", f"{guard.url}/v2/models/remote")
         assert meta.status == status and HOST not in meta.body.decode()
+        for _ in range(20):  # an outage under load, or a client polling /ready
+            await asyncio.to_thread(request, "GET", f"{guard.url}/v2/models/remote/ready")
         guard.stop()
         logs.append(guard.log())
         assert url in logs[-1]  # the operator sees where, and why
     assert "Connect call failed" in logs[0] and "10.1.2.3:7070 died" in logs[1]
+    # One line per kind of failure per 10 s, not one per request.
+    assert logs[0].count("is unreachable") == 1 and logs[1].count("answered 500") == 1
 
 
 # -- refusals and headers -----------------------------------------------------------------
