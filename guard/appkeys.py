@@ -16,3 +16,5 @@ LIVE: web.AppKey[Live] = web.AppKey("live")
 METRICS: web.AppKey[GuardMetrics] = web.AppKey("metrics")
 SESSION: web.AppKey[aiohttp.ClientSession] = web.AppKey("session")
 POLICY_PATH: web.AppKey[Path | None] = web.AppKey("policy_path")
+# The operators' app (metrics, admin) reads the public app it reports on through this key.
+PUBLIC: web.AppKey[web.Application] = web.AppKey("public")

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from guard.errors import PolicyError
+from guard.logs import FORMATS, setup_logging
 
 if TYPE_CHECKING:
     from guard.config import Policy
@@ -23,15 +24,13 @@ DEFAULT_POLICY = Path(__file__).parent / "policies" / "default.yaml"
 # Offline subcommands: modules under guard/commands/ with an ``add_parser(commands)``.
 OFFLINE_COMMANDS: tuple[str, ...] = ("certify", "calibrate_squeeze", "attack", "load", "tune")
 log = logging.getLogger("guard")
+_UNSET = object()  # an option not given on the command line (None is a value: off)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=getattr(logging, args.log_level.upper()),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    setup_logging(args.log_level, getattr(args, "log_format", "text"))
     logging.getLogger("aiohttp.server").addFilter(_one_line_for_malformed_http)
     try:
         return int(args.run(args) or 0)
@@ -80,6 +79,24 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--tls-key", type=Path)
     serve.add_argument("--loop", choices=["auto", "asyncio", "uvloop"], default="auto")
     serve.add_argument("--access-log", action="store_true", help="log every request")
+    serve.add_argument(
+        "--log-format",
+        choices=FORMATS,
+        default="text",
+        help="text (one escaped line per record) or json (one object per line)",
+    )
+    serve.add_argument(
+        "--metrics-host",
+        help="address of the metrics and admin listener (default: the policy's "
+        "listen.metrics_host, else 127.0.0.1)",
+    )
+    serve.add_argument(
+        "--metrics-port",
+        type=_metrics_port,
+        default=_UNSET,
+        help="port of the metrics and admin listener: a number, 0 for any free port, or off "
+        "(default: the policy's listen.metrics_port, else 9180)",
+    )
     serve.set_defaults(run=_serve)
 
     check = commands.add_parser("check", help="validate a policy and print the resolved pipeline")
@@ -103,7 +120,20 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _metrics_port(text: str) -> int | None:
+    from guard.config import parse_metrics_port
+
+    try:
+        return parse_metrics_port(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"must be a port number (0: any free port) or off; got {text!r}"
+        ) from None
+
+
 def _serve(args: argparse.Namespace) -> int:
+    import dataclasses
+
     from guard.config import load_policy
 
     policy = load_policy(args.policy)  # fail before binding anything
@@ -114,6 +144,12 @@ def _serve(args: argparse.Namespace) -> int:
     if args.tls_cert:
         ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         ssl_context.load_cert_chain(args.tls_cert, args.tls_key)
+    listen = policy.listen
+    if args.metrics_host is not None:
+        listen = dataclasses.replace(listen, metrics_host=args.metrics_host)
+    if args.metrics_port is not _UNSET:
+        listen = dataclasses.replace(listen, metrics_port=args.metrics_port)
+    policy = dataclasses.replace(policy, listen=listen)
     _run(
         serve_forever(policy, args.policy, args.host, args.port, ssl_context, args.access_log),
         args.loop,
@@ -131,7 +167,7 @@ async def serve_forever(
 ) -> None:
     from aiohttp import web
 
-    from guard.server import create_app, make_runner, reload_policy
+    from guard.server import create_app, create_ops_app, make_runner, reload_policy
 
     app = create_app(policy, policy_path=policy_path)
     runner = make_runner(
@@ -142,6 +178,36 @@ async def serve_forever(
     await site.start()
     scheme = "https" if ssl_context else "http"
     log.info("guard serving %s on %s://%s:%d", policy.source, scheme, host, port)
+    runners = [runner]
+    listen = policy.listen
+    if listen.metrics_port is None:
+        log.info("metrics and admin listener off (listen.metrics_port: off)")
+    else:
+        ops = make_runner(
+            create_ops_app(app),
+            access_log=logging.getLogger("guard.ops") if access_log else None,
+            idle_timeout=policy.limits.idle_timeout,
+        )
+        await ops.setup()
+        runners.append(ops)
+        try:
+            await web.TCPSite(
+                ops, listen.metrics_host, listen.metrics_port, ssl_context=ssl_context
+            ).start()
+        except OSError as exc:
+            await ops.cleanup()
+            await runner.cleanup()
+            raise SystemExit(
+                f"guard: cannot listen for metrics and admin on "
+                f"{listen.metrics_host}:{listen.metrics_port}: {exc.strerror or exc}"
+            ) from None
+        bound = ops.addresses[0][1] if ops.addresses else listen.metrics_port
+        log.info(
+            "metrics and admin on %s://%s:%d (/metrics, /admin/*)",
+            scheme,
+            listen.metrics_host,
+            bound,
+        )
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -164,7 +230,8 @@ async def serve_forever(
         await stop.wait()
     finally:
         log.info("guard shutting down")
-        await runner.cleanup()
+        for each in runners:  # the public port drains first; metrics answer until then
+            await each.cleanup()
 
 
 def _run(coro, loop: str) -> None:  # type: ignore[no-untyped-def]
@@ -212,6 +279,14 @@ def check_warnings(runtime) -> list[str]:  # type: ignore[no-untyped-def]
             )
         if "validate" not in stages:
             warnings.append(f"models.{name}: no validate stage; malformed input reaches the model")
+    disclose = runtime.policy.disclose
+    if disclose.headers:
+        warnings.append(
+            "disclose.headers is on: every client sees X-Guard-* verdicts (fine for trusted "
+            "callers only; a detected attacker learns when it was caught)"
+        )
+    if disclose.reasons:
+        warnings.append("disclose.reasons is on: refusals name the stage and its thresholds")
     if not runtime.policy.clients.uses_keys:
         warnings.append(
             "clients are identified by address (no keys_file): fine behind a trusted edge only"

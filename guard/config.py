@@ -80,6 +80,43 @@ class Limits:
     idle_timeout: float = IDLE_TIMEOUT
 
 
+METRICS_HOST = "127.0.0.1"
+METRICS_PORT = 9180  # clear of Triton (8000-8002), MLServer (8080-8082), Prometheus (9090)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Listen:
+    """``listen:``: where the operators' listener (``/metrics``, ``/admin/*``) binds.
+
+    ``metrics_host`` (default ``127.0.0.1``) and ``metrics_port`` (default 9180; ``0``
+    picks a free port; ``off`` serves no metrics and no admin). ``guard serve
+    --metrics-host/--metrics-port`` override them. Read at startup: a reload does not
+    move a listener. The public port never serves ``/metrics`` or ``/admin/*``.
+    """
+
+    metrics_host: str = METRICS_HOST
+    metrics_port: int | None = METRICS_PORT  # None: off
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Disclose:
+    """``disclose:``: what a client is told about the guard's decisions.
+
+    ``headers`` (default true): ``X-Guard-*`` response headers (the verdict, certified
+    radius and label, privacy budget spent). ``reasons`` (default false): refusal bodies
+    name the stage and its numbers (``request refused by policy (blacklight)``, ``query
+    budget exhausted: 101 of 100 queries per 1m``); when false a deny answers 403
+    ``request refused by policy`` and a quota 429 ``quota exhausted for this model; retry
+    in N s`` with ``Retry-After``. Metrics and the audit log always keep everything.
+    Validation errors (400 naming the field) are about the client's own input and are
+    always told. ``headers: {expose: ...}``, the older spelling of ``disclose.headers``,
+    is still read.
+    """
+
+    headers: bool = True
+    reasons: bool = False
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Policy:
     source: str
@@ -89,9 +126,15 @@ class Policy:
     clients: ClientDirectory = field(default_factory=ClientDirectory)
     admin_token_sha256: str | None = None
     audit_path: str | None = None
-    expose_headers: bool = True
+    disclose: Disclose = field(default_factory=Disclose)
+    listen: Listen = field(default_factory=Listen)
     limits: Limits = field(default_factory=Limits)
     state: StateConfig = field(default_factory=StateConfig)
+
+    @property
+    def expose_headers(self) -> bool:
+        """Whether responses carry ``X-Guard-*`` headers (``disclose.headers``)."""
+        return self.disclose.headers
 
     @property
     def shadow(self) -> bool:
@@ -134,9 +177,8 @@ def parse_policy(data: Any, *, source: str, base: Path) -> Policy:
         audit_path = str((base / audit_path).resolve())
     audit.finish()
 
-    headers = root.child("headers")
-    expose = headers.bool("expose", True)
-    headers.finish()
+    disclose = _disclose(root)
+    listen = _listen(root.child("listen"))
 
     limits_section = root.child("limits")
     limits = Limits(
@@ -168,10 +210,62 @@ def parse_policy(data: Any, *, source: str, base: Path) -> Policy:
         clients=clients,
         admin_token_sha256=admin_digest,
         audit_path=audit_path,
-        expose_headers=expose,
+        disclose=disclose,
+        listen=listen,
         limits=limits,
         state=state,
     )
+
+
+def _disclose(root: Section) -> Disclose:
+    legacy = root.child("headers")
+    expose = legacy.bool("expose", None)
+    legacy.finish()
+    section = root.child("disclose")
+    headers = section.bool("headers", None)
+    if expose is not None and headers is not None:
+        raise section.error(
+            "headers", "is also set by headers.expose (its older spelling); keep one"
+        )
+    disclose = Disclose(
+        headers=next((v for v in (headers, expose) if v is not None), True),
+        reasons=section.bool("reasons", False),
+    )
+    section.finish()
+    return disclose
+
+
+def _listen(section: Section) -> Listen:
+    host = section.str("metrics_host", METRICS_HOST)
+    if not host.strip():
+        raise section.error("metrics_host", f"must be an address to bind; got {host!r}")
+    raw = section.data.get("metrics_port")
+    port: int | None
+    if raw is False:  # YAML reads a bare `off` as false
+        section.bool("metrics_port")
+        port = None
+    elif raw == "off":
+        section.str("metrics_port")
+        port = None
+    elif isinstance(raw, str):
+        raise section.error(
+            "metrics_port", f"must be a port number (0: any free port) or off; got {raw!r}"
+        )
+    else:
+        port = section.int("metrics_port", METRICS_PORT, min=0, max=65535)
+    listen = Listen(metrics_host=host, metrics_port=port)
+    section.finish()
+    return listen
+
+
+def parse_metrics_port(text: str) -> int | None:
+    """``--metrics-port``: a port number, ``0`` for any free port, or ``off``."""
+    if text.strip().lower() == "off":
+        return None
+    port = int(text)  # argparse reports a ValueError as an invalid value
+    if not 0 <= port <= 65535:
+        raise ValueError(f"port out of range: {port}")
+    return port
 
 
 def _model(section: Section, name: str, base: Path) -> ModelConfig:

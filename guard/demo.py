@@ -11,7 +11,7 @@ address, and every client here is 127.0.0.1) and an audit log. Then:
    and a membership-inference attacker, with a line as each is caught;
 3. the same attacks against the bare model (in-process ONNX, no guard);
 4. who was caught, when, by which stage, and what each got with and without
-   the guard; the metrics.
+   the guard; the metrics, read from the operators' listener (a port of its own).
 
 With ``--keep`` the guard keeps serving (the demo prints a user's key).
 """
@@ -44,7 +44,7 @@ from guard.config import parse_policy
 from guard.inference import InferRequest
 from guard.models import load_samples
 from guard.protocols import v2
-from guard.server import create_app, make_runner
+from guard.server import create_app, create_ops_app, make_runner
 
 DEFAULT_POLICY = Path(__file__).parent / "policies" / "default.yaml"
 USERS = ("alice", "bob")
@@ -85,10 +85,15 @@ async def run_demo(*, port: int = 0, requests: int = 400, seed: int = 0, keep: b
         policy = parse_policy(document, source=str(DEFAULT_POLICY), base=DEFAULT_POLICY.parent)
         app = create_app(policy)
         runner = make_runner(app)
+        ops = make_runner(create_ops_app(app))
         await runner.setup()
+        await ops.setup()
         await web.TCPSite(runner, "127.0.0.1", port).start()
+        await web.TCPSite(ops, "127.0.0.1", 0).start()
         base = f"http://127.0.0.1:{runner.addresses[0][1]}"
+        ops_base = f"http://127.0.0.1:{ops.addresses[0][1]}"
         print(f"inference-guard demo: digits and breast_cancer served embedded at {base}")
+        print(f"metrics (operators only, a port of their own): {ops_base}/metrics")
         print(f"policy: {DEFAULT_POLICY} (mode {policy.mode})")
         print(f"  + a keys file for the demo's clients ({', '.join(keys)}),")
         print(f"    an audit log and a privacy noise key, generated in {folder}\n")
@@ -101,8 +106,9 @@ async def run_demo(*, port: int = 0, requests: int = 400, seed: int = 0, keep: b
                 rows = await _attacks(base, keys, seed)
                 app[LIVE].current().audit.flush()  # written by a thread: wait for the last
                 _table(rows, folder / "audit.jsonl")
-                await _metrics(http)
-            print(f"\nmetrics: {base}/metrics")
+            async with aiohttp.ClientSession(ops_base) as operator:
+                await _metrics(operator)
+            print(f"\nmetrics: {ops_base}/metrics (not on {base}: clients must not watch them)")
             if keep:
                 digit = load_samples("digits")[0][0].astype(int).tolist()
                 body = orjson.dumps(
@@ -118,6 +124,7 @@ async def run_demo(*, port: int = 0, requests: int = 400, seed: int = 0, keep: b
                 await asyncio.Event().wait()
         finally:
             await runner.cleanup()
+            await ops.cleanup()
     return 0
 
 

@@ -24,6 +24,11 @@ the offending field. The error boundary in :mod:`guard.server` turns any
         └── UpstreamTimeout     504
 
     PolicyError                      a policy or keys file is invalid (load time, never per request)
+
+What a client reads is only ever the message: upstream errors name the model, never
+the upstream's URL or socket address (those go to the log). A refusal from the
+pipeline (deny, quota, a stage's own failure) passes through :func:`withheld` unless
+the policy's ``disclose.reasons`` is true, so it names neither stage nor threshold.
 """
 
 from __future__ import annotations
@@ -114,6 +119,28 @@ class UpstreamUnavailable(UpstreamError):
 
 class UpstreamTimeout(UpstreamError):
     status = 504
+
+
+REFUSED = "request refused by policy"
+UNAVAILABLE = "the guard cannot serve this request now; try again shortly"
+
+
+def withheld(exc: GuardError) -> GuardError:
+    """``exc`` as a client sees it when the policy does not disclose reasons.
+
+    A deny (403) says only that the policy refused; a quota (429) keeps its
+    ``retry_after`` and says when to retry, not which quota or how many were
+    used; a stage's failure or a state-store outage (503) names neither. Other
+    errors (the client's own input, upstream errors) are returned unchanged.
+    """
+    if isinstance(exc, Denied):
+        return Denied(REFUSED)
+    if isinstance(exc, RateLimited):
+        when = "" if exc.retry_after is None else f"; retry in {max(1, round(exc.retry_after))} s"
+        return RateLimited(f"quota exhausted for this model{when}", retry_after=exc.retry_after)
+    if type(exc) in (Overloaded, StateUnavailable):
+        return Overloaded(UNAVAILABLE)
+    return exc
 
 
 class PolicyError(Exception):

@@ -238,7 +238,7 @@ class Pipeline:
         try:
             verdict: Verdict = await getattr(stage, hook)(ctx)
         except StateUnavailable as exc:  # the state store, not the request: same failure mode
-            log.warning("stage %s failed in %s: %s", stage.name, hook, exc)
+            log.warning("stage %s failed in %s: %s", stage.name, hook, exc, extra=_where(ctx))
             ctx.report(stage.name, Action.FLAG, f"stage failed: {exc}")
             if not stage.fail_open:
                 raise
@@ -246,7 +246,7 @@ class Pipeline:
         except GuardError:
             raise
         except Exception as exc:  # a stage's own fault: apply its declared failure mode
-            log.exception("stage %s failed in %s", stage.name, hook)
+            log.exception("stage %s failed in %s", stage.name, hook, extra=_where(ctx))
             ctx.report(stage.name, Action.FLAG, f"stage failed: {type(exc).__name__}")
             if not stage.fail_open:
                 raise Overloaded(f"stage {stage.name} is unavailable; request not served") from exc
@@ -256,6 +256,11 @@ class Pipeline:
                 ctx.stage_seconds.get(stage.name, 0.0) + time.perf_counter() - started
             )
         return verdict
+
+
+def _where(ctx: RequestContext) -> dict[str, str]:
+    """Structured fields for a log record about this request (``--log-format json``)."""
+    return {"request_id": ctx.request_id, "model": ctx.model, "client": ctx.client.name}
 
 
 def label_only(response: InferResponse) -> None:

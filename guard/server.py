@@ -1,4 +1,5 @@
-"""The HTTP face of the guard: V2 and TF Serving routes, health, metrics, admin.
+"""The HTTP face of the guard: V2 and TF Serving routes and health on the public
+listener (:func:`create_app`); metrics and admin on the operators' (:func:`create_ops_app`).
 
 One request: identify the client, read the body (bounded), decode it into an
 :class:`~guard.inference.InferRequest`, run the model's pipeline, encode the
@@ -25,7 +26,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 
 from guard import __version__
 from guard.admission import ClientSlots, DecodeMeter
-from guard.appkeys import LIVE, METRICS, POLICY_PATH, SESSION
+from guard.appkeys import LIVE, METRICS, POLICY_PATH, PUBLIC, SESSION
 from guard.clients import token_matches
 from guard.config import IDLE_TIMEOUT, OFFLOAD_DECODE_BYTES, Limits, Policy, load_policy
 from guard.errors import (
@@ -37,8 +38,10 @@ from guard.errors import (
     RateLimited,
     RequestError,
     Unauthorized,
+    withheld,
 )
 from guard.inference import InferRequest, InferResponse
+from guard.logs import quote
 from guard.metrics import GuardMetrics
 from guard.offload import Decoder
 from guard.pipeline import RequestContext
@@ -87,7 +90,11 @@ def create_app(
     registry: CollectorRegistry | None = None,
     policy_path: str | Path | None = None,
 ) -> web.Application:
-    """The guard as an aiohttp application; ``policy_path`` enables reloads."""
+    """The guard's public application: the inference protocols and health, nothing else.
+
+    ``policy_path`` enables reloads (through :func:`create_ops_app`'s admin routes,
+    or :func:`reload_policy` on SIGHUP).
+    """
     app = web.Application(
         middlewares=[error_boundary], client_max_size=policy.limits.max_body_bytes
     )
@@ -112,6 +119,26 @@ def create_app(
             web.get("/v1/models/{model}/versions/{version}", tf_status),
             web.post(r"/v1/models/{model:[^/:]+}:predict", tf_predict),
             web.post(r"/v1/models/{model:[^/:]+}/versions/{version:[^/:]+}:predict", tf_predict),
+        ]
+    )
+    return app
+
+
+def create_ops_app(public: web.Application) -> web.Application:
+    """The operators' application for ``public``: ``/metrics`` and ``/admin/*``.
+
+    It serves on its own listener (``listen.metrics_host``/``metrics_port``), never
+    on the public port: a client that could read ``guard_findings_total`` would see
+    its own request being flagged or degraded. It holds no state of its own: the
+    handlers read the public app's runtime, metrics and policy path, so the two
+    share one ``Live`` and one registry, and a reload from here swaps what the
+    public port serves. Start it with its own runner next to ``public``'s.
+    """
+    app = web.Application(middlewares=[error_boundary])
+    app[PUBLIC] = public
+    app[METRICS] = public[METRICS]
+    app.add_routes(
+        [
             web.get("/metrics", metrics),
             web.post("/admin/reload", admin_reload),
             web.get("/admin/status", admin_status),
@@ -248,7 +275,12 @@ async def error_boundary(
         raise
     except Exception:
         metrics.errors.labels("internal").inc()
-        log.exception("unhandled error serving %s %s", request.method, request.path)
+        log.exception(
+            "unhandled error serving %s %s",
+            request.method,  # an HTTP token: the parser refuses anything else
+            quote(request.path),
+            extra={"method": request.method, "path": request.path},
+        )
         return _json_error("internal error in the guard", 500)
 
 
@@ -342,6 +374,8 @@ async def _serve(
             headers["X-Guard-Verdict"] = "deny" if exc.status < 500 else "error"
         if ctx is not None:
             _finish(app, runtime, ctx, protocol, exc.status, started)
+            if not policy.disclose.reasons:  # the pipeline's refusal: stage and numbers unsaid
+                exc = withheld(exc)
         else:  # refused before the pipeline: count it under a bounded model label
             label = model_name if model_name in runtime.models else "unknown"
             verdict = "rejected" if exc.status < 500 else "error"
@@ -557,7 +591,7 @@ async def metrics(http: web.Request) -> web.Response:
 
 
 def _require_admin(http: web.Request) -> None:
-    digest = http.app[LIVE].current().policy.admin_token_sha256
+    digest = http.app[PUBLIC][LIVE].current().policy.admin_token_sha256
     if digest is None:
         raise NotFound("admin endpoints are disabled: the policy sets no admin token")
     auth = http.headers.get("Authorization", "")
@@ -568,7 +602,7 @@ def _require_admin(http: web.Request) -> None:
 
 async def admin_status(http: web.Request) -> web.Response:
     _require_admin(http)
-    live = http.app[LIVE]
+    live = http.app[PUBLIC][LIVE]
     body = {"version": __version__, "in_flight": live.in_flight, **live.current().describe()}
     return web.json_response(body, dumps=_dumps)
 
@@ -576,14 +610,16 @@ async def admin_status(http: web.Request) -> web.Response:
 async def admin_reload(http: web.Request) -> web.Response:
     _require_admin(http)
     try:
-        runtime = await reload_policy(http.app)
+        runtime = await reload_policy(http.app[PUBLIC])
     except PolicyError as exc:
         return _json_error(f"reload failed; the previous policy stays in force: {exc}", 400)
     return web.json_response({"reloaded": runtime.policy.source}, dumps=_dumps)
 
 
 async def reload_policy(app: web.Application) -> Runtime:
-    """Load the policy file again and swap it in; on any error keep the old one."""
+    """Load the policy file again and swap it in; on any error keep the old one.
+
+    ``app`` is the public application (the one :func:`create_app` built)."""
     live = app[LIVE]
     path = app[POLICY_PATH]
     metrics = app[METRICS]

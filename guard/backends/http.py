@@ -4,11 +4,17 @@ The request is re-encoded for the upstream, so a client that sends binary
 tensors reaches an upstream that speaks only JSON (MLServer) unchanged. Faults
 map to clear statuses: unreachable → 503, broken or garbled answer → 502,
 too slow → 504; an upstream's own 4xx is passed on with its message.
+
+A client reads which model's upstream failed and how (``upstream for model
+digits is unreachable``), never its URL, address or the socket error: those go
+to the log (the ``guard.backends.http`` logger, escaped like every log line).
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,8 +30,11 @@ from guard.errors import (
     UpstreamUnavailable,
 )
 from guard.inference import InferRequest, InferResponse, ModelMetadata, TensorSpec
+from guard.logs import quote
 from guard.protocols import v2
 
+log = logging.getLogger(__name__)
+LOG_EVERY_S = 10.0
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class UpstreamConfig:
@@ -55,6 +64,8 @@ class HttpBackend:
             total=config.timeout, sock_connect=config.connect_timeout
         )
         self._headers = dict(config.headers)
+        self._logged: dict[str, float] = {}  # failure kind -> when it was last logged
+        self._quiet: dict[str, int] = {}  # failure kind -> lines left out since
 
     async def infer(self, request: InferRequest, *, passthrough: bool = False) -> InferResponse:
         body, headers = v2.encode_request(request, binary=self.config.binary)
@@ -63,7 +74,7 @@ class HttpBackend:
             headers["X-Request-Id"] = request.id
         status, reply_headers, payload = await self._call("POST", "/infer", body, headers)
         if status != 200:
-            raise _rejected(status, payload, self.config.url)
+            raise self._rejected(status, payload)
         length = reply_headers.get(v2.HEADER_LENGTH)
         if passthrough and length is None and self._same_names(request) and _is_v2_json(payload):
             # Nothing reads the outputs and the client wants JSON: skip building
@@ -93,7 +104,7 @@ class HttpBackend:
     async def metadata(self) -> ModelMetadata:
         status, _, payload = await self._call("GET", "", None, self._headers)
         if status != 200:
-            raise _rejected(status, payload, self.config.url)
+            raise self._rejected(status, payload)
         try:
             body = orjson.loads(payload)
             return ModelMetadata(
@@ -104,7 +115,10 @@ class HttpBackend:
                 versions=tuple(str(v) for v in body.get("versions", ()) or ()),
             )
         except (orjson.JSONDecodeError, AttributeError, KeyError, TypeError, ValueError) as exc:
-            raise UpstreamError(f"upstream sent unreadable model metadata: {exc}") from exc
+            self._log("sent unreadable model metadata: %s", exc)
+            raise UpstreamError(
+                f"upstream for model {self.name} sent unreadable model metadata"
+            ) from exc
 
     async def ready(self) -> bool:
         try:
@@ -128,7 +142,7 @@ class HttpBackend:
         """
         url = self._model_url + suffix
         if self.session is None:  # built only to be checked (guard check)
-            raise UpstreamUnavailable(f"upstream {self.config.url}: no client session")
+            raise UpstreamUnavailable(f"upstream for model {self.name} has no client session")
         attempt = 0
         while True:
             try:
@@ -137,19 +151,54 @@ class HttpBackend:
                 ) as reply:
                     return reply.status, reply.headers, await reply.read()
             except asyncio.TimeoutError as exc:
+                self._log(f"did not answer {method} {suffix or '/'} in {self.config.timeout:g} s")
                 raise UpstreamTimeout(
-                    f"upstream {self.config.url} did not answer within {self.config.timeout:g} s"
+                    f"upstream for model {self.name} did not answer in time"
                 ) from exc
             except aiohttp.ClientConnectorError as exc:
-                raise UpstreamUnavailable(
-                    f"upstream {self.config.url} is unreachable: {exc.os_error.strerror or exc}"
-                ) from exc
+                self._log("is unreachable", exc.os_error.strerror or exc)
+                raise UpstreamUnavailable(f"upstream for model {self.name} is unreachable") from exc
             except (aiohttp.ClientError, OSError) as exc:
                 attempt += 1
                 if attempt > self.config.retries:
-                    raise UpstreamError(
-                        f"upstream {self.config.url} failed: {type(exc).__name__}"
-                    ) from exc
+                    self._log(f"failed after {attempt} attempt(s)", f"{type(exc).__name__}: {exc}")
+                    raise UpstreamError(f"upstream for model {self.name} failed") from exc
+
+    def _log(self, event: str, detail: object | None = None) -> None:
+        """What a client is not told: which URL failed, how, and why (``detail``, quoted:
+        a socket error's or an upstream's text is not ours).
+
+        At most one line per kind of failure every ``LOG_EVERY_S`` seconds, with the
+        number left out since: an outage under load must not turn every request into a
+        log line (nor let a client write the log at its own rate through ``/ready``).
+        """
+        now = time.monotonic()
+        last = self._logged.get(event)
+        if last is not None and now - last < LOG_EVERY_S:
+            self._quiet[event] = self._quiet.get(event, 0) + 1
+            return
+        self._logged[event] = now
+        quiet = self._quiet.pop(event, 0)
+        log.warning(
+            "model %s: upstream %s %s%s%s",
+            self.name,
+            self.config.url,
+            event,
+            "" if detail is None else f": {quote(detail)}",
+            f" ({quiet} more like it since the last such line)" if quiet else "",
+            extra={"model": self.name, "upstream": self.config.url},
+        )
+
+    def _rejected(self, status: int, payload: bytes) -> UpstreamError:
+        message = _error_message(payload)
+        if 400 <= status < 500:  # about the request: the upstream's own message is passed on
+            return UpstreamRejected(f"upstream: {message}", status=status)
+        self._log(f"answered {status}", message)
+        what = f"upstream for model {self.name} answered {status}"
+        if status in (503, 504):
+            cls = UpstreamUnavailable if status == 503 else UpstreamTimeout
+            return cls(what)
+        return UpstreamError(what)
 
 
 def _is_v2_json(payload: bytes) -> bool:
@@ -159,16 +208,6 @@ def _is_v2_json(payload: bytes) -> bool:
     except orjson.JSONDecodeError:
         return False
     return isinstance(doc, dict) and isinstance(doc.get("outputs"), list)
-
-
-def _rejected(status: int, payload: bytes, url: str) -> UpstreamError:
-    message = _error_message(payload)
-    if 400 <= status < 500:
-        return UpstreamRejected(f"upstream: {message}", status=status)
-    if status in (503, 504):
-        cls = UpstreamUnavailable if status == 503 else UpstreamTimeout
-        return cls(f"upstream {url} answered {status}: {message}")
-    return UpstreamError(f"upstream {url} answered {status}: {message}")
 
 
 def _error_message(payload: bytes) -> str:

@@ -207,7 +207,8 @@ def evaluation_document(
     doc["models"] = {model: entry}
     doc["clients"] = {"keys_file": str(keys_file)}
     doc["state"] = {"backend": "memory"}
-    doc["headers"] = {"expose": True}
+    doc.pop("headers", None)  # the older spelling of disclose.headers
+    doc["disclose"] = {**(doc.get("disclose") or {}), "headers": True}  # verdicts are measured
     for key in ("audit", "admin"):
         doc.pop(key, None)
     return doc

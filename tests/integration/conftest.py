@@ -13,11 +13,23 @@ from aiohttp.test_utils import TestServer
 from prometheus_client import CollectorRegistry
 
 from guard.config import load_policy
-from guard.server import create_app
+from guard.server import create_app, create_ops_app
 from tests.integration.mlserver_upstream import mlserver_breast_cancer  # noqa: F401  (fixture)
 from tests.integration.redis_server import redis_module, redis_server  # noqa: F401  (fixtures)
 
-StartGuard = Callable[..., Awaitable[TestServer]]
+
+
+class GuardServer(TestServer):
+    """The guard's public listener, with its operators' listener (metrics, admin) beside it."""
+
+    ops: TestServer
+
+    def ops_url(self, path: str) -> Any:
+        """A URL on the metrics and admin listener (``/metrics``, ``/admin/*``)."""
+        return self.ops.make_url(path)
+
+
+StartGuard = Callable[..., Awaitable[GuardServer]]
 
 
 def digits_policy(**extra: Any) -> dict[str, Any]:
@@ -27,18 +39,30 @@ def digits_policy(**extra: Any) -> dict[str, Any]:
 
 
 @pytest.fixture
-async def start_guard(aiohttp_server: Any, tmp_path: Path) -> StartGuard:
-    """Write a policy file, start a guard on it, return the server (``.make_url(path)``)."""
+async def start_guard(tmp_path: Path) -> AsyncIterator[StartGuard]:
+    """Write a policy file, start a guard on it, return the server: ``.make_url(path)`` on
+    the public listener, ``.ops_url(path)`` on the metrics and admin listener."""
+    started: list[TestServer] = []
 
-    async def start(policy: dict[str, Any], *, files: dict[str, str] | None = None) -> TestServer:
+    async def start(
+        policy: dict[str, Any], *, files: dict[str, str] | None = None
+    ) -> GuardServer:
         for name, text in (files or {}).items():
             (tmp_path / name).write_text(text)
         path = tmp_path / "policy.yaml"
         path.write_text(yaml.safe_dump(policy))
         app = create_app(load_policy(path), registry=CollectorRegistry(), policy_path=path)
-        return await aiohttp_server(app)
+        server = GuardServer(app)
+        await server.start_server()
+        started.append(server)
+        server.ops = TestServer(create_ops_app(app))
+        await server.ops.start_server()
+        started.append(server.ops)
+        return server
 
-    return start
+    yield start
+    for server in reversed(started):
+        await server.close()
 
 
 @pytest.fixture

@@ -120,7 +120,7 @@ async def test_the_budget_runs_out_into_label_only_answers(
     )
     status, _, headers = await infer(http, guard, x[:2])  # 4 more fit exactly
     assert headers["X-Guard-Privacy-Epsilon"] == "20/20"
-    async with http.get(guard.make_url("/metrics")) as reply:
+    async with http.get(guard.ops_url("/metrics")) as reply:
         metrics = await reply.text()
     assert 'guard_findings_total{action="degrade",model="digits",stage="privacy"} 1.0' in metrics
 
@@ -129,9 +129,9 @@ async def test_deny_answers_429_with_retry_after(
     start_guard: StartGuard, http: aiohttp.ClientSession, digits: Any
 ) -> None:
     x, _ = digits
-    guard = await start_guard(
-        privacy_policy(budget={"epsilon": 4.0, "per": "1h"}, on_exhausted="deny")
-    )
+    policy = privacy_policy(budget={"epsilon": 4.0, "per": "1h"}, on_exhausted="deny")
+    policy["disclose"] = {"reasons": True}  # refusals name the budget (off by default)
+    guard = await start_guard(policy)
     assert (await infer(http, guard, x[:2]))[0] == 200
     status, message, headers = await infer(http, guard, x[:1])
     assert status == 429

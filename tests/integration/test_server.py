@@ -345,7 +345,7 @@ async def test_metrics_count_requests_by_verdict_and_status(
         await post(http, url, v2_body(x))
     await post(http, url, v2_body(np.full((1, 64), 99.0)))
     await post(http, guard.make_url("/v2/models/random-name-1/infer"), b"{}")
-    async with http.get(guard.make_url("/metrics")) as reply:
+    async with http.get(guard.ops_url("/metrics")) as reply:
         text = await reply.text()
     assert (
         'guard_requests_total{code="200",model="digits",protocol="v2",verdict="allow"} 3.0' in text

@@ -88,7 +88,7 @@ async def test_detector_flags_exactly_the_inputs_above_its_threshold(
     status, body, _ = await post(
         http, guard.make_url("/v2/models/digits/infer"), v2_body(above[:1])
     )
-    assert status == 403 and "squeeze_detect" in body["error"]
+    assert status == 403 and body["error"] == "request refused by policy"
 
 
 async def test_a_wrong_image_shape_is_a_400_naming_the_input(

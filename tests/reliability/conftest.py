@@ -89,10 +89,18 @@ class GuardProcess:
     log_path: Path
     process: subprocess.Popen[bytes]
     policy_path: Path
+    metrics_port: int | None = None  # the operators' listener (/metrics, /admin/*)
 
     @property
     def url(self) -> str:
         return f"http://{HOST}:{self.port}"
+
+    @property
+    def ops_url(self) -> str:
+        """The metrics and admin listener's base URL."""
+        if self.metrics_port is None:
+            raise RuntimeError("this guard was started with its metrics listener off")
+        return f"http://{HOST}:{self.metrics_port}"
 
     @property
     def pid(self) -> int:
@@ -179,15 +187,22 @@ class GuardSpawner:
         nofile: int | None = None,
         extra_args: Sequence[str] = (),
         wait: bool = True,
+        metrics_port: int | None = 0,
     ) -> GuardProcess:
+        """``metrics_port``: 0 picks a free one, None leaves ``--metrics-port`` to the policy."""
         index = len(self.started)
         for name, text in (files or {}).items():
             (self.workdir / name).write_text(text)
         policy_path = self.workdir / f"policy-{index}.yaml"
         policy_path.write_text(yaml.safe_dump(dict(policy)))
         port = port or free_port()
+        if metrics_port == 0:
+            metrics_port = free_port()
         argv = [sys.executable, "-m", "guard.cli", "--log-level", log_level, "serve"]
-        argv += ["--policy", str(policy_path), "--host", HOST, "--port", str(port), *extra_args]
+        argv += ["--policy", str(policy_path), "--host", HOST, "--port", str(port)]
+        if metrics_port is not None:
+            argv += ["--metrics-host", HOST, "--metrics-port", str(metrics_port)]
+        argv += extra_args
         if access_log:
             argv.append("--access-log")
         log_path = self.workdir / f"guard-{index}.log"
@@ -202,7 +217,7 @@ class GuardSpawner:
                 stderr=subprocess.STDOUT,
                 preexec_fn=_child_setup(nofile),
             )
-        guard = GuardProcess(port, log_path, process, policy_path)
+        guard = GuardProcess(port, log_path, process, policy_path, metrics_port)
         self.started.append(guard)
         if wait:
             guard.wait_ready()
@@ -258,7 +273,7 @@ def assert_healthy(
 
 
 def scrape(guard: GuardProcess) -> str:
-    return request("GET", f"{guard.url}/metrics").body.decode()
+    return request("GET", f"{guard.ops_url}/metrics").body.decode()
 
 
 def metric_value(text: str, name: str, **labels: str) -> float:

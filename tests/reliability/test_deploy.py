@@ -90,7 +90,10 @@ def test_guard_image_builds_in_stages_and_runs_unprivileged() -> None:
 
     args = parse_guard_args(exec_form(final.last("CMD") or "[]"))
     assert args.run.__name__ == "_serve" and args.host == "0.0.0.0"
-    assert final.last("EXPOSE") == str(args.port)
+    # The metrics listener binds the container's interface (127.0.0.1 would be unreachable
+    # from Prometheus), on a port of its own, and both ports are declared.
+    assert args.metrics_host == "0.0.0.0" and args.metrics_port not in (None, args.port)
+    assert (final.last("EXPOSE") or "").split() == [str(args.port), str(args.metrics_port)]
     check = exec_form((final.last("HEALTHCHECK") or "").split("CMD", 1)[1])
     url = next(word for word in check[-1].split("'") if word.startswith("http"))
     assert urllib.parse.urlsplit(url).path == "/v2/health/ready"
@@ -167,7 +170,12 @@ def test_compose_guard_service_is_consistent(compose: dict[str, Any]) -> None:
     mounts = {v.split(":")[1]: DEPLOY / v.split(":")[0] for v in guard["volumes"]}
     policy_file = mounts[str(args.policy)]
     assert policy_file in POLICY_FILES and policy_file.is_file()
-    assert [p.split(":")[1] for p in guard["ports"]] == [str(args.port)]
+    # Clients reach the public port from anywhere; metrics and admin only from this host.
+    published = {p.rsplit(":", 1)[1]: p.rsplit(":", 1)[0] for p in guard["ports"]}
+    assert published == {str(args.port): str(args.port), str(args.metrics_port): (
+        f"127.0.0.1:{args.metrics_port}"
+    )}
+    assert args.metrics_host == "0.0.0.0"  # inside the container: Prometheus must reach it
     policy = yaml.safe_load(policy_file.read_text())
     assert env_references(policy) <= set(guard["environment"])
     assert guard["read_only"] is True and "/tmp" in guard["tmpfs"]
@@ -194,7 +202,7 @@ def test_compose_prometheus_and_grafana_are_wired(compose: dict[str, Any]) -> No
     assert job["job_name"] == "inference-guard"  # the job the GuardDown alert watches
     assert job["metrics_path"] == "/metrics"
     (sd,) = job["dns_sd_configs"]
-    assert sd["names"] == ["guard"] and sd["port"] == args.port
+    assert sd["names"] == ["guard"] and sd["port"] == args.metrics_port != args.port
 
     grafana = services["grafana"]
     mounts = {v.split(":")[1]: DEPLOY / v.split(":")[0] for v in grafana["volumes"]}
@@ -266,7 +274,8 @@ def test_guard_container_runs_a_real_command_with_probes_and_limits(variant: Var
     args = parse_guard_args(container["args"])
     assert args.run.__name__ == "_serve" and args.host == "0.0.0.0"
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-    assert ports == {"http": args.port}
+    assert ports == {"http": args.port, "metrics": args.metrics_port}
+    assert args.metrics_host == "0.0.0.0" and args.metrics_port != args.port
     assert container["readinessProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": "http"}
     assert container["livenessProbe"]["httpGet"] == {"path": "/v2/health/live", "port": "http"}
     assert container["resources"]["requests"]["cpu"] and container["resources"]["limits"]["memory"]
@@ -318,17 +327,28 @@ def test_services_monitors_autoscalers_and_budgets_select_the_guard(variant: Var
     deployment, container = guard_container(variant)
     pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
     assert labels_match(deployment["spec"]["selector"]["matchLabels"], pod_labels)
-    service = variant.named("Service", "inference-guard")  # the job name the alerts use
+    service = variant.named("Service", "inference-guard")  # what clients call
     assert labels_match(service["spec"]["selector"], pod_labels)
     port_names = {p["name"] for p in container["ports"]}
-    assert {p["targetPort"] for p in service["spec"]["ports"]} <= port_names
+    # The public Service carries the inference port only, never metrics or admin.
+    assert [p["targetPort"] for p in service["spec"]["ports"]] == ["http"]
+
+    ops = variant.named("Service", "inference-guard-metrics")
+    assert labels_match(ops["spec"]["selector"], pod_labels)
+    assert [p["targetPort"] for p in ops["spec"]["ports"]] == ["metrics"]
+    assert {p["targetPort"] for p in ops["spec"]["ports"]} <= port_names
 
     monitor = variant.named("ServiceMonitor", "inference-guard")
-    assert labels_match(monitor["spec"]["selector"]["matchLabels"], service["metadata"]["labels"])
-    assert {e["port"] for e in monitor["spec"]["endpoints"]} <= {
-        p["name"] for p in service["spec"]["ports"]
-    }
+    selected = [
+        s
+        for s in variant.of_kind("Service")
+        if labels_match(monitor["spec"]["selector"]["matchLabels"], s["metadata"]["labels"])
+    ]
+    assert selected == [ops]
+    assert {e["port"] for e in monitor["spec"]["endpoints"]} == {"metrics"}
     assert all(e["path"] == "/metrics" for e in monitor["spec"]["endpoints"])
+    # The job label the alerts use (up{job="inference-guard"}) comes from the Service's label.
+    assert ops["metadata"]["labels"][monitor["spec"]["jobLabel"]] == "inference-guard"
 
     (hpa,) = variant.of_kind("HorizontalPodAutoscaler")
     target = hpa["spec"]["scaleTargetRef"]

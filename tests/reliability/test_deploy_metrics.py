@@ -108,7 +108,7 @@ async def test_referenced_metrics_are_exported_after_real_traffic(
         async with http.post(url, data=v2_body(row)) as reply:
             statuses.append(reply.status)
     assert 403 in statuses and 429 in statuses, statuses
-    async with http.get(guard.make_url("/metrics")) as reply:
+    async with http.get(guard.ops_url("/metrics")) as reply:
         scraped = {
             sample.name
             for family in text_string_to_metric_families(await reply.text())
