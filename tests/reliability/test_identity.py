@@ -22,6 +22,7 @@ import orjson
 import pytest
 import yaml
 
+from guard.loadgen import LoadConfig, run_load
 from guard.models import load_samples
 from tests.integration.conftest import StartGuard
 from tests.reliability.conftest import REPO, digits_model, v2_body
@@ -183,3 +184,22 @@ def test_guard_check_names_file_path_and_value(
     assert result.returncode == 1
     assert f"{path}: {message}" in result.stdout + result.stderr
     assert "Traceback" not in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize(
+    "clients", [{"trust_forwarded_for": True}, {"trusted_proxies": ["127.0.0.0/8"]}]
+)
+async def test_guard_load_still_sends_distinct_clients(
+    start_guard: StartGuard, tmp_path: Path, clients: dict[str, Any]
+) -> None:
+    """``guard load --clients N`` writes one address per client: under either way of
+    trusting the sender each is its own client, each within its own budget."""
+    limit = 10
+    document = policy(clients, tmp_path / "audit.jsonl")
+    document["models"]["digits"]["stages"][-1]["budget"]["limits"][0]["queries"] = limit
+    server = await start_guard(document)
+    base = str(server.make_url("/")).rstrip("/")
+    many = await run_load(LoadConfig(url=base, model="digits", rate=100, duration=1, clients=50))
+    assert many.statuses == {"200": 100}, many.lines()
+    one = await run_load(LoadConfig(url=base, model="digits", rate=100, duration=1, clients=1))
+    assert one.statuses == {"200": limit, "429": 100 - limit}, one.lines()
