@@ -27,8 +27,9 @@ guard behind a trusted network edge. The policy's ``clients`` section::
 Setting ``trusted_proxies`` implies ``trust_forwarded_for`` (both, with
 ``trust_forwarded_for: false``, is refused). Entries left of the trusted hops are
 whatever the client wrote and never pick its identity; an entry that is not an
-address stops the walk at the last trusted hop (see :mod:`guard.forwarded`). Address identities are normalized (``::ffff:7.7.7.7`` is
-``addr:7.7.7.7``; ``addr:2001:db8:1:2::/64`` for IPv6).
+address stops the walk at the last trusted hop (see :mod:`guard.forwarded`).
+Address identities are normalized (``::ffff:7.7.7.7`` is ``addr:7.7.7.7``;
+``addr:2001:db8:1:2::/64`` for IPv6).
 """
 
 from __future__ import annotations
