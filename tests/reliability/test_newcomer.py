@@ -112,3 +112,17 @@ def test_plots_without_matplotlib_name_the_extra(args: tuple[str, ...], tmp_path
     assert "Traceback" not in result.stdout + result.stderr
     assert "needs matplotlib (pip install 'inference-guard[plot]')" in result.stderr
     assert list(tmp_path.iterdir()) == []  # refused before any work
+
+
+def test_ci_installs_what_the_readme_first_command_installs() -> None:
+    """``.ci/run`` runs ``.ci/plain-demo.sh``, which installs the README's first command's
+    extras from the checkout (not editable) and runs the demo: change one, change both."""
+    readme = (REPO / "README.md").read_text()
+    first = next(line for line in readme.splitlines() if "guard demo" in line and "pip" in line)
+    install = first.split("pip install ", 1)[1].split(" && ", 1)[0]
+    script = (REPO / ".ci" / "plain-demo.sh").read_text()
+    assert f'pip" install --quiet {install})' in script
+    assert " -e " not in script and "--editable" not in script
+    assert 'bin/guard" demo' in script
+    steps = [line.strip() for line in (REPO / ".ci" / "run").read_text().splitlines()]
+    assert ".ci/plain-demo.sh" in steps
