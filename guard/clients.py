@@ -11,24 +11,42 @@ The keys file stores only SHA-256 digests of keys, never the keys::
 
 ``guard keygen NAME`` prints a fresh key and the entry to paste. With no keys
 file, clients are told apart by address (``addr:127.0.0.1``), which suits a
-guard behind a trusted network edge; behind a load balancer set
-``trust_forwarded_for`` so the first ``X-Forwarded-For`` hop is used.
+guard behind a trusted network edge. The policy's ``clients`` section::
+
+    clients:
+      keys_file: keys.yaml        # absent: identify clients by address
+      header: X-API-Key           # where clients send their key
+      trust_forwarded_for: false  # true: one trusted proxy in front (a load balancer);
+                                  # the rightmost X-Forwarded-For entry is the client
+      # trusted_proxies: 2        # instead: N proxies in a chain, the N-th entry from
+                                  # the right; or a list of CIDRs: [10.0.0.0/8, fd00::/8]
+                                  # (XFF is read only when the socket peer is inside one;
+                                  # entries inside them are skipped from the right)
+      ipv6_prefix: 64             # IPv6 clients are one client per /64 (128: per address)
+
+Setting ``trusted_proxies`` implies ``trust_forwarded_for`` (both, with
+``trust_forwarded_for: false``, is refused). Entries left of the trusted hops are
+whatever the client wrote and never pick its identity; an entry that is not an
+address stops the walk at the last trusted hop (see :mod:`guard.forwarded`).
+Address identities are normalized (``::ffff:7.7.7.7`` is ``addr:7.7.7.7``;
+``addr:2001:db8:1:2::/64`` for IPv6).
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
-import ipaddress
 import re
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import yaml
 
-from guard.configreader import Section
+from guard import forwarded
+from guard.configreader import Section, _show
 from guard.errors import Forbidden, PolicyError, Unauthorized
 
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
@@ -60,7 +78,9 @@ class ClientDirectory:
 
     header: str = "X-API-Key"
     keys: Mapping[str, Client] | None = None  # digest -> client; None: identify by address
-    trust_forwarded_for: bool = False
+    trust_forwarded_for: bool = False  # alone: one trusted hop
+    trusted_proxies: int | tuple[forwarded.IPNetwork, ...] | None = None  # hops, or networks
+    ipv6_prefix: int = 64
 
     @property
     def uses_keys(self) -> bool:
@@ -82,15 +102,60 @@ class ClientDirectory:
             raise Forbidden(f"client {client.name} may not call model {model}")
 
     def _address(self, headers: Mapping[str, str], remote: str | None) -> str:
-        if self.trust_forwarded_for:
-            forwarded = headers.get("X-Forwarded-For")
-            if forwarded:
-                hop = forwarded.split(",", 1)[0].strip()
-                try:  # a client name must be an address: it reaches logs and the audit
-                    return str(ipaddress.ip_address(hop))
-                except ValueError:
-                    pass
-        return remote or "unknown"
+        peer = forwarded.parse_address(remote) if remote else None
+        if peer is None:  # not an IP socket: nothing to walk from
+            return remote or "unknown"
+        trusted = self.trusted_proxies
+        if trusted is None and self.trust_forwarded_for:
+            trusted = 1
+        address = peer
+        if trusted is not None:
+            getall = getattr(headers, "getall", None)  # every XFF header line, in order
+            values = getall(forwarded.HEADER, []) if getall else [headers.get(forwarded.HEADER)]
+            address = forwarded.client_address([v for v in values if v], peer, trusted)
+        return forwarded.group(address, self.ipv6_prefix)
+
+
+def read_address_options(section: Section) -> dict[str, Any]:
+    """``trust_forwarded_for``, ``trusted_proxies`` and ``ipv6_prefix`` of a policy's
+    ``clients`` section, validated, as :class:`ClientDirectory` keyword arguments."""
+    trust = section.bool("trust_forwarded_for", None)
+    proxies = _trusted_proxies(section)
+    if proxies is not None and trust is False:
+        raise section.error(
+            "trusted_proxies",
+            "needs trust_forwarded_for: true (or leave trust_forwarded_for out); "
+            "got trust_forwarded_for: false",
+        )
+    return {
+        "trust_forwarded_for": bool(trust) or proxies is not None,
+        "trusted_proxies": proxies,
+        "ipv6_prefix": section.int("ipv6_prefix", 64, min=1, max=128),
+    }
+
+
+def _trusted_proxies(section: Section) -> int | tuple[forwarded.IPNetwork, ...] | None:
+    key = "trusted_proxies"
+    raw = section.data.get(key)
+    if isinstance(raw, int) and not isinstance(raw, bool):
+        return int(section.int(key, min=1))
+    if raw is not None and (not isinstance(raw, list) or not raw):
+        raise section.error(
+            key, f"must be a hop count (an integer >= 1) or a list of CIDRs; got {_show(raw)}"
+        )
+    values = section.str_list(key, None)  # marks the key read; a non-string entry fails here
+    if values is None:
+        return None
+    networks = []
+    for i, text in enumerate(values):
+        try:
+            networks.append(forwarded.parse_network(text))
+        except ValueError as exc:
+            raise PolicyError(
+                f"{section.source}: {section.where(key)}[{i}] must be an IP network in CIDR "
+                f"notation (10.0.0.0/8, fd00::/8); got {_show(text)} ({exc})"
+            ) from exc
+    return tuple(networks)
 
 
 def load_keys(path: Path) -> dict[str, Client]:

@@ -21,7 +21,7 @@ import yaml
 
 from guard.backends.http import UpstreamConfig
 from guard.backends.onnx import DEVICES
-from guard.clients import ClientDirectory, key_digest, load_keys
+from guard.clients import ClientDirectory, key_digest, load_keys, read_address_options
 from guard.configreader import Section
 from guard.errors import PolicyError
 from guard.state import StateConfig, read_state_config
@@ -365,11 +365,7 @@ def _clients(section: Section, base: Path) -> ClientDirectory:
     header = section.str("header", "X-API-Key")
     keys_file = section.str("keys_file", None)
     keys = load_keys((base / keys_file).resolve()) if keys_file else None
-    directory = ClientDirectory(
-        header=header,
-        keys=keys,
-        trust_forwarded_for=section.bool("trust_forwarded_for", False),
-    )
+    directory = ClientDirectory(header=header, keys=keys, **read_address_options(section))
     section.finish()
     return directory
 

@@ -13,8 +13,9 @@ Inputs are the held-out samples shipped with the demo models
 blend of two of them per request (``blend``: distinct queries, so query-pattern
 detectors such as ``blacklight`` see ordinary traffic rather than thousands of
 repeats). Requests come from one client, from ``clients`` distinct addresses in
-``X-Forwarded-For`` (the guard must set ``clients.trust_forwarded_for``), or
-rotate over API keys.
+``X-Forwarded-For`` (one address each, as a balancer writes it: the guard must
+trust the generator as its proxy, with ``clients.trust_forwarded_for: true`` or
+``clients.trusted_proxies`` covering its address), or rotate over API keys.
 
 Guarantees: the schedule and the inputs are fixed by ``seed``; every scheduled
 request is either answered (counted by status), failed (counted by error kind:

@@ -198,6 +198,7 @@ def _build_model(
         backend=backend,
         local=local,
         metadata=local.model_metadata if local else None,
+        version=(config.upstream.version or "") if config.upstream else "",
         state=state,
         metrics=metrics,
     )

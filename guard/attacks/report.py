@@ -31,15 +31,22 @@ class Report:
         self.target = target
         self.seed = seed
         self.entries: list[dict[str, Any]] = []
+        self.notes: list[str] = []  # what was left out, and why
 
     def add(self, entry: dict[str, Any]) -> None:
         self.entries.append(entry)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON values only: numpy values converted, NaN as null."""
-        return _plain(
-            {"model": self.model, "target": self.target, "seed": self.seed, "entries": self.entries}
-        )
+        document: dict[str, Any] = {
+            "model": self.model,
+            "target": self.target,
+            "seed": self.seed,
+            "entries": self.entries,
+        }
+        if self.notes:
+            document["notes"] = self.notes
+        return _plain(document)
 
     def write(self, path: Path) -> None:
         path.write_text(json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n")
@@ -77,12 +84,12 @@ class Report:
             for r in rows
         ]
         lines.insert(1, "  ".join("-" * w for w in widths))
-        return "\n".join(lines)
+        return "\n".join(lines + [f"note: {note}" for note in self.notes])
 
     def plots(self, directory: Path) -> list[Path]:
         """Write ``success_vs_queries.png`` and ``membership_roc.png`` (whichever have data).
 
-        Needs matplotlib (``pip install matplotlib``); raises ImportError without it.
+        Needs matplotlib (``pip install 'inference-guard[plot]'``); raises ImportError without it.
         """
         from matplotlib.figure import Figure
 

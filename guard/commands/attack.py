@@ -51,6 +51,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from guard.attacks.suite import SuiteConfig, run_suite
     from guard.attacks.targets import TargetError
+    from guard.extras import hint, installed
 
     for flag in ("samples", "budget", "batch_size"):
         value = getattr(args, flag)
@@ -60,6 +61,9 @@ def run(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
             return 2
+    if args.plots and not installed("matplotlib"):  # before the attacks, not after them
+        print(f"guard attack: --plots needs matplotlib {hint('matplotlib')}", file=sys.stderr)
+        return 2
     keys = args.benign_keys.split(",") if args.benign_keys else []
     config = SuiteConfig(
         model=args.model,
@@ -91,9 +95,7 @@ def run(args: argparse.Namespace) -> int:
             for path in report.plots(args.plots):
                 print(f"plot written to {path}")
         except ImportError:
-            print(
-                "guard attack: --plots needs matplotlib (pip install matplotlib)", file=sys.stderr
-            )
+            print(f"guard attack: --plots needs matplotlib {hint('matplotlib')}", file=sys.stderr)
             return 1
     return 0
 

@@ -68,6 +68,7 @@ def run(args: argparse.Namespace) -> int:
     from guard.backends.onnx import OnnxBackend
     from guard.defenses.sampling import labels_from_output
     from guard.defenses.smoothing import ParameterError, Smooth, check_parameters
+    from guard.extras import hint, installed
     from guard.models import load_samples, model_path
 
     try:
@@ -80,8 +81,8 @@ def run(args: argparse.Namespace) -> int:
     if args.batch < 1 or (args.samples is not None and args.samples < 1):
         print("guard certify: --batch and --samples must be >= 1", file=sys.stderr)
         return 2
-    if args.plot is not None and not _has_matplotlib():
-        print("guard certify: --plot needs matplotlib (pip install matplotlib)", file=sys.stderr)
+    if args.plot is not None and not installed("matplotlib"):
+        print(f"guard certify: --plot needs matplotlib {hint('matplotlib')}", file=sys.stderr)
         return 2
 
     x, y = load_samples(args.model)
@@ -176,12 +177,6 @@ def _write_csv(path: Path, rows: list[Row]) -> None:
                     f"{r.time:.4f}",
                 )
             )
-
-
-def _has_matplotlib() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("matplotlib") is not None
 
 
 def _plot(

@@ -167,13 +167,17 @@ def _write_policy(document: dict[str, Any], result: Any, args: argparse.Namespac
 
 
 def _write_report(result: Any, base: Path, path: Path) -> None:
+    from guard.extras import hint
     from guard.tuning.report import markdown, plot
 
     figure: Path | None = path.with_suffix(".png")
     try:
         plot(result, figure)  # type: ignore[arg-type]
     except ImportError:
-        print("guard tune: no plot in the report: it needs matplotlib", file=sys.stderr)
+        print(
+            f"guard tune: no plot in the report: it needs matplotlib {hint('matplotlib')}",
+            file=sys.stderr,
+        )
         figure = None
     path.write_text(markdown(result, base_path=base, plot=figure), encoding="utf-8")
     print(f"report written to {path}", file=sys.stderr)

@@ -4,10 +4,12 @@ Each model ``NAME`` in :data:`MODELS` is ``NAME.onnx`` beside this module (input
 ``input`` FP32 ``[None, F]``; outputs ``label`` INT64 ``[None]`` and ``probabilities``
 FP32 ``[None, C]``) with a ``NAME.json`` sidecar describing it: data set, seed, input
 range, accuracies measured with onnxruntime, the file's sha256, and the member
-(training) and non-member (held-out) indices. ``python -m guard.models.train``
-rebuilds both.
+(training) and non-member (held-out) indices, and the rows of that split:
+``NAME.members.npz`` and ``NAME.samples.npz`` (a few tens of kilobytes each, so the
+demo, the attacks and the tuner run on a plain install, without scikit-learn).
+``python -m guard.models.train`` rebuilds them all.
 
-Importing this module is cheap: scikit-learn is imported only by :func:`load_split`.
+Importing this module is cheap: it needs numpy only.
 """
 
 from __future__ import annotations
@@ -21,7 +23,6 @@ import numpy as np
 
 MODELS = ("digits", "breast_cancer")
 _DIR = Path(__file__).parent
-_LOADERS = ("load_digits", "load_breast_cancer")
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,28 +53,32 @@ def model_info(name: str) -> dict[str, Any]:
 
 def load_samples(name: str) -> tuple[np.ndarray, np.ndarray]:
     """Held-out (non-member) inputs and labels shipped beside the model; no scikit-learn needed."""
-    with np.load(_DIR / f"{_check(name)}.samples.npz") as data:
-        return data["x"], data["y"]
+    return _rows(name, "samples")
 
 
 def load_split(name: str) -> Split:
-    """The member / non-member data of ``name``, rebuilt from scikit-learn's bundled copy."""
+    """The member / non-member rows of ``name``, shipped beside the model (written by
+    ``python -m guard.models.train``); no scikit-learn needed."""
     info = model_info(name)
-    loader = info["dataset"]
-    if loader not in _LOADERS:
-        raise ValueError(
-            f"{name}.json: dataset must be one of {', '.join(_LOADERS)}; got {loader!r}"
-        )
-    from sklearn import datasets  # heavy: only where the data is needed
-
-    bunch = getattr(datasets, loader)()
-    x = bunch.data.astype(np.float32)
-    y = bunch.target.astype(np.int64)
-    members = np.asarray(info["members"], dtype=np.intp)
-    non_members = np.asarray(info["non_members"], dtype=np.intp)
+    x_members, y_members = _rows(name, "members")
+    x_nonmembers, y_nonmembers = _rows(name, "samples")
+    for what, y, indices in (
+        ("members", y_members, info["members"]),
+        ("samples", y_nonmembers, info["non_members"]),
+    ):
+        if len(y) != len(indices):
+            raise ValueError(
+                f"{name}.{what}.npz has {len(y)} rows but {name}.json lists {len(indices)}: "
+                "rerun python -m guard.models.train"
+            )
     return Split(
-        x_members=x[members],
-        y_members=y[members],
-        x_nonmembers=x[non_members],
-        y_nonmembers=y[non_members],
+        x_members=x_members,
+        y_members=y_members,
+        x_nonmembers=x_nonmembers,
+        y_nonmembers=y_nonmembers,
     )
+
+
+def _rows(name: str, part: str) -> tuple[np.ndarray, np.ndarray]:
+    with np.load(_DIR / f"{_check(name)}.{part}.npz") as data:
+        return data["x"], data["y"]

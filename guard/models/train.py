@@ -241,10 +241,25 @@ def export(trained: TrainedModel, name: str, out_dir: Path) -> dict[str, Any]:
         "non_members": trained.non_members.tolist(),
     }
     (out_dir / f"{name}.json").write_text(_dumps(info))
-    # Held-out rows for demos and load tests on machines without scikit-learn.
-    with (out_dir / f"{name}.samples.npz").open("wb") as f:
-        np.savez_compressed(f, x=x_test.astype(np.float32), y=y_test.astype(np.int64))
+    write_split(out_dir, name, x, y, trained.members, trained.non_members)
     return info
+
+
+def write_split(
+    out_dir: Path,
+    name: str,
+    x: np.ndarray,
+    y: np.ndarray,
+    members: np.ndarray,
+    non_members: np.ndarray,
+) -> None:
+    """Write the split's rows beside the model, so the demo, the attacks and the tuner
+    run without scikit-learn: ``<name>.samples.npz`` (the non-members, held out) and
+    ``<name>.members.npz`` (the training rows), each ``x`` float32 and ``y`` int64 in
+    index order."""
+    for suffix, rows in (("samples", non_members), ("members", members)):
+        with (out_dir / f"{name}.{suffix}.npz").open("wb") as f:
+            np.savez_compressed(f, x=x[rows].astype(np.float32), y=y[rows].astype(np.int64))
 
 
 def _dumps(info: dict[str, Any]) -> str:

@@ -22,6 +22,9 @@ class StageEnv:
     backend: Backend | None  # what serves this model's requests (upstream or local copy)
     local: OnnxBackend | None  # the policy's local copy of the model, when it has one
     metadata: ModelMetadata | None  # known without asking the upstream (from the local copy)
+    # The model version the backend serves, from the policy (upstream.version); "" when the
+    # model has one version. Never the version a client writes in its URL.
+    version: str = ""
     # Shared per-client state (budgets, histories, fingerprints); one store per app, kept
     # across reloads. None only where a stage is built on its own (tests, tools).
     state: StateStore | None = None

@@ -48,9 +48,12 @@ reverse, so it then perturbs the final outputs, and a later stage answering by
 itself still has its answer perturbed. ``validate`` casting inputs to the model's
 dtype makes equal model inputs hash equally.
 
-Noise is keyed on the model, its version, the output, the mechanism with its
+Noise is keyed on the model, the version the guard serves (``upstream.version``
+in the policy; none for an embedded model), the output, the mechanism with its
 parameters and the input row, not on the client: everyone asking the same
-question gets the same answer.
+question gets the same answer. The version a client writes in its URL
+(``/versions/<v>/``) is not part of the key: it does not change the model that
+answers, so it must not buy a fresh draw of noise.
 
 Each answered row costs one answer's ε (ρ for the Gaussian); a request whose
 cost does not fit the budget is answered as ``on_exhausted`` says, all rows
@@ -126,6 +129,7 @@ class Privacy(BaseStage):
         self,
         *,
         model: str,
+        version: str = "",
         mechanism: Mechanism,
         degraded: Mechanism,
         delta: float | None,
@@ -141,6 +145,7 @@ class Privacy(BaseStage):
         if on_exhausted not in ON_EXHAUSTED:
             raise ValueError(f"on_exhausted must be one of {', '.join(ON_EXHAUSTED)}")
         self.model = model
+        self.version = version  # the served model's, from the policy: part of the noise key
         self.mechanism = mechanism
         self.degraded = degraded
         self.delta = delta
@@ -186,6 +191,7 @@ class Privacy(BaseStage):
         gaussian = any(isinstance(m, Gaussian) for m in (mechanism, degraded))
         return cls(
             model=env.model,
+            version=env.version,
             mechanism=mechanism,
             degraded=degraded,
             delta=delta if gaussian else None,
@@ -329,14 +335,17 @@ class Privacy(BaseStage):
             return mechanism
         return LabelOnly() if self.on_exhausted == "label_only" else self.degraded
 
+    def noise_scope(self, mechanism: Mechanism) -> tuple[str, ...]:
+        """What the consistent noise is keyed on besides the input row: fixed by the
+        policy, nothing a client sends (see the module docstring)."""
+        return (self.model, self.version, self.output, mechanism.fingerprint())
+
     def _generators(
         self, ctx: RequestContext, mechanism: Mechanism, rows: int
     ) -> np.random.Generator | list[np.random.Generator]:
         if self.secret is None:
             return self.rng
-        response = ctx.response
-        version = (response.model_version if response else None) or ""
-        scope = (self.model, version, self.output, mechanism.fingerprint())
+        scope = self.noise_scope(mechanism)
         generators = consistent_generators(self.secret, scope, ctx.request.inputs)
         if len(generators) != rows:
             raise ValueError(f"{rows} rows of scores answer {len(generators)} rows of input")

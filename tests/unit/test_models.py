@@ -123,6 +123,17 @@ def test_split_is_disjoint_covering_and_stratified(info: dict[str, Any], name: s
     assert np.all(np.abs(counts_in - counts_out) <= 1)
 
 
+def test_shipped_split_is_the_data_sets_split(info: dict[str, Any], name: str) -> None:
+    """The rows shipped for installs without scikit-learn are exactly its data set's rows."""
+    x, y, _ = train.load_dataset(info["dataset"])
+    members, non_members = np.array(info["members"]), np.array(info["non_members"])
+    split = load_split(name)
+    np.testing.assert_array_equal(split.x_members, x[members])
+    np.testing.assert_array_equal(split.y_members, y[members])
+    np.testing.assert_array_equal(split.x_nonmembers, x[non_members])
+    np.testing.assert_array_equal(split.y_nonmembers, y[non_members])
+
+
 def test_input_range_holds(info: dict[str, Any], name: str) -> None:
     split = load_split(name)
     x = np.concatenate([split.x_members, split.x_nonmembers])
@@ -168,3 +179,11 @@ def test_retraining_reproduces(retrained: Path, info: dict[str, Any], name: str)
     assert again["test_accuracy"] == info["test_accuracy"]
     assert again == info
     assert (retrained / f"{name}.onnx").read_bytes() == model_path(name).read_bytes()
+    for part in ("members", "samples"):
+        with (
+            np.load(retrained / f"{name}.{part}.npz") as new,
+            np.load(model_path(name).with_name(f"{name}.{part}.npz")) as old,
+        ):
+            assert sorted(new.files) == sorted(old.files) == ["x", "y"]
+            for key in new.files:
+                np.testing.assert_array_equal(new[key], old[key])
