@@ -81,8 +81,8 @@ class Resampling(_Wrapper):
         target: Target,
         rng: np.random.Generator,
         *,
-        sigma: float = 0.002,
-        growth: float = 1.6,
+        sigma: float = 0.0005,
+        growth: float = 2.0,
         retries: int = 10,
         shift: bool = False,
         accept_label_only: bool = False,
@@ -152,7 +152,8 @@ class Sybil(_Wrapper):
 
 class Flushing(_Wrapper):
     """``junk`` random rows from one of ``junk_targets`` (other accounts, in turn)
-    before every ``every``-th query of ``target``, sent ``batch`` rows per request."""
+    before every ``every``-th query of ``target``, sent ``batch`` rows per request
+    (the junk targets' ``batch_size`` is raised to ``batch``)."""
 
     def __init__(
         self,
@@ -169,6 +170,8 @@ class Flushing(_Wrapper):
         if not junk_targets:
             raise ValueError("Flushing needs at least one junk account")
         super().__init__([target, *junk_targets])
+        for junk_target in junk_targets:
+            junk_target.batch_size = max(junk_target.batch_size, batch)
         self.rng = rng
         self.every = every
         self.junk = junk

@@ -89,11 +89,22 @@ class Scale:
 
 
 QUICK = Scale(
-    clients=40, queries=25, samples=3, budget=150, adaptive_samples=4, adaptive_budget=300,
-    extraction_runs=3, flush_every=300,
+    clients=40,
+    queries=25,
+    samples=3,
+    budget=150,
+    adaptive_samples=3,
+    adaptive_budget=300,
+    extraction_runs=3,
+    flush_every=300,
 )
 FULL = Scale(
-    clients=60, queries=60, samples=10, budget=1000, adaptive_samples=8, adaptive_budget=1000,
+    clients=60,
+    queries=60,
+    samples=10,
+    budget=1000,
+    adaptive_samples=8,
+    adaptive_budget=1000,
     extraction_runs=10,
 )
 
@@ -119,11 +130,11 @@ class Phase:
         self._tmp.cleanup()
 
     def target(self, client: str) -> HttpTarget:
-        assert self.guard is not None  # noqa: S101 - set in __enter__
+        assert self.guard is not None
         return HttpTarget(self.guard.url, MODEL, SPEC, api_key=api_key(client), trace=client)
 
     def audit(self) -> AuditTrail:
-        assert self.guard is not None  # noqa: S101
+        assert self.guard is not None
         return self.guard.audit()
 
 
@@ -153,9 +164,7 @@ def honest(policy: Path, scale: Scale, seed: int, *, priming: bool) -> dict[str,
         clients = list(zip(names, made[: len(names)], strict=True))
         before = []
         if priming:
-            plans = priming_requests(
-                mix, x, y, SPEC, rng_for(seed, 2), mix_rng=rng_for(seed, 1)
-            )
+            plans = priming_requests(mix, x, y, SPEC, rng_for(seed, 2), mix_rng=rng_for(seed, 1))
             before = list(zip(zip(primers, made[len(names) :], strict=True), plans, strict=True))
         run = mix.run(clients, x, y, rng_for(seed, 1), before=before)
         measured = run.measure(phase.audit())
@@ -284,6 +293,7 @@ def adaptive_phase(policy: Path, scale: Scale, seed: int) -> dict[str, Any]:
             "resent": getattr(through, "resent", None),
             "seconds": round(time.perf_counter() - started, 1),
         }
+        print(f"    {label}: {out[label]['seconds']} s", file=sys.stderr, flush=True)
     return out
 
 
@@ -338,46 +348,56 @@ def targets_table(results: dict[str, Any]) -> list[tuple[str, str, bool | None]]
         cats = ", ".join(
             f"{c} {pct(b[c]['harmed_fraction'])}" for c in ("popular", "retry", "jitter", "fresh")
         )
-        rows.append((
-            f"honest mix ({b['clients']} clients, {a['requests']} requests): "
-            "<= 0.1% refused or degraded",
-            f"{pct(share)} ({a['refused']} refused, {a['degraded']} degraded; {cats})",
-            share <= 0.001,
-        ))
-        rows.append((
-            "honest mix: 0 clients denied",
-            f"{b['clients_denied']}/{b['clients']} denied, {b['clients_harmed']} harmed, "
-            f"{b['clients_flagged']} flagged",
-            b["clients_denied"] == 0,
-        ))
+        rows.append(
+            (
+                f"honest mix ({b['clients']} clients, {a['requests']} requests): "
+                "<= 0.1% refused or degraded",
+                f"{pct(share)} ({a['refused']} refused, {a['degraded']} degraded; {cats})",
+                share <= 0.001,
+            )
+        )
+        rows.append(
+            (
+                "honest mix: 0 clients denied",
+                f"{b['clients_denied']}/{b['clients']} denied, {b['clients_harmed']} harmed, "
+                f"{b['clients_flagged']} flagged",
+                b["clients_denied"] == 0,
+            )
+        )
     if "priming" in results:
         p = results["priming"]
         a = p["all"]
-        rows.append((
-            "priming by 5 accounts: 0 honest requests refused",
-            f"{a['refused']} refused, {a['degraded']} degraded of {a['requests']}; primed inputs "
-            f"refused {p['primed_inputs_refused']}/{p['primed_requests']}",
-            a["refused"] == 0,
-        ))
+        rows.append(
+            (
+                "priming by 5 accounts: 0 honest requests refused",
+                f"{a['refused']} refused, {a['degraded']} degraded of {a['requests']}; primed inputs "
+                f"refused {p['primed_inputs_refused']}/{p['primed_requests']}",
+                a["refused"] == 0,
+            )
+        )
     for name, e in results.get("evasion", {}).items():
         firsts = e["first_finding"]
         ok = bool(firsts) and all(f is not None and f <= 100 for f in firsts)
-        rows.append((
-            f"{name}: every run caught within 100 queries",
-            f"first finding at {firsts} (runs {e['runs']})",
-            ok,
-        ))
+        rows.append(
+            (
+                f"{name}: every run caught within 100 queries",
+                f"first finding at {firsts} (runs {e['runs']})",
+                ok,
+            )
+        )
     for label, e in results.get("adaptive", {}).items():
         bare, guard = e["success_bare"], e["success_guard"]
         ok = None if not bare else (guard or 0.0) <= 0.1 * bare
         extra = "" if label.split()[0] in ("oars", "sybil", "sybil+oars") else " (extra)"
-        rows.append((
-            f"{label}{extra}: success through guard <= 10% of without",
-            f"{pct(guard)} vs {pct(bare)} without ({e['samples_guard']} samples; real queries "
-            f"{e['queries_guard']} vs {e['queries_bare']}; "
-            f"keys acted on {e['keys_acted_on']})",
-            ok,
-        ))
+        rows.append(
+            (
+                f"{label}{extra}: success through guard <= 10% of without",
+                f"{pct(guard)} vs {pct(bare)} without ({e['samples_guard']} samples; real queries "
+                f"{e['queries_guard']} vs {e['queries_bare']}; "
+                f"keys acted on {e['keys_acted_on']})",
+                ok,
+            )
+        )
     ex = results.get("extraction", {})
     benign_flagged = None
     if "benign" in results:
@@ -393,13 +413,15 @@ def targets_table(results: dict[str, Any]) -> list[tuple[str, str, bool | None]]
         if name == "knockoff":
             note = f"; benign clients flagged {pct(benign_flagged)}"
             ok = ok and benign_flagged is not None and benign_flagged <= 0.005
-        rows.append((
-            f"{name}: caught in >= 95% of runs within {e['budget']} queries"
-            + (" at <= 0.5% benign clients flagged" if name == "knockoff" else ""),
-            f"{caught}/{e['runs']} runs, first finding {e['first_finding']}{note}; "
-            f"fidelity {e['fidelity']}",
-            ok,
-        ))
+        rows.append(
+            (
+                f"{name}: caught in >= 95% of runs within {e['budget']} queries"
+                + (" at <= 0.5% benign clients flagged" if name == "knockoff" else ""),
+                f"{caught}/{e['runs']} runs, first finding {e['first_finding']}{note}; "
+                f"fidelity {e['fidelity']}",
+                ok,
+            )
+        )
     return rows
 
 
@@ -445,9 +467,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {target} | {measured} | {'-' if ok is None else 'PASS' if ok else 'MISS'} |")
     print(f"\nseconds per phase: {timings}")
     if args.json:
-        args.json.write_text(json.dumps({"scale": vars(args) | {"scale": str(scale)},
-                                         "results": results, "seconds": timings},
-                                        indent=1, default=str))
+        args.json.write_text(
+            json.dumps(
+                {
+                    "scale": vars(args) | {"scale": str(scale)},
+                    "results": results,
+                    "seconds": timings,
+                },
+                indent=1,
+                default=str,
+            )
+        )
     return 0
 
 

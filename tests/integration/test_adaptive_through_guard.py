@@ -37,8 +37,15 @@ def policy_file(tmp_path: Path, stages: list[dict[str, Any]], clients: list[str]
 
 VALIDATE = {"validate": {"min": 0.0, "max": 16.0, "max_batch": 256}}
 BLACKLIGHT_DENY = {
-    "blacklight": {"quantize": 3.0, "window": 20, "top": 50, "threshold": 25, "matches": 2,
-                   "global_matches": 5, "action": "deny"}
+    "blacklight": {
+        "quantize": 3.0,
+        "window": 20,
+        "top": 50,
+        "threshold": 25,
+        "matches": 2,
+        "global_matches": 5,
+        "action": "deny",
+    }
 }
 
 
@@ -101,7 +108,12 @@ def test_priming_and_refusals_are_read_from_the_audit_log(tmp_path: Path) -> Non
     with InProcessGuard(path) as guard:
         made = clients_of(guard, names + primers)
         plans = priming_requests(
-            mix, x, y, SPEC, np.random.default_rng(1), accounts=3,
+            mix,
+            x,
+            y,
+            SPEC,
+            np.random.default_rng(1),
+            accounts=3,
             mix_rng=np.random.default_rng(2),
         )
         before = list(zip(zip(primers, made[6:], strict=True), plans, strict=True))
@@ -132,10 +144,15 @@ def test_adaptive_attackers_query_through_the_guard(tmp_path: Path, kind: str) -
         made = clients_of(guard, names)
         wrapped = adaptive.wrap(kind, made, np.random.default_rng(0), flush_every=20)
         if kind == "flushing":
-            wrapped = adaptive.Flushing(made[0], made[1:], np.random.default_rng(0),
-                                        every=20, junk=300, batch=100)
+            wrapped = adaptive.Flushing(
+                made[0], made[1:], np.random.default_rng(0), every=20, junk=300, batch=100
+            )
         run = run_evasion(
-            SquareLinf(epsilon=2.0), wrapped, x[right], y[right], budget=60,
+            SquareLinf(epsilon=2.0),
+            wrapped,
+            x[right],
+            y[right],
+            budget=60,
             rng=np.random.default_rng(0),
         )
         served_rows = sum(t.queries for t in made)
