@@ -158,7 +158,8 @@ class AuditFinding:
     request_id: str
     client: str
     stage: str
-    action: str
+    action: str  # what was done
+    intended: str = ""  # what the stage's action would do in enforce mode
 
     @property
     def harmful(self) -> bool:
@@ -167,7 +168,11 @@ class AuditFinding:
 
     @property
     def refusing(self) -> bool:
-        return self.action in REFUSING_ACTIONS
+        """Refused: a ``deny``, or a harmful action standing in for one (a silent deny
+        that answers with a misleading 200 still denies the client)."""
+        return self.action in REFUSING_ACTIONS or (
+            self.harmful and self.intended in REFUSING_ACTIONS
+        )
 
 
 @dataclass(slots=True)
@@ -199,6 +204,7 @@ class AuditTrail:
                     str(record.get("client")),
                     str(record.get("stage")),
                     str(record.get("action")),
+                    str(record.get("intended", "")),
                 )
             )
         return cls(findings)

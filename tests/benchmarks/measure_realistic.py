@@ -11,7 +11,9 @@ raised so only detection decides, an audit log, and one API key per client
 from its audit log by request id (a guard may answer a detected client
 silently: status 200, no header) and from the HTTP status.
 
-Phases (``--quick`` scale in brackets, for a loaded 2-core machine):
+Phases (``--quick`` scale in brackets; quick takes ~3 minutes on a loaded 2-core
+machine, full ~15; the quick adaptive comparison, on 3 samples, is a smoke test:
+quote the full one):
 
 benign      the honest mix (:class:`guard.attacks.benign.TrafficMix`) from
             60 [40] keyed clients x 60 [25] requests: popular inputs (Zipf over
@@ -19,12 +21,15 @@ benign      the honest mix (:class:`guard.attacks.benign.TrafficMix`) from
             degraded (per category), clients denied, harmed, flagged.
 priming     5 accounts send every popular input exactly and jittered, then the
             same honest mix: honest requests refused or degraded.
-evasion     HopSkipJump, Square L-inf, SimBA, 10 [3] samples, one key: the
-            query of each run at which the guard first recorded a finding.
+evasion     HopSkipJump, Square L-inf, SimBA, 10 [3] samples, 500 [150] queries
+            each, one key: the query of each run at which the guard first
+            recorded a finding.
 adaptive    OARS-style resampling (HopSkipJump, Square L-inf, SimBA), Sybil over
-            10 keys, history flushing by 10,000 junk rows from another key every
-            100 attack queries, and HopSkipJump resampling only on refusals
-            (keeps going when degraded to label-only): end-to-end success (the
+            10 keys, Sybil + OARS, history flushing by 10,000 junk rows from
+            other keys every 200 [300] attack queries, and HopSkipJump
+            resampling only on refusals (keeps going when degraded to
+            label-only), 6 [3] samples, 600 [300] queries each (resends not
+            counted in that budget): end-to-end success (the
             final input judged on the bare ONNX model) through the guard against
             the same attack on the bare model, with the real query counts.
 extraction  Knockoff (1,000 queries) and JbDA (500 queries), 10 [3] runs each, a
@@ -102,10 +107,11 @@ FULL = Scale(
     clients=60,
     queries=60,
     samples=10,
-    budget=1000,
-    adaptive_samples=8,
-    adaptive_budget=1000,
+    budget=500,
+    adaptive_samples=6,
+    adaptive_budget=600,
     extraction_runs=10,
+    flush_every=200,
 )
 
 
