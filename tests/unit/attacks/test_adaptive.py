@@ -141,3 +141,24 @@ def test_priming_guesses_the_popular_inputs_exactly_and_jittered() -> None:
     exact = {r.x.tobytes() for p in plans for r in p if r.jitter is None}
     assert popular <= exact
     assert all(r.x.tobytes() not in exact for p in plans for r in p if r.jitter is not None)
+
+
+def test_the_suite_runs_adaptive_attackers_and_judges_them_on_the_bare_model() -> None:
+    from guard.attacks.suite import SuiteConfig, run_suite
+
+    calls: list[int | None] = []
+
+    def make_target(client: int | None) -> Target:
+        calls.append(client)
+        return OnnxTarget.builtin("digits")
+
+    config = SuiteConfig(model="digits", samples=2, budget=80, seed=0, sybil_keys=4)
+    report = run_suite(["oars-square-linf", "sybil-square-linf"], config, make_target)
+    oars, sybil = report.entries
+    assert calls == [None, None, -1, -2, -3]  # Sybil: its own account and three more
+    for entry in (oars, sybil):
+        assert entry["family"] == "adaptive" and entry["units"] == 2
+        # undefended, the run through the target repeats the bare run draw for draw
+        assert entry["success_rate"] == entry["bare_success_rate"]
+        assert entry["real_queries"] == entry["bare_real_queries"] > 2
+    assert sybil["accounts"] == 4
