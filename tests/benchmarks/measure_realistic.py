@@ -42,6 +42,7 @@ are this run's; nothing here is asserted.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import tempfile
@@ -245,7 +246,9 @@ def _evaluate(run: EvasionRun, x: np.ndarray, y: np.ndarray, name: str) -> list[
     ]
 
 
-def adaptive_phase(policy: Path, scale: Scale, seed: int) -> dict[str, Any]:
+def adaptive_phase(
+    policy: Path, scale: Scale, seed: int, kinds: set[str] | None = None
+) -> dict[str, Any]:
     x, y = sample_rows(seed, scale.adaptive_samples)
     budget = scale.adaptive_budget
     scenarios = [
@@ -266,6 +269,8 @@ def adaptive_phase(policy: Path, scale: Scale, seed: int) -> dict[str, Any]:
 
     out = {}
     for k, (kind, name) in enumerate(scenarios):
+        if kinds is not None and kind not in kinds:
+            continue
         label = f"{kind} {name}"
         keys = adaptive.accounts_needed(kind.split("+")[0], sybil_keys=SYBIL_KEYS)
         started = time.perf_counter()
@@ -438,12 +443,33 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--only", default=",".join(PHASES))
     parser.add_argument("--json", type=Path, help="write every number here")
+    parser.add_argument(
+        "--adaptive-kinds",
+        help="adaptive attackers to run, comma-separated: oars, sybil, sybil+oars, flushing, "
+        "labelonly (default: all)",
+    )
+    for field in dataclasses.fields(Scale):
+        parser.add_argument(
+            f"--{field.name.replace('_', '-')}",
+            type=int,
+            help=f"override the scale's {field.name} (quick {getattr(QUICK, field.name)}, "
+            f"full {getattr(FULL, field.name)})",
+        )
     args = parser.parse_args(argv)
     phases = [p.strip() for p in args.only.split(",") if p.strip()]
     unknown = sorted(set(phases) - set(PHASES))
     if unknown:
         parser.error(f"unknown phase(s) {unknown}; expected some of {', '.join(PHASES)}")
+    kinds = {k.strip() for k in args.adaptive_kinds.split(",")} if args.adaptive_kinds else None
     scale = QUICK if args.quick else FULL
+    overrides = {
+        f.name: getattr(args, f.name)
+        for f in dataclasses.fields(Scale)
+        if getattr(args, f.name) is not None
+    }
+    if any(v < 1 for v in overrides.values()):
+        parser.error(f"scale overrides must be >= 1; got {overrides}")
+    scale = dataclasses.replace(scale, **overrides)
     try:
         from threadpoolctl import threadpool_limits
 
@@ -454,7 +480,7 @@ def main(argv: list[str] | None = None) -> int:
         "benign": lambda: honest(args.policy, scale, args.seed, priming=False),
         "priming": lambda: honest(args.policy, scale, args.seed, priming=True),
         "evasion": lambda: evasion_phase(args.policy, scale, args.seed),
-        "adaptive": lambda: adaptive_phase(args.policy, scale, args.seed),
+        "adaptive": lambda: adaptive_phase(args.policy, scale, args.seed, kinds),
         "extraction": lambda: extraction_phase(args.policy, scale, args.seed),
     }
     results: dict[str, Any] = {}
@@ -467,6 +493,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {name}: {timings[name]} s", file=sys.stderr, flush=True)
     rows = targets_table(results)
     print(f"\n### {args.policy} ({'quick' if args.quick else 'full'}, seed {args.seed})\n")
+    print(f"scale: {scale}\n")
     print("| target | measured | |")
     print("|---|---|---|")
     for target, measured, ok in rows:
