@@ -290,6 +290,7 @@ def adaptive_phase(
             )
             audit = phase.audit()
             real = adaptive.real_queries(through)
+            answered = float(np.mean(np.asarray(through.log.status) == 200))
             caught = sum(1 for n in names if any(f.harmful for f in audit.of_client(n)))
         success = _evaluate(run, x, y, name)
         out[label] = {
@@ -302,6 +303,7 @@ def adaptive_phase(
             "budget_per_sample": budget,
             "keys_acted_on": f"{caught}/{keys}",
             "resent": getattr(through, "resent", None),
+            "answered_fraction": round(answered, 3),  # of the attack's queries, after resends
             "seconds": round(time.perf_counter() - started, 1),
         }
         print(f"    {label}: {out[label]['seconds']} s", file=sys.stderr, flush=True)
@@ -405,7 +407,7 @@ def targets_table(results: dict[str, Any]) -> list[tuple[str, str, bool | None]]
                 f"{label}{extra}: success through guard <= 10% of without",
                 f"{pct(guard)} vs {pct(bare)} without ({e['samples_guard']} samples; real queries "
                 f"{e['queries_guard']} vs {e['queries_bare']}; "
-                f"keys acted on {e['keys_acted_on']})",
+                f"{pct(e['answered_fraction'])} answered; keys acted on {e['keys_acted_on']})",
                 ok,
             )
         )
