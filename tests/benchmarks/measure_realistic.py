@@ -23,7 +23,9 @@ priming     5 accounts send every popular input exactly and jittered, then the
             same honest mix: honest requests refused or degraded.
 evasion     HopSkipJump, Square L-inf, SimBA, 10 [3] samples, 500 [150] queries
             each, one key: the query of each run at which the guard first
-            recorded a finding.
+            recorded a finding (a run won in fewer than 10 queries is listed,
+            not held against detection), and the end-to-end success through
+            the guard against the same attack on the bare model.
 adaptive    OARS-style resampling (HopSkipJump, Square L-inf, SimBA), Sybil over
             10 keys, Sybil + OARS, history flushing by 10,000 junk rows from
             other keys every 200 [300] attack queries, and HopSkipJump
@@ -78,6 +80,7 @@ SPAN = float(SPEC.hi - SPEC.lo)
 L2, LINF = 0.625 * SPAN, 0.125 * SPAN  # the suite's default radii (10 and 2 on digits)
 PHASES = ("benign", "priming", "evasion", "adaptive", "extraction")
 SYBIL_KEYS = 10
+SHORT_RUN = 10  # queries: an evasion run over sooner is not held against detection
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -221,13 +224,22 @@ def evasion_phase(policy: Path, scale: Scale, seed: int) -> dict[str, Any]:
                 ATTACKS[name](), target, x, y, budget=scale.budget, rng=rng_for(seed, 10 + k)
             )
             firsts = first_findings(run, target, phase.audit())
+        bare_run = evasion.run_evasion(
+            ATTACKS[name](),
+            OnnxTarget.builtin(MODEL),
+            x,
+            y,
+            budget=scale.budget,
+            rng=rng_for(seed, 10 + k),
+        )
+        attacked = run.attacked
         out[name] = {
-            "runs": len(run.attacked),
+            "runs": len(attacked),
             "first_finding": firsts,
-            "queries": [s.queries for s in run.attacked],
-            "success_through_guard_as_reported": float(np.mean([s.success for s in run.attacked]))
-            if run.attacked
-            else None,
+            "queries": [s.queries for s in attacked],
+            "succeeded": [s.success for s in attacked],  # as the attacker saw it
+            "success_guard": float(np.mean(_evaluate(run, x, y, name))),
+            "success_bare": float(np.mean(_evaluate(bare_run, x, y, name))),
         }
     return out
 
@@ -389,12 +401,19 @@ def targets_table(results: dict[str, Any]) -> list[tuple[str, str, bool | None]]
             )
         )
     for name, e in results.get("evasion", {}).items():
-        firsts = e["first_finding"]
-        ok = bool(firsts) and all(f is not None and f <= 100 for f in firsts)
+        firsts, queries = e["first_finding"], e["queries"]
+        # a run that ended (won) within SHORT_RUN queries gives no detector a chance
+        short = [q for f, q in zip(firsts, queries, strict=True) if f is None and q < SHORT_RUN]
+        judged = [
+            f for f, q in zip(firsts, queries, strict=True) if f is not None or q >= SHORT_RUN
+        ]
+        ok = bool(judged) and all(f is not None and f <= 100 for f in judged)
+        note = f"; {len(short)} run(s) over in {short} queries, uncaught" if short else ""
         rows.append(
             (
                 f"{name}: every run caught within 100 queries",
-                f"first finding at {firsts} (runs {e['runs']})",
+                f"first finding at {firsts} (runs {e['runs']}){note}; end-to-end success "
+                f"{pct(e['success_guard'])} through the guard vs {pct(e['success_bare'])} without",
                 ok,
             )
         )
