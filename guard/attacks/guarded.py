@@ -141,6 +141,19 @@ class InProcessGuard:
             return AuditTrail([])
         return AuditTrail.read(self.audit_path)
 
+    def stage_seconds(self) -> dict[str, float]:
+        """Mean seconds per observation of each stage (``guard_stage_duration_seconds``)."""
+        sums: dict[str, float] = defaultdict(float)
+        counts: dict[str, float] = defaultdict(float)
+        for family in self.registry.collect():
+            for sample in family.samples:
+                stage = sample.labels.get("stage")
+                if sample.name == "guard_stage_duration_seconds_sum" and stage:
+                    sums[stage] += sample.value
+                elif sample.name == "guard_stage_duration_seconds_count" and stage:
+                    counts[stage] += sample.value
+        return {s: sums[s] / counts[s] for s in sums if counts.get(s)}
+
     def metric(self, name: str, labels: Mapping[str, str] | None = None) -> float:
         """Sum of the registry's samples called ``name`` whose labels include ``labels``."""
         total = 0.0

@@ -178,6 +178,10 @@ def honest(policy: Path, scale: Scale, seed: int, *, priming: bool) -> dict[str,
             before = list(zip(zip(primers, made[len(names) :], strict=True), plans, strict=True))
         run = mix.run(clients, x, y, rng_for(seed, 1), before=before)
         measured = run.measure(phase.audit())
+        assert phase.guard is not None
+        measured["stage_microseconds"] = {
+            stage: round(1e6 * s, 1) for stage, s in phase.guard.stage_seconds().items()
+        }
     measured["seconds"] = round(run.seconds, 1)
     return measured
 
@@ -428,6 +432,15 @@ def targets_table(results: dict[str, Any]) -> list[tuple[str, str, bool | None]]
                 f"{e['queries_guard']} vs {e['queries_bare']}; "
                 f"{pct(e['answered_fraction'])} answered; keys acted on {e['keys_acted_on']})",
                 ok,
+            )
+        )
+    if "benign" in results:
+        cost = results["benign"].get("stage_microseconds", {})
+        rows.append(
+            (
+                "detector cost within the per-detector budget (honest mix, mean per request)",
+                ", ".join(f"{k} {v:.0f} µs" for k, v in cost.items()) or "-",
+                None,
             )
         )
     ex = results.get("extraction", {})
