@@ -26,7 +26,9 @@ evasion     HopSkipJump, Square L-inf, SimBA, 10 [3] samples, 500 [150] queries
             recorded a finding (a run won in fewer than 10 queries is listed,
             not held against detection), and the end-to-end success through
             the guard against the same attack on the bare model.
-adaptive    OARS-style resampling (HopSkipJump, Square L-inf, SimBA), Sybil over
+adaptive    OARS-style resampling (HopSkipJump, Square L-inf, SimBA: a wrapper
+            adding noise), OARS proper for Square L-inf (the attack resamples
+            its own proposals, widened, inside the ball), Sybil over
             10 keys, Sybil + OARS, history flushing by 10,000 junk rows from
             other keys every 200 [300] attack queries, and HopSkipJump
             resampling only on refusals (keeps going when degraded to
@@ -271,12 +273,18 @@ def adaptive_phase(
         ("oars", "hopskipjump"),
         ("oars", "square-linf"),
         ("oars", "simba"),
+        ("resampling", "square-linf"),
         ("sybil", "hopskipjump"),
         ("sybil", "square-linf"),
         ("sybil+oars", "square-linf"),
         ("flushing", "square-linf"),
         ("labelonly", "hopskipjump"),
     ]
+
+    def make_attack(kind: str, name: str) -> Any:
+        if kind == "resampling":  # OARS proper: the attack resamples its own proposals
+            return adaptive.ResamplingSquareLinf(epsilon=LINF)
+        return ATTACKS[name]()
 
     def wrap(kind: str, t: list[Target], r: np.random.Generator) -> Target:
         if kind == "sybil+oars":
@@ -294,7 +302,7 @@ def adaptive_phase(
         bare_targets: list[Target] = [OnnxTarget.builtin(MODEL) for _ in range(keys)]
         bare = wrap(kind, bare_targets, rng_for(seed, 40 + k, 1))
         bare_run = evasion.run_evasion(
-            ATTACKS[name](), bare, x, y, budget=budget, rng=rng_for(seed, 40 + k)
+            make_attack(kind, name), bare, x, y, budget=budget, rng=rng_for(seed, 40 + k)
         )
         bare_success = _evaluate(bare_run, x, y, name)
         bare_real = adaptive.real_queries(bare)
@@ -302,7 +310,7 @@ def adaptive_phase(
         with Phase(policy, names) as phase, targets(phase, names) as made:
             through = wrap(kind, list(made), rng_for(seed, 40 + k, 1))
             run = evasion.run_evasion(
-                ATTACKS[name](), through, x, y, budget=budget, rng=rng_for(seed, 40 + k)
+                make_attack(kind, name), through, x, y, budget=budget, rng=rng_for(seed, 40 + k)
             )
             audit = phase.audit()
             real = adaptive.real_queries(through)
@@ -424,7 +432,8 @@ def targets_table(results: dict[str, Any]) -> list[tuple[str, str, bool | None]]
     for label, e in results.get("adaptive", {}).items():
         bare, guard = e["success_bare"], e["success_guard"]
         ok = None if not bare else (guard or 0.0) <= 0.1 * bare
-        extra = "" if label.split()[0] in ("oars", "sybil", "sybil+oars") else " (extra)"
+        targeted = ("oars", "resampling", "sybil", "sybil+oars")
+        extra = "" if label.split()[0] in targeted else " (extra)"
         rows.append(
             (
                 f"{label}{extra}: success through guard <= 10% of without",
