@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections import Counter
 
 import numpy as np
@@ -185,7 +186,6 @@ def test_resampling_square_widens_its_proposals_when_caught_and_stays_in_the_bal
         for row in sent[start + 1 : start + sample.queries]:  # after the clean query
             assert np.abs(row - x[i]).max() <= 2.0 + 1e-5
     # the refusals came in runs that ended with an answered, widened proposal
-    answered_after_refusal = sum(
-        1 for a, b in zip(gate.log.status, gate.log.status[1:]) if a != 200 and b == 200
-    )
+    pairs = itertools.pairwise(gate.log.status)
+    answered_after_refusal = sum(1 for a, b in pairs if a != 200 and b == 200)
     assert answered_after_refusal > 0
