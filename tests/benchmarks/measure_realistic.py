@@ -28,7 +28,8 @@ evasion     HopSkipJump, Square L-inf, SimBA, 10 [3] samples, 500 [150] queries
             the guard against the same attack on the bare model.
 adaptive    OARS-style resampling (HopSkipJump, Square L-inf, SimBA: a wrapper
             adding noise), OARS proper for Square L-inf (the attack resamples
-            its own proposals, widened, inside the ball), Sybil over
+            its own proposals, widened, inside the ball), alone and over 10
+            keys, Sybil over
             10 keys, Sybil + OARS, history flushing by 10,000 junk rows from
             other keys every 200 [300] attack queries, and HopSkipJump
             resampling only on refusals (keeps going when degraded to
@@ -277,18 +278,21 @@ def adaptive_phase(
         ("sybil", "hopskipjump"),
         ("sybil", "square-linf"),
         ("sybil+oars", "square-linf"),
+        ("sybil+resampling", "square-linf"),
         ("flushing", "square-linf"),
         ("labelonly", "hopskipjump"),
     ]
 
     def make_attack(kind: str, name: str) -> Any:
-        if kind == "resampling":  # OARS proper: the attack resamples its own proposals
+        if kind.endswith("resampling"):  # OARS proper: the attack resamples its proposals
             return adaptive.ResamplingSquareLinf(epsilon=LINF)
         return ATTACKS[name]()
 
     def wrap(kind: str, t: list[Target], r: np.random.Generator) -> Target:
         if kind == "sybil+oars":
             return adaptive.Resampling(adaptive.Sybil(t), r)
+        if kind == "sybil+resampling":
+            return adaptive.Sybil(t)
         return adaptive.wrap(kind, t, r, flush_every=scale.flush_every)
 
     out = {}
@@ -432,7 +436,7 @@ def targets_table(results: dict[str, Any]) -> list[tuple[str, str, bool | None]]
     for label, e in results.get("adaptive", {}).items():
         bare, guard = e["success_bare"], e["success_guard"]
         ok = None if not bare else (guard or 0.0) <= 0.1 * bare
-        targeted = ("oars", "resampling", "sybil", "sybil+oars")
+        targeted = ("oars", "resampling", "sybil", "sybil+oars", "sybil+resampling")
         extra = "" if label.split()[0] in targeted else " (extra)"
         rows.append(
             (
@@ -488,8 +492,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="write every number here")
     parser.add_argument(
         "--adaptive-kinds",
-        help="adaptive attackers to run, comma-separated: oars, sybil, sybil+oars, flushing, "
-        "labelonly (default: all)",
+        help="adaptive attackers to run, comma-separated: oars, resampling, sybil, sybil+oars, "
+        "sybil+resampling, flushing, labelonly (default: all)",
     )
     for field in dataclasses.fields(Scale):
         parser.add_argument(
