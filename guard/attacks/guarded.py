@@ -9,9 +9,10 @@ request id and the client's name) and its own Prometheus registry, and
 
 :func:`measurement_policy` writes the policy a measurement runs: a policy file
 (default: the built-in ``guard/policies/default.yaml``) with every ``budget``
-stage's quotas raised so only detection decides, the audit log pointed at a
-file of the run, and a keys file naming every client of the run (client
-``name`` has key ``key-{name}``; see :func:`api_key`).
+stage's quotas raised so only detection decides, Blacklight hashing with a
+fixed key (so a run repeats exactly), the audit log pointed at a file of the
+run, and a keys file naming every client of the run (client ``name`` has key
+``key-{name}``; see :func:`api_key`).
 """
 
 from __future__ import annotations
@@ -63,6 +64,9 @@ def measurement_policy(
         document["models"] = {k: v for k, v in document["models"].items() if k in keep}
     for model in document["models"].values():
         for stage in model.get("stages", []):
+            if isinstance(stage.get("blacklight"), dict):
+                # a fixed hash key (InProcessGuard sets it): the same run twice, the same hashes
+                stage["blacklight"].setdefault("key_env", BLACKLIGHT_KEY_ENV)
             if raise_quotas and "budget" in stage:
                 stage["budget"]["limits"] = [
                     {"queries": UNLIMITED, "per": limit["per"]}

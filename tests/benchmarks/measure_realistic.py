@@ -16,7 +16,7 @@ machine, full ~15; the quick adaptive comparison, on 3 samples, is a smoke test:
 quote the full one):
 
 benign      the honest mix (:class:`guard.attacks.benign.TrafficMix`) from
-            60 [40] keyed clients x 60 [25] requests: popular inputs (Zipf over
+            60 [40] keyed clients x 35 [25] requests: popular inputs (Zipf over
             20), exact retries, jitter, fresh inputs. Requests refused or
             degraded (per category), clients denied, harmed, flagged.
 priming     5 accounts send every popular input exactly and jittered, then the
@@ -112,7 +112,7 @@ QUICK = Scale(
 )
 FULL = Scale(
     clients=60,
-    queries=60,
+    queries=35,
     samples=10,
     budget=500,
     adaptive_samples=6,
