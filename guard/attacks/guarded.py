@@ -86,7 +86,10 @@ def measurement_policy(
 
 class InProcessGuard:
     """A guard on 127.0.0.1 (a free port) in a thread of its own, so synchronous
-    attack clients can query it. ``with InProcessGuard(path) as guard: guard.url``."""
+    attack clients can query it. ``with InProcessGuard(path) as guard: guard.url``.
+
+    Sets fixed measurement secrets in this process's environment unless already set:
+    ``GUARD_MEASURE_BLACKLIGHT_KEY`` and ``GUARD_PRIVACY_SECRET``."""
 
     def __init__(self, policy_path: Path) -> None:
         from prometheus_client import CollectorRegistry
