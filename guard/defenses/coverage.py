@@ -201,9 +201,7 @@ class Thresholds:
 
     def spread(self, evidence: Evidence) -> bool:
         """Nearly all new, over the classes: the shape of an extractor's stream."""
-        return (
-            evidence.fraction >= self.min_fraction and evidence.entropy >= self.min_entropy
-        )
+        return evidence.fraction >= self.min_fraction and evidence.entropy >= self.min_entropy
 
     def judge(self, evidence: Evidence) -> bool:
         """Whether one client's own evidence is suspicious."""

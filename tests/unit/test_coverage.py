@@ -24,7 +24,9 @@ def clusters(rng: np.random.Generator, n: int, dim: int = 16) -> tuple[np.ndarra
     return centres[labels] + rng.normal(0.0, 2.0, (n, dim)), labels
 
 
-def stream(history: History, x: np.ndarray, labels: np.ndarray, radius: float, window: int) -> list[bool]:
+def stream(
+    history: History, x: np.ndarray, labels: np.ndarray, radius: float, window: int
+) -> list[bool]:
     return [
         history.observe(row.astype(np.float32), int(c), radius, window)
         for row, c in zip(x, labels, strict=True)
@@ -114,11 +116,11 @@ def test_padding_with_repeats_lowers_the_fraction_but_not_the_count() -> None:
 
 
 def test_thresholds_are_validated() -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="shard_novel <= min_novel <= max_novel"):
         Thresholds(min_novel=100, max_novel=50)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="shard_novel <= min_novel <= max_novel"):
         Thresholds(shard_novel=200, min_novel=150)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="min_fraction"):
         Thresholds(min_fraction=0.0)
 
 

@@ -108,7 +108,7 @@ async def test_a_knockoff_stream_is_found_at_min_novel() -> None:
 
 async def test_an_honest_mix_is_not_found() -> None:
     stage = build(action="deny")
-    verdicts, contexts = await run(stage, honest(600))
+    _, contexts = await run(stage, honest(600))
     assert found(contexts) == []
     history = await stage.enforcement.store.items(client_key("alice", "coverage", "digits", "h"))
     assert len(history) == 600
@@ -191,8 +191,8 @@ async def test_degrade_marks_the_client() -> None:
 )
 def test_bad_options_stop_the_load(options: dict[str, Any], message: str) -> None:
     options = {k: v for k, v in {"reference": "builtin:digits", **options}.items() if v is not None}
+    env = StageEnv(model="digits", backend=None, local=None, metadata=ONNX.model_metadata)
     with pytest.raises(PolicyError, match=message):
-        env = StageEnv(model="digits", backend=None, local=None, metadata=ONNX.model_metadata)
         Coverage.from_config(Section(options, source="p.yaml", path="coverage"), env)
 
 
