@@ -48,6 +48,7 @@ from dataclasses import dataclass
 import numpy as np
 
 __all__ = [
+    "STEPS_PER_RADIUS",
     "Evidence",
     "History",
     "Shard",
@@ -59,7 +60,8 @@ __all__ = [
 ]
 
 _HEADER = np.dtype("<i4")  # 2 * class + novel; class -1: unknown
-_VALUE = np.dtype("<f2")
+_VALUE = np.dtype("<i2")
+STEPS_PER_RADIUS = 64  # the stored sketches' resolution: radius / 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,21 +97,28 @@ class History:
         return cls(np.empty((0, dims), np.float32), np.empty(0, np.int64), np.empty(0, bool))
 
     @classmethod
-    def decode(cls, items: Sequence[bytes], dims: int) -> History:
-        """From stored items (:meth:`encode`); items of another size are skipped."""
+    def decode(cls, items: Sequence[bytes], dims: int, step: float) -> History:
+        """From stored items (:meth:`encode` with the same ``step``); items of another size
+        are skipped."""
         size = _HEADER.itemsize + dims * _VALUE.itemsize
-        kept = [item for item in items if len(item) == size]
-        if not kept:
+        joined = b"".join(items)
+        if len(joined) != size * len(items):
+            joined = b"".join(item for item in items if len(item) == size)
+        if not joined:
             return cls.empty(dims)
-        raw = np.frombuffer(b"".join(kept), dtype=np.uint8).reshape(len(kept), size)
+        raw = np.frombuffer(joined, dtype=np.uint8).reshape(-1, size)
         header = raw[:, : _HEADER.itemsize].copy().view(_HEADER).ravel().astype(np.int64)
         values = raw[:, _HEADER.itemsize :].copy().view(_VALUE).astype(np.float32)
+        values *= np.float32(step)
         return cls(values, header >> 1, (header & 1).astype(bool))
 
     @staticmethod
-    def encode(sketch: np.ndarray, label: int, novel: bool) -> bytes:
+    def encode(sketch: np.ndarray, label: int, novel: bool, step: float) -> bytes:
+        """One query as stored: ``2 * label + novel`` (little-endian i4), then its sketch in
+        fixed point, multiples of ``step`` (little-endian i2, saturating)."""
         header = np.array([2 * int(label) + int(novel)], dtype=_HEADER)
-        return header.tobytes() + np.asarray(sketch, dtype=_VALUE).tobytes()
+        fixed = np.clip(np.rint(np.asarray(sketch, np.float64) / step), -32767, 32767)
+        return header.tobytes() + fixed.astype(_VALUE).tobytes()
 
     def add(self, sketch: np.ndarray, label: int, novel: bool) -> None:
         self.sketches = np.vstack((self.sketches, sketch[None, :].astype(np.float32)))

@@ -59,6 +59,7 @@ import orjson
 
 from guard.configreader import Section
 from guard.defenses.coverage import (
+    STEPS_PER_RADIUS,
     Evidence,
     History,
     Shard,
@@ -199,11 +200,12 @@ class Coverage(BaseStage):
         dims = sketches.shape[1]
         store, client = self.enforcement.store, ctx.client.name
         key = self._key(client, "h")
-        history = History.decode(await store.items(key), dims)
+        step = self.radius / STEPS_PER_RADIUS
+        history = History.decode(await store.items(key), dims, step)
         entries = []
         for row, label in zip(sketches, labels.tolist(), strict=True):
             novel = history.observe(row, label, self.radius, self.window)
-            entries.append(History.encode(row, label, novel))
+            entries.append(History.encode(row, label, novel, step))
         count, _ = (
             await asyncio.gather(
                 store.push(key, entries, self.window, self.ttl),

@@ -56,12 +56,17 @@ def test_calibrate_radius_rejects_degenerate_references() -> None:
 def test_history_round_trips_through_its_encoding() -> None:
     rng = np.random.default_rng(2)
     rows = rng.normal(size=(5, 8)).astype(np.float32)
-    items = [History.encode(r, c, bool(c % 2)) for r, c in zip(rows, [0, 1, 2, -1, 9], strict=True)]
+    step = 1e-3
+    items = [
+        History.encode(r, c, bool(c % 2), step) for r, c in zip(rows, [0, 1, 2, -1, 9], strict=True)
+    ]
     items.append(b"short")  # another layout: skipped
-    history = History.decode(items, 8)
+    history = History.decode(items, 8, step)
     assert history.labels.tolist() == [0, 1, 2, -1, 9]
     assert history.novel.tolist() == [False, True, False, True, True]
-    np.testing.assert_allclose(history.sketches, rows, rtol=1e-3, atol=1e-3)  # float16
+    np.testing.assert_allclose(history.sketches, rows, atol=step / 2 + 1e-6)  # fixed point
+    saturated = History.decode([History.encode(np.array([1e9, -1e9]), 0, False, 1.0)], 2, 1.0)
+    assert saturated.sketches.tolist() == [[32767.0, -32767.0]]
 
 
 def test_an_extraction_stream_is_novel_and_spread_an_honest_one_is_not() -> None:
