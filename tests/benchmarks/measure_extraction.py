@@ -122,6 +122,19 @@ def knockoff_stream(pool: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return x.astype(np.float32)
 
 
+def padded_stream(stream: np.ndarray, rng: np.random.Generator, n: int) -> np.ndarray:
+    """An extractor that knows the detector: after every 3 new inputs, 2 exact repeats of its
+    own recent ones (40 % padding keeps its novel fraction at 0.6, under ``min_fraction``)."""
+    out: list[np.ndarray] = []
+    fresh = iter(stream)
+    while len(out) < n:
+        if len(out) % 5 < 3:
+            out.append(next(fresh))
+        else:
+            out.append(out[-1 - int(rng.integers(min(len(out), 10)))])
+    return np.asarray(out, dtype=np.float32)
+
+
 def interleave(
     streams: dict[str, list[tuple[str, np.ndarray]]], rng: np.random.Generator
 ) -> list[tuple[str, int, str, np.ndarray]]:
@@ -226,7 +239,10 @@ def attack_run(seed: int, args: argparse.Namespace, coverage: dict[str, Any]) ->
     sybil = knockoff_stream(x[rng.permutation(len(x))[: len(x) // 2]], rng)
     accounts = [f"sybil-{a}" for a in range(args.accounts)]
     streams["sybil"] = [(accounts[i % len(accounts)], q) for i, q in enumerate(sybil)]
-    clients = [*honest, "knockoff", *accounts, "jbda"]
+    if seed < args.padded_runs:
+        padded = padded_stream(knockoff_stream(x, rng), rng, 1500)
+        streams["padded"] = [("padded", q) for q in padded]
+    clients = [*honest, "knockoff", *accounts, "padded", "jbda"]
     scores = np.zeros((KNOCKOFF_QUERIES, SPEC.n_classes))
     answered = np.zeros(KNOCKOFF_QUERIES, bool)
     with tempfile.TemporaryDirectory() as tmp:
@@ -252,6 +268,7 @@ def attack_run(seed: int, args: argparse.Namespace, coverage: dict[str, Any]) ->
         "honest": list(honest),
         "knockoff_fidelity": fidelity(knock, scores, answered, knock_held, seed),
         "jbda": seed < args.jbda_runs,
+        "padded": seed < args.padded_runs,
         "jbda_fidelity": jbda_fidelity,
     }
 
@@ -269,6 +286,22 @@ def heavy_run(seed: int, args: argparse.Namespace, coverage: dict[str, Any]) -> 
                 sender.send(client, f"{stream}/{index}", row)
         firsts = first_findings(Path(tmp) / "audit.jsonl")
     return {"firsts": firsts, "honest": list(honest)}
+
+
+def reaction_run(seed: int, action: str, args: argparse.Namespace) -> float:
+    """A Knockoff run of 1,000 queries from one key against coverage with ``action``; the
+    stolen copy's fidelity on the held-out digits it never sent."""
+    from guard.attacks.extraction import Knockoff
+
+    rng = np.random.default_rng([args.seed, 2000 + seed])
+    x, y = load_samples("digits")
+    pool, held = np.split(rng.permutation(len(x)), [len(x) // 2])
+    evaluation = Evaluation.of(OnnxTarget.builtin("digits"), x[held], y[held])
+    with tempfile.TemporaryDirectory() as tmp:
+        path = write_policy(Path(tmp), ["knockoff"], {"action": action})
+        with Guard(path) as guard, JbDATarget(guard.url, "knockoff") as target:
+            run = Knockoff(budgets=(KNOCKOFF_QUERIES,)).run(target, x[pool], evaluation, rng)
+    return run.curve[-1].fidelity
 
 
 # -- offline: cost and the rejected candidate ----------------------------------------------
@@ -400,6 +433,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--queries", type=int, default=50, help="requests per honest client")
     parser.add_argument("--accounts", type=int, default=3, help="keys of the Sybil Knockoff")
     parser.add_argument("--jbda-runs", type=int, default=5)
+    parser.add_argument("--padded-runs", type=int, default=5, help="runs with a padded Knockoff")
+    parser.add_argument("--reaction-runs", type=int, default=2, help="Knockoff runs per action")
     parser.add_argument("--heavy", type=int, default=200, help="requests per heavy client")
     parser.add_argument("--heavy-runs", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
@@ -460,6 +495,13 @@ def main(argv: list[str] | None = None) -> None:
         f"{sum(b is not None for b in batch)}/{len(batch)} runs, at request "
         f"{', '.join(str(b) for b in batch)}"
     )
+
+    print("\n### What the extractor gets: Knockoff, 1,000 queries, one key\n")
+    print("| coverage action | fidelity of the stolen copy (mean) | runs |")
+    print("|---|---:|---:|")
+    for action in ("flag", "degrade", "deny"):
+        fids = [reaction_run(r, action, args) for r in range(args.reaction_runs)]
+        print(f"| {action} | {np.mean(fids):.3f} | {len(fids)} |")
 
     cost = stage_cost()
     print(

@@ -194,3 +194,14 @@ async def test_a_policy_without_radius_or_reference_stops_the_load(
     }
     with pytest.raises(PolicyError, match=r"stages\[0\]\.coverage\.radius is required"):
         await start_guard(document)
+
+
+async def test_the_example_policy_serves(
+    start_guard: StartGuard, http: aiohttp.ClientSession
+) -> None:
+    document = yaml.safe_load((Path(__file__).parents[2] / "policies/extraction.yaml").read_text())
+    document["clients"] = {"keys_file": "keys.yaml"}
+    keys = {"clients": {c: {"key_sha256": key_digest(f"key-{c}")} for c in CLIENTS}}
+    guard = await start_guard(document, files={"keys.yaml": yaml.safe_dump(keys)})
+    x, _ = load_samples("digits")
+    assert (await infer(http, guard, x[0], "alice"))[0] == 200
