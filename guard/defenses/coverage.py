@@ -197,7 +197,7 @@ class Thresholds:
     """Step 3's thresholds (see the module docstring)."""
 
     min_novel: int = 150
-    min_fraction: float = 0.8
+    min_fraction: float = 0.9
     min_entropy: float = 0.7
     max_novel: int = 600
     shard_novel: int = 50

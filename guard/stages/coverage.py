@@ -23,7 +23,7 @@ YAML keys (all optional except that ``radius`` or ``reference`` is required):
 ``window``        the client's newest queries kept and judged; default 1000 (at most 10000)
 ``min_novel``     suspicious from this many novel queries in the window, when also
                   ``min_fraction`` of the window is novel and their class entropy
-                  (over log C) reaches ``min_entropy``; defaults 150, 0.8, 0.7
+                  (over log C) reaches ``min_entropy``; defaults 150, 0.9, 0.7
 ``max_novel``     suspicious from this many novel queries whatever the fraction; default 600
 ``accounts``      pool clients across accounts; default ``true``
 ``shard_novel``   a client joins the pool from this many novel queries (with the fraction
@@ -138,7 +138,7 @@ class Coverage(BaseStage):
         window = section.int("window", 1000, min=2, max=10_000)
         thresholds = Thresholds(
             min_novel=min_novel,
-            min_fraction=section.float("min_fraction", 0.8, gt=0, max=1),
+            min_fraction=section.float("min_fraction", 0.9, gt=0, max=1),
             min_entropy=section.float("min_entropy", 0.7, min=0, max=1),
             max_novel=section.int("max_novel", max(600, min_novel), min=min_novel, max=window),
             shard_novel=shard_novel,

@@ -19,8 +19,10 @@ in a random order with each stream's own order kept:
   order, then augmented repeats), its surrogate trained on the answers;
 - one Knockoff run of 1,000 queries rotating over ``--accounts`` keys (Sybil);
 
-then one JbDA run of 500 queries (:class:`guard.attacks.extraction.JbDA`) for the first
-``--jbda-runs`` runs. ``--heavy-runs`` more runs send only the honest mix with
+then, alone in a fresh guard, one JbDA run of 500 queries
+(:class:`guard.attacks.extraction.JbDA`) for the first ``--jbda-runs`` runs. The first
+``--padded-runs`` runs add two adaptive Knockoffs: one padding its stream with 40 % repeats
+of its own queries (1,500 queries), one spread over ``--many-accounts`` keys. ``--heavy-runs`` more runs send only the honest mix with
 ``--heavy`` requests per client, plus one honest "batch" client that sends 300 distinct
 held-out digits (all fresh: the case the detector cannot tell from an extractor).
 
@@ -239,10 +241,13 @@ def attack_run(seed: int, args: argparse.Namespace, coverage: dict[str, Any]) ->
     sybil = knockoff_stream(x[rng.permutation(len(x))[: len(x) // 2]], rng)
     accounts = [f"sybil-{a}" for a in range(args.accounts)]
     streams["sybil"] = [(accounts[i % len(accounts)], q) for i, q in enumerate(sybil)]
+    many = [f"many-{a}" for a in range(args.many_accounts)]
     if seed < args.padded_runs:
         padded = padded_stream(knockoff_stream(x, rng), rng, 1500)
         streams["padded"] = [("padded", q) for q in padded]
-    clients = [*honest, "knockoff", *accounts, "padded", "jbda"]
+        spread = knockoff_stream(x[rng.permutation(len(x))[: len(x) // 2]], rng)
+        streams["many"] = [(many[i % len(many)], q) for i, q in enumerate(spread)]
+    clients = [*honest, "knockoff", *accounts, "padded", *many]
     scores = np.zeros((KNOCKOFF_QUERIES, SPEC.n_classes))
     answered = np.zeros(KNOCKOFF_QUERIES, bool)
     with tempfile.TemporaryDirectory() as tmp:
@@ -252,17 +257,18 @@ def attack_run(seed: int, args: argparse.Namespace, coverage: dict[str, Any]) ->
                 answer = sender.send(client, f"{stream}/{index}", row)
                 if stream == "knockoff":
                     scores[index], answered[index] = answer.scores[0], answer.answered[0]
-            jbda_fidelity = None
-            if seed < args.jbda_runs:
-                pool, held = np.split(rng.permutation(len(x)), [len(x) // 2])
-                x_all, y_all = load_samples("digits")
-                evaluation = Evaluation.of(OnnxTarget.builtin("digits"), x_all[held], y_all[held])
-                with JbDATarget(guard.url, "jbda") as target:
-                    run = JbDA(budget=JBDA_QUERIES, seed_size=50).run(
-                        target, x_all[pool], evaluation, rng
-                    )
-                jbda_fidelity = run.curve[-1].fidelity
         firsts = first_findings(Path(tmp) / "audit.jsonl")
+    jbda_fidelity = None
+    if seed < args.jbda_runs:  # alone in a fresh guard: no other attacker to pool it with
+        pool, held = np.split(rng.permutation(len(x)), [len(x) // 2])
+        _, y = load_samples("digits")
+        evaluation = Evaluation.of(OnnxTarget.builtin("digits"), x[held], y[held])
+        with tempfile.TemporaryDirectory() as tmp:
+            path = write_policy(Path(tmp), ["jbda"], coverage)
+            with Guard(path) as guard, JbDATarget(guard.url, "jbda") as target:
+                run = JbDA(budget=JBDA_QUERIES, seed_size=50).run(target, x[pool], evaluation, rng)
+            firsts.update(first_findings(Path(tmp) / "audit.jsonl"))
+        jbda_fidelity = run.curve[-1].fidelity
     return {
         "firsts": firsts,
         "honest": list(honest),
@@ -433,7 +439,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--queries", type=int, default=50, help="requests per honest client")
     parser.add_argument("--accounts", type=int, default=3, help="keys of the Sybil Knockoff")
     parser.add_argument("--jbda-runs", type=int, default=5)
-    parser.add_argument("--padded-runs", type=int, default=5, help="runs with a padded Knockoff")
+    parser.add_argument(
+        "--padded-runs", type=int, default=5, help="runs with a padded and a many-key Knockoff"
+    )
+    parser.add_argument("--many-accounts", type=int, default=25, help="keys of the many-key one")
     parser.add_argument("--reaction-runs", type=int, default=2, help="Knockoff runs per action")
     parser.add_argument("--heavy", type=int, default=200, help="requests per heavy client")
     parser.add_argument("--heavy-runs", type=int, default=3)
@@ -468,6 +477,16 @@ def main(argv: list[str] | None = None) -> None:
                 f"| {label} | {' + '.join(stages)} | {describe(firsts, limit)} | "
                 f"{fid if attack != 'sybil' else float('nan'):.2f} |"
             )
+    padded = [caught(r["firsts"], "padded", ("coverage",)) for r in runs if r["padded"]]
+    print(
+        f"| knockoff padded 40 % with repeats (1,500 queries) | coverage | "
+        f"{describe(padded, 1500)} | - |"
+    )
+    spread = [caught(r["firsts"], "many", ("coverage",)) for r in runs if r["padded"]]
+    print(
+        f"| knockoff, {args.many_accounts} keys (1,000 queries) | coverage | "
+        f"{describe(spread, KNOCKOFF_QUERIES)} | - |"
+    )
     print(
         "\n(fidelity: agreement of the stolen copy with the victim on held-out digits, "
         "answers unimpeded: action flag)"
@@ -482,6 +501,8 @@ def main(argv: list[str] | None = None) -> None:
         (f"mix, {args.heavy} requests each", heavy),
     ):
         total = sum(len(r["honest"]) for r in group)
+        if not total:
+            continue
         counts = []
         for stages in (("coverage",), ("prada",), STAGES):
             flagged = sum(
