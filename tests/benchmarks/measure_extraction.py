@@ -473,10 +473,8 @@ def main(argv: list[str] | None = None) -> None:
         label = f"knockoff, {args.accounts} keys" if attack == "sybil" else attack
         for stages in (("coverage",), ("prada",), STAGES):
             firsts = [caught(r["firsts"], attack, stages) for r in subset]
-            print(
-                f"| {label} | {' + '.join(stages)} | {describe(firsts, limit)} | "
-                f"{fid if attack != 'sybil' else float('nan'):.2f} |"
-            )
+            shown = "-" if attack == "sybil" or not subset else f"{fid:.2f}"
+            print(f"| {label} | {' + '.join(stages)} | {describe(firsts, limit)} | {shown} |")
     padded = [caught(r["firsts"], "padded", ("coverage",)) for r in runs if r["padded"]]
     print(
         f"| knockoff padded 40 % with repeats (1,500 queries) | coverage | "
