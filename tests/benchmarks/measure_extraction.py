@@ -9,11 +9,12 @@ with action ``flag`` so the attacks run unimpeded and their first detection is
 measured; the audit log says which stage found which request) and sends, interleaved
 in a random order with each stream's own order kept:
 
-- the honest mix: ``--clients`` keyed clients of ``--queries`` requests each, every
-  request one of: a popular input (20 held-out digits, Zipf 1.1), a retry of the
-  client's previous request, a jittered copy (re-encoding, a one-pixel shift or sensor
-  noise of 1 % of the range, of a popular or an own input) or a fresh input of the
-  client's own share of the held-out digits (30 / 10 / 20 / 40 %);
+- the honest mix (:class:`guard.attacks.benign.TrafficMix`): ``--clients`` keyed clients
+  of ``--queries`` requests each, every request one of: a popular input (20 held-out
+  digits, Zipf 1.1), a retry of the client's previous request, a jittered copy
+  (re-encoding, a one-pixel shift or sensor noise of 1 % of the range, of a popular or an
+  own input) or a fresh input of the client's own share of the held-out digits
+  (30 / 10 / 20 / 40 %);
 - one Knockoff run of 1,000 queries from one key (the stream of
   :class:`guard.attacks.extraction.Knockoff`: half the held-out digits once in a random
   order, then augmented repeats), its surrogate trained on the answers;
@@ -52,6 +53,7 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from guard.attacks.benign import TrafficMix  # noqa: E402
 from guard.attacks.extraction import Evaluation, JbDA, augment  # noqa: E402
 from guard.attacks.surrogate import Surrogate  # noqa: E402
 from guard.attacks.targets import Answers, HttpTarget, OnnxTarget, TargetSpec  # noqa: E402
@@ -68,48 +70,14 @@ STAGES = ("coverage", "prada")
 # -- traffic ------------------------------------------------------------------------------
 
 
-def reencode(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Brightness scaled by up to 3 %, then an 8-bit round trip."""
-    lo, hi = float(SPEC.lo), float(SPEC.hi)
-    scaled = np.clip(lo + (x - lo) * rng.uniform(0.97, 1.03), lo, hi)
-    return lo + np.round((scaled - lo) / (hi - lo) * 255.0) / 255.0 * (hi - lo)
-
-
-def jitter(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    kind = int(rng.integers(3))
-    if kind == 0:
-        return reencode(x, rng)
-    if kind == 1:
-        return augment(x[None], SPEC, rng, noise=0.0, shift=1, shape=(8, 8))[0]
-    return augment(x[None], SPEC, rng, noise=0.01, shift=0, shape=None)[0]
-
-
 def honest_mix(
-    clients: int, queries: int, rows: np.ndarray, rng: np.random.Generator
+    clients: int, queries: int, rows: np.ndarray, labels: np.ndarray, rng: np.random.Generator
 ) -> dict[str, list[np.ndarray]]:
-    """Per client, its requests in order (see the module docstring)."""
-    order = rng.permutation(len(rows))
-    popular, rest = rows[order[:20]], order[20:]
-    weights = 1.0 / np.arange(1, 21) ** 1.1
-    weights /= weights.sum()
-    shares = np.array_split(rng.permutation(rest), clients)
-    out: dict[str, list[np.ndarray]] = {}
-    for c, share in enumerate(shares):
-        mine: list[np.ndarray] = []
-        own: list[np.ndarray] = []
-        for kind in rng.choice(4, size=queries, p=[0.3, 0.1, 0.2, 0.4]).tolist():
-            if kind == 1 and mine:
-                mine.append(mine[-1])
-            elif kind == 0:
-                mine.append(popular[rng.choice(20, p=weights)])
-            elif kind in (1, 3) and len(own) < len(share):
-                own.append(rows[share[len(own)]])
-                mine.append(own[-1])
-            else:
-                base = own[rng.integers(len(own))] if own and rng.random() < 0.5 else None
-                base = popular[rng.choice(20, p=weights)] if base is None else base
-                mine.append(jitter(np.asarray(base, np.float64), rng))
-        out[f"honest-{c}"] = [np.asarray(q, np.float32) for q in mine]
+    """Per client of :class:`guard.attacks.benign.TrafficMix`, its requests in order."""
+    planned = TrafficMix(queries=queries).plan(clients, rows, labels, SPEC, rng)
+    out: dict[str, list[np.ndarray]] = {f"honest-{c}": [] for c in range(clients)}
+    for request in planned:
+        out[f"honest-{request.client}"].append(np.asarray(request.x, np.float32))
     return out
 
 
@@ -230,8 +198,8 @@ def fidelity(
 def attack_run(seed: int, args: argparse.Namespace, coverage: dict[str, Any]) -> dict[str, Any]:
     """One run: the honest mix with a Knockoff and a Sybil Knockoff, then JbDA."""
     rng = np.random.default_rng([args.seed, seed])
-    x, _ = load_samples("digits")
-    honest = honest_mix(args.clients, args.queries, x, rng)
+    x, y = load_samples("digits")
+    honest = honest_mix(args.clients, args.queries, x, y, rng)
     streams: dict[str, list[tuple[str, np.ndarray]]] = {
         name: [(name, q) for q in queries] for name, queries in honest.items()
     }
@@ -261,7 +229,6 @@ def attack_run(seed: int, args: argparse.Namespace, coverage: dict[str, Any]) ->
     jbda_fidelity = None
     if seed < args.jbda_runs:  # alone in a fresh guard: no other attacker to pool it with
         pool, held = np.split(rng.permutation(len(x)), [len(x) // 2])
-        _, y = load_samples("digits")
         evaluation = Evaluation.of(OnnxTarget.builtin("digits"), x[held], y[held])
         with tempfile.TemporaryDirectory() as tmp:
             path = write_policy(Path(tmp), ["jbda"], coverage)
@@ -281,8 +248,8 @@ def attack_run(seed: int, args: argparse.Namespace, coverage: dict[str, Any]) ->
 
 def heavy_run(seed: int, args: argparse.Namespace, coverage: dict[str, Any]) -> dict[str, Any]:
     rng = np.random.default_rng([args.seed, 1000 + seed])
-    x, _ = load_samples("digits")
-    honest = honest_mix(args.clients, args.heavy, x, rng)
+    x, y = load_samples("digits")
+    honest = honest_mix(args.clients, args.heavy, x, y, rng)
     streams = {name: [(name, q) for q in queries] for name, queries in honest.items()}
     streams["batch"] = [("batch", q) for q in x[rng.permutation(len(x))[:300]]]
     with tempfile.TemporaryDirectory() as tmp:
@@ -384,18 +351,18 @@ def mmd_candidate(args: argparse.Namespace, window: int = 50) -> dict[str, float
     threshold the 99.5th percentile of benign-vs-benign windows (windows of the other half);
     the fraction of Knockoff windows (its first ``window`` queries) and of honest clients'
     windows (their first ``window`` requests) above it."""
-    x, _ = load_samples("digits")
+    x, y = load_samples("digits")
     rng = np.random.default_rng([args.seed, 99])
     x = x.astype(np.float64)
     order = rng.permutation(len(x))
     reference, other = x[order[: len(x) // 2]], x[order[len(x) // 2 :]]
+    other_labels = y[order[len(x) // 2 :]]
     sample = reference[rng.choice(len(reference), 200, replace=False)]
     d2 = np.sum((sample[:, None] - sample[None]) ** 2, -1)
     gamma = 1.0 / np.median(d2[d2 > 0])  # the median heuristic
-    null = [mmd2(other[rng.choice(len(other), window, replace=False)], reference, gamma)]
-    null += [
+    null = [
         mmd2(other[rng.choice(len(other), window, replace=False)], reference, gamma)
-        for _ in range(399)
+        for _ in range(400)
     ]
     threshold = float(np.quantile(null, 0.995))
     knock = [
@@ -408,7 +375,7 @@ def mmd_candidate(args: argparse.Namespace, window: int = 50) -> dict[str, float
         )
         for r in range(40)
     ]
-    honest = honest_mix(40, window, other, np.random.default_rng([args.seed, 51]))
+    honest = honest_mix(40, window, other, other_labels, np.random.default_rng([args.seed, 51]))
     fps = [mmd2(np.asarray(q, np.float64), reference, gamma) for q in honest.values()]
     return {
         "threshold": threshold,
@@ -515,10 +482,11 @@ def main(argv: list[str] | None = None) -> None:
         f"{', '.join(str(b) for b in batch)}"
     )
 
-    print("\n### What the extractor gets: Knockoff, 1,000 queries, one key\n")
-    print("| coverage action | fidelity of the stolen copy (mean) | runs |")
-    print("|---|---:|---:|")
-    for action in ("flag", "degrade", "deny"):
+    if args.reaction_runs:
+        print("\n### What the extractor gets: Knockoff, 1,000 queries, one key\n")
+        print("| coverage action | fidelity of the stolen copy (mean) | runs |")
+        print("|---|---:|---:|")
+    for action in ("flag", "degrade", "deny") if args.reaction_runs else ():
         fids = [reaction_run(r, action, args) for r in range(args.reaction_runs)]
         print(f"| {action} | {np.mean(fids):.3f} | {len(fids)} |")
 
