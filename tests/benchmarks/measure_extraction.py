@@ -220,11 +220,13 @@ def attack_run(seed: int, args: argparse.Namespace, coverage: dict[str, Any]) ->
     answered = np.zeros(KNOCKOFF_QUERIES, bool)
     with tempfile.TemporaryDirectory() as tmp:
         path = write_policy(Path(tmp), clients, coverage)
-        with Guard(path) as guard, Sender(guard.url) as sender:
+        with Guard(path) as guard:
+            sender = Sender(guard.url)
             for stream, index, client, row in interleave(streams, rng):
                 answer = sender.send(client, f"{stream}/{index}", row)
                 if stream == "knockoff":
                     scores[index], answered[index] = answer.scores[0], answer.answered[0]
+            sender.close()
         firsts = first_findings(Path(tmp) / "audit.jsonl")
     jbda_fidelity = None
     if seed < args.jbda_runs:  # alone in a fresh guard: no other attacker to pool it with
@@ -254,9 +256,11 @@ def heavy_run(seed: int, args: argparse.Namespace, coverage: dict[str, Any]) -> 
     streams["batch"] = [("batch", q) for q in x[rng.permutation(len(x))[:300]]]
     with tempfile.TemporaryDirectory() as tmp:
         path = write_policy(Path(tmp), [*honest, "batch"], coverage)
-        with Guard(path) as guard, Sender(guard.url) as sender:
+        with Guard(path) as guard:
+            sender = Sender(guard.url)
             for stream, index, client, row in interleave(streams, rng):
                 sender.send(client, f"{stream}/{index}", row)
+            sender.close()
         firsts = first_findings(Path(tmp) / "audit.jsonl")
     return {"firsts": firsts, "honest": list(honest)}
 
