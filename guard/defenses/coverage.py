@@ -97,20 +97,23 @@ class History:
         return cls(np.empty((0, dims), np.float32), np.empty(0, np.int64), np.empty(0, bool))
 
     @classmethod
-    def decode(cls, items: Sequence[bytes], dims: int, step: float) -> History:
-        """From stored items (:meth:`encode` with the same ``step``); items of another size
-        are skipped."""
+    def decode(cls, data: bytes, dims: int, step: float) -> History:
+        """From stored records (:meth:`encode` with the same ``step``), concatenated; a
+        leading partial record (a log trimmed by bytes) is skipped."""
         size = _HEADER.itemsize + dims * _VALUE.itemsize
-        joined = b"".join(items)
-        if len(joined) != size * len(items):
-            joined = b"".join(item for item in items if len(item) == size)
-        if not joined:
+        data = data[len(data) % size :]
+        if not data:
             return cls.empty(dims)
-        raw = np.frombuffer(joined, dtype=np.uint8).reshape(-1, size)
+        raw = np.frombuffer(data, dtype=np.uint8).reshape(-1, size)
         header = raw[:, : _HEADER.itemsize].copy().view(_HEADER).ravel().astype(np.int64)
         values = raw[:, _HEADER.itemsize :].copy().view(_VALUE).astype(np.float32)
         values *= np.float32(step)
         return cls(values, header >> 1, (header & 1).astype(bool))
+
+    @staticmethod
+    def record_size(dims: int) -> int:
+        """Bytes of one stored record."""
+        return _HEADER.itemsize + dims * _VALUE.itemsize
 
     @staticmethod
     def encode(sketch: np.ndarray, label: int, novel: bool, step: float) -> bytes:

@@ -41,9 +41,10 @@ YAML keys (all optional except that ``radius`` or ``reference`` is required):
 
 Finding: ``score`` the novel queries in the window (pooled ones for a split
 extraction), ``threshold`` ``min_novel`` or ``max_novel``; technique AML.T0024.002.
-Cost per request: one history read and one push; one distance per kept query
-(``window`` × ``dims``). The pool (one model-wide history of at most 4096
-entries) is read and written only by clients already shaped like a shard.
+Cost per request: one read and one append of the client's window, kept as one byte
+log (``4 + 2 × dims`` bytes a query: :meth:`~guard.state.base.StateStore.append_bytes`),
+and one distance per kept query (``window`` × ``dims``). The pool (one model-wide
+history of at most 4096 entries) is read and written only by clients already shaped like a shard.
 Failure mode: as ``on_error`` says (default closed: 503 when the state store is down).
 """
 
@@ -199,17 +200,17 @@ class Coverage(BaseStage):
         sketches = sketch(x)
         dims = sketches.shape[1]
         store, client = self.enforcement.store, ctx.client.name
-        key = self._key(client, "h")
+        key = self._key(client, f"h{dims}")  # the sketch's width names the layout
         step = self.radius / STEPS_PER_RADIUS
-        history = History.decode(await store.items(key), dims, step)
-        entries = []
-        for row, label in zip(sketches, labels.tolist(), strict=True):
-            novel = history.observe(row, label, self.radius, self.window)
-            entries.append(History.encode(row, label, novel, step))
+        history = History.decode(await store.read_bytes(key), dims, step)
+        records = b"".join(
+            History.encode(row, label, history.observe(row, label, self.radius, self.window), step)
+            for row, label in zip(sketches, labels.tolist(), strict=True)
+        )
         count, _ = (
             await asyncio.gather(
-                store.push(key, entries, self.window, self.ttl),
-                store.incr(self._key(client, "n"), len(entries), self.ttl),
+                store.append_bytes(key, records, self.window * History.record_size(dims), self.ttl),
+                store.incr(self._key(client, "n"), x.shape[0], self.ttl),
             )
         )[1]
         evidence = history.evidence(classes)
@@ -226,7 +227,7 @@ class Coverage(BaseStage):
             )
         if not self.accounts or not t.shard(evidence):
             return Verdict.CONTINUE
-        if (count - len(entries)) // self.every == count // self.every:
+        if (count - x.shape[0]) // self.every == count // self.every:
             return Verdict.CONTINUE
         pooled = await self._pool(client, evidence)
         if pooled is None:

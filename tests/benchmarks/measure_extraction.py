@@ -284,8 +284,9 @@ def reaction_run(seed: int, action: str, args: argparse.Namespace) -> float:
 # -- offline: cost and the rejected candidate ----------------------------------------------
 
 
-def stage_cost(requests: int = 1500) -> dict[str, float]:
-    """Microseconds per request of each stage's ``on_response`` (window / histories full)."""
+def stage_cost(requests: int = 1500, redis_url: str | None = None) -> dict[str, float]:
+    """Microseconds per request of each stage's ``on_response`` (window / histories full),
+    on the memory store, or on Redis at ``redis_url``."""
     from guard.backends.onnx import OnnxBackend
     from guard.clients import Client
     from guard.configreader import Section
@@ -305,12 +306,19 @@ def stage_cost(requests: int = 1500) -> dict[str, float]:
     options = {"coverage": {"reference": "builtin:digits"}, "prada": {}}
 
     async def measure(name: str) -> float:
+        from guard.state.redis import RedisStore
+
+        store = (
+            MemoryStore()
+            if redis_url is None
+            else RedisStore(redis_url, key_prefix=f"cost-{name}:", timeout=2.0)
+        )
         env = StageEnv(
             model="digits",
             backend=None,
             local=None,
             metadata=onnx.model_metadata,
-            state=MemoryStore(),
+            state=store,
         )
         stage = STAGES[name](Section(options[name], source="m", path=name), env)
         took = []
@@ -325,9 +333,28 @@ def stage_cost(requests: int = 1500) -> dict[str, float]:
             started = time.perf_counter()
             await stage.on_response(ctx)
             took.append(time.perf_counter() - started)
+        await store.close()
         return float(np.median(took[-500:]) * 1e6)
 
     return {name: asyncio.run(measure(name)) for name in STAGES_FOR_COST}
+
+
+def redis_cost() -> dict[str, float] | None:
+    """:func:`stage_cost` on a redis-server of its own; None when none is installed."""
+    import shutil
+
+    from tests.integration.redis_server import RedisServer
+
+    executable = shutil.which("redis-server")
+    if executable is None:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        server = RedisServer(executable, Path(tmp))
+        server.start()
+        try:
+            return stage_cost(redis_url=server.url)
+        finally:
+            server.stop()
 
 
 STAGES_FOR_COST = ("coverage", "prada")
@@ -500,6 +527,12 @@ def main(argv: list[str] | None = None) -> None:
         f"coverage {cost['coverage']:.0f} µs, prada {cost['prada']:.0f} µs "
         f"(ratio {cost['coverage'] / cost['prada']:.2f})"
     )
+    on_redis = redis_cost()
+    if on_redis is not None:
+        print(
+            f"on Redis (loopback): coverage {on_redis['coverage']:.0f} µs, "
+            f"prada {on_redis['prada']:.0f} µs (ratio {on_redis['coverage'] / on_redis['prada']:.2f})"
+        )
     mmd = mmd_candidate(args)
     print(
         f"\nrejected candidate, MMD of 50-query windows against benign data (threshold "

@@ -60,12 +60,11 @@ def test_history_round_trips_through_its_encoding() -> None:
     items = [
         History.encode(r, c, bool(c % 2), step) for r, c in zip(rows, [0, 1, 2, -1, 9], strict=True)
     ]
-    items.append(b"short")  # another layout: skipped
-    history = History.decode(items, 8, step)
+    history = History.decode(b"xyz" + b"".join(items), 8, step)  # a partial record: skipped
     assert history.labels.tolist() == [0, 1, 2, -1, 9]
     assert history.novel.tolist() == [False, True, False, True, True]
     np.testing.assert_allclose(history.sketches, rows, atol=step / 2 + 1e-6)  # fixed point
-    saturated = History.decode([History.encode(np.array([1e9, -1e9]), 0, False, 1.0)], 2, 1.0)
+    saturated = History.decode(History.encode(np.array([1e9, -1e9]), 0, False, 1.0), 2, 1.0)
     assert saturated.sketches.tolist() == [[32767.0, -32767.0]]
 
 
@@ -160,3 +159,13 @@ def test_union_pools_a_split_extraction_but_never_clients_unlike_a_shard() -> No
     again = [*split[:2], shard("sybil-0", 20.0, 70)]
     assert union(again, t, since=0.0) is None  # 70 + 60 < 150
     assert union(split, t, since=11.5) is None  # only sybil-2 is recent
+
+
+def test_a_window_longer_than_the_log_keeps_whole_records() -> None:
+    step, dims = 0.5, 4
+    size = History.record_size(dims)
+    records = [History.encode(np.full(dims, float(i)), i % 10, True, step) for i in range(7)]
+    trimmed = b"".join(records)[-(3 * size + 5) :]  # cut inside a record
+    history = History.decode(trimmed, dims, step)
+    assert history.labels.tolist() == [4, 5, 6]
+    assert history.sketches[:, 0].tolist() == [4.0, 5.0, 6.0]

@@ -110,8 +110,10 @@ async def test_an_honest_mix_is_not_found() -> None:
     stage = build(action="deny")
     _, contexts = await run(stage, honest(600))
     assert found(contexts) == []
-    history = await stage.enforcement.store.items(client_key("alice", "coverage", "digits", "h"))
-    assert len(history) == 600
+    history = await stage.enforcement.store.read_bytes(
+        client_key("alice", "coverage", "digits", "h64")
+    )
+    assert len(history) == 600 * (4 + 2 * 64)
 
 
 async def test_padding_with_repeats_is_caught_at_max_novel() -> None:
