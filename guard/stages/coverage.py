@@ -203,6 +203,7 @@ class Coverage(BaseStage):
         key = self._key(client, f"h{dims}")  # the sketch's width names the layout
         step = self.radius / STEPS_PER_RADIUS
         history = History.decode(await store.read_bytes(key), dims, step)
+        history.keep(self.window)
         records = b"".join(
             History.encode(row, label, history.observe(row, label, self.radius, self.window), step)
             for row, label in zip(sketches, labels.tolist(), strict=True)

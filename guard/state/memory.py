@@ -312,7 +312,7 @@ class MemoryStore:
         log: bytearray = entry.value
         before = len(log)
         log += data
-        if len(log) > max_bytes:
+        if len(log) > max_bytes + max_bytes // 4:  # trimming copies: amortized
             del log[: len(log) - max_bytes]
         entry.expires = now + ttl_s
         self._grow(key, entry, len(log) - before)

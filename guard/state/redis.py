@@ -301,11 +301,12 @@ class RedisStore:
         return b"" if value is None else bytes(value)
 
 
-# APPEND, trim the front past ARGV[2] bytes, renew the expiry: one atomic step.
+# APPEND; past a quarter more than ARGV[2] bytes, trim the front to ARGV[2] (a trim copies
+# the value: amortized over many appends); renew the expiry. One atomic step.
 _APPEND_BYTES = """
 local n = redis.call('APPEND', KEYS[1], ARGV[1])
 local cap = tonumber(ARGV[2])
-if n > cap then
+if n > cap + math.floor(cap / 4) then
   redis.call('SET', KEYS[1], redis.call('GETRANGE', KEYS[1], n - cap, -1))
   n = cap
 end

@@ -32,8 +32,9 @@ async def test_a_log_keeps_its_newest_bytes(store: StateStore) -> None:
     assert await store.read_bytes(key) == b""
     assert await store.append_bytes(key, b"abcd", 10, 60.0) == 4
     assert await store.append_bytes(key, b"efgh", 10, 60.0) == 8
-    assert await store.append_bytes(key, b"ijkl", 10, 60.0) == 10
-    assert await store.read_bytes(key) == b"cdefghijkl"
+    assert await store.append_bytes(key, b"ij", 10, 60.0) == 10  # up to a quarter more
+    assert await store.append_bytes(key, b"kl", 8, 60.0) == 8  # past it: trimmed to 8
+    assert await store.read_bytes(key) == b"efghijkl"
     assert await store.append_bytes(key, b"0123456789ABC", 10, 60.0) == 10
     assert await store.read_bytes(key) == b"3456789ABC"
     assert await store.read_bytes(client_key("bob", "log")) == b""
