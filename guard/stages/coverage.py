@@ -9,8 +9,9 @@ inputs over every class; honest traffic repeats itself (popular inputs, retries,
 jittered copies). Across accounts: clients whose own stream already has that
 shape are pooled per model, so an extraction split over a few keys is caught
 when their pooled count is; a client whose own stream lacks the shape is never
-pooled, whatever other accounts do. PRADA stays the detector for synthetic
-(JbDA-style) extraction; this stage does not look at distances' distribution.
+pooled, whatever other accounts do. JbDA's synthetic neighbours are new inputs too,
+so this stage also catches it (at ``min_novel``); PRADA, which reads the distribution of
+distances instead, stays beside it for synthetic extraction.
 
 YAML keys (all optional except that ``radius`` or ``reference`` is required):
 
@@ -37,7 +38,8 @@ YAML keys (all optional except that ``radius`` or ``reference`` is required):
 ``ttl``           a client's history expires this long after its last query; default ``1d``
 ``action``        default ``flag``; ``degrade_for``, ``on_error``: see :mod:`guard.stages.detector`.
                   A detected extractor should not learn it was seen (it would slow down
-                  or spread out): prefer ``degrade`` (answers silently weakened)
+                  or spread over more accounts): prefer an action it cannot see. ``degrade``
+                  carries no verdict, but scores turning one-hot are a sign of their own
 
 Finding: ``score`` the novel queries in the window (pooled ones for a split
 extraction), ``threshold`` ``min_novel`` or ``max_novel``; technique AML.T0024.002.
