@@ -46,7 +46,8 @@ extraction), ``threshold`` ``min_novel`` or ``max_novel``; technique AML.T0024.0
 Cost per request: one read and one append of the client's window, kept as one byte
 log (``4 + 2 × dims`` bytes a query: :meth:`~guard.state.base.StateStore.append_bytes`),
 and one distance per kept query (``window`` × ``dims``). The pool (one model-wide
-history of at most 4096 entries) is read and written only by clients already shaped like a shard.
+history of at most 512 entries) is read and written only by clients already shaped like a
+shard, every ``every`` of their queries.
 Failure mode: as ``on_error`` says (default closed: 503 when the state store is down).
 """
 
@@ -84,7 +85,7 @@ from guard.stages.env import StageEnv, read_fail_open
 from guard.state import client_key, hash_tag
 
 TECHNIQUE = "AML.T0024.002"  # Exfiltration via ML Inference API: Extract ML Model
-POOL_CAP = 4096
+POOL_CAP = 512  # entries: the newest of each pooled client counts; a read stays cheap
 _PREFERRED_OUTPUTS = ("probabilities", "label")
 
 
