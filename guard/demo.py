@@ -327,6 +327,8 @@ def _workload() -> Any:
 STAGE_NOTES = {
     "blacklight": "near-duplicate queries, as query-based attacks send (docs/detection.md)",
     "prada": "a query-distance distribution unlike natural data (docs/detection.md)",
+    "coverage": "nearly only new inputs over every class, as natural-data extraction sends "
+    "(docs/extraction-detection.md)",
     "budget": "over its query quota: 429 with Retry-After (docs/detection.md)",
     "privacy": "its privacy budget is spent: its answers now carry the label alone "
     "(docs/privacy.md)",

@@ -13,6 +13,7 @@ from guard.pipeline import Stage
 from guard.stages.blacklight import Blacklight
 from guard.stages.budget import Budget
 from guard.stages.certify import Certify
+from guard.stages.coverage import Coverage
 from guard.stages.env import StageEnv
 from guard.stages.prada import Prada
 from guard.stages.privacy import Privacy
@@ -26,6 +27,7 @@ STAGES: dict[str, StageBuilder] = {
     "blacklight": Blacklight.from_config,
     "budget": Budget.from_config,
     "certify": Certify.from_config,
+    "coverage": Coverage.from_config,
     "prada": Prada.from_config,
     "privacy": Privacy.from_config,
     "validate": Validate.from_config,

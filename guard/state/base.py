@@ -107,6 +107,22 @@ class StateStore(Protocol):
         """Release connections; idempotent."""
         ...
 
+    async def append_bytes(self, key: str, data: bytes, max_bytes: int, ttl_s: float) -> int:
+        """Append ``data`` to a byte log keeping at least its newest ``max_bytes``; return
+        its length.
+
+        Once the log holds a quarter more than ``max_bytes`` its front is trimmed to them
+        (a trim copies the log, so it happens once per many appends): a reader keeps the
+        newest records it needs. One value, read whole by :meth:`read_bytes`: a history of
+        many small fixed-size records costs one round trip and one reply instead of one
+        reply item per record. The log expires ``ttl_s`` after its last append.
+        """
+        ...
+
+    async def read_bytes(self, key: str) -> bytes:
+        """A byte log's content (empty when absent or expired)."""
+        ...
+
 
 def hash_tag(name: str) -> str:
     """``name`` as a Redis hash tag, escaped so that distinct names give distinct tags."""

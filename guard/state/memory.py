@@ -305,6 +305,23 @@ class MemoryStore:
         """Approximate bytes held by per-client state (fingerprint tables excluded)."""
         return self._nbytes
 
+    # -- byte logs --------------------------------------------------------------------
+    async def append_bytes(self, key: str, data: bytes, max_bytes: int, ttl_s: float) -> int:
+        now = self._clock()
+        entry = self._live(key, now) or self._put(key, bytearray(), now)
+        log: bytearray = entry.value
+        before = len(log)
+        log += data
+        if len(log) > max_bytes + max_bytes // 4:  # trimming copies: amortized
+            del log[: len(log) - max_bytes]
+        entry.expires = now + ttl_s
+        self._grow(key, entry, len(log) - before)
+        return len(log)
+
+    async def read_bytes(self, key: str) -> bytes:
+        entry = self._live(key, self._clock())
+        return b"" if entry is None else bytes(entry.value)
+
 
 def _tag(key: str) -> str:
     """The hash tag of ``key`` (``{...}`` at its start) or ``""``."""

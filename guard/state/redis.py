@@ -288,3 +288,28 @@ class RedisStore:
 
     async def close(self) -> None:
         await self._redis.aclose()
+
+    # -- byte logs --------------------------------------------------------------------
+    async def append_bytes(self, key: str, data: bytes, max_bytes: int, ttl_s: float) -> int:
+        script = self._redis.register_script(_APPEND_BYTES)  # cheap: EVALSHA, loaded once
+        keys = [self._key(key)]
+        args: list[bytes | int] = [data, max_bytes, _ms(ttl_s)]
+        return int(await self._run("append_bytes", lambda: script(keys=keys, args=args)))
+
+    async def read_bytes(self, key: str) -> bytes:
+        value = await self._run("read_bytes", lambda: self._redis.get(self._key(key)))
+        return b"" if value is None else bytes(value)
+
+
+# APPEND; past a quarter more than ARGV[2] bytes, trim the front to ARGV[2] (a trim copies
+# the value: amortized over many appends); renew the expiry. One atomic step.
+_APPEND_BYTES = """
+local n = redis.call('APPEND', KEYS[1], ARGV[1])
+local cap = tonumber(ARGV[2])
+if n > cap + math.floor(cap / 4) then
+  redis.call('SET', KEYS[1], redis.call('GETRANGE', KEYS[1], n - cap, -1))
+  n = cap
+end
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+return n
+"""

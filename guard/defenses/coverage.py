@@ -1,0 +1,257 @@
+"""Coverage: catch model extraction by natural data (Knockoff Nets) from how much new
+ground a client's queries cover.
+
+Knockoff Nets (Orekondy, Schiele, Fritz, CVPR 2019) query the victim with
+natural inputs the attacker holds, each once, and train a copy on the answers.
+There are no synthetic neighbours for PRADA (Juuti et al., EuroS&P 2019) to see,
+and when the attacker's data comes from the victim's own distribution a
+distribution test (maximum mean discrepancy against benign data) sees nothing
+either: the queries *are* benign data. What an extractor cannot avoid is
+volume of *new* inputs spread over the classes: a copy needs many labelled
+points, and a repeat or a near repeat teaches it nothing. Honest traffic is
+full of exactly those (popular inputs, retries, re-encoded or noisy copies).
+
+Per client, over its last ``window`` queries (the history the caller keeps):
+
+1. A query ``x`` is *novel* when no earlier query of the history lies within
+   ``radius`` of it: ``min_{y ∈ H} ||s(x) - s(y)||₂ > radius`` where ``s`` is a
+   fixed random projection to at most ``dims`` values (Johnson-Lindenstrauss;
+   the identity for small inputs). ``radius`` comes from benign data alone:
+   ``scale`` times the ``quantile`` of nearest-neighbour distances between
+   distinct reference inputs (:func:`calibrate_radius`), so two different
+   natural inputs are almost never "near" and a jittered copy almost always is.
+2. Evidence: ``n`` queries in the window, ``k`` of them novel, and ``H`` the
+   entropy of the predicted classes of the novel ones over ``log C`` (1: spread
+   evenly over all ``C`` classes).
+3. Suspicious when ``k ≥ min_novel`` and ``k / n ≥ min_fraction`` and
+   ``H ≥ min_entropy`` (an extractor's stream: nearly all new, over all
+   classes), or when ``k ≥ max_novel`` whatever the rest (an extractor padding
+   its stream with repeats to lower its fraction pays for every one).
+
+Across accounts (:func:`union`): clients whose own evidence already looks like
+an extractor's shard (``k ≥ shard_novel``, the fraction and entropy tests
+above) are pooled per model; when the pooled novel count of two or more of them
+reaches ``min_novel`` each of them is suspicious. A client whose own queries do
+not look like a shard is never pooled, so other accounts cannot push it over.
+
+What this cannot tell apart, and we say so: an honest client that sends many
+fresh inputs over every class looks exactly like this (Karchmer, "Theoretical
+limits of provable security against model extraction by efficient
+observational defenses", SaTML 2023).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = [
+    "STEPS_PER_RADIUS",
+    "Evidence",
+    "History",
+    "Shard",
+    "Sketch",
+    "Thresholds",
+    "calibrate_radius",
+    "nearest",
+    "union",
+]
+
+_HEADER = np.dtype("<i4")  # 2 * class + novel; class -1: unknown
+_VALUE = np.dtype("<i2")
+STEPS_PER_RADIUS = 64  # the stored sketches' resolution: radius / 64
+
+
+@dataclass(frozen=True, slots=True)
+class Sketch:
+    """``s(x)``: a seeded Gaussian projection to ``dims`` values, scaled to keep L2 distances
+    in expectation; ``None`` (the identity) when the input has no more than ``dims`` values."""
+
+    matrix: np.ndarray | None  # [D, dims] float32
+
+    @classmethod
+    def make(cls, features: int, dims: int, seed: int = 0) -> Sketch:
+        if features <= dims:
+            return cls(None)
+        rng = np.random.default_rng(seed)
+        matrix = rng.standard_normal((features, dims)) / np.sqrt(dims)
+        return cls(matrix.astype(np.float32))
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        x = np.asarray(x, dtype=np.float32)
+        return x if self.matrix is None else x @ self.matrix
+
+
+@dataclass(slots=True)
+class History:
+    """A client's recent queries: their sketches, predicted classes and novelty, oldest first."""
+
+    sketches: np.ndarray  # [m, dims] float32
+    labels: np.ndarray  # [m] int64 (-1: unknown)
+    novel: np.ndarray  # [m] bool
+
+    @classmethod
+    def empty(cls, dims: int) -> History:
+        return cls(np.empty((0, dims), np.float32), np.empty(0, np.int64), np.empty(0, bool))
+
+    @classmethod
+    def decode(cls, data: bytes, dims: int, step: float) -> History:
+        """From stored records (:meth:`encode` with the same ``step``), concatenated; a
+        leading partial record (a log trimmed by bytes) is skipped."""
+        size = _HEADER.itemsize + dims * _VALUE.itemsize
+        data = data[len(data) % size :]
+        if not data:
+            return cls.empty(dims)
+        raw = np.frombuffer(data, dtype=np.uint8).reshape(-1, size)
+        header = raw[:, : _HEADER.itemsize].copy().view(_HEADER).ravel().astype(np.int64)
+        values = raw[:, _HEADER.itemsize :].copy().view(_VALUE).astype(np.float32)
+        values *= np.float32(step)
+        return cls(values, header >> 1, (header & 1).astype(bool))
+
+    @staticmethod
+    def record_size(dims: int) -> int:
+        """Bytes of one stored record."""
+        return _HEADER.itemsize + dims * _VALUE.itemsize
+
+    @staticmethod
+    def encode(sketch: np.ndarray, label: int, novel: bool, step: float) -> bytes:
+        """One query as stored: ``2 * label + novel`` (little-endian i4), then its sketch in
+        fixed point, multiples of ``step`` (little-endian i2, saturating)."""
+        header = np.array([2 * int(label) + int(novel)], dtype=_HEADER)
+        fixed = np.clip(np.rint(np.asarray(sketch, np.float64) / step), -32767, 32767)
+        return header.tobytes() + fixed.astype(_VALUE).tobytes()
+
+    def add(self, sketch: np.ndarray, label: int, novel: bool) -> None:
+        self.sketches = np.vstack((self.sketches, sketch[None, :].astype(np.float32)))
+        self.labels = np.append(self.labels, np.int64(label))
+        self.novel = np.append(self.novel, novel)
+
+    def keep(self, window: int) -> None:
+        """Forget all but the newest ``window`` queries."""
+        if len(self.labels) > window:
+            self.sketches = self.sketches[-window:]
+            self.labels = self.labels[-window:]
+            self.novel = self.novel[-window:]
+
+    def observe(self, sketch: np.ndarray, label: int, radius: float, window: int) -> bool:
+        """Step 1 for one query: whether it is novel; it joins the history either way."""
+        novel = nearest(self.sketches, sketch) > radius
+        self.add(sketch, label, novel)
+        self.keep(window)
+        return novel
+
+    def evidence(self, classes: int) -> Evidence:
+        counts = np.bincount(self.labels[self.novel & (self.labels >= 0)], minlength=classes)
+        return Evidence(len(self.labels), int(self.novel.sum()), counts[:classes])
+
+
+def nearest(history: np.ndarray, sketch: np.ndarray) -> float:
+    """``min_y ||sketch - y||₂`` over the rows of ``history``; infinity when it is empty."""
+    if history.shape[0] == 0:
+        return float("inf")
+    diff = history - sketch
+    return float(np.sqrt(np.min(np.einsum("ij,ij->i", diff, diff))))
+
+
+def calibrate_radius(reference: np.ndarray, *, quantile: float = 0.01, scale: float = 0.5) -> float:
+    """``scale`` times the ``quantile`` of the nearest-neighbour distances between the distinct
+    rows of ``reference`` (sketched benign inputs; exact duplicates are dropped first)."""
+    rows = np.unique(np.asarray(reference, dtype=np.float64), axis=0)
+    if rows.shape[0] < 2:
+        raise ValueError("calibrate_radius needs at least 2 distinct reference rows")
+    if not (0.0 < quantile < 1.0 and scale > 0.0):
+        raise ValueError("quantile must be in (0, 1) and scale > 0")
+    squared = np.sum(rows * rows, axis=1)
+    best = np.full(rows.shape[0], np.inf)
+    for start in range(0, rows.shape[0], 512):  # bounded memory for large references
+        block = rows[start : start + 512]
+        d2 = squared[start : start + 512, None] + squared[None, :] - 2.0 * block @ rows.T
+        d2[np.arange(block.shape[0]), np.arange(start, start + block.shape[0])] = np.inf
+        best[start : start + 512] = np.min(d2, axis=1)
+    return float(scale * np.quantile(np.sqrt(np.maximum(best, 0.0)), quantile))
+
+
+@dataclass(frozen=True, slots=True)
+class Evidence:
+    """Step 2: queries in the window, how many were novel, and the novel ones' class counts."""
+
+    queries: int
+    novel: int
+    classes: np.ndarray  # [C] int
+
+    @property
+    def fraction(self) -> float:
+        return self.novel / self.queries if self.queries else 0.0
+
+    @property
+    def entropy(self) -> float:
+        """Entropy of the novel queries' classes over ``log C``: 0 (one class) to 1 (even)."""
+        total = int(self.classes.sum())
+        if total == 0 or len(self.classes) < 2:
+            return 0.0
+        p = self.classes[self.classes > 0] / total
+        return float(-np.sum(p * np.log(p)) / np.log(len(self.classes)))
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Thresholds:
+    """Step 3's thresholds (see the module docstring)."""
+
+    min_novel: int = 150
+    min_fraction: float = 0.9
+    min_entropy: float = 0.7
+    max_novel: int = 600
+    shard_novel: int = 50
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.shard_novel <= self.min_novel <= self.max_novel:
+            raise ValueError("need 1 <= shard_novel <= min_novel <= max_novel")
+        if not (0.0 < self.min_fraction <= 1.0 and 0.0 <= self.min_entropy <= 1.0):
+            raise ValueError("min_fraction must be in (0, 1], min_entropy in [0, 1]")
+
+    def spread(self, evidence: Evidence) -> bool:
+        """Nearly all new, over the classes: the shape of an extractor's stream."""
+        return evidence.fraction >= self.min_fraction and evidence.entropy >= self.min_entropy
+
+    def judge(self, evidence: Evidence) -> bool:
+        """Whether one client's own evidence is suspicious."""
+        if evidence.novel >= self.max_novel:
+            return True
+        return evidence.novel >= self.min_novel and self.spread(evidence)
+
+    def shard(self, evidence: Evidence) -> bool:
+        """Whether a client's own evidence makes it a candidate shard of a split extraction."""
+        return evidence.novel >= self.shard_novel and self.spread(evidence)
+
+
+@dataclass(frozen=True, slots=True)
+class Shard:
+    """One client's evidence as the model-wide pool keeps it."""
+
+    client: str
+    at: float
+    evidence: Evidence
+
+
+def union(shards: Sequence[Shard], thresholds: Thresholds, *, since: float) -> Evidence | None:
+    """The pooled evidence of the candidate shards seen at or after ``since`` (each client's
+    newest entry), or ``None`` when fewer than two of them remain or their pooled evidence is
+    not suspicious."""
+    newest: dict[str, Shard] = {}
+    for shard in shards:
+        if shard.at >= since and thresholds.shard(shard.evidence):
+            kept = newest.get(shard.client)
+            if kept is None or shard.at >= kept.at:
+                newest[shard.client] = shard
+    if len(newest) < 2:
+        return None
+    pooled = Evidence(
+        sum(s.evidence.queries for s in newest.values()),
+        sum(s.evidence.novel for s in newest.values()),
+        np.sum([s.evidence.classes for s in newest.values()], axis=0),
+    )
+    if pooled.novel >= thresholds.min_novel and thresholds.spread(pooled):
+        return pooled
+    return None
