@@ -195,7 +195,7 @@ def _adaptive(
         ]
         return float(np.mean(wins)) if wins else 0.0
 
-    local = [OnnxTarget.builtin(config.model) for _ in range(n)]
+    local: list[Target] = [OnnxTarget.builtin(config.model) for _ in range(n)]
     bare_run, bare_wrapped = attack_through(local)
     targets = [make_target(None), *(make_target(-1 - j) for j in range(n - 1))]
     try:
