@@ -16,6 +16,7 @@ from guard.stages.certify import Certify
 from guard.stages.env import StageEnv
 from guard.stages.prada import Prada
 from guard.stages.privacy import Privacy
+from guard.stages.provenance import Provenance
 from guard.stages.squeeze import Squeeze
 from guard.stages.squeeze_detect import SqueezeDetect
 from guard.stages.validate import Validate
@@ -28,6 +29,7 @@ STAGES: dict[str, StageBuilder] = {
     "certify": Certify.from_config,
     "prada": Prada.from_config,
     "privacy": Privacy.from_config,
+    "provenance": Provenance.from_config,
     "validate": Validate.from_config,
     "squeeze": Squeeze.from_config,
     "squeeze_detect": SqueezeDetect.from_config,

@@ -19,7 +19,8 @@ timing, only the backend sees other inputs. Keys of misdirecting detectors:
                  L2 distance (input units); default: any distance (the oldest row held)
 ``history``      recent rows kept per client for anchors; default 256 (fewer for wide
                  inputs: at most 256 KiB a client); they expire ``1h`` after the last
-                 request, or after ``degrade_for`` if longer
+                 request, or twice ``degrade_for`` if longer. A marked client's rows
+                 are not added: its anchors stay those it had when it was caught
 
 ``degrade`` marks the client in the state store (``{client}:degrade:<model>``, one
 mark per model shared by every detector): while the mark lives, each detector
@@ -180,11 +181,15 @@ class Enforcement:
             if not ctx.degraded and await self.store.marked(self.mark_key(ctx.client.name)):
                 ctx.degraded = True
         elif self.action is Action.MISDIRECT and rows is not None:
-            await self._remember(ctx, rows)
             if ctx.substitute is None and await self.store.marked(
                 self.misdirect_key(ctx.client.name)
             ):
+                # The anchors stay as they were at the mark: a marked client's rows are
+                # not remembered, so its answers stay consistent however long it goes on.
+                ctx.stage_state["misdirect:remembered"] = True
                 await self._misdirect(ctx, rows, input_name)
+            else:
+                await self._remember(ctx, rows)
 
     async def report(
         self,
@@ -223,7 +228,7 @@ class Enforcement:
             return
         ctx.stage_state["misdirect:remembered"] = True
         items = [np.asarray(r, dtype=_HISTORY_ROW).tobytes() for r in rows]
-        ttl = max(self.degrade_for, 3600.0)
+        ttl = max(2 * self.degrade_for, 3600.0)
         await self.store.push(self.rows_key(ctx.client.name), items, self._cap(rows.shape[1]), ttl)
 
     async def _misdirect(
@@ -236,6 +241,13 @@ class Enforcement:
             for item in await self.store.items(self.rows_key(ctx.client.name))
         ]
         held = [h for h in held if h.size == width]
+        if not held:  # nothing remembered (expired): this request's rows become the anchors
+            await self.store.push(
+                self.rows_key(ctx.client.name),
+                [np.asarray(r, dtype=_HISTORY_ROW).tobytes() for r in rows],
+                self._cap(width),
+                max(2 * self.degrade_for, 3600.0),
+            )
         history = np.stack(held) if held else np.zeros((0, width), dtype=np.float32)
         anchors = anchor_rows(history, rows, self.radius)
         name = input_name if input_name is not None else next(iter(ctx.request.inputs))
