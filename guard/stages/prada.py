@@ -21,7 +21,9 @@ YAML keys (all optional):
 ``ttl``            a client's history expires this long after its last query; default ``1d``
 ``action``         default ``flag``; ``degrade_for``, ``on_error``: see :mod:`guard.stages.detector`
 
-Finding: ``score`` W, ``threshold`` delta, technique AML.T0024.002 (extract ML
+An exact repeat of a query the client's growing set holds (distance 0) is
+skipped: it says nothing new and would read as non-natural. Finding: ``score`` W,
+``threshold`` delta, technique AML.T0024.002 (extract ML
 model). Several replicas may update one client's history at once; each update
 is atomic, the sequence is not, which at worst shifts a test by a few queries.
 """
@@ -144,6 +146,8 @@ class Prada(BaseStage):
         distances: list[float] = []
         for row, c in zip(x, classes.tolist(), strict=True):
             seen = observe(sets[c], row)
+            if seen.distance == 0.0:  # an exact repeat of a kept query: no new information
+                continue
             if seen.distance is not None:
                 distances.append(seen.distance)
             if seen.grows:

@@ -43,6 +43,7 @@ from guard.attacks.targets import Answers, HttpTarget, OnnxTarget, TargetSpec
 from guard.models import load_samples
 from tests.benchmarks.measure_detection import DEFAULT_POLICY, KEY_ENV, Guard
 
+EARLY = 10  # a success within this many queries: before any detector can judge
 EPS_L2 = 0.625 * 16
 EPS_LINF = 0.125 * 16
 ATTACKS = {
@@ -99,6 +100,7 @@ class Client(HttpTarget):
 
     def _send(self, x: np.ndarray) -> Any:
         self.headers["X-API-Key"] = f"key-{self.names[self.sent % len(self.names)]}"
+        self.headers["X-Request-Id"] = f"q{self.sent + 1}"  # the audit log says when it was caught
         self.sent += len(x)
         answers, status, verdict = super()._send(x)
         self.last = (status, verdict)
@@ -198,14 +200,15 @@ def hit(records: list[dict[str, Any]], names: list[str]) -> tuple[int, int, int,
 
 
 def attack_runs(
-    url: str, name: str, mode: str, samples: int, seed: int, bare: OnnxTarget
+    url: str, name: str, mode: str, samples: int, seed: int, bare: OnnxTarget, audit: Path
 ) -> dict[str, Any]:
     x, y = load_samples("digits")
     rows = np.random.default_rng([seed, 100]).choice(len(x), samples, replace=False)
     rng = np.random.default_rng([seed, list(ATTACKS).index(name)])
     keys = [f"attacker-{i}" for i in range(10 if mode == "sybil" else 1)]
-    wins = reported = attacked = 0
-    queries = []
+    wins = reported = attacked = early = 0
+    queries: list[int] = []
+    firsts: list[int | None] = []
     for i in rows:
         # A fresh identity per sample: each sample is a new attack campaign.
         ids = [f"{k}-{i}" for k in keys]
@@ -220,11 +223,22 @@ def attack_runs(
             continue
         attacked += 1
         queries.append(sent)
+        caught = [
+            int(r["request_id"][1:])
+            for r in audited(audit)
+            if r["client"] in ids and r["action"] != "allow" and r["stage"] != "privacy"
+        ]
+        firsts.append(min(caught) if caught else None)
         if sample.success and sample.x_adv is not None:
             reported += 1
             label = bare.query(sample.x_adv[None].astype(np.float32)).labels[0]
             wins += int(label != y[i])
+            early += int(label != y[i] and (sample.success_query or 0) <= EARLY)
+    detected = [f for f in firsts if f is not None]
     return {
+        "caught": f"{sum(1 for f in detected if f <= 100)}/{len(firsts)}",
+        "first": f"{np.median(detected):.0f} / {max(detected)}" if detected else "-",
+        "early": early,
         "attacked": attacked,
         "reported": reported,
         "success": wins / attacked if attacked else None,
@@ -281,19 +295,25 @@ def main(argv: list[str] | None = None) -> None:
                     f"requests with a finding ({pstages}); {time.perf_counter() - started:.0f} s",
                     flush=True,
                 )
-        print("\n| attack | mode | attacked | reported success | end-to-end success | "
-              "median queries sent |")
-        print("|---|---|---:|---:|---:|---:|")
+        print(
+            "\n| attack | mode | attacked | reported success | end-to-end success | "
+            f"of them within {EARLY} queries | median queries sent | caught within 100 | "
+            "first finding median / max |"
+        )
+        print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
         for name in args.attacks.split(","):
             for mode in args.modes.split(","):
                 with tempfile.TemporaryDirectory() as tmp:
                     path = write_policy(Path(tmp), copy.deepcopy(stages), names)
                     with Guard(path) as guard:
-                        result = attack_runs(guard.url, name, mode, args.samples, args.seed, bare)
+                        result = attack_runs(
+                            guard.url, name, mode, args.samples, args.seed, bare, Path(tmp)
+                        )
                 success = "-" if result["success"] is None else f"{result['success']:.2f}"
                 print(
                     f"| {name} | {mode} | {result['attacked']} | {result['reported']} | "
-                    f"{success} | {result['queries']} |",
+                    f"{success} | {result['early']} | {result['queries']} | {result['caught']} | "
+                    f"{result['first']} |",
                     flush=True,
                 )
 
