@@ -188,6 +188,12 @@ class Enforcement:
                 # not remembered, so its answers stay consistent however long it goes on.
                 ctx.stage_state["misdirect:remembered"] = True
                 await self._misdirect(ctx, rows, input_name)
+                ctx.report(  # what was done, for the operators (the client sees nothing)
+                    self.stage,
+                    Action.MISDIRECT,
+                    "client marked by an earlier finding: answered from its anchors",
+                    technique=self.technique,
+                )
             else:
                 await self._remember(ctx, rows)
 

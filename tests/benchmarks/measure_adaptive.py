@@ -301,7 +301,7 @@ def main(argv: list[str] | None = None) -> None:
             "first finding median / max |"
         )
         print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
-        for name in args.attacks.split(","):
+        for name in [a for a in args.attacks.split(",") if a]:
             for mode in args.modes.split(","):
                 with tempfile.TemporaryDirectory() as tmp:
                     path = write_policy(Path(tmp), copy.deepcopy(stages), names)
