@@ -139,6 +139,11 @@ def _detail(e: dict[str, Any]) -> str:
         return f"AUC {_num(e['auc'])}  advantage {_num(e['advantage'])}"
     if family == "inversion":
         return f"similarity {_num(e['similarity'])} vs baseline {_num(e['baseline_similarity'])}"
+    if family == "adaptive":
+        return (
+            f"vs bare {_num(e['bare_success_rate'])}  real queries {e['real_queries']} "
+            f"vs {e['bare_real_queries']}  accounts {e['accounts']}"
+        )
     if family == "benign":
         return f"false positives {_num(e['false_positive_rate'])}  accuracy {_num(e['accuracy'])}"
     return ""

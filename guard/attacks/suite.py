@@ -5,9 +5,19 @@ random stream ``default_rng([seed, k])``; evasion attacks share one draw of
 samples. Attacks run in the order given, as one client: a stateful defence
 carries what it learned from one attack into the next.
 
-Budgets are per unit: per sample (evasion), per run (extraction), per class
-(inversion), per client (benign); membership inference sends one query per
+Budgets are per unit: per sample (evasion, adaptive), per run (extraction), per
+class (inversion), per client (benign); membership inference sends one query per
 record (``neighbours + 1`` for label-only) whatever the budget.
+
+``benign`` is the realistic honest mix (:class:`~guard.attacks.benign.TrafficMix`:
+popular inputs, retries, jitter, fresh inputs) from ``benign_clients`` clients.
+The adaptive attackers (:mod:`~guard.attacks.adaptive`) run an evasion attack
+through a wrapper, and again against the bare local model; their success is
+judged on the final input against the bare model, and the entry reports both.
+
+The target factory gets ``None`` for the attacker's own account, ``i >= 0`` for
+benign client ``i``, and ``-1 - j`` for the attacker's extra account ``j`` (Sybil
+keys, junk senders).
 """
 
 from __future__ import annotations
@@ -22,8 +32,23 @@ from guard.attacks.report import Report
 from guard.attacks.targets import OnnxTarget, Target, TargetSpec
 
 EVASION = ("hopskipjump", "square-linf", "square-l2", "simba")
-ATTACKS = (*EVASION, "knockoff", "jbda", "membership", "inversion", "benign")
-ALIASES = {"square": ("square-linf", "square-l2"), "evasion": EVASION, "all": ATTACKS}
+# Adaptive attackers (guard.attacks.adaptive): "<kind>-<evasion attack>".
+ADAPTIVE = (
+    "oars-hopskipjump",
+    "oars-square-linf",
+    "oars-simba",
+    "sybil-hopskipjump",
+    "sybil-square-linf",
+    "flushing-square-linf",
+    "labelonly-hopskipjump",
+)
+ATTACKS = (*EVASION, "knockoff", "jbda", "membership", "inversion", "benign", *ADAPTIVE)
+ALIASES = {
+    "square": ("square-linf", "square-l2"),
+    "evasion": EVASION,
+    "adaptive": ADAPTIVE,
+    "all": ATTACKS,
+}
 BUDGETS = {
     "hopskipjump": 2000,
     "square-linf": 1000,
@@ -33,6 +58,7 @@ BUDGETS = {
     "jbda": 2000,
     "inversion": 2000,
     "benign": 200,
+    **dict.fromkeys(ADAPTIVE, 1000),
 }
 _SAMPLES_STREAM = 100
 
@@ -52,7 +78,7 @@ def resolve(names: Sequence[str], spec: TargetSpec) -> list[str]:
                     f"unknown attack {attack!r}; expected one of {', '.join(ATTACKS)}, "
                     f"or {', '.join(ALIASES)}"
                 )
-            if attack in EVASION and not spec.scalar_range:
+            if (attack in EVASION or attack in ADAPTIVE) and not spec.scalar_range:
                 if name == "all":
                     continue
                 raise ValueError(
@@ -72,7 +98,12 @@ class SuiteConfig:
     seed: int = 0
     epsilon_l2: float | None = None  # input units; default 0.625 x the input range
     epsilon_linf: float | None = None  # input units; default 0.125 x the input range
-    benign_clients: int = 3
+    benign_clients: int = 40
+    benign_popular: float = 0.3  # shares of the honest mix; fresh inputs are the rest
+    benign_retry: float = 0.1
+    benign_jitter: float = 0.2
+    sybil_keys: int = 10
+    flush_every: int = 100  # adaptive flushing: attack queries between 10,000 junk rows
 
 
 def run_suite(
@@ -96,15 +127,8 @@ def run_suite(
     return report
 
 
-def _evasion(
-    name: str,
-    config: SuiteConfig,
-    make_target: TargetFactory,
-    budget: int,
-    rng: np.random.Generator,
-) -> list[Entry]:
+def _evasion_attack(name: str, config: SuiteConfig) -> Any:
     from guard.attacks import evasion
-    from guard.models import load_samples
 
     spec = TargetSpec.builtin(config.model)
     span = float(spec.hi - spec.lo)
@@ -116,7 +140,83 @@ def _evasion(
         "square-l2": lambda: evasion.SquareL2(epsilon=l2),
         "simba": lambda: evasion.SimBA(epsilon=linf),
     }
-    attack = attacks[name]()
+    radii = {
+        "hopskipjump": (l2, None),
+        "square-linf": (None, linf),
+        "square-l2": (l2, None),
+        "simba": (None, None),
+    }
+    return attacks[name](), radii[name]
+
+
+def _adaptive(
+    name: str,
+    config: SuiteConfig,
+    make_target: TargetFactory,
+    budget: int,
+    rng: np.random.Generator,
+) -> list[Entry]:
+    from guard.attacks import adaptive, evasion
+    from guard.models import load_samples
+
+    kind, attack_name = name.split("-", 1)
+    attack, (l2, linf) = _evasion_attack(attack_name, config)
+    x, y = load_samples(config.model)
+    bare = OnnxTarget.builtin(config.model)
+    right = np.flatnonzero(bare.query(x).labels == y)
+    rows = np.random.default_rng([config.seed, _SAMPLES_STREAM]).choice(
+        right, min(config.samples, len(right)), replace=False
+    )
+    x, y = x[rows].astype(np.float64), y[rows]
+    n = adaptive.accounts_needed(kind, sybil_keys=config.sybil_keys)
+    state = rng.bit_generator.state
+
+    def attack_through(targets: list[Target]) -> tuple[Any, Target]:
+        inner = np.random.default_rng()
+        inner.bit_generator.state = state  # the same draws with and without the guard
+        wrapped = adaptive.wrap(kind, targets, inner, flush_every=config.flush_every)
+        return evasion.run_evasion(attack, wrapped, x, y, budget=budget, rng=inner), wrapped
+
+    def judged(run: Any) -> float:
+        wins = [
+            adaptive.judge_on(bare, x[s.index], s.label, s.x_adv, l2=l2, linf=linf).success
+            for s in run.samples
+        ]
+        return float(np.mean(wins)) if wins else 0.0
+
+    local = [OnnxTarget.builtin(config.model) for _ in range(n)]
+    bare_run, bare_wrapped = attack_through(local)
+    targets = [make_target(None), *(make_target(-1 - j) for j in range(n - 1))]
+    try:
+        run, wrapped = attack_through(targets)
+        entry = run.summary(wrapped)
+    finally:
+        for target in targets:
+            target.close()
+    entry.update(
+        attack=name,
+        family="adaptive",
+        reported_success_rate=entry["success_rate"],
+        success_rate=judged(run),
+        bare_success_rate=judged(bare_run),
+        real_queries=adaptive.real_queries(wrapped),
+        bare_real_queries=adaptive.real_queries(bare_wrapped),
+        accounts=n,
+    )
+    return [entry]
+
+
+def _evasion(
+    name: str,
+    config: SuiteConfig,
+    make_target: TargetFactory,
+    budget: int,
+    rng: np.random.Generator,
+) -> list[Entry]:
+    from guard.attacks import evasion
+    from guard.models import load_samples
+
+    attack, _ = _evasion_attack(name, config)
     x, y = load_samples(config.model)
     rows = np.random.default_rng([config.seed, _SAMPLES_STREAM]).choice(
         len(x), min(config.samples, len(x)), replace=False
@@ -208,15 +308,20 @@ def _benign(
     budget: int,
     rng: np.random.Generator,
 ) -> list[Entry]:
-    from guard.attacks.benign import BenignTraffic
+    from guard.attacks.benign import TrafficMix
     from guard.models import load_samples
 
     x, y = load_samples(config.model)
+    mix = TrafficMix(
+        queries=budget,
+        popular=config.benign_popular,
+        retry=config.benign_retry,
+        jitter=config.benign_jitter,
+    )
     targets = [make_target(i) for i in range(config.benign_clients)]
     try:
         clients = [(f"client-{i}", t) for i, t in enumerate(targets)]
-        run = BenignTraffic(queries=budget).run(clients, x, y, rng)
-        return [run.summary()]
+        return [mix.run(clients, x, y, rng).summary()]
     finally:
         for target in targets:
             target.close()
@@ -229,4 +334,5 @@ _RUNNERS: dict[str, Callable[..., list[Entry]]] = {
     "membership": _membership,
     "inversion": _inversion,
     "benign": _benign,
+    **dict.fromkeys(ADAPTIVE, _adaptive),
 }

@@ -91,13 +91,17 @@ class QueryLog:
     def __init__(self) -> None:
         self.status: list[int] = []
         self.verdicts: list[str | None] = []
+        self.request_ids: list[str | None] = []  # the X-Request-Id each row was sent under
 
     def __len__(self) -> int:
         return len(self.status)
 
-    def record(self, n: int, status: int, verdict: str | None) -> None:
+    def record(
+        self, n: int, status: int, verdict: str | None, request_id: str | None = None
+    ) -> None:
         self.status.extend([status] * n)
         self.verdicts.extend([verdict] * n)
+        self.request_ids.extend([request_id] * n)
 
     def detected(self, start: int = 0, end: int | None = None) -> np.ndarray:
         """Per row of ``[start, end)``: did a detector fire on it?"""
@@ -124,6 +128,7 @@ class Target:
         self.spec = spec
         self.batch_size = batch_size
         self.log = QueryLog()
+        self.last_request_id: str | None = None  # set by ``_send`` when it names its request
 
     @property
     def queries(self) -> int:
@@ -139,7 +144,7 @@ class Target:
         for begin in range(0, len(x), self.batch_size):
             batch = x[begin : begin + self.batch_size]
             answers, status, verdict = self._send(batch)
-            self.log.record(len(batch), status, verdict)
+            self.log.record(len(batch), status, verdict, self.last_request_id)
             parts.append(answers)
         if not parts:
             return Answers.refused(0, self.spec.n_classes)
@@ -230,6 +235,8 @@ class HttpTarget(Target):
     ``api_key`` goes in the ``X-API-Key`` header so the attack runs as a named
     client; ``headers`` adds any others. Requests are JSON unless ``binary``
     (the binary tensor extension; the guard and Triton speak it, MLServer does not).
+    With ``trace`` set, request ``n`` (from 0) goes out with ``X-Request-Id:
+    {trace}-{n}``, so a run can be matched with the guard's audit log.
     """
 
     def __init__(
@@ -246,8 +253,11 @@ class HttpTarget(Target):
         batch_size: int = 1,
         binary: bool = False,
         timeout: float = 30.0,
+        trace: str | None = None,
     ) -> None:
         super().__init__(spec, batch_size=batch_size)
+        self.trace = trace
+        self.requests = 0
         parts = urllib.parse.urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"target URL must be http(s)://host[:port][/prefix]; got {url!r}")
@@ -276,6 +286,10 @@ class HttpTarget(Target):
         body, extra = v2.encode_request(
             InferRequest(model_name=self.model, inputs={self.input_name: x}), binary=self.binary
         )
+        if self.trace is not None:
+            self.last_request_id = f"{self.trace}-{self.requests}"
+            extra = {**extra, "X-Request-Id": self.last_request_id}
+        self.requests += 1
         status, headers, payload = self._post(body, {**self.headers, **extra})
         verdict = headers.get("x-guard-verdict")
         if status in (401, 404):
@@ -294,11 +308,11 @@ class HttpTarget(Target):
         when the server had closed the idle one before answering."""
         try:
             return self._exchange(body, headers)
-        except http.client.RemoteDisconnected:
+        except _STALE:
             self._connection.close()
         try:
             return self._exchange(body, headers)
-        except http.client.RemoteDisconnected as exc:
+        except _STALE as exc:
             self._connection.close()
             raise TargetError(f"{self.url}: the server closed the connection") from exc
 
@@ -307,12 +321,16 @@ class HttpTarget(Target):
             self._connection.request("POST", self.path, body=body, headers=headers)
             reply = self._connection.getresponse()
             payload = reply.read()
-        except http.client.RemoteDisconnected:
+        except _STALE:
             raise
         except (OSError, http.client.HTTPException) as exc:
             self._connection.close()
             raise TargetError(f"{self.url}: {type(exc).__name__}: {exc}") from exc
         return reply.status, {k.lower(): v for k, v in reply.getheaders()}, payload
+
+
+# The server closed the kept-alive connection (its idle timeout) before this request.
+_STALE = (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError)
 
 
 def _message(payload: bytes) -> str:

@@ -25,7 +25,9 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         "--attack",
         default="all",
         help="comma-separated: hopskipjump, square (square-linf, square-l2), simba, knockoff, "
-        "jbda, membership, inversion, benign, evasion, all (default: all)",
+        "jbda, membership, inversion, benign, evasion, adaptive (oars-hopskipjump, "
+        "oars-square-linf, oars-simba, sybil-hopskipjump, sybil-square-linf, "
+        "flushing-square-linf, labelonly-hopskipjump), all (default: all)",
     )
     parser.add_argument("--samples", type=int, default=10, help="evasion samples (default 10)")
     parser.add_argument("--budget", type=int, help="queries per unit (default: per attack)")
@@ -40,6 +42,30 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--api-key", help="X-API-Key for the attacking client")
     parser.add_argument("--benign-keys", help="comma-separated keys, one per benign client")
+    parser.add_argument(
+        "--benign-clients",
+        type=int,
+        help="honest clients of the benign mix (default: one per --benign-keys key, else 40)",
+    )
+    parser.add_argument(
+        "--benign-popular", type=float, default=0.3, help="share of popular inputs (0.3)"
+    )
+    parser.add_argument(
+        "--benign-retry", type=float, default=0.1, help="share of exact retries (0.1)"
+    )
+    parser.add_argument(
+        "--benign-jitter",
+        type=float,
+        default=0.2,
+        help="share of jittered inputs (0.2); fresh inputs are the rest",
+    )
+    parser.add_argument(
+        "--attacker-keys",
+        help="comma-separated extra keys of the attacker (Sybil accounts, junk senders)",
+    )
+    parser.add_argument(
+        "--sybil-keys", type=int, default=10, help="accounts a Sybil attacker rotates over (10)"
+    )
     parser.add_argument("--served-name", help="the model's name on the server (default: --model)")
     parser.add_argument(
         "--batch-size", type=int, default=1, help="rows per request to a URL (default 1)"
@@ -52,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
     from guard.attacks.suite import SuiteConfig, run_suite
     from guard.attacks.targets import TargetError
 
-    for flag in ("samples", "budget", "batch_size"):
+    for flag in ("samples", "budget", "batch_size", "benign_clients", "sybil_keys"):
         value = getattr(args, flag)
         if value is not None and value < 1:
             print(
@@ -61,6 +87,14 @@ def run(args: argparse.Namespace) -> int:
             )
             return 2
     keys = args.benign_keys.split(",") if args.benign_keys else []
+    shares = (args.benign_popular, args.benign_retry, args.benign_jitter)
+    if min(shares) < 0 or sum(shares) > 1:
+        print(
+            "guard attack: --benign-popular, --benign-retry and --benign-jitter must be >= 0 "
+            f"and sum to at most 1; got {shares}",
+            file=sys.stderr,
+        )
+        return 2
     config = SuiteConfig(
         model=args.model,
         samples=args.samples,
@@ -68,14 +102,18 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         epsilon_l2=args.epsilon_l2,
         epsilon_linf=args.epsilon_linf,
-        benign_clients=len(keys) or 3,
+        benign_clients=args.benign_clients or len(keys) or 40,
+        benign_popular=args.benign_popular,
+        benign_retry=args.benign_retry,
+        benign_jitter=args.benign_jitter,
+        sybil_keys=args.sybil_keys,
     )
     try:
         with _single_blas_thread():
             report = run_suite(
                 [n.strip() for n in args.attack.split(",") if n.strip()],
                 config,
-                _factory(args, keys),
+                _factory(args, keys, _split(args.attacker_keys)),
                 target_label=args.target,
                 progress=lambda name: print(f"running {name} ...", file=sys.stderr, flush=True),
             )
@@ -98,9 +136,16 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _factory(args: argparse.Namespace, benign_keys: list[str]):  # type: ignore[no-untyped-def]
-    """A fresh target per call: ``None`` for the attacker (``--api-key``), ``i`` for
-    benign client ``i`` (``--benign-keys``' i-th key, else ``--api-key``)."""
+def _split(value: str | None) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()] if value else []
+
+
+def _factory(  # type: ignore[no-untyped-def]
+    args: argparse.Namespace, benign_keys: list[str], attacker_keys: list[str]
+):
+    """A fresh target per call: ``None`` for the attacker (``--api-key``), ``i >= 0``
+    for benign client ``i`` (``--benign-keys``' i-th key, else ``--api-key``), ``-1 - j``
+    for the attacker's extra account ``j`` (``--attacker-keys``' j-th, else ``--api-key``)."""
     from guard.attacks.targets import HttpTarget, OnnxTarget, TargetSpec
 
     if args.target == "local":
@@ -108,11 +153,11 @@ def _factory(args: argparse.Namespace, benign_keys: list[str]):  # type: ignore[
     spec = TargetSpec.builtin(args.model)
 
     def make(client: int | None) -> HttpTarget:
-        key = (
-            benign_keys[client]
-            if client is not None and client < len(benign_keys)
-            else args.api_key
-        )
+        key = args.api_key
+        if client is not None and 0 <= client < len(benign_keys):
+            key = benign_keys[client]
+        elif client is not None and client < 0 and -1 - client < len(attacker_keys):
+            key = attacker_keys[-1 - client]
         return HttpTarget(
             args.target,
             args.served_name or args.model,
