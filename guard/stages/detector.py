@@ -181,19 +181,22 @@ class Enforcement:
             if not ctx.degraded and await self.store.marked(self.mark_key(ctx.client.name)):
                 ctx.degraded = True
         elif self.action is Action.MISDIRECT and rows is not None:
-            if ctx.substitute is None and await self.store.marked(
-                self.misdirect_key(ctx.client.name)
-            ):
+            if ctx.stage_state.get("misdirect:checked"):
+                return  # another misdirecting detector of this model already did
+            ctx.stage_state["misdirect:checked"] = True
+            if await self.store.marked(self.misdirect_key(ctx.client.name)):
                 # The anchors stay as they were at the mark: a marked client's rows are
                 # not remembered, so its answers stay consistent however long it goes on.
                 ctx.stage_state["misdirect:remembered"] = True
-                await self._misdirect(ctx, rows, input_name)
-                ctx.report(  # what was done, for the operators (the client sees nothing)
-                    self.stage,
-                    Action.MISDIRECT,
-                    "client marked by an earlier finding: answered from its anchors",
-                    technique=self.technique,
-                )
+                changed = await self._misdirect(ctx, rows, input_name)
+                if changed:  # what was done, for the operators (the client sees nothing)
+                    ctx.report(
+                        self.stage,
+                        Action.MISDIRECT,
+                        f"client marked by an earlier finding: {changed} of {len(rows)} "
+                        "rows answered from their anchors",
+                        technique=self.technique,
+                    )
             else:
                 await self._remember(ctx, rows)
 
@@ -239,8 +242,9 @@ class Enforcement:
 
     async def _misdirect(
         self, ctx: RequestContext, rows: np.ndarray, input_name: str | None
-    ) -> None:
-        """Answer this request from the rows' anchors (see :mod:`guard.defenses.misdirect`)."""
+    ) -> int:
+        """Answer this request from the rows' anchors (see :mod:`guard.defenses.misdirect`);
+        return how many rows that changed (0: the request goes through as sent)."""
         width = rows.shape[1]
         held = [
             np.frombuffer(item, dtype=_HISTORY_ROW)
@@ -256,9 +260,12 @@ class Enforcement:
             )
         history = np.stack(held) if held else np.zeros((0, width), dtype=np.float32)
         anchors = anchor_rows(history, rows, self.radius)
-        name = input_name if input_name is not None else next(iter(ctx.request.inputs))
-        original = ctx.request.inputs[name]
-        ctx.substitute = {name: anchors.reshape(original.shape).astype(original.dtype)}
+        changed = int(np.any(anchors != np.asarray(rows, dtype=np.float32), axis=1).sum())
+        if changed:
+            name = input_name if input_name is not None else next(iter(ctx.request.inputs))
+            original = ctx.request.inputs[name]
+            ctx.substitute = {name: anchors.reshape(original.shape).astype(original.dtype)}
+        return changed
 
     def describe(self) -> dict[str, Any]:
         described: dict[str, Any] = {"action": self.action.value, "technique": self.technique}

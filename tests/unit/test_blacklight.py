@@ -410,7 +410,11 @@ async def test_misdirect_radius_keeps_far_queries_truthful() -> None:
     x, _ = load_samples("digits")
     far = context(x[700])
     await stage.on_request(far)
-    np.testing.assert_array_equal(far.substitute["input"], x[700:701].astype(np.float32))
+    assert far.substitute is None and not far.findings  # answered truthfully, nothing to record
+    near = context(probes(6)[5])
+    await stage.on_request(near)
+    np.testing.assert_array_equal(near.substitute["input"], probes(1).astype(np.float32))
+    assert {f.action for f in near.findings} == {Action.MISDIRECT}
 
 
 async def test_shadow_mode_records_without_acting() -> None:
