@@ -26,13 +26,15 @@ SPEC = TargetSpec.builtin("digits")
 REQUESTS = "guard_requests_total"
 
 
-def policy_file(tmp_path: Path, stages: list[dict[str, Any]], clients: list[str]) -> Path:
+def policy_file(
+    tmp_path: Path, stages: list[dict[str, Any]], clients: list[str], *, raise_quotas: bool = True
+) -> Path:
     base = tmp_path / "base.yaml"
     document = {"version": 1, "models": {"digits": {"model": "builtin:digits", "stages": stages}}}
     base.write_text(yaml.safe_dump(document))
     folder = tmp_path / "run"
     folder.mkdir()
-    return measurement_policy(folder, clients, base=base)
+    return measurement_policy(folder, clients, base=base, raise_quotas=raise_quotas)
 
 
 VALIDATE = {"validate": {"min": 0.0, "max": 16.0, "max_batch": 256}}
@@ -43,7 +45,6 @@ BLACKLIGHT_DENY = {
         "top": 50,
         "threshold": 25,
         "matches": 2,
-        "global_matches": 5,
         "action": "deny",
     }
 }
@@ -104,7 +105,12 @@ def test_priming_and_refusals_are_read_from_the_audit_log(tmp_path: Path) -> Non
     names = [f"user-{i}" for i in range(6)]
     primers = [f"primer-{a}" for a in range(3)]
     mix = TrafficMix(queries=20, popular=0.6, retry=0.1, jitter=0.1, pool=4)
-    path = policy_file(tmp_path, [VALIDATE, BLACKLIGHT_DENY], names + primers)
+    # Priming no longer gets honest requests refused (blacklight counts a client's own
+    # queries only): a small quota gives this mix refusals to account for.
+    quota = {"budget": {"limits": [{"queries": 12, "per": "1m"}]}}
+    path = policy_file(
+        tmp_path, [VALIDATE, BLACKLIGHT_DENY, quota], names + primers, raise_quotas=False
+    )
     with InProcessGuard(path) as guard:
         made = clients_of(guard, names + primers)
         plans = priming_requests(
@@ -140,7 +146,10 @@ def test_adaptive_attackers_query_through_the_guard(tmp_path: Path, kind: str) -
     right = np.flatnonzero(bare.query(x[:20]).labels == y[:20])[:1]
     n = adaptive.accounts_needed(kind, sybil_keys=10, junk_keys=2)
     names = [f"{kind}-{i}" for i in range(n)]
-    with InProcessGuard(policy_file(tmp_path, [VALIDATE, BLACKLIGHT_DENY], names)) as guard:
+    stages = [VALIDATE, BLACKLIGHT_DENY]
+    if kind == "sybil":  # a key's every 10th Square query is too far for hashes to match
+        stages.append({"provenance": {"distance": 8.0, "links": 2, "action": "deny"}})
+    with InProcessGuard(policy_file(tmp_path, stages, names)) as guard:
         made = clients_of(guard, names)
         wrapped = adaptive.wrap(kind, made, np.random.default_rng(0), flush_every=20)
         if kind == "flushing":
