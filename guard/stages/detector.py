@@ -9,7 +9,7 @@ Every detector (``blacklight``, ``prada``, ``budget``) takes these YAML keys:
 ``on_error``     ``closed`` (default) refuses the request with 503 when the stage or
                  its state store fails; ``open`` serves it, flagged
 
-``misdirect`` (stages that support it: ``blacklight``, ``provenance``) marks the
+``misdirect`` (stages that support it: ``blacklight``, ``provenance``, ``prada``) marks the
 client too (``{client}:misdirect:<model>``, for ``degrade_for``), and from the
 finding on answers each of its query rows as if it were its *anchor*
 (:mod:`guard.defenses.misdirect`): status 200, same headers, same stages and
@@ -162,6 +162,10 @@ class Enforcement:
             radius=radius,
             history=history or 256,
         )
+
+    @property
+    def misdirects(self) -> bool:
+        return self.action is Action.MISDIRECT
 
     def mark_key(self, client: str) -> str:
         return client_key(client, "degrade", self.model)

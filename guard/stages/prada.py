@@ -19,7 +19,9 @@ YAML keys (all optional):
 ``max_distances``  newest distances tested (at most 5000); default 1000
 ``max_per_class``  newest members kept per class's growing set; default 200
 ``ttl``            a client's history expires this long after its last query; default ``1d``
-``action``         default ``flag``; ``degrade_for``, ``on_error``: see :mod:`guard.stages.detector`
+``action``         default ``flag``; ``misdirect`` (a finding on the response marks the
+                   client; its later requests are misdirected), ``degrade_for``, ``on_error``:
+                   see :mod:`guard.stages.detector`
 
 An exact repeat of a query the client's growing set holds (distance 0) is
 skipped: it says nothing new and would read as non-natural. Finding: ``score`` W,
@@ -104,7 +106,12 @@ class Prada(BaseStage):
             max_per_class=section.int("max_per_class", 200, min=1, max=100_000),
             ttl=read_duration(section, "ttl", 86400.0),
             enforcement=Enforcement.read(
-                section, env, stage=cls.name, technique=TECHNIQUE, default=Action.FLAG
+                section,
+                env,
+                stage=cls.name,
+                technique=TECHNIQUE,
+                default=Action.FLAG,
+                misdirect=True,
             ),
             fail_open=read_fail_open(section),
         )
@@ -125,7 +132,8 @@ class Prada(BaseStage):
         }
 
     async def on_request(self, ctx: RequestContext) -> Verdict:
-        await self.enforcement.honour_marks(ctx)
+        rows = input_rows(ctx, self.input_name) if self.enforcement.misdirects else None
+        await self.enforcement.honour_marks(ctx, rows, self.input_name)
         return Verdict.CONTINUE
 
     async def on_response(self, ctx: RequestContext) -> Verdict:

@@ -138,8 +138,13 @@ def test_distance_is_required() -> None:
 
 
 def test_misdirect_is_refused_where_a_stage_cannot_do_it() -> None:
-    from guard.stages.prada import Prada
+    from guard.stages.budget import Budget
 
     env = StageEnv(model="digits", backend=None, local=None, metadata=None, state=MemoryStore())
+    section = Section(
+        {"limits": [{"queries": 1, "per": "1m"}], "action": "misdirect"},
+        source="p.yaml",
+        path="budget",
+    )
     with pytest.raises(PolicyError, match="action"):
-        Prada.from_config(Section({"action": "misdirect"}, source="p.yaml", path="prada"), env)
+        Budget.from_config(section, env)
