@@ -17,6 +17,12 @@ extraction attacks) runs through it unchanged:
                      With ``accept_label_only`` a degraded answer is kept (a
                      decision-based attacker needs only the label).
 :class:`Sybil`       queries rotating over many accounts, one request each.
+:class:`ResamplingSquareLinf`  OARS proper for Square L-inf: a caught query is
+                     resampled from the attack's own proposal distribution,
+                     widened (the window's area doubled per resample, signs drawn
+                     per pixel), so the resent query stays a valid proposal
+                     inside the ball and its answer is usable; the widening
+                     that passed is kept for the next proposals.
 :class:`Flushing`    between attack steps (every ``every`` queries), ``junk``
                      uniformly random rows from other accounts (one per flush,
                      in turn), to push the attacker's queries out of any bounded
@@ -31,12 +37,16 @@ an attacker misled by a defence's answers has not succeeded.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 
-from guard.attacks.evasion.square import image_shape
+from guard.attacks.budget import Oracle
+from guard.attacks.evasion.base import Progress, margin
+from guard.attacks.evasion.square import image_shape, p_selection
 from guard.attacks.extraction import augment
 from guard.attacks.targets import DETECTED_VERDICTS, Answers, Target
 
@@ -234,12 +244,73 @@ def judge_on(
     return Judgement(bool(inside and label != y0), norm2, norminf)
 
 
-KINDS = ("oars", "sybil", "flushing", "labelonly")
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ResamplingSquareLinf:
+    """Square L-inf (see :mod:`guard.attacks.evasion.square`) with OARS's adaptive
+    proposals: when a query reads as caught (:func:`looks_caught` on its answer,
+    status and verdict), the proposal is drawn again with the window's area doubled
+    and a random sign per pixel, up to ``retries`` times, each resend a counted
+    query. The widening that passed is kept (less one step) for later proposals.
+    Every query stays inside the L-inf ball and the range."""
+
+    epsilon: float
+    p_init: float = 0.3
+    retries: int = 6
+    name: ClassVar[str] = "square-linf"
+
+    def run(
+        self,
+        oracle: Oracle,
+        x0: np.ndarray,
+        y0: int,
+        scores0: np.ndarray,
+        rng: np.random.Generator,
+        progress: Progress,
+    ) -> None:
+        h, w = image_shape(x0.size, None)
+        spec = oracle.spec
+        image = x0.reshape(h, w)
+        lo = np.broadcast_to(spec.lo, x0.shape).reshape(h, w)
+        hi = np.broadcast_to(spec.hi, x0.shape).reshape(h, w)
+        eps = self.epsilon
+        log = oracle.target.log
+        scored = not looks_caught(Answers(scores0[None], np.array([0])), 200, None, scored=True)
+        best = np.clip(image + rng.choice([-eps, eps], size=(1, w)), lo, hi)
+        loss = margin(oracle.ask(best.reshape(1, -1)).scores, y0)[0]
+        widen = 0
+        for i in itertools.count():  # until success; the budget ends it otherwise
+            if loss < 0:
+                progress.found(best.ravel(), success=True)
+                return
+            base = p_selection(self.p_init, i, oracle.budget)
+            for attempt in range(self.retries + 1):
+                level = widen + attempt
+                p = min(1.0, base * 2.0**level)
+                s = min(max(round(float(np.sqrt(p * h * w))), 1), min(h, w))
+                r, c = int(rng.integers(0, h - s + 1)), int(rng.integers(0, w - s + 1))
+                delta = best - image
+                signs = rng.choice([-eps, eps], size=(s, s) if level else (1, 1))
+                delta[r : r + s, c : c + s] = signs
+                candidate = np.clip(image + delta, lo, hi)
+                answers = oracle.ask(candidate.reshape(1, -1))
+                caught = looks_caught(answers, log.status[-1], log.verdicts[-1], scored=scored)
+                if not caught:
+                    break
+            widen = min(self.retries, level + 1) if caught else max(0, level - 1)
+            if caught:
+                continue
+            new = margin(answers.scores, y0)[0]
+            if new < loss:
+                best, loss = candidate, new
+
+
+KINDS = ("oars", "sybil", "flushing", "labelonly", "resampling")
 
 
 def accounts_needed(kind: str, *, sybil_keys: int = 10, junk_keys: int = 3) -> int:
     """API keys a ``kind`` of adaptive attacker uses (the first is its own)."""
-    return {"oars": 1, "sybil": sybil_keys, "flushing": 1 + junk_keys, "labelonly": 1}[kind]
+    counts = {"oars": 1, "sybil": sybil_keys, "flushing": 1 + junk_keys, "labelonly": 1}
+    return counts.get(kind, 1)
 
 
 def wrap(
@@ -249,7 +320,8 @@ def wrap(
     :func:`accounts_needed` of them): ``oars`` resamples on every sign of being
     caught; ``sybil`` rotates over the accounts; ``flushing`` sends 10,000 junk rows
     from the other accounts every ``flush_every`` queries of the first; ``labelonly``
-    resamples on refusals only and keeps going on label-only answers."""
+    resamples on refusals only and keeps going on label-only answers; ``resampling``
+    is the target itself (the attack resamples: :class:`ResamplingSquareLinf`)."""
     if kind == "oars":
         return Resampling(targets[0], rng)
     if kind == "sybil":
@@ -258,6 +330,8 @@ def wrap(
         return Flushing(targets[0], targets[1:], rng, every=flush_every)
     if kind == "labelonly":
         return Resampling(targets[0], rng, accept_label_only=True)
+    if kind == "resampling":
+        return targets[0]
     raise ValueError(f"unknown adaptive attacker {kind!r}; expected one of {', '.join(KINDS)}")
 
 

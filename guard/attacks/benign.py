@@ -202,12 +202,12 @@ class TrafficMix:
 
     def __post_init__(self) -> None:
         shares = (self.popular, self.retry, self.jitter)
-        if min(shares) < 0 or sum(shares) > 1 or self.queries < 1 or self.pool < 1:
+        if min(shares) < 0 or sum(shares) > 1 + 1e-9 or self.queries < 1 or self.pool < 1:
             raise ValueError(f"invalid traffic mix: {self}")
 
     @property
     def fresh(self) -> float:
-        return 1.0 - self.popular - self.retry - self.jitter
+        return max(0.0, 1.0 - self.popular - self.retry - self.jitter)
 
     def popular_pool(
         self, x: np.ndarray, y: np.ndarray, rng: np.random.Generator
@@ -233,6 +233,7 @@ class TrafficMix:
         shares = np.array_split(rng.permutation(rest), n_clients)
         shape = image_shape(spec.n_features, None) if spec.scalar_range else None
         odds = np.array([self.popular, self.retry, self.jitter, self.fresh])
+        odds /= odds.sum()
         per_client: list[list[PlannedRequest]] = []
         for c, share in enumerate(shares):
             mine: list[PlannedRequest] = []

@@ -9,9 +9,10 @@ request id and the client's name) and its own Prometheus registry, and
 
 :func:`measurement_policy` writes the policy a measurement runs: a policy file
 (default: the built-in ``guard/policies/default.yaml``) with every ``budget``
-stage's quotas raised so only detection decides, the audit log pointed at a
-file of the run, and a keys file naming every client of the run (client
-``name`` has key ``key-{name}``; see :func:`api_key`).
+stage's quotas raised so only detection decides, Blacklight hashing with a
+fixed key (so a run repeats exactly), the audit log pointed at a file of the
+run, and a keys file naming every client of the run (client ``name`` has key
+``key-{name}``; see :func:`api_key`).
 """
 
 from __future__ import annotations
@@ -63,6 +64,9 @@ def measurement_policy(
         document["models"] = {k: v for k, v in document["models"].items() if k in keep}
     for model in document["models"].values():
         for stage in model.get("stages", []):
+            if isinstance(stage.get("blacklight"), dict):
+                # a fixed hash key (InProcessGuard sets it): the same run twice, the same hashes
+                stage["blacklight"].setdefault("key_env", BLACKLIGHT_KEY_ENV)
             if raise_quotas and "budget" in stage:
                 stage["budget"]["limits"] = [
                     {"queries": UNLIMITED, "per": limit["per"]}
@@ -82,7 +86,10 @@ def measurement_policy(
 
 class InProcessGuard:
     """A guard on 127.0.0.1 (a free port) in a thread of its own, so synchronous
-    attack clients can query it. ``with InProcessGuard(path) as guard: guard.url``."""
+    attack clients can query it. ``with InProcessGuard(path) as guard: guard.url``.
+
+    Sets fixed measurement secrets in this process's environment unless already set:
+    ``GUARD_MEASURE_BLACKLIGHT_KEY`` and ``GUARD_PRIVACY_SECRET``."""
 
     def __init__(self, policy_path: Path) -> None:
         from prometheus_client import CollectorRegistry
@@ -140,6 +147,19 @@ class InProcessGuard:
         if self.audit_path is None or not self.audit_path.exists():
             return AuditTrail([])
         return AuditTrail.read(self.audit_path)
+
+    def stage_seconds(self) -> dict[str, float]:
+        """Mean seconds per observation of each stage (``guard_stage_duration_seconds``)."""
+        sums: dict[str, float] = defaultdict(float)
+        counts: dict[str, float] = defaultdict(float)
+        for family in self.registry.collect():
+            for sample in family.samples:
+                stage = sample.labels.get("stage")
+                if sample.name == "guard_stage_duration_seconds_sum" and stage:
+                    sums[stage] += sample.value
+                elif sample.name == "guard_stage_duration_seconds_count" and stage:
+                    counts[stage] += sample.value
+        return {s: sums[s] / counts[s] for s in sums if counts.get(s)}
 
     def metric(self, name: str, labels: Mapping[str, str] | None = None) -> float:
         """Sum of the registry's samples called ``name`` whose labels include ``labels``."""

@@ -37,6 +37,7 @@ ADAPTIVE = (
     "oars-hopskipjump",
     "oars-square-linf",
     "oars-simba",
+    "resampling-square-linf",
     "sybil-hopskipjump",
     "sybil-square-linf",
     "flushing-square-linf",
@@ -161,6 +162,8 @@ def _adaptive(
 
     kind, attack_name = name.split("-", 1)
     attack, (l2, linf) = _evasion_attack(attack_name, config)
+    if kind == "resampling":  # OARS proper: the attack resamples its own proposals
+        attack = adaptive.ResamplingSquareLinf(epsilon=attack.epsilon)
     x, y = load_samples(config.model)
     bare = OnnxTarget.builtin(config.model)
     right = np.flatnonzero(bare.query(x).labels == y)

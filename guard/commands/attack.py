@@ -88,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
             return 2
     keys = args.benign_keys.split(",") if args.benign_keys else []
     shares = (args.benign_popular, args.benign_retry, args.benign_jitter)
-    if min(shares) < 0 or sum(shares) > 1:
+    if min(shares) < 0 or sum(shares) > 1 + 1e-9:
         print(
             "guard attack: --benign-popular, --benign-retry and --benign-jitter must be >= 0 "
             f"and sum to at most 1; got {shares}",

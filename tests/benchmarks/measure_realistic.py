@@ -16,22 +16,29 @@ machine, full ~15; the quick adaptive comparison, on 3 samples, is a smoke test:
 quote the full one):
 
 benign      the honest mix (:class:`guard.attacks.benign.TrafficMix`) from
-            60 [40] keyed clients x 60 [25] requests: popular inputs (Zipf over
+            60 [40] keyed clients x 35 [25] requests: popular inputs (Zipf over
             20), exact retries, jitter, fresh inputs. Requests refused or
             degraded (per category), clients denied, harmed, flagged.
 priming     5 accounts send every popular input exactly and jittered, then the
             same honest mix: honest requests refused or degraded.
 evasion     HopSkipJump, Square L-inf, SimBA, 10 [3] samples, 500 [150] queries
             each, one key: the query of each run at which the guard first
-            recorded a finding.
-adaptive    OARS-style resampling (HopSkipJump, Square L-inf, SimBA), Sybil over
+            recorded a finding (a run won in fewer than 10 queries is listed,
+            not held against detection), and the end-to-end success through
+            the guard against the same attack on the bare model.
+adaptive    OARS-style resampling (HopSkipJump, Square L-inf, SimBA: a wrapper
+            adding noise), OARS proper for Square L-inf (the attack resamples
+            its own proposals, widened, inside the ball), alone and over 10
+            keys, Sybil over
             10 keys, Sybil + OARS, history flushing by 10,000 junk rows from
             other keys every 200 [300] attack queries, and HopSkipJump
             resampling only on refusals (keeps going when degraded to
             label-only), 6 [3] samples, 600 [300] queries each (resends not
             counted in that budget): end-to-end success (the
             final input judged on the bare ONNX model) through the guard against
-            the same attack on the bare model, with the real query counts.
+            the same attack on the bare model, with the real query counts. A
+            sample the bare attack wins in fewer than 10 queries is shown but
+            left out of PASS/MISS (no query-based detector can stop it).
 extraction  Knockoff (1,000 queries) and JbDA (500 queries), 10 [3] runs each, a
             fresh guard per run: runs in which the attacker's key got a finding.
 
@@ -78,6 +85,7 @@ SPAN = float(SPEC.hi - SPEC.lo)
 L2, LINF = 0.625 * SPAN, 0.125 * SPAN  # the suite's default radii (10 and 2 on digits)
 PHASES = ("benign", "priming", "evasion", "adaptive", "extraction")
 SYBIL_KEYS = 10
+SHORT_RUN = 10  # queries: an evasion run over sooner is not held against detection
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -106,7 +114,7 @@ QUICK = Scale(
 )
 FULL = Scale(
     clients=60,
-    queries=60,
+    queries=35,
     samples=10,
     budget=500,
     adaptive_samples=6,
@@ -175,6 +183,10 @@ def honest(policy: Path, scale: Scale, seed: int, *, priming: bool) -> dict[str,
             before = list(zip(zip(primers, made[len(names) :], strict=True), plans, strict=True))
         run = mix.run(clients, x, y, rng_for(seed, 1), before=before)
         measured = run.measure(phase.audit())
+        assert phase.guard is not None
+        measured["stage_microseconds"] = {
+            stage: round(1e6 * s, 1) for stage, s in phase.guard.stage_seconds().items()
+        }
     measured["seconds"] = round(run.seconds, 1)
     return measured
 
@@ -221,13 +233,22 @@ def evasion_phase(policy: Path, scale: Scale, seed: int) -> dict[str, Any]:
                 ATTACKS[name](), target, x, y, budget=scale.budget, rng=rng_for(seed, 10 + k)
             )
             firsts = first_findings(run, target, phase.audit())
+        bare_run = evasion.run_evasion(
+            ATTACKS[name](),
+            OnnxTarget.builtin(MODEL),
+            x,
+            y,
+            budget=scale.budget,
+            rng=rng_for(seed, 10 + k),
+        )
+        attacked = run.attacked
         out[name] = {
-            "runs": len(run.attacked),
+            "runs": len(attacked),
             "first_finding": firsts,
-            "queries": [s.queries for s in run.attacked],
-            "success_through_guard_as_reported": float(np.mean([s.success for s in run.attacked]))
-            if run.attacked
-            else None,
+            "queries": [s.queries for s in attacked],
+            "succeeded": [s.success for s in attacked],  # as the attacker saw it
+            "success_guard": float(np.mean(_evaluate(run, x, y, name))),
+            "success_bare": float(np.mean(_evaluate(bare_run, x, y, name))),
         }
     return out
 
@@ -255,16 +276,25 @@ def adaptive_phase(
         ("oars", "hopskipjump"),
         ("oars", "square-linf"),
         ("oars", "simba"),
+        ("resampling", "square-linf"),
         ("sybil", "hopskipjump"),
         ("sybil", "square-linf"),
         ("sybil+oars", "square-linf"),
+        ("sybil+resampling", "square-linf"),
         ("flushing", "square-linf"),
         ("labelonly", "hopskipjump"),
     ]
 
+    def make_attack(kind: str, name: str) -> Any:
+        if kind.endswith("resampling"):  # OARS proper: the attack resamples its proposals
+            return adaptive.ResamplingSquareLinf(epsilon=LINF)
+        return ATTACKS[name]()
+
     def wrap(kind: str, t: list[Target], r: np.random.Generator) -> Target:
         if kind == "sybil+oars":
             return adaptive.Resampling(adaptive.Sybil(t), r)
+        if kind == "sybil+resampling":
+            return adaptive.Sybil(t)
         return adaptive.wrap(kind, t, r, flush_every=scale.flush_every)
 
     out = {}
@@ -278,7 +308,7 @@ def adaptive_phase(
         bare_targets: list[Target] = [OnnxTarget.builtin(MODEL) for _ in range(keys)]
         bare = wrap(kind, bare_targets, rng_for(seed, 40 + k, 1))
         bare_run = evasion.run_evasion(
-            ATTACKS[name](), bare, x, y, budget=budget, rng=rng_for(seed, 40 + k)
+            make_attack(kind, name), bare, x, y, budget=budget, rng=rng_for(seed, 40 + k)
         )
         bare_success = _evaluate(bare_run, x, y, name)
         bare_real = adaptive.real_queries(bare)
@@ -286,24 +316,36 @@ def adaptive_phase(
         with Phase(policy, names) as phase, targets(phase, names) as made:
             through = wrap(kind, list(made), rng_for(seed, 40 + k, 1))
             run = evasion.run_evasion(
-                ATTACKS[name](), through, x, y, budget=budget, rng=rng_for(seed, 40 + k)
+                make_attack(kind, name), through, x, y, budget=budget, rng=rng_for(seed, 40 + k)
             )
             audit = phase.audit()
             real = adaptive.real_queries(through)
             answered = float(np.mean(np.asarray(through.log.status) == 200))
             caught = sum(1 for n in names if any(f.harmful for f in audit.of_client(n)))
         success = _evaluate(run, x, y, name)
+        # samples the bare attack wins within SHORT_RUN queries: no query-based detector
+        # can stop those; the target is judged without them (and shown with them)
+        trivial = [
+            w and s.success_query is not None and s.success_query < SHORT_RUN
+            for s, w in zip(bare_run.samples, bare_success, strict=True)
+        ]
+        hard = [i for i, t in enumerate(trivial) if not t]
         out[label] = {
             "samples_bare": len(bare_success),
             "success_bare": float(np.mean(bare_success)) if bare_success else None,
             "samples_guard": len(success),
             "success_guard": float(np.mean(success)) if success else None,
+            "trivial_samples": sum(trivial),
+            "success_bare_hard": float(np.mean([bare_success[i] for i in hard])) if hard else None,
+            "success_guard_hard": float(np.mean([success[i] for i in hard])) if hard else None,
             "queries_bare": bare_real,
             "queries_guard": real,
             "budget_per_sample": budget,
             "keys_acted_on": f"{caught}/{keys}",
             "resent": getattr(through, "resent", None),
             "answered_fraction": round(answered, 3),  # of the attack's queries, after resends
+            # per sample through the guard: won (on the bare model), attack queries spent
+            "won_at": [s.queries if w else None for s, w in zip(run.samples, success, strict=True)],
             "seconds": round(time.perf_counter() - started, 1),
         }
         print(f"    {label}: {out[label]['seconds']} s", file=sys.stderr, flush=True)
@@ -389,26 +431,53 @@ def targets_table(results: dict[str, Any]) -> list[tuple[str, str, bool | None]]
             )
         )
     for name, e in results.get("evasion", {}).items():
-        firsts = e["first_finding"]
-        ok = bool(firsts) and all(f is not None and f <= 100 for f in firsts)
+        firsts, queries = e["first_finding"], e["queries"]
+        # a run that ended (won) within SHORT_RUN queries gives no detector a chance
+        short = [q for f, q in zip(firsts, queries, strict=True) if f is None and q < SHORT_RUN]
+        judged = [
+            f for f, q in zip(firsts, queries, strict=True) if f is not None or q >= SHORT_RUN
+        ]
+        ok = bool(judged) and all(f is not None and f <= 100 for f in judged)
+        note = f"; {len(short)} run(s) over in {short} queries, uncaught" if short else ""
         rows.append(
             (
                 f"{name}: every run caught within 100 queries",
-                f"first finding at {firsts} (runs {e['runs']})",
+                f"first finding at {firsts} (runs {e['runs']}){note}; end-to-end success "
+                f"{pct(e['success_guard'])} through the guard vs {pct(e['success_bare'])} without",
                 ok,
             )
         )
     for label, e in results.get("adaptive", {}).items():
         bare, guard = e["success_bare"], e["success_guard"]
-        ok = None if not bare else (guard or 0.0) <= 0.1 * bare
-        extra = "" if label.split()[0] in ("oars", "sybil", "sybil+oars") else " (extra)"
+        hard_bare, hard_guard = e["success_bare_hard"], e["success_guard_hard"]
+        ok = None if not hard_bare else (hard_guard or 0.0) <= 0.1 * hard_bare
+        trivial = e["trivial_samples"]
+        judged = (
+            f"; without the {trivial} sample(s) won in < {SHORT_RUN} queries: "
+            f"{pct(hard_guard)} vs {pct(hard_bare)}"
+            if trivial
+            else ""
+        )
+        targeted = ("oars", "resampling", "sybil", "sybil+oars", "sybil+resampling")
+        extra = "" if label.split()[0] in targeted else " (extra)"
         rows.append(
             (
                 f"{label}{extra}: success through guard <= 10% of without",
-                f"{pct(guard)} vs {pct(bare)} without ({e['samples_guard']} samples; real queries "
+                f"{pct(guard)} vs {pct(bare)} without ({e['samples_guard']} samples, won after "
+                f"{[q for q in e['won_at'] if q is not None]} queries; real queries "
                 f"{e['queries_guard']} vs {e['queries_bare']}; "
-                f"{pct(e['answered_fraction'])} answered; keys acted on {e['keys_acted_on']})",
+                f"{pct(e['answered_fraction'])} answered; keys acted on {e['keys_acted_on']})"
+                + judged,
                 ok,
+            )
+        )
+    if "benign" in results:
+        cost = results["benign"].get("stage_microseconds", {})
+        rows.append(
+            (
+                "detector cost within the per-detector budget (honest mix, mean per request)",
+                ", ".join(f"{k} {v:.0f} µs" for k, v in cost.items()) or "-",
+                None,
             )
         )
     ex = results.get("extraction", {})
@@ -447,8 +516,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="write every number here")
     parser.add_argument(
         "--adaptive-kinds",
-        help="adaptive attackers to run, comma-separated: oars, sybil, sybil+oars, flushing, "
-        "labelonly (default: all)",
+        help="adaptive attackers to run, comma-separated: oars, resampling, sybil, sybil+oars, "
+        "sybil+resampling, flushing, labelonly (default: all)",
     )
     for field in dataclasses.fields(Scale):
         parser.add_argument(

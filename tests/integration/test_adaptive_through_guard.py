@@ -105,12 +105,10 @@ def test_priming_and_refusals_are_read_from_the_audit_log(tmp_path: Path) -> Non
     names = [f"user-{i}" for i in range(6)]
     primers = [f"primer-{a}" for a in range(3)]
     mix = TrafficMix(queries=20, popular=0.6, retry=0.1, jitter=0.1, pool=4)
-    # Priming no longer gets honest requests refused (blacklight counts a client's own
-    # queries only): a small quota gives this mix refusals to account for.
-    quota = {"budget": {"limits": [{"queries": 12, "per": "1m"}]}}
-    path = policy_file(
-        tmp_path, [VALIDATE, BLACKLIGHT_DENY, quota], names + primers, raise_quotas=False
-    )
+    # a quota of 15 queries a day per client: the honest users' last 5 are refused (429),
+    # whatever the detectors do with repeats
+    quota = {"budget": {"limits": [{"queries": 15, "per": "1d"}]}}
+    path = policy_file(tmp_path, [VALIDATE, quota], names + primers, raise_quotas=False)
     with InProcessGuard(path) as guard:
         made = clients_of(guard, names + primers)
         plans = priming_requests(
@@ -132,10 +130,12 @@ def test_priming_and_refusals_are_read_from_the_audit_log(tmp_path: Path) -> Non
     assert len(run.priming) == 3 * 4 * 2
     assert {o.source for o in run.priming} == {f"popular:{k}" for k in range(4)}
     refused = [o for o in run.outcomes if o.status != 200]
+    assert len(refused) == 6 * 5 and {o.status for o in refused} == {429}
     # every refusal the client saw is one the guard recorded, under the request's id
-    assert refused and all(any(f.refusing for f in audit.of_request(o.request_id)) for o in refused)
+    assert all(any(f.refusing for f in audit.of_request(o.request_id)) for o in refused)
     measured = run.measure(audit)
     assert measured["all"]["refused"] == len(refused)
+    assert measured["clients_denied"] == 6 and measured["clients"] == 6
     assert measured["primed_requests"] > 0
 
 

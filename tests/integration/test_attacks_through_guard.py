@@ -208,6 +208,8 @@ async def test_guard_attack_command_against_a_url(start_guard: StartGuard, tmp_p
         "2",
         "--budget",
         "20",
+        "--benign-clients",
+        "3",
         "--report",
         str(out),
         cwd=ROOT,

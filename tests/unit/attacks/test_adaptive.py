@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections import Counter
 
 import numpy as np
@@ -162,3 +163,29 @@ def test_the_suite_runs_adaptive_attackers_and_judges_them_on_the_bare_model() -
         assert entry["success_rate"] == entry["bare_success_rate"]
         assert entry["real_queries"] == entry["bare_real_queries"] > 2
     assert sybil["accounts"] == 4
+
+
+def test_resampling_square_widens_its_proposals_when_caught_and_stays_in_the_ball() -> None:
+    from guard.attacks.evasion import run_evasion
+
+    x, y = load_samples("digits")
+    sent: list[np.ndarray] = []
+
+    class Recording(Gatekeeper):
+        def _send(self, rows: np.ndarray) -> tuple[Answers, int, str | None]:
+            sent.append(rows[0].copy())
+            return super()._send(rows)
+
+    gate = Recording(tolerance=2.5)  # refuses a query within 2.5 of any earlier one
+    attack = adaptive.ResamplingSquareLinf(epsilon=2.0, retries=4)
+    run = run_evasion(attack, gate, x[:2], y[:2], budget=80, rng=np.random.default_rng(0))
+    refused = sum(s != 200 for s in gate.log.status)
+    assert refused > 0 and gate.queries == sum(s.queries for s in run.samples)
+    for i, sample in enumerate(run.samples):
+        start = sum(s.queries for s in run.samples[:i])
+        for row in sent[start + 1 : start + sample.queries]:  # after the clean query
+            assert np.abs(row - x[i]).max() <= 2.0 + 1e-5
+    # the refusals came in runs that ended with an answered, widened proposal
+    pairs = itertools.pairwise(gate.log.status)
+    answered_after_refusal = sum(1 for a, b in pairs if a != 200 and b == 200)
+    assert answered_after_refusal > 0
