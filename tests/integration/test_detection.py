@@ -404,15 +404,23 @@ async def test_a_flood_of_junk_cannot_flush_another_clients_history(
     assert (await infer(http, guard, walk[3], "mallory"))[0] == 403
 
 
+@pytest.mark.parametrize("state", ["memory", "redis"])
 async def test_misdirected_attackers_get_plain_answers_that_lead_nowhere(
-    start_guard: StartGuard, http: aiohttp.ClientSession, tmp_path: Path
+    start_guard: StartGuard,
+    http: aiohttp.ClientSession,
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
+    state: str,
 ) -> None:
     """A caught client is answered 200 with the usual headers, from its walk's first query;
     operators see every finding."""
+    extra: dict[str, Any] = {"audit": {"path": "audit.jsonl"}}
+    if state == "redis":
+        extra["state"] = redis_state(request.getfixturevalue("redis_server"))
     guard = await start_fleet(
         start_guard,
         [{"blacklight": {"key_env": BLACKLIGHT_KEY, "action": "misdirect", "degrade_for": "1m"}}],
-        audit={"path": "audit.jsonl"},
+        **extra,
     )
     x, _ = load_samples("digits")
     walk = probes(6)
@@ -442,17 +450,25 @@ async def test_misdirected_attackers_get_plain_answers_that_lead_nowhere(
     )
 
 
+@pytest.mark.parametrize("state", ["memory", "redis"])
 async def test_provenance_catches_fresh_random_noise_that_blacklight_misses(
-    start_guard: StartGuard, http: aiohttp.ClientSession, tmp_path: Path
+    start_guard: StartGuard,
+    http: aiohttp.ClientSession,
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
+    state: str,
 ) -> None:
     """OARS-style: a fresh random transform on every query, large enough to break the hashes."""
+    extra: dict[str, Any] = {"audit": {"path": "audit.jsonl"}}
+    if state == "redis":
+        extra["state"] = redis_state(request.getfixturevalue("redis_server"))
     guard = await start_fleet(
         start_guard,
         [
             {"blacklight": {"key_env": BLACKLIGHT_KEY, "action": "flag"}},
             {"provenance": {"distance": 6.0, "links": 8, "action": "flag"}},
         ],
-        audit={"path": "audit.jsonl"},
+        **extra,
     )
     x, _ = load_samples("digits")
     rng = np.random.default_rng(7)
