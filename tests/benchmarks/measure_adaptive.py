@@ -39,7 +39,7 @@ import orjson
 import yaml
 
 from guard.attacks import evasion
-from guard.attacks.targets import Answers, HttpTarget, OnnxTarget, TargetSpec
+from guard.attacks.targets import HttpTarget, OnnxTarget, TargetSpec
 from guard.models import load_samples
 from tests.benchmarks.measure_detection import DEFAULT_POLICY, KEY_ENV, Guard
 
