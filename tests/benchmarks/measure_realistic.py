@@ -12,7 +12,7 @@ from its audit log by request id (a guard may answer a detected client
 silently: status 200, no header) and from the HTTP status.
 
 Phases (``--quick`` scale in brackets; quick takes ~3 minutes on a loaded 2-core
-machine, full ~15; the quick adaptive comparison, on 3 samples, is a smoke test:
+machine, full ~3-8; the quick adaptive comparison, on 4 samples, is a smoke test:
 quote the full one):
 
 benign      the honest mix (:class:`guard.attacks.benign.TrafficMix`) from
@@ -31,9 +31,9 @@ adaptive    OARS-style resampling (HopSkipJump, Square L-inf, SimBA: a wrapper
             its own proposals, widened, inside the ball), alone and over 10
             keys, Sybil over
             10 keys, Sybil + OARS, history flushing by 10,000 junk rows from
-            other keys every 200 [300] attack queries, and HopSkipJump
+            other keys every 200 [400] attack queries, and HopSkipJump
             resampling only on refusals (keeps going when degraded to
-            label-only), 6 [3] samples, 600 [300] queries each (resends not
+            label-only), 6 [4] samples, 600 [400] queries each (resends not
             counted in that budget): end-to-end success (the
             final input judged on the bare ONNX model) through the guard against
             the same attack on the bare model, with the real query counts. A
@@ -107,10 +107,10 @@ QUICK = Scale(
     queries=25,
     samples=3,
     budget=150,
-    adaptive_samples=3,
-    adaptive_budget=300,
+    adaptive_samples=4,
+    adaptive_budget=400,
     extraction_runs=3,
-    flush_every=300,
+    flush_every=400,
 )
 FULL = Scale(
     clients=60,
@@ -203,10 +203,11 @@ RADII = {"hopskipjump": (L2, None), "square-linf": (None, LINF), "simba": (None,
 
 
 def sample_rows(seed: int, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """``n`` held-out samples the bare model classifies correctly (attackable)."""
+    """``n`` held-out samples the bare model classifies correctly (attackable); a
+    smaller ``n`` takes a prefix of a larger one's."""
     x, y = load_samples(MODEL)
     right = OnnxTarget.builtin(MODEL).query(x).labels == y
-    rows = rng_for(seed, 100).choice(np.flatnonzero(right), n, replace=False)
+    rows = rng_for(seed, 100).permutation(np.flatnonzero(right))[:n]
     return x[rows].astype(np.float64), y[rows]
 
 
