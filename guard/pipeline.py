@@ -17,6 +17,10 @@ action for that finding decides what happens:
 ``degrade``  answer with a weaker output for this client (stages read ``ctx.degraded``;
              when no stage declares ``handles_degrade``, :func:`label_only` is applied)
 ``deny``     refuse the request (403 in the protocol's error format)
+``misdirect`` answer as if nothing happened (status 200, the verdict header says
+             ``allow``, same stages, same timing) but from substituted inputs
+             (``ctx.substitute``, set by the detector: docs/detection.md); only
+             metrics and the audit log record it
 ``shadow``   count and audit what *would* have happened; change nothing
 
 A policy-wide ``mode: shadow`` turns every flag, degrade and deny into shadow.
@@ -24,6 +28,7 @@ A policy-wide ``mode: shadow`` turns every flag, degrade and deny into shadow.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import logging
 import time
@@ -55,6 +60,7 @@ class Action(str, enum.Enum):
     DEGRADE = "degrade"
     DENY = "deny"
     SHADOW = "shadow"
+    MISDIRECT = "misdirect"
 
 
 ACTIONS = tuple(a.value for a in Action)
@@ -90,6 +96,7 @@ class RequestContext:
         "headers",
         "request_headers",
         "stage_state",
+        "substitute",
     )
 
     def __init__(
@@ -117,6 +124,8 @@ class RequestContext:
         self.request_headers: Mapping[str, str] = {} if request_headers is None else request_headers
         # What a stage keeps from its on_request for its on_response, keyed by stage name.
         self.stage_state: dict[str, Any] = {}
+        # Inputs the backend sees instead of the client's (misdirection); None: the client's.
+        self.substitute: dict[str, np.ndarray] | None = None
 
     def report(
         self,
@@ -130,7 +139,12 @@ class RequestContext:
     ) -> Verdict:
         """Record a finding and return the verdict its action calls for."""
         taken = action
-        if self.shadow_mode and action in (Action.FLAG, Action.DEGRADE, Action.DENY):
+        if self.shadow_mode and action in (
+            Action.FLAG,
+            Action.DEGRADE,
+            Action.DENY,
+            Action.MISDIRECT,
+        ):
             taken = Action.SHADOW
         self.findings.append(Finding(stage, taken, action, message, score, threshold, technique))
         if taken is Action.DEGRADE:
@@ -139,7 +153,11 @@ class RequestContext:
 
     @property
     def verdict(self) -> str:
-        """The strongest action taken on this request, for headers and metrics."""
+        """The strongest action taken on this request, for headers and metrics.
+
+        A misdirected request reads ``allow``: the client must not tell it apart
+        (its finding, in ``guard_findings_total`` and the audit log, says what was done).
+        """
         taken = {f.action for f in self.findings}
         for action in (Action.DENY, Action.DEGRADE, Action.FLAG, Action.SHADOW):
             if action in taken:
@@ -220,7 +238,10 @@ class Pipeline:
             started = time.perf_counter()
             raw_ok = passthrough and not self._response_stages
             raw_ok = raw_ok and not (ctx.degraded and self._default_degrade)
-            ctx.response = await backend.infer(ctx.request, passthrough=raw_ok)
+            request = ctx.request
+            if ctx.substitute:
+                request = dataclasses.replace(request, inputs={**request.inputs, **ctx.substitute})
+            ctx.response = await backend.infer(request, passthrough=raw_ok)
             ctx.upstream_seconds = time.perf_counter() - started
         for position, stage in self._response_stages:
             if position > reached:

@@ -22,7 +22,8 @@ top 50, threshold 25. Differences from the reference code (Huiying-Li/blacklight
 
 This raises the cost of an attack; it does not stop an adaptive one: attacks
 that randomize every query enough (OARS, Feng et al., CCS 2023) evade it most
-of the time. Use it beside query budgets and output defences.
+of the time. The ``provenance`` stage (:mod:`guard.defenses.provenance`) links
+queries in input space instead; docs/detection.md measures both.
 """
 
 from __future__ import annotations
@@ -47,13 +48,15 @@ class FingerprintKey:
     k1: int
     k2: int
     seed: int
+    mac: bytes = b""  # key of the exact-bytes digest (exact repeats)
 
     @classmethod
     def derive(cls, secret: bytes) -> FingerprintKey:
         """A key from a secret (every replica given the same secret derives the same key)."""
         digest = hashlib.blake2b(secret, digest_size=32, person=b"guard.blacklight").digest()
         m, k1, k2, seed = (int.from_bytes(digest[i : i + 8], "little") for i in range(0, 32, 8))
-        return cls(multiplier=m | 1, k1=k1, k2=k2, seed=seed)
+        mac = hashlib.blake2b(secret, digest_size=32, person=b"guard.exactrows").digest()
+        return cls(multiplier=m | 1, k1=k1, k2=k2, seed=seed, mac=mac)
 
     @classmethod
     def random(cls) -> FingerprintKey:
@@ -97,3 +100,14 @@ class Fingerprinter:
             self.key.k2,
         )
         return [row[:size].tolist() for row, size in zip(hashes, sizes, strict=True)]
+
+    def digests(self, x: np.ndarray) -> list[bytes]:
+        """Keyed 16-byte digests of each row's exact bytes (dtype and values): equal
+        digests mean an exact repeat; without the key nobody can compute one."""
+        x = np.ascontiguousarray(x)
+        rows = x.reshape(x.shape[0], -1)
+        prefix = f"{rows.dtype.str}:{rows.shape[1]}:".encode()
+        return [
+            hashlib.blake2b(prefix + row.tobytes(), key=self.key.mac, digest_size=16).digest()
+            for row in rows
+        ]

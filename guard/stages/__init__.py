@@ -17,6 +17,7 @@ from guard.stages.coverage import Coverage
 from guard.stages.env import StageEnv
 from guard.stages.prada import Prada
 from guard.stages.privacy import Privacy
+from guard.stages.provenance import Provenance
 from guard.stages.squeeze import Squeeze
 from guard.stages.squeeze_detect import SqueezeDetect
 from guard.stages.validate import Validate
@@ -30,6 +31,7 @@ STAGES: dict[str, StageBuilder] = {
     "coverage": Coverage.from_config,
     "prada": Prada.from_config,
     "privacy": Privacy.from_config,
+    "provenance": Provenance.from_config,
     "validate": Validate.from_config,
     "squeeze": Squeeze.from_config,
     "squeeze_detect": SqueezeDetect.from_config,

@@ -1,11 +1,25 @@
 """``blacklight``: catch query-based attacks by their near-duplicate queries.
 
 Each query (each row of a batch) is fingerprinted (:mod:`guard.defenses.blacklight`)
-and compared with the recent queries of *every* client of the model. Two counts
-decide: the earlier queries of the same client that match (an attack), and
-those of any client (an attacker spreading its queries over many accounts, or
-over several guard replicas sharing a Redis state). The action applies to the
-client that sent the matching query.
+and compared with the recent queries of every client of the model. Evidence is
+per client: a query counts against its client only by the earlier queries *of
+that client* it matches. Three rules keep honest traffic free (docs/detection.md
+has the measurements behind them):
+
+* **Exact repeats are free.** A keyed digest of the row's exact bytes is kept
+  beside its fingerprint; a row identical to one still in the table (sent by
+  anyone) is neither compared, nor counted, nor inserted. Its answer is the
+  same as before (the model is deterministic, privacy noise is keyed on the
+  input), so it tells the sender nothing new.
+* **Popular inputs are not evidence.** Matches against other clients' queries
+  are reported (the finding's message, the audit log) but never decide: a
+  client sending a jittered copy of an input many others sent, or of an input
+  that accounts primed the table with, is not flagged for it. An attacker
+  spread over many keys still sends many near-duplicates *per key* around one
+  image, and each key is caught by its own.
+* **Shares.** Each client keeps at most ``max_per_client`` queries in the table
+  (its own oldest go first); a full table evicts from the client holding the
+  most. One client's junk cannot flush another client's history.
 
 YAML keys (all optional):
 
@@ -18,22 +32,21 @@ YAML keys (all optional):
 ``top``          hashes kept per fingerprint; default 50
 ``threshold``    an earlier query *matches* when it shares more than this many
                  hashes; default ``top // 2`` (25)
-``matches``      flag when at least this many earlier queries *of the same
-                 client* match; default 2 (one identical retry is not an attack)
-``global_matches``  flag when at least this many earlier queries of *any* client
-                 match; default 5 (a popular input sent by a few users is not one)
+``matches``      flag when at least this many earlier, non-identical queries *of
+                 the same client* match; default 3
 ``max_queries``  queries remembered per model; default 10000
+``max_per_client``  queries remembered per client (its share); default 1000
 ``ttl``          how long a query is remembered; default ``1h``
 ``key_env``      environment variable holding the secret the hash key is derived
                  from. Required with a shared (Redis) state, so every replica
                  hashes alike; without it the key is random per process
-``action``       default ``deny``; ``degrade_for``, ``on_error``: see :mod:`guard.stages.detector`
+``action``       default ``deny``; ``misdirect``, ``degrade_for``, ``on_error``:
+                 see :mod:`guard.stages.detector`
 
-Finding: ``score`` the client's matching earlier queries against ``matches``,
-or when only the global count is reached, all clients' against
-``global_matches``; the message gives both. Technique AML.T0043 (craft
-adversarial data). Failure mode: as
-``on_error`` says (default closed: 503 when the state store is down).
+Finding: ``score`` the client's matching earlier queries, ``threshold``
+``matches``; the message also gives the matches of all clients. Technique
+AML.T0043 (craft adversarial data). Failure mode: as ``on_error`` says (default
+closed: 503 when the state store is down).
 """
 
 from __future__ import annotations
@@ -74,8 +87,8 @@ class Blacklight(BaseStage):
         fingerprinter: Fingerprinter,
         threshold: int,
         matches: int,
-        global_matches: int,
         max_queries: int,
+        max_per_client: int,
         ttl: float,
         keyed_by: str | None,
         enforcement: Enforcement,
@@ -85,8 +98,8 @@ class Blacklight(BaseStage):
         self.fingerprinter = fingerprinter
         self.threshold = threshold
         self.matches = matches
-        self.global_matches = global_matches
         self.max_queries = max_queries
+        self.max_per_client = max_per_client
         self.ttl = ttl
         self.keyed_by = keyed_by
         self.enforcement = enforcement
@@ -96,7 +109,7 @@ class Blacklight(BaseStage):
     @classmethod
     def from_config(cls, section: Section, env: StageEnv) -> Blacklight:
         enforcement = Enforcement.read(
-            section, env, stage=cls.name, technique=TECHNIQUE, default=Action.DENY
+            section, env, stage=cls.name, technique=TECHNIQUE, default=Action.DENY, misdirect=True
         )
         top = section.int("top", 50, min=1, max=4096)
         key_env = section.str("key_env", None)
@@ -124,9 +137,9 @@ class Blacklight(BaseStage):
                 top=top,
             ),
             threshold=section.int("threshold", top // 2, min=0, max=top - 1),
-            matches=section.int("matches", 2, min=1),
-            global_matches=section.int("global_matches", 5, min=1),
+            matches=section.int("matches", 3, min=1),
             max_queries=section.int("max_queries", 10_000, min=1, max=10_000_000),
+            max_per_client=section.int("max_per_client", 1000, min=1, max=10_000_000),
             ttl=read_duration(section, "ttl", 3600.0),
             keyed_by=key_env,
             enforcement=enforcement,
@@ -145,40 +158,40 @@ class Blacklight(BaseStage):
             "top": f.top,
             "threshold": self.threshold,
             "matches": self.matches,
-            "global_matches": self.global_matches,
             "max_queries": self.max_queries,
+            "max_per_client": self.max_per_client,
             "ttl": format_duration(self.ttl),
             "key": f"from ${self.keyed_by}" if self.keyed_by else "random per process",
             **self.enforcement.describe(),
         }
 
     async def on_request(self, ctx: RequestContext) -> Verdict:
-        await self.enforcement.honour_marks(ctx)
-        fingerprints = self.fingerprinter(input_rows(ctx, self.input_name))
+        rows = input_rows(ctx, self.input_name)
+        await self.enforcement.honour_marks(ctx, rows, self.input_name)
         results = await self.enforcement.store.match_fingerprints(
             self.table,
             ctx.client.name,
-            fingerprints,
+            self.fingerprinter(rows),
+            digests=self.fingerprinter.digests(rows),
             threshold=self.threshold,
             max_queries=self.max_queries,
+            max_per_client=self.max_per_client,
             ttl_s=self.ttl,
             max_per_hash=MAX_PER_HASH,
         )
-        if not results:
+        fresh = [r for r in results if not r.repeat]
+        if not fresh:
             return Verdict.CONTINUE
-        own = max(results, key=lambda r: r.client_matches)
-        if own.client_matches >= self.matches:
-            found, score, threshold = own, own.client_matches, self.matches
-        else:
-            found = max(results, key=lambda r: r.matches)
-            if found.matches < self.global_matches:
-                return Verdict.CONTINUE
-            score, threshold = found.matches, self.global_matches
+        found = max(fresh, key=lambda r: (r.client_matches, r.matches))
+        if found.client_matches < self.matches:
+            return Verdict.CONTINUE
         return await self.enforcement.report(
             ctx,
             f"query matches {found.client_matches} recent queries of this client and "
             f"{found.matches} of all clients (up to {found.best} of {self.fingerprinter.top} "
             "fingerprint hashes shared)",
-            score=float(score),
-            threshold=float(threshold),
+            score=float(found.client_matches),
+            threshold=float(self.matches),
+            rows=rows,
+            input_name=self.input_name,
         )

@@ -31,9 +31,10 @@ class StageEnv:
     metrics: GuardMetrics | None = None  # the app's metrics, for stages that count their own
 
 
-def read_action(section: Section, default: Action) -> Action:
-    """The ``action`` key every detector takes."""
-    return Action(section.choice("action", ACTIONS, default.value))
+def read_action(section: Section, default: Action, *, misdirect: bool = False) -> Action:
+    """The ``action`` key every detector takes (``misdirect`` only where the stage can)."""
+    choices = ACTIONS if misdirect else tuple(a for a in ACTIONS if a != Action.MISDIRECT.value)
+    return Action(section.choice("action", choices, default.value))
 
 
 def read_fail_open(section: Section) -> bool:

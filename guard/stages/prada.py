@@ -19,9 +19,13 @@ YAML keys (all optional):
 ``max_distances``  newest distances tested (at most 5000); default 1000
 ``max_per_class``  newest members kept per class's growing set; default 200
 ``ttl``            a client's history expires this long after its last query; default ``1d``
-``action``         default ``flag``; ``degrade_for``, ``on_error``: see :mod:`guard.stages.detector`
+``action``         default ``flag``; ``misdirect`` (a finding on the response marks the
+                   client; its later requests are misdirected), ``degrade_for``, ``on_error``:
+                   see :mod:`guard.stages.detector`
 
-Finding: ``score`` W, ``threshold`` delta, technique AML.T0024.002 (extract ML
+An exact repeat of a query the client's growing set holds (distance 0) is
+skipped: it says nothing new and would read as non-natural. Finding: ``score`` W,
+``threshold`` delta, technique AML.T0024.002 (extract ML
 model). Several replicas may update one client's history at once; each update
 is atomic, the sequence is not, which at worst shifts a test by a few queries.
 """
@@ -102,7 +106,12 @@ class Prada(BaseStage):
             max_per_class=section.int("max_per_class", 200, min=1, max=100_000),
             ttl=read_duration(section, "ttl", 86400.0),
             enforcement=Enforcement.read(
-                section, env, stage=cls.name, technique=TECHNIQUE, default=Action.FLAG
+                section,
+                env,
+                stage=cls.name,
+                technique=TECHNIQUE,
+                default=Action.FLAG,
+                misdirect=True,
             ),
             fail_open=read_fail_open(section),
         )
@@ -123,7 +132,8 @@ class Prada(BaseStage):
         }
 
     async def on_request(self, ctx: RequestContext) -> Verdict:
-        await self.enforcement.honour_marks(ctx)
+        rows = input_rows(ctx, self.input_name) if self.enforcement.misdirects else None
+        await self.enforcement.honour_marks(ctx, rows, self.input_name)
         return Verdict.CONTINUE
 
     async def on_response(self, ctx: RequestContext) -> Verdict:
@@ -144,6 +154,8 @@ class Prada(BaseStage):
         distances: list[float] = []
         for row, c in zip(x, classes.tolist(), strict=True):
             seen = observe(sets[c], row)
+            if seen.distance == 0.0:  # an exact repeat of a kept query: no new information
+                continue
             if seen.distance is not None:
                 distances.append(seen.distance)
             if seen.grows:

@@ -29,12 +29,15 @@ class FingerprintMatch:
     ``matches`` counts earlier queries (live: inserted less than ``ttl_s`` ago)
     sharing more than ``threshold`` hashes with it, ``client_matches`` those of
     them sent by the same client, and ``best`` is the most hashes it shares with
-    any earlier query still indexed (0 for none).
+    any earlier query still indexed (0 for none). ``repeat``: the query's exact
+    digest is already in the table (live), so it was neither compared nor
+    inserted and every count is 0: an exact repeat carries no new information.
     """
 
     matches: int
     client_matches: int
     best: int
+    repeat: bool = False
 
 
 @runtime_checkable
@@ -92,14 +95,23 @@ class StateStore(Protocol):
         max_queries: int,
         ttl_s: float,
         max_per_hash: int,
+        digests: Sequence[bytes] | None = None,
+        max_per_client: int | None = None,
     ) -> list[FingerprintMatch]:
         """Compare each fingerprint (distinct 64-bit hashes) with the table, then insert it.
 
         In order, so a later fingerprint of the batch is compared with the
-        earlier ones. The table keeps at most ``max_queries`` queries, each for
-        at most ``ttl_s`` (the oldest are evicted first), and indexes at most
-        the newest ``max_per_hash`` queries per hash (a hash in very many
-        queries says little, and would cost every lookup).
+        earlier ones. ``digests`` (one per fingerprint, at most 32 bytes): the
+        keyed digest of each query's exact bytes; a query whose digest is in the
+        table and live is an exact repeat (see :class:`FingerprintMatch`).
+
+        Bounds, so that no client can evict another's history: each client
+        keeps at most ``max_per_client`` queries (default ``max_queries``; past
+        it, the client's own oldest goes); the table keeps at most
+        ``max_queries`` (past it, the oldest query of the client holding the
+        most goes); each query lives ``ttl_s``; each hash indexes at most its
+        newest ``max_per_hash`` queries (a hash in very many queries says
+        little, and would cost every lookup).
         """
         ...
 

@@ -12,6 +12,7 @@ Every operation completes without awaiting, so each is atomic on the event loop.
 
 from __future__ import annotations
 
+import heapq
 import time
 from array import array
 from collections import Counter, OrderedDict, deque
@@ -49,11 +50,13 @@ class _Query:
     at: float
     client: str
     hashes: array[int]  # uint64: 8 bytes a hash, not a Python int each
+    digest: bytes | None  # keyed digest of the query's exact bytes (exact repeats)
 
 
 @dataclass(slots=True)
 class _Table:
-    """Earlier fingerprints and an inverted index from hash to the queries holding it.
+    """Earlier fingerprints, an inverted index from hash to the queries holding it,
+    the exact digests, and each client's queries oldest first (its share).
 
     Most hashes belong to one query, so a posting is a bare query id until a
     second query shares it (then an ascending list): a full table of 10,000
@@ -61,10 +64,14 @@ class _Table:
     """
 
     seq: int = 0
-    head: int = 1  # oldest query not yet evicted
+    head: int = 1  # the age sweep's position: queries below it are gone
     used_at: float = 0.0
     queries: dict[int, _Query] = field(default_factory=dict)
     index: dict[int, int | list[int]] = field(default_factory=dict)
+    digests: dict[bytes, int] = field(default_factory=dict)
+    owners: dict[str, deque[int]] = field(default_factory=dict)
+    # (-share, client), lazily updated: the largest holder is on top once stale entries go.
+    sizes: list[tuple[int, str]] = field(default_factory=list)
 
     def postings(self, h: int) -> tuple[int, ...] | list[int]:
         found = self.index.get(h)
@@ -83,8 +90,39 @@ class _Table:
             if len(found) > max_per_hash:
                 del found[0]
 
+    def add(self, query: _Query, max_per_hash: int) -> None:
+        self.seq += 1
+        qid = self.seq
+        self.queries[qid] = query
+        for h in query.hashes:
+            self.insert(h, qid, max_per_hash)
+        if query.digest is not None:
+            self.digests[query.digest] = qid
+        owned = self.owners.get(query.client)
+        if owned is None:
+            owned = self.owners[query.client] = deque()
+        owned.append(qid)
+        self._resized(query.client, len(owned))
+
+    def _resized(self, client: str, size: int) -> None:
+        if size:
+            heapq.heappush(self.sizes, (-size, client))
+        if len(self.sizes) > 2 * len(self.owners) + 64:  # drop the stale entries
+            self.sizes = [(-len(q), c) for c, q in self.owners.items()]
+            heapq.heapify(self.sizes)
+
+    def largest(self) -> str | None:
+        """The client holding the most queries."""
+        while self.sizes:
+            size, client = self.sizes[0]
+            owned = self.owners.get(client)
+            if owned is not None and len(owned) == -size:
+                return client
+            heapq.heappop(self.sizes)
+        return None
+
     def evict(self, qid: int) -> None:
-        """Forget query ``qid`` and every older posting of its hashes."""
+        """Forget query ``qid``: its postings, its digest, its place in its client's share."""
         query = self.queries.pop(qid, None)
         if query is None:
             return
@@ -93,18 +131,28 @@ class _Table:
             if found is None:
                 continue
             if isinstance(found, int):
-                if found <= qid:
+                if found == qid:
                     del self.index[h]
                 continue
-            keep = 0
-            while keep < len(found) and found[keep] <= qid:
-                keep += 1
-            del found[:keep]
+            if qid in found:
+                found.remove(qid)
             if len(found) <= 1:
                 if found:
                     self.index[h] = found[0]
                 else:
                     del self.index[h]
+        if query.digest is not None and self.digests.get(query.digest) == qid:
+            del self.digests[query.digest]
+        owned = self.owners.get(query.client)
+        if owned is not None:
+            if owned and owned[0] == qid:
+                owned.popleft()
+            else:
+                owned.remove(qid)
+            if owned:
+                self._resized(query.client, len(owned))
+            else:
+                del self.owners[query.client]
 
 
 class MemoryStore:
@@ -188,17 +236,29 @@ class MemoryStore:
         max_queries: int,
         ttl_s: float,
         max_per_hash: int,
+        digests: Sequence[bytes] | None = None,
+        max_per_client: int | None = None,
     ) -> list[FingerprintMatch]:
         now = self._clock()
         state = self._tables.get(table)
         if state is None or state.used_at <= now - ttl_s:
             state = self._tables[table] = _Table()  # idle past its ttl: start afresh
         state.used_at = now
+        share = max_queries if max_per_client is None else min(max_per_client, max_queries)
         return [
             self._match_one(
-                state, client, tuple(hashes), now, threshold, max_queries, ttl_s, max_per_hash
+                state,
+                client,
+                tuple(hashes),
+                None if digests is None else bytes(digests[i]),
+                now,
+                threshold,
+                max_queries,
+                share,
+                ttl_s,
+                max_per_hash,
             )
-            for hashes in fingerprints
+            for i, hashes in enumerate(fingerprints)
         ]
 
     @staticmethod
@@ -206,12 +266,20 @@ class MemoryStore:
         state: _Table,
         client: str,
         hashes: tuple[int, ...],
+        digest: bytes | None,
         now: float,
         threshold: int,
         max_queries: int,
+        share: int,
         ttl_s: float,
         max_per_hash: int,
     ) -> FingerprintMatch:
+        if digest is not None:
+            seen = state.digests.get(digest)
+            if seen is not None:
+                if state.queries[seen].at > now - ttl_s:
+                    return FingerprintMatch(0, 0, 0, repeat=True)
+                state.evict(seen)
         shared: Counter[int] = Counter()
         for h in hashes:
             shared.update(state.postings(h))
@@ -223,16 +291,20 @@ class MemoryStore:
                 if query.at > now - ttl_s:
                     matches += 1
                     own += query.client == client
-        state.seq += 1
-        state.queries[state.seq] = _Query(now, client, array("Q", hashes))
-        for h in hashes:
-            state.insert(h, state.seq, max_per_hash)
-        while state.head <= state.seq - max_queries:
-            state.evict(state.head)
-            state.head += 1
+        state.add(_Query(now, client, array("Q", hashes), digest), max_per_hash)
+        owned = state.owners[client]
+        while len(owned) > share:
+            state.evict(owned[0])
+        while len(state.queries) > max_queries:
+            largest = state.largest()
+            if largest is None:
+                break
+            state.evict(state.owners[largest][0])
         for _ in range(EXPIRE_PER_INSERT):
+            if state.head >= state.seq:
+                break
             oldest = state.queries.get(state.head)
-            if state.head >= state.seq or (oldest is not None and oldest.at > now - ttl_s):
+            if oldest is not None and oldest.at > now - ttl_s:
                 break
             state.evict(state.head)
             state.head += 1

@@ -58,94 +58,144 @@ end
 return {1, used}
 """
 
-# KEYS: index (hash -> "qid qid ..."), queries (qid -> "ms hashes client"), meta (seq, head).
+# KEYS: index (hash -> "qid qid ..."), queries (qid -> "ms hashes digest client"), meta (seq,
+#       head), digests (digest -> qid), sizes (zset client -> queries held).
 # ARGV: client, threshold, max_queries, ttl (ms), max_per_hash, expire_per_insert,
-#       then per fingerprint: its number of hashes and the hashes (16 hex digits each).
-# Returns {matches, client_matches, best} per fingerprint. Mirrors MemoryStore.
+#       max_per_client, owner-list key prefix (client appended; same hash tag),
+#       then per fingerprint: its digest ('-' for none), its number of hashes and the
+#       hashes (16 hex digits each).
+# Returns {matches, client_matches, best, repeat} per fingerprint. Mirrors MemoryStore.
 _FINGERPRINTS = """
-local idx, qs, meta = KEYS[1], KEYS[2], KEYS[3]
+local idx, qs, meta, digs, sizes = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local client = ARGV[1]
 local threshold = tonumber(ARGV[2])
 local max_queries = tonumber(ARGV[3])
 local ttl = tonumber(ARGV[4])
 local max_per_hash = tonumber(ARGV[5])
 local expire_per_insert = tonumber(ARGV[6])
+local share = tonumber(ARGV[7])
+local owners = ARGV[8]
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local seq = tonumber(redis.call('HGET', meta, 'seq') or '0')
 local head = tonumber(redis.call('HGET', meta, 'head') or '1')
+local held = redis.call('HLEN', qs)
 
 local function evict(qid)
   local rec = redis.call('HGET', qs, qid)
   if not rec then return end
   redis.call('HDEL', qs, qid)
-  local hashes = string.match(rec, '^%d+ (%x*) ')
+  held = held - 1
+  local hashes, digest, who = string.match(rec, '^%d+ (%x*) (%S+) (.*)$')
+  local sid = tostring(qid)
   for i = 1, #hashes, 16 do
     local h = string.sub(hashes, i, i + 15)
     local ids = redis.call('HGET', idx, h)
     if ids then
-      local rest = ids
-      for id, tail in string.gmatch(ids, '(%d+) ?()') do
-        if tonumber(id) > qid then break end
-        rest = string.sub(ids, tail)
+      local kept = {}
+      for id in string.gmatch(ids, '%d+') do
+        if id ~= sid then kept[#kept + 1] = id end
       end
-      if rest == '' then redis.call('HDEL', idx, h) else redis.call('HSET', idx, h, rest) end
+      if #kept == 0 then redis.call('HDEL', idx, h)
+      else redis.call('HSET', idx, h, table.concat(kept, ' ')) end
     end
+  end
+  if digest ~= '-' and redis.call('HGET', digs, digest) == sid then
+    redis.call('HDEL', digs, digest)
+  end
+  redis.call('LREM', owners .. who, 1, sid)
+  if tonumber(redis.call('ZINCRBY', sizes, -1, who)) <= 0 then
+    redis.call('ZREM', sizes, who)
   end
 end
 
 local out = {}
-local a = 7
+local a = 9
 while a <= #ARGV do
-  local k = tonumber(ARGV[a])
-  local hashes = {}
-  local shared = {}
-  for i = a + 1, a + k do
-    local h = ARGV[i]
-    hashes[#hashes + 1] = h
-    local ids = redis.call('HGET', idx, h)
-    if ids then
-      for id in string.gmatch(ids, '%d+') do shared[id] = (shared[id] or 0) + 1 end
-    end
-  end
-  a = a + k + 1
-  local matches, own, best = 0, 0, 0
-  for id, n in pairs(shared) do
-    if n > best then best = n end
-    if n > threshold then
-      local rec = redis.call('HGET', qs, id)
-      local at, who = string.match(rec, '^(%d+) %x* (.*)$')
-      if tonumber(at) > now - ttl then
-        matches = matches + 1
-        if who == client then own = own + 1 end
+  local digest = ARGV[a]
+  local k = tonumber(ARGV[a + 1])
+  local first = a + 2
+  a = a + k + 2
+  local repeated = false
+  if digest ~= '-' then
+    local seen = redis.call('HGET', digs, digest)
+    if seen then
+      local rec = redis.call('HGET', qs, seen)
+      if rec and tonumber(string.match(rec, '^(%d+)')) > now - ttl then
+        repeated = true
+      else
+        evict(tonumber(seen))
+        redis.call('HDEL', digs, digest)
       end
     end
   end
-  seq = seq + 1
-  redis.call('HSET', qs, seq, now .. ' ' .. table.concat(hashes) .. ' ' .. client)
-  for _, h in ipairs(hashes) do
-    local ids = redis.call('HGET', idx, h)
-    if ids then
-      local _, count = string.gsub(ids, ' ', ' ')
-      if count + 1 >= max_per_hash then ids = string.match(ids, '^%d+ (.*)$') or '' end
-      if ids == '' then ids = tostring(seq) else ids = ids .. ' ' .. seq end
-    else
-      ids = tostring(seq)
+  if repeated then
+    out[#out + 1] = {0, 0, 0, 1}
+  else
+    local hashes = {}
+    local shared = {}
+    for i = first, first + k - 1 do
+      local h = ARGV[i]
+      hashes[#hashes + 1] = h
+      local ids = redis.call('HGET', idx, h)
+      if ids then
+        for id in string.gmatch(ids, '%d+') do shared[id] = (shared[id] or 0) + 1 end
+      end
     end
-    redis.call('HSET', idx, h, ids)
+    local matches, own, best = 0, 0, 0
+    for id, n in pairs(shared) do
+      if n > best then best = n end
+      if n > threshold then
+        local rec = redis.call('HGET', qs, id)
+        local at, who = string.match(rec, '^(%d+) %x* %S+ (.*)$')
+        if tonumber(at) > now - ttl then
+          matches = matches + 1
+          if who == client then own = own + 1 end
+        end
+      end
+    end
+    seq = seq + 1
+    local rec = now .. ' ' .. table.concat(hashes) .. ' ' .. digest .. ' ' .. client
+    redis.call('HSET', qs, seq, rec)
+    held = held + 1
+    if digest ~= '-' then redis.call('HSET', digs, digest, seq) end
+    for _, h in ipairs(hashes) do
+      local ids = redis.call('HGET', idx, h)
+      if ids then
+        local _, count = string.gsub(ids, ' ', ' ')
+        if count + 1 >= max_per_hash then ids = string.match(ids, '^%d+ (.*)$') or '' end
+        if ids == '' then ids = tostring(seq) else ids = ids .. ' ' .. seq end
+      else
+        ids = tostring(seq)
+      end
+      redis.call('HSET', idx, h, ids)
+    end
+    local mine = owners .. client
+    redis.call('RPUSH', mine, seq)
+    redis.call('ZINCRBY', sizes, 1, client)
+    while redis.call('LLEN', mine) > share do
+      evict(tonumber(redis.call('LINDEX', mine, 0)))
+    end
+    local guard = 0
+    while held > max_queries and guard < 64 do
+      guard = guard + 1
+      local top = redis.call('ZREVRANGE', sizes, 0, 0, 'WITHSCORES')
+      if #top == 0 then break end
+      -- ties go to the smallest name, as in MemoryStore
+      local who = redis.call('ZRANGEBYSCORE', sizes, top[2], top[2], 'LIMIT', 0, 1)[1]
+      local oldest = redis.call('LINDEX', owners .. who, 0)
+      if oldest then evict(tonumber(oldest)) else redis.call('ZREM', sizes, who) end
+    end
+    for _ = 1, expire_per_insert do
+      if head >= seq then break end
+      local rec = redis.call('HGET', qs, head)
+      if rec and tonumber(string.match(rec, '^(%d+)')) > now - ttl then break end
+      evict(head)
+      head = head + 1
+    end
+    redis.call('PEXPIRE', mine, ttl)
+    out[#out + 1] = {matches, own, best, 0}
   end
-  while head <= seq - max_queries do
-    evict(head)
-    head = head + 1
-  end
-  for _ = 1, expire_per_insert do
-    if head >= seq then break end
-    local rec = redis.call('HGET', qs, head)
-    if rec and tonumber(string.match(rec, '^(%d+)')) > now - ttl then break end
-    evict(head)
-    head = head + 1
-  end
-  out[#out + 1] = {matches, own, best}
 end
 redis.call('HSET', meta, 'seq', seq, 'head', head)
 for _, key in ipairs(KEYS) do redis.call('PEXPIRE', key, ttl) end
@@ -267,10 +317,13 @@ class RedisStore:
         max_queries: int,
         ttl_s: float,
         max_per_hash: int,
+        digests: Sequence[bytes] | None = None,
+        max_per_client: int | None = None,
     ) -> list[FingerprintMatch]:
         if not fingerprints:
             return []
         base = self._key(hash_tag(table))
+        share = max_queries if max_per_client is None else min(max_per_client, max_queries)
         args: list[Any] = [
             client,
             threshold,
@@ -278,13 +331,16 @@ class RedisStore:
             _ms(ttl_s),
             max_per_hash,
             self._expire_per_insert,
+            share,
+            f"{base}:o:",
         ]
-        for hashes in fingerprints:
+        for i, hashes in enumerate(fingerprints):
+            args.append("-" if digests is None else bytes(digests[i]).hex())
             args.append(len(hashes))
             args.extend(f"{h:016x}" for h in hashes)
-        keys = [f"{base}:idx", f"{base}:q", f"{base}:meta"]
+        keys = [f"{base}:idx", f"{base}:q", f"{base}:meta", f"{base}:d", f"{base}:n"]
         rows = await self._run("fingerprints", lambda: self._fingerprints(keys=keys, args=args))
-        return [FingerprintMatch(int(m), int(c), int(b)) for m, c, b in rows]
+        return [FingerprintMatch(int(m), int(c), int(b), bool(r)) for m, c, b, r in rows]
 
     async def close(self) -> None:
         await self._redis.aclose()

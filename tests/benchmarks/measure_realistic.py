@@ -12,7 +12,7 @@ from its audit log by request id (a guard may answer a detected client
 silently: status 200, no header) and from the HTTP status.
 
 Phases (``--quick`` scale in brackets; quick takes ~3 minutes on a loaded 2-core
-machine, full ~15; the quick adaptive comparison, on 3 samples, is a smoke test:
+machine, full ~3-8; the quick adaptive comparison, on 4 samples, is a smoke test:
 quote the full one):
 
 benign      the honest mix (:class:`guard.attacks.benign.TrafficMix`) from
@@ -31,12 +31,14 @@ adaptive    OARS-style resampling (HopSkipJump, Square L-inf, SimBA: a wrapper
             its own proposals, widened, inside the ball), alone and over 10
             keys, Sybil over
             10 keys, Sybil + OARS, history flushing by 10,000 junk rows from
-            other keys every 200 [300] attack queries, and HopSkipJump
+            other keys every 200 [400] attack queries, and HopSkipJump
             resampling only on refusals (keeps going when degraded to
-            label-only), 6 [3] samples, 600 [300] queries each (resends not
+            label-only), 6 [4] samples, 600 [400] queries each (resends not
             counted in that budget): end-to-end success (the
             final input judged on the bare ONNX model) through the guard against
-            the same attack on the bare model, with the real query counts.
+            the same attack on the bare model, with the real query counts. A
+            sample the bare attack wins in fewer than 10 queries is shown but
+            left out of PASS/MISS (no query-based detector can stop it).
 extraction  Knockoff (1,000 queries) and JbDA (500 queries), 10 [3] runs each, a
             fresh guard per run: runs in which the attacker's key got a finding.
 
@@ -105,10 +107,10 @@ QUICK = Scale(
     queries=25,
     samples=3,
     budget=150,
-    adaptive_samples=3,
-    adaptive_budget=300,
+    adaptive_samples=4,
+    adaptive_budget=400,
     extraction_runs=3,
-    flush_every=300,
+    flush_every=400,
 )
 FULL = Scale(
     clients=60,
@@ -201,10 +203,11 @@ RADII = {"hopskipjump": (L2, None), "square-linf": (None, LINF), "simba": (None,
 
 
 def sample_rows(seed: int, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """``n`` held-out samples the bare model classifies correctly (attackable)."""
+    """``n`` held-out samples the bare model classifies correctly (attackable); a
+    smaller ``n`` takes a prefix of a larger one's."""
     x, y = load_samples(MODEL)
     right = OnnxTarget.builtin(MODEL).query(x).labels == y
-    rows = rng_for(seed, 100).choice(np.flatnonzero(right), n, replace=False)
+    rows = rng_for(seed, 100).permutation(np.flatnonzero(right))[:n]
     return x[rows].astype(np.float64), y[rows]
 
 
@@ -321,17 +324,29 @@ def adaptive_phase(
             answered = float(np.mean(np.asarray(through.log.status) == 200))
             caught = sum(1 for n in names if any(f.harmful for f in audit.of_client(n)))
         success = _evaluate(run, x, y, name)
+        # samples the bare attack wins within SHORT_RUN queries: no query-based detector
+        # can stop those; the target is judged without them (and shown with them)
+        trivial = [
+            w and s.success_query is not None and s.success_query < SHORT_RUN
+            for s, w in zip(bare_run.samples, bare_success, strict=True)
+        ]
+        hard = [i for i, t in enumerate(trivial) if not t]
         out[label] = {
             "samples_bare": len(bare_success),
             "success_bare": float(np.mean(bare_success)) if bare_success else None,
             "samples_guard": len(success),
             "success_guard": float(np.mean(success)) if success else None,
+            "trivial_samples": sum(trivial),
+            "success_bare_hard": float(np.mean([bare_success[i] for i in hard])) if hard else None,
+            "success_guard_hard": float(np.mean([success[i] for i in hard])) if hard else None,
             "queries_bare": bare_real,
             "queries_guard": real,
             "budget_per_sample": budget,
             "keys_acted_on": f"{caught}/{keys}",
             "resent": getattr(through, "resent", None),
             "answered_fraction": round(answered, 3),  # of the attack's queries, after resends
+            # per sample through the guard: won (on the bare model), attack queries spent
+            "won_at": [s.queries if w else None for s, w in zip(run.samples, success, strict=True)],
             "seconds": round(time.perf_counter() - started, 1),
         }
         print(f"    {label}: {out[label]['seconds']} s", file=sys.stderr, flush=True)
@@ -435,15 +450,25 @@ def targets_table(results: dict[str, Any]) -> list[tuple[str, str, bool | None]]
         )
     for label, e in results.get("adaptive", {}).items():
         bare, guard = e["success_bare"], e["success_guard"]
-        ok = None if not bare else (guard or 0.0) <= 0.1 * bare
+        hard_bare, hard_guard = e["success_bare_hard"], e["success_guard_hard"]
+        ok = None if not hard_bare else (hard_guard or 0.0) <= 0.1 * hard_bare
+        trivial = e["trivial_samples"]
+        judged = (
+            f"; without the {trivial} sample(s) won in < {SHORT_RUN} queries: "
+            f"{pct(hard_guard)} vs {pct(hard_bare)}"
+            if trivial
+            else ""
+        )
         targeted = ("oars", "resampling", "sybil", "sybil+oars", "sybil+resampling")
         extra = "" if label.split()[0] in targeted else " (extra)"
         rows.append(
             (
                 f"{label}{extra}: success through guard <= 10% of without",
-                f"{pct(guard)} vs {pct(bare)} without ({e['samples_guard']} samples; real queries "
+                f"{pct(guard)} vs {pct(bare)} without ({e['samples_guard']} samples, won after "
+                f"{[q for q in e['won_at'] if q is not None]} queries; real queries "
                 f"{e['queries_guard']} vs {e['queries_bare']}; "
-                f"{pct(e['answered_fraction'])} answered; keys acted on {e['keys_acted_on']})",
+                f"{pct(e['answered_fraction'])} answered; keys acted on {e['keys_acted_on']})"
+                + judged,
                 ok,
             )
         )

@@ -181,7 +181,9 @@ def test_demo_serves_real_traffic_refuses_hostile_input_and_catches_attackers() 
     evasion = next(line for line in table.splitlines() if line.strip().startswith("mallory-evasion"))
     caught = re.search(r"query (\d+)\s+(\w+) \((\w+)\)", evasion)
     assert caught is not None, evasion  # Square's near-duplicate queries: blacklight
-    fooled = [int(n) for n in re.findall(r"fooled the model on (\d+)/10", evasion)]
+    # With the guard a misdirected attacker may skip digits (their clean answer already looked
+    # wrong to it): the denominators differ, the count fooled must not grow.
+    fooled = [int(n) for n in re.findall(r"fooled the model on (\d+)/\d+", evasion)]
     assert len(fooled) == 2 and fooled[0] <= fooled[1]  # with the guard, then without
     for attacker in ("mallory-extraction", "mallory-membership"):
         assert any(line.strip().startswith(attacker) for line in table.splitlines())

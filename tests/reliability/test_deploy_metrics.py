@@ -11,6 +11,7 @@ import subprocess
 from pathlib import Path
 
 import aiohttp
+import numpy as np
 import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
@@ -104,7 +105,8 @@ async def test_referenced_metrics_are_exported_after_real_traffic(
     url = guard.make_url("/v2/models/digits/infer")
     x = load_samples("digits")[0]
     statuses = []
-    for row in [x[:1], x[:1], x[:1], x[1:2], x[2:3], x[3:4], x[4:5]]:  # repeats, then over budget
+    walk = [np.clip(x[:1] + d, 0, 16) for d in (0.0, 0.01, 0.02)]  # near duplicates (exact
+    for row in [*walk, x[1:2], x[2:3], x[3:4], x[4:5]]:  # repeats are free), then over budget
         async with http.post(url, data=v2_body(row)) as reply:
             statuses.append(reply.status)
     assert 403 in statuses and 429 in statuses, statuses

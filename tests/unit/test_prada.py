@@ -133,6 +133,25 @@ async def test_benign_held_out_queries_are_not_flagged() -> None:
     assert verdicts == [Verdict.CONTINUE] * 300
 
 
+async def test_exact_repeats_are_not_evidence() -> None:
+    """A client re-sending its own inputs exactly (retries, a popular input): distances of 0
+    would read as non-natural; they are skipped."""
+    x, _ = load_samples("digits")
+    held_out = x[np.random.default_rng(2).permutation(len(x))[:60]]
+    verdicts, _ = await run(build(action="deny"), np.concatenate([held_out] * 5))
+    assert verdicts == [Verdict.CONTINUE] * 300
+
+
+async def test_misdirect_answers_later_requests_from_the_first_query() -> None:
+    stage = build(action="misdirect")
+    queries = walk(120)
+    verdicts, last = await run(stage, queries)
+    assert set(verdicts) == {Verdict.CONTINUE}  # silent
+    assert any(f.action is Action.MISDIRECT for f in last.findings)
+    later = await ask(stage, walk(1, seed=5)[0])
+    np.testing.assert_array_equal(later.substitute["input"], queries[:1].astype(np.float32))
+
+
 async def test_extraction_like_queries_are_flagged_once_tested() -> None:
     stage = build(action="deny")
     verdicts, _ = await run(stage, walk(140))

@@ -12,7 +12,14 @@ import redis.asyncio as aioredis
 
 from guard.configreader import Section
 from guard.errors import PolicyError, StateUnavailable
-from guard.state import StateConfig, StateStore, build_store, client_key, read_state_config
+from guard.state import (
+    FingerprintMatch,
+    StateConfig,
+    StateStore,
+    build_store,
+    client_key,
+    read_state_config,
+)
 from guard.state.memory import MemoryStore
 from guard.state.redis import RedisStore
 from tests.integration.redis_server import RedisServer
@@ -211,6 +218,8 @@ async def test_redis_keys_are_prefixed_and_tagged(redis_server: RedisServer) -> 
         "g1:{alice}:n",
         "g1:{blacklight:digits}:idx",
         "g1:{blacklight:digits}:meta",
+        "g1:{blacklight:digits}:n",
+        "g1:{blacklight:digits}:o:alice",
         "g1:{blacklight:digits}:q",
     ]
     assert all(t > 0 for t in ttls)  # nothing is kept forever
@@ -327,3 +336,70 @@ def test_state_config_reads_redis(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_state_config_errors(data: Any, message: str) -> None:
     with pytest.raises(PolicyError, match=message):
         read(data)
+
+
+# -- exact repeats and per-client shares ---------------------------------------------------
+
+
+async def test_exact_repeats_are_neither_compared_nor_inserted(store: StateStore) -> None:
+    args = fingerprint_args(threshold=0)
+    first = await store.match_fingerprints("t", "alice", [[1, 2]], digests=[b"d1"], **args)
+    assert not first[0].repeat
+    # Anyone repeating the exact query gets repeat=True and no counts, however often.
+    for client in ("alice", "bob", "alice"):
+        got = await store.match_fingerprints("t", client, [[1, 2]], digests=[b"d1"], **args)
+        assert got[0] == FingerprintMatch(0, 0, 0, repeat=True)
+    # A near duplicate (other bytes) still matches the one stored query, not the repeats.
+    near = await store.match_fingerprints("t", "alice", [[1, 2, 3]], digests=[b"d2"], **args)
+    assert (near[0].matches, near[0].client_matches, near[0].repeat) == (1, 1, False)
+
+
+async def test_a_repeat_expires_with_its_query(store: StateStore) -> None:
+    args = fingerprint_args(threshold=0, ttl_s=TICK)
+    await store.match_fingerprints("t", "a", [[1]], digests=[b"x"], **args)
+    await asyncio.sleep(TICK + 0.05)
+    got = await store.match_fingerprints("t", "a", [[1]], digests=[b"x"], **args)
+    assert not got[0].repeat
+
+
+async def test_one_client_cannot_evict_another_clients_history(store: StateStore) -> None:
+    args = fingerprint_args(threshold=0, max_queries=20, max_per_client=5)
+    await store.match_fingerprints("t", "alice", [[7, 8]], digests=[b"alice"], **args)
+    for i in range(200):  # a flood of junk, one row at a time and in batches
+        await store.match_fingerprints(
+            "t", "mallory", [[1000 + i]], digests=[i.to_bytes(4, "little")], **args
+        )
+    got = await store.match_fingerprints("t", "bob", [[7, 8]], digests=[b"bob"], **args)
+    assert got[0].matches == 1  # alice's query is still there
+    # mallory kept only its share: its oldest junk is gone, its newest is not.
+    old = await store.match_fingerprints("t", "x", [[1000]], **args)
+    new = await store.match_fingerprints("t", "x", [[1199]], **args)
+    assert (old[0].matches, new[0].matches) == (0, 1)
+
+
+async def test_a_full_table_evicts_from_the_largest_holder(store: StateStore) -> None:
+    args = fingerprint_args(threshold=0, max_queries=6)
+    await store.match_fingerprints("t", "alice", [[1], [2]], **args)
+    for i in range(10):  # many accounts, each under its share, fill the table
+        await store.match_fingerprints("t", "mallory", [[100 + i]], **args)
+    got = await store.match_fingerprints("t", "carol", [[1], [2]], **args)
+    assert [m.matches for m in got] == [1, 1]  # alice's two queries survived
+
+
+async def test_stores_agree_with_repeats_and_shares(redis_server: RedisServer) -> None:
+    rng = np.random.default_rng(9)
+    memory, shared = MemoryStore(), RedisStore(redis_server.url, timeout=5.0)
+    args = fingerprint_args(threshold=2, max_queries=30, max_per_hash=6, max_per_client=12)
+    try:
+        for _ in range(120):
+            batch = [
+                sorted({int(h) for h in rng.integers(0, 24, size=int(rng.integers(1, 8)))})
+                for _ in range(int(rng.integers(1, 4)))
+            ]
+            digests = [bytes([int(rng.integers(0, 12))]) for _ in batch]
+            client = f"c{rng.integers(4)}"
+            want = await memory.match_fingerprints("t", client, batch, digests=digests, **args)
+            got = await shared.match_fingerprints("t", client, batch, digests=digests, **args)
+            assert got == want
+    finally:
+        await shared.close()
