@@ -101,6 +101,7 @@ class InProcessGuard:
         self.runner: Any = None
         self.port = 0
         self.audit_path: Path | None = None
+        self.app: Any = None
 
     def __enter__(self) -> InProcessGuard:
         os.environ.setdefault(BLACKLIGHT_KEY_ENV, "measurement-blacklight-key")
@@ -121,7 +122,7 @@ class InProcessGuard:
 
         policy = load_policy(self.policy_path)
         self.audit_path = Path(policy.audit_path) if policy.audit_path not in (None, "-") else None
-        app = create_app(policy, registry=self.registry)
+        app = self.app = create_app(policy, registry=self.registry)
         self.runner = make_runner(app)
         await self.runner.setup()
         await web.TCPSite(self.runner, "127.0.0.1", 0).start()
@@ -144,6 +145,10 @@ class InProcessGuard:
 
     def audit(self) -> AuditTrail:
         """The findings recorded so far (none when the policy has no audit file)."""
+        if self.app is not None:  # a thread writes the log: wait for what it was given
+            from guard.appkeys import LIVE
+
+            self.app[LIVE].current().audit.flush()
         if self.audit_path is None or not self.audit_path.exists():
             return AuditTrail([])
         return AuditTrail.read(self.audit_path)

@@ -200,8 +200,9 @@ def hit(records: list[dict[str, Any]], names: list[str]) -> tuple[int, int, int,
 
 
 def attack_runs(
-    url: str, name: str, mode: str, samples: int, seed: int, bare: OnnxTarget, audit: Path
+    guard: Guard, name: str, mode: str, samples: int, seed: int, bare: OnnxTarget, audit: Path
 ) -> dict[str, Any]:
+    url = guard.url
     x, y = load_samples("digits")
     rows = np.random.default_rng([seed, 100]).choice(len(x), samples, replace=False)
     rng = np.random.default_rng([seed, list(ATTACKS).index(name)])
@@ -223,6 +224,7 @@ def attack_runs(
             continue
         attacked += 1
         queries.append(sent)
+        guard.flush_audit()
         caught = [
             int(r["request_id"][1:])
             for r in audited(audit)
@@ -307,7 +309,7 @@ def main(argv: list[str] | None = None) -> None:
                     path = write_policy(Path(tmp), copy.deepcopy(stages), names)
                     with Guard(path) as guard:
                         result = attack_runs(
-                            guard.url, name, mode, args.samples, args.seed, bare, Path(tmp)
+                            guard, name, mode, args.samples, args.seed, bare, Path(tmp)
                         )
                 success = "-" if result["success"] is None else f"{result['success']:.2f}"
                 print(

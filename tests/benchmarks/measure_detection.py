@@ -88,6 +88,13 @@ class Guard:
         await web.TCPSite(self.runner, "127.0.0.1", 0).start()
         self.port = self.runner.addresses[0][1]
 
+    def flush_audit(self) -> None:
+        """Wait until the audit log's writer thread has written every finding so far."""
+        from guard.appkeys import LIVE
+
+        if self.runner is not None:
+            self.runner.app[LIVE].current().audit.flush()
+
     def __exit__(self, *exc: object) -> None:
         if self.runner is not None:
             asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop).result(60)
