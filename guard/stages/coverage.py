@@ -36,10 +36,13 @@ YAML keys (all optional except that ``radius`` or ``reference`` is required):
 ``classes``       the number of classes C; default: the width of the score output
 ``input``, ``output``  as in ``prada``
 ``ttl``           a client's history expires this long after its last query; default ``1d``
-``action``        default ``flag``; ``degrade_for``, ``on_error``: see :mod:`guard.stages.detector`.
+``action``        default ``flag``; ``misdirect`` (a finding marks the client; its later
+                  requests are answered from their anchors, silently), ``degrade_for``,
+                  ``on_error``: see :mod:`guard.stages.detector`.
                   A detected extractor should not learn it was seen (it would slow down
                   or spread over more accounts): prefer an action it cannot see. ``degrade``
-                  carries no verdict, but scores turning one-hot are a sign of their own
+                  carries no verdict, but scores turning one-hot are a sign of their own;
+                  ``misdirect`` shows none
 
 Finding: ``score`` the novel queries in the window (pooled ones for a split
 extraction), ``threshold`` ``min_novel`` or ``max_novel``; technique AML.T0024.002.
@@ -160,7 +163,12 @@ class Coverage(BaseStage):
             classes=section.int("classes", None, min=2) or _metadata_classes(env),
             ttl=read_duration(section, "ttl", 86400.0),
             enforcement=Enforcement.read(
-                section, env, stage=cls.name, technique=TECHNIQUE, default=Action.FLAG
+                section,
+                env,
+                stage=cls.name,
+                technique=TECHNIQUE,
+                default=Action.FLAG,
+                misdirect=True,
             ),
             fail_open=read_fail_open(section),
         )
@@ -189,7 +197,8 @@ class Coverage(BaseStage):
         }
 
     async def on_request(self, ctx: RequestContext) -> Verdict:
-        await self.enforcement.honour_marks(ctx)
+        rows = input_rows(ctx, self.input_name) if self.enforcement.misdirects else None
+        await self.enforcement.honour_marks(ctx, rows, self.input_name)
         return Verdict.CONTINUE
 
     async def on_response(self, ctx: RequestContext) -> Verdict:

@@ -9,9 +9,9 @@ Every detector (``blacklight``, ``prada``, ``budget``) takes these YAML keys:
 ``on_error``     ``closed`` (default) refuses the request with 503 when the stage or
                  its state store fails; ``open`` serves it, flagged
 
-``misdirect`` (stages that support it: ``blacklight``, ``provenance``, ``prada``) marks the
-client too (``{client}:misdirect:<model>``, for ``degrade_for``), and from the
-finding on answers each of its query rows as if it were its *anchor*
+``misdirect`` (stages that support it: ``blacklight``, ``provenance``, ``prada``,
+``coverage``) marks the client too (``{client}:misdirect:<model>``, for
+``degrade_for``), and from the finding on answers each of its query rows as if it were its *anchor*
 (:mod:`guard.defenses.misdirect`): status 200, same headers, same stages and
 timing, only the backend sees other inputs. Keys of misdirecting detectors:
 
