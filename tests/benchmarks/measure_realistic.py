@@ -33,7 +33,7 @@ adaptive    OARS-style resampling (HopSkipJump, Square L-inf, SimBA: a wrapper
             10 keys, Sybil + OARS, history flushing by 10,000 junk rows from
             other keys every 200 [400] attack queries, and HopSkipJump
             resampling only on refusals (keeps going when degraded to
-            label-only), 6 [4] samples, 600 [400] queries each (resends not
+            label-only), 12 [4] samples, 600 [400] queries each (resends not
             counted in that budget): end-to-end success (the
             final input judged on the bare ONNX model) through the guard against
             the same attack on the bare model, with the real query counts. A
@@ -117,7 +117,7 @@ FULL = Scale(
     queries=35,
     samples=10,
     budget=500,
-    adaptive_samples=6,
+    adaptive_samples=12,
     adaptive_budget=600,
     extraction_runs=10,
     flush_every=200,
