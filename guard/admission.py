@@ -54,9 +54,6 @@ class ClientSlots:
             else:
                 del self._held[client]
 
-    def held(self, client: str) -> int:
-        return self._held.get(client, 0)
-
 
 class DecodeMeter:
     """A token bucket of body bytes per client: ``rate`` a second, holding ``burst``."""

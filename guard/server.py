@@ -333,12 +333,7 @@ async def _serve(
         model = runtime.model(model_name)
         await model.require_version(version)
         with live.slots.hold(client.name, limits.max_in_flight_per_client):
-            rate = limits.parse_bytes_per_second
-            burst = max(rate, limits.max_body_bytes)
-            declared = min(http.content_length or 0, limits.max_body_bytes)  # 413 past it
-            live.meter.spend(client.name, declared, rate=rate, burst=burst)
-            body = await read_body(http, limits)
-            live.meter.debit(client.name, len(body) - declared)
+            body = await _receive(http, live, client.name, limits)
             infer_request, encode = await decode(runtime, body)
             if live.in_flight >= limits.max_in_flight:
                 raise Overloaded(
@@ -412,6 +407,17 @@ def _finish(
 ) -> None:
     app[METRICS].observe(ctx, protocol=protocol, code=code, seconds=time.perf_counter() - started)
     runtime.audit.record(ctx)
+
+
+async def _receive(http: web.Request, live: Live, client: str, limits: Limits) -> bytes:
+    """The body, paid for from the client's decode bucket (:mod:`guard.admission`): the
+    declared length before reading (at most the body limit: 413 past it), the rest after."""
+    rate = limits.parse_bytes_per_second
+    declared = min(http.content_length or 0, limits.max_body_bytes)
+    live.meter.spend(client, declared, rate=rate, burst=max(rate, limits.max_body_bytes))
+    body = await read_body(http, limits)
+    live.meter.debit(client, len(body) - declared)
+    return body
 
 
 class ClientGone(Exception):
