@@ -108,6 +108,12 @@ class Blacklight(BaseStage):
 
     @classmethod
     def from_config(cls, section: Section, env: StageEnv) -> Blacklight:
+        if section.has("global_matches"):
+            raise section.error(
+                "global_matches",
+                "was removed: other clients' queries are no longer evidence (popular inputs "
+                "and priming made honest clients refused); delete it, docs/detection.md",
+            )
         enforcement = Enforcement.read(
             section, env, stage=cls.name, technique=TECHNIQUE, default=Action.DENY, misdirect=True
         )

@@ -511,3 +511,10 @@ def test_a_shared_store_with_a_key_builds(monkeypatch: pytest.MonkeyPatch) -> No
     c, d = build(key_env=None), build(key_env=None)
     assert c.fingerprinter(x[:2]) == d.fingerprinter(x[:2])  # one process: one key, across reloads
     assert c.describe()["key"] == "random per process"
+
+
+def test_the_removed_global_matches_key_is_refused_with_its_reason() -> None:
+    from guard.errors import PolicyError
+
+    with pytest.raises(PolicyError, match="global_matches was removed: other clients"):
+        build(global_matches=5)
