@@ -6,10 +6,8 @@ it, each as its own API key, benign clients (false positives, accuracy, time
 spent in the stages, after a few untimed warm-up requests so that no candidate
 pays for the process's first calls), then certification requests when the policy has a
 ``certify`` stage. Each attack then runs against a fresh guard of its own (what
-it got, when it was caught): an attacker is measured as if it were the first,
-never caught because an earlier attacker sent similar inputs (which a guard's
-``global_matches`` would hold against it). No state carries over between
-candidates either.
+it got, when it was caught): an attacker is measured as if it were the first.
+No state carries over between candidates either.
 
 To measure the policy and nothing else, the candidate is served as a copy that
 differs from what ``guard tune`` writes only where measuring needs it: only
