@@ -246,30 +246,18 @@ async def _hostile(http: aiohttp.ClientSession) -> None:
 @dataclass(frozen=True, slots=True)
 class Attacker:
     client: str
+    attack: str  # its name in guard.attacks.registry, run by guard.tuning.attackers.run_attack
     role: str
     plan: str  # what it does, for the opening line
     batch: int  # rows per request
-    run: Callable[[Any, Any, Any, np.random.Generator], Any]  # (target, data, workload, rng)
     result: Callable[[Any], str]  # its outcome in words
 
+    def run(self, target: Any, data: Any, workload: Any, rng: np.random.Generator) -> Any:
+        from guard.attacks.targets import OnnxTarget
+        from guard.tuning.attackers import run_attack
 
-def _evasion(target: Any, data: Any, workload: Any, rng: np.random.Generator) -> Any:
-    from guard.tuning.attackers import run_evasion
-
-    return run_evasion("square-linf", target, data, workload, rng)
-
-
-def _extraction(target: Any, data: Any, workload: Any, rng: np.random.Generator) -> Any:
-    from guard.attacks.targets import OnnxTarget
-    from guard.tuning.attackers import run_extraction
-
-    return run_extraction("knockoff", target, OnnxTarget.builtin("digits"), data, workload, rng)
-
-
-def _membership(target: Any, data: Any, workload: Any, rng: np.random.Generator) -> Any:
-    from guard.tuning.attackers import run_membership
-
-    return run_membership(target, data, workload, rng)
+        reference = OnnxTarget.builtin("digits")  # judges extraction, uncounted
+        return run_attack(self.attack, target, reference, data, workload, rng)
 
 
 ATTACKERS = {
@@ -277,26 +265,26 @@ ATTACKERS = {
     for a in (
         Attacker(
             "mallory-evasion",
+            "square-linf",
             "evasion, Square L∞",
             "Square L∞ (ε 2 of 16) on 10 digits, up to 1000 queries each",
             1,
-            _evasion,
             lambda o: f"fooled the model on {round(o.success * o.units)}/{o.units} digits",
         ),
         Attacker(
             "mallory-extraction",
+            "knockoff",
             "extraction, Knockoff",
             "Knockoff: 2000 queries from its own digits, batches of 20, then trains a copy",
             20,
-            _extraction,
             lambda o: f"a copy agreeing {o.success:.0%} with the model",
         ),
         Attacker(
             "mallory-membership",
+            "membership",
             "membership inference",
             "loss and confidence thresholds on 898 records, label-only on 100 (51 queries each)",
             51,
-            _membership,
             lambda o: f"advantage {o.success:.3f} (0: a coin flip)",
         ),
     )

@@ -32,40 +32,11 @@ from typing import Any
 
 import numpy as np
 
+from guard.attacks.registry import ALIASES, ATTACK, ATTACKS
 from guard.attacks.report import Report
 from guard.attacks.targets import OnnxTarget, Target, TargetSpec
 from guard.extras import hint, installed
 
-EVASION = ("hopskipjump", "square-linf", "square-l2", "simba")
-# Adaptive attackers (guard.attacks.adaptive): "<kind>-<evasion attack>".
-ADAPTIVE = (
-    "oars-hopskipjump",
-    "oars-square-linf",
-    "oars-simba",
-    "resampling-square-linf",
-    "sybil-hopskipjump",
-    "sybil-square-linf",
-    "flushing-square-linf",
-    "labelonly-hopskipjump",
-)
-ATTACKS = (*EVASION, "knockoff", "jbda", "membership", "inversion", "benign", *ADAPTIVE)
-ALIASES = {
-    "square": ("square-linf", "square-l2"),
-    "evasion": EVASION,
-    "adaptive": ADAPTIVE,
-    "all": ATTACKS,
-}
-BUDGETS = {
-    "hopskipjump": 2000,
-    "square-linf": 1000,
-    "square-l2": 1000,
-    "simba": 1000,
-    "knockoff": 2000,
-    "jbda": 2000,
-    "inversion": 2000,
-    "benign": 200,
-    **dict.fromkeys(ADAPTIVE, 1000),
-}
 _SAMPLES_STREAM = 100
 
 TargetFactory = Callable[[int | None], Target]  # None: the attacker; i: benign client i
@@ -84,7 +55,7 @@ def resolve(names: Sequence[str], spec: TargetSpec) -> list[str]:
                     f"unknown attack {attack!r}; expected one of {', '.join(ATTACKS)}, "
                     f"or {', '.join(ALIASES)}"
                 )
-            if (attack in EVASION or attack in ADAPTIVE) and not spec.scalar_range:
+            if ATTACK[attack].evasion and not spec.scalar_range:
                 if name == "all":
                     continue
                 raise ValueError(
@@ -100,7 +71,7 @@ def resolve(names: Sequence[str], spec: TargetSpec) -> list[str]:
 class SuiteConfig:
     model: str
     samples: int = 10  # evasion samples
-    budget: int | None = None  # per unit; None: BUDGETS
+    budget: int | None = None  # per unit; None: the attack's (guard.attacks.registry)
     seed: int = 0
     epsilon_l2: float | None = None  # input units; default 0.625 x the input range
     epsilon_linf: float | None = None  # input units; default 0.125 x the input range
@@ -130,32 +101,15 @@ def run_suite(
         if progress:
             progress(name)
         rng = np.random.default_rng([config.seed, ATTACKS.index(name)])
-        budget = config.budget or BUDGETS.get(name, 0)
-        for entry in _RUNNERS[name](name, config, make_target, budget, rng):
+        budget = config.budget or ATTACK[name].budget
+        for entry in _RUNNERS[ATTACK[name].family](name, config, make_target, budget, rng):
             report.add(entry)
     return report
 
 
-def _evasion_attack(name: str, config: SuiteConfig) -> Any:
-    from guard.attacks import evasion
-
+def _range(config: SuiteConfig) -> tuple[float, float | None, float | None]:
     spec = TargetSpec.builtin(config.model)
-    span = float(spec.hi - spec.lo)
-    l2 = config.epsilon_l2 or 0.625 * span
-    linf = config.epsilon_linf or 0.125 * span
-    attacks: dict[str, Callable[[], evasion.EvasionAttack]] = {
-        "hopskipjump": lambda: evasion.HopSkipJump(epsilon=l2),
-        "square-linf": lambda: evasion.SquareLinf(epsilon=linf),
-        "square-l2": lambda: evasion.SquareL2(epsilon=l2),
-        "simba": lambda: evasion.SimBA(epsilon=linf),
-    }
-    radii = {
-        "hopskipjump": (l2, None),
-        "square-linf": (None, linf),
-        "square-l2": (l2, None),
-        "simba": (None, None),
-    }
-    return attacks[name](), radii[name]
+    return float(spec.hi - spec.lo), config.epsilon_l2, config.epsilon_linf
 
 
 def _adaptive(
@@ -168,8 +122,8 @@ def _adaptive(
     from guard.attacks import adaptive, evasion
     from guard.models import load_samples
 
-    kind, attack_name = name.split("-", 1)
-    attack, (l2, linf) = _evasion_attack(attack_name, config)
+    kind = name.split("-", 1)[0]
+    attack, (l2, linf) = ATTACK[name].evasion_attack(*_range(config))
     if kind == "resampling":  # OARS proper: the attack resamples its own proposals
         attack = adaptive.ResamplingSquareLinf(epsilon=attack.epsilon)
     x, y = load_samples(config.model)
@@ -227,7 +181,7 @@ def _evasion(
     from guard.attacks import evasion
     from guard.models import load_samples
 
-    attack, _ = _evasion_attack(name, config)
+    attack, _ = ATTACK[name].evasion_attack(*_range(config))
     x, y = load_samples(config.model)
     rows = np.random.default_rng([config.seed, _SAMPLES_STREAM]).choice(
         len(x), min(config.samples, len(x)), replace=False
@@ -342,12 +296,11 @@ def _benign(
             target.close()
 
 
-_RUNNERS: dict[str, Callable[..., list[Entry]]] = {
-    **dict.fromkeys(EVASION, _evasion),
-    "knockoff": _extraction,
-    "jbda": _extraction,
+_RUNNERS: dict[str, Callable[..., list[Entry]]] = {  # by family
+    "evasion": _evasion,
+    "extraction": _extraction,
     "membership": _membership,
     "inversion": _inversion,
     "benign": _benign,
-    **dict.fromkeys(ADAPTIVE, _adaptive),
+    "adaptive": _adaptive,
 }

@@ -13,6 +13,8 @@ from pathlib import Path
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
+    from guard.attacks.registry import help_text  # pure data: no numpy, no models
+
     parser = commands.add_parser(
         "attack",
         help="attack a model or a guard with the offline attack suite",
@@ -21,14 +23,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--model", required=True, choices=["digits", "breast_cancer"])
     parser.add_argument("--target", default="local", help="'local' or the URL of a V2 server/guard")
-    parser.add_argument(
-        "--attack",
-        default="all",
-        help="comma-separated: hopskipjump, square (square-linf, square-l2), simba, knockoff, "
-        "jbda, membership, inversion, benign, evasion, adaptive (oars-hopskipjump, "
-        "oars-square-linf, oars-simba, sybil-hopskipjump, sybil-square-linf, "
-        "flushing-square-linf, labelonly-hopskipjump), all (default: all)",
-    )
+    parser.add_argument("--attack", default="all", help=help_text())
     parser.add_argument("--samples", type=int, default=10, help="evasion samples (default 10)")
     parser.add_argument("--budget", type=int, help="queries per unit (default: per attack)")
     parser.add_argument("--seed", type=int, default=0)

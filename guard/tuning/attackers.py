@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from guard.attacks.detection import detection
+from guard.attacks.registry import ATTACK
 from guard.attacks.targets import (
     DETECTED_STATUS,
     DETECTED_VERDICTS,
@@ -39,13 +40,6 @@ from guard.attacks.targets import (
     Target,
 )
 from guard.tuning.workload import TuneData, Workload
-
-EVASION_NAMES = {
-    "hopskipjump": "HopSkipJump",
-    "square-linf": "Square L∞",
-    "square-l2": "Square L2",
-    "simba": "SimBA",
-}
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,20 +97,6 @@ def first_caught(log: QueryLog) -> int | None:
     return int(np.argmax(hits)) + 1 if hits.any() else None
 
 
-def evasion_attack(name: str, data: TuneData) -> Any:
-    """The suite's evasion attack ``name`` with its default radius for ``data``'s range."""
-    from guard.attacks import evasion
-
-    span = float(data.spec.hi - data.spec.lo)
-    l2, linf = 0.625 * span, 0.125 * span
-    return {
-        "hopskipjump": lambda: evasion.HopSkipJump(epsilon=l2),
-        "square-linf": lambda: evasion.SquareLinf(epsilon=linf),
-        "square-l2": lambda: evasion.SquareL2(epsilon=l2),
-        "simba": lambda: evasion.SimBA(epsilon=linf),
-    }[name]()
-
-
 def run_evasion(
     name: str, target: Target, data: TuneData, workload: Workload, rng: np.random.Generator
 ) -> AttackOutcome:
@@ -127,7 +107,7 @@ def run_evasion(
     started = time.perf_counter()
     rows = rng.choice(len(data.attacker_x), workload.evasion_samples, replace=False)
     run = attack_samples(
-        evasion_attack(name, data),
+        ATTACK[name].evasion_attack(float(data.spec.hi - data.spec.lo))[0],
         target,
         data.attacker_x[rows],
         data.attacker_y[rows],
@@ -274,11 +254,12 @@ def run_attack(
     workload: Workload,
     rng: np.random.Generator,
 ) -> AttackOutcome:
-    """Any attack a measurement runs, by name."""
-    if name in EVASION_NAMES:
+    """Any attack a measurement runs, by name (one of :data:`~guard.attacks.registry.TUNABLE`)."""
+    family = ATTACK[name].family if name in ATTACK else None
+    if family == "evasion":
         return run_evasion(name, target, data, workload, rng)
-    if name in ("knockoff", "jbda"):
+    if family == "extraction":
         return run_extraction(name, target, reference, data, workload, rng)
-    if name == "membership":
+    if family == "membership":
         return run_membership(target, data, workload, rng)
     raise ValueError(f"unknown attack {name!r}")

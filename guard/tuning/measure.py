@@ -39,24 +39,14 @@ import numpy as np
 import orjson
 import yaml
 
+from guard.attacks.registry import ATTACK, TUNABLE
 from guard.attacks.targets import OnnxTarget, Target
 from guard.tuning.attackers import AttackOutcome, ObservedTarget, run_attack
 from guard.tuning.workload import Interface, TuneData, Workload
 
-STREAMS = (
-    "benign",
-    "hopskipjump",
-    "square-linf",
-    "square-l2",
-    "simba",
-    "knockoff",
-    "jbda",
-    "membership",
-    "certify",
-)
+STREAMS = ("benign", *TUNABLE, "certify")  # stream k: default_rng([seed, k])
 BLACKLIGHT_ENV = "GUARD_TUNE_BLACKLIGHT_KEY"
 PRIVACY_ENV = "GUARD_TUNE_PRIVACY_KEY"
-ATTACK_BATCH = {"knockoff": 10, "jbda": 10, "membership": 51}
 CERTIFY_BATCH = 10
 WARMUP_CLIENT = "warmup"
 WARMUP_QUERIES = 20  # calibration rows sent before the benign clients, and not timed
@@ -298,7 +288,7 @@ def measure_policy(
             for name in attacks:  # each against a fresh guard: no attacker inherits another's
                 with (
                     LocalGuard(policy) as guard,
-                    target(guard, f"attacker-{name}", ATTACK_BATCH.get(name, 1)) as attacker,
+                    target(guard, f"attacker-{name}", ATTACK[name].tune_batch) as attacker,
                 ):
                     rng = stream(seed, name)
                     outcomes.append(run_attack(name, attacker, reference, data, workload, rng))

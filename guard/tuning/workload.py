@@ -82,7 +82,7 @@ class Workload:
     name: str
     benign_clients: int  # each its own API key and its own share of the benign rows
     benign_queries: int  # per client, one row per request; past its share, rows repeat
-    evasion: tuple[str, ...]  # attack names of guard.attacks.suite
+    evasion: tuple[str, ...]  # evasion attack names of guard.attacks.registry
     evasion_samples: int
     evasion_budget: int  # queries per sample
     knockoff_budgets: tuple[int, ...]  # curve points; the last is the total
@@ -130,22 +130,16 @@ WORKLOADS = {
     ),
 }
 
-# Which attacks say something about which stage (the rest of the policy is
-# measured as it is, but its own knobs are not searched).
-ATTACKS_FOR_STAGE: dict[str, tuple[str, ...]] = {
-    "blacklight": ("evasion", "knockoff"),
-    "squeeze_detect": ("evasion",),
-    "prada": ("evasion", "knockoff", "jbda"),
-    "privacy": ("knockoff", "membership"),
-}
-
 
 def attacks_for(stages: set[str], workload: Workload, data: TuneData) -> tuple[str, ...]:
-    """The attack names a measurement runs for a policy with these tuned stages, in
-    order: evasion (image data only), then extraction, then membership."""
-    families = {family for stage in stages for family in ATTACKS_FOR_STAGE.get(stage, ())}
-    names: list[str] = []
-    if "evasion" in families and data.image:
-        names += workload.evasion
-    names += [f for f in ("knockoff", "jbda", "membership") if f in families]
-    return tuple(names)
+    """The attack names a measurement runs for a policy with these tuned stages (an
+    attack's ``tunes`` in :mod:`guard.attacks.registry`), in order: the workload's evasion
+    attacks (image data only), then the others in the registry's order."""
+    from guard.attacks.registry import ATTACK, TUNABLE
+
+    def measures(name: str) -> bool:
+        return bool(stages & set(ATTACK[name].tunes))
+
+    evasion = [n for n in workload.evasion if data.image and measures(n)]
+    others = [n for n in TUNABLE if ATTACK[n].family != "evasion" and measures(n)]
+    return (*evasion, *others)
