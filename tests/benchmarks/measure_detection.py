@@ -38,7 +38,7 @@ import yaml
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from guard.attacks import suite
+from guard.attacks import registry, suite
 from guard.attacks.targets import HttpTarget, TargetSpec
 from guard.clients import key_digest
 from guard.config import load_policy
@@ -144,17 +144,11 @@ def evasion_runs(
     from guard.models import load_samples
 
     spec = TargetSpec.builtin("digits")
-    span = float(spec.hi - spec.lo)
-    attack = {
-        "hopskipjump": lambda: evasion.HopSkipJump(epsilon=0.625 * span),
-        "square-linf": lambda: evasion.SquareLinf(epsilon=0.125 * span),
-        "square-l2": lambda: evasion.SquareL2(epsilon=0.625 * span),
-        "simba": lambda: evasion.SimBA(epsilon=0.125 * span),
-    }[name]()
+    attack, _ = registry.ATTACK[name].evasion_attack(float(spec.hi - spec.lo))
     x, y = load_samples("digits")
     rows = np.random.default_rng([config.seed, 100]).choice(len(x), config.samples, replace=False)
-    rng = np.random.default_rng([config.seed, suite.ATTACKS.index(name)])
-    budget = suite.BUDGETS[name]
+    rng = np.random.default_rng([config.seed, registry.ATTACKS.index(name)])
+    budget = registry.ATTACK[name].budget
     with (
         Guard(policy_path) as guard,
         Attacker(guard.url, accounts) as target,
@@ -256,7 +250,9 @@ def main(argv: list[str] | None = None) -> None:
             )
             print("|---|---:|---:|---:|---:|---:|---:|---:|")
             for name in attacks:
-                measure = evasion_runs if name in suite.EVASION else extraction_run
+                measure = (
+                    evasion_runs if registry.ATTACK[name].family == "evasion" else extraction_run
+                )
                 print(row(name, measure(name, path, config, args.accounts)), flush=True)
             benign = benign_run(path, args.benign_clients, args.benign_queries, args.seed)
             print(
