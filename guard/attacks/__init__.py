@@ -11,6 +11,7 @@ Never imported by the serving path. Families, one module each:
 * :mod:`~guard.attacks.inversion`: black-box model inversion by NES;
 * :mod:`~guard.attacks.benign`: ordinary clients, to measure false positives;
 * :mod:`~guard.attacks.report`: JSON reports, a terminal table, optional plots;
+* :mod:`~guard.attacks.registry`: every named attack, read by attack, tune and demo;
 * :mod:`~guard.attacks.suite`: the named attacks behind ``guard attack``.
 
 Randomness comes only from the ``numpy.random.Generator`` each attack is given.
