@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from guard.attacks.registry import ATTACK, TUNABLE
 from guard.attacks.targets import TargetSpec
 
 SPLIT_STREAM = 7_000  # the fixed permutation's seed
@@ -135,7 +136,6 @@ def attacks_for(stages: set[str], workload: Workload, data: TuneData) -> tuple[s
     """The attack names a measurement runs for a policy with these tuned stages (an
     attack's ``tunes`` in :mod:`guard.attacks.registry`), in order: the workload's evasion
     attacks (image data only), then the others in the registry's order."""
-    from guard.attacks.registry import ATTACK, TUNABLE
 
     def measures(name: str) -> bool:
         return bool(stages & set(ATTACK[name].tunes))
