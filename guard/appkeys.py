@@ -9,8 +9,8 @@ import aiohttp
 from aiohttp import web
 
 if TYPE_CHECKING:
+    from guard.live import Live
     from guard.metrics import GuardMetrics
-    from guard.server import Live
 
 LIVE: web.AppKey[Live] = web.AppKey("live")
 METRICS: web.AppKey[GuardMetrics] = web.AppKey("metrics")

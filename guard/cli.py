@@ -10,15 +10,16 @@ import logging
 import signal
 import ssl
 import sys
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from guard.errors import PolicyError
 from guard.logs import FORMATS, setup_logging
 
 if TYPE_CHECKING:
     from guard.config import Policy
+    from guard.runtime import Runtime
 
 DEFAULT_POLICY = Path(__file__).parent / "policies" / "default.yaml"
 # Offline subcommands: modules under guard/commands/ with an ``add_parser(commands)``.
@@ -234,7 +235,7 @@ async def serve_forever(
             await each.cleanup()
 
 
-def _run(coro, loop: str) -> None:  # type: ignore[no-untyped-def]
+def _run(coro: Coroutine[Any, Any, None], loop: str) -> None:
     if loop in ("auto", "uvloop"):
         try:
             import uvloop
@@ -264,7 +265,7 @@ def _check(args: argparse.Namespace) -> int:
     return 0
 
 
-def check_warnings(runtime) -> list[str]:  # type: ignore[no-untyped-def]
+def check_warnings(runtime: Runtime) -> list[str]:
     """Policy shapes that load but are probably not what the operator meant."""
     from guard.defenses.squeeze import squeeze_warnings
 

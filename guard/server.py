@@ -25,10 +25,9 @@ from aiohttp.web_protocol import RequestPayloadError
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from guard import __version__
-from guard.admission import ClientSlots, DecodeMeter
 from guard.appkeys import LIVE, METRICS, POLICY_PATH, PUBLIC, SESSION
 from guard.clients import token_matches
-from guard.config import IDLE_TIMEOUT, OFFLOAD_DECODE_BYTES, Limits, Policy, load_policy
+from guard.config import IDLE_TIMEOUT, Limits, Policy, load_policy
 from guard.errors import (
     GuardError,
     NotFound,
@@ -41,9 +40,9 @@ from guard.errors import (
     withheld,
 )
 from guard.inference import InferRequest, InferResponse
+from guard.live import Live
 from guard.logs import quote
 from guard.metrics import GuardMetrics
-from guard.offload import Decoder
 from guard.pipeline import RequestContext
 from guard.protocols import tfserving, v2
 from guard.runtime import Runtime, build_runtime
@@ -59,29 +58,6 @@ log = logging.getLogger(__name__)
 JSON = "application/json"
 MAX_REQUEST_ID = 128
 SERVER_NAME = "inference-guard"
-
-
-class Live:
-    """The runtime being served, swapped whole on reload."""
-
-    def __init__(self, runtime: Runtime | None = None) -> None:
-        self.runtime = runtime
-        self.reload_lock = asyncio.Lock()
-        self.in_flight = 0
-        self.retiring: set[asyncio.Task[None]] = set()
-        # The state store stages use: one per app, kept across reloads while the policy's
-        # state section is unchanged. ``stores`` holds it and any a retiring runtime still uses.
-        self.state: StateStore | None = None
-        self.stores: set[StateStore] = set()
-        # Per process, whatever the state store: what one client may take of this process.
-        self.slots = ClientSlots()
-        self.meter = DecodeMeter()
-        self.decoder = Decoder(OFFLOAD_DECODE_BYTES)
-
-    def current(self) -> Runtime:
-        if self.runtime is None:
-            raise Overloaded("the guard is starting; no policy is loaded yet")
-        return self.runtime
 
 
 def create_app(

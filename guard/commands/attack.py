@@ -9,7 +9,13 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from guard.attacks.targets import Target
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
@@ -137,9 +143,9 @@ def _split(value: str | None) -> list[str]:
     return [v.strip() for v in value.split(",") if v.strip()] if value else []
 
 
-def _factory(  # type: ignore[no-untyped-def]
+def _factory(
     args: argparse.Namespace, benign_keys: list[str], attacker_keys: list[str]
-):
+) -> Callable[[int | None], Target]:
     """A fresh target per call: ``None`` for the attacker (``--api-key``), ``i >= 0``
     for benign client ``i`` (``--benign-keys``' i-th key, else ``--api-key``), ``-1 - j``
     for the attacker's extra account ``j`` (``--attacker-keys``' j-th, else ``--api-key``)."""
@@ -167,7 +173,7 @@ def _factory(  # type: ignore[no-untyped-def]
     return make
 
 
-def _single_blas_thread():  # type: ignore[no-untyped-def]
+def _single_blas_thread() -> AbstractContextManager[Any]:
     """One BLAS thread: the attacks' small matrix products run faster so on a busy machine."""
     try:
         from threadpoolctl import threadpool_limits  # type: ignore[import-untyped]

@@ -142,7 +142,8 @@ def test_serving_path_imports_no_offline_code() -> None:
     code = (
         "import sys, guard.server, guard.cli, guard.runtime\n"
         "heavy = [m for m in sys.modules if m.split('.')[0] in "
-        "('sklearn', 'skl2onnx', 'torch', 'tritonclient', 'matplotlib') or m.startswith('guard.attacks')]\n"
+        "('sklearn', 'skl2onnx', 'torch', 'tritonclient', 'matplotlib') "
+        "or m.startswith(('guard.attacks', 'guard.tuning', 'guard.demo', 'guard.models.train'))]\n"
         "print(heavy)"
     )
     result = subprocess.run(
