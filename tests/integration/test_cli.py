@@ -106,7 +106,18 @@ def test_serve_reloads_on_sighup_and_stops_on_sigterm(tmp_path: Path, loop: str)
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     process = subprocess.Popen(
-        [*GUARD, "serve", "--policy", str(path), "--port", str(port), "--loop", loop],
+        [
+            *GUARD,
+            "serve",
+            "--policy",
+            str(path),
+            "--port",
+            str(port),
+            "--metrics-port",
+            "0",
+            "--loop",
+            loop,
+        ],
         cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -179,7 +190,9 @@ def test_demo_serves_real_traffic_refuses_hostile_input_and_catches_attackers() 
     table = out[out.index("who was caught") :]
     users = next(line for line in table.splitlines() if line.strip().startswith("alice, bob"))
     assert float(users.split("accuracy")[1].split()[0]) > 0.9
-    evasion = next(line for line in table.splitlines() if line.strip().startswith("mallory-evasion"))
+    evasion = next(
+        line for line in table.splitlines() if line.strip().startswith("mallory-evasion")
+    )
     caught = re.search(r"query (\d+)\s+(\w+) \((\w+)\)", evasion)
     assert caught is not None, evasion  # Square's near-duplicate queries: blacklight
     # With the guard a misdirected attacker may skip digits (their clean answer already looked

@@ -47,10 +47,15 @@ def env_int(name: str, default: int) -> int:
     return int(value) if value.strip() else default
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        return int(sock.getsockname()[1])
+def free_port(*, besides: int | None = None) -> int:
+    """A port free now on 127.0.0.1 (and not ``besides``: two ports picked one after
+    the other may otherwise be the same, the first socket being closed already)."""
+    while True:
+        with socket.socket() as sock:
+            sock.bind((HOST, 0))
+            port = int(sock.getsockname()[1])
+        if port != besides:
+            return port
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,7 +202,7 @@ class GuardSpawner:
         policy_path.write_text(yaml.safe_dump(dict(policy)))
         port = port or free_port()
         if metrics_port == 0:
-            metrics_port = free_port()
+            metrics_port = free_port(besides=port)
         argv = [sys.executable, "-m", "guard.cli", "--log-level", log_level, "serve"]
         argv += ["--policy", str(policy_path), "--host", HOST, "--port", str(port)]
         if metrics_port is not None:
