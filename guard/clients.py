@@ -46,7 +46,7 @@ from typing import Any
 import yaml
 
 from guard import forwarded
-from guard.configreader import Section, _show
+from guard.configreader import Section, show
 from guard.errors import Forbidden, PolicyError, Unauthorized
 
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
@@ -141,7 +141,7 @@ def _trusted_proxies(section: Section) -> int | tuple[forwarded.IPNetwork, ...] 
         return int(section.int(key, min=1))
     if raw is not None and (not isinstance(raw, list) or not raw):
         raise section.error(
-            key, f"must be a hop count (an integer >= 1) or a list of CIDRs; got {_show(raw)}"
+            key, f"must be a hop count (an integer >= 1) or a list of CIDRs; got {show(raw)}"
         )
     values = section.str_list(key, None)  # marks the key read; a non-string entry fails here
     if values is None:
@@ -153,7 +153,7 @@ def _trusted_proxies(section: Section) -> int | tuple[forwarded.IPNetwork, ...] 
         except ValueError as exc:
             raise PolicyError(
                 f"{section.source}: {section.where(key)}[{i}] must be an IP network in CIDR "
-                f"notation (10.0.0.0/8, fd00::/8); got {_show(text)} ({exc})"
+                f"notation (10.0.0.0/8, fd00::/8); got {show(text)} ({exc})"
             ) from exc
     return tuple(networks)
 

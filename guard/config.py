@@ -130,6 +130,8 @@ class Policy:
     listen: Listen = field(default_factory=Listen)
     limits: Limits = field(default_factory=Limits)
     state: StateConfig = field(default_factory=StateConfig)
+    # Where stages look up their ``*_env`` secrets (never printed: repr=False).
+    environ: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def expose_headers(self) -> bool:
@@ -141,8 +143,13 @@ class Policy:
         return self.mode == "shadow"
 
 
-def load_policy(path: str | Path) -> Policy:
-    """Read and validate a policy file (stage options are checked at build time)."""
+def load_policy(path: str | Path, *, environ: Mapping[str, str] | None = None) -> Policy:
+    """Read and validate a policy file (stage options are checked at build time).
+
+    ``environ`` is where the policy's ``${VAR}`` and ``*_env`` keys are looked up
+    (default: a copy of this process's environment, taken now); the policy keeps it
+    for its stages, which read nothing from ``os.environ`` themselves.
+    """
     path = Path(path)
     source = str(path)
     try:
@@ -151,10 +158,13 @@ def load_policy(path: str | Path) -> Policy:
         raise PolicyError(f"{source}: cannot read policy: {exc.strerror}") from exc
     except yaml.YAMLError as exc:
         raise PolicyError(f"{source}: not valid YAML: {exc}") from exc
-    return parse_policy(data, source=source, base=path.parent)
+    return parse_policy(data, source=source, base=path.parent, environ=environ)
 
 
-def parse_policy(data: Any, *, source: str, base: Path) -> Policy:
+def parse_policy(
+    data: Any, *, source: str, base: Path, environ: Mapping[str, str] | None = None
+) -> Policy:
+    environ = dict(os.environ if environ is None else environ)
     root = Section(data, source=source)
     version = root.int("version")
     if version != VERSION:
@@ -164,11 +174,11 @@ def parse_policy(data: Any, *, source: str, base: Path) -> Policy:
     names = models_section.names()
     if not names:
         raise models_section.error(None, "must name at least one model")
-    models = {name: _model(models_section.child(name), name, base) for name in names}
+    models = {name: _model(models_section.child(name), name, base, environ) for name in names}
 
     clients = _clients(root.child("clients"), base)
     admin = root.child("admin")
-    admin_digest = _admin_token(admin)
+    admin_digest = _admin_token(admin, environ)
     admin.finish()
 
     audit = root.child("audit")
@@ -200,7 +210,7 @@ def parse_policy(data: Any, *, source: str, base: Path) -> Policy:
         idle_timeout=limits_section.float("idle_timeout", IDLE_TIMEOUT, gt=0, max=86400),
     )
     limits_section.finish()
-    state = read_state_config(root.child("state"))
+    state = read_state_config(root.child("state"), environ)
     root.finish()
     return Policy(
         source=source,
@@ -214,6 +224,7 @@ def parse_policy(data: Any, *, source: str, base: Path) -> Policy:
         listen=listen,
         limits=limits,
         state=state,
+        environ=environ,
     )
 
 
@@ -268,8 +279,8 @@ def parse_metrics_port(text: str) -> int | None:
     return port
 
 
-def _model(section: Section, name: str, base: Path) -> ModelConfig:
-    upstream = _upstream(section)
+def _model(section: Section, name: str, base: Path, environ: Mapping[str, str]) -> ModelConfig:
+    upstream = _upstream(section, environ)
     model_file = section.str("model", None)
     sha256 = section.str("sha256", None)
     if sha256 is not None and (len(sha256) != 64 or not _is_hex(sha256)):
@@ -302,7 +313,7 @@ def _model(section: Section, name: str, base: Path) -> ModelConfig:
     return config
 
 
-def _upstream(model: Section) -> UpstreamConfig | None:
+def _upstream(model: Section, environ: Mapping[str, str]) -> UpstreamConfig | None:
     raw = model.data.get("upstream")
     if raw is None:
         model.str("upstream", None)  # mark as read
@@ -320,7 +331,7 @@ def _upstream(model: Section) -> UpstreamConfig | None:
         connect_timeout=section.float("connect_timeout", 2.0, gt=0),
         binary=section.bool("binary", False),
         retries=section.int("retries", 1, min=0, max=5),
-        headers={k: _expand(headers, k) for k in headers.names()},
+        headers={k: _expand(headers, k, environ) for k in headers.names()},
     )
     section.finish()
     return config
@@ -336,14 +347,11 @@ def _url(section: Section, key: str, url: str) -> str:
     return url.rstrip("/")
 
 
-def _expand(section: Section, key: str) -> str:
+def _expand(section: Section, key: str, environ: Mapping[str, str]) -> str:
     """A header value, or the environment variable it names (``${UPSTREAM_TOKEN}``)."""
     value = section.str(key)
     if value.startswith("${") and value.endswith("}"):
-        var = value[2:-1]
-        if var not in os.environ:
-            raise section.error(key, f"names environment variable {var}, which is not set")
-        return os.environ[var]
+        return section.variable(key, value[2:-1], environ)
     return value
 
 
@@ -370,16 +378,13 @@ def _clients(section: Section, base: Path) -> ClientDirectory:
     return directory
 
 
-def _admin_token(section: Section) -> str | None:
+def _admin_token(section: Section, environ: Mapping[str, str]) -> str | None:
     digest = section.str("token_sha256", None)
     env = section.str("token_env", None)
     if digest and env:
         raise section.error(None, "takes token_sha256 or token_env, not both")
     if env:
-        token = os.environ.get(env)
-        if not token:
-            raise section.error("token_env", f"names environment variable {env}, which is not set")
-        return key_digest(token)
+        return key_digest(section.variable("token_env", env, environ))
     if digest is not None and (len(digest) != 64 or not _is_hex(digest)):
         raise section.error("token_sha256", "must be 64 hex digits (sha256 of the token)")
     return digest.lower() if digest else None

@@ -29,9 +29,7 @@ class Section:
         if data is None:
             data = {}
         if not isinstance(data, Mapping):
-            raise PolicyError(
-                f"{source}: {path or 'document'} must be a mapping; got {_show(data)}"
-            )
+            raise PolicyError(f"{source}: {path or 'document'} must be a mapping; got {show(data)}")
         self.data: Mapping[builtins.str, Any] = data
         self.source = source
         self.path = path
@@ -53,8 +51,22 @@ class Section:
     def section_list(self, key: builtins.str) -> Iterator[tuple[builtins.int, Any]]:
         items = self._get(key, [])
         if not isinstance(items, list):
-            raise self.error(key, f"must be a list; got {_show(items)}")
+            raise self.error(key, f"must be a list; got {show(items)}")
         yield from enumerate(items)
+
+    def raw(self, key: builtins.str) -> Any:
+        """The key's value as written (None when absent), counted as read."""
+        self._read.add(key)
+        return self.data.get(key)
+
+    def variable(
+        self, key: builtins.str, name: builtins.str, environ: Mapping[builtins.str, builtins.str]
+    ) -> builtins.str:
+        """The value of environment variable ``name``, which ``key`` names; an error if unset."""
+        value = environ.get(name)
+        if not value:
+            raise self.error(key, f"names environment variable {name}, which is not set")
+        return value
 
     def has(self, key: builtins.str) -> builtins.bool:
         return key in self.data
@@ -85,13 +97,13 @@ class Section:
     def str(self, key: builtins.str, default: Any = _MISSING) -> Any:
         value = self._get(key, default)
         if value is not default and not isinstance(value, str):
-            raise self.error(key, f"must be a string; got {_show(value)}")
+            raise self.error(key, f"must be a string; got {show(value)}")
         return value
 
     def bool(self, key: builtins.str, default: Any = _MISSING) -> Any:
         value = self._get(key, default)
         if value is not default and not isinstance(value, bool):
-            raise self.error(key, f"must be true or false; got {_show(value)}")
+            raise self.error(key, f"must be true or false; got {show(value)}")
         return value
 
     def int(
@@ -106,7 +118,7 @@ class Section:
         if value is default:
             return value
         if isinstance(value, bool) or not isinstance(value, int):
-            raise self.error(key, f"must be an integer; got {_show(value)}")
+            raise self.error(key, f"must be an integer; got {show(value)}")
         self._bounds(key, value, min, max, inclusive=True)
         return value
 
@@ -124,7 +136,7 @@ class Section:
         if value is default:
             return value
         if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
-            raise self.error(key, f"must be a number; got {_show(value)}")
+            raise self.error(key, f"must be a number; got {show(value)}")
         value = float(value)
         self._bounds(key, value, min, max, inclusive=True)
         self._bounds(key, value, gt, lt, inclusive=False)
@@ -135,7 +147,7 @@ class Section:
     ) -> Any:
         value = self._get(key, default)
         if value is not default and value not in options:
-            raise self.error(key, f"must be one of {', '.join(options)}; got {_show(value)}")
+            raise self.error(key, f"must be one of {', '.join(options)}; got {show(value)}")
         return value
 
     def str_list(self, key: builtins.str, default: Any = _MISSING) -> Any:
@@ -143,7 +155,7 @@ class Section:
         if value is default:
             return value
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise self.error(key, f"must be a list of strings; got {_show(value)}")
+            raise self.error(key, f"must be a list of strings; got {show(value)}")
         return tuple(value)
 
     def shape(self, key: builtins.str, default: Any = _MISSING) -> Any:
@@ -153,7 +165,7 @@ class Section:
         if not isinstance(value, list) or not all(
             isinstance(d, int) and not isinstance(d, bool) and d >= -1 for d in value
         ):
-            raise self.error(key, f"must be a list of sizes (-1 for any); got {_show(value)}")
+            raise self.error(key, f"must be a list of sizes (-1 for any); got {show(value)}")
         return tuple(value)
 
     def _bounds(
@@ -167,11 +179,11 @@ class Section:
     ) -> None:
         ge, le = (">=", "<=") if inclusive else (">", "<")
         if lo is not None and (value < lo if inclusive else value <= lo):
-            raise self.error(key, f"must be {ge} {lo}; got {_show(value)}")
+            raise self.error(key, f"must be {ge} {lo}; got {show(value)}")
         if hi is not None and (value > hi if inclusive else value >= hi):
-            raise self.error(key, f"must be {le} {hi}; got {_show(value)}")
+            raise self.error(key, f"must be {le} {hi}; got {show(value)}")
 
 
-def _show(value: Any) -> str:
+def show(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 80 else text[:77] + "..."

@@ -201,6 +201,7 @@ def _build_model(
         version=(config.upstream.version or "") if config.upstream else "",
         state=state,
         metrics=metrics,
+        environ=policy.environ,
     )
     stages = [
         _build_stage(entry.kind, entry.options, entry.path, policy.source, env)

@@ -36,6 +36,7 @@ from guard.protocols import v2
 log = logging.getLogger(__name__)
 LOG_EVERY_S = 10.0
 
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class UpstreamConfig:
     url: str

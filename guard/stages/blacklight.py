@@ -21,27 +21,7 @@ has the measurements behind them):
   (its own oldest go first); a full table evicts from the client holding the
   most. One client's junk cannot flush another client's history.
 
-YAML keys (all optional):
-
-``input``        the input to watch; default: the model's only input
-``quantize``     quantization step, in the input's units; about a fifth of the
-                 input range (the paper: 50 on 0-255). Default ``3.0``, for the
-                 digits demo's 0-16 pixels; use 0.2 for inputs in [0, 1]
-``window``       values per hashed window; default 20
-``stride``       step between windows; default 1
-``top``          hashes kept per fingerprint; default 50
-``threshold``    an earlier query *matches* when it shares more than this many
-                 hashes; default ``top // 2`` (25)
-``matches``      flag when at least this many earlier, non-identical queries *of
-                 the same client* match; default 3
-``max_queries``  queries remembered per model; default 10000
-``max_per_client``  queries remembered per client (its share); default 1000
-``ttl``          how long a query is remembered; default ``1h``
-``key_env``      environment variable holding the secret the hash key is derived
-                 from. Required with a shared (Redis) state, so every replica
-                 hashes alike; without it the key is random per process
-``action``       default ``deny``; ``misdirect``, ``degrade_for``, ``on_error``:
-                 see :mod:`guard.stages.detector`
+Keys: :class:`BlacklightOptions` (docs/stage-options.md).
 
 Finding: ``score`` the client's matching earlier queries, ``threshold``
 ``matches``; the message also gives the matches of all clients. Technique
@@ -53,19 +33,14 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
-from guard.configreader import Section
 from guard.defenses.blacklight import Fingerprinter, FingerprintKey
-from guard.pipeline import Action, BaseStage, RequestContext, Verdict
-from guard.stages.detector import (
-    Enforcement,
-    format_duration,
-    input_rows,
-    read_duration,
-    read_input,
-)
-from guard.stages.env import StageEnv, read_fail_open
+from guard.pipeline import RequestContext, Verdict
+from guard.stages.detector import Enforcement, MisdirectOptions, input_rows
+from guard.stages.env import StageEnv
+from guard.stages.options import Duration, OptionError, OptionsStage, option
 
 TECHNIQUE = "AML.T0043"  # Craft Adversarial Data (black-box evasion probes)
 MAX_PER_HASH = 256  # postings kept per hash: a hash common to many queries says little
@@ -77,119 +52,94 @@ def _process_secret() -> bytes:
     return os.urandom(32)
 
 
-class Blacklight(BaseStage):
+@dataclass(frozen=True, kw_only=True)
+class BlacklightOptions(MisdirectOptions):
+    quantize: float = option(
+        3.0,
+        gt=0,
+        doc="quantization step, in the input's units: about a fifth of the input range "
+        "(the paper: 50 on 0-255; 3.0 suits the digits demo's 0-16 pixels, 0.2 inputs in [0, 1])",
+    )
+    window: int = option(20, min=1, doc="values per hashed window")
+    stride: int = option(1, min=1, doc="step between windows")
+    top: int = option(50, min=1, max=4096, doc="hashes kept per fingerprint")
+    threshold: int = option(
+        min=0,
+        derive=lambda values, env: values["top"] // 2,
+        shown="`top // 2`",
+        doc="an earlier query *matches* when it shares more than this many hashes (< top)",
+    )
+    matches: int = option(
+        3,
+        min=1,
+        doc="flag when at least this many earlier, non-identical queries of the same client match",
+    )
+    max_queries: int = option(10_000, min=1, max=10_000_000, doc="queries remembered per model")
+    max_per_client: int = option(
+        1000, min=1, max=10_000_000, doc="queries remembered per client (its share)"
+    )
+    ttl: Duration = option(Duration(3600.0), doc="how long a query is remembered")
+    key_env: str | None = option(
+        None,
+        doc="environment variable holding the secret the hash key is derived from; required "
+        "with a shared (Redis) state, so every replica hashes alike. Without it the key is "
+        "random per process",
+    )
+
+    REMOVED: ClassVar[dict[str, str]] = {
+        "global_matches": "was removed: other clients' queries are no longer evidence (popular "
+        "inputs and priming made honest clients refused); delete it, docs/detection.md",
+    }
+
+    def __post_init__(self) -> None:
+        if self.threshold >= self.top:
+            raise OptionError("threshold", f"must be <= {self.top - 1}; got {self.threshold}")
+
+
+class Blacklight(OptionsStage[BlacklightOptions]):
     name = "blacklight"
+    Options = BlacklightOptions
 
-    def __init__(
-        self,
-        *,
-        input_name: str | None,
-        fingerprinter: Fingerprinter,
-        threshold: int,
-        matches: int,
-        max_queries: int,
-        max_per_client: int,
-        ttl: float,
-        keyed_by: str | None,
-        enforcement: Enforcement,
-        fail_open: bool,
-    ) -> None:
-        self.input_name = input_name
-        self.fingerprinter = fingerprinter
-        self.threshold = threshold
-        self.matches = matches
-        self.max_queries = max_queries
-        self.max_per_client = max_per_client
-        self.ttl = ttl
-        self.keyed_by = keyed_by
-        self.enforcement = enforcement
-        self.fail_open = fail_open
-        self.table = f"blacklight:{enforcement.model}"
-
-    @classmethod
-    def from_config(cls, section: Section, env: StageEnv) -> Blacklight:
-        if section.has("global_matches"):
-            raise section.error(
-                "global_matches",
-                "was removed: other clients' queries are no longer evidence (popular inputs "
-                "and priming made honest clients refused); delete it, docs/detection.md",
-            )
-        enforcement = Enforcement.read(
-            section, env, stage=cls.name, technique=TECHNIQUE, default=Action.DENY, misdirect=True
+    def __init__(self, options: BlacklightOptions, env: StageEnv) -> None:
+        super().__init__(options, env)
+        self.enforcement = Enforcement.of(options, env, stage=self.name, technique=TECHNIQUE)
+        self.fingerprinter = Fingerprinter(
+            key=FingerprintKey.derive(_secret(options, env, shared=self.enforcement.store.shared)),
+            step=options.quantize,
+            window=options.window,
+            stride=options.stride,
+            top=options.top,
         )
-        top = section.int("top", 50, min=1, max=4096)
-        key_env = section.str("key_env", None)
-        if key_env is not None:
-            secret = os.environ.get(key_env)
-            if not secret:
-                raise section.error(
-                    "key_env", f"names environment variable {key_env}, which is not set"
-                )
-            key = FingerprintKey.derive(secret.encode())
-        elif enforcement.store.shared:
-            raise section.error(
-                None,
-                "needs key_env with a shared state store: every replica must hash with one key",
-            )
-        else:
-            key = FingerprintKey.derive(_process_secret())
-        stage = cls(
-            input_name=read_input(section, env),
-            fingerprinter=Fingerprinter(
-                key=key,
-                step=section.float("quantize", 3.0, gt=0),
-                window=section.int("window", 20, min=1),
-                stride=section.int("stride", 1, min=1),
-                top=top,
-            ),
-            threshold=section.int("threshold", top // 2, min=0, max=top - 1),
-            matches=section.int("matches", 3, min=1),
-            max_queries=section.int("max_queries", 10_000, min=1, max=10_000_000),
-            max_per_client=section.int("max_per_client", 1000, min=1, max=10_000_000),
-            ttl=read_duration(section, "ttl", 3600.0),
-            keyed_by=key_env,
-            enforcement=enforcement,
-            fail_open=read_fail_open(section),
-        )
-        section.finish()
-        return stage
+        self.table = f"blacklight:{env.model}"
 
     def describe(self) -> dict[str, Any]:
-        f = self.fingerprinter
+        key_env = self.options.key_env
         return {
-            "input": self.input_name,
-            "quantize": f.step,
-            "window": f.window,
-            "stride": f.stride,
-            "top": f.top,
-            "threshold": self.threshold,
-            "matches": self.matches,
-            "max_queries": self.max_queries,
-            "max_per_client": self.max_per_client,
-            "ttl": format_duration(self.ttl),
-            "key": f"from ${self.keyed_by}" if self.keyed_by else "random per process",
-            **self.enforcement.describe(),
+            **super().describe(),
+            "key": f"from ${key_env}" if key_env else "random per process",
+            "technique": TECHNIQUE,
         }
 
     async def on_request(self, ctx: RequestContext) -> Verdict:
-        rows = input_rows(ctx, self.input_name)
-        await self.enforcement.honour_marks(ctx, rows, self.input_name)
+        o = self.options
+        rows = input_rows(ctx, o.input)
+        await self.enforcement.honour_marks(ctx, rows, o.input)
         results = await self.enforcement.store.match_fingerprints(
             self.table,
             ctx.client.name,
             self.fingerprinter(rows),
             digests=self.fingerprinter.digests(rows),
-            threshold=self.threshold,
-            max_queries=self.max_queries,
-            max_per_client=self.max_per_client,
-            ttl_s=self.ttl,
+            threshold=o.threshold,
+            max_queries=o.max_queries,
+            max_per_client=o.max_per_client,
+            ttl_s=o.ttl,
             max_per_hash=MAX_PER_HASH,
         )
         fresh = [r for r in results if not r.repeat]
         if not fresh:
             return Verdict.CONTINUE
         found = max(fresh, key=lambda r: (r.client_matches, r.matches))
-        if found.client_matches < self.matches:
+        if found.client_matches < o.matches:
             return Verdict.CONTINUE
         return await self.enforcement.report(
             ctx,
@@ -197,7 +147,23 @@ class Blacklight(BaseStage):
             f"{found.matches} of all clients (up to {found.best} of {self.fingerprinter.top} "
             "fingerprint hashes shared)",
             score=float(found.client_matches),
-            threshold=float(self.matches),
+            threshold=float(o.matches),
             rows=rows,
-            input_name=self.input_name,
+            input_name=o.input,
         )
+
+
+def _secret(options: BlacklightOptions, env: StageEnv, *, shared: bool) -> bytes:
+    """The hash key's secret: from ``key_env``, else one per process (never with shared state)."""
+    if options.key_env is not None:
+        secret = env.secret(options.key_env)
+        if secret is None:
+            raise OptionError(
+                "key_env", f"names environment variable {options.key_env}, which is not set"
+            )
+        return secret.encode()
+    if shared:
+        raise OptionError(
+            None, "needs key_env with a shared state store: every replica must hash with one key"
+        )
+    return _process_secret()

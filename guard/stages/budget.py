@@ -30,8 +30,14 @@ from typing import Any
 from guard.configreader import Section
 from guard.errors import RateLimited
 from guard.pipeline import Action, BaseStage, RequestContext, Verdict
-from guard.stages.detector import Enforcement, format_duration, read_duration
-from guard.stages.env import StageEnv, read_fail_open
+from guard.stages.detector import (
+    Enforcement,
+    format_duration,
+    read_duration,
+    read_enforcement,
+    read_fail_open,
+)
+from guard.stages.env import StageEnv
 from guard.state import client_key
 
 TECHNIQUE = "AML.T0040"  # AI Model Inference API Access
@@ -69,7 +75,7 @@ class Budget(BaseStage):
         stage = cls(
             limits=tuple(limits),
             rows=section.choice("count", ("rows", "requests"), "rows") == "rows",
-            enforcement=Enforcement.read(
+            enforcement=read_enforcement(
                 section, env, stage=cls.name, technique=TECHNIQUE, default=Action.DENY
             ),
             fail_open=read_fail_open(section),

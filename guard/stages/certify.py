@@ -81,7 +81,8 @@ from guard.defenses.sampling import labels_from_output
 from guard.errors import Overloaded, RequestError, UpstreamError
 from guard.inference import DATATYPES, InferRequest, InferResponse, RequestedOutput, TensorSpec
 from guard.pipeline import Action, BaseStage, RequestContext, Verdict
-from guard.stages.env import StageEnv, read_fail_open
+from guard.stages.detector import read_fail_open
+from guard.stages.env import StageEnv
 
 if TYPE_CHECKING:
     from guard.backends.base import Backend

@@ -82,9 +82,11 @@ from guard.stages.detector import (
     format_duration,
     input_rows,
     read_duration,
+    read_enforcement,
+    read_fail_open,
     read_input,
 )
-from guard.stages.env import StageEnv, read_fail_open
+from guard.stages.env import StageEnv
 from guard.state import client_key, hash_tag
 
 TECHNIQUE = "AML.T0024.002"  # Exfiltration via ML Inference API: Extract ML Model
@@ -162,7 +164,7 @@ class Coverage(BaseStage):
             dims=dims,
             classes=section.int("classes", None, min=2) or _metadata_classes(env),
             ttl=read_duration(section, "ttl", 86400.0),
-            enforcement=Enforcement.read(
+            enforcement=read_enforcement(
                 section,
                 env,
                 stage=cls.name,

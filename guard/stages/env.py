@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from guard.configreader import Section
 from guard.inference import ModelMetadata
-from guard.pipeline import ACTIONS, Action
 
 if TYPE_CHECKING:
     from guard.backends.base import Backend
@@ -29,14 +28,21 @@ class StageEnv:
     # across reloads. None only where a stage is built on its own (tests, tools).
     state: StateStore | None = None
     metrics: GuardMetrics | None = None  # the app's metrics, for stages that count their own
+    # Where ``*_env`` keys (secrets) are looked up: the environment ``load_policy`` was given.
+    # Empty where a stage is built on its own: a key it needs is then reported as unset.
+    environ: Mapping[str, str] = field(default_factory=dict)
 
+    def secret(self, variable: str) -> str | None:
+        """The value of environment variable ``variable``; None when unset or empty."""
+        return self.environ.get(variable) or None
 
-def read_action(section: Section, default: Action, *, misdirect: bool = False) -> Action:
-    """The ``action`` key every detector takes (``misdirect`` only where the stage can)."""
-    choices = ACTIONS if misdirect else tuple(a for a in ACTIONS if a != Action.MISDIRECT.value)
-    return Action(section.choice("action", choices, default.value))
+    @property
+    def store(self) -> StateStore:
+        """The runtime's state store; a private in-memory one for a stage built on its own."""
+        if self.state is not None:
+            return self.state
+        from guard.state.memory import MemoryStore
 
-
-def read_fail_open(section: Section) -> bool:
-    """The ``on_error`` key: ``closed`` (default) refuses; ``open`` serves the request, flagged."""
-    return section.choice("on_error", ("closed", "open"), "closed") == "open"
+        store = MemoryStore()
+        object.__setattr__(self, "state", store)  # one private store per env, not per call
+        return store

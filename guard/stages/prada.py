@@ -46,9 +46,11 @@ from guard.stages.detector import (
     format_duration,
     input_rows,
     read_duration,
+    read_enforcement,
+    read_fail_open,
     read_input,
 )
-from guard.stages.env import StageEnv, read_fail_open
+from guard.stages.env import StageEnv
 from guard.state import client_key
 
 TECHNIQUE = "AML.T0024.002"  # Exfiltration via ML Inference API: Extract ML Model
@@ -105,7 +107,7 @@ class Prada(BaseStage):
             max_distances=max_distances,
             max_per_class=section.int("max_per_class", 200, min=1, max=100_000),
             ttl=read_duration(section, "ttl", 86400.0),
-            enforcement=Enforcement.read(
+            enforcement=read_enforcement(
                 section,
                 env,
                 stage=cls.name,

@@ -89,7 +89,8 @@ from guard.defenses.privacy import (
 from guard.errors import Overloaded, RateLimited, StateUnavailable
 from guard.inference import RequestedOutput
 from guard.pipeline import Action, BaseStage, RequestContext, Verdict
-from guard.stages.env import StageEnv, read_fail_open
+from guard.stages.detector import read_fail_open
+from guard.stages.env import StageEnv
 
 if TYPE_CHECKING:
     from guard.defenses.accountant import BudgetStore

@@ -50,7 +50,8 @@ from guard.defenses.squeeze import (
 from guard.errors import RequestError
 from guard.inference import InferRequest, RequestedOutput
 from guard.pipeline import Action, BaseStage, RequestContext, Verdict
-from guard.stages.env import StageEnv, read_action, read_fail_open
+from guard.stages.detector import read_action, read_fail_open
+from guard.stages.env import StageEnv
 from guard.stages.squeeze import (
     OFFLOAD_VALUES,
     describe_squeezer,

@@ -17,8 +17,7 @@ never blocks. Importing this package does not import ``redis``.
 
 from __future__ import annotations
 
-import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from guard.configreader import Section
@@ -52,7 +51,7 @@ class StateConfig:
     max_bytes: int = 64 << 20
 
 
-def read_state_config(section: Section) -> StateConfig:
+def read_state_config(section: Section, environ: Mapping[str, str]) -> StateConfig:
     """Validate a policy's ``state:`` section (absent: the memory default)."""
     backend = section.choice("backend", BACKENDS, "memory")
     wrong = _MEMORY_ONLY if backend == "redis" else _REDIS_ONLY
@@ -61,7 +60,7 @@ def read_state_config(section: Section) -> StateConfig:
             raise section.error(key, f"does not apply to backend {backend}")
     config = StateConfig(
         backend=backend,
-        url=_redis_url(section) if backend == "redis" else None,
+        url=_redis_url(section, environ) if backend == "redis" else None,
         key_prefix=section.str("key_prefix", "guard:"),
         timeout=section.float("timeout", 0.2, gt=0),
         max_clients=section.int("max_clients", 10_000, min=1),
@@ -71,15 +70,13 @@ def read_state_config(section: Section) -> StateConfig:
     return config
 
 
-def _redis_url(section: Section) -> str:
+def _redis_url(section: Section, environ: Mapping[str, str]) -> str:
     url = section.str("url", None)
     env = section.str("url_env", None)
     if (url is None) == (env is None):
         raise section.error(None, "backend redis takes url or url_env (one of them)")
     if env is not None:
-        url = os.environ.get(env)
-        if not url:
-            raise section.error("url_env", f"names environment variable {env}, which is not set")
+        url = section.variable("url_env", env, environ)
     if not url.startswith(("redis://", "rediss://", "unix://")):
         raise section.error(
             "url" if env is None else "url_env", "must be a redis://, rediss:// or unix:// URL"

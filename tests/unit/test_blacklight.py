@@ -243,15 +243,18 @@ def test_another_key_gives_unrelated_fingerprints() -> None:
 # -- the stage ----------------------------------------------------------------------------
 
 
-@pytest.fixture(autouse=True)
-def fixed_key(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The key shifts the quantization grid: fix it so the stage tests are deterministic."""
-    monkeypatch.setenv("GUARD_TEST_BL_KEY", "stage tests")
+# The key shifts the quantization grid: fixed, so the stage tests are deterministic.
+ENVIRON = {"GUARD_TEST_BL_KEY": "stage tests", "BL_KEY": "hunter2"}
 
 
 def build(store: MemoryStore | None = None, **options: Any) -> Blacklight:
     env = StageEnv(
-        model="digits", backend=None, local=None, metadata=None, state=store or MemoryStore()
+        model="digits",
+        backend=None,
+        local=None,
+        metadata=None,
+        state=store or MemoryStore(),
+        environ=ENVIRON,
     )
     options = {"key_env": "GUARD_TEST_BL_KEY"} | options
     return Blacklight.from_config(Section(options, source="p.yaml", path="blacklight"), env)
@@ -466,8 +469,7 @@ async def test_a_multi_input_request_needs_the_input_named() -> None:
     assert await build(input="input").on_request(ctx) is Verdict.CONTINUE
 
 
-def test_describe_never_shows_the_key(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("BL_KEY", "hunter2")
+def test_describe_never_shows_the_key() -> None:
     described = build(key_env="BL_KEY").describe()
     assert described["key"] == "from $BL_KEY"
     assert "hunter2" not in repr(described)
@@ -503,8 +505,7 @@ def test_bad_options_stop_the_load(
         build(store, **options)
 
 
-def test_a_shared_store_with_a_key_builds(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("BL_KEY", "k")
+def test_a_shared_store_with_a_key_builds() -> None:
     a, b = build(SharedStore(), key_env="BL_KEY"), build(SharedStore(), key_env="BL_KEY")
     x, _ = load_samples("digits")
     assert a.fingerprinter(x[:2]) == b.fingerprinter(x[:2])  # replicas hash alike

@@ -13,8 +13,9 @@ from guard.errors import PolicyError, StateUnavailable
 from guard.inference import InferRequest, InferResponse
 from guard.pipeline import Action, BaseStage, Pipeline, RequestContext, Verdict, label_only
 from guard.stages.budget import Budget
-from guard.stages.detector import Enforcement, read_duration
+from guard.stages.detector import DetectorOptions, Enforcement
 from guard.stages.env import StageEnv
+from guard.stages.options import read_options
 from guard.state.memory import MemoryStore
 
 
@@ -114,7 +115,8 @@ async def test_marks_are_honoured_only_by_degrading_detectors() -> None:
 
     def enforcement(action: str) -> Enforcement:
         section = Section({"action": action}, source="p.yaml", path="x")
-        return Enforcement.read(section, env, stage="x", technique=None, default=Action.FLAG)
+        options = read_options(DetectorOptions, section, env)
+        return Enforcement.of(options, env, stage="x", technique="AML.T0000")
 
     await store.mark(enforcement("degrade").mark_key("alice"), 60)
     for action, degraded in (("deny", False), ("degrade", True)):
@@ -138,10 +140,16 @@ async def test_marks_are_honoured_only_by_degrading_detectors() -> None:
     ],
 )
 def test_durations(value: Any, seconds: float) -> None:
-    assert read_duration(Section({"t": value}, source="p.yaml"), "t", 600.0) == seconds
+    assert read_degrade_for(value) == seconds
 
 
 @pytest.mark.parametrize("value", ["", "5 minutes", "-1s", "1w", True, [1], float("inf"), 0])
 def test_bad_durations(value: Any) -> None:
-    with pytest.raises(PolicyError, match="t must be"):
-        read_duration(Section({"t": value}, source="p.yaml"), "t", 600.0)
+    with pytest.raises(PolicyError, match="degrade_for must be"):
+        read_degrade_for(value)
+
+
+def read_degrade_for(value: Any) -> float:
+    env = StageEnv(model="m", backend=None, local=None, metadata=None)
+    section = Section({"degrade_for": value}, source="p.yaml")
+    return read_options(DetectorOptions, section, env).degrade_for

@@ -301,8 +301,11 @@ async def test_unreachable_redis_fails_within_the_timeout() -> None:
 # -- configuration ----------------------------------------------------------------------
 
 
+ENVIRON = {"REDIS_URL": "redis://:secret@h:6379/0"}
+
+
 def read(data: Any) -> StateConfig:
-    return read_state_config(Section(data, source="p.yaml", path="state"))
+    return read_state_config(Section(data, source="p.yaml", path="state"), ENVIRON)
 
 
 def test_state_config_defaults_to_memory() -> None:
@@ -310,12 +313,11 @@ def test_state_config_defaults_to_memory() -> None:
     assert isinstance(build_store(read({})), MemoryStore)
 
 
-def test_state_config_reads_redis(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_state_config_reads_redis() -> None:
     config = read(
         {"backend": "redis", "url": "redis://h:6379/1", "key_prefix": "x:", "timeout": 0.5}
     )
     assert (config.url, config.key_prefix, config.timeout) == ("redis://h:6379/1", "x:", 0.5)
-    monkeypatch.setenv("REDIS_URL", "redis://:secret@h:6379/0")
     assert read({"backend": "redis", "url_env": "REDIS_URL"}).url == "redis://:secret@h:6379/0"
 
 
