@@ -81,8 +81,10 @@ async def run_demo(*, port: int = 0, requests: int = 400, seed: int = 0, keep: b
             for stage in model.get("stages") or []:
                 if isinstance(stage, dict) and "privacy" in stage:
                     stage["privacy"].setdefault("secret_env", PRIVACY_ENV)
-        os.environ.setdefault(PRIVACY_ENV, secrets.token_urlsafe(24))
-        policy = parse_policy(document, source=str(DEFAULT_POLICY), base=DEFAULT_POLICY.parent)
+        environ = {PRIVACY_ENV: secrets.token_urlsafe(24), **os.environ}
+        policy = parse_policy(
+            document, source=str(DEFAULT_POLICY), base=DEFAULT_POLICY.parent, environ=environ
+        )
         app = create_app(policy)
         runner = make_runner(app)
         ops = make_runner(create_ops_app(app))

@@ -88,13 +88,19 @@ class InProcessGuard:
     """A guard on 127.0.0.1 (a free port) in a thread of its own, so synchronous
     attack clients can query it. ``with InProcessGuard(path) as guard: guard.url``.
 
-    Sets fixed measurement secrets in this process's environment unless already set:
-    ``GUARD_MEASURE_BLACKLIGHT_KEY`` and ``GUARD_PRIVACY_SECRET``."""
+    The policy is loaded with ``environ`` (default: this process's environment) plus
+    fixed measurement secrets where it sets none: ``GUARD_MEASURE_BLACKLIGHT_KEY`` and
+    ``GUARD_PRIVACY_SECRET``, so the same run twice hashes and perturbs alike."""
 
-    def __init__(self, policy_path: Path) -> None:
+    def __init__(self, policy_path: Path, *, environ: Mapping[str, str] | None = None) -> None:
         from prometheus_client import CollectorRegistry
 
         self.policy_path = Path(policy_path)
+        self.environ = {
+            BLACKLIGHT_KEY_ENV: "measurement-blacklight-key",
+            PRIVACY_KEY_ENV: "measurement-privacy-key",
+            **(os.environ if environ is None else environ),
+        }
         self.registry = CollectorRegistry()
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
@@ -104,8 +110,6 @@ class InProcessGuard:
         self.app: Any = None
 
     def __enter__(self) -> InProcessGuard:
-        os.environ.setdefault(BLACKLIGHT_KEY_ENV, "measurement-blacklight-key")
-        os.environ.setdefault(PRIVACY_KEY_ENV, "measurement-privacy-key")
         self.thread.start()
         try:
             asyncio.run_coroutine_threadsafe(self._start(), self.loop).result(120)
@@ -120,7 +124,7 @@ class InProcessGuard:
         from guard.config import load_policy
         from guard.server import create_app, make_runner
 
-        policy = load_policy(self.policy_path)
+        policy = load_policy(self.policy_path, environ=self.environ)
         self.audit_path = Path(policy.audit_path) if policy.audit_path not in (None, "-") else None
         app = self.app = create_app(policy, registry=self.registry)
         self.runner = make_runner(app)

@@ -22,7 +22,6 @@ policy's, not the draw's.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import copy
 import os
 import tempfile
@@ -30,7 +29,6 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -202,23 +200,14 @@ def evaluation_document(
     return doc
 
 
-@contextlib.contextmanager
-def _secrets(seed: int) -> Iterator[None]:
-    """The measurement's hash and noise keys in the environment, restored afterwards."""
-    values = {
+def _secrets(seed: int) -> dict[str, str]:
+    """The environment a candidate is served with: this process's, plus the measurement's
+    hash and noise keys (fixed per seed: the same run twice, the same answers)."""
+    return {
+        **os.environ,
         BLACKLIGHT_ENV: f"guard-tune-blacklight-{seed}",
         PRIVACY_ENV: f"guard-tune-privacy-{seed}",
     }
-    saved = {name: os.environ.get(name) for name in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
 
 
 def measure_policy(
@@ -250,48 +239,47 @@ def measure_policy(
         keys_file.write_text(yaml.safe_dump({"clients": entries}))
         served = evaluation_document(document, model, keys_file=keys_file, seed=seed)
         stages = stage_kinds(served, model)
-        with _secrets(seed):
-            policy = parse_policy(served, source=source, base=base_dir)
+        policy = parse_policy(served, source=source, base=base_dir, environ=_secrets(seed))
 
-            def target(guard: LocalGuard, name: str, batch: int = 1) -> ObservedTarget:
-                return ObservedTarget(
-                    guard.url,
-                    model,
-                    data.spec,
-                    api_key=_key(name, seed),
-                    batch_size=batch,
-                    input_name=interface.input,
-                    scores_output=interface.scores,
-                    label_output=interface.label,
-                )
+        def target(guard: LocalGuard, name: str, batch: int = 1) -> ObservedTarget:
+            return ObservedTarget(
+                guard.url,
+                model,
+                data.spec,
+                api_key=_key(name, seed),
+                batch_size=batch,
+                input_name=interface.input,
+                scores_output=interface.scores,
+                label_output=interface.label,
+            )
 
-            with LocalGuard(policy) as guard:
-                benign = _benign(
-                    guard,
-                    lambda name: target(guard, name),
-                    clients,
-                    stages,
-                    model,
-                    data,
-                    workload,
-                    reference,
-                    baseline,
-                    seed,
+        with LocalGuard(policy) as guard:
+            benign = _benign(
+                guard,
+                lambda name: target(guard, name),
+                clients,
+                stages,
+                model,
+                data,
+                workload,
+                reference,
+                baseline,
+                seed,
+            )
+            certified = None
+            if "certify" in stages:
+                key = _key(clients[0], seed)
+                certified = _certify(
+                    guard.url, model, key, data, workload, reference, seed, interface.input
                 )
-                certified = None
-                if "certify" in stages:
-                    key = _key(clients[0], seed)
-                    certified = _certify(
-                        guard.url, model, key, data, workload, reference, seed, interface.input
-                    )
-            outcomes = []
-            for name in attacks:  # each against a fresh guard: no attacker inherits another's
-                with (
-                    LocalGuard(policy) as guard,
-                    target(guard, f"attacker-{name}", ATTACK[name].tune_batch) as attacker,
-                ):
-                    rng = stream(seed, name)
-                    outcomes.append(run_attack(name, attacker, reference, data, workload, rng))
+        outcomes = []
+        for name in attacks:  # each against a fresh guard: no attacker inherits another's
+            with (
+                LocalGuard(policy) as guard,
+                target(guard, f"attacker-{name}", ATTACK[name].tune_batch) as attacker,
+            ):
+                rng = stream(seed, name)
+                outcomes.append(run_attack(name, attacker, reference, data, workload, rng))
     return Measurement(benign, tuple(outcomes), certified, time.perf_counter() - started)
 
 
