@@ -34,7 +34,9 @@ BUILTIN_PREFIX = "builtin:"
 @dataclass(frozen=True, kw_only=True, slots=True)
 class StageEntry:
     kind: str
-    options: Mapping[str, Any]
+    # The section as written (a mapping), or the stage's options already read (an instance
+    # of its ``Options``, e.g. a candidate of ``guard tune``): then built as they are.
+    options: Any
     path: str  # e.g. models.digits.stages[2].certify
 
 

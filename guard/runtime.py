@@ -24,7 +24,8 @@ from guard.errors import NotFound, PolicyError
 from guard.inference import ModelMetadata
 from guard.metrics import GuardMetrics
 from guard.pipeline import Pipeline, Stage
-from guard.stages import STAGES, StageEnv
+from guard.stages import STAGES, StageEnv, options_class
+from guard.stages.options import OptionError
 from guard.state import StateStore, build_store
 
 log = logging.getLogger(__name__)
@@ -224,7 +225,13 @@ def _build_stage(kind: str, options: Any, path: str, source: str, env: StageEnv)
             f"{source}: {path.rsplit('.', 1)[0]} names unknown stage {kind!r}; "
             f"valid stages: {', '.join(sorted(STAGES))}"
         )
-    return builder(Section(options, source=source, path=path), env)
+    cls = options_class(kind)
+    if cls is None or not isinstance(options, cls):
+        return builder(Section(options, source=source, path=path), env)
+    try:  # options already read (a tuner's candidate): built as they are
+        return builder.__self__(options, env)  # type: ignore[attr-defined,no-any-return]
+    except OptionError as exc:
+        raise Section({}, source=source, path=path).error(exc.key, exc.message) from None
 
 
 def _describe(stage: Stage) -> dict[str, Any]:

@@ -65,10 +65,8 @@ def add_parser(commands: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import yaml
-
-    from guard.config import BUILTIN_PREFIX, load_policy
-    from guard.models import MODELS
+    from guard.config import load_policy
+    from guard.models import MODELS, model_path
     from guard.tuning.search import Constraints, tune
     from guard.tuning.workload import WORKLOADS, Interface, TuneData
 
@@ -80,8 +78,9 @@ def run(args: argparse.Namespace) -> int:
         return _fail(
             f"{args.policy} has no model {args.model!r}; it has {', '.join(policy.models)}"
         )
-    document = yaml.safe_load(args.policy.read_text(encoding="utf-8"))
-    data_name = args.data or _builtin(document["models"][args.model], args.model, BUILTIN_PREFIX)
+    model_file = policy.models[args.model].model_file  # builtin:<name> names its data set
+    builtin = next((name for name in MODELS if model_file == model_path(name)), args.model)
+    data_name = args.data or builtin
     if data_name not in MODELS:
         return _fail(
             "tuning sends a built-in data set's traffic; name one with --data "
@@ -94,10 +93,8 @@ def run(args: argparse.Namespace) -> int:
         max_score_change=args.max_score_change,
     )
     result = tune(
-        document,
+        policy,
         model=args.model,
-        base_dir=args.policy.resolve().parent,
-        source=str(args.policy),
         data=TuneData.builtin(data_name),
         workload=WORKLOADS[args.budget],
         constraints=constraints,
@@ -117,12 +114,7 @@ def run(args: argparse.Namespace) -> int:
         )
     if args.report:
         _write_report(result, args.policy, args.report)
-    return _verify(result) if args.verify else _write_policy(document, result, args)
-
-
-def _builtin(model: dict[str, Any], name: str, prefix: str) -> str:
-    value = model.get("model")
-    return value[len(prefix) :] if isinstance(value, str) and value.startswith(prefix) else name
+    return _verify(result) if args.verify else _write_policy(result, args)
 
 
 def _verify(result: Any) -> int:
@@ -138,7 +130,9 @@ def _verify(result: Any) -> int:
     return 1
 
 
-def _write_policy(document: dict[str, Any], result: Any, args: argparse.Namespace) -> int:
+def _write_policy(result: Any, args: argparse.Namespace) -> int:
+    import yaml
+
     from guard.config import load_policy
     from guard.runtime import build_runtime
     from guard.tuning.policyfile import render
@@ -153,6 +147,7 @@ def _write_policy(document: dict[str, Any], result: Any, args: argparse.Namespac
         )
         return 1
     out = args.out or Path("tuned.yaml")
+    document = yaml.safe_load(args.policy.read_text(encoding="utf-8"))  # the base, as written
     text = render(document, result, base_path=args.policy, out_path=out)
     if args.out is None:
         sys.stdout.write(text)

@@ -37,4 +37,10 @@ STAGES: dict[str, StageBuilder] = {
     "squeeze_detect": SqueezeDetect.from_config,
 }
 
-__all__ = ["STAGES", "StageBuilder", "StageEnv"]
+
+def options_class(kind: str) -> type | None:
+    """The options dataclass of stage ``kind`` (None: no such stage, or none declared)."""
+    return getattr(getattr(STAGES.get(kind), "__self__", None), "Options", None)
+
+
+__all__ = ["STAGES", "StageBuilder", "StageEnv", "options_class"]

@@ -156,6 +156,31 @@ def option_rows(cls: type) -> list[tuple[str, str, str]]:
     return rows
 
 
+def to_yaml(value: Any, key: str | None = None) -> Any:
+    """What a policy writes for ``value`` (with ``key``: for that option of the options
+    ``value``), as :func:`read_options` reads it back: durations as ``1h``, tuples as
+    lists, actions by name, options as a mapping of the keys that differ from defaults."""
+    if key is not None:
+        return _yaml_value(getattr(value, key), _hints(type(value))[key])
+    return _yaml_value(value, None)
+
+
+def _yaml_value(value: Any, hint: Any) -> Any:
+    if value is not None and _strip_optional(hint) is Duration:
+        return format_duration(value)
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, tuple):
+        return [_yaml_value(v, None) for v in value]
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {
+            f.name: to_yaml(value, f.name)
+            for f in dataclasses.fields(value)
+            if getattr(value, f.name) != f.default
+        }
+    return value
+
+
 # -- durations -----------------------------------------------------------------------
 
 

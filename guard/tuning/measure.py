@@ -10,8 +10,9 @@ it got, when it was caught): an attacker is measured as if it were the first.
 No state carries over between candidates either.
 
 To measure the policy and nothing else, the candidate is served as a copy that
-differs from what ``guard tune`` writes only where measuring needs it: only
-the tuned model; clients identified by a generated keys file; state in memory;
+differs from what ``guard tune`` writes only where measuring needs it
+(:func:`evaluation_policy`, by :func:`dataclasses.replace`): only the tuned
+model; clients identified by generated keys; state in memory;
 verdict headers on; no audit log or admin token; the blacklight hash key, the
 privacy noise key and the certify noise seed derived from the seed, so one
 seed measures one candidate the same way twice. Every candidate of a search
@@ -22,23 +23,22 @@ policy's, not the draw's.
 from __future__ import annotations
 
 import asyncio
-import copy
-import os
-import tempfile
 import threading
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 import orjson
-import yaml
 
 from guard.attacks.registry import ATTACK, TUNABLE
 from guard.attacks.targets import OnnxTarget, Target
+from guard.clients import Client, ClientDirectory, key_digest
+from guard.config import ModelConfig, Policy
+from guard.state import StateConfig
 from guard.tuning.attackers import AttackOutcome, ObservedTarget, run_attack
 from guard.tuning.workload import Interface, TuneData, Workload
 
@@ -163,59 +163,41 @@ class LocalGuard:
         return total
 
 
-def stage_kinds(document: dict[str, Any], model: str) -> list[str]:
-    """The stage names of ``model`` in a policy document, in order."""
-    return [_kind(entry) for entry in document["models"][model].get("stages") or []]
-
-
-def _kind(entry: Any) -> str:
-    return entry if isinstance(entry, str) else next(iter(entry))
-
-
-def evaluation_document(
-    document: dict[str, Any], model: str, *, keys_file: Path, seed: int
-) -> dict[str, Any]:
-    """The copy of a candidate that is served while it is measured (see the module)."""
-    doc = copy.deepcopy(document)
-    entry = doc["models"][model]
-    stages = []
-    for raw in entry.get("stages") or []:
-        kind = _kind(raw)
-        options = dict(raw[kind] or {}) if isinstance(raw, dict) else {}
-        if kind == "blacklight":
-            options["key_env"] = BLACKLIGHT_ENV
-        elif kind == "privacy":
-            options["secret_env"] = PRIVACY_ENV
-        elif kind == "certify":
-            options["seed"] = seed
-        stages.append({kind: options})
-    entry["stages"] = stages
-    doc["models"] = {model: entry}
-    doc["clients"] = {"keys_file": str(keys_file)}
-    doc["state"] = {"backend": "memory"}
-    doc.pop("headers", None)  # the older spelling of disclose.headers
-    doc["disclose"] = {**(doc.get("disclose") or {}), "headers": True}  # verdicts are measured
-    for key in ("audit", "admin"):
-        doc.pop(key, None)
-    return doc
-
-
-def _secrets(seed: int) -> dict[str, str]:
-    """The environment a candidate is served with: this process's, plus the measurement's
-    hash and noise keys (fixed per seed: the same run twice, the same answers)."""
-    return {
-        **os.environ,
-        BLACKLIGHT_ENV: f"guard-tune-blacklight-{seed}",
-        PRIVACY_ENV: f"guard-tune-privacy-{seed}",
+def evaluation_policy(
+    policy: Policy, config: ModelConfig, *, clients: Sequence[str], seed: int
+) -> Policy:
+    """The copy of a candidate (``config``, typed options) that is served while it is
+    measured (see the module); ``clients`` are identified by their :func:`_key`."""
+    fixed: dict[str, dict[str, Any]] = {
+        "blacklight": {"key_env": BLACKLIGHT_ENV},
+        "privacy": {"secret_env": PRIVACY_ENV},
+        "certify": {"seed": seed},
     }
+    stages = tuple(
+        replace(e, options=replace(e.options, **fixed[e.kind])) if e.kind in fixed else e
+        for e in config.stages
+    )
+    return replace(
+        policy,
+        models={config.name: replace(config, stages=stages)},
+        clients=ClientDirectory(keys={key_digest(_key(c, seed)): Client(c) for c in clients}),
+        state=StateConfig(),
+        disclose=replace(policy.disclose, headers=True),  # verdicts are measured
+        audit_path=None,
+        admin_token_sha256=None,
+        # the hash and noise keys, fixed per seed: the same run twice, the same answers
+        environ={
+            **policy.environ,
+            BLACKLIGHT_ENV: f"guard-tune-blacklight-{seed}",
+            PRIVACY_ENV: f"guard-tune-privacy-{seed}",
+        },
+    )
 
 
 def measure_policy(
-    document: dict[str, Any],
+    policy: Policy,
+    config: ModelConfig,
     *,
-    model: str,
-    base_dir: Path,
-    source: str,
     data: TuneData,
     workload: Workload,
     attacks: tuple[str, ...],
@@ -223,63 +205,57 @@ def measure_policy(
     seed: int,
     interface: Interface | None = None,
 ) -> Measurement:
-    """Serve ``document`` (a policy as parsed YAML; relative paths from ``base_dir``)
-    and measure it. Raises :class:`~guard.errors.PolicyError` when it does not load."""
-    from guard.clients import key_digest
-    from guard.config import parse_policy
-
+    """Serve ``policy`` with ``config`` (a candidate of its model, typed options) in
+    place of the model's and measure it. Raises :class:`~guard.errors.PolicyError`
+    when it does not load."""
     interface = interface or Interface()
     started = time.perf_counter()
+    model = config.name
     clients = [f"benign-{i}" for i in range(workload.benign_clients)]
     clients += [WARMUP_CLIENT, *(f"attacker-{name}" for name in attacks)]
     reference = OnnxTarget.builtin(data.name)
-    with tempfile.TemporaryDirectory(prefix="guard-tune-") as tmp:
-        keys_file = Path(tmp) / "keys.yaml"
-        entries = {name: {"key_sha256": key_digest(_key(name, seed))} for name in clients}
-        keys_file.write_text(yaml.safe_dump({"clients": entries}))
-        served = evaluation_document(document, model, keys_file=keys_file, seed=seed)
-        stages = stage_kinds(served, model)
-        policy = parse_policy(served, source=source, base=base_dir, environ=_secrets(seed))
+    served = evaluation_policy(policy, config, clients=clients, seed=seed)
+    stages = [entry.kind for entry in config.stages]
 
-        def target(guard: LocalGuard, name: str, batch: int = 1) -> ObservedTarget:
-            return ObservedTarget(
-                guard.url,
-                model,
-                data.spec,
-                api_key=_key(name, seed),
-                batch_size=batch,
-                input_name=interface.input,
-                scores_output=interface.scores,
-                label_output=interface.label,
-            )
+    def target(guard: LocalGuard, name: str, batch: int = 1) -> ObservedTarget:
+        return ObservedTarget(
+            guard.url,
+            model,
+            data.spec,
+            api_key=_key(name, seed),
+            batch_size=batch,
+            input_name=interface.input,
+            scores_output=interface.scores,
+            label_output=interface.label,
+        )
 
-        with LocalGuard(policy) as guard:
-            benign = _benign(
-                guard,
-                lambda name: target(guard, name),
-                clients,
-                stages,
-                model,
-                data,
-                workload,
-                reference,
-                baseline,
-                seed,
+    with LocalGuard(served) as guard:
+        benign = _benign(
+            guard,
+            lambda name: target(guard, name),
+            clients,
+            stages,
+            model,
+            data,
+            workload,
+            reference,
+            baseline,
+            seed,
+        )
+        certified = None
+        if "certify" in stages:
+            key = _key(clients[0], seed)
+            certified = _certify(
+                guard.url, model, key, data, workload, reference, seed, interface.input
             )
-            certified = None
-            if "certify" in stages:
-                key = _key(clients[0], seed)
-                certified = _certify(
-                    guard.url, model, key, data, workload, reference, seed, interface.input
-                )
-        outcomes = []
-        for name in attacks:  # each against a fresh guard: no attacker inherits another's
-            with (
-                LocalGuard(policy) as guard,
-                target(guard, f"attacker-{name}", ATTACK[name].tune_batch) as attacker,
-            ):
-                rng = stream(seed, name)
-                outcomes.append(run_attack(name, attacker, reference, data, workload, rng))
+    outcomes = []
+    for name in attacks:  # each against a fresh guard: no attacker inherits another's
+        with (
+            LocalGuard(served) as guard,
+            target(guard, f"attacker-{name}", ATTACK[name].tune_batch) as attacker,
+        ):
+            rng = stream(seed, name)
+            outcomes.append(run_attack(name, attacker, reference, data, workload, rng))
     return Measurement(benign, tuple(outcomes), certified, time.perf_counter() - started)
 
 

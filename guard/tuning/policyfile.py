@@ -6,12 +6,14 @@ formatted by PyYAML so quoting is always right, and comments (at the end of a
 key's line, or on lines above it) wherever :func:`dump` is given them for a
 path. ``yaml.safe_load`` of its output equals the document (tested). The base
 policy's own comments are not carried over; relative paths are rewritten for the
-output's folder.
+output's folder. This is the tuner's one place that writes YAML: the chosen typed
+options go into the base document as :func:`guard.stages.options.to_yaml` writes them.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -19,9 +21,10 @@ from typing import Any
 
 import yaml
 
+from guard.stages.options import format_duration, to_yaml
 from guard.tuning.attackers import AttackOutcome
 from guard.tuning.search import Candidate, TuneResult
-from guard.tuning.space import Param, apply, budget_answers
+from guard.tuning.space import Param, budget_answers
 
 Path_ = tuple[str | int, ...]
 FLOW_WIDTH = 72
@@ -133,15 +136,37 @@ def _flow(value: Any) -> str:
 
 
 def tuned_document(document: dict[str, Any], result: TuneResult) -> dict[str, Any]:
-    """The base document with the chosen values and calibrated thresholds set."""
-    doc = apply(document, result.model, result.params, result.chosen.values)
-    if result.chosen.calibrated:
-        stages = doc["models"][result.model]["stages"]
-        for index, raw in enumerate(stages):
-            if isinstance(raw, dict) and "squeeze_detect" in raw:
-                value, _ = result.chosen.calibrated["squeeze_detect.threshold"]
-                stages[index] = {"squeeze_detect": {**raw["squeeze_detect"], "threshold": value}}
+    """The base document with the chosen candidate's values set, each as YAML writes it:
+    every tuned key, and any other option the candidate changed (a calibrated threshold,
+    a privacy budget that follows the noise; in a written section, key by key)."""
+    doc = copy.deepcopy(document)
+    stages = doc["models"][result.model]["stages"]
+    chosen = result.chosen.config.stages if result.chosen.config else result.config.stages
+    for index, (base, entry) in enumerate(zip(result.config.stages, chosen, strict=True)):
+        tuned = {p.key for p in result.params if p.index == index}
+        if tuned or base.options != entry.options:
+            if isinstance(stages[index], str):
+                stages[index] = {entry.kind: {}}
+            written = stages[index][entry.kind] = stages[index][entry.kind] or {}
+            _set(written, base.options, entry.options, tuned)
     return doc
+
+
+def _set(written: dict[str, Any], base: Any, chosen: Any, keys: set[str]) -> None:
+    """Write into ``written`` the options of ``chosen`` named in ``keys`` and those that
+    differ from ``base``; a nested section already written is updated key by key."""
+    for field in dataclasses.fields(chosen):
+        old, new = getattr(base, field.name), getattr(chosen, field.name)
+        if field.name not in keys and old == new:
+            continue
+        if (
+            field.name not in keys
+            and dataclasses.is_dataclass(new)
+            and isinstance(written.get(field.name), dict)
+        ):
+            _set(written[field.name], old, new, set())
+        else:
+            written[field.name] = to_yaml(chosen, field.name)
 
 
 def render(document: dict[str, Any], result: TuneResult, *, base_path: Path, out_path: Path) -> str:
@@ -153,23 +178,20 @@ def render(document: dict[str, Any], result: TuneResult, *, base_path: Path, out
     for param in result.params:
         path = ("models", result.model, "stages", param.index, param.stage, param.key)
         comments[path], above[path] = describe_param(result, param)
-    for index, raw in enumerate(doc["models"][result.model]["stages"]):
-        stage = ("models", result.model, "stages", index)
-        if isinstance(raw, dict) and "squeeze_detect" in raw and result.chosen.calibrated:
-            comments[(*stage, "squeeze_detect", "threshold")] = describe_calibrated(result)
-        if (
-            isinstance(raw, dict)
-            and "privacy" in raw
-            and any(p.stage == "privacy" for p in result.params)
-        ):
-            answers = budget_answers(raw["privacy"])
-            if answers is not None:
-                per = raw["privacy"]["budget"].get("per")
-                window = f" per {per}" if per else ""
-                comments[(*stage, "privacy", "budget", "epsilon")] = (
-                    f"follows the noise: {answers:.0f} scored answers per client{window}, "
-                    "as in the base policy"
-                )
+    chosen = result.chosen.config.stages if result.chosen.config else ()
+    for index, entry in enumerate(chosen):
+        stage = ("models", result.model, "stages", index, entry.kind)
+        if entry.kind == "squeeze_detect" and result.chosen.calibrated:
+            comments[(*stage, "threshold")] = describe_calibrated(result)
+        tuned = any(p.stage == "privacy" for p in result.params)
+        answers = budget_answers(entry.options) if entry.kind == "privacy" and tuned else None
+        if answers is not None:
+            per = entry.options.budget.per
+            window = f" per {format_duration(per)}" if per else ""
+            comments[(*stage, "budget", "epsilon")] = (
+                f"follows the noise: {answers:.0f} scored answers per client{window}, "
+                "as in the base policy"
+            )
     return dump(doc, comments, above=above, header=header_lines(result, base_path))
 
 
@@ -314,6 +336,7 @@ def fp_upper_bound(false_positives: int, queries: int, confidence: float = 0.95)
 
 
 def _show(value: Any) -> str:
+    value = to_yaml(value)
     if isinstance(value, list):
         return "[" + ", ".join(_show(v) for v in value) + "]"
     if isinstance(value, dict):

@@ -39,16 +39,16 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
-import orjson
 
+from guard.config import ModelConfig, Policy
 from guard.errors import PolicyError
+from guard.stages.options import OptionError, to_yaml
 from guard.tuning.measure import Baseline, Measurement, measure_baseline, measure_policy
-from guard.tuning.space import Param, apply, calibrate_squeeze, search_space, stage_entries
+from guard.tuning.space import Param, apply, calibrate_squeeze, search_space, typed_model
 from guard.tuning.workload import Interface, TuneData, Workload, attacks_for
 
 SIMPLEX_L1 = 2.0  # the largest L1 distance between two probability vectors
@@ -130,6 +130,7 @@ class Candidate:
     violations: tuple[str, ...]
     excess: float
     cost: float
+    config: ModelConfig | None = None  # the model as this candidate configures it
 
     @property
     def feasible(self) -> bool:
@@ -185,6 +186,7 @@ def pick(
 @dataclass(frozen=True, slots=True)
 class TuneResult:
     model: str
+    config: ModelConfig  # the base policy's model, its options typed (candidates replace them)
     data: str
     params: tuple[Param, ...]
     attacks: tuple[str, ...]
@@ -211,11 +213,9 @@ class TuneResult:
 
 
 def tune(
-    document: dict[str, Any],
+    policy: Policy,
     *,
     model: str,
-    base_dir: Path,
-    source: str,
     data: TuneData,
     workload: Workload,
     constraints: Constraints,
@@ -225,7 +225,7 @@ def tune(
     interface: Interface | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> TuneResult:
-    """Search ``document``'s space for ``model`` (see the module). Without ``search``,
+    """Search ``policy``'s space for ``model`` (see the module). Without ``search``,
     measure the policy as it is: the result's only candidate is the base.
 
     ``tolerance`` None: measured. The base policy is measured again with
@@ -237,21 +237,20 @@ def tune(
     the noisy part of the cost."""
     started = time.perf_counter()
     say = progress or (lambda _: None)
-    params = search_space(
-        document, model, grid=workload.grid, n_classes=data.spec.n_classes, image=data.image
-    )
+    config = typed_model(policy, model)
+    params = search_space(config, grid=workload.grid, n_classes=data.spec.n_classes)
     kinds = {p.stage for p in params}
     attacks = attacks_for(kinds, workload, data)
     say(f"baseline: {', '.join(attacks) or 'benign traffic'} against the bare model")
     baseline = measure_baseline(data, workload, attacks, seed)
     rng = np.random.default_rng([seed, 99])
     calibration = _calibration_inputs(data, rng)
-    thresholds: dict[str, tuple[float, int]] = {}
-    cache: dict[bytes, Candidate] = {}
+    thresholds: dict[Any, tuple[float, int]] = {}
+    cache: dict[tuple[Any, ...], Candidate] = {}
     order: list[Candidate] = []
 
     def evaluate(values: dict[str, Any]) -> Candidate:
-        key = orjson.dumps(values, option=orjson.OPT_SORT_KEYS)
+        key = tuple(sorted(values.items()))
         if key not in cache:
             cache[key] = candidate = _measure(values)
             order.append(candidate)
@@ -261,14 +260,14 @@ def tune(
     def _measure(
         values: dict[str, Any], draw: int = seed, against: Baseline = baseline
     ) -> Candidate:
-        doc = apply(document, model, params, values)
-        calibrated = _calibrate(doc, model, data, calibration, constraints, thresholds)
         try:
+            candidate = apply(config, params, values, source=policy.source)
+            candidate, calibrated = _calibrate(
+                candidate, data, calibration, constraints, thresholds
+            )
             m = measure_policy(
-                doc,
-                model=model,
-                base_dir=base_dir,
-                source=source,
+                policy,
+                candidate,
                 data=data,
                 workload=workload,
                 attacks=attacks,
@@ -276,10 +275,8 @@ def tune(
                 seed=draw,
                 interface=interface or Interface(),
             )
-        except PolicyError as exc:
-            return Candidate(
-                dict(values), calibrated, None, str(exc), math.inf, (), math.inf, math.inf
-            )
+        except (PolicyError, OptionError) as exc:
+            return Candidate(dict(values), {}, None, str(exc), math.inf, (), math.inf, math.inf)
         return Candidate(
             dict(values),
             calibrated,
@@ -289,6 +286,7 @@ def tune(
             constraints.violations(m),
             constraints.excess(m),
             constraints.cost(m),
+            candidate,
         )
 
     base_values = {p.name: p.base for p in params}
@@ -332,6 +330,7 @@ def tune(
         chosen = current
     return TuneResult(
         model=model,
+        config=config,
         data=data.name,
         params=tuple(params),
         attacks=attacks,
@@ -359,34 +358,28 @@ def _calibration_inputs(data: TuneData, rng: np.random.Generator) -> np.ndarray:
 
 
 def _calibrate(
-    doc: dict[str, Any],
-    model: str,
+    config: ModelConfig,
     data: TuneData,
     calibration: np.ndarray,
     constraints: Constraints,
-    cache: dict[str, tuple[float, int]],
-) -> dict[str, tuple[float, int]]:
-    """Set each ``squeeze_detect`` threshold in ``doc`` (in place) from benign data at half
+    cache: dict[Any, tuple[float, int]],
+) -> tuple[ModelConfig, dict[str, tuple[float, int]]]:
+    """``config`` with each ``squeeze_detect`` threshold calibrated on benign data at half
     the false-positive bound (the other half is margin: for new benign traffic, where the
-    rate is the target only in expectation, and for the other detectors); returns what
-    was set."""
+    rate is the target only in expectation, and for the other detectors), and what was set."""
     derived = {}
-    stages = doc["models"][model]["stages"]
-    for index, (kind, options) in enumerate(stage_entries(doc, model)):
-        if kind != "squeeze_detect" or "squeezers" not in options:
+    stages = list(config.stages)
+    for index, entry in enumerate(stages):
+        if entry.kind != "squeeze_detect":
             continue
-        options.pop("threshold", None)
-        key = orjson.dumps(options, option=orjson.OPT_SORT_KEYS).decode()
+        key = replace(entry.options, threshold=0.0)
         if key not in cache:
             cache[key] = calibrate_squeeze(
-                options,
-                data_name=data.name,
-                benign=calibration,
-                fpr=constraints.max_false_positive / 2,
+                key, data_name=data.name, benign=calibration, fpr=constraints.max_false_positive / 2
             )
-        stages[index] = {kind: {**options, "threshold": cache[key][0]}}
+        stages[index] = replace(entry, options=replace(entry.options, threshold=cache[key][0]))
         derived["squeeze_detect.threshold"] = cache[key]
-    return derived
+    return replace(config, stages=tuple(stages)), derived
 
 
 def _progress_line(n: int, c: Candidate, params: list[Param]) -> str:
@@ -402,6 +395,7 @@ def _progress_line(n: int, c: Candidate, params: list[Param]) -> str:
 
 
 def _short(value: Any) -> str:
+    value = to_yaml(value)
     if isinstance(value, list):
         return "+".join(
             ",".join(f"{k}={v}" for k, v in item.items()) if isinstance(item, dict) else str(item)

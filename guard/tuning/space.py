@@ -1,9 +1,11 @@
 """What ``guard tune`` may change: a declared search space per stage type.
 
-Each stage of the tuned model that has a space contributes :class:`Param` s,
-grids centred on the base policy's value (its default when the key is
-absent), which is always one of the grid points. ``small`` grids have three
-points per parameter, ``full`` grids five (and a few extra parameters):
+The tuned model's stages are read once into their typed options
+(:func:`typed_model`). Each stage that has a space contributes :class:`Param` s,
+grids centred on the stage's current value (its default when the policy leaves
+the key out: the options dataclass says which), which is always one of the grid
+points. ``small`` grids have three points per parameter, ``full`` grids five
+(and a few extra parameters):
 
 ============== ===================================== =====================================
 stage          searched                               derived
@@ -31,17 +33,26 @@ allows: its ``epsilon`` follows the searched noise (:func:`apply`).
 A ``certify`` parameter is judged on its own objective (the average certified
 radius): it changes only the certified answers, never what the attacks or the
 benign clients get, so it is tuned apart from the others (``group``).
+A candidate is the model's configuration with its options replaced
+(:func:`dataclasses.replace`), served as it is: no YAML in between.
 """
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from guard.configreader import Section
+from guard.stages import StageEnv, options_class
+from guard.stages.options import OptionError, read_options
+
+if TYPE_CHECKING:
+    from guard.config import ModelConfig, Policy
+    from guard.defenses.privacy import Cost
 
 TUNABLE = ("blacklight", "prada", "squeeze_detect", "privacy", "certify")
 NOISY = ("laplace", "gaussian")
@@ -63,193 +74,184 @@ class Param:
         return f"{self.stage}.{self.key}"
 
 
-def stage_entries(document: dict[str, Any], model: str) -> list[tuple[str, dict[str, Any]]]:
-    """``(kind, options)`` of each stage of ``model`` (options copied; ``{}`` when bare)."""
-    entries: list[tuple[str, dict[str, Any]]] = []
-    for raw in document["models"][model].get("stages") or []:
-        if isinstance(raw, str):
-            entries.append((raw, {}))
-        else:
-            ((kind, options),) = raw.items()
-            entries.append((kind, copy.deepcopy(dict(options or {}))))
-    return entries
+def typed_model(policy: Policy, model: str) -> ModelConfig:
+    """``model``'s configuration with each stage's options read once into its options
+    class (a stage without one keeps its mapping); raises PolicyError. The model's
+    local copy, when it has one, gives the metadata the options are checked against."""
+    from guard.backends.onnx import OnnxBackend
+
+    config = policy.models[model]
+    local = None
+    if config.model_file is not None:
+        local = OnnxBackend(config.model_file, name=model, device="cpu")
+    env = StageEnv(
+        model=model,
+        backend=local,
+        local=local,
+        metadata=local.model_metadata if local else None,
+        version=(config.upstream.version or "") if config.upstream else "",
+        environ=policy.environ,
+    )
+    stages = []
+    for entry in config.stages:
+        cls = options_class(entry.kind)
+        if cls is not None and not isinstance(entry.options, cls):
+            section = Section(entry.options, source=policy.source, path=entry.path)
+            entry = replace(entry, options=read_options(cls, section, env))
+        stages.append(entry)
+    return replace(config, stages=tuple(stages))
 
 
-def search_space(
-    document: dict[str, Any], model: str, *, grid: str, n_classes: int, image: bool
-) -> list[Param]:
-    """The parameters of ``model``'s stages, in stage order."""
+def search_space(config: ModelConfig, *, grid: str, n_classes: int) -> list[Param]:
+    """The parameters of the stages of ``config`` (from :func:`typed_model`), in order."""
     full = grid == "full"
     params = []
-    for index, (kind, options) in enumerate(stage_entries(document, model)):
-        builder = _SPACES.get(kind)
+    for index, entry in enumerate(config.stages):
+        builder = _SPACES.get(entry.kind)
         if builder is None:
             continue
-        for key, values, base, group in builder(options, full, n_classes, image):
+        group = "certified" if entry.kind == "certify" else "risk"
+        for key, values in builder(entry.options, full, n_classes):
+            base = getattr(entry.options, key)
             grid_values = tuple(_unique([*values, base]))
-            params.append(Param(kind, index, key, _ordered(grid_values), base, group))
+            params.append(Param(entry.kind, index, key, _ordered(grid_values), base, group))
     return params
 
 
 def apply(
-    document: dict[str, Any], model: str, params: Sequence[Param], values: dict[str, Any]
-) -> dict[str, Any]:
-    """A copy of ``document`` with each param's option set to ``values[param.name]``.
+    config: ModelConfig,
+    params: Sequence[Param],
+    values: dict[str, Any],
+    *,
+    source: str = "guard tune",
+) -> ModelConfig:
+    """``config`` with each param's option replaced by ``values[param.name]``; PolicyError
+    (naming the option in ``source``) when a value breaks a rule of its stage.
 
     A ``privacy`` budget follows its mechanism: when the noise changes, the budget's
     ``epsilon`` is rescaled so that it still allows as many scored answers per
-    client as in ``document`` (:func:`rescaled_budget`). The quota is the
+    client as in ``config`` (:func:`rescaled_budget`). The quota is the
     operator's decision; the tuner searches the noise, not the quota."""
-    doc = copy.deepcopy(document)
-    stages = doc["models"][model]["stages"]
+    changes: dict[int, dict[str, Any]] = {}
     for param in params:
-        raw = stages[param.index]
-        if isinstance(raw, str):
-            raw = stages[param.index] = {raw: {}}
-        if raw[param.stage] is None:
-            raw[param.stage] = {}
-        raw[param.stage][param.key] = copy.deepcopy(values[param.name])
-    base = stage_entries(document, model)
-    for index, (kind, options) in enumerate(stage_entries(doc, model)):
-        if kind == "privacy" and isinstance(options.get("budget"), dict):
-            epsilon = rescaled_budget(base[index][1], options)
-            if epsilon is not None and not math.isclose(epsilon, options["budget"]["epsilon"]):
-                stages[index]["privacy"]["budget"]["epsilon"] = epsilon
-    return doc
+        changes.setdefault(param.index, {})[param.key] = values[param.name]
+    stages = list(config.stages)
+    for index, change in changes.items():
+        entry = stages[index]
+        if entry.kind == "privacy" and change.get("mechanism", entry.options.mechanism) != (
+            entry.options.mechanism
+        ):
+            change["delta"] = None  # the new mechanism's own: gaussian's default, else unset
+        try:
+            options = replace(entry.options, **change)
+            if entry.kind == "privacy":
+                options = rescaled_budget(entry.options, options)
+        except OptionError as exc:
+            raise Section({}, source=source, path=entry.path).error(exc.key, exc.message) from None
+        stages[index] = replace(entry, options=options)
+    return replace(config, stages=tuple(stages))
 
 
-def budget_answers(options: dict[str, Any]) -> float | None:
+def budget_answers(options: Any) -> float | None:
     """How many scored answers a ``privacy`` stage's budget allows per client and window
     (None without a budget or a noisy mechanism)."""
-    cost, capacity = _cost(options), _capacity(options)
-    return capacity / cost if cost and capacity else None
+    from guard.defenses.accountant import Budget
+
+    cost = _cost(options)
+    if cost is None or options.budget is None:
+        return None
+    limit = Budget.of_epsilon(
+        options.budget.epsilon, unit=cost.unit, window_s=None, delta=options.delta
+    ).limit
+    return float(limit / cost.amount)
 
 
-def rescaled_budget(base: dict[str, Any], options: dict[str, Any]) -> float | None:
-    """The budget ``epsilon`` that gives ``options``' mechanism as many scored answers as
-    ``base``'s budget gives its own; None when either has no noisy mechanism or budget."""
+def rescaled_budget(base: Any, options: Any) -> Any:
+    """``options`` with the budget ``epsilon`` that gives its mechanism as many scored
+    answers as ``base``'s budget gives its own (as it is without a noisy mechanism or
+    a budget on either)."""
     from guard.defenses.accountant import zcdp_epsilon
 
     answers, cost = budget_answers(base), _cost(options)
-    if answers is None or cost is None or options["budget"].get("epsilon") is None:
-        return None
-    if options.get("mechanism") == "gaussian":
-        return _round(zcdp_epsilon(answers * cost, float(options.get("delta", 1e-6))), 4)
-    return _round(answers * cost, 4)
+    if answers is None or cost is None or options.budget is None:
+        return options
+    spent = answers * cost.amount
+    epsilon = _round(zcdp_epsilon(spent, options.delta) if cost.unit == "rho" else spent, 4)
+    if math.isclose(epsilon, options.budget.epsilon):
+        return options
+    return replace(options, budget=replace(options.budget, epsilon=epsilon))
 
 
-def _cost(options: dict[str, Any]) -> float | None:
+def _cost(options: Any) -> Cost | None:
     """One answer's cost in the budget's unit: ε (laplace) or ρ (gaussian)."""
-    from guard.defenses.accountant import zcdp_rho
-    from guard.defenses.privacy import gaussian_rho
-
-    mechanism, delta = options.get("mechanism"), float(options.get("delta", 1e-6))
-    if mechanism == "laplace" and "epsilon" in options:
-        return float(options["epsilon"])
-    if mechanism == "gaussian" and "epsilon" in options:
-        return zcdp_rho(float(options["epsilon"]), delta)
-    if mechanism == "gaussian" and "sigma" in options:
-        return gaussian_rho(float(options["sigma"]))
-    return None
+    cost: Cost | None = options.build(options.delta).cost
+    return cost
 
 
-def _capacity(options: dict[str, Any]) -> float | None:
-    """The budget's limit in the mechanism's unit."""
-    from guard.defenses.accountant import zcdp_rho
+# -- the spaces: (key, grid) per searched option of the stage's typed options -------
 
-    budget = options.get("budget")
-    if not isinstance(budget, dict) or budget.get("epsilon") is None:
-        return None
-    epsilon = float(budget["epsilon"])
-    if options.get("mechanism") == "gaussian":
-        return zcdp_rho(epsilon, float(options.get("delta", 1e-6)))
-    return epsilon
+Space = list[tuple[str, list[Any]]]
 
 
-# -- the spaces ------------------------------------------------------------------
-
-Space = list[tuple[str, list[Any], Any, str]]  # (key, grid, base value, group)
-
-
-def _blacklight(options: dict[str, Any], full: bool, n_classes: int, image: bool) -> Space:
-    top = int(options.get("top", 50))
-    threshold = int(options.get("threshold", top // 2))
-    step = max(1, top // 10)
-    reach = 2 if full else 1
-    thresholds = [
-        t
-        for t in range(threshold - reach * step, threshold + reach * step + 1, step)
-        if 0 <= t <= top - 1
-    ]
-    quantize = float(options.get("quantize", 3.0))
+def _blacklight(o: Any, full: bool, n_classes: int) -> Space:
+    step, reach = max(1, o.top // 10), 2 if full else 1
+    span = range(o.threshold - reach * step, o.threshold + reach * step + 1, step)
     factors = (0.5, 2 / 3, 1.0, 4 / 3, 5 / 3) if full else (2 / 3, 1.0, 4 / 3)
     space: Space = [
-        ("threshold", thresholds, threshold, "risk"),
-        ("quantize", [_round(quantize * f) for f in factors], quantize, "risk"),
+        ("threshold", [t for t in span if 0 <= t <= o.top - 1]),
+        ("quantize", [_round(o.quantize * f) for f in factors]),
     ]
     if full:
-        matches = int(options.get("matches", 2))
-        space.append(("matches", list(range(max(1, matches - 1), matches + 3)), matches, "risk"))
+        space.append(("matches", list(range(max(1, o.matches - 1), o.matches + 3))))
     return space
 
 
-def _prada(options: dict[str, Any], full: bool, n_classes: int, image: bool) -> Space:
-    delta = float(options.get("delta", 0.9))
+def _prada(o: Any, full: bool, n_classes: int) -> Space:
     offsets = (-0.06, -0.03, 0.0, 0.03, 0.06) if full else (-0.04, 0.0, 0.04)
-    deltas = [round(delta + o, 3) for o in offsets if 0.0 < delta + o < 1.0]
-    space: Space = [("delta", deltas, delta, "risk")]
+    space: Space = [("delta", [round(o.delta + d, 3) for d in offsets if 0.0 < o.delta + d < 1.0])]
     if full:
-        least = int(options.get("min_queries", 100))
-        ceiling = int(options.get("max_distances", 1000))
-        counts = [max(3, min(ceiling, round(least * f))) for f in (0.5, 1.0, 2.0)]
-        space.append(("min_queries", counts, least, "risk"))
+        counts = [max(3, min(o.max_distances, round(o.min_queries * f))) for f in (0.5, 1.0, 2.0)]
+        space.append(("min_queries", counts))
     return space
 
 
-def _squeeze_detect(options: dict[str, Any], full: bool, n_classes: int, image: bool) -> Space:
-    base = options.get("squeezers")
-    sets: list[Any] = []
-    if "range" in options:
-        sets += [[{"bits": 2}], [{"bits": 3}]]
+def _squeeze_detect(o: Any, full: bool, n_classes: int) -> Space:
+    from guard.stages.squeeze import SqueezerOptions as S
+
+    ranged = o.range is not None
+    sets: list[tuple[Any, ...]] = []
+    if ranged:
+        sets += [(S(bits=2),), (S(bits=3),)]
         if full:
-            sets += [[{"bits": 2}, {"bits": 3}], [{"bits": 4}]]
-    if full and "image" in options:
-        sets += [[{"median": 2}], [{"bits": 2}, {"median": 2}] if "range" in options else []]
-    return [("squeezers", [s for s in sets if s], base, "risk")]
+            sets += [(S(bits=2), S(bits=3)), (S(bits=4),)]
+    if full and o.image is not None:
+        sets += [(S(median=2),), *([(S(bits=2), S(median=2))] if ranged else [])]
+    return [("squeezers", sets)]
 
 
-def _privacy(options: dict[str, Any], full: bool, n_classes: int, image: bool) -> Space:
-    mechanism = options.get("mechanism")
+def _privacy(o: Any, full: bool, n_classes: int) -> Space:
     wide = (0.25, 0.5, 1.0, 2.0, 4.0) if full else (0.5, 1.0, 2.0)
-    space: Space = []
-    if mechanism in NOISY:
-        key = "sigma" if mechanism == "gaussian" and "epsilon" not in options else "epsilon"
-        if key in options:
-            value = float(options[key])
-            space.append((key, [_round(value * f) for f in wide], value, "risk"))
-            if full and key == "epsilon":
-                space.append(("mechanism", list(NOISY), mechanism, "risk"))
-    elif mechanism == "round":
-        decimals = int(options.get("decimals", 2))
-        space.append(("decimals", [1, 2, 3], decimals, "risk"))
-    elif mechanism == "topk":
-        k = int(options.get("k", 1))
-        space.append(("k", [v for v in (1, 2, 3) if v < n_classes], k, "risk"))
-    elif mechanism == "reverse_sigmoid":
-        beta = float(options.get("beta", 1.0))
-        space.append(("beta", [_round(beta * f) for f in wide], beta, "risk"))
-    return space
+    if o.mechanism in NOISY:
+        key = "sigma" if o.mechanism == "gaussian" and o.epsilon is None else "epsilon"
+        space: Space = [(key, [_round(getattr(o, key) * f) for f in wide])]
+        if full and key == "epsilon":
+            space.append(("mechanism", list(NOISY)))
+        return space
+    if o.mechanism == "round":
+        return [("decimals", [1, 2, 3])]
+    if o.mechanism == "topk":
+        return [("k", [v for v in (1, 2, 3) if v < n_classes])]
+    if o.mechanism == "reverse_sigmoid":
+        return [("beta", [_round(o.beta * f) for f in wide])]
+    return []
 
 
-def _certify(options: dict[str, Any], full: bool, n_classes: int, image: bool) -> Space:
-    if "sigma" not in options:
-        return []
-    sigma = float(options["sigma"])
+def _certify(o: Any, full: bool, n_classes: int) -> Space:
     factors = (0.5, 1.0, 2.0, 4.0) if full else (0.5, 1.0, 2.0)
-    return [("sigma", [_round(sigma * f) for f in factors], sigma, "certified")]
+    return [("sigma", [_round(o.sigma * f) for f in factors])]
 
 
-_SPACES: dict[str, Callable[[dict[str, Any], bool, int, bool], Space]] = {
+_SPACES: dict[str, Callable[[Any, bool, int], Space]] = {
     "blacklight": _blacklight,
     "prada": _prada,
     "squeeze_detect": _squeeze_detect,
@@ -284,27 +286,24 @@ def _ordered(values: tuple[Any, ...]) -> tuple[Any, ...]:
 
 
 def calibrate_squeeze(
-    options: dict[str, Any], *, data_name: str, benign: np.ndarray, fpr: float
+    options: Any, *, data_name: str, benign: np.ndarray, fpr: float
 ) -> tuple[float, int]:
-    """``squeeze_detect``'s threshold for ``options``' squeezers: at most ``fpr`` of
-    ``benign`` score above it (rounded up to 4 significant digits), and how many
-    inputs it was calibrated on. The squeezers are read by the stage itself."""
+    """``squeeze_detect``'s threshold for the squeezers of ``options`` (its typed
+    options): at most ``fpr`` of ``benign`` score above it (rounded up to 4 significant
+    digits), and how many inputs it was calibrated on. The squeezers are built by the
+    stage itself, on the built-in model ``data_name``."""
     from guard.backends.onnx import OnnxBackend
-    from guard.configreader import Section
     from guard.defenses.squeeze import calibrate_threshold
     from guard.models import model_path
-    from guard.stages.env import StageEnv
     from guard.stages.squeeze_detect import SqueezeDetect
 
     local = OnnxBackend(model_path(data_name), name=data_name, device="cpu")
     env = StageEnv(model=data_name, backend=local, local=local, metadata=local.model_metadata)
-    stage = SqueezeDetect.from_config(
-        Section({**options, "threshold": 0.0}, source="guard tune", path="squeeze_detect"), env
-    )
-    name = stage.input_name or local.inputs[0].name
+    stage = SqueezeDetect(options, env)
+    name, output = options.input or local.inputs[0].name, options.output
 
     def scores(batch: np.ndarray) -> np.ndarray:
-        return local.run({name: batch.astype(np.float32)}, [stage.output])[stage.output]
+        return local.run({name: batch.astype(np.float32)}, [output])[output]
 
     threshold = calibrate_threshold(scores, benign, stage.squeezers, fpr)
     return _round_up(threshold), len(benign)
