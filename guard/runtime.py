@@ -24,7 +24,7 @@ from guard.errors import NotFound, PolicyError
 from guard.inference import ModelMetadata
 from guard.metrics import GuardMetrics
 from guard.pipeline import Pipeline, Stage
-from guard.stages import STAGES, StageEnv, options_class
+from guard.stages import STAGES, StageEnv, stage_class
 from guard.stages.options import OptionError
 from guard.state import StateStore, build_store
 
@@ -225,13 +225,14 @@ def _build_stage(kind: str, options: Any, path: str, source: str, env: StageEnv)
             f"{source}: {path.rsplit('.', 1)[0]} names unknown stage {kind!r}; "
             f"valid stages: {', '.join(sorted(STAGES))}"
         )
-    cls = options_class(kind)
-    if cls is None or not isinstance(options, cls):
+    cls = stage_class(kind)
+    if not isinstance(options, getattr(cls, "Options", ())):
         return builder(Section(options, source=source, path=path), env)
     try:  # options already read (a tuner's candidate): built as they are
-        return builder.__self__(options, env)  # type: ignore[attr-defined,no-any-return]
+        stage: Stage = cls(options, env)
     except OptionError as exc:
         raise Section({}, source=source, path=path).error(exc.key, exc.message) from None
+    return stage
 
 
 def _describe(stage: Stage) -> dict[str, Any]:

@@ -7,6 +7,7 @@ A stage module holds one class whose name matches its YAML key
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from guard.configreader import Section
 from guard.pipeline import Stage
@@ -38,9 +39,9 @@ STAGES: dict[str, StageBuilder] = {
 }
 
 
-def options_class(kind: str) -> type | None:
-    """The options dataclass of stage ``kind`` (None: no such stage, or none declared)."""
-    return getattr(getattr(STAGES.get(kind), "__self__", None), "Options", None)
+def stage_class(kind: str) -> Any:
+    """The class of stage ``kind`` (None: no such stage); its ``Options`` where declared."""
+    return getattr(STAGES.get(kind), "__self__", None)
 
 
-__all__ = ["STAGES", "StageBuilder", "StageEnv", "options_class"]
+__all__ = ["STAGES", "StageBuilder", "StageEnv", "stage_class"]

@@ -47,7 +47,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from guard.configreader import Section
-from guard.stages import StageEnv, options_class
+from guard.stages import StageEnv, stage_class
 from guard.stages.options import OptionError, read_options
 
 if TYPE_CHECKING:
@@ -94,7 +94,7 @@ def typed_model(policy: Policy, model: str) -> ModelConfig:
     )
     stages = []
     for entry in config.stages:
-        cls = options_class(entry.kind)
+        cls = getattr(stage_class(entry.kind), "Options", None)
         if cls is not None and not isinstance(entry.options, cls):
             section = Section(entry.options, source=policy.source, path=entry.path)
             entry = replace(entry, options=read_options(cls, section, env))

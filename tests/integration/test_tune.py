@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 import yaml
 
+from guard.config import parse_policy
 from guard.tuning.policyfile import render
 from guard.tuning.search import Constraints, TuneResult, tune
 from guard.tuning.workload import WORKLOADS, TuneData
@@ -159,10 +160,8 @@ def test_the_report_tabulates_every_candidate(tuned: Path) -> None:
 
 def run_tune(document: dict[str, Any], **kwargs: Any) -> TuneResult:
     return tune(
-        document,
+        parse_policy(document, source="test", base=ROOT),
         model="digits",
-        base_dir=ROOT,
-        source="test",
         data=TuneData.builtin("digits"),
         workload=TINY,
         constraints=Constraints(max_false_positive=0.05, max_added_latency_ms=50.0),

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -123,3 +125,21 @@ def test_unreadable_and_invalid_yaml(tmp_path: Path) -> None:
     bad.write_text("version: [1\n")
     with pytest.raises(PolicyError, match="not valid YAML"):
         load_policy(bad)
+
+
+def test_a_stage_whose_options_are_already_read_is_built_from_them() -> None:
+    policy = load_policy(Path(__file__).parents[2] / "guard" / "policies" / "default.yaml")
+    config = policy.models["digits"]
+    index, entry = next((i, e) for i, e in enumerate(config.stages) if e.kind == "blacklight")
+    options = build_runtime(policy, session=None).models["digits"].pipeline.stages[index].options
+
+    def built(value: object) -> Any:
+        stages = list(config.stages)
+        stages[index] = dataclasses.replace(entry, options=value)
+        models = {"digits": dataclasses.replace(config, stages=tuple(stages))}
+        return build_runtime(dataclasses.replace(policy, models=models), session=None)
+
+    stage = built(dataclasses.replace(options, matches=9)).models["digits"].pipeline.stages[index]
+    assert stage.options.matches == 9 and stage.options.top == options.top
+    with pytest.raises(PolicyError, match=r"stages\[\d\]\.blacklight\.key_env names"):
+        built(dataclasses.replace(options, key_env="GUARD_TEST_UNSET_VARIABLE"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 from typing import Any
@@ -10,11 +11,22 @@ import numpy as np
 import pytest
 import yaml
 
+from guard.config import ModelConfig, parse_policy
+from guard.errors import PolicyError
+from guard.stages.blacklight import BlacklightOptions
+from guard.stages.options import to_yaml
 from guard.tuning.attackers import AttackOutcome, holdout_advantage
-from guard.tuning.measure import Baseline, BenignOutcome, Measurement, evaluation_document
+from guard.tuning.measure import (
+    BLACKLIGHT_ENV,
+    PRIVACY_ENV,
+    Baseline,
+    BenignOutcome,
+    Measurement,
+    evaluation_policy,
+)
 from guard.tuning.policyfile import dump, fp_upper_bound, rebase_paths
 from guard.tuning.search import Candidate, Constraints, pick, risk
-from guard.tuning.space import Param, apply, budget_answers, search_space
+from guard.tuning.space import Param, apply, budget_answers, search_space, typed_model
 from guard.tuning.workload import WORKLOADS, TuneData, attacks_for
 
 DEFAULT = Path(__file__).parents[2] / "guard" / "policies" / "default.yaml"
@@ -68,9 +80,13 @@ def candidate(values: dict[str, Any], m: Measurement, risk_: float, k: Constrain
 # -- search spaces --------------------------------------------------------------------
 
 
+def typed(document: dict[str, Any], model: str = "digits") -> ModelConfig:
+    return typed_model(parse_policy(document, source="p.yaml", base=DEFAULT.parent), model)
+
+
 def test_the_default_policy_space_is_centred_on_its_values() -> None:
     document = yaml.safe_load(DEFAULT.read_text())
-    params = search_space(document, "digits", grid="small", n_classes=10, image=True)
+    params = search_space(typed(document), grid="small", n_classes=10)
     grids = {p.name: p.values for p in params}
     assert grids == {
         "privacy.epsilon": (1.0, 2.0, 4.0),
@@ -81,7 +97,7 @@ def test_the_default_policy_space_is_centred_on_its_values() -> None:
     for p in params:
         options = document["models"]["digits"]["stages"][p.index][p.stage]
         assert p.base == options[p.key] and p.base in p.values
-    full = search_space(document, "digits", grid="full", n_classes=10, image=True)
+    full = search_space(typed(document), grid="full", n_classes=10)
     assert {p.name for p in full} > set(grids) | {"privacy.mechanism", "blacklight.matches"}
     assert all(len(p.values) >= len(grids.get(p.name, ())) for p in full)
 
@@ -104,23 +120,41 @@ def test_the_default_policy_space_is_centred_on_its_values() -> None:
 def test_each_stage_type_declares_its_space(
     stage: dict[str, Any], name: str, base: Any, group: str
 ) -> None:
-    params = search_space(policy(stage), "digits", grid="small", n_classes=10, image=True)
+    params = search_space(typed(policy(stage)), grid="small", n_classes=10)
     param = next(p for p in params if p.name == name)
-    assert param.base == base and base in param.values and len(param.values) >= 3
+    assert to_yaml(param.base) == base and param.base in param.values and len(param.values) >= 3
     assert param.group == group
 
 
+def test_a_key_left_out_is_searched_around_the_stage_default() -> None:
+    (matches,) = [
+        p
+        for p in search_space(typed(policy("blacklight")), grid="full", n_classes=10)
+        if p.key == "matches"
+    ]
+    default = next(f.default for f in dataclasses.fields(BlacklightOptions) if f.name == "matches")
+    assert matches.base == default and matches.values == tuple(range(default - 1, default + 3))
+
+
 def test_stages_without_a_space_are_left_alone() -> None:
-    stages = ({"validate": {"min": 0}}, {"budget": {"limits": []}}, "privacy")
-    assert search_space(policy(*stages), "digits", grid="full", n_classes=10, image=True) == []
+    stages = (
+        {"validate": {"min": 0}},
+        {"budget": {"limits": [{"queries": 10, "per": "1m"}]}},
+        {"privacy": {"mechanism": "label_only"}},
+    )
+    assert search_space(typed(policy(*stages)), grid="full", n_classes=10) == []
 
 
-def test_apply_sets_options_on_a_copy() -> None:
-    document = policy({"validate": {}}, "blacklight")
+def test_apply_replaces_options_and_keeps_the_base() -> None:
+    config = typed(policy({"validate": {}}, "blacklight"))
     param = Param("blacklight", 1, "threshold", (20, 25), 25)
-    tuned = apply(document, "digits", [param], {"blacklight.threshold": 20})
-    assert tuned["models"]["digits"]["stages"][1] == {"blacklight": {"threshold": 20}}
-    assert document["models"]["digits"]["stages"][1] == "blacklight"
+    tuned = apply(config, [param], {"blacklight.threshold": 20})
+    assert tuned.stages[1].options == dataclasses.replace(config.stages[1].options, threshold=20)
+    assert config.stages[1].options.threshold == 25 and tuned.stages[0] == config.stages[0]
+    with pytest.raises(
+        PolicyError, match=r"p\.yaml: models\.digits\.stages\[1\]\.blacklight\.threshold"
+    ):
+        apply(config, [param], {"blacklight.threshold": 50}, source="p.yaml")  # top is 50
 
 
 @pytest.mark.parametrize(
@@ -130,18 +164,18 @@ def test_a_privacy_budget_keeps_its_number_of_scored_answers(
     mechanism: str, epsilon: float
 ) -> None:
     options = {"mechanism": "laplace", "epsilon": 2.0, "budget": {"epsilon": 2000, "per": "1d"}}
-    document = policy({"privacy": options})
+    config = typed(policy({"privacy": options}))
     params = [
         Param("privacy", 0, "epsilon", (epsilon,), 2.0),
         Param("privacy", 0, "mechanism", (mechanism,), "laplace"),
     ]
     values = {"privacy.epsilon": epsilon, "privacy.mechanism": mechanism}
-    tuned = apply(document, "digits", params, values)["models"]["digits"]["stages"][0]["privacy"]
-    assert budget_answers(options) == 1000.0
+    tuned = apply(config, params, values).stages[0].options
+    assert budget_answers(config.stages[0].options) == 1000.0
     assert budget_answers(tuned) == pytest.approx(1000.0, rel=1e-3)
-    assert tuned["budget"]["per"] == "1d"
+    assert tuned.budget.per == 86400.0 and tuned.mechanism == mechanism
     if mechanism == "laplace":
-        assert tuned["budget"]["epsilon"] == 1000 * epsilon
+        assert tuned.budget.epsilon == 1000 * epsilon
 
 
 def test_attacks_follow_the_tuned_stages_and_the_data() -> None:
@@ -167,20 +201,27 @@ def test_data_parts_are_disjoint_and_independent_of_any_seed() -> None:
 # -- measuring -------------------------------------------------------------------------
 
 
-def test_the_measured_copy_differs_only_where_measuring_needs_it(tmp_path: Path) -> None:
+def test_the_measured_copy_differs_only_where_measuring_needs_it() -> None:
     document = yaml.safe_load(DEFAULT.read_text())
     document["audit"] = {"path": "audit.jsonl"}
-    served = evaluation_document(document, "digits", keys_file=tmp_path / "k.yaml", seed=3)
-    assert set(served["models"]) == {"digits"}
-    assert served["clients"] == {"keys_file": str(tmp_path / "k.yaml")}
-    assert served["state"] == {"backend": "memory"} and "audit" not in served
-    stages = {next(iter(s)): s[next(iter(s))] for s in served["models"]["digits"]["stages"]}
-    assert stages["blacklight"]["key_env"] and stages["privacy"]["secret_env"]
-    original = {next(iter(s)): s[next(iter(s))] for s in document["models"]["digits"]["stages"]}
-    assert "key_env" not in original["blacklight"]  # the document itself is untouched
+    base = parse_policy(document, source="p.yaml", base=DEFAULT.parent, environ={"HOME": "/"})
+    config = typed_model(base, "digits")
+    served = evaluation_policy(base, config, clients=["benign-0", "attacker"], seed=3)
+    assert set(served.models) == {"digits"} and served.clients.keys is not None
+    assert sorted(c.name for c in served.clients.keys.values()) == ["attacker", "benign-0"]
+    assert served.state.backend == "memory" and served.audit_path is None
+    assert served.disclose.headers and base.audit_path is not None
+    assert served.environ["HOME"] == "/" and served.environ[BLACKLIGHT_ENV].endswith("3")
+    stages = {e.kind: e.options for e in served.models["digits"].stages}
+    assert stages["blacklight"].key_env == BLACKLIGHT_ENV
+    assert stages["privacy"].secret_env == PRIVACY_ENV and PRIVACY_ENV in served.environ
+    original = {e.kind: e.options for e in config.stages}
+    assert original["blacklight"].key_env is None  # the candidate itself is untouched
     for name, options in original.items():
-        extra = {"key_env", "secret_env", "seed"}
-        assert {k: v for k, v in stages[name].items() if k not in extra} == options
+        fixed = {"key_env", "secret_env", "seed"}
+        for f in dataclasses.fields(options):
+            if f.name not in fixed:
+                assert getattr(stages[name], f.name) == getattr(options, f.name)
 
 
 def test_holdout_advantage_is_near_zero_without_signal_and_one_with_perfect_signal() -> None:
@@ -276,6 +317,20 @@ def test_dump_round_trips_and_puts_comments_where_asked() -> None:
     assert lines[at].endswith("# tuned: FP 0/300")
     assert lines[at - 1].strip() == "# threshold 20: FP 1/300"
     assert "- validate: {min: 0.0, max: 16.0, max_batch: 256}" in text
+
+
+def test_typed_options_are_written_as_a_policy_writes_them() -> None:
+    document = yaml.safe_load(DEFAULT.read_text())
+    config = typed(document)
+    blacklight = next(e.options for e in config.stages if e.kind == "blacklight")
+    assert (
+        to_yaml(blacklight, "degrade_for") == "1h" and to_yaml(blacklight, "action") == "misdirect"
+    )
+    squeezers = typed(policy({"squeeze_detect": {"threshold": 1, "squeezers": [{"bits": 5}]}}))
+    assert to_yaml(squeezers.stages[0].options, "squeezers") == [{"bits": 5}]
+    # Every stage's options, written out whole, read back as they were.
+    written = policy(*({e.kind: to_yaml(e.options)} for e in config.stages))
+    assert [e.options for e in typed(written).stages] == [e.options for e in config.stages]
 
 
 def test_relative_paths_follow_the_written_file(tmp_path: Path) -> None:
