@@ -111,8 +111,7 @@ def search_space(config: ModelConfig, *, grid: str, n_classes: int) -> list[Para
         if builder is None:
             continue
         group = "certified" if entry.kind == "certify" else "risk"
-        for key, values in builder(entry.options, full, n_classes):
-            base = getattr(entry.options, key)
+        for key, values, base in builder(entry.options, full, n_classes):
             grid_values = tuple(_unique([*values, base]))
             params.append(Param(entry.kind, index, key, _ordered(grid_values), base, group))
     return params
@@ -160,10 +159,9 @@ def budget_answers(options: Any) -> float | None:
     cost = _cost(options)
     if cost is None or options.budget is None:
         return None
-    limit = Budget.of_epsilon(
-        options.budget.epsilon, unit=cost.unit, window_s=None, delta=options.delta
-    ).limit
-    return float(limit / cost.amount)
+    delta = _delta(options) if cost.unit == "rho" else None
+    budget = Budget.of_epsilon(options.budget.epsilon, unit=cost.unit, window_s=None, delta=delta)
+    return float(budget.limit / cost.amount)
 
 
 def rescaled_budget(base: Any, options: Any) -> Any:
@@ -176,7 +174,7 @@ def rescaled_budget(base: Any, options: Any) -> Any:
     if answers is None or cost is None or options.budget is None:
         return options
     spent = answers * cost.amount
-    epsilon = _round(zcdp_epsilon(spent, options.delta) if cost.unit == "rho" else spent, 4)
+    epsilon = _round(zcdp_epsilon(spent, _delta(options)) if cost.unit == "rho" else spent, 4)
     if math.isclose(epsilon, options.budget.epsilon):
         return options
     return replace(options, budget=replace(options.budget, epsilon=epsilon))
@@ -188,9 +186,15 @@ def _cost(options: Any) -> Cost | None:
     return cost
 
 
-# -- the spaces: (key, grid) per searched option of the stage's typed options -------
+def _delta(options: Any) -> float:
+    from guard.stages.privacy import DEFAULT_DELTA
 
-Space = list[tuple[str, list[Any]]]
+    return float(options.delta or DEFAULT_DELTA)
+
+
+# -- the spaces: searched options of a stage's typed options --------------------------
+
+Space = list[tuple[str, list[Any], Any]]  # (key, grid, the value the stage uses now)
 
 
 def _blacklight(o: Any, full: bool, n_classes: int) -> Space:
@@ -198,20 +202,21 @@ def _blacklight(o: Any, full: bool, n_classes: int) -> Space:
     span = range(o.threshold - reach * step, o.threshold + reach * step + 1, step)
     factors = (0.5, 2 / 3, 1.0, 4 / 3, 5 / 3) if full else (2 / 3, 1.0, 4 / 3)
     space: Space = [
-        ("threshold", [t for t in span if 0 <= t <= o.top - 1]),
-        ("quantize", [_round(o.quantize * f) for f in factors]),
+        ("threshold", [t for t in span if 0 <= t <= o.top - 1], o.threshold),
+        ("quantize", [_round(o.quantize * f) for f in factors], o.quantize),
     ]
     if full:
-        space.append(("matches", list(range(max(1, o.matches - 1), o.matches + 3))))
+        space.append(("matches", list(range(max(1, o.matches - 1), o.matches + 3)), o.matches))
     return space
 
 
 def _prada(o: Any, full: bool, n_classes: int) -> Space:
     offsets = (-0.06, -0.03, 0.0, 0.03, 0.06) if full else (-0.04, 0.0, 0.04)
-    space: Space = [("delta", [round(o.delta + d, 3) for d in offsets if 0.0 < o.delta + d < 1.0])]
+    deltas = [round(o.delta + d, 3) for d in offsets if 0.0 < o.delta + d < 1.0]
+    space: Space = [("delta", deltas, o.delta)]
     if full:
         counts = [max(3, min(o.max_distances, round(o.min_queries * f))) for f in (0.5, 1.0, 2.0)]
-        space.append(("min_queries", counts))
+        space.append(("min_queries", counts, o.min_queries))
     return space
 
 
@@ -226,29 +231,30 @@ def _squeeze_detect(o: Any, full: bool, n_classes: int) -> Space:
             sets += [(S(bits=2), S(bits=3)), (S(bits=4),)]
     if full and o.image is not None:
         sets += [(S(median=2),), *([(S(bits=2), S(median=2))] if ranged else [])]
-    return [("squeezers", sets)]
+    return [("squeezers", sets, o.squeezers)]
 
 
 def _privacy(o: Any, full: bool, n_classes: int) -> Space:
     wide = (0.25, 0.5, 1.0, 2.0, 4.0) if full else (0.5, 1.0, 2.0)
-    if o.mechanism in NOISY:
-        key = "sigma" if o.mechanism == "gaussian" and o.epsilon is None else "epsilon"
-        space: Space = [(key, [_round(getattr(o, key) * f) for f in wide])]
+    mechanism, value = o.mechanism, o.value  # value: as set, else the mechanism's default
+    if mechanism in NOISY:
+        key = "sigma" if mechanism == "gaussian" and o.epsilon is None else "epsilon"
+        space: Space = [(key, [_round(value(key) * f) for f in wide], value(key))]
         if full and key == "epsilon":
-            space.append(("mechanism", list(NOISY)))
+            space.append(("mechanism", list(NOISY), mechanism))
         return space
-    if o.mechanism == "round":
-        return [("decimals", [1, 2, 3])]
-    if o.mechanism == "topk":
-        return [("k", [v for v in (1, 2, 3) if v < n_classes])]
-    if o.mechanism == "reverse_sigmoid":
-        return [("beta", [_round(o.beta * f) for f in wide])]
+    if mechanism == "round":
+        return [("decimals", [1, 2, 3], value("decimals"))]
+    if mechanism == "topk":
+        return [("k", [v for v in (1, 2, 3) if v < n_classes], value("k"))]
+    if mechanism == "reverse_sigmoid":
+        return [("beta", [_round(value("beta") * f) for f in wide], value("beta"))]
     return []
 
 
 def _certify(o: Any, full: bool, n_classes: int) -> Space:
     factors = (0.5, 1.0, 2.0, 4.0) if full else (0.5, 1.0, 2.0)
-    return [("sigma", [_round(o.sigma * f) for f in factors])]
+    return [("sigma", [_round(o.sigma * f) for f in factors], o.sigma)]
 
 
 _SPACES: dict[str, Callable[[Any, bool, int], Space]] = {
