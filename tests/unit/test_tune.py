@@ -326,7 +326,8 @@ def test_typed_options_are_written_as_a_policy_writes_them() -> None:
     assert (
         to_yaml(blacklight, "degrade_for") == "1h" and to_yaml(blacklight, "action") == "misdirect"
     )
-    squeezers = typed(policy({"squeeze_detect": {"threshold": 1, "squeezers": [{"bits": 5}]}}))
+    squeeze = {"threshold": 1, "range": [0, 16], "squeezers": [{"bits": 5}]}
+    squeezers = typed(policy({"squeeze_detect": squeeze}))
     assert to_yaml(squeezers.stages[0].options, "squeezers") == [{"bits": 5}]
     # Every stage's options, written out whole, read back as they were.
     written = policy(*({e.kind: to_yaml(e.options)} for e in config.stages))
