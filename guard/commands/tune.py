@@ -109,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
     if not result.params and not args.verify:
         print(
             f"guard tune: nothing to tune: {args.model} has none of blacklight, prada, "
-            "squeeze_detect, privacy, certify (with sigma); measured as it is",
+            "squeeze_detect, privacy (with a tunable mechanism), certify; measured as it is",
             file=sys.stderr,
         )
     if args.report:

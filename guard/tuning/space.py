@@ -54,7 +54,6 @@ if TYPE_CHECKING:
     from guard.config import ModelConfig, Policy
     from guard.defenses.privacy import Cost
 
-TUNABLE = ("blacklight", "prada", "squeeze_detect", "privacy", "certify")
 NOISY = ("laplace", "gaussian")
 
 
