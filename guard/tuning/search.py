@@ -185,7 +185,6 @@ def pick(
 
 @dataclass(frozen=True, slots=True)
 class TuneResult:
-    model: str
     config: ModelConfig  # the base policy's model, its options typed (candidates replace them)
     data: str
     params: tuple[Param, ...]
@@ -201,6 +200,10 @@ class TuneResult:
     seconds: float
     calibration_inputs: int = 0
     noise: tuple[float, ...] = ()  # the base policy's risk over seeds, when measured
+
+    @property
+    def model(self) -> str:
+        return self.config.name
 
     @property
     def base(self) -> Candidate:
@@ -329,7 +332,6 @@ def tune(
     else:
         chosen = current
     return TuneResult(
-        model=model,
         config=config,
         data=data.name,
         params=tuple(params),
