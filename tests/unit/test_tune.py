@@ -178,6 +178,13 @@ def test_a_privacy_budget_keeps_its_number_of_scored_answers(
         assert tuned.budget.epsilon == 1000 * epsilon
 
 
+def test_a_mechanism_switch_leaves_the_gaussian_delta_behind() -> None:
+    config = typed(policy({"privacy": {"mechanism": "gaussian", "epsilon": 2.0, "delta": 1e-5}}))
+    param = Param("privacy", 0, "mechanism", ("laplace", "gaussian"), "gaussian")
+    tuned = apply(config, [param], {"privacy.mechanism": "laplace"}).stages[0].options
+    assert (tuned.mechanism, tuned.epsilon, tuned.delta) == ("laplace", 2.0, None)
+
+
 def test_attacks_follow_the_tuned_stages_and_the_data() -> None:
     small = WORKLOADS["small"]
     digits, tabular = TuneData.builtin("digits"), TuneData.builtin("breast_cancer")
