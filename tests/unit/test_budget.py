@@ -118,7 +118,7 @@ def test_durations_and_describe() -> None:
             {"queries": 3, "per": "1d"},
         ]
     )
-    assert [q.per for q in stage.limits] == [0.5, 90.0, 86400.0]
+    assert [q.per for q in stage.options.limits] == [0.5, 90.0, 86400.0]
     assert stage.describe()["limits"] == [
         {"queries": 1, "per": "0.5s"},
         {"queries": 2, "per": "90s"},
