@@ -11,8 +11,9 @@ Keys: :class:`PradaOptions` (docs/stage-options.md).
 An exact repeat of a query the client's growing set holds (distance 0) is
 skipped: it says nothing new and would read as non-natural. Finding: ``score`` W,
 ``threshold`` delta, technique AML.T0024.002 (extract ML model). Failure mode:
-``on_error`` (default closed: 503 when the state store is down). Several replicas may update one client's history at once; each update
-is atomic, the sequence is not, which at worst shifts a test by a few queries.
+``on_error`` (default closed: 503 when the state store is down). Several replicas
+may update one client's history at once; each update is atomic, the sequence is
+not, which at worst shifts a test by a few queries.
 """
 
 from __future__ import annotations
