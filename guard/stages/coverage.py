@@ -70,7 +70,7 @@ class CoverageOptions(MisdirectOptions):
     radius: float | None = option(
         None,
         gt=0,
-        shown="required",
+        shown="required, unless `reference`",
         doc="a query is novel when no earlier one of the window lies within this L2 distance "
         "(in the input's units, after the sketch); with `misdirect`, also the anchors' radius",
     )
