@@ -283,9 +283,10 @@ class Privacy(OptionsStage[PrivacyOptions]):
         self._derive_label = not all(_keeps_argmax(m) for m in (self.mechanism, self.degraded))
 
     def describe(self) -> dict[str, Any]:
-        described = super().describe()
+        described = _applicable(super().describe())
         described["noise"] = self.mechanism.describe()
         described["epsilon_per_answer"] = self._epsilon_per_answer(self.mechanism)
+        described["degraded"] = _applicable(described["degraded"])
         described["degraded"]["noise"] = self.degraded.describe()
         described["label_output"] = self.label_output
         described["consistent"] = self.secret is not None
@@ -420,6 +421,12 @@ class Privacy(OptionsStage[PrivacyOptions]):
         if len(generators) != rows:
             raise ValueError(f"{rows} rows of scores answer {len(generators)} rows of input")
         return generators
+
+
+def _applicable(described: dict[str, Any]) -> dict[str, Any]:
+    """Described options less the mechanism keys that mechanism does not take."""
+    takes = _TAKES[described["mechanism"]]
+    return {k: v for k, v in described.items() if k not in _PARAMETERS or k in takes}
 
 
 def _keeps_argmax(mechanism: Mechanism) -> bool:
