@@ -35,7 +35,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
@@ -67,7 +67,6 @@ DEFAULT_DELTA = 1e-6
 MIN_SECRET_CHARS = 16
 BUDGET_HEADER = "X-Guard-Privacy-Epsilon"
 TECHNIQUE = "AML.T0024"  # Exfiltration via ML Inference API
-T = TypeVar("T")
 # The keys each mechanism takes, with their defaults (None: no default).
 _TAKES: dict[str, dict[str, Any]] = {
     "laplace": {"epsilon": None, "keep_argmax": True},
@@ -126,30 +125,30 @@ class MechanismOptions:
                 raise OptionError(
                     key, f"does not apply to mechanism {self.mechanism} (it takes {taken})"
                 )
-        for key, default in takes.items():
-            if getattr(self, key) is None:
-                object.__setattr__(self, key, default)  # the mechanism's default
         if self.mechanism == "laplace" and self.epsilon is None:
             raise OptionError("epsilon", "is required")
         if self.mechanism == "gaussian" and (self.sigma is None) == (self.epsilon is None):
             raise OptionError(None, "mechanism gaussian takes sigma or epsilon (one of them)")
 
+    def value(self, key: str) -> Any:
+        """Parameter ``key`` as the mechanism uses it: as set, else the mechanism's default."""
+        value = getattr(self, key)
+        return _TAKES[self.mechanism][key] if value is None else value
+
     def build(self, delta: float | None) -> Mechanism:
         """The mechanism these options configure (``delta`` turns a Gaussian's ε into σ)."""
-        kind, keep = self.mechanism, self.keep_argmax is not False
+        kind, v = self.mechanism, self.value
         if kind == "laplace":
-            return Laplace(epsilon=_set(self.epsilon), keep_argmax=keep)
+            return Laplace(epsilon=v("epsilon"), keep_argmax=v("keep_argmax"))
         if kind == "gaussian":
-            sigma = self.sigma or gaussian_sigma(
-                zcdp_rho(_set(self.epsilon), delta or DEFAULT_DELTA)
-            )
-            return Gaussian(sigma=sigma, keep_argmax=keep)
+            rho = zcdp_rho(v("epsilon"), delta or DEFAULT_DELTA) if self.sigma is None else 0.0
+            return Gaussian(sigma=self.sigma or gaussian_sigma(rho), keep_argmax=v("keep_argmax"))
         if kind == "round":
-            return Rounding(decimals=_set(self.decimals), keep_argmax=keep)
+            return Rounding(decimals=v("decimals"), keep_argmax=v("keep_argmax"))
         if kind == "topk":
-            return TopK(k=_set(self.k), renormalize=self.renormalize is not False)
+            return TopK(k=v("k"), renormalize=v("renormalize"))
         if kind == "reverse_sigmoid":
-            return ReverseSigmoid(beta=_set(self.beta), gamma=_set(self.gamma), keep_argmax=keep)
+            return ReverseSigmoid(beta=v("beta"), gamma=v("gamma"), keep_argmax=v("keep_argmax"))
         return LabelOnly()
 
 
@@ -214,8 +213,6 @@ class PrivacyOptions(MechanismOptions):
         gaussian = "gaussian" in (self.mechanism, self.degraded.mechanism)
         if self.delta is not None and not gaussian:
             raise OptionError("delta", "applies to mechanism gaussian only")
-        if gaussian and self.delta is None:
-            object.__setattr__(self, "delta", DEFAULT_DELTA)
         main, degraded = self.build(self.delta), self.degraded.build(self.delta)
         if main.noisy and not isinstance(degraded, LabelOnly) and _weaker(degraded, main):
             raise OptionError(
@@ -236,12 +233,6 @@ def _weaker(degraded: Mechanism, main: Mechanism) -> bool:
         or (isinstance(main, Laplace) and degraded.epsilon > main.epsilon)  # type: ignore[attr-defined]
         or (isinstance(main, Gaussian) and degraded.sigma < main.sigma)  # type: ignore[attr-defined]
     )
-
-
-def _set(value: T | None) -> T:
-    if value is None:  # __post_init__ fills defaults in and refuses missing values
-        raise TypeError("a mechanism option is unset")
-    return value
 
 
 class _AddedOutput(RequestedOutput):
@@ -276,18 +267,22 @@ class Privacy(OptionsStage[PrivacyOptions]):
                 o.budget.epsilon,
                 unit=cost.unit,
                 window_s=o.budget.per,
-                delta=o.delta if cost.unit == "rho" else None,
+                delta=(o.delta or DEFAULT_DELTA) if cost.unit == "rho" else None,
             )
             self.accountant = Accountant(env.store, budget, model=env.model)
         self.rng = rng if rng is not None else np.random.default_rng()
         self._derive_label = not all(_keeps_argmax(m) for m in (self.mechanism, self.degraded))
 
     def describe(self) -> dict[str, Any]:
-        described = _applicable(super().describe())
-        described["noise"] = self.mechanism.describe()
+        described = _applicable(super().describe(), self.options)
+        described["degraded"] = _applicable(described["degraded"], self.options.degraded)
+        for mechanism, shown in (
+            (self.mechanism, described),
+            (self.degraded, described["degraded"]),
+        ):
+            if mechanism.noisy:  # what the noise is, derived: scale, sigma, rho
+                shown["noise"] = mechanism.describe()
         described["epsilon_per_answer"] = self._epsilon_per_answer(self.mechanism)
-        described["degraded"] = _applicable(described["degraded"])
-        described["degraded"]["noise"] = self.degraded.describe()
         described["label_output"] = self.label_output
         described["consistent"] = self.secret is not None
         if self.accountant is not None:
@@ -423,10 +418,14 @@ class Privacy(OptionsStage[PrivacyOptions]):
         return generators
 
 
-def _applicable(described: dict[str, Any]) -> dict[str, Any]:
-    """Described options less the mechanism keys that mechanism does not take."""
-    takes = _TAKES[described["mechanism"]]
-    return {k: v for k, v in described.items() if k not in _PARAMETERS or k in takes}
+def _applicable(described: dict[str, Any], options: MechanismOptions) -> dict[str, Any]:
+    """Described options with the mechanism's keys as it uses them, the others left out."""
+    takes = _TAKES[options.mechanism]
+    return {
+        k: options.value(k) if k in takes else v
+        for k, v in described.items()
+        if k not in _PARAMETERS or k in takes
+    }
 
 
 def _keeps_argmax(mechanism: Mechanism) -> bool:
