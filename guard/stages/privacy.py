@@ -141,8 +141,8 @@ class MechanismOptions:
         if kind == "laplace":
             return Laplace(epsilon=v("epsilon"), keep_argmax=v("keep_argmax"))
         if kind == "gaussian":
-            rho = zcdp_rho(v("epsilon"), delta or DEFAULT_DELTA) if self.sigma is None else 0.0
-            return Gaussian(sigma=self.sigma or gaussian_sigma(rho), keep_argmax=v("keep_argmax"))
+            sigma = self.sigma or gaussian_sigma(zcdp_rho(v("epsilon"), delta or DEFAULT_DELTA))
+            return Gaussian(sigma=sigma, keep_argmax=v("keep_argmax"))
         if kind == "round":
             return Rounding(decimals=v("decimals"), keep_argmax=v("keep_argmax"))
         if kind == "topk":
@@ -154,6 +154,8 @@ class MechanismOptions:
 
 @dataclass(frozen=True, kw_only=True)
 class BudgetOptions:
+    """``budget: {epsilon: E, per: 1d}``: the ε each client may spend per window."""
+
     epsilon: float = option(gt=0.0, doc="the ε each client may spend per window on this model")
     per: Duration | None = option(
         None, min=1, shown="never resets", doc="the window: seconds or `30s`/`15m`/`12h`/`1d`"
