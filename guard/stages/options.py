@@ -319,7 +319,9 @@ def _rule(field: dataclasses.Field[Any]) -> Rule:
 
 
 def _optional(hint: Any) -> bool:
-    return isinstance(hint, types.UnionType) and type(None) in typing.get_args(hint)
+    # ``Duration | None`` is a typing.Union (Duration is a NewType), ``float | None`` a UnionType
+    union = isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union
+    return union and type(None) in typing.get_args(hint)
 
 
 def _strip_optional(hint: Any) -> Any:
