@@ -318,7 +318,8 @@ def _rule(field: dataclasses.Field[Any]) -> Rule:
 
 
 def _optional(hint: Any) -> bool:
-    return isinstance(hint, types.UnionType) and type(None) in typing.get_args(hint)
+    union = typing.get_origin(hint) in (types.UnionType, typing.Union)  # Literal[...] | None
+    return union and type(None) in typing.get_args(hint)
 
 
 def _strip_optional(hint: Any) -> Any:
