@@ -38,9 +38,7 @@ def only_input(values: Mapping[str, Any], env: StageEnv) -> str | None:
     return spec.name if spec is not None else None
 
 
-def request_input(
-    ctx: RequestContext, name: str | None, *, several: str
-) -> tuple[str, np.ndarray]:
+def request_input(ctx: RequestContext, name: str | None, *, several: str) -> tuple[str, np.ndarray]:
     """The request's input ``name``, or its only input when ``name`` is None; a 400 when it
     lacks the input or holds several and none is named (``several`` says what needs one)."""
     inputs = ctx.request.inputs

@@ -93,7 +93,9 @@ class Validate(OptionsStage[ValidateOptions]):
             inputs[target] = checked
             total += checked.nbytes
         if total > o.max_bytes:
-            raise RequestError(f"inputs: {total} bytes of tensors exceed the limit of {o.max_bytes}")
+            raise RequestError(
+                f"inputs: {total} bytes of tensors exceed the limit of {o.max_bytes}"
+            )
         return Verdict.CONTINUE
 
     def _check(self, name: str, array: np.ndarray) -> np.ndarray:
@@ -102,7 +104,9 @@ class Validate(OptionsStage[ValidateOptions]):
         if array.ndim == 0:
             raise RequestError(f"{field}: expected a batch; got a scalar")
         if array.shape[0] > o.max_batch:
-            raise RequestError(f"{field}: batch of {array.shape[0]} exceeds max_batch {o.max_batch}")
+            raise RequestError(
+                f"{field}: batch of {array.shape[0]} exceeds max_batch {o.max_batch}"
+            )
         if o.shape is not None and not _shape_matches(array.shape[1:], o.shape):
             expected = ["batch", *(d if d >= 0 else "any" for d in o.shape)]
             raise RequestError(f"{field}: shape {list(array.shape)} does not match {expected}")
@@ -112,9 +116,7 @@ class Validate(OptionsStage[ValidateOptions]):
         if not _castable(array.dtype, target):
             given, wanted = datatype_name(array.dtype), datatype_name(target)
             raise RequestError(f"{field}: datatype {given} cannot be used as {wanted}")
-        out, index, code = _native.check_and_cast(
-            array, target, o.min, o.max, o.allow_nonfinite
-        )
+        out, index, code = _native.check_and_cast(array, target, o.min, o.max, o.allow_nonfinite)
         if index >= 0:
             where = [int(i) for i in np.unravel_index(index, array.shape)]
             value = array.reshape(-1)[index].item()
