@@ -50,6 +50,10 @@ class ImageOptions:
     channels: int = option(1, min=1, doc="channels of the image")
     layout: Literal["HWC", "CHW"] = option("HWC", doc="where the channels are")
 
+    @property
+    def image(self) -> Image:
+        return Image(self.height, self.width, self.channels, self.layout)
+
 
 @dataclass(frozen=True, kw_only=True)
 class SqueezerOptions:
@@ -71,22 +75,25 @@ class SqueezerOptions:
         if self.clip is None and self.bits is None and self.median is None:
             raise OptionError(None, "needs at least one of clip, bits, median")
 
-    def build(
-        self, value_range: tuple[float, float] | None, image: Image | None, *, at: str = ""
-    ) -> Squeezer:
-        """The squeezer, with the stage's ``range`` and ``image`` (``at``: this one's key)."""
+    def check(
+        self, value_range: tuple[float, float] | None, image: ImageOptions | None, at: str = ""
+    ) -> None:
+        """The rules with the stage's ``range`` and ``image`` (``at``: this squeezer's key)."""
         if self.bits is not None and value_range is None:
             raise OptionError(f"{at}bits", "needs range: [lo, hi] (the values' range) on the stage")
-        if self.median is not None:
-            if image is None:
-                raise OptionError(
-                    f"{at}median", "needs image: {height, width, channels, layout} on the stage"
-                )
-            if self.median > min(image.height, image.width):
-                raise OptionError(
-                    f"{at}median",
-                    f"window {self.median}x{self.median} does not fit the image ({image})",
-                )
+        if self.median is None:
+            return
+        if image is None:
+            raise OptionError(
+                f"{at}median", "needs image: {height, width, channels, layout} on the stage"
+            )
+        if self.median > min(image.height, image.width):
+            raise OptionError(
+                f"{at}median",
+                f"window {self.median}x{self.median} does not fit the image ({image.image})",
+            )
+
+    def build(self, value_range: tuple[float, float] | None, image: Image | None) -> Squeezer:
         return Squeezer(
             clip=self.clip,
             bits=self.bits,
@@ -119,6 +126,10 @@ class SqueezedInputOptions:
 class SqueezeOptions(SqueezerOptions, SqueezedInputOptions):
     """The input's keys, then the squeezer's (at least one of clip, bits, median)."""
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.check(self.range, self.image)
+
 
 class Squeeze(OptionsStage[SqueezeOptions]):
     name = "squeeze"
@@ -144,8 +155,7 @@ def image_of(options: SqueezedInputOptions, env: StageEnv) -> Image | None:
     """The ``image`` of a stage's options, checked against the model's input shape."""
     if options.image is None:
         return None
-    o = options.image
-    image = Image(o.height, o.width, o.channels, o.layout)
+    image = options.image.image
     spec = watched_input(env, options.input)
     if spec is not None and all(d >= 0 for d in spec.shape[1:]):
         values = math.prod(spec.shape[1:])

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
-from guard.defenses.squeeze import TECHNIQUE, Squeezer, distances_from_scores, squeezed_batch
+from guard.defenses.squeeze import TECHNIQUE, distances_from_scores, squeezed_batch
 from guard.errors import RequestError
 from guard.inference import InferRequest, RequestedOutput
 from guard.pipeline import Action, RequestContext, Verdict
@@ -70,6 +70,8 @@ class SqueezeDetectOptions(SqueezedInputOptions):
     def __post_init__(self) -> None:
         if not self.squeezers:
             raise OptionError("squeezers", "must list at least one squeezer, e.g. [{bits: 4}]")
+        for index, squeezer in enumerate(self.squeezers):
+            squeezer.check(self.range, self.image, f"squeezers[{index}].")
 
 
 class SqueezeDetect(OptionsStage[SqueezeDetectOptions]):
@@ -79,10 +81,7 @@ class SqueezeDetect(OptionsStage[SqueezeDetectOptions]):
     def __init__(self, options: SqueezeDetectOptions, env: StageEnv) -> None:
         super().__init__(options, env)
         image = image_of(options, env)
-        self.squeezers: tuple[Squeezer, ...] = tuple(
-            s.build(options.range, image, at=f"squeezers[{i}].")
-            for i, s in enumerate(options.squeezers)
-        )
+        self.squeezers = tuple(s.build(options.range, image) for s in options.squeezers)
         scorer = env.local if options.scorer == "local" else env.backend
         if scorer is None:
             local = options.scorer == "local"
