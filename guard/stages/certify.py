@@ -45,7 +45,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -106,10 +106,6 @@ class SampleBudget:
         return True
 
 
-def _source(values: Mapping[str, Any], env: StageEnv) -> str:
-    return "local" if env.local is not None else "upstream"
-
-
 @dataclass(frozen=True, kw_only=True)
 class CertifyOptions:
     sigma: float = option(
@@ -132,7 +128,7 @@ class CertifyOptions:
         "a stage listed earlier reported a finding (action other than allow) or degraded it",
     )
     source: Literal["local", "upstream"] = option(
-        derive=_source,
+        derive=lambda values, env: "local" if env.local is not None else "upstream",
         shown="`local` with a model file",
         doc="`local`: the policy's local model file, in worker threads; `upstream`: batches of "
         "noisy samples sent to the upstream as V2 requests (its batch limit must admit `batch`)",
