@@ -32,6 +32,7 @@ from guard.errors import RequestError
 from guard.pipeline import ACTIONS, Action, RequestContext, Verdict
 from guard.stages.env import StageEnv
 from guard.stages.options import Duration, option
+from guard.stages.shared import request_input
 from guard.state import StateStore, client_key
 
 __all__ = ["DetectorOptions", "Enforcement", "MisdirectOptions", "input_rows"]
@@ -79,18 +80,7 @@ class MisdirectOptions(DetectorOptions):
 
 def input_rows(ctx: RequestContext, name: str | None) -> np.ndarray:
     """The watched input as ``[batch, values]`` float32 (one query per row)."""
-    inputs = ctx.request.inputs
-    if name is None:
-        if len(inputs) != 1:
-            raise RequestError(
-                f"inputs: this model's detectors watch one input; got {len(inputs)} "
-                "(name it with the stage's input key)"
-            )
-        (x,) = inputs.values()
-    elif name in inputs:
-        x = inputs[name]
-    else:
-        raise RequestError(f"inputs: input {name!r} is required")
+    _, x = request_input(ctx, name, several="this model's detectors watch one input")
     if x.ndim == 0 or x.dtype.kind not in "biuf":
         raise RequestError("inputs: detectors need a numeric batch")
     return np.asarray(x, dtype=np.float32).reshape(x.shape[0], int(np.prod(x.shape[1:])))

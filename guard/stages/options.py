@@ -35,7 +35,6 @@ import dataclasses
 import enum
 import math
 import re
-import sys
 import types
 import typing
 from collections.abc import Callable, Mapping
@@ -237,8 +236,8 @@ def _tuple(section: Section, key: str, args: tuple[Any, ...], env: StageEnv) -> 
     if args == (int, ...):
         return section.shape(key)
     if args == (float, float):
-        values = section.raw(key)
-        if not isinstance(values, list) or len(values) != 2 or not all(_finite(v) for v in values):
+        values = [value for _, value in section.section_list(key)]
+        if len(values) != 2 or not all(_finite(v) for v in values):
             raise section.error(key, f"must be [lo, hi], two finite numbers; got {show(values)}")
         lo, hi = float(values[0]), float(values[1])
         if not lo < hi or not math.isfinite(hi - lo):
@@ -306,8 +305,8 @@ def _hints(cls: type) -> dict[str, Any]:
         from guard.stages.env import StageEnv
 
         names = {"Action": Action, "Duration": Duration, "StageEnv": StageEnv, "Literal": Literal}
-        module = sys.modules[cls.__module__]
-        hints = _HINTS[cls] = typing.get_type_hints(cls, globalns={**vars(module), **names})
+        # each field resolves in the module of the class that declares it
+        hints = _HINTS[cls] = typing.get_type_hints(cls, localns=names)
     return hints
 
 
@@ -319,8 +318,8 @@ def _rule(field: dataclasses.Field[Any]) -> Rule:
 
 
 def _optional(hint: Any) -> bool:
-    # ``Duration | None`` is a typing.Union (Duration is a NewType), ``float | None`` a UnionType
-    union = isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union
+    # ``float | None`` is a UnionType; ``Duration | None`` and ``Literal[...] | None`` a Union
+    union = typing.get_origin(hint) in (types.UnionType, typing.Union)
     return union and type(None) in typing.get_args(hint)
 
 

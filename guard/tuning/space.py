@@ -301,10 +301,10 @@ def calibrate_squeeze(
     stage = SqueezeDetect.from_config(
         Section({**options, "threshold": 0.0}, source="guard tune", path="squeeze_detect"), env
     )
-    name = stage.input_name or local.inputs[0].name
+    name, output = stage.options.input or local.inputs[0].name, stage.options.output
 
     def scores(batch: np.ndarray) -> np.ndarray:
-        return local.run({name: batch.astype(np.float32)}, [stage.output])[stage.output]
+        return local.run({name: batch.astype(np.float32)}, [output])[output]
 
     threshold = calibrate_threshold(scores, benign, stage.squeezers, fpr)
     return _round_up(threshold), len(benign)
