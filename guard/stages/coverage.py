@@ -53,7 +53,7 @@ from guard.pipeline import Action, RequestContext, Verdict
 from guard.stages.detector import Enforcement, MisdirectOptions, input_rows
 from guard.stages.env import StageEnv
 from guard.stages.options import Duration, OptionError, OptionsStage, option
-from guard.stages.prada import OUTPUT_DOC, predicted
+from guard.stages.shared import OUTPUT_DOC, predicted
 from guard.state import client_key, hash_tag
 
 TECHNIQUE = "AML.T0024.002"  # Exfiltration via ML Inference API: Extract ML Model

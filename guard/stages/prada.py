@@ -24,21 +24,15 @@ from dataclasses import dataclass
 import numpy as np
 
 from guard.defenses.prada import ClassSet, observe, shapiro_w
-from guard.inference import InferResponse
 from guard.pipeline import Action, RequestContext, Verdict
 from guard.stages.detector import Enforcement, MisdirectOptions, input_rows
 from guard.stages.env import StageEnv
 from guard.stages.options import Duration, OptionsStage, option
+from guard.stages.shared import OUTPUT_DOC, predicted
 from guard.state import client_key
 
 TECHNIQUE = "AML.T0024.002"  # Exfiltration via ML Inference API: Extract ML Model
 _DISTANCE = np.dtype("<f4")
-_PREFERRED_OUTPUTS = ("probabilities", "label")
-OUTPUT_DOC = (
-    "the output the class is read from: the argmax of a `[batch, classes]` score output or a "
-    "`[batch]` label output; default: `probabilities`, else `label`. When the response lacks "
-    "it (the client asked for other outputs), any output of either shape"
-)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -133,23 +127,3 @@ class Prada(OptionsStage[PradaOptions]):
 
     def _key(self, client: str, *parts: str) -> str:
         return client_key(client, "prada", self.enforcement.model, *parts)
-
-
-def predicted(
-    response: InferResponse, rows: int, output: str | None
-) -> tuple[np.ndarray, int | None] | None:
-    """The predicted class of each row and, from a score output, the number of classes (None
-    from a label output); ``None`` when no output fits. Read from ``output`` (default:
-    ``probabilities``, else ``label``), else from the first output that fits: a client asking
-    for a subset of the outputs does not escape the detector."""
-    outputs = response.outputs
-    preferred = (output,) if output else _PREFERRED_OUTPUTS
-    for name in [*(n for n in preferred if n in outputs), *outputs]:
-        value = outputs.get(name)
-        if value is None or value.shape[:1] != (rows,):
-            continue
-        if value.ndim == 2 and value.shape[1] > 1 and value.dtype.kind == "f":
-            return np.argmax(value, axis=1).astype(np.int64), int(value.shape[1])
-        if value.ndim == 1 and value.dtype.kind in "iu":
-            return value.astype(np.int64), None
-    return None

@@ -1,11 +1,13 @@
-"""Rules several stages share: which input a stage watches.
+"""Rules several stages share: which input a stage watches, which class a response gives.
 
 At load, :func:`watched_input` picks the model input a stage's ``input`` key
 names, or the model's only input when the key is absent (when the metadata is
 known); :func:`only_input` is that default as an option's ``derive``. At request
 time, :func:`request_input` picks the named input of the request, or its only
-one, with a 400 naming the field otherwise. Which *output* holds the class is
-:func:`guard.inference.class_output` (below the stages: the pipeline uses it too).
+one, with a 400 naming the field otherwise. Whether an output holds the class is
+:func:`guard.inference.class_output` (below the stages: the pipeline uses it too);
+:func:`predicted` reads the class of each row of a response with it (the detectors
+that watch answers: ``prada``, ``coverage``).
 """
 
 from __future__ import annotations
@@ -16,9 +18,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from guard.errors import RequestError
+from guard.inference import class_output
 
 if TYPE_CHECKING:
-    from guard.inference import TensorSpec
+    from guard.inference import InferResponse, TensorSpec
     from guard.pipeline import RequestContext
     from guard.stages.env import StageEnv
 
@@ -51,3 +54,32 @@ def request_input(ctx: RequestContext, name: str | None, *, several: str) -> tup
     if name not in inputs:
         raise RequestError(f"inputs: input {name!r} is required")
     return name, inputs[name]
+
+
+PREFERRED_OUTPUTS = ("probabilities", "label")
+OUTPUT_DOC = (
+    "the output the class is read from: the argmax of a `[batch, classes]` score output or a "
+    "`[batch]` label output; default: `probabilities`, else `label`. When the response lacks "
+    "it (the client asked for other outputs), any output of either shape"
+)
+
+
+def predicted(
+    response: InferResponse, rows: int, output: str | None
+) -> tuple[np.ndarray, int | None] | None:
+    """The predicted class of each row and, from a score output, the number of classes (None
+    from a label output); ``None`` when no output fits. Read from ``output`` (default:
+    ``probabilities``, else ``label``), else from the first output that fits: a client asking
+    for a subset of the outputs does not escape the detector."""
+    outputs = response.outputs
+    preferred = (output,) if output else PREFERRED_OUTPUTS
+    for name in [*(n for n in preferred if n in outputs), *outputs]:
+        value = outputs.get(name)
+        if value is None or value.shape[:1] != (rows,):
+            continue
+        kind = class_output(value.dtype.kind, value.shape)
+        if kind == "scores":
+            return np.argmax(value, axis=1).astype(np.int64), int(value.shape[1])
+        if kind == "labels":
+            return value.reshape(rows).astype(np.int64), None
+    return None
