@@ -78,7 +78,7 @@ class Rule:
     lt: Bound = None
     choices: tuple[str, ...] | None = None  # for Action fields: the actions this stage takes
     names: Literal["input", "output"] | None = None  # the value names a model input/output
-    derive: Callable[[Mapping[str, Any], StageEnv], Any] | None = None
+    derive: Callable[[Mapping[str, Any], Any], Any] | None = None
     shown: str | None = None  # the default as the docs print it, where not the value itself
 
 
@@ -92,7 +92,7 @@ def option(
     lt: Bound = None,
     choices: tuple[str, ...] | None = None,
     names: Literal["input", "output"] | None = None,
-    derive: Callable[[Mapping[str, Any], StageEnv], Any] | None = None,
+    derive: Callable[[Mapping[str, Any], Any], Any] | None = None,
     shown: str | None = None,
 ) -> Any:
     """A field of an options dataclass (no default and no ``derive``: the key is required)."""
@@ -100,8 +100,11 @@ def option(
     return dataclasses.field(default=default, metadata={_KEY: rule})
 
 
-def read_options(cls: type[OptionsT], section: Section, env: StageEnv) -> OptionsT:
-    """``cls`` read from ``section``; unknown keys and broken rules raise PolicyError."""
+def read_options(cls: type[OptionsT], section: Section, env: StageEnv | None = None) -> OptionsT:
+    """``cls`` read from ``section``; unknown keys and broken rules raise PolicyError.
+
+    ``env``: the stage's model, for keys that name its inputs or outputs and defaults
+    derived from it; None for sections outside a stage (``limits:``)."""
     for key, message in getattr(cls, "REMOVED", {}).items():
         if section.has(key):
             raise section.error(key, message)
@@ -192,7 +195,7 @@ def _read(
     hint: Any,
     rule: Rule,
     values: Mapping[str, Any],
-    env: StageEnv,
+    env: StageEnv | None,
 ) -> Any:
     hint = _strip_optional(hint)
     bounds = {b: _bound(getattr(rule, b), values) for b in ("min", "max", "gt", "lt")}
@@ -230,7 +233,7 @@ def _read(
     raise TypeError(f"option {key}: no reader for {hint!r}")
 
 
-def _tuple(section: Section, key: str, args: tuple[Any, ...], env: StageEnv) -> Any:
+def _tuple(section: Section, key: str, args: tuple[Any, ...], env: StageEnv | None) -> Any:
     if args == (str, ...):
         return section.str_list(key)
     if args == (int, ...):
@@ -252,15 +255,15 @@ def _tuple(section: Section, key: str, args: tuple[Any, ...], env: StageEnv) -> 
     raise TypeError(f"option {key}: no reader for tuple{list(args)}")
 
 
-def _nested(section: Section, cls: Any, env: StageEnv) -> Any:
+def _nested(section: Section, cls: Any, env: StageEnv | None) -> Any:
     return read_options(cls, section, env)
 
 
 def _check_name(
-    section: Section, key: str, value: str, kind: Literal["input", "output"], env: StageEnv
+    section: Section, key: str, value: str, kind: Literal["input", "output"], env: StageEnv | None
 ) -> None:
     """An ``input``/``output`` value must name one of the model's, when they are known."""
-    if env.metadata is None:
+    if env is None or env.metadata is None:
         return
     specs = env.metadata.inputs if kind == "input" else env.metadata.outputs
     known = [spec.name for spec in specs]

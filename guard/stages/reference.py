@@ -4,9 +4,8 @@ Writes ``docs/stage-options.md`` from what the code declares: per stage of
 :data:`guard.stages.STAGES` whose class has an ``Options`` dataclass, the first
 paragraph of the stage module's docstring and a table of its keys
 (:func:`guard.stages.options.option_rows`), plus one table per nested section
-(``limits[]``: each entry of a list of mappings). Stages not yet declared that
-way are listed at the end. ``--check`` writes nothing and exits 1 when the file
-differs from what would be written.
+(``limits[]``: each entry of a list of mappings). ``--check`` writes nothing and
+exits 1 when the file differs from what would be written.
 
 Run as a module only: nothing on the serving path imports it.
 """
@@ -65,24 +64,13 @@ def tables(options: type, prefix: str = "") -> list[tuple[str, type]]:
 
 def render() -> str:
     """The whole of ``docs/stage-options.md``."""
-    parts, missing, classes = [HEADER], [], stage_classes()
-    for name, cls in classes.items():
-        options = getattr(cls, "Options", None)
-        if options is None:
-            missing.append(name)
-            continue
+    parts = [HEADER]
+    for name, cls in stage_classes().items():
         parts.append(f"## {name}\n\n{summary(name, cls)}\n")
-        for path, section in tables(options):
+        for path, section in tables(cls.Options):  # type: ignore[attr-defined]
             if path:
                 parts.append(f"### {name}: `{path}`\n")
             parts.append(_table(section))
-    if missing:
-        listed = "\n".join(f"- `{name}`: {summary(name, classes[name])}" for name in missing)
-        parts.append(
-            "## Not yet declared\n\n"
-            "These stages still read their keys by hand; the module docstring lists them.\n\n"
-            f"{listed}\n"
-        )
     return "\n".join(parts)
 
 
