@@ -24,6 +24,7 @@ from guard.backends.onnx import DEVICES
 from guard.clients import ClientDirectory, key_digest, load_keys, read_address_options
 from guard.configreader import Section
 from guard.errors import PolicyError
+from guard.stages.options import option, read_options
 from guard.state import StateConfig, read_state_config
 
 VERSION = 1
@@ -51,35 +52,49 @@ class ModelConfig:
     stages: tuple[StageEntry, ...]
 
 
-MAX_BODY_BYTES = 32 << 20
-MAX_IN_FLIGHT = 1024
-BODY_TIMEOUT = 30.0
-BODY_STALL_TIMEOUT = 10.0  # nginx's client_body_timeout is 60 s; a model API needs less
-MAX_IN_FLIGHT_PER_CLIENT = 64
-PARSE_BYTES_PER_SECOND = 16 << 20  # per client
 OFFLOAD_DECODE_BYTES = 1 << 20
 IDLE_TIMEOUT = 75.0  # above the 60 s idle timeout of common load balancers
+DAY = 86400
 
 
-@dataclass(frozen=True, kw_only=True, slots=True)
+@dataclass(frozen=True, kw_only=True)
 class Limits:
-    max_body_bytes: int = MAX_BODY_BYTES
-    max_in_flight: int = MAX_IN_FLIGHT  # concurrent inference requests before 503
-    body_timeout: float = BODY_TIMEOUT  # seconds for a request body to arrive, then 408
-    # Seconds without a byte of the body arriving before it is refused with 408.
-    body_stall_timeout: float = BODY_STALL_TIMEOUT
-    # Requests of one client in progress at once (headers read, not yet answered): past
-    # it, 429 at once, before the body is read. One client cannot take every slot.
-    max_in_flight_per_client: int = MAX_IN_FLIGHT_PER_CLIENT
-    # Body bytes one client may make the guard decode per second (a token bucket holding
-    # max_body_bytes or a second's worth, whichever is more): past it, 429.
-    parse_bytes_per_second: int = PARSE_BYTES_PER_SECOND
-    # Bodies of at least this many bytes are decoded in a worker process, off the event
-    # loop; 0 decodes every body on the loop.
-    offload_decode_bytes: int = OFFLOAD_DECODE_BYTES
-    # Seconds a connection may sit idle between requests, or take over its first request's
-    # headers, before it is closed. Read at startup: a reload does not change it.
-    idle_timeout: float = IDLE_TIMEOUT
+    """``limits:``: what one request, one client and the whole guard may take."""
+
+    max_body_bytes: int = option(32 << 20, min=1024, doc="largest request body, else 413")
+    max_in_flight: int = option(1024, min=1, doc="inference requests at once, else 503")
+    body_timeout: float = option(
+        30.0, gt=0, max=DAY, doc="seconds for a request body to arrive, else 408"
+    )
+    # nginx's client_body_timeout is 60 s; a model API needs less
+    body_stall_timeout: float = option(
+        10.0, gt=0, max=DAY, doc="seconds without a byte of the body arriving, else 408"
+    )
+    max_in_flight_per_client: int = option(
+        64,
+        min=1,
+        doc="requests of one client in progress at once (headers read, not yet answered); "
+        "past it 429 at once, before the body is read: one client cannot take every slot",
+    )
+    parse_bytes_per_second: int = option(
+        16 << 20,
+        min=1024,
+        doc="body bytes one client may make the guard decode per second (a token bucket "
+        "holding max_body_bytes or a second's worth, whichever is more); past it 429",
+    )
+    offload_decode_bytes: int = option(
+        OFFLOAD_DECODE_BYTES,
+        min=0,
+        doc="bodies of at least this many bytes are decoded in a worker process, off the "
+        "event loop; 0 decodes every body on the loop",
+    )
+    idle_timeout: float = option(
+        IDLE_TIMEOUT,
+        gt=0,
+        max=DAY,
+        doc="seconds a connection may sit idle between requests, or take over its first "
+        "request's headers, before it is closed. Read at startup: a reload does not change it",
+    )
 
 
 METRICS_HOST = "127.0.0.1"
@@ -192,26 +207,7 @@ def parse_policy(
     disclose = _disclose(root)
     listen = _listen(root.child("listen"))
 
-    limits_section = root.child("limits")
-    limits = Limits(
-        max_body_bytes=limits_section.int("max_body_bytes", MAX_BODY_BYTES, min=1024),
-        max_in_flight=limits_section.int("max_in_flight", MAX_IN_FLIGHT, min=1),
-        body_timeout=limits_section.float("body_timeout", BODY_TIMEOUT, gt=0, max=86400),
-        body_stall_timeout=limits_section.float(
-            "body_stall_timeout", BODY_STALL_TIMEOUT, gt=0, max=86400
-        ),
-        max_in_flight_per_client=limits_section.int(
-            "max_in_flight_per_client", MAX_IN_FLIGHT_PER_CLIENT, min=1
-        ),
-        parse_bytes_per_second=limits_section.int(
-            "parse_bytes_per_second", PARSE_BYTES_PER_SECOND, min=1024
-        ),
-        offload_decode_bytes=limits_section.int(
-            "offload_decode_bytes", OFFLOAD_DECODE_BYTES, min=0
-        ),
-        idle_timeout=limits_section.float("idle_timeout", IDLE_TIMEOUT, gt=0, max=86400),
-    )
-    limits_section.finish()
+    limits = read_options(Limits, root.child("limits"))
     state = read_state_config(root.child("state"), environ)
     root.finish()
     return Policy(

@@ -8,8 +8,9 @@ of :class:`bytes`.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -128,3 +129,15 @@ class ModelMetadata:
         if self.versions:
             body["versions"] = list(self.versions)
         return body
+
+
+def class_output(kind: str, shape: Sequence[int]) -> Literal["labels", "scores"] | None:
+    """Whether an output holds the predicted class, from its numpy dtype ``kind`` and
+    ``shape`` (``-1``: any size): ``labels``, integers ``[N]`` or ``[N, 1]``; ``scores``,
+    floats ``[N, classes]`` with two or more classes (the class is the argmax); else None.
+    A spec's datatype gives its kind through :data:`DATATYPES`."""
+    if kind in ("i", "u") and (len(shape) == 1 or tuple(shape[1:]) == (1,)):
+        return "labels"
+    if kind == "f" and len(shape) == 2 and shape[1] not in (0, 1):
+        return "scores"
+    return None

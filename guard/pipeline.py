@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 from guard.errors import Denied, GuardError, Overloaded, StateUnavailable
-from guard.inference import InferRequest, InferResponse
+from guard.inference import InferRequest, InferResponse, class_output
 
 if TYPE_CHECKING:
     from guard.backends.base import Backend
@@ -292,7 +292,7 @@ def label_only(response: InferResponse) -> None:
     labels and other outputs are left as they are. The client is not told.
     """
     for name, scores in response.outputs.items():
-        if scores.ndim == 2 and scores.shape[1] > 1 and scores.dtype.kind == "f":
+        if class_output(scores.dtype.kind, scores.shape) == "scores":
             onehot = np.zeros_like(scores)
             onehot[np.arange(scores.shape[0]), np.argmax(scores, axis=1)] = 1
             response.outputs[name] = onehot

@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from guard.inference import class_output
+
 LabelFn = Callable[[np.ndarray], np.ndarray]
 AsyncLabelFn = Callable[[np.ndarray], Awaitable[np.ndarray]]
 
@@ -105,11 +107,9 @@ def labels_from_output(output: np.ndarray, rows: int) -> np.ndarray:
     ``[rows, classes]`` floats. Anything else raises ValueError.
     """
     output = np.asarray(output)
-    if output.dtype.kind in "iu" and output.size == rows and output.shape[:1] == (rows,):
-        return output.reshape(rows)
-    scores = output.dtype.kind == "f" and output.ndim == 2 and output.shape[1] > 1
-    if scores and output.shape[0] == rows:
-        return output.argmax(axis=1)
+    kind = class_output(output.dtype.kind, output.shape)
+    if kind is not None and output.shape[0] == rows:
+        return output.reshape(rows) if kind == "labels" else output.argmax(axis=1)
     raise ValueError(
         f"expected {rows} integer labels or a [{rows}, classes] score array; "
         f"got shape {list(output.shape)} of {output.dtype}"

@@ -22,33 +22,7 @@ What the answer carries:
   ``X-Guard-Certified-Label``, one comma-separated value per row, ``abstain``
   for abstained rows, or ``uncertified`` when certification did not run.
 
-YAML keys:
-
-``sigma``                   required, > 0: noise level σ in the model's input units. The model
-                            must have been trained with Gaussian noise of this σ, or it abstains
-``n0``                      selection samples; default 100
-``n``                       estimation samples; default 10000. Refused at load when CERTIFY could
-                            never certify (n < log₂(1/α): 10 at α = 0.001)
-``alpha``                   failure probability of a certificate, in (0, 1); default 0.001
-``batch``                   noisy samples per model call; default 1000
-``when``                    ``on_request`` (default): when the client asks; ``always``; ``flagged``:
-                            when the client asks or a stage listed earlier reported a finding
-                            (action other than allow) or degraded the request
-``source``                  ``local``: the policy's local model file, in worker threads (default
-                            when there is one); ``upstream``: batches of noisy samples sent to the
-                            upstream as V2 requests (its batch limit must admit ``batch``)
-``input``                   the input to perturb; default: the model's only input
-``output``                  the output giving the class: integer labels as is, scores by argmax;
-                            default: the local copy's label output (``label`` for the digits model).
-                            Required without a local copy
-``max_concurrent``          certifications running at once; default 2. Keep it below the number
-                            of worker threads: the embedded model's inference shares them
-``max_samples_per_second``  budget of noisy samples per second (token bucket holding one second's
-                            worth, admitting while not in debt); default: unlimited
-``on_overload``             ``503`` (default): refuse the request; ``uncertified``: answer it
-                            without a certificate
-``seed``                    seed of the noise (tests and reproductions only); default: fresh entropy
-``on_error``                ``closed`` (default) or ``open``, as every stage
+Keys: :class:`CertifyOptions` (docs/stage-options.md).
 
 Order: the stage keeps the input as it is at its place in the policy (its
 request hook copies it) and certifies it once the model has answered. A stage
@@ -72,17 +46,25 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from guard.configreader import Section
 from guard.defenses.sampling import labels_from_output
 from guard.errors import Overloaded, RequestError, UpstreamError
-from guard.inference import DATATYPES, InferRequest, InferResponse, RequestedOutput, TensorSpec
-from guard.pipeline import Action, BaseStage, RequestContext, Verdict
-from guard.stages.detector import read_fail_open
+from guard.inference import (
+    DATATYPES,
+    InferRequest,
+    InferResponse,
+    RequestedOutput,
+    TensorSpec,
+    class_output,
+)
+from guard.pipeline import Action, RequestContext, Verdict
 from guard.stages.env import StageEnv
+from guard.stages.options import OptionError, OptionsStage, option
+from guard.stages.shared import request_input, watched_input
 
 if TYPE_CHECKING:
     from guard.backends.base import Backend
@@ -92,9 +74,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-WHEN = ("on_request", "always", "flagged")
-SOURCES = ("local", "upstream")
-ON_OVERLOAD = ("503", "uncertified")
 REQUEST_PARAMETER = "certify"
 REQUEST_HEADER = "X-Guard-Certify"
 RADIUS_HEADER = "X-Guard-Certified-Radius"
@@ -127,126 +106,116 @@ class SampleBudget:
         return True
 
 
-class Certify(BaseStage):
+@dataclass(frozen=True, kw_only=True)
+class CertifyOptions:
+    sigma: float = option(
+        gt=0,
+        doc="noise level σ in the model's input units; the model must have been trained with "
+        "Gaussian noise of this σ, or it abstains",
+    )
+    n0: int = option(100, min=1, doc="selection samples")
+    n: int = option(
+        10_000,
+        min=1,
+        doc="estimation samples; refused when CERTIFY could never certify "
+        "(n < log₂(1/α): 10 at α = 0.001)",
+    )
+    alpha: float = option(0.001, gt=0, lt=1, doc="failure probability of a certificate")
+    batch: int = option(1000, min=1, doc="noisy samples per model call")
+    when: Literal["on_request", "always", "flagged"] = option(
+        "on_request",
+        doc="`on_request`: when the client asks; `always`; `flagged`: when the client asks or "
+        "a stage listed earlier reported a finding (action other than allow) or degraded it",
+    )
+    source: Literal["local", "upstream"] = option(
+        derive=lambda values, env: "local" if env.local is not None else "upstream",
+        shown="`local` with a model file",
+        doc="`local`: the policy's local model file, in worker threads; `upstream`: batches of "
+        "noisy samples sent to the upstream as V2 requests (its batch limit must admit `batch`)",
+    )
+    input: str | None = option(None, doc="the input to perturb; default: the model's only input")
+    output: str | None = option(
+        None,
+        doc="the output giving the class: integer labels as is, scores by argmax; default: the "
+        "local copy's label output. Required without a local copy",
+    )
+    max_concurrent: int = option(
+        2,
+        min=1,
+        doc="certifications running at once; keep it below the number of worker threads "
+        "(the embedded model's inference shares them)",
+    )
+    max_samples_per_second: float | None = option(
+        None,
+        gt=0,
+        doc="budget of noisy samples per second (a token bucket holding one second's worth, "
+        "admitting while not in debt); default: unlimited",
+    )
+    on_overload: Literal["503", "uncertified"] = option(
+        "503", doc="`503`: refuse the request; `uncertified`: answer it without a certificate"
+    )
+    seed: int | None = option(
+        None, min=0, doc="seed of the noise (tests and reproductions only); default: fresh entropy"
+    )
+    on_error: Literal["closed", "open"] = option(
+        "closed", doc="a fault while sampling: `closed` refuses the request (503), `open` serves it"
+    )
+
+    def __post_init__(self) -> None:
+        from guard.defenses.smoothing import ParameterError, check_parameters
+
+        try:
+            check_parameters(
+                sigma=self.sigma, n0=self.n0, n=self.n, alpha=self.alpha, procedure="certify"
+            )
+        except ParameterError as exc:
+            raise OptionError(exc.name, exc.message) from None
+
+
+class Certify(OptionsStage[CertifyOptions]):
     """CERTIFY on every row of the requests it selects; see the module docstring."""
 
     name = "certify"
+    Options = CertifyOptions
 
-    def __init__(
-        self,
-        *,
-        sigma: float,
-        n0: int,
-        n: int,
-        alpha: float,
-        batch: int,
-        when: str,
-        input_name: str | None,
-        output_name: str,
-        local: OnnxBackend | None,
-        backend: Backend,
-        dtype: np.dtype[Any],
-        max_concurrent: int,
-        budget: SampleBudget | None,
-        on_overload: str,
-        seed: int | None,
-        fail_open: bool = False,
-    ) -> None:
+    def __init__(self, options: CertifyOptions, env: StageEnv) -> None:
         from guard.defenses.smoothing import max_radius
 
-        self.sigma, self.n0, self.n, self.alpha, self.batch = sigma, n0, n, alpha, batch
-        self.when = when
-        self.input_name = input_name
-        self.output_name = output_name
-        self.local = local  # set: sample the local copy; else the backend (upstream)
-        self.backend = backend
-        self.dtype = dtype
-        self.max_concurrent = max_concurrent
-        self.budget = budget
-        self.on_overload = on_overload
-        self.seed = seed
-        self.fail_open = fail_open
-        self.max_radius = max_radius(sigma, n, alpha)
-        self._seeds = np.random.SeedSequence(seed)
-        self.metrics: GuardMetrics | None = None
-        self._active = 0  # certifications running (touched on the event loop only)
-
-    @classmethod
-    def from_config(cls, section: Section, env: StageEnv) -> Certify:
-        from guard.defenses.smoothing import ParameterError, check_parameters
-
-        sigma = section.float("sigma", gt=0)
-        n0 = section.int("n0", 100, min=1)
-        n = section.int("n", 10_000, min=1)
-        alpha = section.float("alpha", 0.001, gt=0, lt=1)
-        try:
-            check_parameters(sigma=sigma, n0=n0, n=n, alpha=alpha, procedure="certify")
-        except ParameterError as exc:
-            raise section.error(exc.name, exc.message) from None
-        local, backend = _read_source(section, env)
-        input_name = section.str("input", None)
-        output_name = section.str("output", None)
-        dtype = np.dtype(np.float32)
+        super().__init__(options, env)
+        self.local, self.backend = _source_of(options, env)  # local None: sample the upstream
+        self.input = options.input  # resolved: the model's only input when it is known
+        output = options.output
+        self.dtype = np.dtype(np.float32)
         if env.metadata is not None:
-            spec = _pick_input(section, env.metadata.inputs, input_name)
-            input_name = spec.name
-            if spec.datatype not in ("FP32", "FP64"):
-                raise section.error(
-                    "input",
-                    f"must be a float input to add noise to; {spec.name} is {spec.datatype}",
-                )
-            dtype = DATATYPES[spec.datatype]
-            output_name = _pick_output(section, env.metadata.outputs, output_name)
-        elif output_name is None:
-            raise section.error(
+            spec = _pick_input(env, options.input)
+            self.input, self.dtype = spec.name, DATATYPES[spec.datatype]
+            output = _pick_output(env.metadata.outputs, options.output)
+        if output is None:
+            raise OptionError(
                 "output", f"is required: model {env.model} has no local copy to read it from"
             )
-        stage = cls(
-            sigma=sigma,
-            n0=n0,
-            n=n,
-            alpha=alpha,
-            batch=section.int("batch", 1000, min=1),
-            when=section.choice("when", WHEN, "on_request"),
-            input_name=input_name,
-            output_name=output_name,
-            local=local,
-            backend=backend,
-            dtype=dtype,
-            max_concurrent=section.int("max_concurrent", 2, min=1),
-            budget=_read_budget(section),
-            on_overload=_read_overload(section),
-            seed=section.int("seed", None, min=0),
-            fail_open=read_fail_open(section),
-        )
-        section.finish()
+        self.output = output
+        rate = options.max_samples_per_second
+        self.budget = SampleBudget(rate) if rate is not None else None
+        self.max_radius = max_radius(options.sigma, options.n, options.alpha)
+        self._seeds = np.random.SeedSequence(options.seed)
+        self.metrics: GuardMetrics | None = env.metrics
+        self._active = 0  # certifications running (touched on the event loop only)
         log.info(
             "model %s: certify with sigma=%g, n=%d, alpha=%g; largest certifiable radius %.4g",
             env.model,
-            sigma,
-            n,
-            alpha,
-            stage.max_radius,
+            options.sigma,
+            options.n,
+            options.alpha,
+            self.max_radius,
         )
-        stage.metrics = env.metrics
-        return stage
 
     def describe(self) -> dict[str, Any]:
         return {
-            "sigma": self.sigma,
-            "n0": self.n0,
-            "n": self.n,
-            "alpha": self.alpha,
+            **super().describe(),
+            "input": self.input,
+            "output": self.output,
             "max_radius": round(self.max_radius, 6),
-            "batch": self.batch,
-            "when": self.when,
-            "source": "local" if self.local is not None else "upstream",
-            "input": self.input_name,
-            "output": self.output_name,
-            "max_concurrent": self.max_concurrent,
-            "max_samples_per_second": self.budget.rate if self.budget else None,
-            "on_overload": self.on_overload,
-            "seeded": self.seed is not None,
             "running": self._active,
         }
 
@@ -260,9 +229,9 @@ class Certify(BaseStage):
         x = ctx.stage_state.pop(self.name, None)
         if response is None or x is None:
             return Verdict.CONTINUE
-        refusal = self._admit(len(x) * (self.n0 + self.n))
+        refusal = self._admit(len(x) * (self.options.n0 + self.options.n))
         if refusal is not None:
-            if self.on_overload == "503":
+            if self.options.on_overload == "503":
                 raise Overloaded(f"certification capacity exhausted ({refusal}); try again shortly")
             _publish_uncertified(ctx, response, len(x), refusal)
             if self.metrics is not None:
@@ -278,32 +247,24 @@ class Certify(BaseStage):
     # -- deciding --------------------------------------------------------------
 
     def _wanted(self, ctx: RequestContext) -> bool:
-        if _asked(ctx) or self.when == "always":
+        if _asked(ctx) or self.options.when == "always":
             return True
-        return self.when == "flagged" and (
+        return self.options.when == "flagged" and (
             ctx.degraded or any(f.intended is not Action.ALLOW for f in ctx.findings)
         )
 
     def _admit(self, cost: int) -> str | None:
         """None when a certification of ``cost`` samples may start now, else why not."""
-        if self._active >= self.max_concurrent:
+        if self._active >= self.options.max_concurrent:
             return f"{self._active} certifications running"
         if self.budget is not None and not self.budget.try_spend(cost):
             return "sample budget spent"
         return None
 
     def _rows(self, ctx: RequestContext) -> np.ndarray:
-        inputs = ctx.request.inputs
-        name = self.input_name
-        if name is None:
-            if len(inputs) != 1:
-                raise RequestError(f"certify: needs exactly one input; got {len(inputs)}")
-            name = next(iter(inputs))
-        if name not in inputs:
-            raise RequestError(f"certify: input {name!r} is required")
-        if len(inputs) > 1:
+        name, x = request_input(ctx, self.input, several="certify perturbs exactly one input")
+        if len(ctx.request.inputs) > 1:
             raise RequestError(f"certify: perturbs {name!r} only; remove the other inputs")
-        x = inputs[name]
         if x.ndim < 2 or x.dtype.kind not in "iuf":
             raise RequestError(
                 f"certify: inputs.{name} must be a batch of numbers; got {list(x.shape)} {x.dtype}"
@@ -323,17 +284,24 @@ class Certify(BaseStage):
 
         rng = np.random.default_rng(self._seeds.spawn(1)[0])
         if self.local is not None:
-            local, input_name, output_name = self.local, self.input_name or "", self.output_name
+            local, input_name, output_name = self.local, self.input or "", self.output
 
             def local_labels(batch: np.ndarray) -> np.ndarray:
                 output = local.run({input_name: batch}, [output_name])[output_name]
                 return labels_from_output(output, len(batch))
 
-            smooth = Smooth(local_labels, self.sigma, batch=self.batch, dtype=self.dtype)
+            smooth = Smooth(
+                local_labels, self.options.sigma, batch=self.options.batch, dtype=self.dtype
+            )
             loop = asyncio.get_running_loop()
 
             def work() -> list[Certificate]:
-                return [smooth.certify(row, self.n0, self.n, self.alpha, rng=rng) for row in x]
+                return [
+                    smooth.certify(
+                        row, self.options.n0, self.options.n, self.options.alpha, rng=rng
+                    )
+                    for row in x
+                ]
 
             try:
                 sampling = loop.run_in_executor(local.executor, work)
@@ -347,9 +315,16 @@ class Certify(BaseStage):
             return await self._upstream_labels(ctx, batch)
 
         dtype = x.dtype if x.dtype == np.float64 else self.dtype
-        remote = AsyncSmooth(upstream_labels, self.sigma, batch=self.batch, dtype=dtype)
+        remote = AsyncSmooth(
+            upstream_labels, self.options.sigma, batch=self.options.batch, dtype=dtype
+        )
         try:
-            return [await remote.certify(row, self.n0, self.n, self.alpha, rng=rng) for row in x]
+            return [
+                await remote.certify(
+                    row, self.options.n0, self.options.n, self.options.alpha, rng=rng
+                )
+                for row in x
+            ]
         finally:
             self._release()
 
@@ -357,22 +332,22 @@ class Certify(BaseStage):
         self._active -= 1
 
     async def _upstream_labels(self, ctx: RequestContext, batch: np.ndarray) -> np.ndarray:
-        name = self.input_name or next(iter(ctx.request.inputs))
+        name = self.input or next(iter(ctx.request.inputs))
         request = InferRequest(
             model_name=ctx.request.model_name,
             model_version=ctx.request.model_version,
             id=f"{ctx.request_id}-certify",
             inputs={name: batch},
-            outputs=[RequestedOutput(self.output_name)],
+            outputs=[RequestedOutput(self.output)],
         )
         response = await self.backend.infer(request)
-        output = response.outputs.get(self.output_name)
+        output = response.outputs.get(self.output)
         if output is None:
-            raise UpstreamError(f"certify: the upstream's answer lacks output {self.output_name!r}")
+            raise UpstreamError(f"certify: the upstream's answer lacks output {self.output!r}")
         try:
             return labels_from_output(output, len(batch))
         except ValueError as exc:
-            raise UpstreamError(f"certify: output {self.output_name!r}: {exc}") from None
+            raise UpstreamError(f"certify: output {self.output!r}: {exc}") from None
 
 
 def _publish(ctx: RequestContext, response: InferResponse, certificates: list[Certificate]) -> None:
@@ -418,72 +393,52 @@ def _asked(ctx: RequestContext) -> bool:
     return bool(parameter) or (header is not None and header.strip().lower() in _TRUE)
 
 
-def _read_source(section: Section, env: StageEnv) -> tuple[OnnxBackend | None, Backend]:
+def _source_of(options: CertifyOptions, env: StageEnv) -> tuple[OnnxBackend | None, Backend]:
     """(the local copy to sample, or None to sample the backend; the backend)."""
-    has_upstream = env.backend is not None and env.backend is not env.local
-    source = section.choice("source", SOURCES, "local" if env.local is not None else "upstream")
-    if source == "local":
+    if options.source == "local":
         if env.local is None:
-            raise section.error(
-                "source", f"is local, but model {env.model} has no local model file"
-            )
+            raise OptionError("source", f"is local, but model {env.model} has no local model file")
         return env.local, env.backend if env.backend is not None else env.local
-    if env.backend is None or not has_upstream:
-        raise section.error("source", f"is upstream, but model {env.model} has no upstream")
+    if env.backend is None or env.backend is env.local:
+        raise OptionError("source", f"is upstream, but model {env.model} has no upstream")
     return None, env.backend
 
 
-def _pick_input(section: Section, inputs: tuple[TensorSpec, ...], name: str | None) -> TensorSpec:
+def _pick_input(env: StageEnv, name: str | None) -> TensorSpec:
+    """The model's one input (certify perturbs one), a float input to add noise to."""
+    inputs = env.metadata.inputs if env.metadata is not None else ()
     if len(inputs) != 1:
-        raise section.error("input", f"certify perturbs one input; the model takes {len(inputs)}")
-    if name is not None and name != inputs[0].name:
-        raise section.error("input", f"names no input of the model; it has {inputs[0].name}")
-    return inputs[0]
+        raise OptionError("input", f"certify perturbs one input; the model takes {len(inputs)}")
+    spec = watched_input(env, name)
+    if spec is None:
+        raise OptionError("input", f"names no input of the model; it has {inputs[0].name}")
+    if spec.datatype not in ("FP32", "FP64"):
+        raise OptionError(
+            "input", f"must be a float input to add noise to; {spec.name} is {spec.datatype}"
+        )
+    return spec
 
 
-def _pick_output(section: Section, outputs: tuple[TensorSpec, ...], name: str | None) -> str:
-    by_name = {s.name: s for s in outputs}
+def _pick_output(outputs: tuple[TensorSpec, ...], name: str | None) -> str:
+    """The output named, or the first label output, else the first score output."""
+    kinds = {s.name: class_output(_kind(s), s.shape) for s in outputs}
     if name is not None:
-        spec = by_name.get(name)
+        spec = next((s for s in outputs if s.name == name), None)
         if spec is None:
-            raise section.error(
-                "output", f"names no output of the model; it has {', '.join(by_name)}"
-            )
-        if not (_is_labels(spec) or _is_scores(spec)):
-            raise section.error(
+            raise OptionError("output", f"names no output of the model; it has {', '.join(kinds)}")
+        if kinds[name] is None:
+            raise OptionError(
                 "output",
                 f"must be integer labels [N] or scores [N, classes]; "
                 f"{name} is {spec.datatype} {list(spec.shape)}",
             )
         return name
-    for pick in (_is_labels, _is_scores):
-        found = [s.name for s in outputs if pick(s)]
+    for kind in ("labels", "scores"):
+        found = [n for n, k in kinds.items() if k == kind]
         if found:
             return found[0]
-    raise section.error("output", "is required: the model has no integer label or score output")
+    raise OptionError("output", "is required: the model has no integer label or score output")
 
 
-def _is_labels(spec: TensorSpec) -> bool:
-    rank_one = len(spec.shape) == 1 or spec.shape[1:] == (1,)
-    return spec.datatype.startswith(("INT", "UINT")) and rank_one
-
-
-def _is_scores(spec: TensorSpec) -> bool:
-    return spec.datatype.startswith("FP") and len(spec.shape) == 2 and spec.shape[1] != 1
-
-
-def _read_budget(section: Section) -> SampleBudget | None:
-    rate = section.float("max_samples_per_second", None, gt=0)
-    return SampleBudget(rate) if rate is not None else None
-
-
-def _read_overload(section: Section) -> str:
-    raw = section.data.get("on_overload")
-    if isinstance(raw, int) and not isinstance(raw, bool):  # YAML reads an unquoted 503 as a number
-        code = section.int("on_overload")
-        if str(code) not in ON_OVERLOAD:
-            raise section.error(
-                "on_overload", f"must be one of {', '.join(ON_OVERLOAD)}; got {code}"
-            )
-        return str(code)
-    return str(section.choice("on_overload", ON_OVERLOAD, "503"))
+def _kind(spec: TensorSpec) -> str:
+    return DATATYPES.get(spec.datatype, np.dtype(object)).kind

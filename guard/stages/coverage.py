@@ -13,36 +13,10 @@ pooled, whatever other accounts do. JbDA's synthetic neighbours are new inputs t
 so this stage also catches it (at ``min_novel``); PRADA, which reads the distribution of
 distances instead, stays beside it for synthetic extraction.
 
-YAML keys (all optional except that ``radius`` or ``reference`` is required):
-
-``radius``        a query is novel when no earlier one of the window lies within
-                  this L2 distance (in the input's units, after the sketch)
-``reference``     instead of ``radius``: ``builtin:NAME``, the held-out rows shipped
-                  with a built-in model; the radius is then calibrated at load as
-                  ``scale`` × the ``quantile`` of their nearest-neighbour distances
-``quantile``      default 0.01; ``scale``: default 0.5
-``window``        the client's newest queries kept and judged; default 1000 (at most 10000)
-``min_novel``     suspicious from this many novel queries in the window, when also
-                  ``min_fraction`` of the window is novel and their class entropy
-                  (over log C) reaches ``min_entropy``; defaults 150, 0.9, 0.7
-``max_novel``     suspicious from this many novel queries whatever the fraction; default 600
-``accounts``      pool clients across accounts; default ``true``
-``shard_novel``   a client joins the pool from this many novel queries (with the fraction
-                  and entropy tests); default 50
-``every``         a pooled client re-enters its evidence every this many queries; default 25
-``period``        pooled evidence older than this is ignored; default ``1d``
-``dims``          inputs of more values are sketched to this many by a seeded random
-                  projection; default 64
-``classes``       the number of classes C; default: the width of the score output
-``input``, ``output``  as in ``prada``
-``ttl``           a client's history expires this long after its last query; default ``1d``
-``action``        default ``flag``; ``misdirect`` (a finding marks the client; its later
-                  requests are answered from their anchors, silently), ``degrade_for``,
-                  ``on_error``: see :mod:`guard.stages.detector`.
-                  A detected extractor should not learn it was seen (it would slow down
-                  or spread over more accounts): prefer an action it cannot see. ``degrade``
-                  carries no verdict, but scores turning one-hot are a sign of their own;
-                  ``misdirect`` shows none
+Keys: :class:`CoverageOptions` (docs/stage-options.md); ``radius`` or ``reference`` is
+required. A detected extractor should not learn it was seen (it would slow down or spread
+over more accounts): prefer an action it cannot see. ``degrade`` carries no verdict, but
+scores turning one-hot are a sign of their own; ``misdirect`` shows none.
 
 Finding: ``score`` the novel queries in the window (pooled ones for a split
 extraction), ``threshold`` ``min_novel`` or ``max_novel``; technique AML.T0024.002.
@@ -58,13 +32,12 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import orjson
 
-from guard.configreader import Section
 from guard.defenses.coverage import (
     STEPS_PER_RADIUS,
     Evidence,
@@ -76,137 +49,126 @@ from guard.defenses.coverage import (
     union,
 )
 from guard.inference import InferResponse
-from guard.pipeline import Action, BaseStage, RequestContext, Verdict
-from guard.stages.detector import (
-    Enforcement,
-    format_duration,
-    input_rows,
-    read_duration,
-    read_enforcement,
-    read_fail_open,
-    read_input,
-)
+from guard.pipeline import Action, RequestContext, Verdict
+from guard.stages.detector import Enforcement, MisdirectOptions, input_rows
 from guard.stages.env import StageEnv
+from guard.stages.options import Duration, OptionError, OptionsStage, option
+from guard.stages.shared import OUTPUT_DOC, predicted
 from guard.state import client_key, hash_tag
 
 TECHNIQUE = "AML.T0024.002"  # Exfiltration via ML Inference API: Extract ML Model
 POOL_CAP = 512  # entries: the newest of each pooled client counts; a read stays cheap
-_PREFERRED_OUTPUTS = ("probabilities", "label")
 
 
-class Coverage(BaseStage):
+@dataclass(frozen=True, kw_only=True)
+class CoverageOptions(MisdirectOptions):
+    action: Action = option(
+        Action.FLAG,
+        doc="what a finding does; `misdirect`: the client is marked and its later requests "
+        "are answered from their anchors, silently",
+    )
+    radius: float | None = option(
+        None,
+        gt=0,
+        shown="required, unless `reference`",
+        doc="a query is novel when no earlier one of the window lies within this L2 distance "
+        "(in the input's units, after the sketch); with `misdirect`, also the anchors' radius",
+    )
+    reference: str | None = option(
+        None,
+        doc="instead of `radius`: `builtin:NAME`, the held-out rows shipped with a built-in "
+        "model; the radius is then calibrated at load as `scale` × the `quantile` of their "
+        "nearest-neighbour distances",
+    )
+    quantile: float = option(0.01, gt=0, lt=1, doc="with `reference`: the quantile taken")
+    scale: float = option(0.5, gt=0, doc="with `reference`: the factor applied to it")
+    output: str | None = option(None, names="output", doc=OUTPUT_DOC)
+    dims: int = option(
+        64,
+        min=2,
+        max=4096,
+        doc="inputs of more values are sketched to this many by a seeded random projection",
+    )
+    window: int = option(1000, min=2, max=10_000, doc="the client's newest queries kept and judged")
+    min_novel: int = option(
+        150,
+        min=1,
+        doc="suspicious from this many novel queries in the window, when also `min_fraction` "
+        "of the window is novel and their class entropy (over log C) reaches `min_entropy`",
+    )
+    min_fraction: float = option(0.9, gt=0, max=1, doc="see `min_novel`")
+    min_entropy: float = option(0.7, min=0, max=1, doc="see `min_novel`")
+    max_novel: int = option(
+        min="min_novel",
+        max="window",
+        derive=lambda values, env: max(600, values["min_novel"]),
+        shown="`max(600, min_novel)`",
+        doc="suspicious from this many novel queries whatever the fraction",
+    )
+    accounts: bool = option(True, doc="pool clients across accounts")
+    shard_novel: int = option(
+        50,
+        min=1,
+        max="min_novel",
+        doc="a client joins the pool from this many novel queries (with the fraction and "
+        "entropy tests)",
+    )
+    every: int = option(25, min=1, doc="a pooled client re-enters its evidence every this many")
+    period: Duration = option(Duration(86400.0), doc="pooled evidence older than this is ignored")
+    classes: int | None = option(
+        min=2,
+        derive=lambda values, env: _metadata_classes(env),
+        shown="the width of the score output",
+        doc="the number of classes C",
+    )
+    ttl: Duration = option(
+        Duration(86400.0), doc="a client's history expires this long after its last query"
+    )
+
+    def __post_init__(self) -> None:
+        if self.radius is not None and self.reference is not None:
+            raise OptionError("radius", "and reference are exclusive; give one")
+        if self.radius is None and self.reference is None:
+            raise OptionError(
+                "radius", "is required (or reference: builtin:NAME to calibrate it at load)"
+            )
+        if self.reference is not None and not self.reference.startswith("builtin:"):
+            raise OptionError("reference", f"must be builtin:NAME; got {self.reference!r}")
+
+
+class Coverage(OptionsStage[CoverageOptions]):
     name = "coverage"
+    Options = CoverageOptions
 
-    def __init__(
-        self,
-        *,
-        input_name: str | None,
-        output: str | None,
-        radius: float,
-        thresholds: Thresholds,
-        window: int,
-        accounts: bool,
-        every: int,
-        period: float,
-        dims: int,
-        classes: int | None,
-        ttl: float,
-        enforcement: Enforcement,
-        fail_open: bool,
-        clock: Callable[[], float] = time.time,
-    ) -> None:
-        self.input_name = input_name
-        self.output = output
-        self.radius = radius
-        self.thresholds = thresholds
-        self.window = window
-        self.accounts = accounts
-        self.every = every
-        self.period = period
-        self.dims = dims
-        self.classes = classes
-        self.ttl = ttl
-        self.enforcement = enforcement
-        self.fail_open = fail_open
-        self.clock = clock
+    def __init__(self, options: CoverageOptions, env: StageEnv) -> None:
+        super().__init__(options, env)
+        o = options
+        self.radius = o.radius if o.radius is not None else _calibrated(o.reference or "", o)
+        self.thresholds = Thresholds(
+            min_novel=o.min_novel,
+            min_fraction=o.min_fraction,
+            min_entropy=o.min_entropy,
+            max_novel=o.max_novel,
+            shard_novel=o.shard_novel,
+        )
+        self.enforcement = Enforcement.of(options, env, stage=self.name, technique=TECHNIQUE)
+        self.clock = time.time
         self._sketches: dict[int, Sketch] = {}
 
-    @classmethod
-    def from_config(cls, section: Section, env: StageEnv) -> Coverage:
-        output = section.str("output", None)
-        if output is not None and env.metadata is not None:
-            known = [spec.name for spec in env.metadata.outputs]
-            if output not in known:
-                raise section.error(
-                    "output", f"names no output of model {env.model}; it has {', '.join(known)}"
-                )
-        dims = section.int("dims", 64, min=2, max=4096)
-        radius = _read_radius(section, dims)
-        min_novel = section.int("min_novel", 150, min=1)
-        shard_novel = section.int("shard_novel", 50, min=1, max=min_novel)
-        window = section.int("window", 1000, min=2, max=10_000)
-        thresholds = Thresholds(
-            min_novel=min_novel,
-            min_fraction=section.float("min_fraction", 0.9, gt=0, max=1),
-            min_entropy=section.float("min_entropy", 0.7, min=0, max=1),
-            max_novel=section.int("max_novel", max(600, min_novel), min=min_novel, max=window),
-            shard_novel=shard_novel,
-        )
-        stage = cls(
-            input_name=read_input(section, env),
-            output=output,
-            radius=radius,
-            thresholds=thresholds,
-            window=window,
-            accounts=section.bool("accounts", True),
-            every=section.int("every", 25, min=1),
-            period=read_duration(section, "period", 86400.0),
-            dims=dims,
-            classes=section.int("classes", None, min=2) or _metadata_classes(env),
-            ttl=read_duration(section, "ttl", 86400.0),
-            enforcement=read_enforcement(
-                section,
-                env,
-                stage=cls.name,
-                technique=TECHNIQUE,
-                default=Action.FLAG,
-                misdirect=True,
-            ),
-            fail_open=read_fail_open(section),
-        )
-        section.finish()
-        return stage
-
     def describe(self) -> dict[str, Any]:
-        t = self.thresholds
-        return {
-            "input": self.input_name,
-            "output": self.output or "auto",
-            "radius": round(self.radius, 6),
-            "window": self.window,
-            "min_novel": t.min_novel,
-            "min_fraction": t.min_fraction,
-            "min_entropy": t.min_entropy,
-            "max_novel": t.max_novel,
-            "accounts": self.accounts,
-            "shard_novel": t.shard_novel,
-            "every": self.every,
-            "period": format_duration(self.period),
-            "dims": self.dims,
-            "classes": self.classes if self.classes is not None else "auto",
-            "ttl": format_duration(self.ttl),
-            **self.enforcement.describe(),
-        }
+        return {**super().describe(), "radius": round(self.radius, 6)}  # calibrated if need be
 
     async def on_request(self, ctx: RequestContext) -> Verdict:
-        rows = input_rows(ctx, self.input_name) if self.enforcement.misdirects else None
-        await self.enforcement.honour_marks(ctx, rows, self.input_name)
+        name = self.options.input
+        rows = input_rows(ctx, name) if self.enforcement.misdirects else None
+        await self.enforcement.honour_marks(ctx, rows, name)
         return Verdict.CONTINUE
 
     async def on_response(self, ctx: RequestContext) -> Verdict:
         if ctx.response is None:
             return Verdict.CONTINUE
-        x = input_rows(ctx, self.input_name)
+        o = self.options
+        x = input_rows(ctx, o.input)
         if x.shape[0] == 0:
             return Verdict.CONTINUE
         labels, classes = self._labels(ctx.response, x.shape[0])
@@ -217,15 +179,15 @@ class Coverage(BaseStage):
         key = self._key(client, f"h{dims}")  # the sketch's width names the layout
         step = self.radius / STEPS_PER_RADIUS
         history = History.decode(await store.read_bytes(key), dims, step)
-        history.keep(self.window)
+        history.keep(o.window)
         records = b"".join(
-            History.encode(row, label, history.observe(row, label, self.radius, self.window), step)
+            History.encode(row, label, history.observe(row, label, self.radius, o.window), step)
             for row, label in zip(sketches, labels.tolist(), strict=True)
         )
         count, _ = (
             await asyncio.gather(
-                store.append_bytes(key, records, self.window * History.record_size(dims), self.ttl),
-                store.incr(self._key(client, "n"), x.shape[0], self.ttl),
+                store.append_bytes(key, records, o.window * History.record_size(dims), o.ttl),
+                store.incr(self._key(client, "n"), x.shape[0], o.ttl),
             )
         )[1]
         evidence = history.evidence(classes)
@@ -240,9 +202,9 @@ class Coverage(BaseStage):
                 score=float(evidence.novel),
                 threshold=float(limit),
             )
-        if not self.accounts or not t.shard(evidence):
+        if not o.accounts or not t.shard(evidence):
             return Verdict.CONTINUE
-        if (count - x.shape[0]) // self.every == count // self.every:
+        if (count - x.shape[0]) // o.every == count // o.every:
             return Verdict.CONTINUE
         pooled = await self._pool(client, evidence)
         if pooled is None:
@@ -269,16 +231,16 @@ class Coverage(BaseStage):
                 "classes": evidence.classes.tolist(),
             }
         )
-        await store.push(key, [entry], POOL_CAP, self.period)
+        await store.push(key, [entry], POOL_CAP, self.options.period)
         shards = [s for s in map(_decode_shard, await store.items(key)) if s is not None]
         width = len(evidence.classes)
         shards = [s for s in shards if len(s.evidence.classes) == width]
-        return union(shards, self.thresholds, since=now - self.period)
+        return union(shards, self.thresholds, since=now - self.options.period)
 
     def _sketch(self, features: int) -> Sketch:
         found = self._sketches.get(features)
         if found is None:
-            found = self._sketches[features] = Sketch.make(features, self.dims)
+            found = self._sketches[features] = Sketch.make(features, self.options.dims)
         return found
 
     def _key(self, client: str, *parts: str) -> str:
@@ -286,20 +248,15 @@ class Coverage(BaseStage):
 
     def _labels(self, response: InferResponse, rows: int) -> tuple[np.ndarray, int]:
         """The predicted class of each row (-1: none readable) and the number of classes."""
-        outputs = response.outputs
-        preferred = (self.output,) if self.output else _PREFERRED_OUTPUTS
-        for name in [*(n for n in preferred if n in outputs), *outputs]:
-            value = outputs.get(name)
-            if value is None or value.shape[:1] != (rows,):
-                continue
-            if value.ndim == 2 and value.shape[1] > 1 and value.dtype.kind == "f":
-                return np.argmax(value, axis=1).astype(np.int64), self.classes or value.shape[1]
-            if value.ndim == 1 and value.dtype.kind in "iu":
-                labels = value.astype(np.int64)
-                seen = int(labels.max(initial=0)) + 1
-                classes = self.classes or max(2, seen)
-                return np.where((labels >= 0) & (labels < classes), labels, -1), classes
-        return np.full(rows, -1, np.int64), self.classes or 2
+        classes = self.options.classes
+        found = predicted(response, rows, self.options.output)
+        if found is None:
+            return np.full(rows, -1, np.int64), classes or 2
+        labels, width = found
+        if width is not None:
+            return labels, classes or width
+        classes = classes or max(2, int(labels.max(initial=0)) + 1)
+        return np.where((labels >= 0) & (labels < classes), labels, -1), classes
 
 
 def _decode_shard(item: bytes) -> Shard | None:
@@ -313,29 +270,18 @@ def _decode_shard(item: bytes) -> Shard | None:
         return None
 
 
-def _read_radius(section: Section, dims: int) -> float:
-    has_radius, has_reference = section.has("radius"), section.has("reference")
-    quantile = section.float("quantile", 0.01, gt=0, lt=1)
-    scale = section.float("scale", 0.5, gt=0)
-    if has_radius and has_reference:
-        raise section.error("radius", "and reference are exclusive; give one")
-    if has_radius:
-        return float(section.float("radius", gt=0))
-    if not has_reference:
-        raise section.error(
-            "radius", "is required (or reference: builtin:NAME to calibrate it at load)"
-        )
-    name = section.str("reference")
-    if not name.startswith("builtin:"):
-        raise section.error("reference", f"must be builtin:NAME; got {name!r}")
+def _calibrated(reference: str, options: CoverageOptions) -> float:
+    """The radius the ``reference`` rows calibrate: ``scale`` × the ``quantile`` of its rows'
+    nearest-neighbour distances, after the sketch."""
     from guard.models import load_samples
 
     try:
-        x, _ = load_samples(name.removeprefix("builtin:"))
+        x, _ = load_samples(reference.removeprefix("builtin:"))
     except (ValueError, OSError) as exc:
-        raise section.error("reference", f"names no built-in model with samples: {exc}") from exc
+        raise OptionError("reference", f"names no built-in model with samples: {exc}") from exc
     rows = x.reshape(len(x), -1)
-    return calibrate_radius(Sketch.make(rows.shape[1], dims)(rows), quantile=quantile, scale=scale)
+    sketch = Sketch.make(rows.shape[1], options.dims)
+    return calibrate_radius(sketch(rows), quantile=options.quantile, scale=options.scale)
 
 
 def _metadata_classes(env: StageEnv) -> int | None:

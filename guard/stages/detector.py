@@ -23,7 +23,7 @@ added: its anchors stay those it had when it was caught.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 
@@ -32,6 +32,7 @@ from guard.errors import RequestError
 from guard.pipeline import ACTIONS, Action, RequestContext, Verdict
 from guard.stages.env import StageEnv
 from guard.stages.options import Duration, option
+from guard.stages.shared import request_input
 from guard.state import StateStore, client_key
 
 __all__ = ["DetectorOptions", "Enforcement", "MisdirectOptions", "input_rows"]
@@ -79,18 +80,7 @@ class MisdirectOptions(DetectorOptions):
 
 def input_rows(ctx: RequestContext, name: str | None) -> np.ndarray:
     """The watched input as ``[batch, values]`` float32 (one query per row)."""
-    inputs = ctx.request.inputs
-    if name is None:
-        if len(inputs) != 1:
-            raise RequestError(
-                f"inputs: this model's detectors watch one input; got {len(inputs)} "
-                "(name it with the stage's input key)"
-            )
-        (x,) = inputs.values()
-    elif name in inputs:
-        x = inputs[name]
-    else:
-        raise RequestError(f"inputs: input {name!r} is required")
+    _, x = request_input(ctx, name, several="this model's detectors watch one input")
     if x.ndim == 0 or x.dtype.kind not in "biuf":
         raise RequestError("inputs: detectors need a numeric batch")
     return np.asarray(x, dtype=np.float32).reshape(x.shape[0], int(np.prod(x.shape[1:])))
@@ -237,81 +227,3 @@ class Enforcement:
             original = ctx.request.inputs[name]
             ctx.substitute = {name: anchors.reshape(original.shape).astype(original.dtype)}
         return changed
-
-    def describe(self) -> dict[str, Any]:  # transitional, until every detector has Options
-        described: dict[str, Any] = {"action": self.action.value, "technique": self.technique}
-        if self.action in (Action.DEGRADE, Action.MISDIRECT):
-            described["degrade_for"] = format_duration(self.degrade_for)
-        if self.action is Action.MISDIRECT:
-            described["radius"] = self.radius
-            described["history"] = self.history
-        return described
-
-
-# -- transitional: the readers of stages not yet on options dataclasses -----------------
-# (removed once every stage declares its Options)
-
-from guard.configreader import Section  # noqa: E402
-from guard.stages.options import format_duration, parse_duration  # noqa: E402
-
-
-def read_duration(section: Section, key: str, default: float | None) -> float:
-    raw = section.raw(key)
-    if raw is None:
-        if default is None:
-            raise section.error(key, "is required")
-        return default
-    try:
-        return parse_duration(raw)
-    except ValueError as exc:
-        raise section.error(key, str(exc)) from None
-
-
-def state_of(env: StageEnv) -> StateStore:
-    return env.store
-
-
-def read_input(section: Section, env: StageEnv) -> str | None:
-    name = section.str("input", None)
-    if name is not None and env.metadata is not None:
-        known = [spec.name for spec in env.metadata.inputs]
-        if name not in known:
-            raise section.error(
-                "input", f"names no input of model {env.model}; it has {', '.join(known)}"
-            )
-    return name
-
-
-def read_action(section: Section, default: Action, *, misdirect: bool = False) -> Action:
-    choices = ACTIONS if misdirect else ACTIONS_BUT_MISDIRECT
-    return Action(section.choice("action", choices, default.value))
-
-
-def read_fail_open(section: Section) -> bool:
-    return section.choice("on_error", ("closed", "open"), "closed") == "open"
-
-
-def read_enforcement(
-    section: Section,
-    env: StageEnv,
-    *,
-    stage: str,
-    technique: str | None,
-    default: Action,
-    misdirect: bool = False,
-) -> Enforcement:
-    action = read_action(section, default, misdirect=misdirect)
-    radius = history = None
-    if misdirect:
-        radius = section.float("radius", None, gt=0)
-        history = section.int("history", 256, min=1, max=100_000)
-    return Enforcement(
-        stage=stage,
-        model=env.model,
-        action=action,
-        degrade_for=read_duration(section, "degrade_for", 600.0),
-        technique=technique,
-        store=env.store,
-        radius=radius,
-        history=history or 256,
-    )

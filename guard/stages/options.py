@@ -35,7 +35,6 @@ import dataclasses
 import enum
 import math
 import re
-import sys
 import types
 import typing
 from collections.abc import Callable, Mapping
@@ -79,7 +78,7 @@ class Rule:
     lt: Bound = None
     choices: tuple[str, ...] | None = None  # for Action fields: the actions this stage takes
     names: Literal["input", "output"] | None = None  # the value names a model input/output
-    derive: Callable[[Mapping[str, Any], StageEnv], Any] | None = None
+    derive: Callable[[Mapping[str, Any], Any], Any] | None = None
     shown: str | None = None  # the default as the docs print it, where not the value itself
 
 
@@ -93,7 +92,7 @@ def option(
     lt: Bound = None,
     choices: tuple[str, ...] | None = None,
     names: Literal["input", "output"] | None = None,
-    derive: Callable[[Mapping[str, Any], StageEnv], Any] | None = None,
+    derive: Callable[[Mapping[str, Any], Any], Any] | None = None,
     shown: str | None = None,
 ) -> Any:
     """A field of an options dataclass (no default and no ``derive``: the key is required)."""
@@ -101,8 +100,11 @@ def option(
     return dataclasses.field(default=default, metadata={_KEY: rule})
 
 
-def read_options(cls: type[OptionsT], section: Section, env: StageEnv) -> OptionsT:
-    """``cls`` read from ``section``; unknown keys and broken rules raise PolicyError."""
+def read_options(cls: type[OptionsT], section: Section, env: StageEnv | None = None) -> OptionsT:
+    """``cls`` read from ``section``; unknown keys and broken rules raise PolicyError.
+
+    ``env``: the stage's model, for keys that name its inputs or outputs and defaults
+    derived from it; None for sections outside a stage (``limits:``)."""
     for key, message in getattr(cls, "REMOVED", {}).items():
         if section.has(key):
             raise section.error(key, message)
@@ -218,7 +220,7 @@ def _read(
     hint: Any,
     rule: Rule,
     values: Mapping[str, Any],
-    env: StageEnv,
+    env: StageEnv | None,
 ) -> Any:
     hint = _strip_optional(hint)
     bounds = {b: _bound(getattr(rule, b), values) for b in ("min", "max", "gt", "lt")}
@@ -256,14 +258,14 @@ def _read(
     raise TypeError(f"option {key}: no reader for {hint!r}")
 
 
-def _tuple(section: Section, key: str, args: tuple[Any, ...], env: StageEnv) -> Any:
+def _tuple(section: Section, key: str, args: tuple[Any, ...], env: StageEnv | None) -> Any:
     if args == (str, ...):
         return section.str_list(key)
     if args == (int, ...):
         return section.shape(key)
     if args == (float, float):
-        values = section.raw(key)
-        if not isinstance(values, list) or len(values) != 2 or not all(_finite(v) for v in values):
+        values = [value for _, value in section.section_list(key)]
+        if len(values) != 2 or not all(_finite(v) for v in values):
             raise section.error(key, f"must be [lo, hi], two finite numbers; got {show(values)}")
         lo, hi = float(values[0]), float(values[1])
         if not lo < hi or not math.isfinite(hi - lo):
@@ -278,15 +280,15 @@ def _tuple(section: Section, key: str, args: tuple[Any, ...], env: StageEnv) -> 
     raise TypeError(f"option {key}: no reader for tuple{list(args)}")
 
 
-def _nested(section: Section, cls: Any, env: StageEnv) -> Any:
+def _nested(section: Section, cls: Any, env: StageEnv | None) -> Any:
     return read_options(cls, section, env)
 
 
 def _check_name(
-    section: Section, key: str, value: str, kind: Literal["input", "output"], env: StageEnv
+    section: Section, key: str, value: str, kind: Literal["input", "output"], env: StageEnv | None
 ) -> None:
     """An ``input``/``output`` value must name one of the model's, when they are known."""
-    if env.metadata is None:
+    if env is None or env.metadata is None:
         return
     specs = env.metadata.inputs if kind == "input" else env.metadata.outputs
     known = [spec.name for spec in specs]
@@ -331,8 +333,8 @@ def _hints(cls: type) -> dict[str, Any]:
         from guard.stages.env import StageEnv
 
         names = {"Action": Action, "Duration": Duration, "StageEnv": StageEnv, "Literal": Literal}
-        module = sys.modules[cls.__module__]
-        hints = _HINTS[cls] = typing.get_type_hints(cls, globalns={**vars(module), **names})
+        # each field resolves in the module of the class that declares it
+        hints = _HINTS[cls] = typing.get_type_hints(cls, localns=names)
     return hints
 
 
@@ -344,7 +346,9 @@ def _rule(field: dataclasses.Field[Any]) -> Rule:
 
 
 def _optional(hint: Any) -> bool:
-    return isinstance(hint, types.UnionType) and type(None) in typing.get_args(hint)
+    # ``float | None`` is a UnionType; ``Duration | None`` and ``Literal[...] | None`` a Union
+    union = typing.get_origin(hint) in (types.UnionType, typing.Union)
+    return union and type(None) in typing.get_args(hint)
 
 
 def _strip_optional(hint: Any) -> Any:

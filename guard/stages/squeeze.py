@@ -1,20 +1,8 @@
 """``squeeze``: feature squeezing as preprocessing; the model sees the squeezed input.
 
-Xu, Evans, Qi, NDSS 2018 (see :mod:`guard.defenses.squeeze`). YAML keys:
+Xu, Evans, Qi, NDSS 2018 (see :mod:`guard.defenses.squeeze`).
 
-``input``   the input to squeeze; default: the model's only input (known from
-            the local copy), else the request's only input
-``range``   ``[lo, hi]``: the range of the values, over which ``bits`` counts levels
-``image``   ``{height, width, channels: 1, layout: HWC}``: the image each sample
-            holds, flat (``[batch, H*W*C]``) or shaped (``[batch, H, W, C]`` for
-            ``HWC``, ``[batch, C, H, W]`` for ``CHW``, ``[batch, H, W]`` for one
-            channel); required by ``median``
-``clip``    ``[lo, hi]``: clip every value to this range
-``bits``    keep this many bits of colour depth (1 to 16) over ``range`` (required)
-``median``  k: replace each pixel by the median of the k x k window around it,
-            per channel (edges reflected, as ``scipy.ndimage.median_filter``'s
-            default ``mode='reflect'``; an even k reaches one pixel further up
-            and left); 1 <= k <= min(height, width)
+Keys: :class:`SqueezeOptions` (docs/stage-options.md).
 
 At least one of ``clip``, ``bits``, ``median``. They run in the order clip →
 bits → median whatever order the keys are written in (only clip and bits could
@@ -33,16 +21,18 @@ from __future__ import annotations
 
 import asyncio
 import math
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import numpy as np
 
-from guard.configreader import Section
-from guard.defenses.squeeze import LAYOUTS, Image, Squeezer
+from guard.defenses.squeeze import Image, Squeezer
 from guard.errors import RequestError
 from guard.inference import datatype_name
-from guard.pipeline import BaseStage, RequestContext, Verdict
+from guard.pipeline import RequestContext, Verdict
 from guard.stages.env import StageEnv
+from guard.stages.options import OptionError, OptionsStage, option
+from guard.stages.shared import only_input, request_input, watched_input
 
 # Inputs this large are squeezed in a worker thread (the kernels release the GIL)
 # rather than on the event loop: about 50 µs of work.
@@ -50,27 +40,110 @@ OFFLOAD_VALUES = 1 << 16
 _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 
 
-class Squeeze(BaseStage):
+@dataclass(frozen=True, kw_only=True)
+class ImageOptions:
+    """The image each sample holds: flat (``[batch, H*W*C]``) or shaped (``[batch, H, W, C]``
+    for ``HWC``, ``[batch, C, H, W]`` for ``CHW``, ``[batch, H, W]`` for one channel)."""
+
+    height: int = option(min=1, doc="rows of the image")
+    width: int = option(min=1, doc="columns of the image")
+    channels: int = option(1, min=1, doc="channels of the image")
+    layout: Literal["HWC", "CHW"] = option("HWC", doc="where the channels are")
+
+    @property
+    def image(self) -> Image:
+        return Image(self.height, self.width, self.channels, self.layout)
+
+
+@dataclass(frozen=True, kw_only=True)
+class SqueezerOptions:
+    """One squeezer: ``clip`` → ``bits`` → ``median`` whatever order they are written in."""
+
+    clip: tuple[float, float] | None = option(None, doc="`[lo, hi]`: clip every value to it")
+    bits: int | None = option(
+        None, min=1, max=16, doc="keep this many bits of colour depth over `range`"
+    )
+    median: int | None = option(
+        None,
+        min=1,
+        doc="k: each pixel becomes the median of the k x k window around it, per channel "
+        "(edges reflected as scipy's `mode='reflect'`; an even k reaches one pixel further "
+        "up and left); at most min(height, width) of `image`",
+    )
+
+    def __post_init__(self) -> None:
+        if self.clip is None and self.bits is None and self.median is None:
+            raise OptionError(None, "needs at least one of clip, bits, median")
+
+    def check(
+        self, value_range: tuple[float, float] | None, image: ImageOptions | None, at: str = ""
+    ) -> None:
+        """The rules with the stage's ``range`` and ``image`` (``at``: this squeezer's key)."""
+        if self.bits is not None and value_range is None:
+            raise OptionError(f"{at}bits", "needs range: [lo, hi] (the values' range) on the stage")
+        if self.median is None:
+            return
+        if image is None:
+            raise OptionError(
+                f"{at}median", "needs image: {height, width, channels, layout} on the stage"
+            )
+        if self.median > min(image.height, image.width):
+            raise OptionError(
+                f"{at}median",
+                f"window {self.median}x{self.median} does not fit the image ({image.image})",
+            )
+
+    def build(self, value_range: tuple[float, float] | None, image: Image | None) -> Squeezer:
+        return Squeezer(
+            clip=self.clip,
+            bits=self.bits,
+            median=self.median,
+            value_range=value_range,
+            image=image,
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class SqueezedInputOptions:
+    """What ``squeeze`` and ``squeeze_detect`` both take: the input, its range and image."""
+
+    input: str | None = option(
+        None,
+        names="input",
+        derive=only_input,
+        doc="the input to squeeze; default: the model's only input (known from the local "
+        "copy), else the request's only input",
+    )
+    range: tuple[float, float] | None = option(
+        None, doc="`[lo, hi]`: the range of the values, over which `bits` counts levels"
+    )
+    image: ImageOptions | None = option(
+        None, doc="`{height, width, channels: 1, layout: HWC}`; required by `median`"
+    )
+
+
+@dataclass(frozen=True, kw_only=True)
+class SqueezeOptions(SqueezerOptions, SqueezedInputOptions):
+    """The input's keys, then the squeezer's (at least one of clip, bits, median)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.check(self.range, self.image)
+
+
+class Squeeze(OptionsStage[SqueezeOptions]):
     name = "squeeze"
+    Options = SqueezeOptions
 
-    def __init__(self, *, input_name: str | None, squeezer: Squeezer) -> None:
-        self.input_name = input_name
-        self.squeezer = squeezer
-
-    @classmethod
-    def from_config(cls, section: Section, env: StageEnv) -> Squeeze:
-        input_name = read_input(section, env)
-        value_range = read_range(section, "range")
-        image = read_image(section, env, input_name)
-        stage = cls(input_name=input_name, squeezer=read_squeezer(section, value_range, image))
-        section.finish()
-        return stage
+    def __init__(self, options: SqueezeOptions, env: StageEnv) -> None:
+        super().__init__(options, env)
+        self.squeezer = options.build(options.range, image_of(options, env))
 
     def describe(self) -> dict[str, Any]:
-        return {"input": self.input_name, **describe_squeezer(self.squeezer)}
+        return {**super().describe(), "squeezer": self.squeezer.name}
 
     async def on_request(self, ctx: RequestContext) -> Verdict:
-        name, x = take_input(ctx, self.input_name)
+        name, x = float_input(ctx, self.options.input)
         ctx.request.inputs[name] = await squeeze_input(self.squeezer, name, x)
         return Verdict.CONTINUE
 
@@ -78,53 +151,16 @@ class Squeeze(BaseStage):
 # --- shared with squeeze_detect ---------------------------------------------------
 
 
-def read_input(section: Section, env: StageEnv) -> str | None:
-    """The ``input`` key; defaults to the model's only input when the metadata is known."""
-    name = section.str("input", None)
-    specs = [s.name for s in env.metadata.inputs] if env.metadata else []
-    if name is not None and specs and name not in specs:
-        raise section.error(
-            "input", f"names no input of model {env.model}; it has {', '.join(specs)}"
-        )
-    if name is None and len(specs) == 1:
-        name = specs[0]
-    return name
-
-
-def read_range(section: Section, key: str) -> tuple[float, float] | None:
-    """A ``[lo, hi]`` key: two finite numbers with ``lo < hi``; None when absent."""
-    if not section.has(key) or section.data[key] is None:
-        section.str(key, None)  # mark as read
+def image_of(options: SqueezedInputOptions, env: StageEnv) -> Image | None:
+    """The ``image`` of a stage's options, checked against the model's input shape."""
+    if options.image is None:
         return None
-    values = [v for _, v in section.section_list(key)]
-    if len(values) != 2 or not all(
-        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values
-    ):
-        raise section.error(key, f"must be [lo, hi], two finite numbers; got {values!r}")
-    lo, hi = float(values[0]), float(values[1])
-    if not lo < hi or not math.isfinite(hi - lo):
-        raise section.error(key, f"needs lo < hi; got [{lo:g}, {hi:g}]")
-    return lo, hi
-
-
-def read_image(section: Section, env: StageEnv, input_name: str | None) -> Image | None:
-    """The ``image`` key, checked against the model's input shape when that is known."""
-    if not section.has("image"):
-        section.child("image")  # mark as read
-        return None
-    child = section.child("image")
-    height = child.int("height", min=1)
-    width = child.int("width", min=1)
-    channels = child.int("channels", 1, min=1)
-    layout = child.choice("layout", LAYOUTS, "HWC")
-    child.finish()
-    image = Image(height, width, channels, layout)
-    specs = {s.name: s for s in env.metadata.inputs} if env.metadata else {}
-    spec = specs.get(input_name) if input_name else None
+    image = options.image.image
+    spec = watched_input(env, options.input)
     if spec is not None and all(d >= 0 for d in spec.shape[1:]):
         values = math.prod(spec.shape[1:])
         if values != image.size:
-            raise section.error(
+            raise OptionError(
                 "image",
                 f"holds {image.size} values ({image}), but input {spec.name} of model "
                 f"{env.model} has {values} per sample",
@@ -132,50 +168,9 @@ def read_image(section: Section, env: StageEnv, input_name: str | None) -> Image
     return image
 
 
-def read_squeezer(
-    section: Section, value_range: tuple[float, float] | None, image: Image | None
-) -> Squeezer:
-    """The ``clip``, ``bits`` and ``median`` keys of one squeezer."""
-    clip = read_range(section, "clip")
-    bits = section.int("bits", None, min=1, max=16)
-    median = section.int("median", None, min=1)
-    if clip is None and bits is None and median is None:
-        raise section.error(None, "needs at least one of clip, bits, median")
-    if bits is not None and value_range is None:
-        raise section.error("bits", "needs range: [lo, hi] (the values' range) on the stage")
-    if median is not None:
-        if image is None:
-            raise section.error(
-                "median", "needs image: {height, width, channels, layout} on the stage"
-            )
-        if median > min(image.height, image.width):
-            raise section.error(
-                "median", f"window {median}x{median} does not fit the image ({image})"
-            )
-    return Squeezer(clip=clip, bits=bits, median=median, value_range=value_range, image=image)
-
-
-def describe_squeezer(squeezer: Squeezer) -> dict[str, Any]:
-    return {
-        "squeezer": squeezer.name,
-        "range": list(squeezer.value_range) if squeezer.value_range else None,
-        "image": str(squeezer.image) if squeezer.image else None,
-    }
-
-
-def take_input(ctx: RequestContext, name: str | None) -> tuple[str, np.ndarray]:
-    """The named input of the request (or its only one), refused with 400 unless float."""
-    inputs = ctx.request.inputs
-    if name is None:
-        if len(inputs) != 1:
-            raise RequestError(
-                f"inputs: expected exactly one input to squeeze; got {len(inputs)} "
-                "(the policy can name one with `input`)"
-            )
-        name = next(iter(inputs))
-    if name not in inputs:
-        raise RequestError(f"inputs: input {name!r} is required")
-    x = inputs[name]
+def float_input(ctx: RequestContext, name: str | None) -> tuple[str, np.ndarray]:
+    """The watched input of the request, refused with 400 unless float."""
+    name, x = request_input(ctx, name, several="expected exactly one input to squeeze")
     if x.dtype not in _FLOATS:
         raise RequestError(
             f"inputs.{name}: squeezing needs FP32 or FP64 values; got {datatype_name(x.dtype)} "

@@ -7,25 +7,7 @@ its ``output`` vector and a squeezed copy's, and the request's score is the
 largest over its samples. A score above ``threshold`` is a finding (MITRE ATLAS
 AML.T0043, Craft Adversarial Data). The request itself is forwarded unchanged.
 
-YAML keys:
-
-``threshold``  flag when the score exceeds it (required). Pick it on benign data
-               at a target false positive rate: ``guard calibrate-squeeze``
-``squeezers``  list of squeezers, each a mapping of ``clip``, ``bits``, ``median``
-               as in the ``squeeze`` stage (required), e.g.
-               ``[{bits: 4}, {median: 2}]``
-``range``      ``[lo, hi]`` of the values; required by ``bits``
-``image``      ``{height, width, channels: 1, layout: HWC}``; required by ``median``
-``input``      the input to squeeze; default: the model's only input
-``output``     the model output compared; default ``probabilities``
-``scorer``     ``local``: the policy's local model copy (onnxruntime, in a
-               worker thread); ``backend``: what serves the model (the upstream).
-               Either way one batched call. Default: ``local`` when the policy
-               has a model file
-``action``     what a finding does; default ``flag``
-``on_error``   a fault of the stage itself (the model's answer lacks ``output`` or
-               has the wrong number of rows): ``closed`` (default) refuses the
-               request (503), ``open`` forwards it flagged
+Keys: :class:`SqueezeDetectOptions` (docs/stage-options.md).
 
 Cost: one model call on ``(len(squeezers) + 1) x batch`` samples per request.
 Failure mode: input errors are 400s naming the input, as in ``squeeze``; errors
@@ -36,110 +18,79 @@ an unreachable upstream: 503).
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
-from guard.configreader import Section
-from guard.defenses.squeeze import (
-    TECHNIQUE,
-    Squeezer,
-    distances_from_scores,
-    squeezed_batch,
-)
+from guard.defenses.squeeze import TECHNIQUE, distances_from_scores, squeezed_batch
 from guard.errors import RequestError
 from guard.inference import InferRequest, RequestedOutput
-from guard.pipeline import Action, BaseStage, RequestContext, Verdict
-from guard.stages.detector import read_action, read_fail_open
+from guard.pipeline import Action, RequestContext, Verdict
+from guard.stages.detector import ACTIONS_BUT_MISDIRECT
 from guard.stages.env import StageEnv
+from guard.stages.options import OptionError, OptionsStage, option
 from guard.stages.squeeze import (
     OFFLOAD_VALUES,
-    describe_squeezer,
-    read_image,
-    read_input,
-    read_range,
-    read_squeezer,
-    take_input,
+    SqueezedInputOptions,
+    SqueezerOptions,
+    float_input,
+    image_of,
 )
 
 if TYPE_CHECKING:
     from guard.backends.base import Backend
 
-SCORERS = ("local", "backend")
+
+@dataclass(frozen=True, kw_only=True)
+class SqueezeDetectOptions(SqueezedInputOptions):
+    threshold: float = option(
+        min=0.0,
+        doc="flag when the score exceeds it; pick it on benign data at a target false "
+        "positive rate: `guard calibrate-squeeze`",
+    )
+    squeezers: tuple[SqueezerOptions, ...] = option(
+        doc="squeezers, each a mapping of `clip`, `bits`, `median` as in `squeeze`, "
+        "e.g. `[{bits: 4}, {median: 2}]`",
+    )
+    output: str = option("probabilities", names="output", doc="the model output compared")
+    scorer: Literal["local", "backend"] = option(
+        derive=lambda values, env: "local" if env.local is not None else "backend",
+        shown="`local` with a model file",
+        doc="`local`: the policy's local model copy (onnxruntime, in a worker thread); "
+        "`backend`: what serves the model. Either way one batched call",
+    )
+    action: Action = option(Action.FLAG, choices=ACTIONS_BUT_MISDIRECT, doc="what a finding does")
+    on_error: Literal["closed", "open"] = option(
+        "closed",
+        doc="a fault of the stage itself (the answer lacks `output` or has the wrong number of "
+        "rows): `closed` refuses the request (503), `open` forwards it flagged",
+    )
+
+    def __post_init__(self) -> None:
+        if not self.squeezers:
+            raise OptionError("squeezers", "must list at least one squeezer, e.g. [{bits: 4}]")
+        for index, squeezer in enumerate(self.squeezers):
+            squeezer.check(self.range, self.image, f"squeezers[{index}].")
 
 
-class SqueezeDetect(BaseStage):
+class SqueezeDetect(OptionsStage[SqueezeDetectOptions]):
     name = "squeeze_detect"
+    Options = SqueezeDetectOptions
 
-    def __init__(
-        self,
-        *,
-        squeezers: tuple[Squeezer, ...],
-        threshold: float,
-        input_name: str | None,
-        output: str,
-        scorer: Backend,
-        scorer_kind: str,
-        action: Action,
-        fail_open: bool,
-    ) -> None:
-        self.squeezers = squeezers
-        self.threshold = threshold
-        self.input_name = input_name
-        self.output = output
-        self.scorer = scorer
-        self.scorer_kind = scorer_kind
-        self.action = action
-        self.fail_open = fail_open
-
-    @classmethod
-    def from_config(cls, section: Section, env: StageEnv) -> SqueezeDetect:
-        input_name = read_input(section, env)
-        value_range = read_range(section, "range")
-        image = read_image(section, env, input_name)
-        squeezers = []
-        for index, entry in section.section_list("squeezers"):
-            item = Section(
-                entry, source=section.source, path=f"{section.where('squeezers')}[{index}]"
-            )
-            squeezers.append(read_squeezer(item, value_range, image))
-            item.finish()
-        if not squeezers:
-            raise section.error("squeezers", "must list at least one squeezer, e.g. [{bits: 4}]")
-        output = section.str("output", "probabilities")
-        if env.metadata and output not in {s.name for s in env.metadata.outputs}:
-            names = ", ".join(s.name for s in env.metadata.outputs)
-            raise section.error("output", f"names no output of model {env.model}; it has {names}")
-        kind = section.choice("scorer", SCORERS, "local" if env.local is not None else "backend")
-        scorer = env.local if kind == "local" else env.backend
+    def __init__(self, options: SqueezeDetectOptions, env: StageEnv) -> None:
+        super().__init__(options, env)
+        image = image_of(options, env)
+        self.squeezers = tuple(s.build(options.range, image) for s in options.squeezers)
+        scorer = env.local if options.scorer == "local" else env.backend
         if scorer is None:
-            needs = "the policy's local model copy (model: ...)" if kind == "local" else "a backend"
-            raise section.error("scorer", f"{kind} needs {needs}")
-        stage = cls(
-            squeezers=tuple(squeezers),
-            threshold=section.float("threshold", min=0.0),
-            input_name=input_name,
-            output=output,
-            scorer=scorer,
-            scorer_kind=kind,
-            action=read_action(section, Action.FLAG),
-            fail_open=read_fail_open(section),
-        )
-        section.finish()
-        return stage
-
-    def describe(self) -> dict[str, Any]:
-        return {
-            "input": self.input_name,
-            "output": self.output,
-            "scorer": self.scorer_kind,
-            "threshold": self.threshold,
-            "action": self.action.value,
-            "squeezers": [describe_squeezer(s) for s in self.squeezers],
-        }
+            local = options.scorer == "local"
+            needs = "the policy's local model copy (model: ...)" if local else "a backend"
+            raise OptionError("scorer", f"{options.scorer} needs {needs}")
+        self.scorer: Backend = scorer
 
     async def on_request(self, ctx: RequestContext) -> Verdict:
-        name, x = take_input(ctx, self.input_name)
+        name, x = float_input(ctx, self.options.input)
         if len(x) == 0:
             return Verdict.CONTINUE
         inputs = ctx.request.inputs
@@ -154,27 +105,27 @@ class SqueezeDetect(BaseStage):
                 model_name=ctx.request.model_name,
                 model_version=ctx.request.model_version,
                 inputs=batch,
-                outputs=[RequestedOutput(self.output)],
+                outputs=[RequestedOutput(self.options.output)],
             )
         )
-        if self.output not in response.outputs:
-            raise RuntimeError(f"the model returned no output {self.output!r}")
+        if self.options.output not in response.outputs:
+            raise RuntimeError(f"the model returned no output {self.options.output!r}")
         distances = distances_from_scores(
-            response.outputs[self.output], len(x), len(self.squeezers)
+            response.outputs[self.options.output], len(x), len(self.squeezers)
         )
         per_sample = distances.max(axis=1)
         sample = int(np.argmax(per_sample))
         score = float(per_sample[sample])
-        if score <= self.threshold:
+        if score <= self.options.threshold:
             return Verdict.CONTINUE
         squeezer = self.squeezers[int(np.argmax(distances[sample]))]
         return ctx.report(
             self.name,
-            self.action,
-            f"squeezing ({squeezer.name}) moved {self.output} of sample {sample} by L1 "
-            f"{score:.3f} > {self.threshold:g}",
+            self.options.action,
+            f"squeezing ({squeezer.name}) moved {self.options.output} of sample {sample} by L1 "
+            f"{score:.3f} > {self.options.threshold:g}",
             score=score,
-            threshold=self.threshold,
+            threshold=self.options.threshold,
             technique=TECHNIQUE,
         )
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +16,6 @@ from guard.config import load_policy
 from guard.server import create_app, create_ops_app
 from tests.integration.mlserver_upstream import mlserver_breast_cancer  # noqa: F401  (fixture)
 from tests.integration.redis_server import redis_module, redis_server  # noqa: F401  (fixtures)
-
 
 
 class GuardServer(TestServer):
@@ -41,17 +40,23 @@ def digits_policy(**extra: Any) -> dict[str, Any]:
 @pytest.fixture
 async def start_guard(tmp_path: Path) -> AsyncIterator[StartGuard]:
     """Write a policy file, start a guard on it, return the server: ``.make_url(path)`` on
-    the public listener, ``.ops_url(path)`` on the metrics and admin listener."""
+    the public listener, ``.ops_url(path)`` on the metrics and admin listener. ``environ``:
+    where the policy's secrets are looked up (default: this process's environment)."""
     started: list[TestServer] = []
 
     async def start(
-        policy: dict[str, Any], *, files: dict[str, str] | None = None
+        policy: dict[str, Any],
+        *,
+        files: dict[str, str] | None = None,
+        environ: Mapping[str, str] | None = None,
     ) -> GuardServer:
         for name, text in (files or {}).items():
             (tmp_path / name).write_text(text)
         path = tmp_path / "policy.yaml"
         path.write_text(yaml.safe_dump(policy))
-        app = create_app(load_policy(path), registry=CollectorRegistry(), policy_path=path)
+        app = create_app(
+            load_policy(path, environ=environ), registry=CollectorRegistry(), policy_path=path
+        )
         server = GuardServer(app)
         await server.start_server()
         started.append(server)

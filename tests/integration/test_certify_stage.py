@@ -26,8 +26,9 @@ from guard.inference import InferRequest, InferResponse
 from guard.models import load_samples, model_path
 from guard.pipeline import Action, RequestContext
 from guard.runtime import build_runtime
-from guard.stages.certify import Certify, SampleBudget
+from guard.stages.certify import Certify, CertifyOptions, SampleBudget
 from guard.stages.env import StageEnv
+from guard.stages.options import OptionError
 from tests.integration.conftest import StartGuard, digits_policy
 
 SIGMA, N, ALPHA = 0.5, 2000, 0.001
@@ -496,18 +497,45 @@ async def test_certifications_are_counted_in_metrics(start_guard: Any, http: Any
             "models": {
                 "digits": {
                     "model": "builtin:digits",
-                    "stages": [{"certify": {"sigma": 0.5, "n0": 20, "n": 200, "alpha": 0.01, "when": "always"}}],
+                    "stages": [
+                        {
+                            "certify": {
+                                "sigma": 0.5,
+                                "n0": 20,
+                                "n": 200,
+                                "alpha": 0.01,
+                                "when": "always",
+                            }
+                        }
+                    ],
                 }
             },
         }
     )
     x = load_samples("digits")[0][:3]
-    body = {"inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32", "data": x.ravel().tolist()}]}
+    body = {
+        "inputs": [
+            {
+                "name": "input",
+                "shape": list(x.shape),
+                "datatype": "FP32",
+                "data": x.ravel().tolist(),
+            }
+        ]
+    }
     async with http.post(guard.make_url("/v2/models/digits/infer"), json=body) as reply:
         assert reply.status == 200
         params = (await reply.json())["parameters"]
     async with http.get(guard.ops_url("/metrics")) as reply:
         text = await reply.text()
     certified = sum(not a for a in params["abstained"])
-    assert f'guard_certifications_total{{model="digits",outcome="certified"}} {float(certified)}' in text
+    assert (
+        f'guard_certifications_total{{model="digits",outcome="certified"}} {float(certified)}'
+        in text
+    )
     assert f'guard_certified_radius_count{{model="digits"}} {float(certified)}' in text
+
+
+def test_sampling_parameters_are_checked_in_code_too() -> None:
+    with pytest.raises(OptionError, match=r"^n must be >= 10 for CERTIFY to ever answer"):
+        CertifyOptions(sigma=0.25, source="local", n=9)

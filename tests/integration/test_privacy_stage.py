@@ -16,24 +16,20 @@ from guard.backends.onnx import OnnxBackend
 from guard.clients import Client
 from guard.config import parse_policy
 from guard.defenses.accountant import Accountant, Budget
-from guard.defenses.privacy import Laplace
 from guard.errors import Overloaded, PolicyError, RateLimited
 from guard.inference import InferRequest, InferResponse, RequestedOutput
 from guard.metrics import GuardMetrics
 from guard.models import load_samples, model_path
 from guard.pipeline import RequestContext
 from guard.runtime import build_runtime
-from guard.stages.privacy import Privacy
+from guard.stages.env import StageEnv
+from guard.stages.privacy import BudgetOptions, MechanismOptions, Privacy, PrivacyOptions
 from guard.state.memory import MemoryStore
 from tests.integration.conftest import StartGuard, digits_policy
 from tests.integration.redis_server import RedisServer, redis_module, redis_server  # noqa: F401
 
 SECRET_ENV = "GUARD_TEST_PRIVACY_SECRET"
-
-
-@pytest.fixture(autouse=True)
-def secret(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(SECRET_ENV, "a-test-secret-of-enough-length")
+ENVIRON = {SECRET_ENV: "a-test-secret-of-enough-length"}
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +82,7 @@ async def test_answers_are_noisy_keep_the_label_and_repeat_exactly(
     start_guard: StartGuard, http: aiohttp.ClientSession, digits: Any
 ) -> None:
     x, true_p = digits
-    guard = await start_guard(privacy_policy())
+    guard = await start_guard(privacy_policy(), environ=ENVIRON)
     status, first, _ = await infer(http, guard, x)
     assert status == 200, first
     p = first["probabilities"]
@@ -107,7 +103,9 @@ async def test_the_budget_runs_out_into_label_only_answers(
     start_guard: StartGuard, http: aiohttp.ClientSession, digits: Any
 ) -> None:
     x, true_p = digits
-    guard = await start_guard(privacy_policy(budget={"epsilon": 20.0, "per": "1d"}))
+    guard = await start_guard(
+        privacy_policy(budget={"epsilon": 20.0, "per": "1d"}), environ=ENVIRON
+    )
     status, _, headers = await infer(http, guard, x)  # 8 rows at ε=2: 16 of 20
     assert status == 200
     assert headers["X-Guard-Privacy-Epsilon"] == "16/20"
@@ -131,7 +129,7 @@ async def test_deny_answers_429_with_retry_after(
     x, _ = digits
     policy = privacy_policy(budget={"epsilon": 4.0, "per": "1h"}, on_exhausted="deny")
     policy["disclose"] = {"reasons": True}  # refusals name the budget (off by default)
-    guard = await start_guard(policy)
+    guard = await start_guard(policy, environ=ENVIRON)
     assert (await infer(http, guard, x[:2]))[0] == 200
     status, message, headers = await infer(http, guard, x[:1])
     assert status == 429
@@ -144,7 +142,7 @@ async def test_shadow_mode_records_exhaustion_and_answers_as_usual(
 ) -> None:
     x, _ = digits
     policy = privacy_policy(budget={"epsilon": 2.0}, on_exhausted="deny")
-    guard = await start_guard({**policy, "mode": "shadow"})
+    guard = await start_guard({**policy, "mode": "shadow"}, environ=ENVIRON)
     assert (await infer(http, guard, x[:1]))[0] == 200
     status, answer, headers = await infer(http, guard, x[:1])
     assert status == 200
@@ -157,7 +155,8 @@ async def test_a_label_derived_from_noise_is_charged_even_when_scores_are_not_as
 ) -> None:
     x, _ = digits
     guard = await start_guard(
-        privacy_policy(epsilon=0.5, keep_argmax=False, budget={"epsilon": 100.0})
+        privacy_policy(epsilon=0.5, keep_argmax=False, budget={"epsilon": 100.0}),
+        environ=ENVIRON,
     )
     status, answer, headers = await infer(http, guard, x, outputs=["label"])
     assert status == 200, answer
@@ -172,7 +171,7 @@ async def test_label_only_requests_are_free_when_the_label_is_kept(
     start_guard: StartGuard, http: aiohttp.ClientSession, digits: Any
 ) -> None:
     x, true_p = digits
-    guard = await start_guard(privacy_policy(budget={"epsilon": 1.0}))
+    guard = await start_guard(privacy_policy(budget={"epsilon": 1.0}), environ=ENVIRON)
     for _ in range(3):
         status, answer, headers = await infer(http, guard, x, outputs=["label"])
         assert status == 200
@@ -197,32 +196,40 @@ def context(x: np.ndarray, scores: np.ndarray, *, degraded: bool = False) -> Req
     return ctx
 
 
-def stage(**kwargs: Any) -> Privacy:
-    options: dict[str, Any] = {
-        "model": "digits",
-        "mechanism": Laplace(epsilon=1.0),
-        "degraded": Laplace(epsilon=0.25),
-        "delta": None,
-        "output": "probabilities",
-        "label_output": "label",
-        "secret": b"stage-secret-0123456789",
-        "accountant": None,
-        "on_exhausted": "label_only",
+def stage(
+    *,
+    environ: dict[str, str] = ENVIRON,
+    state: MemoryStore | None = None,
+    metrics: GuardMetrics | None = None,
+    rng: np.random.Generator | None = None,
+    **options: Any,
+) -> Privacy:
+    """A privacy stage built on its own: Laplace ε=1, degraded Laplace ε=0.25."""
+    defaults: dict[str, Any] = {
+        "mechanism": "laplace",
+        "epsilon": 1.0,
+        "degraded": MechanismOptions(mechanism="laplace", epsilon=0.25),
+        "secret_env": SECRET_ENV,
     }
-    options.update(kwargs)
-    return Privacy(**options)
+    env = StageEnv(
+        model="digits",
+        backend=None,
+        local=None,
+        metadata=None,
+        state=state,
+        metrics=metrics,
+        environ=environ,
+    )
+    return Privacy(PrivacyOptions(**{**defaults, **options}), env, rng=rng)
 
 
 async def test_a_degraded_client_gets_the_degraded_mechanism_charged_at_its_own_cost(
     digits: Any,
 ) -> None:
     x, true_p = digits
-    acc = Accountant(
-        MemoryStore(), Budget(unit="epsilon", limit=10.0, window_s=None), model="digits"
-    )
     registry = CollectorRegistry()
     metrics = GuardMetrics(registry)
-    privacy = stage(accountant=acc, metrics=metrics)
+    privacy = stage(budget=BudgetOptions(epsilon=10.0), metrics=metrics)
     normal, degraded = context(x, true_p), context(x, true_p, degraded=True)
     await privacy.on_response(normal)
     await privacy.on_response(degraded)
@@ -242,7 +249,8 @@ async def test_a_degraded_client_gets_the_degraded_mechanism_charged_at_its_own_
 
 async def test_fresh_noise_when_not_consistent(digits: Any) -> None:
     x, true_p = digits
-    privacy = stage(secret=None, rng=np.random.default_rng(0))
+    privacy = stage(consistent=False, rng=np.random.default_rng(0))
+    assert privacy.secret is None
     first, second = context(x, true_p), context(x, true_p)
     await privacy.on_response(first)
     await privacy.on_response(second)
@@ -253,10 +261,7 @@ async def test_fresh_noise_when_not_consistent(digits: Any) -> None:
 
 async def test_deny_outside_the_server_raises_rate_limited(digits: Any) -> None:
     x, true_p = digits
-    acc = Accountant(
-        MemoryStore(), Budget(unit="epsilon", limit=1.0, window_s=None), model="digits"
-    )
-    privacy = stage(accountant=acc, on_exhausted="deny")
+    privacy = stage(budget=BudgetOptions(epsilon=1.0), on_exhausted="deny")
     with pytest.raises(RateLimited, match="it does not reset") as caught:
         await privacy.on_response(context(x, true_p))
     assert caught.value.retry_after is None
@@ -264,7 +269,7 @@ async def test_deny_outside_the_server_raises_rate_limited(digits: Any) -> None:
 
 async def test_scores_that_cannot_be_perturbed_are_never_released(digits: Any) -> None:
     x, true_p = digits
-    privacy = stage(fail_open=True)
+    privacy = stage(on_error="open")
     ctx = context(x, true_p * 3.0)  # not probabilities
     with pytest.raises(Overloaded, match="cannot be released"):
         await privacy.on_response(ctx)
@@ -275,8 +280,8 @@ async def test_an_added_scores_output_is_removed_from_the_request_and_the_answer
 ) -> None:
     x, true_p = digits
     privacy = stage(
-        mechanism=Laplace(epsilon=1.0, keep_argmax=False),
-        degraded=Laplace(epsilon=1.0, keep_argmax=False),
+        keep_argmax=False,
+        degraded=MechanismOptions(mechanism="laplace", epsilon=1.0, keep_argmax=False),
     )
     ctx = context(x, true_p)
     ctx.request.outputs.append(RequestedOutput("label"))
@@ -315,11 +320,11 @@ async def test_an_added_scores_output_is_removed_from_the_request_and_the_answer
         ),
         (
             {"mechanism": "laplace", "epsilon": 1, "budget": {"epsilon": 10, "per": "daily"}},
-            "privacy.budget.per must be seconds or a duration",
+            "privacy.budget.per must be a duration such as 30s",
         ),
         (
             {"mechanism": "laplace", "epsilon": 1, "budget": {"epsilon": 10, "per": 0.5}},
-            "privacy.budget.per must be >= 1.0",
+            "privacy.budget.per must be >= 1s; got 0.5s",
         ),
         (
             {"mechanism": "laplace", "epsilon": 1, "budget": {"per": "1d"}},
@@ -357,18 +362,22 @@ async def test_an_added_scores_output_is_removed_from_the_request_and_the_answer
 )
 def test_invalid_options_stop_the_load_with_a_clear_message(options: dict, message: str) -> None:
     stages = [{"privacy": options}]
-    policy = parse_policy(digits_policy(model={"stages": stages}), source="p.yaml", base=Path("."))
+    policy = parse_policy(
+        digits_policy(model={"stages": stages}), source="p.yaml", base=Path("."), environ=ENVIRON
+    )
     with pytest.raises(PolicyError) as caught:
         build_runtime(policy, session=None)
     assert message in str(caught.value)
     assert str(caught.value).startswith("p.yaml: models.digits.stages[0].privacy")
 
 
-def test_a_short_secret_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("GUARD_TEST_SHORT", "short")
+def test_a_short_secret_is_refused() -> None:
     options = {"mechanism": "laplace", "epsilon": 1, "secret_env": "GUARD_TEST_SHORT"}
     policy = parse_policy(
-        digits_policy(model={"stages": [{"privacy": options}]}), source="p.yaml", base=Path(".")
+        digits_policy(model={"stages": [{"privacy": options}]}),
+        source="p.yaml",
+        base=Path("."),
+        environ={"GUARD_TEST_SHORT": "short"},
     )
     with pytest.raises(PolicyError, match="needs at least 16"):
         build_runtime(policy, session=None)
@@ -385,7 +394,10 @@ async def test_valid_options_are_described() -> None:
         "secret_env": SECRET_ENV,
     }
     policy = parse_policy(
-        digits_policy(model={"stages": [{"privacy": options}]}), source="p.yaml", base=Path(".")
+        digits_policy(model={"stages": [{"privacy": options}]}),
+        source="p.yaml",
+        base=Path("."),
+        environ=ENVIRON,
     )
     runtime = build_runtime(policy, session=None)
     try:

@@ -14,7 +14,6 @@ from typing import Any
 import aiohttp
 import numpy as np
 import orjson
-import pytest
 
 from guard.clients import Client
 from guard.config import parse_policy
@@ -27,12 +26,8 @@ from tests.integration.conftest import StartGuard
 from tests.reliability.conftest import v2_body
 
 SECRET_ENV = "GUARD_TEST_PRIVACY_KEY_SECRET"
+ENVIRON = {SECRET_ENV: "a-secret-of-enough-length-for-the-key"}
 PRIVACY = {"mechanism": "laplace", "epsilon": 1.0, "secret_env": SECRET_ENV}
-
-
-@pytest.fixture(autouse=True)
-def secret(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(SECRET_ENV, "a-secret-of-enough-length-for-the-key")
 
 
 def model(**extra: Any) -> dict[str, Any]:
@@ -42,7 +37,10 @@ def model(**extra: Any) -> dict[str, Any]:
 
 def privacy_stage(**extra: Any) -> Privacy:
     policy = parse_policy(
-        {"version": 1, "models": {"digits": model(**extra)}}, source="p.yaml", base=Path(".")
+        {"version": 1, "models": {"digits": model(**extra)}},
+        source="p.yaml",
+        base=Path("."),
+        environ=ENVIRON,
     )
     runtime = build_runtime(policy, session=None)
     (stage,) = [s for s in runtime.model("digits").pipeline.stages if isinstance(s, Privacy)]
@@ -98,7 +96,7 @@ def test_the_key_holds_the_version_the_policy_serves() -> None:
 async def test_with_and_without_the_version_in_the_url_one_answer(
     start_guard: StartGuard, http: aiohttp.ClientSession
 ) -> None:
-    guard = await start_guard({"version": 1, "models": {"digits": model()}})
+    guard = await start_guard({"version": 1, "models": {"digits": model()}}, environ=ENVIRON)
     x = load_samples("digits")[0][:3]
     body = v2_body(x)
     released = []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import numpy as np
@@ -14,6 +15,7 @@ from guard.inference import InferRequest
 from guard.pipeline import Action, RequestContext, Verdict
 from guard.stages.budget import Budget
 from guard.stages.env import StageEnv
+from guard.stages.options import OptionError
 from guard.state.memory import MemoryStore
 
 
@@ -118,9 +120,17 @@ def test_durations_and_describe() -> None:
             {"queries": 3, "per": "1d"},
         ]
     )
-    assert [q.per for q in stage.limits] == [0.5, 90.0, 86400.0]
+    assert [q.per for q in stage.options.limits] == [0.5, 90.0, 86400.0]
     assert stage.describe()["limits"] == [
         {"queries": 1, "per": "0.5s"},
         {"queries": 2, "per": "90s"},
         {"queries": 3, "per": "1d"},
     ]
+
+
+def test_rules_hold_for_options_built_in_code() -> None:
+    options = build().options
+    with pytest.raises(OptionError, match="limits must list at least one"):
+        dataclasses.replace(options, limits=())
+    with pytest.raises(OptionError, match=r"limits\[1\].per repeats the window 1s"):
+        dataclasses.replace(options, limits=(options.limits[0], options.limits[0]))

@@ -33,8 +33,8 @@ def test_default_policy_loads_and_builds() -> None:
     stages = runtime.describe()["models"]["digits"]["stages"]
     assert stages[0]["stage"] == "validate"
     # validate picked up the model's own input shape and dtype from the local copy
-    assert stages[0]["inputs"]["*"]["shape"] == [64]
-    assert stages[0]["inputs"]["*"]["dtype"] == "float32"
+    assert stages[0]["shape"] == [64]
+    assert stages[0]["dtype"] == "FP32"
 
 
 @pytest.mark.parametrize(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import numpy as np
@@ -16,6 +17,7 @@ from guard.models import load_samples, model_path
 from guard.pipeline import Action, RequestContext, Verdict
 from guard.stages.coverage import Coverage
 from guard.stages.env import StageEnv
+from guard.stages.options import OptionError
 from guard.state.base import client_key
 from guard.state.memory import MemoryStore
 
@@ -204,3 +206,11 @@ def test_describe_and_the_calibrated_radius() -> None:
     assert described["min_novel"] == 150 and described["classes"] == 10
     assert described["action"] == "degrade" and described["degrade_for"] == "10m"
     assert build(radius=3.5).describe()["radius"] == 3.5
+
+
+def test_rules_hold_for_options_built_in_code() -> None:
+    options = build(radius=3.5).options
+    with pytest.raises(OptionError, match="radius and reference are exclusive"):
+        dataclasses.replace(options, reference="builtin:digits")
+    with pytest.raises(OptionError, match="radius is required"):
+        dataclasses.replace(options, radius=None)

@@ -29,6 +29,7 @@ from guard.defenses.smoothing import (
     min_samples,
     prediction,
 )
+from guard.inference import class_output
 
 W = np.array([3.0, -1.0, 0.5, 2.0])
 B = -0.25
@@ -384,3 +385,21 @@ def test_sampler_refuses_bad_settings(kwargs: dict[str, object], message: str) -
 def test_no_samples_no_votes() -> None:
     votes = NoiseSampler(1.0).counts(np.zeros(3), 0, np.random.default_rng(0), linear)
     assert votes.shape == (0,)
+
+
+@pytest.mark.parametrize(
+    ("kind", "shape", "expected"),
+    [
+        ("i", (5,), "labels"),
+        ("u", (-1, 1), "labels"),
+        ("f", (5, 10), "scores"),
+        ("f", (-1, -1), "scores"),
+        ("f", (5, 1), None),  # one score: no argmax to take
+        ("f", (5,), None),
+        ("i", (5, 3), None),
+        ("b", (5,), None),
+        ("O", (5,), None),
+    ],
+)
+def test_which_output_holds_the_class(kind: str, shape: tuple[int, ...], expected: str) -> None:
+    assert class_output(kind, shape) == expected

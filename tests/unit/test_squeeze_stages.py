@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import numpy as np
@@ -24,8 +25,9 @@ from guard.inference import InferRequest, InferResponse, ModelMetadata, TensorSp
 from guard.models import load_samples, model_path
 from guard.pipeline import Action, RequestContext, Verdict
 from guard.stages.env import StageEnv
-from guard.stages.squeeze import OFFLOAD_VALUES, Squeeze
-from guard.stages.squeeze_detect import SqueezeDetect
+from guard.stages.options import OptionError
+from guard.stages.squeeze import OFFLOAD_VALUES, Squeeze, SqueezeOptions, SqueezerOptions
+from guard.stages.squeeze_detect import SqueezeDetect, SqueezeDetectOptions
 
 IMAGE = {"height": 8, "width": 8}
 DIGITS_META = ModelMetadata(
@@ -380,3 +382,15 @@ def test_squeezer_needs_what_its_transforms_need() -> None:
 def test_squeeze_warnings(stages: list[str], expected: list[str]) -> None:
     warnings = squeeze_warnings(stages)
     assert [w.split(":")[0] for w in warnings] == expected
+
+
+def test_the_rules_hold_for_options_built_in_code() -> None:
+    with pytest.raises(OptionError, match=r"^bits needs range: \[lo, hi\]"):
+        SqueezeOptions(bits=4)
+    with pytest.raises(OptionError, match="needs at least one of clip, bits, median"):
+        SqueezerOptions()
+    options = SqueezeDetectOptions(
+        threshold=0.1, squeezers=(SqueezerOptions(bits=2),), range=(0.0, 16.0), scorer="local"
+    )
+    with pytest.raises(OptionError, match=r"^squeezers\[1\]\.median needs image"):
+        dataclasses.replace(options, squeezers=(*options.squeezers, SqueezerOptions(median=2)))

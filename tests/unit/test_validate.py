@@ -13,7 +13,8 @@ from guard.errors import RequestError
 from guard.inference import InferRequest
 from guard.pipeline import RequestContext
 from guard.stages.env import StageEnv
-from guard.stages.validate import Validate
+from guard.stages.options import OptionError
+from guard.stages.validate import Validate, ValidateOptions
 
 
 def stage(**options: Any) -> Validate:
@@ -99,3 +100,8 @@ async def test_refused_with_the_field(options: dict[str, Any], x: np.ndarray, me
 async def test_nonfinite_allowed_when_asked() -> None:
     out = await run(stage(allow_nonfinite=True, max=1.0), np.array([[np.nan, np.inf, 0.5]]))
     assert np.isnan(out[0, 0]) and np.isinf(out[0, 1])
+
+
+def test_bounds_in_the_wrong_order_are_refused_in_code_too() -> None:
+    with pytest.raises(OptionError, match=r"^min must be <= max \(1\); got 5"):
+        ValidateOptions(min=5, max=1)
