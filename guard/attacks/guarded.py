@@ -25,10 +25,13 @@ from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 import yaml
+
+if TYPE_CHECKING:
+    from guard.config import Policy
 
 DEFAULT_POLICY = Path(__file__).resolve().parents[1] / "policies" / "default.yaml"
 UNLIMITED = 1_000_000_000  # quota that detection-only measurements raise budgets to
@@ -88,14 +91,15 @@ class InProcessGuard:
     """A guard on 127.0.0.1 (a free port) in a thread of its own, so synchronous
     attack clients can query it. ``with InProcessGuard(path) as guard: guard.url``.
 
-    The policy is loaded with ``environ`` (default: this process's environment) plus
+    A policy file is loaded with ``environ`` (default: this process's environment) plus
     fixed measurement secrets where it sets none: ``GUARD_MEASURE_BLACKLIGHT_KEY`` and
-    ``GUARD_PRIVACY_SECRET``, so the same run twice hashes and perturbs alike."""
+    ``GUARD_PRIVACY_SECRET``, so the same run twice hashes and perturbs alike. A policy
+    already parsed (``guard tune``'s candidates) is served as it is, with its own."""
 
-    def __init__(self, policy_path: Path, *, environ: Mapping[str, str] | None = None) -> None:
+    def __init__(self, policy: Path | Policy, *, environ: Mapping[str, str] | None = None) -> None:
         from prometheus_client import CollectorRegistry
 
-        self.policy_path = Path(policy_path)
+        self.policy = Path(policy) if isinstance(policy, str) else policy
         self.environ = {
             BLACKLIGHT_KEY_ENV: "measurement-blacklight-key",
             PRIVACY_KEY_ENV: "measurement-privacy-key",
@@ -124,7 +128,9 @@ class InProcessGuard:
         from guard.config import load_policy
         from guard.server import create_app, make_runner
 
-        policy = load_policy(self.policy_path, environ=self.environ)
+        policy = self.policy
+        if isinstance(policy, Path):
+            policy = load_policy(policy, environ=self.environ)
         self.audit_path = Path(policy.audit_path) if policy.audit_path not in (None, "-") else None
         app = self.app = create_app(policy, registry=self.registry)
         self.runner = make_runner(app)

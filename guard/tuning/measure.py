@@ -1,7 +1,8 @@
 """Measure one candidate policy: a real guard on loopback, benign clients, attackers.
 
 :func:`measure_policy` serves the candidate with :func:`guard.server.create_app`
-on 127.0.0.1 (in a thread of its own: the clients are synchronous) and sends
+on 127.0.0.1 (:class:`~guard.attacks.guarded.InProcessGuard`, in a thread of its
+own: the clients are synchronous) and sends
 it, each as its own API key, benign clients (false positives, accuracy, time
 spent in the stages, after a few untimed warm-up requests so that no candidate
 pays for the process's first calls), then certification requests when the policy has a
@@ -22,8 +23,6 @@ policy's, not the draw's.
 
 from __future__ import annotations
 
-import asyncio
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -34,6 +33,7 @@ from typing import Any
 import numpy as np
 import orjson
 
+from guard.attacks.guarded import InProcessGuard
 from guard.attacks.registry import ATTACK, TUNABLE
 from guard.attacks.targets import OnnxTarget, Target
 from guard.clients import Client, ClientDirectory, key_digest
@@ -105,64 +105,6 @@ class Measurement:
         return next(a for a in self.attacks if a.attack == name)
 
 
-class LocalGuard:
-    """A guard serving ``policy`` on 127.0.0.1 from a background thread; a context manager."""
-
-    def __init__(self, policy: Any) -> None:
-        from prometheus_client import CollectorRegistry
-
-        self.policy = policy
-        self.registry = CollectorRegistry()
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
-        self._runner: Any = None
-        self.port = 0
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def __enter__(self) -> LocalGuard:
-        self._thread.start()
-        try:
-            asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(120)
-        except BaseException:
-            self._stop()
-            raise
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop()
-
-    async def _start(self) -> None:
-        from aiohttp import web
-
-        from guard.server import create_app, make_runner
-
-        self._runner = make_runner(create_app(self.policy, registry=self.registry))
-        await self._runner.setup()
-        await web.TCPSite(self._runner, "127.0.0.1", 0).start()
-        self.port = self._runner.addresses[0][1]
-
-    def _stop(self) -> None:
-        if self._runner is not None:
-            asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(120)
-            self._runner = None
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join()
-        self._loop.close()
-
-    def stage_seconds(self, model: str, stages: list[str]) -> dict[str, float]:
-        """Total seconds each stage has spent so far (from the guard's own histogram)."""
-        total = {}
-        for stage in stages:
-            value = self.registry.get_sample_value(
-                "guard_stage_duration_seconds_sum", {"model": model, "stage": stage}
-            )
-            total[stage] = value or 0.0
-        return total
-
-
 def evaluation_policy(
     policy: Policy, config: ModelConfig, *, clients: Sequence[str], seed: int
 ) -> Policy:
@@ -217,7 +159,7 @@ def measure_policy(
     served = evaluation_policy(policy, config, clients=clients, seed=seed)
     stages = [entry.kind for entry in config.stages]
 
-    def target(guard: LocalGuard, name: str, batch: int = 1) -> ObservedTarget:
+    def target(guard: InProcessGuard, name: str, batch: int = 1) -> ObservedTarget:
         return ObservedTarget(
             guard.url,
             model,
@@ -229,7 +171,7 @@ def measure_policy(
             label_output=interface.label,
         )
 
-    with LocalGuard(served) as guard:
+    with InProcessGuard(served) as guard:
         benign = _benign(
             guard,
             lambda name: target(guard, name),
@@ -251,7 +193,7 @@ def measure_policy(
     outcomes = []
     for name in attacks:  # each against a fresh guard: no attacker inherits another's
         with (
-            LocalGuard(served) as guard,
+            InProcessGuard(served) as guard,
             target(guard, f"attacker-{name}", ATTACK[name].tune_batch) as attacker,
         ):
             rng = stream(seed, name)
@@ -264,7 +206,7 @@ def _key(client: str, seed: int) -> str:
 
 
 def _benign(
-    guard: LocalGuard,
+    guard: InProcessGuard,
     target: Any,
     clients: list[str],
     stages: list[str],
@@ -279,7 +221,7 @@ def _benign(
 
     with target(WARMUP_CLIENT) as warm:  # first calls pay for lazy imports and caches
         warm.query(data.calibration[:WARMUP_QUERIES])
-    before = guard.stage_seconds(model, stages)
+    before = _spent(guard, model, stages)
     names = [c for c in clients if c.startswith("benign-")]
     targets = [target(name) for name in names]
     try:
@@ -294,7 +236,7 @@ def _benign(
             t.close()
     summary = run.summary()
     queries = summary["queries"]
-    after = guard.stage_seconds(model, stages)
+    after = _spent(guard, model, stages)
     spent = {stage: after[stage] - before[stage] for stage in stages}
     inputs = np.concatenate([x for t in targets for x in t.inputs])
     served = np.concatenate([a.scores for t in targets for a in t.answers])
@@ -311,6 +253,12 @@ def _benign(
         stage_ms={stage: 1e3 * spent[stage] / queries for stage in stages},
         round_trip_ms=1e3 * float(np.median([s for t in targets for s in t.seconds])),
     )
+
+
+def _spent(guard: InProcessGuard, model: str, stages: list[str]) -> dict[str, float]:
+    """Total seconds each stage has spent so far (from the guard's own histogram)."""
+    name = "guard_stage_duration_seconds_sum"
+    return {stage: guard.metric(name, {"model": model, "stage": stage}) for stage in stages}
 
 
 def measure_baseline(
