@@ -253,11 +253,11 @@ def describe_param(result: TuneResult, param: Param) -> tuple[str, list[str]]:
     chosen value; above it, what was measured for each other value tried with the other
     tuned numbers as chosen (values tried only elsewhere in the search are left out)."""
     chosen = result.chosen.values[param.name]
-    base = "kept from the base" if param.base == chosen else f"base {_show(param.base)}"
+    base = "kept from the base" if param.base == chosen else f"base {shown(param.base)}"
     end = f"tuned ({base}): measured {_metrics(param, result.chosen)}"
     others = [c for c in result.tried(param) if c.values[param.name] != chosen]
     others.sort(key=lambda c: param.values.index(c.values[param.name]))
-    lines = [f"{param.key} {_show(c.values[param.name])}: {_metrics(param, c)}" for c in others]
+    lines = [f"{param.key} {shown(c.values[param.name])}: {_metrics(param, c)}" for c in others]
     return end, lines
 
 
@@ -335,10 +335,6 @@ def fp_upper_bound(false_positives: int, queries: int, confidence: float = 0.95)
     return float(beta.ppf(confidence, false_positives + 1, queries - false_positives))
 
 
-def _show(value: Any) -> str:
-    value = to_yaml(value)
-    if isinstance(value, list):
-        return "[" + ", ".join(_show(v) for v in value) + "]"
-    if isinstance(value, dict):
-        return "{" + ", ".join(f"{k}: {v}" for k, v in value.items()) + "}"
-    return str(value)
+def shown(value: Any) -> str:
+    """A searched value as the comments and the report print it: ``[{bits: 2}]``, ``0.9``."""
+    return str(to_yaml(value)).replace("'", "")

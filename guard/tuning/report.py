@@ -13,9 +13,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from guard.stages.options import to_yaml
 from guard.tuning.measure import BenignOutcome
-from guard.tuning.policyfile import attack_line, constraint_text, summary_lines
+from guard.tuning.policyfile import attack_line, constraint_text, shown, summary_lines
 from guard.tuning.search import TuneResult
 
 
@@ -116,8 +115,7 @@ def _candidates(result: TuneResult) -> list[str]:
 
 
 def _cell(value: Any) -> str:
-    text = str(to_yaml(value)).replace("'", "")
-    return text.replace("|", "\\|")
+    return shown(value).replace("|", "\\|")
 
 
 def plot(result: TuneResult, path: Path) -> Path:
