@@ -1,30 +1,15 @@
 """What ``guard tune`` may change: a declared search space per stage type.
 
 The tuned model's stages are read once into their typed options
-(:func:`typed_model`). Each stage that has a space contributes :class:`Param` s,
-grids centred on the stage's current value (its default when the policy leaves
-the key out: the options dataclass says which), which is always one of the grid
-points. ``small`` grids have three points per parameter, ``full`` grids five
-(and a few extra parameters):
-
-============== ===================================== =====================================
-stage          searched                               derived
-============== ===================================== =====================================
-blacklight     ``threshold`` (± top/10 steps),
-               ``quantize`` (x 2/3 .. 4/3);
-               full: ``matches``
-prada          ``delta`` (± 0.04; full ± 0.03 steps);
-               full: ``min_queries`` (x 1/2 .. 2)
-squeeze_detect ``squeezers`` (the base set, bits=2,   ``threshold``: calibrated on benign
-               bits=3; full: bits 2+3, bits=4, and    data at half the false-positive
-               median variants for images)            bound (:func:`calibrate_squeeze`)
-privacy        laplace/gaussian ``epsilon`` (or
-               ``sigma``) x 1/2 .. 2 (full x 1/4 ..
-               4; full: ``mechanism`` laplace or
-               gaussian); round ``decimals``; topk
-               ``k``; reverse_sigmoid ``beta``
-certify        ``sigma`` (x 1/2 .. 2; full .. 4)
-============== ===================================== =====================================
+(:func:`typed_model`). Each stage that has a space (``_SPACES``: blacklight,
+prada, squeeze_detect, privacy, certify; the grids are tabulated in
+docs/tuning.md, "The search space") contributes :class:`Param` s, grids
+centred on the value the stage uses now (its default when the policy leaves
+the key out: the options dataclass says which), always one of the grid points.
+``small`` grids have three points per parameter, ``full`` grids five (and a
+few extra parameters). ``squeeze_detect``'s threshold is derived instead:
+calibrated on benign data at half the false-positive bound
+(:func:`calibrate_squeeze`).
 
 Other stages (``validate``, ``budget``, ``squeeze``) are measured as they are:
 quotas and input rules are the operator's decisions, not trade-offs to search.
