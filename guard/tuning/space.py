@@ -38,6 +38,11 @@ from guard.stages.options import OptionError, read_options
 if TYPE_CHECKING:
     from guard.config import ModelConfig, Policy
     from guard.defenses.privacy import Cost
+    from guard.stages.blacklight import BlacklightOptions
+    from guard.stages.certify import CertifyOptions
+    from guard.stages.prada import PradaOptions
+    from guard.stages.privacy import PrivacyOptions
+    from guard.stages.squeeze_detect import SqueezeDetectOptions
 
 NOISY = ("laplace", "gaussian")
 
@@ -121,21 +126,23 @@ def apply(
     stages = list(config.stages)
     for index, change in changes.items():
         entry = stages[index]
-        if entry.kind == "privacy" and change.get("mechanism", entry.options.mechanism) != (
-            entry.options.mechanism
-        ):
-            change["delta"] = None  # the new mechanism's own: gaussian's default, else unset
         try:
-            options = replace(entry.options, **change)
-            if entry.kind == "privacy":
-                options = rescaled_budget(entry.options, options)
+            options = _replaced(entry.kind, entry.options, change)
         except OptionError as exc:
             raise Section({}, source=source, path=entry.path).error(exc.key, exc.message) from None
         stages[index] = replace(entry, options=options)
     return replace(config, stages=tuple(stages))
 
 
-def budget_answers(options: Any) -> float | None:
+def _replaced(kind: str, options: Any, change: dict[str, Any]) -> Any:
+    if kind != "privacy":
+        return replace(options, **change)
+    if change.get("mechanism", options.mechanism) != options.mechanism:
+        change = {**change, "delta": None}  # the new mechanism's own: gaussian's, else unset
+    return rescaled_budget(options, replace(options, **change))
+
+
+def budget_answers(options: PrivacyOptions) -> float | None:
     """How many scored answers a ``privacy`` stage's budget allows per client and window
     (None without a budget or a noisy mechanism)."""
     from guard.defenses.accountant import Budget
@@ -148,7 +155,7 @@ def budget_answers(options: Any) -> float | None:
     return float(budget.limit / cost.amount)
 
 
-def rescaled_budget(base: Any, options: Any) -> Any:
+def rescaled_budget(base: PrivacyOptions, options: PrivacyOptions) -> PrivacyOptions:
     """``options`` with the budget ``epsilon`` that gives its mechanism as many scored
     answers as ``base``'s budget gives its own (as it is without a noisy mechanism or
     a budget on either)."""
@@ -164,16 +171,15 @@ def rescaled_budget(base: Any, options: Any) -> Any:
     return replace(options, budget=replace(options.budget, epsilon=epsilon))
 
 
-def _cost(options: Any) -> Cost | None:
+def _cost(options: PrivacyOptions) -> Cost | None:
     """One answer's cost in the budget's unit: ε (laplace) or ρ (gaussian)."""
-    cost: Cost | None = options.build(options.delta).cost
-    return cost
+    return options.build(options.delta).cost
 
 
-def _delta(options: Any) -> float:
+def _delta(options: PrivacyOptions) -> float:
     from guard.stages.privacy import DEFAULT_DELTA
 
-    return float(options.delta or DEFAULT_DELTA)
+    return options.delta or DEFAULT_DELTA
 
 
 # -- the spaces: searched options of a stage's typed options --------------------------
@@ -181,7 +187,7 @@ def _delta(options: Any) -> float:
 Space = list[tuple[str, list[Any], Any]]  # (key, grid, the value the stage uses now)
 
 
-def _blacklight(o: Any, full: bool, n_classes: int) -> Space:
+def _blacklight(o: BlacklightOptions, full: bool, n_classes: int) -> Space:
     step, reach = max(1, o.top // 10), 2 if full else 1
     span = range(o.threshold - reach * step, o.threshold + reach * step + 1, step)
     factors = (0.5, 2 / 3, 1.0, 4 / 3, 5 / 3) if full else (2 / 3, 1.0, 4 / 3)
@@ -194,7 +200,7 @@ def _blacklight(o: Any, full: bool, n_classes: int) -> Space:
     return space
 
 
-def _prada(o: Any, full: bool, n_classes: int) -> Space:
+def _prada(o: PradaOptions, full: bool, n_classes: int) -> Space:
     offsets = (-0.06, -0.03, 0.0, 0.03, 0.06) if full else (-0.04, 0.0, 0.04)
     deltas = [round(o.delta + d, 3) for d in offsets if 0.0 < o.delta + d < 1.0]
     space: Space = [("delta", deltas, o.delta)]
@@ -204,7 +210,7 @@ def _prada(o: Any, full: bool, n_classes: int) -> Space:
     return space
 
 
-def _squeeze_detect(o: Any, full: bool, n_classes: int) -> Space:
+def _squeeze_detect(o: SqueezeDetectOptions, full: bool, n_classes: int) -> Space:
     from guard.stages.squeeze import SqueezerOptions as S
 
     ranged = o.range is not None
@@ -218,7 +224,7 @@ def _squeeze_detect(o: Any, full: bool, n_classes: int) -> Space:
     return [("squeezers", sets, o.squeezers)]
 
 
-def _privacy(o: Any, full: bool, n_classes: int) -> Space:
+def _privacy(o: PrivacyOptions, full: bool, n_classes: int) -> Space:
     wide = (0.25, 0.5, 1.0, 2.0, 4.0) if full else (0.5, 1.0, 2.0)
     mechanism, value = o.mechanism, o.value  # value: as set, else the mechanism's default
     if mechanism in NOISY:
@@ -236,7 +242,7 @@ def _privacy(o: Any, full: bool, n_classes: int) -> Space:
     return []
 
 
-def _certify(o: Any, full: bool, n_classes: int) -> Space:
+def _certify(o: CertifyOptions, full: bool, n_classes: int) -> Space:
     factors = (0.5, 1.0, 2.0, 4.0) if full else (0.5, 1.0, 2.0)
     return [("sigma", [_round(o.sigma * f) for f in factors], o.sigma)]
 
@@ -276,7 +282,7 @@ def _ordered(values: tuple[Any, ...]) -> tuple[Any, ...]:
 
 
 def calibrate_squeeze(
-    options: Any, *, data_name: str, benign: np.ndarray, fpr: float
+    options: SqueezeDetectOptions, *, data_name: str, benign: np.ndarray, fpr: float
 ) -> tuple[float, int]:
     """``squeeze_detect``'s threshold for the squeezers of ``options`` (its typed
     options): at most ``fpr`` of ``benign`` score above it (rounded up to 4 significant
