@@ -15,7 +15,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from pathlib import Path
 
 import aiohttp
@@ -291,7 +291,63 @@ async def _serve(
     protocol: str,
     decode: Callable[[Runtime, bytes], Awaitable[tuple[InferRequest, Encode]]],
 ) -> web.Response:
-    app = http.app
+    live = http.app[LIVE]
+
+    async def read(runtime: Runtime, client: str) -> tuple[InferRequest, Encode]:
+        body = await _receive(http, live, client, runtime.policy.limits)
+        return await decode(runtime, body)
+
+    try:
+        payload, headers = await serve_inference(
+            http.app,
+            model_name=model_name,
+            version=version,
+            protocol=protocol,
+            request_id=_request_id(http.headers.get("X-Request-Id")),
+            headers=http.headers,
+            remote=http.remote,
+            read=read,
+        )
+    except Refusal as refusal:
+        response = error_response(refusal.error, refusal.headers)
+        if not http.content.is_eof():  # refused before its body was all read: drop it, do
+            response.force_close()  # not drain it (a broken body would raise there)
+        return response
+    return web.Response(body=payload, headers=headers)
+
+
+Read = Callable[[Runtime, str], Awaitable[tuple[InferRequest, Encode]]]
+
+
+class Refusal(Exception):
+    """What :func:`serve_inference` answers instead of a result: the error as the client
+    may see it (:func:`~guard.errors.withheld` applied) and the headers to send with it."""
+
+    def __init__(self, error: GuardError, headers: dict[str, str]) -> None:
+        super().__init__(error.message)
+        self.error = error
+        self.headers = headers
+
+
+async def serve_inference(
+    app: web.Application,
+    *,
+    model_name: str,
+    version: str | None,
+    protocol: str,
+    request_id: str,
+    headers: Mapping[str, str],
+    remote: str | None,
+    read: Read,
+) -> tuple[bytes, dict[str, str]]:
+    """One inference request from any front end (REST or gRPC): admission, the client
+    (identified from ``headers``, a case-insensitive mapping, and ``remote``), its
+    authorization, the model's pipeline, metrics and audit. ``read(runtime, client)``
+    receives and decodes the request once the client is admitted.
+
+    Returns the encoded answer and its headers; raises :class:`Refusal` otherwise,
+    counted in the metrics like every request.
+    """
     live = app[LIVE]
     runtime = live.current()
     policy = runtime.policy
@@ -299,18 +355,16 @@ async def _serve(
     if live.in_flight >= limits.max_in_flight:
         raise Overloaded(f"the guard is serving {live.in_flight} requests; try again shortly")
     started = time.perf_counter()
-    request_id = _request_id(http.headers.get("X-Request-Id"))
     runtime.enter()
     ctx: RequestContext | None = None
     counted = False
     try:
-        client = policy.clients.identify(http.headers, http.remote)
+        client = policy.clients.identify(headers, remote)
         policy.clients.authorize(client, model_name)
         model = runtime.model(model_name)
         await model.require_version(version)
         with live.slots.hold(client.name, limits.max_in_flight_per_client):
-            body = await _receive(http, live, client.name, limits)
-            infer_request, encode = await decode(runtime, body)
+            infer_request, encode = await read(runtime, client.name)
             if live.in_flight >= limits.max_in_flight:
                 raise Overloaded(
                     f"the guard is serving {live.in_flight} requests; try again shortly"
@@ -326,40 +380,45 @@ async def _serve(
                 client=client,
                 request=infer_request,
                 shadow_mode=policy.shadow,
-                request_headers=http.headers,
+                request_headers=headers,
             )
             passthrough = protocol == "v2" and not _wants_binary(infer_request)
             response = await model.pipeline.run(ctx, model.backend, passthrough=passthrough)
-            payload, headers = encode(response, infer_request)
-        headers["X-Request-Id"] = request_id
+            payload, answer_headers = encode(response, infer_request)
+        answer_headers["X-Request-Id"] = request_id
         if policy.expose_headers:
-            headers["X-Guard-Verdict"] = ctx.verdict
-            headers.update(ctx.headers)
+            answer_headers["X-Guard-Verdict"] = ctx.verdict
+            answer_headers.update(ctx.headers)
         _finish(app, runtime, ctx, protocol, 200, started)
-        return web.Response(body=payload, headers=headers)
+        return payload, answer_headers
     except GuardError as exc:
-        metrics = app[METRICS]
-        metrics.errors.labels(type(exc).__name__).inc()
-        headers = {"X-Request-Id": request_id}
+        refusal_headers = {"X-Request-Id": request_id}
         if policy.expose_headers:  # a refusal is a refusal, whichever stage (if any) made it
-            headers["X-Guard-Verdict"] = "deny" if exc.status < 500 else "error"
+            refusal_headers["X-Guard-Verdict"] = "deny" if exc.status < 500 else "error"
         if ctx is not None:
+            app[METRICS].errors.labels(type(exc).__name__).inc()
             _finish(app, runtime, ctx, protocol, exc.status, started)
             if not policy.disclose.reasons:  # the pipeline's refusal: stage and numbers unsaid
                 exc = withheld(exc)
         else:  # refused before the pipeline: count it under a bounded model label
-            label = model_name if model_name in runtime.models else "unknown"
-            verdict = "rejected" if exc.status < 500 else "error"
-            metrics.requests.labels(label, protocol, verdict, str(exc.status)).inc()
-        refusal = error_response(exc, headers)
-        if not http.content.is_eof():  # refused before its body was all read: drop it, do
-            refusal.force_close()  # not drain it (a broken body would raise there)
-        return refusal
+            count_refusal(app, runtime, model_name, protocol, exc)
+        raise Refusal(exc, refusal_headers) from None
     finally:
         runtime.leave()
         if counted:
             live.in_flight -= 1
             app[METRICS].in_flight.dec()
+
+
+def count_refusal(
+    app: web.Application, runtime: Runtime, model_name: str, protocol: str, exc: GuardError
+) -> None:
+    """Count a request refused before its pipeline ran (no context to observe)."""
+    metrics = app[METRICS]
+    metrics.errors.labels(type(exc).__name__).inc()
+    label = model_name if model_name in runtime.models else "unknown"
+    verdict = "rejected" if exc.status < 500 else "error"
+    metrics.requests.labels(label, protocol, verdict, str(exc.status)).inc()
 
 
 def _request_id(given: str | None) -> str:
