@@ -352,8 +352,8 @@ async def test_refusals_before_the_pipeline_are_counted(start_grpc_guard: StartG
             message, metadata=(("x-api-key", KEYS["alice"]), ("x-request-id", "abc-1"))
         )
         reply = await call
-        initial = dict(await call.initial_metadata())
-        assert initial["x-request-id"] == "abc-1" and initial["x-guard-verdict"] == "allow"
+        trailing = dict(await call.trailing_metadata())
+        assert trailing["x-request-id"] == "abc-1" and trailing["x-guard-verdict"] == "allow"
         assert reply.id == "abc-1"
     requests = await guard.metric("guard_requests_total")
     assert (
