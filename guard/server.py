@@ -91,10 +91,18 @@ def create_app(
             web.get("/v2/models/{model}/versions/{version}/ready", model_ready),
             web.post("/v2/models/{model}/infer", v2_infer),
             web.post("/v2/models/{model}/versions/{version}/infer", v2_infer),
-            web.get("/v1/models/{model}", tf_status),
-            web.get("/v1/models/{model}/versions/{version}", tf_status),
+            web.get("/", server_alive),
+            web.get(r"/v1/models/{model:[^/:]+}", tf_status),
+            web.get(r"/v1/models/{model:[^/:]+}/versions/{version:[^/:]+}", tf_status),
+            web.get(r"/v1/models/{model:[^/:]+}/metadata", tf_metadata),
+            web.get(r"/v1/models/{model:[^/:]+}/versions/{version:[^/:]+}/metadata", tf_metadata),
             web.post(r"/v1/models/{model:[^/:]+}:predict", tf_predict),
             web.post(r"/v1/models/{model:[^/:]+}/versions/{version:[^/:]+}:predict", tf_predict),
+            web.post(r"/v1/models/{model:[^/:]+}:{method:classify|regress}", tf_unsupported),
+            web.post(
+                r"/v1/models/{model:[^/:]+}/versions/{version:[^/:]+}:{method:classify|regress}",
+                tf_unsupported,
+            ),
         ]
     )
     return app
@@ -567,12 +575,21 @@ async def tf_predict(http: web.Request) -> web.Response:
 # -- health and metadata ------------------------------------------------------
 
 
+# Health bodies: KServe's SDK reads ``{"live": true}`` / ``{"ready": true}`` (and
+# ``{"status": "alive"}`` at ``/`` for V1); Triton's clients read only the status.
+
+
 async def health_live(http: web.Request) -> web.Response:
-    return web.Response(status=200)
+    return web.json_response({"live": True}, dumps=_dumps)
 
 
 async def health_ready(http: web.Request) -> web.Response:
-    return web.Response(status=200 if http.app[LIVE].runtime is not None else 503)
+    ready = http.app[LIVE].runtime is not None
+    return web.json_response({"ready": ready}, status=200 if ready else 503, dumps=_dumps)
+
+
+async def server_alive(http: web.Request) -> web.Response:
+    return web.json_response({"status": "alive"}, dumps=_dumps)
 
 
 async def server_metadata(http: web.Request) -> web.Response:
@@ -600,7 +617,7 @@ async def model_ready(http: web.Request) -> web.Response:
     await runtime.model(name).require_version(http.match_info.get("version"))
     if not await runtime.model(name).backend.ready():
         return _json_error(f"model {name} is not ready", 503)
-    return web.Response(status=200)
+    return web.json_response({"name": name, "ready": True}, dumps=_dumps)
 
 
 async def tf_status(http: web.Request) -> web.Response:
@@ -609,12 +626,24 @@ async def tf_status(http: web.Request) -> web.Response:
     _authorize(http, runtime, name)
     await runtime.model(name).require_version(http.match_info.get("version"))
     ready = await runtime.model(name).backend.ready()
-    status = {
-        "version": http.match_info.get("version", "1"),
-        "state": "AVAILABLE" if ready else "UNAVAILABLE",
-        "status": {"error_code": "OK" if ready else "UNAVAILABLE", "error_message": ""},
-    }
-    return web.json_response({"model_version_status": [status]}, dumps=_dumps)
+    body = tfserving.status_body(name, http.match_info.get("version", "1"), ready)
+    return web.json_response(body, dumps=_dumps)
+
+
+async def tf_metadata(http: web.Request) -> web.Response:
+    runtime = http.app[LIVE].current()
+    name = http.match_info["model"]
+    _authorize(http, runtime, name)
+    await runtime.model(name).require_version(http.match_info.get("version"))
+    metadata = await runtime.model(name).metadata()
+    version = http.match_info.get("version") or (metadata.versions or ("1",))[-1]
+    body = tfserving.metadata_body(name, version, metadata.inputs, metadata.outputs)
+    return web.json_response(body, dumps=_dumps)
+
+
+async def tf_unsupported(http: web.Request) -> web.Response:
+    method = http.match_info["method"]
+    raise GuardError(f":{method} is not supported by the guard; use :predict", status=501)
 
 
 def _authorize(http: web.Request, runtime: Runtime, model: str) -> None:
