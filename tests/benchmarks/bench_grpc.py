@@ -20,7 +20,10 @@ rounds of req/s, p50 and p99 latency, and the guard process's CPU time per reque
 (Linux ``/proc``); the figures are the ratios against ``rest`` measured in this run.
 
     python tests/benchmarks/bench_grpc.py [--seconds 5] [--rounds 3] [--concurrency 16]
-        [--loop uvloop|asyncio] [--json out.json]
+        [--loop uvloop|asyncio] [--policy base.yaml] [--json out.json]
+
+``--policy`` swaps the base policy (quotas raised the same way; its ``digits`` model
+is served), e.g. a validate-only one to see the front ends' own cost.
 """
 
 from __future__ import annotations
@@ -55,9 +58,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def bench_policy(directory: Path) -> Path:
-    """The default policy with its quotas raised; the digits model only."""
-    document: dict[str, Any] = yaml.safe_load(POLICY.read_text())
+def bench_policy(directory: Path, base: Path = POLICY) -> Path:
+    """``base`` with its quotas raised; the digits model only."""
+    document: dict[str, Any] = yaml.safe_load(base.read_text())
     document["models"] = {"digits": document["models"]["digits"]}
     for stage in document["models"]["digits"]["stages"]:
         if "budget" in stage:
@@ -223,6 +226,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--loop", choices=["uvloop", "asyncio"], default="uvloop")
     parser.add_argument("--json", type=Path)
+    parser.add_argument(
+        "--policy", type=Path, default=POLICY, help="base policy (default: the built-in default)"
+    )
     parser.add_argument("--worker", choices=TARGETS, help=argparse.SUPPRESS)
     parser.add_argument("--url", help=argparse.SUPPRESS)
     parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
@@ -237,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
         "grpc": f"127.0.0.1:{grpc_port}",
     }
     with tempfile.TemporaryDirectory() as tmp:
-        policy = bench_policy(Path(tmp))
+        policy = bench_policy(Path(tmp), args.policy)
         command = [sys.executable, "-m", "guard.cli", "serve", "--policy", str(policy)]
         command += ["--port", str(port), "--grpc-port", str(grpc_port)]
         command += ["--metrics-port", str(metrics_port), "--loop", args.loop]
@@ -292,7 +298,8 @@ def main(argv: list[str] | None = None) -> int:
     load = os.getloadavg()
     print(
         f"### {args.loop}, {args.concurrency} in flight, {args.rounds} rounds of "
-        f"{args.seconds:g} s; load average {load[0]:.2f} on {os.cpu_count()} CPUs\n"
+        f"{args.seconds:g} s, policy {args.policy.name}; load average {load[0]:.2f} on "
+        f"{os.cpu_count()} CPUs\n"
     )
     print("| target | req/s | p50 ms | p99 ms | guard CPU µs/req | requests | errors |")
     print("|---|---:|---:|---:|---:|---:|---:|")

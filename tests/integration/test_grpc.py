@@ -454,3 +454,29 @@ def test_guard_serve_grpc_port_in_use_is_one_line(tmp_path: Path) -> None:
     assert process.returncode != 0
     assert "cannot listen for gRPC on 127.0.0.1:" in output
     assert "Traceback" not in output
+
+
+async def test_large_typed_messages_decode_in_the_worker_and_triton_only_rpcs_are_unimplemented(
+    start_grpc_guard: StartGrpcGuard,
+) -> None:
+    guard = await start_grpc_guard(digits_policy(limits={"offload_decode_bytes": 1}))
+    x = samples(4, start=20)
+    expected = await in_thread(rest_answer, guard.rest_url, x)
+    async with grpc.aio.insecure_channel(guard.grpc_url) as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        message = service_pb2.ModelInferRequest(model_name="digits")
+        tensor = message.inputs.add(name="input", datatype="FP32", shape=list(x.shape))
+        tensor.contents.fp32_contents.extend(x.ravel().tolist())
+        reply = await stub.ModelInfer(message)
+        np.testing.assert_array_equal(
+            np.frombuffer(reply.raw_output_contents[0], "<i8"), expected["label"]
+        )
+        tensor.contents.fp32_contents.append(1.0)  # the worker's errors come back named
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.ModelInfer(message)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "inputs[0].contents.fp32_contents: shape [4, 64] needs 256" in info.value.details()
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.ModelStatistics(service_pb2.ModelStatisticsRequest(name="digits"))
+        assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    assert guard.rest.app[LIVE].decoder._pool is not None  # it did go to the worker
