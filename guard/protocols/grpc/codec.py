@@ -65,6 +65,8 @@ CONTENTS: dict[str, str] = {
     "BYTES": "bytes_contents",
 }
 _ALL_CONTENTS = tuple(dict.fromkeys(CONTENTS.values()))
+# Per-tensor parameters of the REST binary extension: framing, not the tensor's.
+_FRAMING = frozenset({"binary_data_size", "binary_data"})
 
 
 def parse(body: bytes) -> Any:
@@ -97,6 +99,7 @@ def request_from(message: Any) -> InferRequest:
             "give one per input, in the order of inputs"
         )
     inputs: dict[str, np.ndarray] = {}
+    input_parameters: dict[str, dict[str, Any]] = {}
     for i, tensor in enumerate(message.inputs):
         field = f"inputs[{i}]"
         if not tensor.name:
@@ -105,7 +108,10 @@ def request_from(message: Any) -> InferRequest:
             raise RequestError(f"{field}.name: duplicate tensor name {tensor.name!r}")
         dtype_of(tensor.datatype, field=f"{field}.datatype")
         shape = _shape(tensor.shape, field=f"{field}.shape")
-        parameters_from(tensor.parameters, field=f"{field}.parameters")
+        own = parameters_from(tensor.parameters, field=f"{field}.parameters")
+        own = {k: v for k, v in own.items() if k not in _FRAMING}
+        if own:
+            input_parameters[tensor.name] = own
         if raw:
             if tensor.HasField("contents"):
                 raise RequestError(
@@ -124,12 +130,14 @@ def request_from(message: Any) -> InferRequest:
         id=message.id or None,
         parameters=parameters_from(message.parameters, field="parameters"),
         outputs=_requested_outputs(message.outputs),
+        input_parameters=input_parameters,
     )
 
 
 def encode_response(response: InferResponse, request: InferRequest) -> bytes:
     """The serialized ``ModelInferResponse`` answering ``request``: only the outputs
-    it named (in its order; all when it named none), as raw contents."""
+    it named (in its order; all when it named none), as raw contents, each with the parameters
+    the upstream gave it."""
     if response.raw is not None:  # an upstream's JSON body, kept whole for a REST client
         from guard.protocols import v2
 
@@ -148,7 +156,8 @@ def encode_response(response: InferResponse, request: InferRequest) -> bytes:
     for name in wanted or list(response.outputs):
         array = response.outputs[name]
         datatype = datatype_of(array)
-        message.outputs.add(name=name, datatype=datatype, shape=array.shape)
+        entry = message.outputs.add(name=name, datatype=datatype, shape=array.shape)
+        _set_parameters(entry.parameters, response.output_parameters.get(name, {}))
         message.raw_output_contents.append(binary.encode(array, datatype))
     return message.SerializeToString()
 
