@@ -5,6 +5,7 @@ client's input parameters reach the upstream."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import aiohttp
@@ -121,3 +122,77 @@ async def test_grpc_answers_keep_parameters_and_shapes(
     assert outputs["predict_proba"].parameters["content_type"].string_param == "np"
     label = np.frombuffer(reply.raw_output_contents[0], "<i8")
     np.testing.assert_array_equal(label, labels)
+
+
+# MLServer's own codecs, in MLServer's venv: each output decoded by the codec its
+# content_type names (what MLServer's clients do), over REST JSON and over gRPC
+# (MLServer's converters read the guard's ModelInferResponse).
+MLSERVER_DECODE = """
+import base64, json, sys
+from mlserver.codecs.base import find_input_codec
+from mlserver.types import InferenceResponse
+
+doc = json.loads(sys.stdin.read())
+if doc["kind"] == "grpc":
+    from mlserver.grpc import dataplane_pb2
+    from mlserver.grpc.converters import ModelInferResponseConverter
+
+    message = dataplane_pb2.ModelInferResponse.FromString(base64.b64decode(doc["body"]))
+    response = ModelInferResponseConverter.to_types(message)
+else:
+    response = InferenceResponse.model_validate(doc["body"])
+decoded = {}
+for output in response.outputs:
+    codec = find_input_codec(output.parameters.content_type if output.parameters else None)
+    array = codec.decode_output(output)
+    decoded[output.name] = {"shape": list(array.shape), "values": array.ravel().tolist()}
+print(json.dumps(decoded))
+"""
+
+
+def mlserver_decode(kind: str, body: Any) -> dict[str, Any]:
+    import json
+    import subprocess
+
+    from tests.integration.mlserver_upstream import mlserver_venv
+
+    done = subprocess.run(
+        [str(mlserver_venv() / "bin" / "python"), "-c", MLSERVER_DECODE],
+        input=json.dumps({"kind": kind, "body": body}),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+async def test_mlserver_codecs_decode_the_guards_answers(
+    start_grpc_guard: StartGrpcGuard,  # noqa: F811
+    mlserver_breast_cancer: MLServerProcess,
+    rows: Any,
+) -> None:
+    import base64
+
+    x, labels = rows
+    guard = await start_grpc_guard(policy(mlserver_breast_cancer.url, privacy=True))
+    body, headers = v2_body(x, binary=False)
+    url = guard.rest.make_url("/v2/models/breast_cancer/infer")
+    async with aiohttp.ClientSession() as http, http.post(url, data=body, headers=headers) as reply:
+        assert reply.status == 200
+        rest = await reply.json()
+    message = service_pb2.ModelInferRequest(model_name="breast_cancer")
+    message.inputs.add(name="input", datatype="FP64", shape=list(x.shape))
+    message.raw_input_contents.append(x.astype("<f8").tobytes())
+    for name in ("predict", "predict_proba"):
+        message.outputs.add(name=name)
+    async with grpc.aio.insecure_channel(guard.grpc_url) as channel:
+        reply_message = await service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(message)
+    over_grpc = base64.b64encode(reply_message.SerializeToString()).decode()
+    for kind, payload in (("rest", rest), ("grpc", over_grpc)):
+        decoded = await asyncio.get_running_loop().run_in_executor(
+            None, mlserver_decode, kind, payload
+        )
+        assert decoded["predict"]["shape"] == [6, 1], kind
+        assert decoded["predict"]["values"] == labels.tolist(), kind
+        assert decoded["predict_proba"]["shape"] == [6, 2], kind
