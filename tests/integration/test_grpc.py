@@ -480,3 +480,31 @@ async def test_large_typed_messages_decode_in_the_worker_and_triton_only_rpcs_ar
             await stub.ModelStatistics(service_pb2.ModelStatisticsRequest(name="digits"))
         assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
     assert guard.rest.app[LIVE].decoder._pool is not None  # it did go to the worker
+
+
+async def test_quota_is_resource_exhausted_with_retry_after(
+    start_grpc_guard: StartGrpcGuard,
+) -> None:
+    guard = await start_grpc_guard(
+        keyed_policy([{"budget": {"limits": [{"queries": 2, "per": "1m"}]}}]),
+        files={"keys.yaml": KEYS_FILE},
+    )
+    async with grpc.aio.insecure_channel(guard.grpc_url) as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        message = service_pb2.ModelInferRequest(model_name="digits")
+        message.inputs.add(name="input", datatype="FP32", shape=[1, 64])
+        message.raw_input_contents.append(samples(1).astype("<f4").tobytes())
+        metadata = (("x-api-key", KEYS["alice"]),)
+        for _ in range(2):
+            await stub.ModelInfer(message, metadata=metadata)
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.ModelInfer(message, metadata=metadata)
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert info.value.details().startswith("quota exhausted for this model; retry in ")
+    trailing = dict(info.value.trailing_metadata() or ())
+    assert 1 <= int(trailing["retry-after"]) <= 60 and trailing["x-guard-verdict"] == "deny"
+    requests = await guard.metric("guard_requests_total")
+    assert (
+        'guard_requests_total{code="429",model="digits",protocol="grpc",verdict="deny"} 1.0'
+        in requests
+    )
