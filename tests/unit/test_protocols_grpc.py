@@ -150,3 +150,46 @@ def test_keep_shapes_restores_layout_not_content() -> None:
     assert response.outputs["label"].shape == (2, 1)  # same values, the backend's layout
     assert response.outputs["scores"].shape == (2, 1)  # element count changed: left alone
     assert response.outputs["new"].shape == (3,)
+
+
+def _fields(descriptor: object) -> dict[str, tuple[int, int, int]]:
+    """Every field of a message and its nested messages: name -> (number, type, label)."""
+    out: dict[str, tuple[int, int, int]] = {}
+    for field in descriptor.fields:  # type: ignore[attr-defined]
+        label = 3 if field.is_repeated else 1
+        out[f"{descriptor.full_name}.{field.name}"] = (field.number, field.type, label)  # type: ignore[attr-defined]
+    for nested in descriptor.nested_types:  # type: ignore[attr-defined]
+        out.update(_fields(nested))
+    return out
+
+
+def test_messages_match_triton_on_the_wire() -> None:
+    """Our messages and Triton's (a superset of the protocol) agree on every field's
+    number, type and cardinality, and the service's methods are Triton's."""
+    from tritonclient.grpc import service_pb2 as triton
+
+    ours = pb.DESCRIPTOR
+    theirs = triton.DESCRIPTOR
+    assert ours.package == theirs.package == "inference"
+    missing = set()
+    for name, message in ours.message_types_by_name.items():
+        mine = _fields(message)
+        other = _fields(theirs.message_types_by_name[name])
+        assert {k: other[k] for k in mine if k in other} == {
+            k: v for k, v in mine.items() if k in other
+        }, name
+        missing |= {k for k in mine if k not in other}
+    # The protocol's later addition Triton's proto lacks (a Triton client skips it).
+    assert missing == {
+        "inference.ModelMetadataResponse.properties",
+        "inference.ModelMetadataResponse.PropertiesEntry.key",
+        "inference.ModelMetadataResponse.PropertiesEntry.value",
+    }
+    service = ours.services_by_name["GRPCInferenceService"]
+    triton_service = theirs.services_by_name["GRPCInferenceService"]
+    for method in service.methods:
+        twin = triton_service.methods_by_name[method.name]
+        assert (method.input_type.full_name, method.output_type.full_name) == (
+            twin.input_type.full_name,
+            twin.output_type.full_name,
+        )
