@@ -247,9 +247,13 @@ class Service:
         async def answer() -> bytes:
             try:
                 message = codec.parse(body)
-            except GuardError as exc:
-                count_refusal(self.app, live.current(), "unknown", "grpc", exc)
-                raise Refusal(exc, {"X-Request-Id": request_id}) from None
+            except GuardError as exc:  # not even a message: refused before identification
+                runtime = live.current()
+                count_refusal(self.app, runtime, "unknown", "grpc", exc)
+                refusal = {"X-Request-Id": request_id}
+                if runtime.policy.expose_headers:
+                    refusal["X-Guard-Verdict"] = "deny"
+                raise Refusal(exc, refusal) from None
 
             async def read(runtime: Runtime, client: str) -> tuple[InferRequest, Any]:
                 limits = runtime.policy.limits

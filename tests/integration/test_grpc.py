@@ -355,6 +355,12 @@ async def test_refusals_before_the_pipeline_are_counted(start_grpc_guard: StartG
         trailing = dict(await call.trailing_metadata())
         assert trailing["x-request-id"] == "abc-1" and trailing["x-guard-verdict"] == "allow"
         assert reply.id == "abc-1"
+        garbage = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await garbage(b"\xff\xff\xff", metadata=(("x-api-key", KEYS["alice"]),))
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert info.value.details() == "request: not a valid ModelInferRequest message"
+        assert dict(info.value.trailing_metadata() or ())["x-guard-verdict"] == "deny"
     requests = await guard.metric("guard_requests_total")
     assert (
         'guard_requests_total{code="401",model="digits",protocol="grpc",verdict="rejected"} 1.0'
@@ -362,6 +368,10 @@ async def test_refusals_before_the_pipeline_are_counted(start_grpc_guard: StartG
     )
     assert (
         'guard_requests_total{code="200",model="digits",protocol="grpc",verdict="allow"} 1.0'
+        in requests
+    )
+    assert (
+        'guard_requests_total{code="400",model="unknown",protocol="grpc",verdict="rejected"} 1.0'
         in requests
     )
 
