@@ -100,7 +100,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--grpc-port",
-        type=int,
+        type=_grpc_port,
         default=None,
         metavar="PORT",
         help="also serve the Open Inference Protocol over gRPC on this port of --host "
@@ -127,6 +127,14 @@ def _parser() -> argparse.ArgumentParser:
     for name in OFFLINE_COMMANDS:
         importlib.import_module(f"guard.commands.{name}").add_parser(commands)
     return parser
+
+
+def _grpc_port(text: str) -> int:
+    if not text.isdigit() or int(text) > 65535:
+        raise argparse.ArgumentTypeError(
+            f"must be a port number, 0 to 65535 (0: any free port); got {text!r}"
+        )
+    return int(text)
 
 
 def _metrics_port(text: str) -> int | None:
