@@ -98,6 +98,14 @@ def _parser() -> argparse.ArgumentParser:
         help="port of the metrics and admin listener: a number, 0 for any free port, or off "
         "(default: the policy's listen.metrics_port, else 9180)",
     )
+    serve.add_argument(
+        "--grpc-port",
+        type=_grpc_port,
+        default=None,
+        metavar="PORT",
+        help="also serve the Open Inference Protocol over gRPC on this port of --host "
+        "(0: any free port; Triton's convention is 8001; default: off)",
+    )
     serve.set_defaults(run=_serve)
 
     check = commands.add_parser("check", help="validate a policy and print the resolved pipeline")
@@ -119,6 +127,14 @@ def _parser() -> argparse.ArgumentParser:
     for name in OFFLINE_COMMANDS:
         importlib.import_module(f"guard.commands.{name}").add_parser(commands)
     return parser
+
+
+def _grpc_port(text: str) -> int:
+    if not text.isdigit() or int(text) > 65535:
+        raise argparse.ArgumentTypeError(
+            f"must be a port number, 0 to 65535 (0: any free port); got {text!r}"
+        )
+    return int(text)
 
 
 def _metrics_port(text: str) -> int | None:
@@ -152,7 +168,16 @@ def _serve(args: argparse.Namespace) -> int:
         listen = dataclasses.replace(listen, metrics_port=args.metrics_port)
     policy = dataclasses.replace(policy, listen=listen)
     _run(
-        serve_forever(policy, args.policy, args.host, args.port, ssl_context, args.access_log),
+        serve_forever(
+            policy,
+            args.policy,
+            args.host,
+            args.port,
+            ssl_context,
+            args.access_log,
+            grpc_port=args.grpc_port,
+            tls=(args.tls_cert, args.tls_key) if args.tls_cert else None,
+        ),
         args.loop,
     )
     return 0
@@ -165,16 +190,30 @@ async def serve_forever(
     port: int,
     ssl_context: ssl.SSLContext | None,
     access_log: bool,
+    *,
+    grpc_port: int | None = None,
+    tls: tuple[Path, Path] | None = None,
 ) -> None:
     from aiohttp import web
 
     from guard.server import create_app, create_ops_app, make_runner, reload_policy
 
     app = create_app(policy, policy_path=policy_path)
+    grpc_listener = None
+    if grpc_port is not None:
+        from guard.grpc_server import add_grpc_listener
+
+        grpc_listener = add_grpc_listener(app, host, grpc_port, tls=tls)
     runner = make_runner(
         app, access_log=log if access_log else None, idle_timeout=policy.limits.idle_timeout
     )
-    await runner.setup()
+    try:
+        await runner.setup()
+    except OSError as exc:  # the gRPC port, bound as the app starts
+        await runner.cleanup()
+        raise SystemExit(f"guard: {exc}") from None
+    if grpc_listener is not None:
+        log.info("gRPC (Open Inference Protocol) on %s:%d", host, grpc_listener.port)
     site = web.TCPSite(runner, host, port, ssl_context=ssl_context, backlog=1024)
     await site.start()
     scheme = "https" if ssl_context else "http"

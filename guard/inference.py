@@ -80,6 +80,9 @@ class InferRequest:
     outputs: list[RequestedOutput] = field(default_factory=list)
     # The client's wish for binary outputs when it named none (``binary_data_output``).
     binary_outputs: bool = False
+    # Per-input parameters as the client sent them (MLServer's ``content_type``), by
+    # input name; the wire framing (``binary_data_size``) left out.
+    input_parameters: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def batch_size(self) -> int:
@@ -97,6 +100,9 @@ class InferResponse:
     # The upstream's V2 JSON body, answered as it is when nothing needs the decoded
     # outputs (no response stage, a JSON client); ``outputs`` is then empty.
     raw: bytes | None = None
+    # Per-output parameters as the upstream sent them (MLServer's ``content_type``), by
+    # output name, passed on to the client; the wire framing left out.
+    output_parameters: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)

@@ -31,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import logging
+import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -243,6 +244,7 @@ class Pipeline:
                 request = dataclasses.replace(request, inputs={**request.inputs, **ctx.substitute})
             ctx.response = await backend.infer(request, passthrough=raw_ok)
             ctx.upstream_seconds = time.perf_counter() - started
+        shapes = {n: a.shape for n, a in ctx.response.outputs.items()}
         for position, stage in self._response_stages:
             if position > reached:
                 continue
@@ -251,6 +253,7 @@ class Pipeline:
                 raise Denied(f"response withheld by policy ({stage.name})")
         if ctx.degraded and self._default_degrade:
             label_only(ctx.response)
+        keep_shapes(ctx.response, shapes)
         return ctx.response
 
     @staticmethod
@@ -282,6 +285,16 @@ class Pipeline:
 def _where(ctx: RequestContext) -> dict[str, str]:
     """Structured fields for a log record about this request (``--log-format json``)."""
     return {"request_id": ctx.request_id, "model": ctx.model, "client": ctx.client.name}
+
+
+def keep_shapes(response: InferResponse, shapes: dict[str, tuple[int, ...]]) -> None:
+    """Give each output the shape the backend gave it when a response stage kept its
+    values but not its layout (a ``[N, 1]`` label rewritten as ``[N]``): a client's
+    decoder reads the shape. An output whose element count changed is left alone."""
+    for name, array in response.outputs.items():
+        shape = shapes.get(name)
+        if shape is not None and array.shape != shape and array.size == math.prod(shape):
+            response.outputs[name] = array.reshape(shape)
 
 
 def label_only(response: InferResponse) -> None:

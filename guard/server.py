@@ -15,7 +15,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from pathlib import Path
 
 import aiohttp
@@ -91,10 +91,18 @@ def create_app(
             web.get("/v2/models/{model}/versions/{version}/ready", model_ready),
             web.post("/v2/models/{model}/infer", v2_infer),
             web.post("/v2/models/{model}/versions/{version}/infer", v2_infer),
-            web.get("/v1/models/{model}", tf_status),
-            web.get("/v1/models/{model}/versions/{version}", tf_status),
+            web.get("/", server_alive),
+            web.get(r"/v1/models/{model:[^/:]+}", tf_status),
+            web.get(r"/v1/models/{model:[^/:]+}/versions/{version:[^/:]+}", tf_status),
+            web.get(r"/v1/models/{model:[^/:]+}/metadata", tf_metadata),
+            web.get(r"/v1/models/{model:[^/:]+}/versions/{version:[^/:]+}/metadata", tf_metadata),
             web.post(r"/v1/models/{model:[^/:]+}:predict", tf_predict),
             web.post(r"/v1/models/{model:[^/:]+}/versions/{version:[^/:]+}:predict", tf_predict),
+            web.post(r"/v1/models/{model:[^/:]+}:{method:classify|regress}", tf_unsupported),
+            web.post(
+                r"/v1/models/{model:[^/:]+}/versions/{version:[^/:]+}:{method:classify|regress}",
+                tf_unsupported,
+            ),
         ]
     )
     return app
@@ -291,7 +299,63 @@ async def _serve(
     protocol: str,
     decode: Callable[[Runtime, bytes], Awaitable[tuple[InferRequest, Encode]]],
 ) -> web.Response:
-    app = http.app
+    live = http.app[LIVE]
+
+    async def read(runtime: Runtime, client: str) -> tuple[InferRequest, Encode]:
+        body = await _receive(http, live, client, runtime.policy.limits)
+        return await decode(runtime, body)
+
+    try:
+        payload, headers = await serve_inference(
+            http.app,
+            model_name=model_name,
+            version=version,
+            protocol=protocol,
+            request_id=_request_id(http.headers.get("X-Request-Id")),
+            headers=http.headers,
+            remote=http.remote,
+            read=read,
+        )
+    except Refusal as refusal:
+        response = error_response(refusal.error, refusal.headers)
+        if not http.content.is_eof():  # refused before its body was all read: drop it, do
+            response.force_close()  # not drain it (a broken body would raise there)
+        return response
+    return web.Response(body=payload, headers=headers)
+
+
+Read = Callable[[Runtime, str], Awaitable[tuple[InferRequest, Encode]]]
+
+
+class Refusal(Exception):
+    """What :func:`serve_inference` answers instead of a result: the error as the client
+    may see it (:func:`~guard.errors.withheld` applied) and the headers to send with it."""
+
+    def __init__(self, error: GuardError, headers: dict[str, str]) -> None:
+        super().__init__(error.message)
+        self.error = error
+        self.headers = headers
+
+
+async def serve_inference(
+    app: web.Application,
+    *,
+    model_name: str,
+    version: str | None,
+    protocol: str,
+    request_id: str,
+    headers: Mapping[str, str],
+    remote: str | None,
+    read: Read,
+) -> tuple[bytes, dict[str, str]]:
+    """One inference request from any front end (REST or gRPC): admission, the client
+    (identified from ``headers``, a case-insensitive mapping, and ``remote``), its
+    authorization, the model's pipeline, metrics and audit. ``read(runtime, client)``
+    receives and decodes the request once the client is admitted.
+
+    Returns the encoded answer and its headers; raises :class:`Refusal` otherwise,
+    counted in the metrics like every request.
+    """
     live = app[LIVE]
     runtime = live.current()
     policy = runtime.policy
@@ -299,18 +363,16 @@ async def _serve(
     if live.in_flight >= limits.max_in_flight:
         raise Overloaded(f"the guard is serving {live.in_flight} requests; try again shortly")
     started = time.perf_counter()
-    request_id = _request_id(http.headers.get("X-Request-Id"))
     runtime.enter()
     ctx: RequestContext | None = None
     counted = False
     try:
-        client = policy.clients.identify(http.headers, http.remote)
+        client = policy.clients.identify(headers, remote)
         policy.clients.authorize(client, model_name)
         model = runtime.model(model_name)
         await model.require_version(version)
         with live.slots.hold(client.name, limits.max_in_flight_per_client):
-            body = await _receive(http, live, client.name, limits)
-            infer_request, encode = await decode(runtime, body)
+            infer_request, encode = await read(runtime, client.name)
             if live.in_flight >= limits.max_in_flight:
                 raise Overloaded(
                     f"the guard is serving {live.in_flight} requests; try again shortly"
@@ -326,40 +388,45 @@ async def _serve(
                 client=client,
                 request=infer_request,
                 shadow_mode=policy.shadow,
-                request_headers=http.headers,
+                request_headers=headers,
             )
             passthrough = protocol == "v2" and not _wants_binary(infer_request)
             response = await model.pipeline.run(ctx, model.backend, passthrough=passthrough)
-            payload, headers = encode(response, infer_request)
-        headers["X-Request-Id"] = request_id
+            payload, answer_headers = encode(response, infer_request)
+        answer_headers["X-Request-Id"] = request_id
         if policy.expose_headers:
-            headers["X-Guard-Verdict"] = ctx.verdict
-            headers.update(ctx.headers)
+            answer_headers["X-Guard-Verdict"] = ctx.verdict
+            answer_headers.update(ctx.headers)
         _finish(app, runtime, ctx, protocol, 200, started)
-        return web.Response(body=payload, headers=headers)
+        return payload, answer_headers
     except GuardError as exc:
-        metrics = app[METRICS]
-        metrics.errors.labels(type(exc).__name__).inc()
-        headers = {"X-Request-Id": request_id}
+        refusal_headers = {"X-Request-Id": request_id}
         if policy.expose_headers:  # a refusal is a refusal, whichever stage (if any) made it
-            headers["X-Guard-Verdict"] = "deny" if exc.status < 500 else "error"
+            refusal_headers["X-Guard-Verdict"] = "deny" if exc.status < 500 else "error"
         if ctx is not None:
+            app[METRICS].errors.labels(type(exc).__name__).inc()
             _finish(app, runtime, ctx, protocol, exc.status, started)
             if not policy.disclose.reasons:  # the pipeline's refusal: stage and numbers unsaid
                 exc = withheld(exc)
         else:  # refused before the pipeline: count it under a bounded model label
-            label = model_name if model_name in runtime.models else "unknown"
-            verdict = "rejected" if exc.status < 500 else "error"
-            metrics.requests.labels(label, protocol, verdict, str(exc.status)).inc()
-        refusal = error_response(exc, headers)
-        if not http.content.is_eof():  # refused before its body was all read: drop it, do
-            refusal.force_close()  # not drain it (a broken body would raise there)
-        return refusal
+            count_refusal(app, runtime, model_name, protocol, exc)
+        raise Refusal(exc, refusal_headers) from None
     finally:
         runtime.leave()
         if counted:
             live.in_flight -= 1
             app[METRICS].in_flight.dec()
+
+
+def count_refusal(
+    app: web.Application, runtime: Runtime, model_name: str, protocol: str, exc: GuardError
+) -> None:
+    """Count a request refused before its pipeline ran (no context to observe)."""
+    metrics = app[METRICS]
+    metrics.errors.labels(type(exc).__name__).inc()
+    label = model_name if model_name in runtime.models else "unknown"
+    verdict = "rejected" if exc.status < 500 else "error"
+    metrics.requests.labels(label, protocol, verdict, str(exc.status)).inc()
 
 
 def _request_id(given: str | None) -> str:
@@ -508,12 +575,21 @@ async def tf_predict(http: web.Request) -> web.Response:
 # -- health and metadata ------------------------------------------------------
 
 
+# Health bodies: KServe's SDK reads ``{"live": true}`` / ``{"ready": true}`` (and
+# ``{"status": "alive"}`` at ``/`` for V1); Triton's clients read only the status.
+
+
 async def health_live(http: web.Request) -> web.Response:
-    return web.Response(status=200)
+    return web.json_response({"live": True}, dumps=_dumps)
 
 
 async def health_ready(http: web.Request) -> web.Response:
-    return web.Response(status=200 if http.app[LIVE].runtime is not None else 503)
+    ready = http.app[LIVE].runtime is not None
+    return web.json_response({"ready": ready}, status=200 if ready else 503, dumps=_dumps)
+
+
+async def server_alive(http: web.Request) -> web.Response:
+    return web.json_response({"status": "alive"}, dumps=_dumps)
 
 
 async def server_metadata(http: web.Request) -> web.Response:
@@ -541,7 +617,7 @@ async def model_ready(http: web.Request) -> web.Response:
     await runtime.model(name).require_version(http.match_info.get("version"))
     if not await runtime.model(name).backend.ready():
         return _json_error(f"model {name} is not ready", 503)
-    return web.Response(status=200)
+    return web.json_response({"name": name, "ready": True}, dumps=_dumps)
 
 
 async def tf_status(http: web.Request) -> web.Response:
@@ -550,12 +626,24 @@ async def tf_status(http: web.Request) -> web.Response:
     _authorize(http, runtime, name)
     await runtime.model(name).require_version(http.match_info.get("version"))
     ready = await runtime.model(name).backend.ready()
-    status = {
-        "version": http.match_info.get("version", "1"),
-        "state": "AVAILABLE" if ready else "UNAVAILABLE",
-        "status": {"error_code": "OK" if ready else "UNAVAILABLE", "error_message": ""},
-    }
-    return web.json_response({"model_version_status": [status]}, dumps=_dumps)
+    body = tfserving.status_body(name, http.match_info.get("version", "1"), ready)
+    return web.json_response(body, dumps=_dumps)
+
+
+async def tf_metadata(http: web.Request) -> web.Response:
+    runtime = http.app[LIVE].current()
+    name = http.match_info["model"]
+    _authorize(http, runtime, name)
+    await runtime.model(name).require_version(http.match_info.get("version"))
+    metadata = await runtime.model(name).metadata()
+    version = http.match_info.get("version") or (metadata.versions or ("1",))[-1]
+    body = tfserving.metadata_body(name, version, metadata.inputs, metadata.outputs)
+    return web.json_response(body, dumps=_dumps)
+
+
+async def tf_unsupported(http: web.Request) -> web.Response:
+    method = http.match_info["method"]
+    raise GuardError(f":{method} is not supported by the guard; use :predict", status=501)
 
 
 def _authorize(http: web.Request, runtime: Runtime, model: str) -> None:

@@ -226,3 +226,71 @@ def _batch_first(name: str, array: np.ndarray) -> int:
     if array.ndim == 0:
         raise GuardError(f"output {name!r} is a scalar; row predictions need a batch dimension")
     return int(array.shape[0])
+
+
+# -- model status and metadata (GET /v1/models/<m>[/versions/<v>][/metadata]) -----------
+
+# V2 datatype -> TensorFlow DataType enum name, as GetModelMetadata's JSON spells it.
+TF_DTYPES = {
+    "BOOL": "DT_BOOL",
+    "UINT8": "DT_UINT8",
+    "UINT16": "DT_UINT16",
+    "UINT32": "DT_UINT32",
+    "UINT64": "DT_UINT64",
+    "INT8": "DT_INT8",
+    "INT16": "DT_INT16",
+    "INT32": "DT_INT32",
+    "INT64": "DT_INT64",
+    "FP16": "DT_HALF",
+    "BF16": "DT_BFLOAT16",
+    "FP32": "DT_FLOAT",
+    "FP64": "DT_DOUBLE",
+    "BYTES": "DT_STRING",
+}
+
+
+def status_body(name: str, version: str, ready: bool) -> dict[str, Any]:
+    """The model's status for both readers of ``GET /v1/models/<m>``: TF Serving's
+    ``model_version_status`` and KServe V1's ``{"name", "ready"}``."""
+    state = "AVAILABLE" if ready else "UNAVAILABLE"
+    return {
+        "name": name,
+        "ready": ready,
+        "model_version_status": [
+            {
+                "version": version,
+                "state": state,
+                "status": {"error_code": "OK" if ready else "UNAVAILABLE", "error_message": ""},
+            }
+        ],
+    }
+
+
+def metadata_body(
+    name: str, version: str, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec]
+) -> dict[str, Any]:
+    """TF Serving's ``GetModelMetadataResponse`` as JSON: the ``serving_default``
+    signature with the model's inputs and outputs (``-1``: a free dimension)."""
+
+    def tensors(specs: Sequence[TensorSpec]) -> dict[str, Any]:
+        return {
+            spec.name: {
+                "dtype": TF_DTYPES.get(spec.datatype, "DT_INVALID"),
+                "tensor_shape": {
+                    "dim": [{"size": str(d), "name": ""} for d in spec.shape],
+                    "unknown_rank": False,
+                },
+                "name": spec.name,
+            }
+            for spec in specs
+        }
+
+    signature = {
+        "inputs": tensors(inputs),
+        "outputs": tensors(outputs),
+        "method_name": "tensorflow/serving/predict",
+    }
+    return {
+        "model_spec": {"name": name, "signature_name": "", "version": version},
+        "metadata": {"signature_def": {"signature_def": {_SIGNATURE: signature}}},
+    }

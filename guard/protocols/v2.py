@@ -13,9 +13,12 @@ declared datatype and shape) or raise :class:`~guard.errors.RequestError`
 (request side, 400) or :class:`~guard.errors.UpstreamError` (response side,
 502) with a message naming the field; nothing else escapes. Requests are read
 strictly (unknown keys are refused, since a re-encoded request would silently
-drop them); upstream responses leniently (unknown keys and per-tensor
-parameters are ignored, ``null`` reads as NaN in float tensors). Encoders
-write what the decoders read, so every tensor round-trips exactly.
+drop them); upstream responses leniently (unknown keys are ignored, ``null``
+reads as NaN in float tensors). Per-tensor parameters other than the binary
+framing (MLServer's ``content_type``) pass through both ways: a client's input
+parameters reach the upstream, the upstream's output parameters reach the
+client. Encoders write what the decoders read, so every tensor round-trips
+exactly.
 """
 
 from __future__ import annotations
@@ -39,6 +42,8 @@ _REQUEST_KEYS = frozenset({"id", "parameters", "inputs", "outputs", "model_name"
 _INPUT_KEYS = frozenset({"name", "shape", "datatype", "parameters", "data"})
 _OUTPUT_KEYS = frozenset({"name", "parameters"})
 _DUMPS = orjson.OPT_SERIALIZE_NUMPY
+# Per-tensor parameters that frame the binary extension, not the tensor: never passed on.
+_FRAMING = frozenset({"binary_data_size", "binary_data"})
 
 __all__ = [
     "HEADER_LENGTH",
@@ -70,7 +75,8 @@ def decode_request(
     entries = doc.get("inputs")
     if not isinstance(entries, list) or not entries:
         raise RequestError(f"inputs: must be a non-empty list of tensors; got {show(entries)}")
-    inputs = _tensors(entries, "inputs", reader, strict=True)
+    input_parameters: dict[str, dict[str, Any]] = {}
+    inputs = _tensors(entries, "inputs", reader, strict=True, parameters=input_parameters)
     parameters = _object(doc.get("parameters"), field="parameters")
     _encodable(parameters, field="parameters")
     binary_outputs = parameters.pop("binary_data_output", False)
@@ -86,6 +92,7 @@ def decode_request(
         parameters=parameters,
         outputs=_requested_outputs(doc.get("outputs")),
         binary_outputs=binary_outputs,
+        input_parameters=input_parameters,
     )
 
 
@@ -113,8 +120,11 @@ def encode_response(
         doc["parameters"] = response.parameters
     default = request.binary_outputs
     doc["outputs"], chunks = _encode_tensors(
-        (n, response.outputs[n], default if wishes.get(n) is None else bool(wishes[n]))
-        for n in names
+        (
+            (n, response.outputs[n], default if wishes.get(n) is None else bool(wishes[n]))
+            for n in names
+        ),
+        response.output_parameters,
     )
     return _assemble(doc, chunks)
 
@@ -135,7 +145,9 @@ def encode_request(request: InferRequest, *, binary: bool) -> tuple[bytes, dict[
         parameters["binary_data_output"] = True
     if parameters:
         doc["parameters"] = parameters
-    doc["inputs"], chunks = _encode_tensors((n, a, binary) for n, a in request.inputs.items())
+    doc["inputs"], chunks = _encode_tensors(
+        ((n, a, binary) for n, a in request.inputs.items()), request.input_parameters
+    )
     if request.outputs:
         doc["outputs"] = [_output_entry(o, binary) for o in request.outputs]
     return _assemble(doc, chunks)
@@ -148,7 +160,8 @@ def decode_response(body: bytes, *, header_length: int | None) -> InferResponse:
         entries = doc.get("outputs")
         if not isinstance(entries, list):
             raise RequestError(f"outputs: must be a list of tensors; got {show(entries)}")
-        outputs = _tensors(entries, "outputs", reader, strict=False)
+        output_parameters: dict[str, dict[str, Any]] = {}
+        outputs = _tensors(entries, "outputs", reader, strict=False, parameters=output_parameters)
         model_name = doc.get("model_name", "")
         if not isinstance(model_name, str):
             raise RequestError(f"model_name: must be a string; got {show(model_name)}")
@@ -161,6 +174,7 @@ def decode_response(body: bytes, *, header_length: int | None) -> InferResponse:
             outputs=outputs,
             id=_id(doc),
             parameters=_object(doc.get("parameters"), field="parameters"),
+            output_parameters=output_parameters,
         )
     except RequestError as exc:
         raise UpstreamError(f"upstream response: {exc.message}") from exc
@@ -177,14 +191,26 @@ def _split(
 
 
 def _tensors(
-    entries: list[Any], field: str, reader: binary.Tail, *, strict: bool
+    entries: list[Any],
+    field: str,
+    reader: binary.Tail,
+    *,
+    strict: bool,
+    parameters: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, np.ndarray]:
+    """The tensors of ``entries``; each one's own parameters (the binary framing left
+    out) go into ``parameters`` by name when it is given."""
     tensors: dict[str, np.ndarray] = {}
     for i, entry in enumerate(entries):
         name, array = _decode_tensor(entry, f"{field}[{i}]", reader, strict=strict)
         if name in tensors:
             raise RequestError(f"{field}[{i}].name: duplicate tensor name {name!r}")
         tensors[name] = array
+        if parameters is not None:
+            own = {k: v for k, v in entry.get("parameters", {}).items() if k not in _FRAMING}
+            if own:
+                _encodable(own, field=f"{field}[{i}].parameters")
+                parameters[name] = own
     reader.finish(what=field)
     return tensors
 
@@ -243,20 +269,25 @@ def _from_json(
 
 def _encode_tensors(
     tensors: Iterable[tuple[str, np.ndarray, bool]],
+    parameters: dict[str, dict[str, Any]] | None = None,
 ) -> tuple[list[dict[str, Any]], list[bytes | None]]:
-    """The JSON entries of ``(name, array, as_binary)`` and their binary parts (``None``: JSON)."""
-    pairs = [_encode_tensor(name, array, as_binary) for name, array, as_binary in tensors]
+    """The JSON entries of ``(name, array, as_binary)`` and their binary parts (``None``:
+    JSON); each entry carries its tensor's ``parameters`` (by name) when given."""
+    own = parameters or {}
+    pairs = [_encode_tensor(n, array, as_binary, own.get(n)) for n, array, as_binary in tensors]
     return [entry for entry, _ in pairs], [chunk for _, chunk in pairs]
 
 
 def _encode_tensor(
-    name: str, array: np.ndarray, as_binary: bool
+    name: str, array: np.ndarray, as_binary: bool, parameters: dict[str, Any] | None = None
 ) -> tuple[dict[str, Any], bytes | None]:
     datatype = datatype_of(array)
     entry: dict[str, Any] = {"name": name, "datatype": datatype, "shape": list(array.shape)}
+    if parameters:
+        entry["parameters"] = dict(parameters)
     if as_binary:
         raw = binary.encode(array, datatype)
-        entry["parameters"] = {"binary_data_size": len(raw)}
+        entry.setdefault("parameters", {})["binary_data_size"] = len(raw)
         return entry, raw
     entry["data"] = json_value(array.reshape(-1), name=name)
     return entry, None
