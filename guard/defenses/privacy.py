@@ -31,8 +31,18 @@ that read labels alone (Choquette-Choo et al., ICML 2021) are untouched by any
 score perturbation that keeps the label.
 
 The deterministic mechanisms (:class:`Rounding`, :class:`TopK`,
-:class:`LabelOnly`, :class:`ReverseSigmoid`) carry no ε: they reduce what one
-answer reveals but do not bound it.
+:class:`LabelOnly`, :class:`ReverseSigmoid`, :class:`ConfidenceBins`) carry no
+ε: they reduce what one answer reveals but do not bound it.
+
+:class:`ConfidenceBins` is the utility-preserving one: it keeps the label and the
+order of the classes, and releases the top probability as one of a few calibrated
+levels (histogram binning, Zadrozny & Elkan, ICML 2001), the rest of the mass
+shared in proportion to the model's own scores. Every answer in one bin has the
+same top probability, so the fine differences of confidence that separate
+training members (the model is surest on them) from other inputs do not leave;
+what leaves is which bin the answer fell in (MemGuard, Jia et al., CCS 2019,
+shapes the vector against an attack model to the same end; this is its
+attack-model-free, deterministic cousin).
 
 References: Dwork, McSherry, Nissim, Smith, TCC 2006 (Laplace mechanism); Bun &
 Steinke, TCC 2016 (zCDP); Lee, Edraki, Zhu, Qi, "Defending Against NN Model
@@ -44,6 +54,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import itertools
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -201,6 +212,34 @@ def reverse_sigmoid(scores: np.ndarray, beta: float, gamma: float) -> np.ndarray
     logit = np.log(clipped) - np.log1p(-clipped)
     perturbation = beta * (_sigmoid(gamma * logit) - 0.5)
     return to_simplex(scores - perturbation)
+
+
+def bin_confidence(
+    scores: np.ndarray, cuts: Sequence[float], confidences: Sequence[float]
+) -> np.ndarray:
+    """Each row's top probability replaced by ``confidences[i]``, ``i`` the number of
+    ``cuts`` at or below it; the other classes share the rest in proportion to their
+    scores (evenly when they had none). Argmax and class order are kept, except that
+    a level below a row's second score ties or swaps with it (:func:`keep_top1` fixes
+    the label)."""
+    p = scores.astype(np.float64)
+    rows = np.arange(p.shape[0])
+    top = np.argmax(p, axis=1)
+    p_top = p[rows, top]
+    level = np.asarray(confidences, dtype=np.float64)[
+        np.searchsorted(np.asarray(cuts, dtype=np.float64), p_top, side="right")
+    ]
+    rest = 1.0 - p_top
+    others = p.copy()
+    others[rows, top] = 0.0
+    flat = rest <= 0.0
+    share = np.where(
+        flat[:, None], 1.0 / (p.shape[1] - 1), others / np.where(flat, 1.0, rest)[:, None]
+    )
+    share[rows, top] = 0.0
+    out = share * (1.0 - level)[:, None]
+    out[rows, top] = level
+    return out
 
 
 def _sigmoid(z: np.ndarray) -> np.ndarray:
@@ -431,8 +470,49 @@ class ReverseSigmoid:
         return {"beta": self.beta, "gamma": self.gamma, "keep_argmax": self.keep_argmax}
 
 
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ConfidenceBins:
+    """The label and class order kept; the top probability released as the level of
+    its bin (``cuts`` ascending, one more ``confidences``). No ε: what leaves is the bin.
+
+    Set each level to the model's held-out accuracy in that bin and the answers are
+    calibrated; one bin (no cuts) releases the same confidence for every answer.
+    """
+
+    kind: ClassVar[str] = "bins"
+    noisy: ClassVar[bool] = False
+    cuts: tuple[float, ...] = ()
+    confidences: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        cuts, levels = self.cuts, self.confidences
+        if len(levels) != len(cuts) + 1:
+            raise ValueError(
+                f"confidences needs one level more than cuts ({len(cuts) + 1}); got {len(levels)}"
+            )
+        if any(not 0.0 < c < 1.0 for c in cuts) or any(b <= a for a, b in itertools.pairwise(cuts)):
+            raise ValueError(f"cuts must rise strictly within (0, 1); got {list(cuts)}")
+        if any(not 0.0 < v <= 1.0 for v in levels):
+            raise ValueError(f"confidences must lie in (0, 1]; got {list(levels)}")
+
+    @property
+    def cost(self) -> None:
+        return None
+
+    def apply(self, scores: np.ndarray, rng: Rng | None = None) -> np.ndarray:
+        check_scores(scores)
+        return _finish(bin_confidence(scores, self.cuts, self.confidences), scores, True)
+
+    def fingerprint(self) -> str:
+        return _fingerprint(self)
+
+    def describe(self) -> dict[str, Any]:
+        return {"cuts": list(self.cuts), "confidences": list(self.confidences)}
+
+
 MECHANISMS: dict[str, type[Any]] = {
-    m.kind: m for m in (Laplace, Gaussian, Rounding, TopK, LabelOnly, ReverseSigmoid)
+    m.kind: m
+    for m in (Laplace, Gaussian, Rounding, TopK, LabelOnly, ReverseSigmoid, ConfidenceBins)
 }
 
 
