@@ -247,6 +247,52 @@ def logit_confidence(scores: np.ndarray, y: np.ndarray) -> np.ndarray:
     return np.log(p) - np.log1p(-p)
 
 
+@dataclass(frozen=True, slots=True)
+class LiraReference:
+    """Per-record Gaussians of ``φ`` from shadow models that trained on the record (in)
+    and that did not (out); :meth:`score` is the log likelihood ratio of an answer."""
+
+    mu_in: np.ndarray
+    sd_in: float
+    mu_out: np.ndarray
+    sd_out: float
+
+    @classmethod
+    def fit(
+        cls,
+        data: MembershipData,
+        n_classes: int,
+        make_shadow: ShadowFactory,
+        rng: np.random.Generator,
+        *,
+        shadows: int = 16,
+    ) -> LiraReference:
+        """``shadows`` models, each on a random half of the attacker's data and the records."""
+        x_pool = np.concatenate([data.x_attacker, data.x])
+        y_pool = np.concatenate([data.y_attacker, data.y])
+        tested = slice(len(data.x_attacker), None)
+        phi = np.empty((shadows, len(data.x)))
+        inside = np.empty((shadows, len(data.x)), dtype=bool)
+        for s in range(shadows):
+            chosen = rng.random(len(x_pool)) < 0.5
+            model = make_shadow(int(rng.integers(2**31)))
+            model.fit(x_pool[chosen], y_pool[chosen])
+            scores = np.zeros((len(data.x), n_classes))
+            scores[:, model.classes_] = model.predict_proba(data.x)
+            phi[s], inside[s] = logit_confidence(scores, data.y), chosen[tested]
+        mu_in, sd_in = _pooled_gaussian(phi, inside)
+        mu_out, sd_out = _pooled_gaussian(phi, ~inside)
+        return cls(mu_in, sd_in, mu_out, sd_out)
+
+    def score(self, answers: Answers, y: np.ndarray) -> np.ndarray:
+        """The log likelihood ratio of each answer (NaN where refused)."""
+        observed = logit_confidence(answers.scores, y)
+        ratio = _log_normal(observed, self.mu_in, self.sd_in) - _log_normal(
+            observed, self.mu_out, self.sd_out
+        )
+        return np.where(answers.answered, ratio, np.nan)
+
+
 def lira_attack(
     target: Target,
     data: MembershipData,
@@ -257,28 +303,12 @@ def lira_attack(
 ) -> MembershipRun:
     """Carlini et al.'s online LiRA with ``shadows`` models built by ``make_shadow(seed)``."""
     started = time.perf_counter()
-    c = target.spec.n_classes
-    x_pool = np.concatenate([data.x_attacker, data.x])
-    y_pool = np.concatenate([data.y_attacker, data.y])
-    tested = slice(len(data.x_attacker), None)
-    phi = np.empty((shadows, len(data.x)))
-    inside = np.empty((shadows, len(data.x)), dtype=bool)
-    for s in range(shadows):
-        chosen = rng.random(len(x_pool)) < 0.5
-        model = make_shadow(int(rng.integers(2**31)))
-        model.fit(x_pool[chosen], y_pool[chosen])
-        scores = np.zeros((len(data.x), c))
-        scores[:, model.classes_] = model.predict_proba(data.x)
-        phi[s], inside[s] = logit_confidence(scores, data.y), chosen[tested]
-    mu_in, sd_in = _pooled_gaussian(phi, inside)
-    mu_out, sd_out = _pooled_gaussian(phi, ~inside)
+    reference = LiraReference.fit(data, target.spec.n_classes, make_shadow, rng, shadows=shadows)
     answers, spans = _answers_per_record(target, data.x)
-    observed = logit_confidence(answers.scores, data.y)
-    score = _log_normal(observed, mu_in, sd_in) - _log_normal(observed, mu_out, sd_out)
     return MembershipRun(
         "membership-lira",
         {"shadows": shadows},
-        np.where(answers.answered, score, np.nan),
+        reference.score(answers, data.y),
         data.member,
         tuple(spans),
         time.perf_counter() - started,

@@ -37,10 +37,11 @@ The deterministic mechanisms (:class:`Rounding`, :class:`TopK`,
 :class:`ConfidenceBins` is the utility-preserving one: it keeps the label and the
 order of the classes, and releases the top probability as one of a few calibrated
 levels (histogram binning, Zadrozny & Elkan, ICML 2001), the rest of the mass
-shared in proportion to the model's own scores. Every answer in one bin has the
-same top probability, so the fine differences of confidence that separate
-training members (the model is surest on them) from other inputs do not leave;
-what leaves is which bin the answer fell in (MemGuard, Jia et al., CCS 2019,
+shared among the other classes by rank alone. An answer is then a function of
+the label, the order of the classes and the bin: the fine differences of
+confidence that separate training members (the model is surest on them) from
+other inputs do not leave, nor do the magnitudes an inversion or extraction
+attack would climb (MemGuard, Jia et al., CCS 2019,
 shapes the vector against an attack model to the same end; this is its
 attack-model-free, deterministic cousin).
 
@@ -215,30 +216,30 @@ def reverse_sigmoid(scores: np.ndarray, beta: float, gamma: float) -> np.ndarray
 
 
 def bin_confidence(
-    scores: np.ndarray, cuts: Sequence[float], confidences: Sequence[float]
+    scores: np.ndarray,
+    cuts: Sequence[float],
+    confidences: Sequence[float],
+    ranked: int | None = None,
 ) -> np.ndarray:
     """Each row's top probability replaced by ``confidences[i]``, ``i`` the number of
-    ``cuts`` at or below it; the other classes share the rest in proportion to their
-    scores (evenly when they had none). Argmax and class order are kept, except that
-    a level below a row's second score ties or swaps with it (:func:`keep_top1` fixes
-    the label)."""
+    ``cuts`` at or below it; the other classes share the rest by rank alone, each of
+    the ``ranked`` next classes (default: all) half the one before, the classes after
+    them evenly (ties in the model's order go to the lower class index). A row then
+    depends on its label, the order of its first ``ranked + 1`` classes and its bin,
+    nothing else. That order is kept, except that a level below the second class's
+    share swaps with it (:func:`keep_top1` puts the label back)."""
     p = scores.astype(np.float64)
-    rows = np.arange(p.shape[0])
-    top = np.argmax(p, axis=1)
-    p_top = p[rows, top]
+    rows = np.arange(p.shape[0])[:, None]
+    order = np.argsort(-p, axis=1, kind="stable")
+    p_top = p[rows[:, 0], order[:, 0]]
     level = np.asarray(confidences, dtype=np.float64)[
         np.searchsorted(np.asarray(cuts, dtype=np.float64), p_top, side="right")
     ]
-    rest = 1.0 - p_top
-    others = p.copy()
-    others[rows, top] = 0.0
-    flat = rest <= 0.0
-    share = np.where(
-        flat[:, None], 1.0 / (p.shape[1] - 1), others / np.where(flat, 1.0, rest)[:, None]
-    )
-    share[rows, top] = 0.0
-    out = share * (1.0 - level)[:, None]
-    out[rows, top] = level
+    steps = np.arange(p.shape[1] - 1)
+    weights = 0.5 ** (steps if ranked is None else np.minimum(steps, ranked))
+    out = np.empty_like(p)
+    out[rows, order[:, 1:]] = (1.0 - level)[:, None] * (weights / weights.sum())
+    out[rows[:, 0], order[:, 0]] = level
     return out
 
 
@@ -473,7 +474,9 @@ class ReverseSigmoid:
 @dataclass(frozen=True, kw_only=True, slots=True)
 class ConfidenceBins:
     """The label and class order kept; the top probability released as the level of
-    its bin (``cuts`` ascending, one more ``confidences``). No ε: what leaves is the bin.
+    its bin (``cuts`` ascending, one more ``confidences``), the rest shared by rank
+    (``ranked`` classes after the top keep their place; None: all). No ε: what leaves
+    is the label, that order and the bin.
 
     Set each level to the model's held-out accuracy in that bin and the answers are
     calibrated; one bin (no cuts) releases the same confidence for every answer.
@@ -483,6 +486,7 @@ class ConfidenceBins:
     noisy: ClassVar[bool] = False
     cuts: tuple[float, ...] = ()
     confidences: tuple[float, ...]
+    ranked: int | None = None  # classes after the top that keep their place; None: all
 
     def __post_init__(self) -> None:
         cuts, levels = self.cuts, self.confidences
@@ -494,6 +498,8 @@ class ConfidenceBins:
             raise ValueError(f"cuts must rise strictly within (0, 1); got {list(cuts)}")
         if any(not 0.0 < v <= 1.0 for v in levels):
             raise ValueError(f"confidences must lie in (0, 1]; got {list(levels)}")
+        if self.ranked is not None and self.ranked < 0:
+            raise ValueError(f"ranked must be >= 0; got {self.ranked}")
 
     @property
     def cost(self) -> None:
@@ -501,13 +507,18 @@ class ConfidenceBins:
 
     def apply(self, scores: np.ndarray, rng: Rng | None = None) -> np.ndarray:
         check_scores(scores)
-        return _finish(bin_confidence(scores, self.cuts, self.confidences), scores, True)
+        released = bin_confidence(scores, self.cuts, self.confidences, self.ranked)
+        return _finish(released, scores, True)
 
     def fingerprint(self) -> str:
         return _fingerprint(self)
 
     def describe(self) -> dict[str, Any]:
-        return {"cuts": list(self.cuts), "confidences": list(self.confidences)}
+        return {
+            "cuts": list(self.cuts),
+            "confidences": list(self.confidences),
+            "ranked": self.ranked,
+        }
 
 
 MECHANISMS: dict[str, type[Any]] = {

@@ -76,7 +76,7 @@ _TAKES: dict[str, dict[str, Any]] = {
     "topk": {"k": 1, "renormalize": True},
     "label_only": {},
     "reverse_sigmoid": {"beta": 1.0, "gamma": 0.1, "keep_argmax": True},
-    "bins": {"cuts": (), "confidences": None},
+    "bins": {"cuts": (), "confidences": None, "ranked": None},
 }
 _PARAMETERS = sorted({key for keys in _TAKES.values() for key in keys})
 
@@ -121,6 +121,13 @@ class MechanismOptions:
         shown="required (bins)",
         doc="bins: the top probability released in each bin, one more than `cuts`; set "
         "each to the model's held-out accuracy in that bin to keep the answers calibrated",
+    )
+    ranked: int | None = option(
+        None,
+        min=0,
+        shown="all (bins)",
+        doc="bins: how many classes after the top keep their place (the rest share evenly); "
+        "fewer tell an extraction attack less",
     )
     keep_argmax: bool | None = option(
         None,
@@ -169,7 +176,7 @@ class MechanismOptions:
         if kind == "topk":
             return TopK(k=v("k"), renormalize=v("renormalize"))
         if kind == "bins":
-            return ConfidenceBins(cuts=v("cuts"), confidences=v("confidences"))
+            return ConfidenceBins(cuts=v("cuts"), confidences=v("confidences"), ranked=v("ranked"))
         if kind == "reverse_sigmoid":
             return ReverseSigmoid(beta=v("beta"), gamma=v("gamma"), keep_argmax=v("keep_argmax"))
         return LabelOnly()
