@@ -1,7 +1,7 @@
 """Privacy against utility of each output mechanism, measured through the guard.
 
     python tests/benchmarks/measure_privacy_utility.py [--models digits breast_cancer]
-        [--shadows 16] [--json out.json]
+        [--shadows 16] [--sets 3] [--json out.json]
 
 One in-process guard (:class:`~guard.attacks.guarded.InProcessGuard`, real HTTP on
 127.0.0.1) serves every setting of every model as its own model name, each with the
@@ -37,15 +37,17 @@ Membership, over all records (the targets: advantage ≤ 0.02, LiRA TPR at 0.1% 
 - **LiRA**: Carlini et al.'s online LiRA (:class:`guard.attacks.membership.
   LiraReference`): ``--shadows`` shadow models of the target's recipe (those of
   ``guard attack``) on random halves of all records; TPR at 0.1% and 1% FPR and the
-  AUC. With fewer than 1,000 non-members, TPR at 0.1% FPR is the TPR at no false
-  positive at all.
+  AUC, each the mean over ``--sets`` independent sets of shadows (one set's ranking
+  of the records is noisy). With fewer than 1,000 non-members, TPR at 0.1% FPR is
+  the TPR at no false positive at all: one member ranked above every non-member is
+  0.0011 on digits, 0.0035 on breast_cancer.
 - **floor**: TPR − FPR of "member when the released label is right": what the
   label alone gives (every setting here keeps it), the least any label-keeping
   mechanism can leave to the loss attack's best threshold on breast_cancer (two
   classes: a right label always has ``p_y > 1/2``), and nearly so on digits.
 
-Needs scikit-learn (the ``attacks`` extra) for LiRA's shadow models. About two
-minutes per model on two shared cores (most of it digits' shadow MLPs).
+Needs scikit-learn (the ``attacks`` extra) for LiRA's shadow models. About a
+minute per model on two shared cores (most of it digits' shadow MLPs).
 """
 
 from __future__ import annotations
@@ -96,25 +98,28 @@ class Setting:
 
 
 def settings(name: str, calibration: tuple[np.ndarray, np.ndarray]) -> list[Setting]:
-    """The current default (Laplace ε = 2), noise at lower levels and the bins."""
+    """The default policy's, the old default (Laplace ε = 2), less noise, and bins."""
+    default = yaml.safe_load(DEFAULT_POLICY.read_text(encoding="utf-8"))
+    shipped = [s["privacy"] for s in default["models"][name]["stages"] if "privacy" in s]
     found = [
         Setting("none", None),
+        Setting("default policy", shipped[0] if shipped else None),
         Setting("laplace ε=2 (old default)", {"mechanism": "laplace", "epsilon": 2.0}),
         Setting("laplace ε=8", {"mechanism": "laplace", "epsilon": 8.0}),
         Setting("laplace ε=20", {"mechanism": "laplace", "epsilon": 20.0}),
         Setting("gaussian σ=0.05", {"mechanism": "gaussian", "sigma": 0.05}),
         Setting("round, 1 decimal", {"mechanism": "round", "decimals": 1}),
         Setting("reverse sigmoid", {"mechanism": "reverse_sigmoid"}),
+        Setting("label only", {"mechanism": "label_only"}),  # what the label alone leaks
     ]
-    for cuts in ((), (0.5,), (0.9,), (0.5, 0.9)):
+    for cuts, ranked in (((), None), ((0.5,), None), ((0.5,), 1), ((0.5,), 0), ((0.9,), 1)):
         levels = calibrated_levels(*calibration, cuts)
         text = "/".join(f"{c:g}" for c in cuts) or "one bin"
-        found.append(
-            Setting(
-                f"bins {text}",
-                {"mechanism": "bins", "cuts": list(cuts), "confidences": levels},
-            )
-        )
+        section: dict[str, Any] = {"mechanism": "bins", "cuts": list(cuts), "confidences": levels}
+        if ranked is not None:
+            section["ranked"] = ranked
+            text += f", ranked {ranked}"
+        found.append(Setting(f"bins {text}", section))
     return found
 
 
@@ -185,7 +190,7 @@ def held_out_advantage(scores: np.ndarray, member: np.ndarray) -> float:
 
 
 def membership(
-    answers: Any, data: MembershipData, reference: LiraReference | None
+    answers: Any, data: MembershipData, references: list[LiraReference]
 ) -> dict[str, float]:
     loss = log_likelihood(answers, data.y)
     curve = roc(loss, data.member)
@@ -196,12 +201,12 @@ def membership(
         "loss_tpr_low": curve.tpr_at(LOW_FPR),
         "label_floor": float(right[data.member].mean() - right[~data.member].mean()),
     }
-    if reference is not None:
-        lira = roc(reference.score(answers, data.y), data.member)
+    if references:  # each set of shadows ranks records differently: the mean over sets
+        curves = [roc(r.score(answers, data.y), data.member) for r in references]
         result |= {
-            "lira_tpr_low": lira.tpr_at(LOW_FPR),
-            "lira_tpr_1pct": lira.tpr_at(0.01),
-            "lira_auc": lira.auc,
+            "lira_tpr_low": float(np.mean([c.tpr_at(LOW_FPR) for c in curves])),
+            "lira_tpr_1pct": float(np.mean([c.tpr_at(0.01) for c in curves])),
+            "lira_auc": float(np.mean([c.auc for c in curves])),
         }
     return result
 
@@ -244,7 +249,7 @@ def policy(directory: Path, plan: dict[str, tuple[str, Setting]]) -> Path:
     return measurement_policy(directory, [CLIENT], base=base)
 
 
-def measure(models: list[str], shadows: int) -> dict[str, Any]:
+def measure(models: list[str], shadows: int, repeats: int) -> dict[str, Any]:
     plan: dict[str, tuple[str, Setting]] = {}
     prepared: dict[str, Any] = {}
     lira = installed("sklearn")
@@ -255,18 +260,19 @@ def measure(models: list[str], shadows: int) -> dict[str, Any]:
         order = np.random.default_rng([SEED, 1]).permutation(len(held))
         calibrate, evaluate = held[order[: len(held) // 2]], held[order[len(held) // 2 :]]
         started = time.perf_counter()
-        reference = None
-        if lira:
-            reference = LiraReference.fit(
+        references = [
+            LiraReference.fit(
                 data,
                 int(truth.shape[1]),
                 shadow_recipe(name),
-                np.random.default_rng([SEED, 2]),
+                np.random.default_rng([SEED, 2, k]),
                 shadows=shadows,
             )
+            for k in range(repeats if lira else 0)
+        ]
         fitted = time.perf_counter() - started
         found = settings(name, (truth[calibrate], data.y[calibrate]))
-        prepared[name] = (data, truth, evaluate, reference, found, fitted)
+        prepared[name] = (data, truth, evaluate, references, found, fitted)
         for i, setting in enumerate(found):
             plan[f"{name}-{i}"] = (name, setting)
     results: dict[str, Any] = {}
@@ -274,7 +280,7 @@ def measure(models: list[str], shadows: int) -> dict[str, Any]:
         path = policy(Path(folder), plan)
         with InProcessGuard(path) as guard:
             for name in models:
-                data, truth, evaluate, reference, found, fitted = prepared[name]
+                data, truth, evaluate, references, found, fitted = prepared[name]
                 spec = TargetSpec.builtin(name)
                 rows = []
                 for i, setting in enumerate(found):
@@ -287,13 +293,14 @@ def measure(models: list[str], shadows: int) -> dict[str, Any]:
                         raise RuntimeError(f"{name} {setting.label}: the guard refused answers")
                     row = {"setting": setting.label, "privacy": setting.privacy}
                     row |= utility(answers.scores[evaluate], truth[evaluate], data.y[evaluate])
-                    row |= membership(answers, data, reference)
+                    row |= membership(answers, data, references)
                     rows.append(row)
                 results[name] = {
                     "settings": rows,
                     "members": int(data.member.sum()),
                     "non_members": int((~data.member).sum()),
-                    "shadows": shadows if reference is not None else 0,
+                    "shadows": shadows if references else 0,
+                    "shadow_sets": len(references),
                     "shadow_seconds": round(fitted, 1),
                 }
     return results
@@ -307,7 +314,7 @@ def table(name: str, result: dict[str, Any]) -> str:
     base = rows[0]["accuracy"]
     lines = [
         f"### {name} ({result['members']} members / {result['non_members']} non-members; "
-        f"LiRA: {result['shadows']} shadows)",
+        f"LiRA: mean of {result['shadow_sets']} sets of {result['shadows']} shadows)",
         "",
         "| setting | acc. | L1 | ECE | top-2 | conf. ρ | loss adv. (held-out) | "
         "LiRA TPR@0.1% | @1% | LiRA AUC | floor | meets |",
@@ -340,13 +347,14 @@ def table(name: str, result: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n", 1)[0])
     parser.add_argument("--models", nargs="+", default=["digits", "breast_cancer"])
-    parser.add_argument("--shadows", type=int, default=16, help="LiRA shadow models per model")
+    parser.add_argument("--shadows", type=int, default=16, help="LiRA shadow models per set")
+    parser.add_argument("--sets", type=int, default=3, help="LiRA shadow sets (results averaged)")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args(argv)
     if not installed("sklearn"):
         print("scikit-learn is not installed: LiRA is left out (pip install '.[attacks]')")
     started = time.perf_counter()
-    results = measure(args.models, args.shadows)
+    results = measure(args.models, args.shadows, args.sets)
     for name, result in results.items():
         print(f"\n{table(name, result)}\n")
     print(f"({time.perf_counter() - started:.0f} s)")
