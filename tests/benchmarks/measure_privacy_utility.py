@@ -77,7 +77,9 @@ from guard.attacks.membership import (
     LOW_FPR,
     LiraReference,
     MembershipData,
+    label_only_attack,
     log_likelihood,
+    membership_data,
     roc,
 )
 from guard.attacks.targets import HttpTarget, OnnxTarget, TargetSpec
@@ -306,6 +308,64 @@ def measure(models: list[str], shadows: int, repeats: int) -> dict[str, Any]:
     return results
 
 
+# -- label-only membership against the whole default policy ----------------------------
+
+
+def label_only_through_guard(name: str, records: int) -> list[dict[str, Any]]:
+    """Choquette-Choo et al.'s attack (51 queries per record, one request each) through
+    the full default policy, with its quotas and with them raised (detection alone),
+    beside the same attack on the bare model. Refused records rank as non-members."""
+    rows = []
+    data = membership_data(name, np.random.default_rng([SEED, 3]), size=records)
+    bare = label_only_attack(OnnxTarget.builtin(name), data, np.random.default_rng([SEED, 4]))
+    rows.append({"policy": "bare model", "advantage": bare.roc.advantage, "auc": bare.roc.auc})
+    for quotas in (True, False):
+        with tempfile.TemporaryDirectory(prefix="measure-label-only-") as folder:
+            path = measurement_policy(
+                Path(folder), [CLIENT], raise_quotas=not quotas, models=[name]
+            )
+            with InProcessGuard(path) as guard:
+                spec = TargetSpec.builtin(name)
+                target = HttpTarget(
+                    guard.url, name, spec, api_key=api_key(CLIENT), batch_size=51, trace=CLIENT
+                )
+                with target:
+                    run = label_only_attack(target, data, np.random.default_rng([SEED, 4]))
+                trail = guard.audit()
+        ids = [f"{CLIENT}-{i}" for i in range(target.requests)]
+        findings = trail.of_client(CLIENT)
+        rows.append(
+            {
+                "policy": "default" if quotas else "default, quotas raised",
+                "advantage": run.roc.advantage,
+                "auc": run.roc.auc,
+                "records": len(data.x),
+                "refused_rows": float(target.log.refused().mean()),
+                "first_finding_record": trail.first_caught(ids),
+                "first_harmful_record": trail.first_caught(ids, harmful=True),
+                "stages": sorted({f.stage for f in findings}),
+            }
+        )
+    return rows
+
+
+def label_only_table(name: str, rows: list[dict[str, Any]]) -> str:
+    lines = [
+        f"Label-only membership (51 queries per record), {name}:",
+        "",
+        "| policy | advantage | AUC | rows refused | first finding (record) | "
+        "first harmful (record) | stages |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['policy']} | {r['advantage']:.3f} | {r['auc']:.3f} | "
+            f"{r.get('refused_rows', 0.0):.1%} | {r.get('first_finding_record', '-')} | "
+            f"{r.get('first_harmful_record', '-')} | {', '.join(r.get('stages', [])) or '-'} |"
+        )
+    return "\n".join(lines)
+
+
 # -- report -----------------------------------------------------------------------------
 
 
@@ -349,6 +409,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", nargs="+", default=["digits", "breast_cancer"])
     parser.add_argument("--shadows", type=int, default=16, help="LiRA shadow models per set")
     parser.add_argument("--sets", type=int, default=3, help="LiRA shadow sets (results averaged)")
+    parser.add_argument(
+        "--label-only",
+        type=int,
+        default=100,
+        metavar="K",
+        help="label-only attack on K members and K non-members through the default policy "
+        "(0: skip)",
+    )
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args(argv)
     if not installed("sklearn"):
@@ -357,6 +425,9 @@ def main(argv: list[str] | None = None) -> int:
     results = measure(args.models, args.shadows, args.sets)
     for name, result in results.items():
         print(f"\n{table(name, result)}\n")
+        if args.label_only:
+            result["label_only"] = label_only_through_guard(name, args.label_only)
+            print(f"{label_only_table(name, result['label_only'])}\n")
     print(f"({time.perf_counter() - started:.0f} s)")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2, ensure_ascii=False))
