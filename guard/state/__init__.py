@@ -8,9 +8,13 @@ The policy's top-level ``state:`` section picks the backend::
       url: redis://127.0.0.1:6379/0     # or url_env: REDIS_URL (keeps a password out of the file)
       key_prefix: "guard:"
       timeout: 0.2                      # seconds per Redis operation
+      cluster: false                    # true: url names one node of a Redis Cluster
 
 ``memory`` serves one guard process; ``redis`` lets every replica see the same
 state (a client splitting an attack across replicas is still one client).
+``cluster: true`` opens a Redis Cluster client: the URL names any one node (its
+database must be 0), the client finds the others and routes each key to its
+slot's node; each operation's keys share one hash tag, so one slot.
 :func:`build_store` opens one; it connects lazily, so building is cheap and
 never blocks. Importing this package does not import ``redis``.
 """
@@ -19,6 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from urllib.parse import parse_qs, urlsplit
 
 from guard.configreader import Section
 from guard.state.base import FingerprintMatch, StateStore, client_key, hash_tag
@@ -35,7 +40,7 @@ __all__ = [
 ]
 
 BACKENDS = ("memory", "redis")
-_REDIS_ONLY = ("url", "url_env", "key_prefix", "timeout")
+_REDIS_ONLY = ("url", "url_env", "key_prefix", "timeout", "cluster")
 _MEMORY_ONLY = ("max_clients", "max_bytes")
 
 
@@ -47,6 +52,7 @@ class StateConfig:
     url: str | None = None
     key_prefix: str = "guard:"
     timeout: float = 0.2
+    cluster: bool = False
     max_clients: int = 10_000
     max_bytes: int = 64 << 20
 
@@ -63,11 +69,21 @@ def read_state_config(section: Section, environ: Mapping[str, str]) -> StateConf
         url=_redis_url(section, environ) if backend == "redis" else None,
         key_prefix=section.str("key_prefix", "guard:"),
         timeout=section.float("timeout", 0.2, gt=0),
+        cluster=section.bool("cluster", False),
         max_clients=section.int("max_clients", 10_000, min=1),
         max_bytes=section.int("max_bytes", 64 << 20, min=1 << 16),
     )
+    if config.cluster and config.url is not None and _database(config.url) not in ("", "0"):
+        raise section.error("cluster", "takes database 0 (a Redis Cluster has no other)")
     section.finish()
     return config
+
+
+def _database(url: str) -> str:
+    """The database number a redis:// URL names (path or ``?db=``); "" for none."""
+    parts = urlsplit(url)
+    path = parts.path.strip("/")
+    return path or parse_qs(parts.query).get("db", [""])[0]
 
 
 def _redis_url(section: Section, environ: Mapping[str, str]) -> str:
@@ -94,7 +110,11 @@ def build_store(
         if config.url is None:
             raise ValueError("a redis state config needs a url")
         return RedisStore(
-            config.url, key_prefix=config.key_prefix, timeout=config.timeout, on_error=on_error
+            config.url,
+            key_prefix=config.key_prefix,
+            timeout=config.timeout,
+            on_error=on_error,
+            cluster=config.cluster,
         )
     from guard.state.memory import MemoryStore
 

@@ -6,11 +6,19 @@ clock where a script needs one (``TIME``), so replicas with skewed clocks agree.
 Keys are ``<key_prefix><key>``; a client's keys carry its hash tag, a
 fingerprint table's keys the table's, so every script touches one Cluster slot.
 
+``cluster=True`` opens a :class:`redis.asyncio.cluster.RedisCluster` on the
+URL's node: it learns the slot map from it, sends each command to the node of
+its key's slot and follows ``MOVED``/``ASK`` as slots move. A single-node client
+pointed at a Cluster node gets ``MOVED`` for most keys: the error then says to
+set ``cluster: true``.
+
 Any failure (refused, reset, timed out, an error reply) raises
 :class:`~guard.errors.StateUnavailable` and is counted through ``on_error``.
 After a connection failure the store answers :class:`StateUnavailable` at once
 for ``backoff_s`` instead of making every request wait for a dead server, then
-tries again: ``redis.asyncio`` reconnects on the next command.
+tries again: ``redis.asyncio`` reconnects on the next command. On a cluster the
+backoff is per node (per slot until the slot map is known): a dead node's
+clients wait it out, the other nodes' clients are served.
 
 Lua numbers are doubles: counters and budgets are exact up to 2**53.
 """
@@ -22,10 +30,11 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import AskError, ClusterDownError, RedisClusterException, RedisError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from guard.errors import StateUnavailable
@@ -222,20 +231,28 @@ class RedisStore:
         backoff_s: float = 0.5,
         on_error: Callable[[str], None] | None = None,
         expire_per_insert: int = 8,
+        cluster: bool = False,
     ) -> None:
         self.key_prefix = key_prefix
         self.backoff_s = backoff_s
+        self.cluster = cluster
         self._on_error = on_error
         self._expire_per_insert = expire_per_insert
-        self._down_until = 0.0
+        self._down_until: dict[str, float] = {}  # per node ("" for a single server)
         # No retries: a request must not wait out backoffs; the next request reconnects.
-        self._redis = aioredis.Redis.from_url(
-            url,
-            socket_timeout=timeout,
-            socket_connect_timeout=timeout,
-            retry=Retry(NoBackoff(), 0),
-            decode_responses=False,
-        )
+        options: dict[str, Any] = {
+            "socket_timeout": timeout,
+            "socket_connect_timeout": timeout,
+            "retry": Retry(NoBackoff(), 0),
+            "decode_responses": False,
+        }
+        self._redis: Any
+        if cluster:
+            # Slots of a dead node fail; the others are served (the server decides too:
+            # cluster-require-full-coverage).
+            self._redis = RedisCluster.from_url(url, require_full_coverage=False, **options)
+        else:
+            self._redis = aioredis.Redis.from_url(url, **options)
         self._incr = self._redis.register_script(_INCR)
         self._spend = self._redis.register_script(_SPEND)
         self._fingerprints = self._redis.register_script(_FINGERPRINTS)
@@ -243,15 +260,39 @@ class RedisStore:
     def _key(self, key: str) -> str:
         return self.key_prefix + key
 
-    async def _run(self, op: str, call: Callable[[], Any]) -> Any:
-        """Await ``call()``, turning every Redis failure into StateUnavailable."""
-        if time.monotonic() < self._down_until:
+    def _node(self, key: str) -> str:
+        """Where ``key`` lives, for the backoff: its node's name on a cluster."""
+        if not self.cluster:
+            return ""
+        try:
+            node = self._redis.get_node_from_key(key)
+        except (RedisError, RedisClusterException, LookupError):
+            node = None
+        return f"slot {self._redis.keyslot(key)}" if node is None else str(node.name)
+
+    async def _run(self, op: str, call: Callable[[], Any], key: str) -> Any:
+        """Await ``call()`` (commands on ``key``'s node), turning every Redis failure
+        into StateUnavailable."""
+        node = self._node(key)
+        if time.monotonic() < self._down_until.get(node, 0.0):
             self._failed(op)
             raise StateUnavailable("state store unavailable (redis: reconnecting)")
         try:
             return await call()
         except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
-            self._down_until = time.monotonic() + self.backoff_s
+            self._down_until[node] = time.monotonic() + self.backoff_s
+            self._failed(op)
+            raise StateUnavailable(
+                f"state store unavailable (redis: {type(exc).__name__})"
+            ) from exc
+        except AskError as exc:  # MOVED or ASK reached us: a single-node client on a cluster
+            self._failed(op)
+            raise StateUnavailable(
+                f"state store error (redis: {type(exc).__name__}; the server is a Redis"
+                " Cluster node: set cluster: true in the state section)"
+            ) from exc
+        except (ClusterDownError, RedisClusterException) as exc:  # a slot not served now
+            self._down_until[node] = time.monotonic() + self.backoff_s
             self._failed(op)
             raise StateUnavailable(
                 f"state store unavailable (redis: {type(exc).__name__})"
@@ -266,8 +307,9 @@ class RedisStore:
 
     # -- counters, budgets, marks ------------------------------------------------
     async def incr(self, key: str, amount: int, window_s: float) -> tuple[int, float]:
+        full = self._key(key)
         count, ttl_ms = await self._run(
-            "incr", lambda: self._incr(keys=[self._key(key)], args=[int(amount), _ms(window_s)])
+            "incr", lambda: self._incr(keys=[full], args=[int(amount), _ms(window_s)]), full
         )
         return int(count), int(ttl_ms) / 1000
 
@@ -275,17 +317,19 @@ class RedisStore:
         self, key: str, amount: int, limit: int, window_s: float | None
     ) -> tuple[bool, int]:
         window = "" if window_s is None else _ms(window_s)
+        full = self._key(key)
         ok, used = await self._run(
-            "spend",
-            lambda: self._spend(keys=[self._key(key)], args=[int(amount), int(limit), window]),
+            "spend", lambda: self._spend(keys=[full], args=[int(amount), int(limit), window]), full
         )
         return bool(ok), int(used)
 
     async def mark(self, key: str, ttl_s: float) -> None:
-        await self._run("mark", lambda: self._redis.set(self._key(key), b"1", px=_ms(ttl_s)))
+        full = self._key(key)
+        await self._run("mark", lambda: self._redis.set(full, b"1", px=_ms(ttl_s)), full)
 
     async def marked(self, key: str) -> bool:
-        return bool(await self._run("marked", lambda: self._redis.exists(self._key(key))))
+        full = self._key(key)
+        return bool(await self._run("marked", lambda: self._redis.exists(full), full))
 
     # -- histories ----------------------------------------------------------------
     async def push(self, key: str, items: Sequence[bytes], cap: int, ttl_s: float) -> int:
@@ -300,11 +344,12 @@ class RedisStore:
                 pipe.pexpire(full, _ms(ttl_s))
                 return await pipe.execute()
 
-        length, _, _ = await self._run("push", call)
+        length, _, _ = await self._run("push", call, full)
         return min(int(length), cap)
 
     async def items(self, key: str) -> list[bytes]:
-        return list(await self._run("items", lambda: self._redis.lrange(self._key(key), 0, -1)))
+        full = self._key(key)
+        return list(await self._run("items", lambda: self._redis.lrange(full, 0, -1), full))
 
     # -- fingerprints ---------------------------------------------------------------
     async def match_fingerprints(
@@ -339,7 +384,9 @@ class RedisStore:
             args.append(len(hashes))
             args.extend(f"{h:016x}" for h in hashes)
         keys = [f"{base}:idx", f"{base}:q", f"{base}:meta", f"{base}:d", f"{base}:n"]
-        rows = await self._run("fingerprints", lambda: self._fingerprints(keys=keys, args=args))
+        rows = await self._run(
+            "fingerprints", lambda: self._fingerprints(keys=keys, args=args), keys[0]
+        )
         return [FingerprintMatch(int(m), int(c), int(b), bool(r)) for m, c, b, r in rows]
 
     async def close(self) -> None:
@@ -350,10 +397,11 @@ class RedisStore:
         script = self._redis.register_script(_APPEND_BYTES)  # cheap: EVALSHA, loaded once
         keys = [self._key(key)]
         args: list[bytes | int] = [data, max_bytes, _ms(ttl_s)]
-        return int(await self._run("append_bytes", lambda: script(keys=keys, args=args)))
+        return int(await self._run("append_bytes", lambda: script(keys=keys, args=args), keys[0]))
 
     async def read_bytes(self, key: str) -> bytes:
-        value = await self._run("read_bytes", lambda: self._redis.get(self._key(key)))
+        full = self._key(key)
+        value = await self._run("read_bytes", lambda: self._redis.get(full), full)
         return b"" if value is None else bytes(value)
 
 

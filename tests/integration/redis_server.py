@@ -9,6 +9,15 @@ The ``redis_server`` fixture (import it into a ``conftest.py``) serves a test
 module and flushes between tests. Without a ``redis-server`` on ``PATH`` (or at
 ``$GUARD_REDIS_SERVER``) it skips, unless ``GUARD_REQUIRE_REDIS`` is set (to
 anything but ``0``): then it fails.
+
+:class:`RedisClusterServers` runs a real Redis Cluster: three primaries
+(``--cluster-enabled yes``, each with its own config file and bus port), joined
+by ``redis-cli --cluster create`` and ready once every node reports
+``cluster_state:ok``. Nodes can be killed and restarted one at a time (a node
+keeps its ``nodes.conf``, so it rejoins with its slots). The cluster does not
+require full coverage: while a node is down, the slots of the others are
+served. The ``redis_cluster`` fixture serves a test session and flushes every
+node between tests; it needs ``redis-cli`` beside ``redis-server``.
 """
 
 from __future__ import annotations
@@ -19,10 +28,11 @@ import shutil
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
+import redis
 
 HOST = "127.0.0.1"
 REQUIRE_ENV = "GUARD_REQUIRE_REDIS"
@@ -32,10 +42,13 @@ SERVER_ENV = "GUARD_REDIS_SERVER"
 class RedisServer:
     """One ``redis-server`` process; :meth:`stop` and :meth:`start` keep the port."""
 
-    def __init__(self, executable: str, workdir: Path) -> None:
+    def __init__(
+        self, executable: str, workdir: Path, *, port: int | None = None, extra: Sequence[str] = ()
+    ) -> None:
         self.executable = executable
         self.workdir = workdir
-        self.port = _free_port()
+        self.port = _free_port() if port is None else port
+        self.extra = tuple(extra)
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -56,6 +69,7 @@ class RedisServer:
             "--appendonly", "no",
             "--protected-mode", "yes",
             "--logfile", str(self.log_path),
+            *self.extra,
         ]  # fmt: skip
         self.process = subprocess.Popen(
             args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, start_new_session=True
@@ -83,6 +97,16 @@ class RedisServer:
             self.process.kill()
             self.process.wait()
 
+    def kill(self) -> None:
+        """SIGKILL: connections die mid-command, nothing is flushed; idempotent."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
     def flush(self) -> None:
         self._command(b"FLUSHALL")
 
@@ -97,11 +121,125 @@ class RedisServer:
             sock.sendall(b"*1\r\n$%d\r\n%s\r\n" % (len(name), name))
             return sock.recv(64)
 
+    def client(self) -> redis.Redis:
+        """A plain (single-node, blocking) client of this server, for inspection."""
+        return redis.Redis(host=HOST, port=self.port, socket_timeout=5.0)
+
+
+class RedisClusterServers:
+    """A Redis Cluster of ``size`` primaries (no replicas) on loopback."""
+
+    def __init__(self, executable: str, cli: str, workdir: Path, size: int = 3) -> None:
+        self.cli = cli
+        ports = _free_ports(2 * size)
+        self.nodes = []
+        for i in range(size):
+            node_dir = workdir / f"node{i}"
+            node_dir.mkdir()
+            extra = [
+                "--cluster-enabled", "yes",
+                "--cluster-config-file", str(node_dir / "nodes.conf"),
+                "--cluster-port", str(ports[2 * i + 1]),  # the bus: not port + 10000
+                "--cluster-node-timeout", "1000",
+                "--cluster-require-full-coverage", "no",
+            ]  # fmt: skip
+            self.nodes.append(RedisServer(executable, node_dir, port=ports[2 * i], extra=extra))
+
+    @property
+    def url(self) -> str:
+        """One node's URL: a cluster client finds the others from it."""
+        return f"redis://{HOST}:{self.nodes[0].port}/0"
+
+    @property
+    def ports(self) -> list[int]:
+        return [node.port for node in self.nodes]
+
+    def start(self, timeout: float = 30.0) -> None:
+        for node in self.nodes:
+            node.start()
+        created = subprocess.run(
+            [self.cli, "--cluster", "create", *(f"{HOST}:{p}" for p in self.ports),
+             "--cluster-replicas", "0", "--cluster-yes"],
+            stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout, check=False,
+        )  # fmt: skip
+        if created.returncode != 0:
+            self.stop()
+            raise RuntimeError(
+                "redis-cli --cluster create failed:\n"
+                + created.stdout.decode(errors="replace")[-2000:]
+                + created.stderr.decode(errors="replace")[-2000:]
+            )
+        self.wait_ok(timeout)
+
+    def wait_ok(self, timeout: float = 30.0) -> None:
+        """Wait until every running node reports ``cluster_state:ok`` and knows every other."""
+        deadline = time.monotonic() + timeout
+        while True:
+            states = [self.info(node) for node in self.nodes if node.running]
+            if all(
+                s.get("cluster_state") == "ok"
+                and s.get("cluster_known_nodes") == str(len(self.nodes))
+                and s.get("cluster_slots_ok") == "16384"
+                for s in states
+            ):
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the cluster did not become ready: {states}")
+            time.sleep(0.05)
+
+    def restart(self, node: RedisServer, timeout: float = 30.0) -> None:
+        """Start a stopped or killed node again and wait until the cluster is whole."""
+        node.start()
+        self.wait_ok(timeout)
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+
+    def flush(self) -> None:
+        for node in self.nodes:
+            node.flush()
+
+    def node_of(self, key: str) -> RedisServer:
+        """The running node that serves ``key`` now."""
+        for node in self.nodes:
+            if node.running:
+                with node.client() as client:
+                    slot = int(client.execute_command("CLUSTER", "KEYSLOT", key))
+                    for low, high, primary, *_ in client.execute_command("CLUSTER", "SLOTS"):
+                        if low <= slot <= high:
+                            return self._at(int(primary[1]))
+        raise LookupError(f"no running node serves {key!r}")
+
+    def _at(self, port: int) -> RedisServer:
+        return next(node for node in self.nodes if node.port == port)
+
+    def info(self, node: RedisServer) -> dict[str, str]:
+        """``CLUSTER INFO`` of one node."""
+        with node.client() as client:
+            text = client.execute_command("CLUSTER", "INFO").decode()
+        return dict(line.split(":", 1) for line in text.split() if ":" in line)
+
+    def keys(self) -> dict[int, list[str]]:
+        """Every key of the cluster, by the port of the node that holds it."""
+        found = {}
+        for node in self.nodes:
+            with node.client() as client:
+                found[node.port] = sorted(k.decode() for k in client.keys("*"))
+        return found
+
+
+def _free_ports(count: int) -> list[int]:
+    """``count`` distinct ports free now on 127.0.0.1 (held open together while picked)."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for sock in socks:
+            sock.bind((HOST, 0))
+        return [int(sock.getsockname()[1]) for sock in socks]
+
 
 def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        return int(sock.getsockname()[1])
+    return _free_ports(1)[0]
 
 
 def redis_executable() -> str:
@@ -118,6 +256,29 @@ def redis_executable() -> str:
     if os.environ.get(REQUIRE_ENV, "") not in ("", "0"):
         pytest.fail(f"{reason}; {REQUIRE_ENV} is set, so this is an error", pytrace=False)
     pytest.skip(reason)
+
+
+def redis_cli() -> str:
+    """The redis-cli beside the redis-server that runs (it creates clusters)."""
+    server = Path(redis_executable())
+    beside = server.with_name("redis-cli")
+    found = str(beside) if beside.exists() else shutil.which("redis-cli")
+    if found:
+        return found
+    reason = "redis-cli not found (it comes with redis-server: apt-get install redis-server)"
+    if os.environ.get(REQUIRE_ENV, "") not in ("", "0"):
+        pytest.fail(f"{reason}; {REQUIRE_ENV} is set, so this is an error", pytrace=False)
+    pytest.skip(reason)
+
+
+@contextlib.contextmanager
+def running_cluster(workdir: Path) -> Iterator[RedisClusterServers]:
+    cluster = RedisClusterServers(redis_executable(), redis_cli(), workdir)
+    cluster.start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
 
 
 @contextlib.contextmanager
@@ -143,3 +304,22 @@ def redis_server(redis_module: RedisServer) -> RedisServer:
         redis_module.start()
     redis_module.flush()
     return redis_module
+
+
+@pytest.fixture(scope="session")
+def redis_cluster_session(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[RedisClusterServers]:
+    with running_cluster(tmp_path_factory.mktemp("redis-cluster")) as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def redis_cluster(redis_cluster_session: RedisClusterServers) -> RedisClusterServers:
+    """A running three-node Redis Cluster, emptied before the test (nodes a test stopped
+    are started again)."""
+    for node in redis_cluster_session.nodes:
+        if not node.running:
+            redis_cluster_session.restart(node)
+    redis_cluster_session.flush()
+    return redis_cluster_session

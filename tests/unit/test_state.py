@@ -1,4 +1,5 @@
-"""The state stores: one suite run against memory and a real Redis, then each one's own bounds."""
+"""The state stores: one suite run against memory, a real Redis and a real three-node Redis
+Cluster, then each one's own bounds."""
 
 from __future__ import annotations
 
@@ -22,18 +23,35 @@ from guard.state import (
 )
 from guard.state.memory import MemoryStore
 from guard.state.redis import RedisStore
-from tests.integration.redis_server import RedisServer
+from tests.integration.redis_server import RedisClusterServers, RedisServer
 
 TICK = 0.25  # a window or ttl long enough to act within, short enough to wait out
 
 
-@pytest.fixture(params=["memory", "redis"])
+def open_redis(request: pytest.FixtureRequest, kind: str, **options: Any) -> RedisStore:
+    """A RedisStore on a fresh single server (``redis``) or three-node cluster (``cluster``)."""
+    options.setdefault("timeout", 5.0)  # CI machines can be slow
+    if kind == "cluster":
+        cluster: RedisClusterServers = request.getfixturevalue("redis_cluster")
+        return RedisStore(cluster.url, cluster=True, **options)
+    server: RedisServer = request.getfixturevalue("redis_server")
+    return RedisStore(server.url, **options)
+
+
+@pytest.fixture(params=["memory", "redis", "cluster"])
 async def store(request: pytest.FixtureRequest) -> AsyncIterator[StateStore]:
     if request.param == "memory":
         built: StateStore = MemoryStore()
     else:
-        server: RedisServer = request.getfixturevalue("redis_server")
-        built = RedisStore(server.url, key_prefix="t:", timeout=5.0)  # CI machines can be slow
+        built = open_redis(request, request.param, key_prefix="t:")
+    yield built
+    await built.close()
+
+
+@pytest.fixture(params=["redis", "cluster"])
+async def shared(request: pytest.FixtureRequest) -> AsyncIterator[RedisStore]:
+    """A RedisStore on a single server and on a cluster."""
+    built = open_redis(request, request.param)
     yield built
     await built.close()
 
@@ -177,21 +195,18 @@ async def test_popular_hashes_index_only_the_newest_queries(store: StateStore) -
     assert (await store.match_fingerprints("t", "c", [[42]], **args))[0].matches == 4
 
 
-async def test_stores_agree_on_a_random_workload(redis_server: RedisServer) -> None:
+async def test_stores_agree_on_a_random_workload(shared: RedisStore) -> None:
     rng = np.random.default_rng(5)
-    memory, shared = MemoryStore(), RedisStore(redis_server.url, timeout=5.0)
+    memory = MemoryStore()
     args = fingerprint_args(threshold=3, max_queries=40, max_per_hash=8)
-    try:
-        for _ in range(60):
-            batch = [
-                sorted({int(h) for h in rng.integers(0, 24, size=int(rng.integers(1, 10)))})
-                for _ in range(int(rng.integers(1, 4)))
-            ]
-            client = f"c{rng.integers(3)}"
-            want = await memory.match_fingerprints("t", client, batch, **args)
-            assert await shared.match_fingerprints("t", client, batch, **args) == want
-    finally:
-        await shared.close()
+    for _ in range(60):
+        batch = [
+            sorted({int(h) for h in rng.integers(0, 24, size=int(rng.integers(1, 10)))})
+            for _ in range(int(rng.integers(1, 4)))
+        ]
+        client = f"c{rng.integers(3)}"
+        want = await memory.match_fingerprints("t", client, batch, **args)
+        assert await shared.match_fingerprints("t", client, batch, **args) == want
 
 
 # -- keys -------------------------------------------------------------------------------
@@ -223,6 +238,44 @@ async def test_redis_keys_are_prefixed_and_tagged(redis_server: RedisServer) -> 
         "g1:{blacklight:digits}:q",
     ]
     assert all(t > 0 for t in ttls)  # nothing is kept forever
+
+
+async def test_on_a_cluster_each_operation_keys_live_on_one_node(
+    redis_cluster: RedisClusterServers,
+) -> None:
+    store = RedisStore(redis_cluster.url, cluster=True, key_prefix="g1:", timeout=5.0)
+    clients = [f"client{i}" for i in range(12)]
+    try:
+        for client in clients:
+            await store.spend(client_key(client, "eps"), 1, 10, 60)
+            await store.push(client_key(client, "h"), [b"x"], 4, 60)
+            await store.match_fingerprints("blacklight:m", client, [[1, 2]], **fingerprint_args())
+    finally:
+        await store.close()
+    held = redis_cluster.keys()
+    where = {key: port for port, keys in held.items() for key in keys}
+    for client in clients:
+        tag = f"{{{client}}}"
+        assert where[f"g1:{tag}:eps"] == where[f"g1:{tag}:h"]  # a client: one slot, one node
+    assert all(held.values())  # twelve clients are spread over all three nodes
+
+
+async def test_a_single_node_client_on_a_cluster_names_the_fix(
+    redis_cluster: RedisClusterServers,
+) -> None:
+    errors: list[str] = []
+    store = RedisStore(redis_cluster.url, timeout=5.0, on_error=errors.append)
+    elsewhere = next(  # a client whose keys live on another node than the URL's
+        client_key(f"c{i}", "n")
+        for i in range(100)
+        if redis_cluster.node_of(client_key(f"c{i}", "n")) is not redis_cluster.nodes[0]
+    )
+    try:
+        with pytest.raises(StateUnavailable, match=r"MovedError.*set cluster: true"):
+            await store.incr(elsewhere, 1, 60)
+    finally:
+        await store.close()
+    assert errors == ["incr"]
 
 
 # -- memory bounds ----------------------------------------------------------------------
@@ -318,7 +371,10 @@ def test_state_config_reads_redis() -> None:
         {"backend": "redis", "url": "redis://h:6379/1", "key_prefix": "x:", "timeout": 0.5}
     )
     assert (config.url, config.key_prefix, config.timeout) == ("redis://h:6379/1", "x:", 0.5)
+    assert not config.cluster
     assert read({"backend": "redis", "url_env": "REDIS_URL"}).url == "redis://:secret@h:6379/0"
+    clustered = read({"backend": "redis", "url": "redis://h:7000", "cluster": True})
+    assert clustered.cluster and clustered.url == "redis://h:7000"
 
 
 @pytest.mark.parametrize(
@@ -332,6 +388,10 @@ def test_state_config_reads_redis() -> None:
         ({"url": "redis://h"}, "state.url does not apply to backend memory"),
         ({"max_clients": 0}, "max_clients must be >= 1"),
         ({"backend": "redis", "url": "redis://h", "timeout": 0}, "timeout must be > 0"),
+        ({"backend": "redis", "url": "redis://h/2", "cluster": True}, "cluster takes database 0"),
+        ({"backend": "redis", "url": "redis://h?db=1", "cluster": True}, "takes database 0"),
+        ({"backend": "redis", "url": "redis://h", "cluster": "yes"}, "cluster must be"),
+        ({"cluster": True}, "state.cluster does not apply to backend memory"),
         ({"size": 3}, "unknown key"),
     ],
 )
@@ -388,20 +448,17 @@ async def test_a_full_table_evicts_from_the_largest_holder(store: StateStore) ->
     assert [m.matches for m in got] == [1, 1]  # alice's two queries survived
 
 
-async def test_stores_agree_with_repeats_and_shares(redis_server: RedisServer) -> None:
+async def test_stores_agree_with_repeats_and_shares(shared: RedisStore) -> None:
     rng = np.random.default_rng(9)
-    memory, shared = MemoryStore(), RedisStore(redis_server.url, timeout=5.0)
+    memory = MemoryStore()
     args = fingerprint_args(threshold=2, max_queries=30, max_per_hash=6, max_per_client=12)
-    try:
-        for _ in range(120):
-            batch = [
-                sorted({int(h) for h in rng.integers(0, 24, size=int(rng.integers(1, 8)))})
-                for _ in range(int(rng.integers(1, 4)))
-            ]
-            digests = [bytes([int(rng.integers(0, 12))]) for _ in batch]
-            client = f"c{rng.integers(4)}"
-            want = await memory.match_fingerprints("t", client, batch, digests=digests, **args)
-            got = await shared.match_fingerprints("t", client, batch, digests=digests, **args)
-            assert got == want
-    finally:
-        await shared.close()
+    for _ in range(120):
+        batch = [
+            sorted({int(h) for h in rng.integers(0, 24, size=int(rng.integers(1, 8)))})
+            for _ in range(int(rng.integers(1, 4)))
+        ]
+        digests = [bytes([int(rng.integers(0, 12))]) for _ in batch]
+        client = f"c{rng.integers(4)}"
+        want = await memory.match_fingerprints("t", client, batch, digests=digests, **args)
+        got = await shared.match_fingerprints("t", client, batch, digests=digests, **args)
+        assert got == want

@@ -1,4 +1,4 @@
-"""Byte logs (``append_bytes`` / ``read_bytes``) on both state stores."""
+"""Byte logs (``append_bytes`` / ``read_bytes``) on memory, Redis and a Redis Cluster."""
 
 from __future__ import annotations
 
@@ -10,15 +10,19 @@ import pytest
 from guard.state import StateStore, client_key
 from guard.state.memory import MemoryStore
 from guard.state.redis import RedisStore
-from tests.integration.redis_server import RedisServer
+from tests.integration.redis_server import RedisClusterServers, RedisServer
 
 TICK = 1.0  # long enough to act within on a loaded machine
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", "redis", "cluster"])
 async def store(request: pytest.FixtureRequest) -> AsyncIterator[StateStore]:
     if request.param == "memory":
         built: StateStore = MemoryStore()
+    elif request.param == "cluster":
+        cluster: RedisClusterServers = request.getfixturevalue("redis_cluster")
+        built = RedisStore(cluster.url, cluster=True, key_prefix="b:", timeout=5.0)
+        await built.append_bytes("warm-up", b"", 1, 1.0)  # learn the slots, load the script
     else:
         server: RedisServer = request.getfixturevalue("redis_server")
         built = RedisStore(server.url, key_prefix="b:", timeout=5.0)

@@ -1,0 +1,80 @@
+"""The guard on a real three-node Redis Cluster (``state: {cluster: true}``), through sockets."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import yaml
+
+from guard.clients import key_digest
+from guard.models import load_samples
+from tests.integration import test_detection
+from tests.integration.conftest import StartGuard
+from tests.integration.redis_server import RedisClusterServers
+from tests.integration.test_detection import BLACKLIGHT_KEY, infer
+
+DEFAULT_POLICY = Path(__file__).resolve().parents[2] / "policies" / "default.yaml"
+CLIENTS = [f"c{i}" for i in range(10)]
+
+
+@pytest.fixture(autouse=True)
+def blacklight_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(BLACKLIGHT_KEY, "the deployment's secret")
+    for name in CLIENTS:  # infer() sends test_detection.KEYS[client]
+        monkeypatch.setitem(test_detection.KEYS, name, f"key-{name}")
+
+
+def default_policy(state: dict[str, Any]) -> dict[str, Any]:
+    """The built-in default policy, its state in Redis, its clients identified by key."""
+    document: dict[str, Any] = yaml.safe_load(DEFAULT_POLICY.read_text())
+    for stage in document["models"]["digits"]["stages"]:
+        if "blacklight" in stage:
+            stage["blacklight"]["key_env"] = BLACKLIGHT_KEY  # required with a shared store
+    document["state"] = state
+    return document
+
+
+async def start(start_guard: StartGuard, document: dict[str, Any]) -> Any:
+    document["clients"] = {"keys_file": "keys.yaml"}
+    entries = {name: {"key_sha256": key_digest(test_detection.KEYS[name])} for name in CLIENTS}
+    return await start_guard(document, files={"keys.yaml": yaml.safe_dump({"clients": entries})})
+
+
+def cluster_state(servers: RedisClusterServers, **extra: Any) -> dict[str, Any]:
+    return {"backend": "redis", "url": servers.url, "timeout": 2.0, **extra}
+
+
+async def serve_every_client(
+    start_guard: StartGuard, http: aiohttp.ClientSession, state: dict[str, Any]
+) -> list[list[int]]:
+    guard = await start(start_guard, default_policy(state))
+    x, _ = load_samples("digits")
+    return [
+        [(await infer(http, guard, x[10 * i + j], client))[0] for j in range(3)]
+        for i, client in enumerate(CLIENTS)
+    ]
+
+
+async def test_the_default_policy_on_a_cluster_serves_every_client(
+    start_guard: StartGuard, http: aiohttp.ClientSession, redis_cluster: RedisClusterServers
+) -> None:
+    statuses = await serve_every_client(
+        start_guard, http, cluster_state(redis_cluster, cluster=True)
+    )
+    assert statuses == [[200, 200, 200]] * len(CLIENTS)
+    # Every node holds some of the clients' state: the keys are spread, not on one node.
+    assert all(keys for keys in redis_cluster.keys().values())
+
+
+async def test_a_single_node_client_on_a_cluster_fails_as_reported(
+    start_guard: StartGuard, http: aiohttp.ClientSession, redis_cluster: RedisClusterServers
+) -> None:
+    """The issue's reproduction: without ``cluster: true``, keys on the other nodes
+    answer MOVED, and the stages apply their on_error (closed: 503)."""
+    statuses = await serve_every_client(start_guard, http, cluster_state(redis_cluster))
+    refused = sum(s == [503, 503, 503] for s in statuses)
+    print("single-node client on a cluster:", statuses)
+    assert refused >= len(CLIENTS) // 2, statuses
