@@ -9,12 +9,18 @@ The policy's top-level ``state:`` section picks the backend::
       key_prefix: "guard:"
       timeout: 0.2                      # seconds per Redis operation
       cluster: false                    # true: url names one node of a Redis Cluster
+      fingerprint_shards: 16            # slots each fingerprint table is spread over
+                                        # (default: 16 with cluster: true, else 1)
 
 ``memory`` serves one guard process; ``redis`` lets every replica see the same
 state (a client splitting an attack across replicas is still one client).
 ``cluster: true`` opens a Redis Cluster client: the URL names any one node (its
 database must be 0), the client finds the others and routes each key to its
-slot's node; each operation's keys share one hash tag, so one slot.
+slot's node; each operation's keys share one hash tag, so one slot. A
+fingerprint table, shared by every client, is split by hash value into
+``fingerprint_shards`` tables on slots spread over the nodes, so that no node
+serves every request of a model (see :meth:`RedisStore.match_fingerprints
+<guard.state.redis.RedisStore.match_fingerprints>` for what that changes).
 :func:`build_store` opens one; it connects lazily, so building is cheap and
 never blocks. Importing this package does not import ``redis``.
 """
@@ -40,7 +46,8 @@ __all__ = [
 ]
 
 BACKENDS = ("memory", "redis")
-_REDIS_ONLY = ("url", "url_env", "key_prefix", "timeout", "cluster")
+_REDIS_ONLY = ("url", "url_env", "key_prefix", "timeout", "cluster", "fingerprint_shards")
+CLUSTER_FINGERPRINT_SHARDS = 16
 _MEMORY_ONLY = ("max_clients", "max_bytes")
 
 
@@ -53,6 +60,7 @@ class StateConfig:
     key_prefix: str = "guard:"
     timeout: float = 0.2
     cluster: bool = False
+    fingerprint_shards: int = 1
     max_clients: int = 10_000
     max_bytes: int = 64 << 20
 
@@ -64,12 +72,16 @@ def read_state_config(section: Section, environ: Mapping[str, str]) -> StateConf
     for key in wrong:
         if section.has(key):
             raise section.error(key, f"does not apply to backend {backend}")
+    cluster = section.bool("cluster", False)
     config = StateConfig(
         backend=backend,
         url=_redis_url(section, environ) if backend == "redis" else None,
         key_prefix=section.str("key_prefix", "guard:"),
         timeout=section.float("timeout", 0.2, gt=0),
-        cluster=section.bool("cluster", False),
+        cluster=cluster,
+        fingerprint_shards=section.int(
+            "fingerprint_shards", CLUSTER_FINGERPRINT_SHARDS if cluster else 1, min=1, max=1024
+        ),
         max_clients=section.int("max_clients", 10_000, min=1),
         max_bytes=section.int("max_bytes", 64 << 20, min=1 << 16),
     )
@@ -115,6 +127,7 @@ def build_store(
             timeout=config.timeout,
             on_error=on_error,
             cluster=config.cluster,
+            fingerprint_shards=config.fingerprint_shards,
         )
     from guard.state.memory import MemoryStore
 

@@ -25,6 +25,8 @@ Lua numbers are doubles: counters and budgets are exact up to 2**53.
 
 from __future__ import annotations
 
+import itertools
+import os
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -33,7 +35,14 @@ import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import AskError, ClusterDownError, RedisClusterException, RedisError
+from redis.crc import key_slot
+from redis.exceptions import (
+    AskError,
+    ClusterDownError,
+    NoScriptError,
+    RedisClusterException,
+    RedisError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -67,13 +76,17 @@ end
 return {1, used}
 """
 
-# KEYS: index (hash -> "qid qid ..."), queries (qid -> "ms hashes digest client"), meta (seq,
+# One fingerprint table, or one shard of it (see RedisStore.match_fingerprints).
+# KEYS: index (hash -> "qid qid ..."), queries (qid -> "ms hashes digest id client"), meta (seq,
 #       head), digests (digest -> qid), sizes (zset client -> queries held).
 # ARGV: client, threshold, max_queries, ttl (ms), max_per_hash, expire_per_insert,
-#       max_per_client, owner-list key prefix (client appended; same hash tag),
-#       then per fingerprint: its digest ('-' for none), its number of hashes and the
-#       hashes (16 hex digits each).
-# Returns {matches, client_matches, best, repeat} per fingerprint. Mirrors MemoryStore.
+#       max_per_client, owner-list key prefix (client appended; same hash tag), detail ('1':
+#       return every earlier query sharing a hash, for the caller to add up over shards),
+#       then per fingerprint: its digest ('-' for none), its id across shards ('-' for none),
+#       its number of hashes and the hashes (16 hex digits each).
+# Returns per fingerprint {matches, client_matches, best, repeat}, or with detail {repeat,
+# "id shared flags id shared flags ..."} (flags: 1 live, 3 live and the same client).
+# Mirrors MemoryStore.
 _FINGERPRINTS = """
 local idx, qs, meta, digs, sizes = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local client = ARGV[1]
@@ -84,6 +97,7 @@ local max_per_hash = tonumber(ARGV[5])
 local expire_per_insert = tonumber(ARGV[6])
 local share = tonumber(ARGV[7])
 local owners = ARGV[8]
+local detail = ARGV[9] == '1'
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local seq = tonumber(redis.call('HGET', meta, 'seq') or '0')
@@ -95,7 +109,7 @@ local function evict(qid)
   if not rec then return end
   redis.call('HDEL', qs, qid)
   held = held - 1
-  local hashes, digest, who = string.match(rec, '^%d+ (%x*) (%S+) (.*)$')
+  local hashes, digest, who = string.match(rec, '^%d+ (%x*) (%S+) %S+ (.*)$')
   local sid = tostring(qid)
   for i = 1, #hashes, 16 do
     local h = string.sub(hashes, i, i + 15)
@@ -119,12 +133,13 @@ local function evict(qid)
 end
 
 local out = {}
-local a = 9
+local a = 10
 while a <= #ARGV do
   local digest = ARGV[a]
-  local k = tonumber(ARGV[a + 1])
-  local first = a + 2
-  a = a + k + 2
+  local gid = ARGV[a + 1]
+  local k = tonumber(ARGV[a + 2])
+  local first = a + 3
+  a = a + k + 3
   local repeated = false
   if digest ~= '-' then
     local seen = redis.call('HGET', digs, digest)
@@ -139,7 +154,7 @@ while a <= #ARGV do
     end
   end
   if repeated then
-    out[#out + 1] = {0, 0, 0, 1}
+    if detail then out[#out + 1] = {1, ''} else out[#out + 1] = {0, 0, 0, 1} end
   else
     local hashes = {}
     local shared = {}
@@ -152,19 +167,23 @@ while a <= #ARGV do
       end
     end
     local matches, own, best = 0, 0, 0
+    local found = {}
     for id, n in pairs(shared) do
       if n > best then best = n end
-      if n > threshold then
+      if detail or n > threshold then
         local rec = redis.call('HGET', qs, id)
-        local at, who = string.match(rec, '^(%d+) %x* %S+ (.*)$')
-        if tonumber(at) > now - ttl then
+        local at, other, who = string.match(rec, '^(%d+) %x* %S+ (%S+) (.*)$')
+        local flags = 0
+        if tonumber(at) > now - ttl then flags = (who == client) and 3 or 1 end
+        if n > threshold and flags > 0 then
           matches = matches + 1
-          if who == client then own = own + 1 end
+          if flags == 3 then own = own + 1 end
         end
+        if detail then found[#found + 1] = other .. ' ' .. n .. ' ' .. flags end
       end
     end
     seq = seq + 1
-    local rec = now .. ' ' .. table.concat(hashes) .. ' ' .. digest .. ' ' .. client
+    local rec = now .. ' ' .. table.concat(hashes) .. ' ' .. digest .. ' ' .. gid .. ' ' .. client
     redis.call('HSET', qs, seq, rec)
     held = held + 1
     if digest ~= '-' then redis.call('HSET', digs, digest, seq) end
@@ -203,7 +222,8 @@ while a <= #ARGV do
       head = head + 1
     end
     redis.call('PEXPIRE', mine, ttl)
-    out[#out + 1] = {matches, own, best, 0}
+    if detail then out[#out + 1] = {0, table.concat(found, ' ')}
+    else out[#out + 1] = {matches, own, best, 0} end
   end
 end
 redis.call('HSET', meta, 'seq', seq, 'head', head)
@@ -212,8 +232,16 @@ return out
 """
 
 
+_SLOTS = 16384  # Redis Cluster's hash slots
+
+
 def _ms(seconds: float) -> int:
     return max(1, round(seconds * 1000))
+
+
+def _table_keys(base: str) -> list[str]:
+    """A fingerprint table's (or shard's) keys, in the script's KEYS order."""
+    return [f"{base}:idx", f"{base}:q", f"{base}:meta", f"{base}:d", f"{base}:n"]
 
 
 class RedisStore:
@@ -232,10 +260,15 @@ class RedisStore:
         on_error: Callable[[str], None] | None = None,
         expire_per_insert: int = 8,
         cluster: bool = False,
+        fingerprint_shards: int = 1,
     ) -> None:
+        if fingerprint_shards < 1:
+            raise ValueError("fingerprint_shards must be >= 1")
         self.key_prefix = key_prefix
         self.backoff_s = backoff_s
         self.cluster = cluster
+        self.fingerprint_shards = fingerprint_shards
+        self._bases: dict[str, list[str]] = {}
         self._on_error = on_error
         self._expire_per_insert = expire_per_insert
         self._down_until: dict[str, float] = {}  # per node ("" for a single server)
@@ -367,27 +400,109 @@ class RedisStore:
     ) -> list[FingerprintMatch]:
         if not fingerprints:
             return []
-        base = self._key(hash_tag(table))
         share = max_queries if max_per_client is None else min(max_per_client, max_queries)
-        args: list[Any] = [
-            client,
-            threshold,
-            max_queries,
-            _ms(ttl_s),
-            max_per_hash,
-            self._expire_per_insert,
-            share,
-            f"{base}:o:",
-        ]
+        bounds = [threshold, max_queries, _ms(ttl_s), max_per_hash, self._expire_per_insert, share]
+        hexes = [[f"{h:016x}" for h in hashes] for hashes in fingerprints]
+        marks = ["-"] * len(fingerprints) if digests is None else [bytes(d).hex() for d in digests]
+        if self.fingerprint_shards == 1:
+            base = self._key(hash_tag(table))
+            args: list[Any] = [client, *bounds, f"{base}:o:", "0"]
+            for digest, hashes in zip(marks, hexes, strict=True):
+                args.extend((digest, "-", len(hashes), *hashes))
+            keys = _table_keys(base)
+            rows = await self._run(
+                "fingerprints", lambda: self._fingerprints(keys=keys, args=args), keys[0]
+            )
+            return [FingerprintMatch(int(m), int(c), int(b), bool(r)) for m, c, b, r in rows]
+        return await self._match_sharded(table, client, fingerprints, hexes, marks, bounds)
+
+    async def _match_sharded(
+        self,
+        table: str,
+        client: str,
+        fingerprints: Sequence[Sequence[int]],
+        hexes: list[list[str]],
+        marks: list[str],
+        bounds: list[int],
+    ) -> list[FingerprintMatch]:
+        """The table split by hash value over ``fingerprint_shards`` slots: one script per
+        shard a request touches, all in one pipeline (one round trip per node, the nodes
+        in parallel); each shard reports every earlier query sharing a hash with each
+        fingerprint, and the shares are added up here."""
+        shards = self.fingerprint_shards
+        bases = self._shard_bases(table)
+        ids = [os.urandom(8).hex() for _ in fingerprints]  # one query's id in every shard
+        calls: dict[int, list[Any]] = {}  # shard -> ARGV
+        order: dict[int, list[int]] = {}  # shard -> the fingerprints it was given, in order
         for i, hashes in enumerate(fingerprints):
-            args.append("-" if digests is None else bytes(digests[i]).hex())
-            args.append(len(hashes))
-            args.extend(f"{h:016x}" for h in hashes)
-        keys = [f"{base}:idx", f"{base}:q", f"{base}:meta", f"{base}:d", f"{base}:n"]
-        rows = await self._run(
-            "fingerprints", lambda: self._fingerprints(keys=keys, args=args), keys[0]
-        )
-        return [FingerprintMatch(int(m), int(c), int(b), bool(r)) for m, c, b, r in rows]
+            parts: dict[int, list[str]] = {}
+            for h, text in zip(hashes, hexes[i], strict=True):
+                parts.setdefault(h % shards, []).append(text)
+            for shard, mine in (parts or {0: []}).items():  # no hashes: shard 0 keeps its digest
+                if shard not in calls:
+                    calls[shard] = [client, *bounds, f"{bases[shard]}:o:", "1"]
+                    order[shard] = []
+                calls[shard].extend((marks[i], ids[i], len(mine), *mine))
+                order[shard].append(i)
+        sha = self._fingerprints.sha
+
+        async def call(pending: list[int]) -> list[Any]:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for shard in pending:
+                    keys = _table_keys(bases[shard])
+                    pipe.evalsha(sha, len(keys), *keys, *calls[shard])
+                return list(await pipe.execute(raise_on_error=False))
+
+        async def run() -> dict[int, Any]:
+            pending = sorted(calls)
+            replies = dict(zip(pending, await call(pending), strict=True))
+            missing = [s for s, r in replies.items() if isinstance(r, NoScriptError)]
+            if missing:  # a node that restarted forgot the script: load it, run those again
+                await self._redis.script_load(_FINGERPRINTS)
+                replies.update(zip(missing, await call(missing), strict=True))
+            for reply in replies.values():
+                if isinstance(reply, Exception):
+                    raise reply
+            return replies
+
+        replies = await self._run("fingerprints", run, f"{bases[min(calls)]}:idx")
+        shared: list[dict[str, list[int]]] = [{} for _ in fingerprints]
+        repeat = [False] * len(fingerprints)
+        for shard, rows in replies.items():
+            for i, (repeated, found) in zip(order[shard], rows, strict=True):
+                repeat[i] = repeat[i] or bool(repeated)
+                words = bytes(found).split()
+                for j in range(0, len(words), 3):
+                    seen = shared[i].setdefault(words[j].decode(), [0, int(words[j + 2])])
+                    seen[0] += int(words[j + 1])
+        threshold = bounds[0]
+        out = []
+        for i in range(len(fingerprints)):
+            if repeat[i]:
+                out.append(FingerprintMatch(0, 0, 0, repeat=True))
+                continue
+            over = [flags for n, flags in shared[i].values() if n > threshold]
+            best = max((n for n, _ in shared[i].values()), default=0)
+            out.append(FingerprintMatch(sum(f > 0 for f in over), over.count(3), best))
+        return out
+
+    def _shard_bases(self, table: str) -> list[str]:
+        """The key base of each shard of ``table``: its hash tag is picked so that shard
+        ``s`` of ``S`` hashes into the ``s``-th ``S``-th of the slot range, which spreads
+        the shards evenly over the nodes of a cluster whose nodes hold slot ranges."""
+        bases = self._bases.get(table)
+        if bases is None:
+            shards = self.fingerprint_shards
+            bases = []
+            for shard in range(shards):
+                low, high = shard * _SLOTS // shards, (shard + 1) * _SLOTS // shards
+                for attempt in itertools.count():
+                    base = self._key(hash_tag(f"{table}#{shard}.{attempt}"))
+                    if low <= key_slot(base.encode()) < high:
+                        break
+                bases.append(base)
+            self._bases[table] = bases
+        return bases
 
     async def close(self) -> None:
         await self._redis.aclose()

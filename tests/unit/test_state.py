@@ -14,6 +14,7 @@ import redis.asyncio as aioredis
 from guard.configreader import Section
 from guard.errors import PolicyError, StateUnavailable
 from guard.state import (
+    CLUSTER_FINGERPRINT_SHARDS,
     FingerprintMatch,
     StateConfig,
     StateStore,
@@ -40,8 +41,13 @@ def open_redis(request: pytest.FixtureRequest, kind: str, **options: Any) -> Red
 
 @pytest.fixture(params=["memory", "redis", "cluster"])
 async def store(request: pytest.FixtureRequest) -> AsyncIterator[StateStore]:
+    """Each store as a policy opens it: the cluster's fingerprint tables sharded by default."""
     if request.param == "memory":
         built: StateStore = MemoryStore()
+    elif request.param == "cluster":
+        built = open_redis(
+            request, "cluster", key_prefix="t:", fingerprint_shards=CLUSTER_FINGERPRINT_SHARDS
+        )
     else:
         built = open_redis(request, request.param, key_prefix="t:")
     yield built
@@ -50,8 +56,18 @@ async def store(request: pytest.FixtureRequest) -> AsyncIterator[StateStore]:
 
 @pytest.fixture(params=["redis", "cluster"])
 async def shared(request: pytest.FixtureRequest) -> AsyncIterator[RedisStore]:
-    """A RedisStore on a single server and on a cluster."""
+    """A RedisStore on a single server and on a cluster, fingerprint tables in one slot."""
     built = open_redis(request, request.param)
+    yield built
+    await built.close()
+
+
+@pytest.fixture(params=["redis", "cluster"])
+async def sharded(request: pytest.FixtureRequest) -> AsyncIterator[RedisStore]:
+    """A RedisStore whose fingerprint tables are sharded: 5 shards on a single server
+    (all in one pipeline), the default 16 on a cluster."""
+    shards = CLUSTER_FINGERPRINT_SHARDS if request.param == "cluster" else 5
+    built = open_redis(request, request.param, fingerprint_shards=shards)
     yield built
     await built.close()
 
@@ -207,6 +223,71 @@ async def test_stores_agree_on_a_random_workload(shared: RedisStore) -> None:
         client = f"c{rng.integers(3)}"
         want = await memory.match_fingerprints("t", client, batch, **args)
         assert await shared.match_fingerprints("t", client, batch, **args) == want
+
+
+async def test_sharded_tables_agree_with_memory_while_no_bound_binds(sharded: RedisStore) -> None:
+    """Split by hash value, a table's shares add up to the same counts, repeats included
+    (the bounds apply per shard: see test_sharded_bounds_hold_per_shard)."""
+    rng = np.random.default_rng(11)
+    memory = MemoryStore()
+    args = fingerprint_args(threshold=3, max_queries=10_000, max_per_hash=10_000)
+    # Queries drawn from a pool, so some are exact repeats (a digest names its query's bytes).
+    pool = [
+        sorted({int(h) for h in rng.integers(0, 60, size=int(rng.integers(0, 12)))})
+        for _ in range(60)
+    ]
+    repeats = 0
+    for _ in range(80):
+        picks = [int(rng.integers(len(pool))) for _ in range(int(rng.integers(1, 4)))]
+        batch, digests = [pool[i] for i in picks], [bytes([i]) for i in picks]
+        client = f"c{rng.integers(3)}"
+        want = await memory.match_fingerprints("t", client, batch, digests=digests, **args)
+        got = await sharded.match_fingerprints("t", client, batch, digests=digests, **args)
+        assert got == want
+        repeats += sum(m.repeat for m in got)
+    assert repeats > 10
+
+
+async def test_sharded_bounds_hold_per_shard(sharded: RedisStore) -> None:
+    """max_queries bounds each shard: a shard keeps the newest queries holding one of its
+    hashes, so a query a full shard dropped still counts in the others."""
+    args = fingerprint_args(threshold=0, max_queries=3)
+    for i in range(4):  # hash 0 in every query (shard 0); the other in shards 1 to 4
+        await sharded.match_fingerprints("t", "c", [[0, 1 + i]], **args)
+    assert (await sharded.match_fingerprints("t", "c", [[0]], **args))[0].matches == 3
+    # The first query left shard 0 (in one table it would be gone) but shard 1 keeps it.
+    assert (await sharded.match_fingerprints("t", "c", [[1]], **args))[0].matches == 1
+
+
+async def test_a_sharded_table_spreads_one_model_over_every_node(
+    redis_cluster: RedisClusterServers,
+) -> None:
+    store = RedisStore(
+        redis_cluster.url,
+        cluster=True,
+        key_prefix="g:",
+        timeout=5.0,
+        fingerprint_shards=CLUSTER_FINGERPRINT_SHARDS,
+    )
+    rng = np.random.default_rng(3)
+    try:  # a blacklight-like load: 50 hashes of 64 bits per query
+        for client in ("alice", "bob"):
+            rows = [sorted({int(h) for h in rng.integers(0, 2**63, 50)}) for _ in range(4)]
+            got = await store.match_fingerprints(
+                "blacklight:digits", client, rows, **fingerprint_args(threshold=25)
+            )
+            assert [m.matches for m in got] == [0, 0, 0, 0]
+            again = await store.match_fingerprints(
+                "blacklight:digits", client, rows[:1], **fingerprint_args(threshold=25)
+            )
+            assert (again[0].matches, again[0].client_matches, again[0].best) == (1, 1, 50)
+    finally:
+        await store.close()
+    held = redis_cluster.keys()
+    table = {port: [k for k in keys if "blacklight:digits#" in k] for port, keys in held.items()}
+    assert all(table.values()), {port: len(keys) for port, keys in table.items()}
+    indexes = {k.split("}")[0] for keys in table.values() for k in keys}
+    assert len(indexes) == CLUSTER_FINGERPRINT_SHARDS  # every shard holds some of the hashes
 
 
 # -- keys -------------------------------------------------------------------------------
@@ -373,8 +454,12 @@ def test_state_config_reads_redis() -> None:
     assert (config.url, config.key_prefix, config.timeout) == ("redis://h:6379/1", "x:", 0.5)
     assert not config.cluster
     assert read({"backend": "redis", "url_env": "REDIS_URL"}).url == "redis://:secret@h:6379/0"
+    assert config.fingerprint_shards == 1  # one server: one table, one script, exact bounds
     clustered = read({"backend": "redis", "url": "redis://h:7000", "cluster": True})
     assert clustered.cluster and clustered.url == "redis://h:7000"
+    assert clustered.fingerprint_shards == CLUSTER_FINGERPRINT_SHARDS
+    one = read({"backend": "redis", "url": "redis://h", "cluster": True, "fingerprint_shards": 1})
+    assert one.fingerprint_shards == 1
 
 
 @pytest.mark.parametrize(
@@ -392,6 +477,8 @@ def test_state_config_reads_redis() -> None:
         ({"backend": "redis", "url": "redis://h?db=1", "cluster": True}, "takes database 0"),
         ({"backend": "redis", "url": "redis://h", "cluster": "yes"}, "cluster must be"),
         ({"cluster": True}, "state.cluster does not apply to backend memory"),
+        ({"backend": "redis", "url": "redis://h", "fingerprint_shards": 0}, "must be >= 1"),
+        ({"fingerprint_shards": 4}, "fingerprint_shards does not apply to backend memory"),
         ({"size": 3}, "unknown key"),
     ],
 )
