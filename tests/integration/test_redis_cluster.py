@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,7 @@ from guard.models import load_samples
 from tests.integration import test_detection
 from tests.integration.conftest import StartGuard
 from tests.integration.redis_server import RedisClusterServers
-from tests.integration.test_detection import BLACKLIGHT_KEY, infer
+from tests.integration.test_detection import BLACKLIGHT_KEY, infer, probes
 
 DEFAULT_POLICY = Path(__file__).resolve().parents[2] / "policies" / "default.yaml"
 CLIENTS = [f"c{i}" for i in range(10)]
@@ -78,3 +79,42 @@ async def test_a_single_node_client_on_a_cluster_fails_as_reported(
     refused = sum(s == [503, 503, 503] for s in statuses)
     print("single-node client on a cluster:", statuses)
     assert refused >= len(CLIENTS) // 2, statuses
+
+
+@pytest.mark.parametrize(("on_error", "status"), [("closed", 503), ("open", 200)])
+async def test_a_cluster_node_killed_mid_run_applies_on_error_and_detection_resumes(
+    start_guard: StartGuard,
+    http: aiohttp.ClientSession,
+    redis_cluster: RedisClusterServers,
+    on_error: str,
+    status: int,
+) -> None:
+    stages = [
+        {"validate": {"min": 0.0, "max": 16.0}},
+        {"budget": {"limits": [{"queries": 100, "per": "1m"}], "on_error": on_error}},
+        {"blacklight": {"key_env": BLACKLIGHT_KEY, "on_error": on_error}},
+    ]
+    document = {
+        "version": 1,
+        "models": {"digits": {"model": "builtin:digits", "stages": stages}},
+        "state": cluster_state(redis_cluster, cluster=True, timeout=0.5),
+    }
+    guard = await start(start_guard, document)
+    x, _ = load_samples("digits")
+    assert [(await infer(http, guard, x[i], c))[0] for i, c in enumerate(CLIENTS)] == [200] * 10
+    victim = redis_cluster.nodes[1]
+    victim.kill()  # SIGKILL: its slots (a third of the clients, every fingerprint table) fail
+    for i, client in enumerate(CLIENTS):
+        got, data, headers = await infer(http, guard, x[20 + i], client)
+        # Every fingerprint lookup touches the dead node: each request gets on_error.
+        assert got == status
+        assert headers["X-Guard-Verdict"] == ("flag" if status == 200 else "error")
+        if status == 503:
+            assert "try again shortly" in data["error"] and "redis" not in data["error"]
+    await asyncio.to_thread(redis_cluster.restart, victim)
+    await asyncio.sleep(1.2)  # past the reconnect backoff and the client's topology refresh
+    served = [(await infer(http, guard, x[40 + i], c)) for i, c in enumerate(CLIENTS)]
+    assert [(s, h["X-Guard-Verdict"]) for s, _, h in served] == [(200, "allow")] * 10
+    # Detection works again (the restarted node is empty and reloads the scripts).
+    walk = [(await infer(http, guard, q, "c0"))[0] for q in probes(5, seed=3)]
+    assert walk == [200, 200, 200, 403, 403]
