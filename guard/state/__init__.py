@@ -11,6 +11,16 @@ The policy's top-level ``state:`` section picks the backend::
       cluster: false                    # true: url names one node of a Redis Cluster
       fingerprint_shards: 16            # slots each fingerprint table is spread over
                                         # (default: 16 with cluster: true, else 1)
+      username: guard                   # ACL user (default: the URL's, else "default")
+      password_env: REDIS_PASSWORD      # its password, from the environment
+    state:                              # high availability: the primary found by Sentinel
+      backend: redis
+      sentinel:
+        master: guard                   # the name the sentinels monitor
+        addresses: [sentinel-0:26379, sentinel-1:26379, sentinel-2:26379]
+        password_env: SENTINEL_PASSWORD # the sentinels' own password (optional)
+      url: rediss://redis/0             # optional here: only its scheme (rediss: TLS),
+                                        # credentials and database apply
 
 ``memory`` serves one guard process; ``redis`` lets every replica see the same
 state (a client splitting an attack across replicas is still one client).
@@ -21,6 +31,11 @@ fingerprint table, shared by every client, is split by hash value into
 ``fingerprint_shards`` tables on slots spread over the nodes, so that no node
 serves every request of a model (see :meth:`RedisStore.match_fingerprints
 <guard.state.redis.RedisStore.match_fingerprints>` for what that changes).
+``sentinel:`` asks the sentinels for the primary's address, and again after a
+failover: in between, operations fail and the stages apply their ``on_error``.
+``rediss://`` connects with TLS (the system's CA certificates; a URL query such
+as ``?ssl_cert_reqs=none`` changes that). Secrets come from the environment the
+policy was loaded with (``url_env``, ``password_env``), never from the file.
 :func:`build_store` opens one; it connects lazily, so building is cheap and
 never blocks. Importing this package does not import ``redis``.
 """
@@ -37,6 +52,7 @@ from guard.state.base import FingerprintMatch, StateStore, client_key, hash_tag
 __all__ = [
     "BACKENDS",
     "FingerprintMatch",
+    "SentinelConfig",
     "StateConfig",
     "StateStore",
     "build_store",
@@ -46,9 +62,28 @@ __all__ = [
 ]
 
 BACKENDS = ("memory", "redis")
-_REDIS_ONLY = ("url", "url_env", "key_prefix", "timeout", "cluster", "fingerprint_shards")
+_REDIS_ONLY = (
+    "url",
+    "url_env",
+    "key_prefix",
+    "timeout",
+    "cluster",
+    "fingerprint_shards",
+    "username",
+    "password_env",
+    "sentinel",
+)
 CLUSTER_FINGERPRINT_SHARDS = 16
 _MEMORY_ONLY = ("max_clients", "max_bytes")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class SentinelConfig:
+    """The ``state.sentinel:`` section: which primary, asked of which sentinels."""
+
+    master: str
+    addresses: tuple[tuple[str, int], ...]
+    password: str | None = None
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -61,6 +96,9 @@ class StateConfig:
     timeout: float = 0.2
     cluster: bool = False
     fingerprint_shards: int = 1
+    sentinel: SentinelConfig | None = None
+    username: str | None = None
+    password: str | None = None
     max_clients: int = 10_000
     max_bytes: int = 64 << 20
 
@@ -73,9 +111,20 @@ def read_state_config(section: Section, environ: Mapping[str, str]) -> StateConf
         if section.has(key):
             raise section.error(key, f"does not apply to backend {backend}")
     cluster = section.bool("cluster", False)
+    sentinel = _sentinel(section, environ) if section.has("sentinel") else None
+    if sentinel is not None and cluster:
+        raise section.error("sentinel", "and cluster: true exclude each other")
+    password_env = section.str("password_env", None)
     config = StateConfig(
         backend=backend,
-        url=_redis_url(section, environ) if backend == "redis" else None,
+        url=_redis_url(section, environ, optional=sentinel is not None)
+        if backend == "redis"
+        else None,
+        sentinel=sentinel,
+        username=section.str("username", None),
+        password=None
+        if password_env is None
+        else section.variable("password_env", password_env, environ),
         key_prefix=section.str("key_prefix", "guard:"),
         timeout=section.float("timeout", 0.2, gt=0),
         cluster=cluster,
@@ -87,8 +136,27 @@ def read_state_config(section: Section, environ: Mapping[str, str]) -> StateConf
     )
     if config.cluster and config.url is not None and _database(config.url) not in ("", "0"):
         raise section.error("cluster", "takes database 0 (a Redis Cluster has no other)")
+    if config.password is not None and config.url is not None and urlsplit(config.url).password:
+        raise section.error("password_env", "and a password in the URL: give one of them")
     section.finish()
     return config
+
+
+def _sentinel(section: Section, environ: Mapping[str, str]) -> SentinelConfig:
+    child = section.child("sentinel")
+    master = child.str("master")
+    addresses = []
+    for i, text in enumerate(child.str_list("addresses")):
+        host, _, port = str(text).rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise child.error(f"addresses[{i}]", f"must be host:port; got {text!r}")
+        addresses.append((host.strip("[]"), int(port)))
+    if not addresses:
+        raise child.error("addresses", "must name at least one sentinel")
+    env = child.str("password_env", None)
+    password = None if env is None else child.variable("password_env", env, environ)
+    child.finish()
+    return SentinelConfig(master=master, addresses=tuple(addresses), password=password)
 
 
 def _database(url: str) -> str:
@@ -98,9 +166,11 @@ def _database(url: str) -> str:
     return path or parse_qs(parts.query).get("db", [""])[0]
 
 
-def _redis_url(section: Section, environ: Mapping[str, str]) -> str:
+def _redis_url(section: Section, environ: Mapping[str, str], *, optional: bool) -> str | None:
     url = section.str("url", None)
     env = section.str("url_env", None)
+    if url is None and env is None and optional:
+        return None
     if (url is None) == (env is None):
         raise section.error(None, "backend redis takes url or url_env (one of them)")
     if env is not None:
@@ -119,8 +189,8 @@ def build_store(
     if config.backend == "redis":
         from guard.state.redis import RedisStore
 
-        if config.url is None:
-            raise ValueError("a redis state config needs a url")
+        if config.url is None and config.sentinel is None:
+            raise ValueError("a redis state config needs a url or a sentinel section")
         return RedisStore(
             config.url,
             key_prefix=config.key_prefix,
@@ -128,6 +198,9 @@ def build_store(
             on_error=on_error,
             cluster=config.cluster,
             fingerprint_shards=config.fingerprint_shards,
+            sentinel=config.sentinel,
+            username=config.username,
+            password=config.password,
         )
     from guard.state.memory import MemoryStore
 

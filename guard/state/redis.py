@@ -6,6 +6,9 @@ clock where a script needs one (``TIME``), so replicas with skewed clocks agree.
 Keys are ``<key_prefix><key>``; a client's keys carry its hash tag, a
 fingerprint table's keys the table's, so every script touches one Cluster slot.
 
+``sentinel`` opens a client of the primary that :mod:`redis.asyncio.sentinel`
+finds: after a failover its connections fail (the demoted primary answers
+``READONLY``, which closes them) and the next ones go to the new primary.
 ``cluster=True`` opens a :class:`redis.asyncio.cluster.RedisCluster` on the
 URL's node: it learns the slot map from it, sends each command to the node of
 its key's slot and follows ``MOVED``/``ASK`` as slots move. A single-node client
@@ -33,7 +36,9 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.connection import SSLConnection, parse_url
 from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
 from redis.crc import key_slot
 from redis.exceptions import (
@@ -47,6 +52,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from guard.errors import StateUnavailable
+from guard.state import SentinelConfig
 from guard.state.base import FingerprintMatch, hash_tag
 
 __all__ = ["RedisStore"]
@@ -252,7 +258,7 @@ class RedisStore:
 
     def __init__(
         self,
-        url: str,
+        url: str | None,
         *,
         key_prefix: str = "guard:",
         timeout: float = 0.2,
@@ -261,6 +267,9 @@ class RedisStore:
         expire_per_insert: int = 8,
         cluster: bool = False,
         fingerprint_shards: int = 1,
+        sentinel: SentinelConfig | None = None,
+        username: str | None = None,
+        password: str | None = None,
     ) -> None:
         if fingerprint_shards < 1:
             raise ValueError("fingerprint_shards must be >= 1")
@@ -279,8 +288,32 @@ class RedisStore:
             "retry": Retry(NoBackoff(), 0),
             "decode_responses": False,
         }
+        if username is not None:
+            options["username"] = username
+        if password is not None:
+            options["password"] = password
         self._redis: Any
-        if cluster:
+        self._sentinel: Sentinel | None = None
+        if sentinel is not None:
+            # The URL (optional) brings the scheme, credentials and database; the sentinels
+            # give the address, asked again after each failover.
+            params: dict[str, Any] = dict(parse_url(url or "redis://sentinel/0"))
+            params.pop("host", None)
+            params.pop("port", None)
+            if params.pop("connection_class", None) is SSLConnection:
+                params["ssl"] = True
+            self._sentinel = Sentinel(
+                sentinel.addresses,
+                sentinel_kwargs={
+                    "socket_timeout": timeout,
+                    "socket_connect_timeout": timeout,
+                    "password": sentinel.password,
+                },
+            )
+            self._redis = self._sentinel.master_for(sentinel.master, **(params | options))
+        elif url is None:
+            raise ValueError("RedisStore needs a url, or a sentinel")
+        elif cluster:
             # Slots of a dead node fail; the others are served (the server decides too:
             # cluster-require-full-coverage).
             self._redis = RedisCluster.from_url(url, require_full_coverage=False, **options)
@@ -506,6 +539,8 @@ class RedisStore:
 
     async def close(self) -> None:
         await self._redis.aclose()
+        if self._sentinel is not None:
+            await self._sentinel.aclose()
 
     # -- byte logs --------------------------------------------------------------------
     async def append_bytes(self, key: str, data: bytes, max_bytes: int, ttl_s: float) -> int:

@@ -18,6 +18,11 @@ keeps its ``nodes.conf``, so it rejoins with its slots). The cluster does not
 require full coverage: while a node is down, the slots of the others are
 served. The ``redis_cluster`` fixture serves a test session and flushes every
 node between tests; it needs ``redis-cli`` beside ``redis-server``.
+
+:class:`RedisSentinelServers` runs a primary, a replica of it and a sentinel
+(``redis-server --sentinel``) watching them; :meth:`~RedisSentinelServers.failover`
+promotes the replica, and killing the primary makes the sentinel do it after a
+second. The ``redis_sentinel`` fixture serves a test session.
 """
 
 from __future__ import annotations
@@ -59,8 +64,8 @@ class RedisServer:
     def log_path(self) -> Path:
         return self.workdir / "redis.log"
 
-    def start(self, timeout: float = 10.0) -> None:
-        args = [
+    def args(self) -> list[str]:
+        return [
             self.executable,
             "--bind", HOST,
             "--port", str(self.port),
@@ -71,8 +76,10 @@ class RedisServer:
             "--logfile", str(self.log_path),
             *self.extra,
         ]  # fmt: skip
+
+    def start(self, timeout: float = 10.0) -> None:
         self.process = subprocess.Popen(
-            args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, start_new_session=True
+            self.args(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, start_new_session=True
         )
         deadline = time.monotonic() + timeout
         while not self._answers():
@@ -229,6 +236,160 @@ class RedisClusterServers:
         return found
 
 
+class SentinelServer(RedisServer):
+    """``redis-server --sentinel`` watching one primary, named ``master``; alone, so a
+    quorum of 1, and quick: the primary is down after 1 s without an answer."""
+
+    def __init__(self, executable: str, workdir: Path, *, master: str, primary_port: int) -> None:
+        super().__init__(executable, workdir)
+        self.master = master
+        self.config = workdir / "sentinel.conf"  # the sentinel rewrites it: written once
+        self.config.write_text(
+            f"bind {HOST}\nport {self.port}\ndir {workdir}\nlogfile {self.log_path}\n"
+            f"sentinel monitor {master} {HOST} {primary_port} 1\n"
+            f"sentinel down-after-milliseconds {master} 1000\n"
+            f"sentinel failover-timeout {master} 4000\n"
+        )
+
+    def args(self) -> list[str]:
+        return [self.executable, str(self.config), "--sentinel"]
+
+    def primary_port(self) -> int:
+        with self.client() as client:
+            _, port = client.execute_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.master)
+        return int(port)
+
+
+class RedisSentinelServers:
+    """A primary, its replica and a sentinel on loopback: Redis with failover."""
+
+    MASTER = "guard"
+
+    def __init__(self, executable: str, workdir: Path) -> None:
+        first, second = workdir / "a", workdir / "b"
+        first.mkdir()
+        second.mkdir()
+        quick = ("--repl-diskless-sync-delay", "0")  # a replica syncs at once, not after 5 s
+        primary = RedisServer(executable, first, extra=quick)
+        replica = RedisServer(
+            executable, second, extra=(*quick, "--replicaof", HOST, str(primary.port))
+        )
+        self.nodes = [primary, replica]
+        (workdir / "sentinel").mkdir()
+        self.sentinel = SentinelServer(
+            executable, workdir / "sentinel", master=self.MASTER, primary_port=primary.port
+        )
+
+    @property
+    def address(self) -> str:
+        """The sentinel, as a policy names it (``host:port``)."""
+        return f"{HOST}:{self.sentinel.port}"
+
+    @property
+    def sentinel_address(self) -> tuple[str, int]:
+        return (HOST, self.sentinel.port)
+
+    def start(self, timeout: float = 30.0) -> None:
+        for node in self.nodes:
+            node.start()
+        self.sentinel.start()
+        self.wait_ready(timeout)
+
+    def primary(self) -> RedisServer:
+        """The node the sentinel names primary now."""
+        port = self.sentinel.primary_port()
+        return next(node for node in self.nodes if node.port == port)
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        """Wait until the sentinel's primary is a running primary with a replica in sync
+        that the sentinel knows."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                primary = self.primary()
+                with primary.client() as client:
+                    info = client.info("replication")
+                with self.sentinel.client() as client:
+                    replicas = client.execute_command("SENTINEL", "REPLICAS", self.MASTER)
+                if (
+                    primary.running
+                    and info["role"] == "master"
+                    and info.get("connected_slaves", 0) >= 1
+                    and info.get("slave0", {}).get("state") == "online"
+                    and any(_replica_ok(entry) for entry in replicas)
+                ):
+                    return
+            except (redis.RedisError, OSError, StopIteration):
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("the sentinel set did not become ready")
+            time.sleep(0.05)
+
+    def failover(self, timeout: float = 30.0) -> None:
+        """``SENTINEL FAILOVER``: the replica is promoted; wait until it serves."""
+        before = self.primary()
+        deadline = time.monotonic() + timeout
+        while True:  # NOGOODSLAVE until the sentinel has fresh news of the replica
+            try:
+                with self.sentinel.client() as client:
+                    client.execute_command("SENTINEL", "FAILOVER", self.MASTER)
+                break
+            except redis.ResponseError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+        self.wait_switch(before, timeout)
+
+    def wait_switch(self, before: RedisServer, timeout: float = 30.0) -> RedisServer:
+        """Wait until the sentinel names another primary than ``before`` and it serves;
+        then make ``before``, if it runs, its replica (as the sentinel would, 10 s later)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                after = self.primary()
+                if after is not before:
+                    with after.client() as client:
+                        if client.info("replication")["role"] == "master":
+                            break
+            except (redis.RedisError, OSError):
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("the failover did not happen")
+            time.sleep(0.05)
+        if before.running:
+            self._follow(before, after)
+        return after
+
+    def restart(self, node: RedisServer, timeout: float = 30.0) -> None:
+        """Start a stopped or killed node again, as a replica of the primary, and wait
+        until the set is whole."""
+        node.start()
+        primary = self.primary()
+        if primary is not node:
+            self._follow(node, primary)
+        self.wait_ready(timeout)
+
+    @staticmethod
+    def _follow(node: RedisServer, primary: RedisServer) -> None:
+        with node.client() as client:
+            client.replicaof(HOST, primary.port)
+
+    def stop(self) -> None:
+        self.sentinel.stop()
+        for node in self.nodes:
+            node.stop()
+
+    def flush(self) -> None:
+        with self.primary().client() as client:
+            client.flushall()
+            client.execute_command("WAIT", 1, 5000)
+
+
+def _replica_ok(entry: dict[bytes, bytes]) -> bool:
+    """A SENTINEL REPLICAS entry of a replica fit to promote."""
+    return entry.get(b"flags") == b"slave" and entry.get(b"master-link-status") == b"ok"
+
+
 def _free_ports(count: int) -> list[int]:
     """``count`` distinct ports free now on 127.0.0.1 (held open together while picked)."""
     with contextlib.ExitStack() as stack:
@@ -282,6 +443,16 @@ def running_cluster(workdir: Path) -> Iterator[RedisClusterServers]:
 
 
 @contextlib.contextmanager
+def running_sentinel(workdir: Path) -> Iterator[RedisSentinelServers]:
+    servers = RedisSentinelServers(redis_executable(), workdir)
+    try:
+        servers.start()
+        yield servers
+    finally:
+        servers.stop()
+
+
+@contextlib.contextmanager
 def running_redis(workdir: Path) -> Iterator[RedisServer]:
     server = RedisServer(redis_executable(), workdir)
     server.start()
@@ -323,3 +494,23 @@ def redis_cluster(redis_cluster_session: RedisClusterServers) -> RedisClusterSer
             redis_cluster_session.restart(node)
     redis_cluster_session.flush()
     return redis_cluster_session
+
+
+@pytest.fixture(scope="session")
+def redis_sentinel_session(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[RedisSentinelServers]:
+    with running_sentinel(tmp_path_factory.mktemp("redis-sentinel")) as servers:
+        yield servers
+
+
+@pytest.fixture
+def redis_sentinel(redis_sentinel_session: RedisSentinelServers) -> RedisSentinelServers:
+    """A primary, its replica and a sentinel, emptied before the test (a node a test
+    stopped is started again; after a failover the roles stay swapped)."""
+    for node in redis_sentinel_session.nodes:
+        if not node.running:
+            redis_sentinel_session.restart(node)
+    redis_sentinel_session.wait_ready()
+    redis_sentinel_session.flush()
+    return redis_sentinel_session

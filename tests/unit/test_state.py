@@ -16,6 +16,7 @@ from guard.errors import PolicyError, StateUnavailable
 from guard.state import (
     CLUSTER_FINGERPRINT_SHARDS,
     FingerprintMatch,
+    SentinelConfig,
     StateConfig,
     StateStore,
     build_store,
@@ -24,14 +25,19 @@ from guard.state import (
 )
 from guard.state.memory import MemoryStore
 from guard.state.redis import RedisStore
-from tests.integration.redis_server import RedisClusterServers, RedisServer
+from tests.integration.redis_server import RedisClusterServers, RedisSentinelServers, RedisServer
 
 TICK = 0.25  # a window or ttl long enough to act within, short enough to wait out
 
 
 def open_redis(request: pytest.FixtureRequest, kind: str, **options: Any) -> RedisStore:
-    """A RedisStore on a fresh single server (``redis``) or three-node cluster (``cluster``)."""
+    """A RedisStore on a fresh single server (``redis``), three-node cluster (``cluster``) or
+    primary found by a sentinel (``sentinel``)."""
     options.setdefault("timeout", 5.0)  # CI machines can be slow
+    if kind == "sentinel":
+        servers: RedisSentinelServers = request.getfixturevalue("redis_sentinel")
+        where = SentinelConfig(master=servers.MASTER, addresses=(servers.sentinel_address,))
+        return RedisStore(None, sentinel=where, **options)
     if kind == "cluster":
         cluster: RedisClusterServers = request.getfixturevalue("redis_cluster")
         return RedisStore(cluster.url, cluster=True, **options)
@@ -39,7 +45,7 @@ def open_redis(request: pytest.FixtureRequest, kind: str, **options: Any) -> Red
     return RedisStore(server.url, **options)
 
 
-@pytest.fixture(params=["memory", "redis", "cluster"])
+@pytest.fixture(params=["memory", "redis", "cluster", "sentinel"])
 async def store(request: pytest.FixtureRequest) -> AsyncIterator[StateStore]:
     """Each store as a policy opens it: the cluster's fingerprint tables sharded by default."""
     if request.param == "memory":
@@ -54,9 +60,10 @@ async def store(request: pytest.FixtureRequest) -> AsyncIterator[StateStore]:
     await built.close()
 
 
-@pytest.fixture(params=["redis", "cluster"])
+@pytest.fixture(params=["redis", "cluster", "sentinel"])
 async def shared(request: pytest.FixtureRequest) -> AsyncIterator[RedisStore]:
-    """A RedisStore on a single server and on a cluster, fingerprint tables in one slot."""
+    """A RedisStore on a single server, a cluster and a sentinel's primary, fingerprint
+    tables in one slot."""
     built = open_redis(request, request.param)
     yield built
     await built.close()
@@ -435,7 +442,11 @@ async def test_unreachable_redis_fails_within_the_timeout() -> None:
 # -- configuration ----------------------------------------------------------------------
 
 
-ENVIRON = {"REDIS_URL": "redis://:secret@h:6379/0"}
+ENVIRON = {
+    "REDIS_URL": "redis://:secret@h:6379/0",
+    "REDIS_PASSWORD": "s3cret",
+    "SENTINEL_PASSWORD": "watch",
+}
 
 
 def read(data: Any) -> StateConfig:
@@ -462,6 +473,36 @@ def test_state_config_reads_redis() -> None:
     assert one.fingerprint_shards == 1
 
 
+def test_state_config_reads_sentinel_and_acl() -> None:
+    config = read(
+        {
+            "backend": "redis",
+            "sentinel": {
+                "master": "guard",
+                "addresses": ["s0:26379", "10.0.0.7:26380", "[::1]:26381"],
+                "password_env": "SENTINEL_PASSWORD",
+            },
+            "username": "guard",
+            "password_env": "REDIS_PASSWORD",
+        }
+    )
+    assert config.url is None  # the sentinels give the address
+    assert config.sentinel == SentinelConfig(
+        master="guard",
+        addresses=(("s0", 26379), ("10.0.0.7", 26380), ("::1", 26381)),
+        password="watch",
+    )
+    assert (config.username, config.password) == ("guard", "s3cret")
+    tls = read(
+        {
+            "backend": "redis",
+            "url": "rediss://x/2",
+            "sentinel": {"master": "m", "addresses": ["s:1"]},
+        }
+    )
+    assert tls.url == "rediss://x/2" and tls.sentinel is not None
+
+
 @pytest.mark.parametrize(
     ("data", "message"),
     [
@@ -479,12 +520,74 @@ def test_state_config_reads_redis() -> None:
         ({"cluster": True}, "state.cluster does not apply to backend memory"),
         ({"backend": "redis", "url": "redis://h", "fingerprint_shards": 0}, "must be >= 1"),
         ({"fingerprint_shards": 4}, "fingerprint_shards does not apply to backend memory"),
+        ({"backend": "redis", "sentinel": {"addresses": ["s:1"]}}, "sentinel.master is required"),
+        ({"backend": "redis", "sentinel": {"master": "m"}}, "sentinel.addresses is required"),
+        ({"backend": "redis", "sentinel": {"master": "m", "addresses": []}}, "at least one"),
+        (
+            {"backend": "redis", "sentinel": {"master": "m", "addresses": ["s"]}},
+            r"sentinel.addresses\[0\] must be host:port",
+        ),
+        (
+            {
+                "backend": "redis",
+                "url": "redis://h",
+                "cluster": True,
+                "sentinel": {"master": "m", "addresses": ["s:1"]},
+            },
+            "exclude each other",
+        ),
+        (
+            {"backend": "redis", "sentinel": {"master": "m", "addresses": ["s:1"], "port": 1}},
+            "unknown key",
+        ),
+        (
+            {"backend": "redis", "url": "redis://:pw@h", "password_env": "REDIS_PASSWORD"},
+            "give one of them",
+        ),
+        ({"backend": "redis", "url": "redis://h", "password_env": "UNSET_X"}, "not set"),
+        ({"sentinel": {"master": "m", "addresses": ["s:1"]}}, "does not apply to backend memory"),
         ({"size": 3}, "unknown key"),
     ],
 )
 def test_state_config_errors(data: Any, message: str) -> None:
     with pytest.raises(PolicyError, match=message):
         read(data)
+
+
+async def test_an_acl_user_and_password_from_the_environment(redis_server: RedisServer) -> None:
+    with redis_server.client() as admin:
+        admin.execute_command("ACL", "SETUSER", "guard", "on", ">s3cret", "~guard:*", "+@all")
+    try:
+        config = read(
+            {
+                "backend": "redis",
+                "url": redis_server.url,
+                "username": "guard",
+                "password_env": "REDIS_PASSWORD",
+            }
+        )
+        store = build_store(config)
+        try:
+            assert (await store.incr(client_key("alice", "n"), 1, 60))[0] == 1
+        finally:
+            await store.close()
+        intruder = RedisStore(redis_server.url, username="guard", password="wrong", timeout=5.0)
+        try:
+            with pytest.raises(StateUnavailable, match="AuthenticationError"):
+                await intruder.incr(client_key("alice", "n"), 1, 60)
+        finally:
+            await intruder.close()
+        confined = RedisStore(  # the user may touch guard:* keys only
+            redis_server.url, key_prefix="other:", username="guard", password="s3cret"
+        )
+        try:
+            with pytest.raises(StateUnavailable, match="state store error"):
+                await confined.incr(client_key("alice", "n"), 1, 60)
+        finally:
+            await confined.close()
+    finally:
+        with redis_server.client() as admin:
+            admin.execute_command("ACL", "DELUSER", "guard")
 
 
 # -- exact repeats and per-client shares ---------------------------------------------------
