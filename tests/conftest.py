@@ -6,4 +6,5 @@ from tests.integration.redis_server import (  # noqa: F401  (fixtures)
     redis_cluster_session,
     redis_sentinel,
     redis_sentinel_session,
+    redis_tls,
 )

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from guard.configreader import Section
@@ -175,11 +176,25 @@ def _redis_url(section: Section, environ: Mapping[str, str], *, optional: bool) 
         raise section.error(None, "backend redis takes url or url_env (one of them)")
     if env is not None:
         url = section.variable("url_env", env, environ)
+    key = "url" if env is None else "url_env"
     if not url.startswith(("redis://", "rediss://", "unix://")):
-        raise section.error(
-            "url" if env is None else "url_env", "must be a redis://, rediss:// or unix:// URL"
-        )
+        raise section.error(key, "must be a redis://, rediss:// or unix:// URL")
+    if urlsplit(url).query:
+        _check_url_options(section, key, url)
     return str(url)
+
+
+def _check_url_options(section: Section, key: str, url: str) -> None:
+    """Options in the URL's query (``?ssl_ca_certs=...``) go to redis-py's connection: one
+    it does not take would fail every operation, so it fails the policy instead."""
+    from redis.asyncio.connection import Connection, parse_url
+
+    try:
+        options: dict[str, Any] = dict(parse_url(url))
+        options.pop("connection_class", Connection)(**options)  # builds, does not connect
+    except (TypeError, ValueError) as exc:
+        detail = str(exc).split("() ")[-1]  # the option, never the URL (it may hold a password)
+        raise section.error(key, f"has an option redis-py does not take: {detail}") from None
 
 
 def build_store(

@@ -23,11 +23,15 @@ node between tests; it needs ``redis-cli`` beside ``redis-server``.
 (``redis-server --sentinel``) watching them; :meth:`~RedisSentinelServers.failover`
 promotes the replica, and killing the primary makes the sentinel do it after a
 second. The ``redis_sentinel`` fixture serves a test session.
+
+:class:`TlsRedisServer` answers TLS only, with certificates the ``openssl``
+command makes for it (``redis_tls`` fixture, per module).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import shutil
 import socket
@@ -385,6 +389,86 @@ class RedisSentinelServers:
             client.execute_command("WAIT", 1, 5000)
 
 
+class TlsRedisServer(RedisServer):
+    """``redis-server`` answering TLS only (``--port 0 --tls-port``), its certificate for
+    127.0.0.1 signed by a CA made for it with the ``openssl`` command; clients need no
+    certificate of their own. :attr:`ca` is the CA's certificate file."""
+
+    def __init__(self, executable: str, openssl: str, workdir: Path) -> None:
+        super().__init__(executable, workdir)
+        self.ca = workdir / "ca.pem"
+        key, cert = workdir / "server.key", workdir / "server.pem"
+        run = functools.partial(subprocess.run, check=True, capture_output=True, cwd=workdir)
+        run(
+            [
+                openssl,
+                "req",
+                "-x509",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-days",
+                "2",
+                "-subj",
+                "/CN=guard test CA",
+                "-keyout",
+                "ca.key",
+                "-out",
+                str(self.ca),
+            ]
+        )
+        run(
+            [
+                openssl,
+                "req",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-subj",
+                "/CN=127.0.0.1",
+                "-keyout",
+                str(key),
+                "-out",
+                "server.csr",
+            ]
+        )
+        (workdir / "san.ext").write_text("subjectAltName=IP:127.0.0.1\n")
+        run([openssl, "x509", "-req", "-in", "server.csr", "-CA", str(self.ca),
+             "-CAkey", "ca.key", "-CAcreateserial", "-days", "2", "-extfile", "san.ext",
+             "-out", str(cert)])  # fmt: skip
+        self.extra = (
+            "--tls-port", str(self.port), "--port", "0",
+            "--tls-cert-file", str(cert), "--tls-key-file", str(key),
+            "--tls-ca-cert-file", str(self.ca), "--tls-auth-clients", "no",
+        )  # fmt: skip
+
+    @property
+    def url(self) -> str:
+        """``rediss://`` with the CA to verify the server by (a query the client reads)."""
+        return f"rediss://{HOST}:{self.port}/0?ssl_ca_certs={self.ca}"
+
+    def _answers(self) -> bool:
+        try:
+            with redis.Redis(
+                host=HOST, port=self.port, ssl=True, ssl_ca_certs=str(self.ca), socket_timeout=1
+            ) as client:
+                return bool(client.ping())
+        except (redis.RedisError, OSError):
+            return False
+
+
+def openssl_executable() -> str:
+    """The openssl command (it makes the TLS tests' certificates), or skip (fail when
+    GUARD_REQUIRE_REDIS is set)."""
+    found = shutil.which("openssl")
+    if found:
+        return found
+    reason = "openssl not found on PATH (apt-get install openssl)"
+    if os.environ.get(REQUIRE_ENV, "") not in ("", "0"):
+        pytest.fail(f"{reason}; {REQUIRE_ENV} is set, so this is an error", pytrace=False)
+    pytest.skip(reason)
+
+
 def _replica_ok(entry: dict[bytes, bytes]) -> bool:
     """A SENTINEL REPLICAS entry of a replica fit to promote."""
     return entry.get(b"flags") == b"slave" and entry.get(b"master-link-status") == b"ok"
@@ -514,3 +598,16 @@ def redis_sentinel(redis_sentinel_session: RedisSentinelServers) -> RedisSentine
     redis_sentinel_session.wait_ready()
     redis_sentinel_session.flush()
     return redis_sentinel_session
+
+
+@pytest.fixture(scope="module")
+def redis_tls(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsRedisServer]:
+    """A redis-server speaking TLS only, for a test module."""
+    server = TlsRedisServer(
+        redis_executable(), openssl_executable(), tmp_path_factory.mktemp("redis-tls")
+    )
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()

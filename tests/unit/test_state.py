@@ -25,7 +25,12 @@ from guard.state import (
 )
 from guard.state.memory import MemoryStore
 from guard.state.redis import RedisStore
-from tests.integration.redis_server import RedisClusterServers, RedisSentinelServers, RedisServer
+from tests.integration.redis_server import (
+    RedisClusterServers,
+    RedisSentinelServers,
+    RedisServer,
+    TlsRedisServer,
+)
 
 TICK = 0.25  # a window or ttl long enough to act within, short enough to wait out
 
@@ -545,6 +550,11 @@ def test_state_config_reads_sentinel_and_acl() -> None:
             "give one of them",
         ),
         ({"backend": "redis", "url": "redis://h", "password_env": "UNSET_X"}, "not set"),
+        (
+            {"backend": "redis", "url": "redis://:pw@h/0?ssl_ca_certs=/ca.pem"},
+            "url has an option redis-py does not take: got an unexpected keyword argument "
+            "'ssl_ca_certs'",
+        ),
         ({"sentinel": {"master": "m", "addresses": ["s:1"]}}, "does not apply to backend memory"),
         ({"size": 3}, "unknown key"),
     ],
@@ -588,6 +598,26 @@ async def test_an_acl_user_and_password_from_the_environment(redis_server: Redis
     finally:
         with redis_server.client() as admin:
             admin.execute_command("ACL", "DELUSER", "guard")
+
+
+async def test_tls_with_the_servers_ca_and_not_without(redis_tls: TlsRedisServer) -> None:
+    store = build_store(read({"backend": "redis", "url": redis_tls.url}))
+    try:
+        assert await store.spend(client_key("alice", "eps"), 3, 10, None) == (True, 3)
+        assert await store.match_fingerprints("t", "alice", [[1, 2]], **fingerprint_args()) == [
+            FingerprintMatch(0, 0, 0)
+        ]
+    finally:
+        await store.close()
+    plain = RedisStore(redis_tls.url.split("?")[0].replace("rediss://", "redis://"), timeout=2.0)
+    untrusted = RedisStore(redis_tls.url.split("?")[0], timeout=2.0)  # the system's CAs
+    try:
+        for wrong in (plain, untrusted):
+            with pytest.raises(StateUnavailable, match="state store unavailable"):
+                await wrong.incr(client_key("alice", "n"), 1, 60)
+    finally:
+        await plain.close()
+        await untrusted.close()
 
 
 # -- exact repeats and per-client shares ---------------------------------------------------
