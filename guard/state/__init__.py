@@ -9,8 +9,9 @@ The policy's top-level ``state:`` section picks the backend::
       key_prefix: "guard:"
       timeout: 0.2                      # seconds per Redis operation
       cluster: false                    # true: url names one node of a Redis Cluster
-      fingerprint_shards: 16            # slots each fingerprint table is spread over
-                                        # (default: 16 with cluster: true, else 1)
+      fingerprint_shards: 3             # slots each fingerprint table is spread over
+                                        # (default: 3 with cluster: true, else 1;
+                                        # best: the number of primaries)
       username: guard                   # ACL user (default: the URL's, else "default")
       password_env: REDIS_PASSWORD      # its password, from the environment
     state:                              # high availability: the primary found by Sentinel
@@ -74,7 +75,7 @@ _REDIS_ONLY = (
     "password_env",
     "sentinel",
 )
-CLUSTER_FINGERPRINT_SHARDS = 16
+CLUSTER_FINGERPRINT_SHARDS = 3  # one per primary of the smallest cluster; measured in docs
 _MEMORY_ONLY = ("max_clients", "max_bytes")
 
 

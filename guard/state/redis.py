@@ -1,7 +1,7 @@
 """The Redis state store: one state for every guard replica.
 
 Each operation is one round trip and atomic: a Lua script (counters, budgets,
-fingerprints) or a MULTI pipeline (histories). Times come from Redis's own
+histories, fingerprints) or a single command. Times come from Redis's own
 clock where a script needs one (``TIME``), so replicas with skewed clocks agree.
 Keys are ``<key_prefix><key>``; a client's keys carry its hash tag, a
 fingerprint table's keys the table's, so every script touches one Cluster slot.
@@ -28,6 +28,7 @@ Lua numbers are doubles: counters and budgets are exact up to 2**53.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import os
 import time
@@ -82,28 +83,38 @@ end
 return {1, used}
 """
 
+# KEYS[1] history; ARGV cap, ttl (ms), items. A script rather than MULTI: one command, which
+# a cluster client sends as cheaply as any other (its MULTI pipelines cost a thread a command).
+_PUSH = """
+local n = redis.call('RPUSH', KEYS[1], unpack(ARGV, 3))
+redis.call('LTRIM', KEYS[1], -tonumber(ARGV[1]), -1)
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return n
+"""
+
 # One fingerprint table, or one shard of it (see RedisStore.match_fingerprints).
-# KEYS: index (hash -> "qid qid ..."), queries (qid -> "ms hashes digest id client"), meta (seq,
-#       head), digests (digest -> qid), sizes (zset client -> queries held).
-# ARGV: client, threshold, max_queries, ttl (ms), max_per_hash, expire_per_insert,
-#       max_per_client, owner-list key prefix (client appended; same hash tag), detail ('1':
-#       return every earlier query sharing a hash, for the caller to add up over shards),
-#       then per fingerprint: its digest ('-' for none), its id across shards ('-' for none),
-#       its number of hashes and the hashes (16 hex digits each).
+# KEYS[1]: <base>:idx, the index (hash -> "qid qid ..."); the script derives the table's other
+#       keys, all with the same hash tag (one slot): <base>:q queries (qid -> "ms hashes digest
+#       id client"), :meta (seq, head), :d digests (digest -> qid), :n sizes (zset client ->
+#       queries held), :o:<client> each client's queries, oldest first.
+# ARGV: client; "threshold max_queries ttl_ms max_per_hash expire_per_insert max_per_client
+#       detail" (detail 1: return every earlier query sharing a hash, for the caller to add
+#       up over shards); then per fingerprint three: its digest ('-' for none), its id
+#       across shards ('-' for none), its hashes (16 hex digits each, concatenated).
+# Few arguments whatever the number of hashes: encoding them is most of a call's client cost.
 # Returns per fingerprint {matches, client_matches, best, repeat}, or with detail {repeat,
 # "id shared flags id shared flags ..."} (flags: 1 live, 3 live and the same client).
 # Mirrors MemoryStore.
 _FINGERPRINTS = """
-local idx, qs, meta, digs, sizes = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local idx = KEYS[1]
+local base = string.sub(idx, 1, -5)
+local qs, meta, digs, sizes = base .. ':q', base .. ':meta', base .. ':d', base .. ':n'
+local owners = base .. ':o:'
 local client = ARGV[1]
-local threshold = tonumber(ARGV[2])
-local max_queries = tonumber(ARGV[3])
-local ttl = tonumber(ARGV[4])
-local max_per_hash = tonumber(ARGV[5])
-local expire_per_insert = tonumber(ARGV[6])
-local share = tonumber(ARGV[7])
-local owners = ARGV[8]
-local detail = ARGV[9] == '1'
+local p = {}
+for w in string.gmatch(ARGV[2], '%S+') do p[#p + 1] = tonumber(w) end
+local threshold, max_queries, ttl, max_per_hash = p[1], p[2], p[3], p[4]
+local expire_per_insert, share, detail = p[5], p[6], p[7] == 1
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local seq = tonumber(redis.call('HGET', meta, 'seq') or '0')
@@ -139,13 +150,8 @@ local function evict(qid)
 end
 
 local out = {}
-local a = 10
-while a <= #ARGV do
-  local digest = ARGV[a]
-  local gid = ARGV[a + 1]
-  local k = tonumber(ARGV[a + 2])
-  local first = a + 3
-  a = a + k + 3
+for a = 3, #ARGV, 3 do
+  local digest, gid, packed = ARGV[a], ARGV[a + 1], ARGV[a + 2]
   local repeated = false
   if digest ~= '-' then
     local seen = redis.call('HGET', digs, digest)
@@ -164,8 +170,8 @@ while a <= #ARGV do
   else
     local hashes = {}
     local shared = {}
-    for i = first, first + k - 1 do
-      local h = ARGV[i]
+    for i = 1, #packed, 16 do
+      local h = string.sub(packed, i, i + 15)
       hashes[#hashes + 1] = h
       local ids = redis.call('HGET', idx, h)
       if ids then
@@ -189,7 +195,7 @@ while a <= #ARGV do
       end
     end
     seq = seq + 1
-    local rec = now .. ' ' .. table.concat(hashes) .. ' ' .. digest .. ' ' .. gid .. ' ' .. client
+    local rec = now .. ' ' .. packed .. ' ' .. digest .. ' ' .. gid .. ' ' .. client
     redis.call('HSET', qs, seq, rec)
     held = held + 1
     if digest ~= '-' then redis.call('HSET', digs, digest, seq) end
@@ -233,7 +239,7 @@ while a <= #ARGV do
   end
 end
 redis.call('HSET', meta, 'seq', seq, 'head', head)
-for _, key in ipairs(KEYS) do redis.call('PEXPIRE', key, ttl) end
+for _, key in ipairs({idx, qs, meta, digs, sizes}) do redis.call('PEXPIRE', key, ttl) end
 return out
 """
 
@@ -245,9 +251,13 @@ def _ms(seconds: float) -> int:
     return max(1, round(seconds * 1000))
 
 
-def _table_keys(base: str) -> list[str]:
-    """A fingerprint table's (or shard's) keys, in the script's KEYS order."""
-    return [f"{base}:idx", f"{base}:q", f"{base}:meta", f"{base}:d", f"{base}:n"]
+async def _pipeline(client: aioredis.Redis, commands: dict[int, list[Any]]) -> dict[int, Any]:
+    """``EVALSHA`` each command in one non-transactional pipeline: one round trip."""
+    async with client.pipeline(transaction=False) as pipe:
+        for args in commands.values():
+            pipe.evalsha(*args)
+        replies = await pipe.execute(raise_on_error=False)
+    return dict(zip(commands, replies, strict=True))
 
 
 class RedisStore:
@@ -322,6 +332,8 @@ class RedisStore:
         self._incr = self._redis.register_script(_INCR)
         self._spend = self._redis.register_script(_SPEND)
         self._fingerprints = self._redis.register_script(_FINGERPRINTS)
+        self._push = self._redis.register_script(_PUSH)
+        self._node_clients: dict[str, aioredis.Redis] = {}  # cluster: a plain client per node
 
     def _key(self, key: str) -> str:
         return self.key_prefix + key
@@ -402,15 +414,8 @@ class RedisStore:
         if not items:
             return len(await self.items(key))
         full = self._key(key)
-
-        async def call() -> Any:
-            async with self._redis.pipeline(transaction=True) as pipe:
-                pipe.rpush(full, *items)
-                pipe.ltrim(full, -cap, -1)
-                pipe.pexpire(full, _ms(ttl_s))
-                return await pipe.execute()
-
-        length, _, _ = await self._run("push", call, full)
+        args = [cap, _ms(ttl_s), *items]
+        length = await self._run("push", lambda: self._push(keys=[full], args=args), full)
         return min(int(length), cap)
 
     async def items(self, key: str) -> list[bytes]:
@@ -434,17 +439,17 @@ class RedisStore:
         if not fingerprints:
             return []
         share = max_queries if max_per_client is None else min(max_per_client, max_queries)
-        bounds = [threshold, max_queries, _ms(ttl_s), max_per_hash, self._expire_per_insert, share]
+        bounds = f"{threshold} {max_queries} {_ms(ttl_s)} {max_per_hash} "
+        bounds += f"{self._expire_per_insert} {share}"
         hexes = [[f"{h:016x}" for h in hashes] for hashes in fingerprints]
         marks = ["-"] * len(fingerprints) if digests is None else [bytes(d).hex() for d in digests]
         if self.fingerprint_shards == 1:
-            base = self._key(hash_tag(table))
-            args: list[Any] = [client, *bounds, f"{base}:o:", "0"]
+            key = self._key(hash_tag(table)) + ":idx"
+            args: list[Any] = [client, bounds + " 0"]
             for digest, hashes in zip(marks, hexes, strict=True):
-                args.extend((digest, "-", len(hashes), *hashes))
-            keys = _table_keys(base)
+                args.extend((digest, "-", "".join(hashes)))
             rows = await self._run(
-                "fingerprints", lambda: self._fingerprints(keys=keys, args=args), keys[0]
+                "fingerprints", lambda: self._fingerprints(keys=[key], args=args), key
             )
             return [FingerprintMatch(int(m), int(c), int(b), bool(r)) for m, c, b, r in rows]
         return await self._match_sharded(table, client, fingerprints, hexes, marks, bounds)
@@ -456,7 +461,7 @@ class RedisStore:
         fingerprints: Sequence[Sequence[int]],
         hexes: list[list[str]],
         marks: list[str],
-        bounds: list[int],
+        bounds: str,
     ) -> list[FingerprintMatch]:
         """The table split by hash value over ``fingerprint_shards`` slots: one script per
         shard a request touches, all in one pipeline (one round trip per node, the nodes
@@ -473,26 +478,21 @@ class RedisStore:
                 parts.setdefault(h % shards, []).append(text)
             for shard, mine in (parts or {0: []}).items():  # no hashes: shard 0 keeps its digest
                 if shard not in calls:
-                    calls[shard] = [client, *bounds, f"{bases[shard]}:o:", "1"]
+                    calls[shard] = [client, bounds + " 1"]
                     order[shard] = []
-                calls[shard].extend((marks[i], ids[i], len(mine), *mine))
+                calls[shard].extend((marks[i], ids[i], "".join(mine)))
                 order[shard].append(i)
         sha = self._fingerprints.sha
 
-        async def call(pending: list[int]) -> list[Any]:
-            async with self._redis.pipeline(transaction=False) as pipe:
-                for shard in pending:
-                    keys = _table_keys(bases[shard])
-                    pipe.evalsha(sha, len(keys), *keys, *calls[shard])
-                return list(await pipe.execute(raise_on_error=False))
+        def command(shard: int) -> list[Any]:
+            return [sha, 1, f"{bases[shard]}:idx", *calls[shard]]
 
         async def run() -> dict[int, Any]:
-            pending = sorted(calls)
-            replies = dict(zip(pending, await call(pending), strict=True))
+            replies = await self._send_grouped({s: command(s) for s in calls})
             missing = [s for s, r in replies.items() if isinstance(r, NoScriptError)]
             if missing:  # a node that restarted forgot the script: load it, run those again
                 await self._redis.script_load(_FINGERPRINTS)
-                replies.update(zip(missing, await call(missing), strict=True))
+                replies.update(await self._send_grouped({s: command(s) for s in missing}))
             for reply in replies.values():
                 if isinstance(reply, Exception):
                     raise reply
@@ -508,7 +508,7 @@ class RedisStore:
                 for j in range(0, len(words), 3):
                     seen = shared[i].setdefault(words[j].decode(), [0, int(words[j + 2])])
                     seen[0] += int(words[j + 1])
-        threshold = bounds[0]
+        threshold = int(bounds.split()[0])
         out = []
         for i in range(len(fingerprints)):
             if repeat[i]:
@@ -519,16 +519,53 @@ class RedisStore:
             out.append(FingerprintMatch(sum(f > 0 for f in over), over.count(3), best))
         return out
 
+    async def _send_grouped(self, commands: dict[int, list[Any]]) -> dict[int, Any]:
+        """Run ``EVALSHA`` commands (each on one slot): one plain pipeline per node, the
+        nodes at once; a reply is the result or the error. On a cluster, a shard whose
+        slot moved (``MOVED``, ``ASK``: the script did not run) is sent again through the
+        cluster client, which follows the redirect and learns the new slot map. (The
+        cluster client's own pipelines resolve each command's slot in a thread of its own:
+        milliseconds a request.)"""
+        if not self.cluster:
+            return await _pipeline(self._redis, commands)
+        await self._redis.initialize()  # the slot map: loaded once, then a no-op
+        groups: dict[str, dict[int, list[Any]]] = {}
+        clients: dict[str, aioredis.Redis] = {}
+        for shard, args in commands.items():
+            node = self._redis.get_node_from_key(args[2])
+            client = self._node_clients.get(node.name)
+            if client is None:
+                pool = aioredis.ConnectionPool(
+                    connection_class=node.connection_class, **node.connection_kwargs
+                )
+                client = self._node_clients[node.name] = aioredis.Redis(connection_pool=pool)
+            clients[node.name] = client
+            groups.setdefault(node.name, {})[shard] = args
+        replies: dict[int, Any] = {}
+        for part in await asyncio.gather(
+            *(_pipeline(clients[name], group) for name, group in groups.items())
+        ):
+            replies.update(part)
+        for shard, reply in replies.items():
+            if isinstance(reply, AskError):
+                try:
+                    replies[shard] = await self._redis.evalsha(*commands[shard])
+                except RedisError as exc:
+                    replies[shard] = exc
+        return replies
+
     def _shard_bases(self, table: str) -> list[str]:
         """The key base of each shard of ``table``: its hash tag is picked so that shard
-        ``s`` of ``S`` hashes into the ``s``-th ``S``-th of the slot range, which spreads
-        the shards evenly over the nodes of a cluster whose nodes hold slot ranges."""
+        ``s`` of ``S`` hashes into the middle of the ``s``-th ``S``-th of the slot range,
+        which spreads the shards evenly over the nodes of a cluster whose nodes hold
+        (about) equal slot ranges, as ``redis-cli --cluster create`` makes them."""
         bases = self._bases.get(table)
         if bases is None:
             shards = self.fingerprint_shards
             bases = []
             for shard in range(shards):
                 low, high = shard * _SLOTS // shards, (shard + 1) * _SLOTS // shards
+                low, high = low + (high - low) // 4, high - (high - low) // 4  # its middle half
                 for attempt in itertools.count():
                     base = self._key(hash_tag(f"{table}#{shard}.{attempt}"))
                     if low <= key_slot(base.encode()) < high:
@@ -539,6 +576,8 @@ class RedisStore:
 
     async def close(self) -> None:
         await self._redis.aclose()
+        for client in self._node_clients.values():
+            await client.aclose()
         if self._sentinel is not None:
             await self._sentinel.aclose()
 

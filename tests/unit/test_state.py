@@ -77,7 +77,7 @@ async def shared(request: pytest.FixtureRequest) -> AsyncIterator[RedisStore]:
 @pytest.fixture(params=["redis", "cluster"])
 async def sharded(request: pytest.FixtureRequest) -> AsyncIterator[RedisStore]:
     """A RedisStore whose fingerprint tables are sharded: 5 shards on a single server
-    (all in one pipeline), the default 16 on a cluster."""
+    (all in one pipeline), the default 3 on a cluster (one per node)."""
     shards = CLUSTER_FINGERPRINT_SHARDS if request.param == "cluster" else 5
     built = open_redis(request, request.param, fingerprint_shards=shards)
     yield built
