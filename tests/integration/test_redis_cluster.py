@@ -118,3 +118,30 @@ async def test_a_cluster_node_killed_mid_run_applies_on_error_and_detection_resu
     # Detection works again (the restarted node is empty and reloads the scripts).
     walk = [(await infer(http, guard, q, "c0"))[0] for q in probes(5, seed=3)]
     assert walk == [200, 200, 200, 403, 403]
+
+
+async def test_three_guards_on_a_cluster_catch_a_split_walk_and_share_budgets(
+    start_guard: StartGuard, http: aiohttp.ClientSession, redis_cluster: RedisClusterServers
+) -> None:
+    stages = [
+        {"validate": {"min": 0.0, "max": 16.0}},
+        {"budget": {"limits": [{"queries": 8, "per": "1m"}]}},
+        {"blacklight": {"key_env": BLACKLIGHT_KEY}},
+    ]
+    document = {
+        "version": 1,
+        "models": {"digits": {"model": "builtin:digits", "stages": stages}},
+        "state": cluster_state(redis_cluster, cluster=True),
+    }
+    fleet = [await start(start_guard, dict(document)) for _ in range(3)]
+    walk = probes(5, seed=6)
+    statuses = [(await infer(http, fleet[i % 3], q, "c1"))[0] for i, q in enumerate(walk)]
+    assert statuses == [200, 200, 200, 403, 403]  # the 4th matches 3 sent to the other guards
+    x, _ = load_samples("digits")  # 5 counted above: 3 more across the fleet, then 429
+    assert [(await infer(http, fleet[i % 3], x[300 + i], "c1"))[0] for i in range(4)] == [
+        200,
+        200,
+        200,
+        429,
+    ]
+    assert (await infer(http, fleet[2], x[310], "c2"))[0] == 200  # others unaffected
