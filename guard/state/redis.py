@@ -348,10 +348,12 @@ class RedisStore:
             node = None
         return f"slot {self._redis.keyslot(key)}" if node is None else str(node.name)
 
-    async def _run(self, op: str, call: Callable[[], Any], key: str) -> Any:
-        """Await ``call()`` (commands on ``key``'s node), turning every Redis failure
-        into StateUnavailable."""
-        node = self._node(key)
+    async def _run(
+        self, op: str, call: Callable[[], Any], key: str, *, node: str | None = None
+    ) -> Any:
+        """Await ``call()`` (commands on ``key``'s node, or on several: then ``node`` names
+        them all for the backoff), turning every Redis failure into StateUnavailable."""
+        node = self._node(key) if node is None else node
         if time.monotonic() < self._down_until.get(node, 0.0):
             self._failed(op)
             raise StateUnavailable("state store unavailable (redis: reconnecting)")
@@ -498,7 +500,9 @@ class RedisStore:
                     raise reply
             return replies
 
-        replies = await self._run("fingerprints", run, f"{bases[min(calls)]}:idx")
+        # The shards' nodes back off together: every lookup of the table needs them all.
+        where = f"table {table}" if self.cluster else ""
+        replies = await self._run("fingerprints", run, "", node=where)
         shared: list[dict[str, list[int]]] = [{} for _ in fingerprints]
         repeat = [False] * len(fingerprints)
         for shard, rows in replies.items():
