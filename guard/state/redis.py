@@ -29,6 +29,7 @@ Lua numbers are doubles: counters and budgets are exact up to 2**53.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import os
 import time
@@ -546,9 +547,15 @@ class RedisStore:
             clients[node.name] = client
             groups.setdefault(node.name, {})[shard] = args
         replies: dict[int, Any] = {}
-        for part in await asyncio.gather(
-            *(_pipeline(clients[name], group) for name, group in groups.items())
-        ):
+        names = list(groups)
+        parts = await asyncio.gather(
+            *(_pipeline(clients[name], groups[name]) for name in names), return_exceptions=True
+        )
+        for name, part in zip(names, parts, strict=True):
+            if isinstance(part, BaseException):
+                if isinstance(part, (RedisConnectionError, RedisTimeoutError, OSError)):
+                    await self._notice_down(name)
+                raise part
             replies.update(part)
         for shard, reply in replies.items():
             if isinstance(reply, AskError):
@@ -557,6 +564,15 @@ class RedisStore:
                 except RedisError as exc:
                     replies[shard] = exc
         return replies
+
+    async def _notice_down(self, name: str) -> None:
+        """Let the cluster client see that node ``name`` failed (our plain pipelines go
+        around it): a command to the node through it fails the same way and makes it
+        read the slot map again, so that a replica promoted meanwhile is found."""
+        node = self._redis.get_node(node_name=name)
+        if node is not None:
+            with contextlib.suppress(RedisError, RedisClusterException, OSError):
+                await self._redis.execute_command("PING", target_nodes=node)
 
     def _shard_bases(self, table: str) -> list[str]:
         """The key base of each shard of ``table``: its hash tag is picked so that shard

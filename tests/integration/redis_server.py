@@ -138,10 +138,14 @@ class RedisServer:
 
 
 class RedisClusterServers:
-    """A Redis Cluster of ``size`` primaries (no replicas) on loopback."""
+    """A Redis Cluster of ``size`` primaries, each with ``replicas`` replicas, on loopback."""
 
-    def __init__(self, executable: str, cli: str, workdir: Path, size: int = 3) -> None:
+    def __init__(
+        self, executable: str, cli: str, workdir: Path, size: int = 3, replicas: int = 0
+    ) -> None:
         self.cli = cli
+        self.replicas = replicas
+        size *= 1 + replicas
         ports = _free_ports(2 * size)
         self.nodes = []
         for i in range(size):
@@ -153,6 +157,7 @@ class RedisClusterServers:
                 "--cluster-port", str(ports[2 * i + 1]),  # the bus: not port + 10000
                 "--cluster-node-timeout", "1000",
                 "--cluster-require-full-coverage", "no",
+                "--repl-diskless-sync-delay", "0",  # a replica syncs at once, not after 5 s
             ]  # fmt: skip
             self.nodes.append(RedisServer(executable, node_dir, port=ports[2 * i], extra=extra))
 
@@ -170,7 +175,7 @@ class RedisClusterServers:
             node.start()
         created = subprocess.run(
             [self.cli, "--cluster", "create", *(f"{HOST}:{p}" for p in self.ports),
-             "--cluster-replicas", "0", "--cluster-yes"],
+             "--cluster-replicas", str(self.replicas), "--cluster-yes"],
             stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout, check=False,
         )  # fmt: skip
         if created.returncode != 0:
@@ -210,6 +215,16 @@ class RedisClusterServers:
     def flush(self) -> None:
         for node in self.nodes:
             node.flush()
+
+    def primaries(self) -> list[RedisServer]:
+        """The running nodes that are primaries now."""
+        found = []
+        for node in self.nodes:
+            if node.running:
+                with node.client() as client:
+                    if client.info("replication")["role"] == "master":
+                        found.append(node)
+        return found
 
     def node_of(self, key: str) -> RedisServer:
         """The running node that serves ``key`` now."""
@@ -517,8 +532,8 @@ def redis_cli() -> str:
 
 
 @contextlib.contextmanager
-def running_cluster(workdir: Path) -> Iterator[RedisClusterServers]:
-    cluster = RedisClusterServers(redis_executable(), redis_cli(), workdir)
+def running_cluster(workdir: Path, replicas: int = 0) -> Iterator[RedisClusterServers]:
+    cluster = RedisClusterServers(redis_executable(), redis_cli(), workdir, replicas=replicas)
     cluster.start()
     try:
         yield cluster

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +16,7 @@ from guard.clients import key_digest
 from guard.models import load_samples
 from tests.integration import test_detection
 from tests.integration.conftest import StartGuard
-from tests.integration.redis_server import RedisClusterServers
+from tests.integration.redis_server import RedisClusterServers, running_cluster
 from tests.integration.test_detection import BLACKLIGHT_KEY, infer, probes
 
 DEFAULT_POLICY = Path(__file__).resolve().parents[2] / "policies" / "default.yaml"
@@ -145,3 +147,53 @@ async def test_three_guards_on_a_cluster_catch_a_split_walk_and_share_budgets(
         429,
     ]
     assert (await infer(http, fleet[2], x[310], "c2"))[0] == 200  # others unaffected
+
+
+@pytest.fixture(scope="module")
+def replicated_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClusterServers]:
+    """Three primaries with a replica each: a primary lost is replaced by its replica."""
+    with running_cluster(tmp_path_factory.mktemp("redis-replicated"), replicas=1) as servers:
+        yield servers
+
+
+async def test_a_primary_killed_fails_over_to_its_replica_and_the_guard_follows(
+    start_guard: StartGuard,
+    http: aiohttp.ClientSession,
+    replicated_cluster: RedisClusterServers,
+) -> None:
+    """The issue's target: a node killed gives the policy's on_error for at most the
+    failover time, and no 5xx beyond it."""
+    stages = [
+        {"validate": {"min": 0.0, "max": 16.0}},
+        {"budget": {"limits": [{"queries": 1000, "per": "1m"}]}},
+        {"blacklight": {"key_env": BLACKLIGHT_KEY}},
+    ]
+    document = {
+        "version": 1,
+        "models": {"digits": {"model": "builtin:digits", "stages": stages}},
+        "state": cluster_state(replicated_cluster, cluster=True, timeout=0.5),
+    }
+    guard = await start(start_guard, document)
+    x, _ = load_samples("digits")
+    assert [(await infer(http, guard, x[i], c))[0] for i, c in enumerate(CLIENTS)] == [200] * 10
+    (victim, *_) = replicated_cluster.primaries()
+    victim.kill()
+    killed = time.monotonic()
+    seen: list[tuple[float, int, str]] = []
+    i = 0
+    while time.monotonic() - killed < 30:
+        got, _, headers = await infer(http, guard, x[100 + i % 600], CLIENTS[i % 10])
+        seen.append((time.monotonic() - killed, got, headers["X-Guard-Verdict"]))
+        i += 1
+        if len(seen) > 20 and all(s[1:] == (200, "allow") for s in seen[-20:]):
+            break
+        await asyncio.sleep(0.01)
+    assert {s[1:] for s in seen} <= {(200, "allow"), (503, "error")}  # on_error, never a 500
+    refused = [t for t, status, _ in seen if status == 503]
+    assert refused and seen[-1][1:] == (200, "allow")
+    print(f"503s from {refused[0]:.1f} s to {refused[-1]:.1f} s after the kill; {len(seen)} sent")
+    # Once failed over: every later request served, and detection works on the new primary.
+    after = [(await infer(http, guard, x[800 + j], c))[0] for j, c in enumerate(CLIENTS)]
+    assert after == [200] * 10
+    walk = [(await infer(http, guard, q, "c5"))[0] for q in probes(5, seed=3)]
+    assert walk == [200, 200, 200, 403, 403]
