@@ -44,7 +44,7 @@ never blocks. Importing this package does not import ``redis``.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -85,7 +85,7 @@ class SentinelConfig:
 
     master: str
     addresses: tuple[tuple[str, int], ...]
-    password: str | None = None
+    password: str | None = field(default=None, repr=False)  # a secret: never in a repr
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -93,14 +93,14 @@ class StateConfig:
     """The ``state:`` section. Equal configs share one open store across reloads."""
 
     backend: str = "memory"
-    url: str | None = None
+    url: str | None = field(default=None, repr=False)  # may hold a password
     key_prefix: str = "guard:"
     timeout: float = 0.2
     cluster: bool = False
     fingerprint_shards: int = 1
     sentinel: SentinelConfig | None = None
     username: str | None = None
-    password: str | None = None
+    password: str | None = field(default=None, repr=False)
     max_clients: int = 10_000
     max_bytes: int = 64 << 20
 

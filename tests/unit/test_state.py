@@ -498,6 +498,7 @@ def test_state_config_reads_sentinel_and_acl() -> None:
         password="watch",
     )
     assert (config.username, config.password) == ("guard", "s3cret")
+    assert "s3cret" not in repr(config) and "watch" not in repr(config)
     tls = read(
         {
             "backend": "redis",
