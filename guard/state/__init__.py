@@ -12,6 +12,7 @@ The policy's top-level ``state:`` section picks the backend::
       fingerprint_shards: 3             # slots each fingerprint table is spread over
                                         # (default: 3 with cluster: true, else 1;
                                         # best: the number of primaries)
+      max_connections: 256              # per Redis node; past it an operation fails at once
       username: guard                   # ACL user (default: the URL's, else "default")
       password_env: REDIS_PASSWORD      # its password, from the environment
     state:                              # high availability: the primary found by Sentinel
@@ -74,6 +75,7 @@ _REDIS_ONLY = (
     "username",
     "password_env",
     "sentinel",
+    "max_connections",
 )
 CLUSTER_FINGERPRINT_SHARDS = 3  # one per primary of the smallest cluster; measured in docs
 _MEMORY_ONLY = ("max_clients", "max_bytes")
@@ -101,6 +103,7 @@ class StateConfig:
     sentinel: SentinelConfig | None = None
     username: str | None = None
     password: str | None = field(default=None, repr=False)
+    max_connections: int = 256
     max_clients: int = 10_000
     max_bytes: int = 64 << 20
 
@@ -133,6 +136,7 @@ def read_state_config(section: Section, environ: Mapping[str, str]) -> StateConf
         fingerprint_shards=section.int(
             "fingerprint_shards", CLUSTER_FINGERPRINT_SHARDS if cluster else 1, min=1, max=1024
         ),
+        max_connections=section.int("max_connections", 256, min=1, max=100_000),
         max_clients=section.int("max_clients", 10_000, min=1),
         max_bytes=section.int("max_bytes", 64 << 20, min=1 << 16),
     )
@@ -217,6 +221,7 @@ def build_store(
             sentinel=config.sentinel,
             username=config.username,
             password=config.password,
+            max_connections=config.max_connections,
         )
     from guard.state.memory import MemoryStore
 

@@ -19,7 +19,10 @@ Any failure (refused, reset, timed out, an error reply) raises
 :class:`~guard.errors.StateUnavailable` and is counted through ``on_error``.
 After a connection failure the store answers :class:`StateUnavailable` at once
 for ``backoff_s`` instead of making every request wait for a dead server, then
-tries again: ``redis.asyncio`` reconnects on the next command. On a cluster the
+tries again: ``redis.asyncio`` reconnects on the next command. Past
+``max_connections`` open connections (per node) an operation fails at once, as
+"busy", without the backoff: the server is not down, this process is saturated.
+On a cluster the
 backoff is per node (per slot until the slot map is known): a dead node's
 clients wait it out, the other nodes' clients are served.
 
@@ -46,6 +49,7 @@ from redis.crc import key_slot
 from redis.exceptions import (
     AskError,
     ClusterDownError,
+    MaxConnectionsError,
     NoScriptError,
     RedisClusterException,
     RedisError,
@@ -281,6 +285,7 @@ class RedisStore:
         sentinel: SentinelConfig | None = None,
         username: str | None = None,
         password: str | None = None,
+        max_connections: int = 256,
     ) -> None:
         if fingerprint_shards < 1:
             raise ValueError("fingerprint_shards must be >= 1")
@@ -288,6 +293,7 @@ class RedisStore:
         self.backoff_s = backoff_s
         self.cluster = cluster
         self.fingerprint_shards = fingerprint_shards
+        self.max_connections = max_connections
         self._bases: dict[str, list[str]] = {}
         self._on_error = on_error
         self._expire_per_insert = expire_per_insert
@@ -298,6 +304,7 @@ class RedisStore:
             "socket_connect_timeout": timeout,
             "retry": Retry(NoBackoff(), 0),
             "decode_responses": False,
+            "max_connections": max_connections,
         }
         if username is not None:
             options["username"] = username
@@ -360,6 +367,11 @@ class RedisStore:
             raise StateUnavailable("state store unavailable (redis: reconnecting)")
         try:
             return await call()
+        except MaxConnectionsError as exc:  # this process's own limit: the server is fine
+            self._failed(op)
+            raise StateUnavailable(
+                f"state store busy (redis: {self.max_connections} connections in use)"
+            ) from exc
         except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
             self._down_until[node] = time.monotonic() + self.backoff_s
             self._failed(op)
@@ -541,7 +553,8 @@ class RedisStore:
             client = self._node_clients.get(node.name)
             if client is None:
                 pool = aioredis.ConnectionPool(
-                    connection_class=node.connection_class, **node.connection_kwargs
+                    connection_class=node.connection_class,
+                    **(node.connection_kwargs | {"max_connections": self.max_connections}),
                 )
                 client = self._node_clients[node.name] = aioredis.Redis(connection_pool=pool)
             clients[node.name] = client

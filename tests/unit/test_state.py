@@ -432,6 +432,26 @@ async def test_redis_down_raises_state_unavailable_counts_and_recovers(
         await store.close()
 
 
+@pytest.mark.parametrize("kind", ["redis", "cluster"])
+async def test_too_many_operations_at_once_are_busy_not_a_dead_server(
+    request: pytest.FixtureRequest, kind: str
+) -> None:
+    errors: list[str] = []
+    store = open_redis(request, kind, max_connections=2, on_error=errors.append)
+    try:
+        got = await asyncio.gather(
+            *(store.incr(client_key("alice", "n"), 1, 60) for _ in range(40)),
+            return_exceptions=True,
+        )
+        busy = [g for g in got if isinstance(g, StateUnavailable)]
+        assert busy and all("state store busy" in str(b) for b in busy)
+        assert len(errors) == len(busy) < 40
+        # No backoff: the server was never down, the next operation goes through.
+        assert (await store.incr(client_key("alice", "n"), 1, 60))[0] == 41 - len(busy)
+    finally:
+        await store.close()
+
+
 async def test_unreachable_redis_fails_within_the_timeout() -> None:
     store = RedisStore("redis://127.0.0.1:1/0", timeout=0.2)
     loop = asyncio.get_running_loop()
@@ -471,6 +491,8 @@ def test_state_config_reads_redis() -> None:
     assert not config.cluster
     assert read({"backend": "redis", "url_env": "REDIS_URL"}).url == "redis://:secret@h:6379/0"
     assert config.fingerprint_shards == 1  # one server: one table, one script, exact bounds
+    assert config.max_connections == 256
+    assert read({"backend": "redis", "url": "redis://h", "max_connections": 8}).max_connections == 8
     clustered = read({"backend": "redis", "url": "redis://h:7000", "cluster": True})
     assert clustered.cluster and clustered.url == "redis://h:7000"
     assert clustered.fingerprint_shards == CLUSTER_FINGERPRINT_SHARDS
