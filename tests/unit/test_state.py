@@ -32,7 +32,7 @@ from tests.integration.redis_server import (
     TlsRedisServer,
 )
 
-TICK = 0.25  # a window or ttl long enough to act within, short enough to wait out
+TICK = 0.5  # a window or ttl long enough to act within on a loaded machine, short enough to wait out
 
 
 def open_redis(request: pytest.FixtureRequest, kind: str, **options: Any) -> RedisStore:
