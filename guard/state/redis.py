@@ -19,12 +19,11 @@ Any failure (refused, reset, timed out, an error reply) raises
 :class:`~guard.errors.StateUnavailable` and is counted through ``on_error``.
 After a connection failure the store answers :class:`StateUnavailable` at once
 for ``backoff_s`` instead of making every request wait for a dead server, then
-tries again: ``redis.asyncio`` reconnects on the next command. Past
+tries again: ``redis.asyncio`` reconnects on the next command. On a cluster the
+backoff is per node (per slot until the slot map is known): a dead node's
+clients wait it out, the other nodes' clients are served. Past
 ``max_connections`` open connections (per node) an operation fails at once, as
 "busy", without the backoff: the server is not down, this process is saturated.
-On a cluster the
-backoff is per node (per slot until the slot map is known): a dead node's
-clients wait it out, the other nodes' clients are served.
 
 Lua numbers are doubles: counters and budgets are exact up to 2**53.
 """
