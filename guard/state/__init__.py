@@ -12,6 +12,8 @@ The policy's top-level ``state:`` section picks the backend::
       fingerprint_shards: 3             # slots each fingerprint table is spread over
                                         # (default: 3 with cluster: true, else 1;
                                         # best: the number of primaries)
+      fingerprint_scope: table          # or client: each client's fingerprints in its own
+                                        # table and slot (counts of its own queries only)
       max_connections: 256              # per Redis node; past it an operation fails at once
       username: guard                   # ACL user (default: the URL's, else "default")
       password_env: REDIS_PASSWORD      # its password, from the environment
@@ -76,7 +78,9 @@ _REDIS_ONLY = (
     "password_env",
     "sentinel",
     "max_connections",
+    "fingerprint_scope",
 )
+FINGERPRINT_SCOPES = ("table", "client")  # as guard.state.redis.FINGERPRINT_SCOPES
 CLUSTER_FINGERPRINT_SHARDS = 3  # one per primary of the smallest cluster; measured in docs
 _MEMORY_ONLY = ("max_clients", "max_bytes")
 
@@ -104,6 +108,7 @@ class StateConfig:
     username: str | None = None
     password: str | None = field(default=None, repr=False)
     max_connections: int = 256
+    fingerprint_scope: str = "table"
     max_clients: int = 10_000
     max_bytes: int = 64 << 20
 
@@ -137,11 +142,14 @@ def read_state_config(section: Section, environ: Mapping[str, str]) -> StateConf
             "fingerprint_shards", CLUSTER_FINGERPRINT_SHARDS if cluster else 1, min=1, max=1024
         ),
         max_connections=section.int("max_connections", 256, min=1, max=100_000),
+        fingerprint_scope=section.choice("fingerprint_scope", FINGERPRINT_SCOPES, "table"),
         max_clients=section.int("max_clients", 10_000, min=1),
         max_bytes=section.int("max_bytes", 64 << 20, min=1 << 16),
     )
     if config.cluster and config.url is not None and _database(config.url) not in ("", "0"):
         raise section.error("cluster", "takes database 0 (a Redis Cluster has no other)")
+    if config.fingerprint_scope == "client" and section.has("fingerprint_shards"):
+        raise section.error("fingerprint_shards", "does not apply to fingerprint_scope client")
     if config.password is not None and config.url is not None and urlsplit(config.url).password:
         raise section.error("password_env", "and a password in the URL: give one of them")
     section.finish()
@@ -222,6 +230,7 @@ def build_store(
             username=config.username,
             password=config.password,
             max_connections=config.max_connections,
+            fingerprint_scope=config.fingerprint_scope,
         )
     from guard.state.memory import MemoryStore
 

@@ -15,6 +15,14 @@ its key's slot and follows ``MOVED``/``ASK`` as slots move. A single-node client
 pointed at a Cluster node gets ``MOVED`` for most keys: the error then says to
 set ``cluster: true``.
 
+``fingerprint_scope="client"`` keeps each client's fingerprints in a table of its own,
+in the client's slot: one script on one node a request, so fingerprints spread over a
+cluster with the clients and no node serves every request of a model. The price: the
+counts cover the client's own queries only (``matches`` equals ``client_matches``), and
+an exact repeat is one of the client's own earlier queries. Blacklight decides on the
+client's own matches, so its verdicts do not change; its findings no longer say how many
+other clients' queries matched.
+
 Any failure (refused, reset, timed out, an error reply) raises
 :class:`~guard.errors.StateUnavailable` and is counted through ``on_error``.
 After a connection failure the store answers :class:`StateUnavailable` at once
@@ -58,9 +66,13 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from guard.errors import StateUnavailable
 from guard.state import SentinelConfig
-from guard.state.base import FingerprintMatch, hash_tag
+from guard.state.base import FingerprintMatch, client_key, hash_tag
 
-__all__ = ["RedisStore"]
+__all__ = ["FINGERPRINT_SCOPES", "RedisStore"]
+
+# "table": one table per name, shared by every client (optionally sharded); "client": each
+# client's own table, in its slot (matches then count the client's own queries only).
+FINGERPRINT_SCOPES = ("table", "client")
 
 # KEYS[1] counter; ARGV amount, window (ms). A new window starts at the first increment.
 _INCR = """
@@ -285,9 +297,13 @@ class RedisStore:
         username: str | None = None,
         password: str | None = None,
         max_connections: int = 256,
+        fingerprint_scope: str = "table",
     ) -> None:
         if fingerprint_shards < 1:
             raise ValueError("fingerprint_shards must be >= 1")
+        if fingerprint_scope not in FINGERPRINT_SCOPES:
+            raise ValueError(f"fingerprint_scope must be one of {', '.join(FINGERPRINT_SCOPES)}")
+        self.fingerprint_scope = fingerprint_scope
         self.key_prefix = key_prefix
         self.backoff_s = backoff_s
         self.cluster = cluster
@@ -457,8 +473,11 @@ class RedisStore:
         bounds += f"{self._expire_per_insert} {share}"
         hexes = [[f"{h:016x}" for h in hashes] for hashes in fingerprints]
         marks = ["-"] * len(fingerprints) if digests is None else [bytes(d).hex() for d in digests]
-        if self.fingerprint_shards == 1:
-            key = self._key(hash_tag(table)) + ":idx"
+        if self.fingerprint_scope == "client" or self.fingerprint_shards == 1:
+            if self.fingerprint_scope == "client":  # the client's own table, in its slot
+                key = self._key(client_key(client, "fp", table)) + ":idx"
+            else:
+                key = self._key(hash_tag(table)) + ":idx"
             args: list[Any] = [client, bounds + " 0"]
             for digest, hashes in zip(marks, hexes, strict=True):
                 args.extend((digest, "-", "".join(hashes)))

@@ -9,6 +9,8 @@ stage; ``budget`` and ``blacklight``: its validate and that one stage) and each 
 ``cluster``    three ``redis-server --cluster-enabled yes`` joined by ``redis-cli``,
                fingerprint tables in 3 shards (the default with ``cluster: true``)
 ``cluster-N``  the same cluster, fingerprint tables in N shards (``cluster-1``: one slot)
+``cluster-client``  the same cluster, each client's fingerprints in its own slot
+               (``fingerprint_scope: client``)
 
 a ``guard serve`` process is driven by ``guard.loadgen`` (open loop, API keys of 64
 clients rotated, ``blend`` inputs: distinct queries) at ``--rate`` for ``--duration``
@@ -60,7 +62,8 @@ from tests.integration.redis_server import (  # noqa: E402
     running_redis,
 )
 
-BACKENDS = ("memory", "redis", "cluster", "cluster-1")  # and cluster-N: N fingerprint shards
+# and cluster-N: N fingerprint shards; cluster-client: fingerprint_scope client
+BACKENDS = ("memory", "redis", "cluster", "cluster-1", "cluster-client")
 POLICIES = ("default", "budget", "blacklight")
 CLIENTS = 64
 BLACKLIGHT_ENV = "GUARD_BENCH_BLACKLIGHT_KEY"
@@ -227,7 +230,9 @@ def main() -> int:
                     cluster.flush()
                     nodes = cluster.nodes
                     state = {"backend": "redis", "url": cluster.url, "cluster": True}
-                    if backend != "cluster":
+                    if backend == "cluster-client":
+                        state["fingerprint_scope"] = "client"
+                    elif backend != "cluster":
                         state["fingerprint_shards"] = int(backend.removeprefix("cluster-"))
                 result = measure(policy, backend, nodes, state, args)
                 results.append(result)

@@ -122,8 +122,12 @@ async def test_a_cluster_node_killed_mid_run_applies_on_error_and_detection_resu
     assert walk == [200, 200, 200, 403, 403]
 
 
+@pytest.mark.parametrize("scope", ["table", "client"])
 async def test_three_guards_on_a_cluster_catch_a_split_walk_and_share_budgets(
-    start_guard: StartGuard, http: aiohttp.ClientSession, redis_cluster: RedisClusterServers
+    start_guard: StartGuard,
+    http: aiohttp.ClientSession,
+    redis_cluster: RedisClusterServers,
+    scope: str,
 ) -> None:
     stages = [
         {"validate": {"min": 0.0, "max": 16.0}},
@@ -133,7 +137,7 @@ async def test_three_guards_on_a_cluster_catch_a_split_walk_and_share_budgets(
     document = {
         "version": 1,
         "models": {"digits": {"model": "builtin:digits", "stages": stages}},
-        "state": cluster_state(redis_cluster, cluster=True),
+        "state": cluster_state(redis_cluster, cluster=True, fingerprint_scope=scope),
     }
     fleet = [await start(start_guard, dict(document)) for _ in range(3)]
     walk = probes(5, seed=6)

@@ -32,7 +32,9 @@ from tests.integration.redis_server import (
     TlsRedisServer,
 )
 
-TICK = 0.5  # a window or ttl long enough to act within on a loaded machine, short enough to wait out
+TICK = (
+    0.5  # a window or ttl long enough to act within on a loaded machine, short enough to wait out
+)
 
 
 def open_redis(request: pytest.FixtureRequest, kind: str, **options: Any) -> RedisStore:
@@ -302,6 +304,66 @@ async def test_a_sharded_table_spreads_one_model_over_every_node(
     assert len(indexes) == CLUSTER_FINGERPRINT_SHARDS  # every shard holds some of the hashes
 
 
+@pytest.fixture(params=["redis", "cluster"])
+async def scoped(request: pytest.FixtureRequest) -> AsyncIterator[RedisStore]:
+    """A RedisStore keeping each client's fingerprints in the client's own table."""
+    built = open_redis(request, request.param, fingerprint_scope="client")
+    yield built
+    await built.close()
+
+
+async def test_a_client_scoped_table_counts_the_clients_own_queries(scoped: RedisStore) -> None:
+    args = fingerprint_args(threshold=2)
+    await scoped.match_fingerprints("t", "alice", [[1, 2, 3, 4]], digests=[b"a"], **args)
+    bob = await scoped.match_fingerprints("t", "bob", [[1, 2, 3, 5]], digests=[b"a"], **args)
+    assert bob == [FingerprintMatch(0, 0, 0)]  # alice's query is not in bob's table
+    alice = await scoped.match_fingerprints("t", "alice", [[1, 2, 3, 6]], **args)
+    assert alice == [FingerprintMatch(1, 1, 3)]
+    again = await scoped.match_fingerprints("t", "alice", [[1, 2, 3, 4]], digests=[b"a"], **args)
+    assert again == [FingerprintMatch(0, 0, 0, repeat=True)]
+
+
+async def test_client_scoped_tables_agree_with_a_memory_table_per_client(
+    scoped: RedisStore,
+) -> None:
+    rng = np.random.default_rng(13)
+    memory = MemoryStore()
+    args = fingerprint_args(threshold=2, max_queries=30, max_per_hash=6, max_per_client=12)
+    for _ in range(120):
+        batch = [
+            sorted({int(h) for h in rng.integers(0, 24, size=int(rng.integers(1, 8)))})
+            for _ in range(int(rng.integers(1, 4)))
+        ]
+        digests = [bytes([int(rng.integers(0, 12))]) for _ in batch]
+        client = f"c{rng.integers(4)}"
+        want = await memory.match_fingerprints(
+            f"t/{client}", client, batch, digests=digests, **args
+        )
+        got = await scoped.match_fingerprints("t", client, batch, digests=digests, **args)
+        assert got == want
+
+
+async def test_client_scoped_fingerprints_live_in_the_clients_slot(
+    redis_cluster: RedisClusterServers,
+) -> None:
+    store = RedisStore(
+        redis_cluster.url, cluster=True, key_prefix="s:", timeout=5.0, fingerprint_scope="client"
+    )
+    clients = [f"client{i}" for i in range(12)]
+    try:
+        for client in clients:
+            await store.spend(client_key(client, "eps"), 1, 10, 60)
+            await store.match_fingerprints("blacklight:m", client, [[1, 2]], **fingerprint_args())
+    finally:
+        await store.close()
+    held = redis_cluster.keys()
+    where = {key: port for port, keys in held.items() for key in keys}
+    for client in clients:
+        fingerprints = [k for k in where if k.startswith(f"s:{{{client}}}:fp:blacklight:m")]
+        assert fingerprints and {where[k] for k in fingerprints} == {where[f"s:{{{client}}}:eps"]}
+    assert all(held.values())
+
+
 # -- keys -------------------------------------------------------------------------------
 
 
@@ -491,7 +553,9 @@ def test_state_config_reads_redis() -> None:
     assert not config.cluster
     assert read({"backend": "redis", "url_env": "REDIS_URL"}).url == "redis://:secret@h:6379/0"
     assert config.fingerprint_shards == 1  # one server: one table, one script, exact bounds
-    assert config.max_connections == 256
+    assert config.max_connections == 256 and config.fingerprint_scope == "table"
+    scoped = read({"backend": "redis", "url": "redis://h", "fingerprint_scope": "client"})
+    assert scoped.fingerprint_scope == "client"
     assert read({"backend": "redis", "url": "redis://h", "max_connections": 8}).max_connections == 8
     clustered = read({"backend": "redis", "url": "redis://h:7000", "cluster": True})
     assert clustered.cluster and clustered.url == "redis://h:7000"
@@ -548,6 +612,16 @@ def test_state_config_reads_sentinel_and_acl() -> None:
         ({"cluster": True}, "state.cluster does not apply to backend memory"),
         ({"backend": "redis", "url": "redis://h", "fingerprint_shards": 0}, "must be >= 1"),
         ({"fingerprint_shards": 4}, "fingerprint_shards does not apply to backend memory"),
+        ({"backend": "redis", "url": "redis://h", "fingerprint_scope": "model"}, "one of table"),
+        (
+            {
+                "backend": "redis",
+                "url": "redis://h",
+                "fingerprint_scope": "client",
+                "fingerprint_shards": 3,
+            },
+            "does not apply to fingerprint_scope client",
+        ),
         ({"backend": "redis", "sentinel": {"addresses": ["s:1"]}}, "sentinel.master is required"),
         ({"backend": "redis", "sentinel": {"master": "m"}}, "sentinel.addresses is required"),
         ({"backend": "redis", "sentinel": {"master": "m", "addresses": []}}, "at least one"),
