@@ -259,8 +259,10 @@ class SentinelServer(RedisServer):
     """``redis-server --sentinel`` watching one primary, named ``master``; alone, so a
     quorum of 1, and quick: the primary is down after 1 s without an answer."""
 
-    def __init__(self, executable: str, workdir: Path, *, master: str, primary_port: int) -> None:
-        super().__init__(executable, workdir)
+    def __init__(
+        self, executable: str, workdir: Path, *, master: str, primary_port: int, port: int
+    ) -> None:
+        super().__init__(executable, workdir, port=port)
         self.master = master
         self.config = workdir / "sentinel.conf"  # the sentinel rewrites it: written once
         self.config.write_text(
@@ -288,15 +290,23 @@ class RedisSentinelServers:
         first, second = workdir / "a", workdir / "b"
         first.mkdir()
         second.mkdir()
+        ports = _free_ports(3)  # picked together: one after the other could repeat
         quick = ("--repl-diskless-sync-delay", "0")  # a replica syncs at once, not after 5 s
-        primary = RedisServer(executable, first, extra=quick)
+        primary = RedisServer(executable, first, port=ports[0], extra=quick)
         replica = RedisServer(
-            executable, second, extra=(*quick, "--replicaof", HOST, str(primary.port))
+            executable,
+            second,
+            port=ports[1],
+            extra=(*quick, "--replicaof", HOST, str(primary.port)),
         )
         self.nodes = [primary, replica]
         (workdir / "sentinel").mkdir()
         self.sentinel = SentinelServer(
-            executable, workdir / "sentinel", master=self.MASTER, primary_port=primary.port
+            executable,
+            workdir / "sentinel",
+            master=self.MASTER,
+            primary_port=primary.port,
+            port=ports[2],
         )
 
     @property
