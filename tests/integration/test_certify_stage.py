@@ -20,13 +20,22 @@ from guard.clients import Client
 from guard.config import parse_policy
 from guard.configreader import Section
 from guard.defenses.sampling import labels_from_output
-from guard.defenses.smoothing import Certificate, Smooth, max_radius
+from guard.defenses.privacy import consistent_generators
+from guard.defenses.smoothing import Smooth, max_radius
 from guard.errors import Overloaded, PolicyError, RequestError
 from guard.inference import InferRequest, InferResponse
 from guard.models import load_samples, model_path
 from guard.pipeline import Action, RequestContext
 from guard.runtime import build_runtime
-from guard.stages.certify import Certify, CertifyOptions, SampleBudget
+from guard.stages.certify import (
+    Certify,
+    CertifyOptions,
+    RadiusGrid,
+    Released,
+    SampleBudget,
+    noise_scope,
+    seed_key,
+)
 from guard.stages.env import StageEnv
 from guard.stages.options import OptionError
 from tests.integration.conftest import StartGuard, digits_policy
@@ -51,15 +60,22 @@ def x() -> np.ndarray:
     return load_samples("digits")[0][:3]
 
 
-def expected(local: OnnxBackend, rows: np.ndarray, *, sigma: float = SIGMA) -> list[Certificate]:
-    """What the stage must answer: the library's CERTIFY with the noise of its first request."""
-    rng = np.random.default_rng(np.random.SeedSequence(7).spawn(1)[0])
+def expected(local: OnnxBackend, rows: np.ndarray, *, sigma: float = SIGMA) -> list[Released]:
+    """What the stage must answer: the library's CERTIFY with the noise keyed on each row
+    (``seed: 7`` keys the hash), released on the σ/4 grid."""
+    options = CertifyOptions(sigma=sigma, n=N, n0=50, batch=500, seed=7, source="local")
+    scope = noise_scope("digits", "", options)
+    rngs = consistent_generators(seed_key(7), scope, {"input": rows})
 
     def f(b: np.ndarray) -> np.ndarray:
         return labels_from_output(local.run({"input": b}, ["label"])["label"], len(b))
 
     smooth = Smooth(f, sigma, batch=500)
-    return [smooth.certify(row, 50, N, ALPHA, rng=rng) for row in rows]
+    grid = RadiusGrid(options.step)
+    return [
+        grid.release(smooth.certify(row, 50, N, ALPHA, rng=rng))
+        for row, rng in zip(rows, rngs, strict=True)
+    ]
 
 
 async def triton_infer(guard: Any, x: np.ndarray, **kw: Any) -> dict[str, Any]:
@@ -106,7 +122,7 @@ async def test_tritonclient_asks_with_the_request_parameter(
     assert response["parameters"] == {
         "certified": True,
         "certified_label": want.label,
-        "certified_radius": pytest.approx(want.radius, rel=1e-12),
+        "certified_radius": want.radius,
         "abstained": False,
     }
     plain = await triton_infer(guard, x[:1])
@@ -129,10 +145,10 @@ async def test_batches_get_one_value_per_row_and_the_headers(
     want = expected(local, x)
     params = body["parameters"]
     assert params["certified"] is True
-    assert params["certified_label"] == [-1 if c.label is None else c.label for c in want]
-    assert params["certified_radius"] == pytest.approx([c.radius for c in want], rel=1e-12)
+    assert params["certified_label"] == [c.label for c in want]
+    assert params["certified_radius"] == [c.radius for c in want]
     assert params["abstained"] == [c.abstained for c in want]
-    assert headers["X-Guard-Certified-Radius"] == ",".join(f"{c.radius:.6g}" for c in want)
+    assert headers["X-Guard-Certified-Radius"] == ",".join(c.text for c in want)
     assert headers["X-Guard-Certified-Label"] == ",".join(str(c.label) for c in want)
     labels = next(o for o in body["outputs"] if o["name"] == "label")["data"]
     assert labels == local.run({"input": x})["label"].tolist()  # the model's answer is untouched
@@ -180,9 +196,7 @@ async def test_sampling_the_upstream_gives_the_local_answer(
     assert status == 200, body
     want = expected(local, x[:2])  # float32 noise survives the JSON round trip exactly
     assert body["parameters"]["certified_label"] == [c.label for c in want]
-    assert body["parameters"]["certified_radius"] == pytest.approx(
-        [c.radius for c in want], rel=1e-12
-    )
+    assert body["parameters"]["certified_radius"] == [c.radius for c in want]
 
 
 @pytest.mark.parametrize("certify_first", [True, False], ids=["certify-first", "squeeze-first"])
@@ -207,12 +221,8 @@ async def test_certify_sees_the_input_at_its_place_in_the_policy(
     raw, transformed = expected(local, x, sigma=2.0), expected(local, squeezed, sigma=2.0)
     assert raw != transformed  # at this σ the squeezed input gets other votes
     want = raw if certify_first else transformed
-    assert body["parameters"]["certified_label"] == [
-        -1 if c.label is None else c.label for c in want
-    ]
-    assert body["parameters"]["certified_radius"] == pytest.approx(
-        [c.radius for c in want], rel=1e-12
-    )
+    assert body["parameters"]["certified_label"] == [c.label for c in want]
+    assert body["parameters"]["certified_radius"] == [c.radius for c in want]
     served = next(o for o in body["outputs"] if o["name"] == "label")["data"]
     assert served == local.run({"input": squeezed})["label"].tolist()  # the model saw it squeezed
 
@@ -431,7 +441,7 @@ async def test_tf_serving_clients_read_the_headers(
         headers = reply.headers
     want = expected(local, x[:2])
     assert headers["X-Guard-Certified-Label"] == ",".join(str(c.label) for c in want)
-    assert headers["X-Guard-Certified-Radius"] == ",".join(f"{c.radius:.6g}" for c in want)
+    assert headers["X-Guard-Certified-Radius"] == ",".join(c.text for c in want)
 
 
 # -- the offline command ---------------------------------------------------------------
