@@ -469,6 +469,8 @@ class RadiusGrid:
         if certificate.abstained or certificate.label is None:
             return Released(-1, 0.0, "abstain")
         steps = math.floor(certificate.radius / self.step)
+        if round((steps + 1) * self.step, self.decimals) <= certificate.radius:
+            steps += 1  # the division fell just short of a grid point (0.3 / 0.05 < 6)
         if certified_only:
             if steps < 1:
                 return Released(-1, 0.0, "abstain")
