@@ -16,6 +16,9 @@ seen is forgotten (its bucket refills in at most one second anyway).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import math
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -80,6 +83,7 @@ class Capacity:
         self.running = 0
         self._running: dict[str, int] = {}  # client -> certifications running
         self._buckets: OrderedDict[str, SampleBudget] = OrderedDict()
+        self._freed: asyncio.Event | None = None  # set when a certification ends
 
     def refusal(self, client: str) -> str | None:
         """Why a certification for ``client`` would be refused now (None: it would start);
@@ -96,7 +100,23 @@ class Capacity:
             return "sample budget spent"
         return None
 
-    def acquire(self, client: str, cost: int) -> str | None:
+    async def acquire(self, client: str, cost: int, wait: float = 0.0) -> str | None:
+        """:meth:`try_acquire`, waiting up to ``wait`` seconds for a slot to free or the
+        buckets to refill. A waiting request costs a sleeping coroutine, not a worker: a
+        client sending more than its share waits its turn instead of retrying at once."""
+        deadline = self.clock() + wait
+        while True:
+            refusal = self.try_acquire(client, cost)
+            left = deadline - self.clock()
+            if refusal is None or left <= 0:
+                return refusal
+            if self._freed is None:
+                self._freed = asyncio.Event()
+            freed = self._freed
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(freed.wait(), min(left, self._refill_time(client)))
+
+    def try_acquire(self, client: str, cost: int) -> str | None:
         """Start a certification of ``cost`` samples for ``client``, charging both budgets
         and taking a slot (give it back with :meth:`release`); or say why not."""
         refusal = self.refusal(client)
@@ -113,11 +133,21 @@ class Capacity:
 
     def release(self, client: str) -> None:
         self.running -= 1
+        if self._freed is not None:  # wake the waiters: one of them may start now
+            self._freed.set()
+            self._freed = None
         left = self._running.get(client, 0) - 1
         if left > 0:
             self._running[client] = left
         else:
             self._running.pop(client, None)
+
+    def _refill_time(self, client: str) -> float:
+        """Seconds until the buckets ``client`` draws on are out of debt; infinite when
+        none is (the wait is for a slot)."""
+        buckets = (self._buckets.get(client), self.budget)
+        debts = [-b.tokens / b.rate for b in buckets if b is not None and b.tokens < 0]
+        return max(debts) + 0.001 if debts else math.inf
 
     def _bucket(self, client: str) -> SampleBudget | None:
         if self.client_rate is None:

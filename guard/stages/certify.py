@@ -67,7 +67,7 @@ from guard.inference import (
 from guard.pipeline import Action, RequestContext, Stage, Verdict
 from guard.stages.capacity import Capacity, SampleBudget
 from guard.stages.env import StageEnv
-from guard.stages.options import OptionError, OptionsStage, option
+from guard.stages.options import Duration, OptionError, OptionsStage, option
 from guard.stages.shared import request_input, watched_input
 
 if TYPE_CHECKING:
@@ -149,11 +149,17 @@ class CertifyOptions:
         doc="noisy samples one client may spend per second (its own token bucket, admitting "
         "while not in debt); a certification is charged `rows × (n0 + n)` samples",
     )
+    max_wait: Duration = option(
+        Duration(0.0),
+        doc="how long a request waits for capacity (a slot, or its client's samples) before "
+        "`on_overload` applies, e.g. `2s`: a client sending more than its share queues "
+        "instead of retrying at once; a waiting request holds its connection, not a worker",
+    )
     on_overload: Literal["503", "uncertified"] = option(
         "503",
-        doc="capacity (the stage's or the client's share) exhausted: `503` refuses the request "
-        "(before the model is called when the client's share is spent); `uncertified` answers "
-        "it without a certificate",
+        doc="capacity (the stage's or the client's share) exhausted after `max_wait`: `503` "
+        "refuses the request before the model is called; `uncertified` answers it without a "
+        "certificate",
     )
     radius_step: float | None = option(
         None,
@@ -313,31 +319,42 @@ class Certify(OptionsStage[CertifyOptions]):
     async def on_request(self, ctx: RequestContext) -> Verdict:
         if not self._wanted(ctx):
             return Verdict.CONTINUE
+        o = self.options
         x = self._rows(ctx)
-        refusal = self.capacity.refusal(ctx.client.name)
-        if refusal is not None and self.options.on_overload == "503":  # spare the model call
-            raise Overloaded(f"certification capacity exhausted ({refusal}); try again shortly")
-        ctx.stage_state[self.name] = x.copy()  # as it is here, before later stages change it
+        client = ctx.client.name
+        # Admitted (and charged) before the model is called: a refusal costs no model call.
+        refusal = await self.capacity.acquire(client, len(x) * (o.n0 + o.n), o.max_wait)
+        if refusal is not None:
+            if o.on_overload == "503":
+                raise Overloaded(f"certification capacity exhausted ({refusal}); try again shortly")
+            ctx.stage_state[self.name] = refusal
+            return Verdict.CONTINUE
+        slot = _Slot(self.capacity, client)
+        task = asyncio.current_task()
+        if task is not None:  # the request ends without on_response (an upstream error)
+            task.add_done_callback(slot.abandon)
+        ctx.stage_state[self.name] = (x.copy(), slot)  # as it is here, before later stages
         return Verdict.CONTINUE
 
     async def on_response(self, ctx: RequestContext) -> Verdict:
         response = ctx.response
-        x = ctx.stage_state.pop(self.name, None)
-        if response is None or x is None:
+        kept = ctx.stage_state.pop(self.name, None)
+        if isinstance(kept, str):  # refused at on_request, on_overload: uncertified
+            if response is not None:
+                rows = len(self._rows(ctx))
+                _publish_uncertified(ctx, response, rows, kept)
+                if self.metrics is not None:
+                    self.metrics.count_certifications(ctx.model, "overloaded", rows)
             return Verdict.CONTINUE
-        o = self.options
-        client = ctx.client.name
-        refusal = self.capacity.acquire(client, len(x) * (o.n0 + o.n))
-        if refusal is not None:
-            if o.on_overload == "503":
-                raise Overloaded(f"certification capacity exhausted ({refusal}); try again shortly")
-            _publish_uncertified(ctx, response, len(x), refusal)
-            if self.metrics is not None:
-                self.metrics.count_certifications(ctx.model, "overloaded", len(x))
+        if kept is None:
             return Verdict.CONTINUE
-        certificates = await self._certify(ctx, x, client)  # it releases the slot
+        x, slot = kept
+        if response is None:
+            slot.drop()
+            return Verdict.CONTINUE
+        certificates = await self._certify(ctx, x, slot)  # it gives the slot back
         # Degraded clients, and policies that release labels only, learn one bit per row.
-        certified_only = o.release == "certified" or self.labels_only or ctx.degraded
+        certified_only = self.options.release == "certified" or self.labels_only or ctx.degraded
         _publish(ctx, response, [self.grid.release(c, certified_only) for c in certificates])
         if self.metrics is not None:
             self.metrics.record_certificates(ctx.model, certificates)
@@ -372,7 +389,7 @@ class Certify(OptionsStage[CertifyOptions]):
         rng = np.random.default_rng(self._seeds.spawn(1)[0])
         return [rng] * len(x)
 
-    async def _certify(self, ctx: RequestContext, x: np.ndarray, client: str) -> list[Certificate]:
+    async def _certify(self, ctx: RequestContext, x: np.ndarray, slot: _Slot) -> list[Certificate]:
         """Certify every row; release the capacity taken when sampling has stopped.
 
         A request cancelled while its rows are sampled in a worker thread keeps
@@ -385,7 +402,7 @@ class Certify(OptionsStage[CertifyOptions]):
         try:
             rngs = self.generators(x)
         except BaseException:
-            self.capacity.release(client)
+            slot.drop()
             raise
         if self.local is not None:
             local, input_name, output_name = self.local, self.input or "", self.output
@@ -406,9 +423,10 @@ class Certify(OptionsStage[CertifyOptions]):
             try:
                 sampling = loop.run_in_executor(local.executor, work)
             except BaseException:
-                self.capacity.release(client)
+                slot.drop()
                 raise
-            sampling.add_done_callback(lambda _: self.capacity.release(client))
+            slot.sampling = True  # a cancelled request keeps it until the thread is done
+            sampling.add_done_callback(slot.drop)
             return await asyncio.shield(sampling)
 
         async def upstream_labels(batch: np.ndarray) -> np.ndarray:
@@ -422,7 +440,7 @@ class Certify(OptionsStage[CertifyOptions]):
                 for row, rng in zip(x, rngs, strict=True)
             ]
         finally:
-            self.capacity.release(client)
+            slot.drop()
 
     async def _upstream_labels(self, ctx: RequestContext, batch: np.ndarray) -> np.ndarray:
         name = self.input or next(iter(ctx.request.inputs))
@@ -441,6 +459,27 @@ class Certify(OptionsStage[CertifyOptions]):
             return labels_from_output(output, len(batch))
         except ValueError as exc:
             raise UpstreamError(f"certify: output {self.output!r}: {exc}") from None
+
+
+class _Slot:
+    """One admitted certification's place in :class:`Capacity`, given back exactly once:
+    when its sampling stops, or when its request ends before sampling started."""
+
+    __slots__ = ("capacity", "client", "held", "sampling")
+
+    def __init__(self, capacity: Capacity, client: str) -> None:
+        self.capacity, self.client = capacity, client
+        self.held, self.sampling = True, False
+
+    def drop(self, _: object = None) -> None:
+        if self.held:
+            self.held = False
+            self.capacity.release(self.client)
+
+    def abandon(self, _: object = None) -> None:
+        """The request ended: give the slot back unless a worker thread still samples."""
+        if not self.sampling:
+            self.drop()
 
 
 @dataclass(frozen=True, slots=True)

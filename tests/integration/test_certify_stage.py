@@ -284,6 +284,15 @@ async def test_a_cancelled_request_keeps_its_slot_until_sampling_stops(x: np.nda
     assert ctx.response is not None and ctx.response.parameters["certified"] is True
 
 
+async def test_a_request_ending_before_the_answer_gives_its_slot_back(x: np.ndarray) -> None:
+    stage = build({"sigma": SIGMA, "n": 200, "max_concurrent": 1})
+    ctx = context(x[:1], certify=True)
+    await asyncio.create_task(stage.on_request(ctx))  # admitted; then the model call failed
+    await asyncio.sleep(0)  # the request's task has ended: its done callbacks ran
+    assert stage.describe()["running"] == 0
+    await through(stage, context(x[:1], certify=True))  # so the next one is admitted
+
+
 def test_sample_budget_admits_while_not_in_debt() -> None:
     now = [0.0]
     budget = SampleBudget(1000.0, clock=lambda: now[0])
