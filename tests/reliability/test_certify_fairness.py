@@ -85,17 +85,17 @@ def test_a_client_saturating_certification_leaves_others_p50_within_2x(
                 answered[reply.status] += 1
 
     threads = [threading.Thread(target=hammer, args=(k,)) for k in range(HAMMERS)]
+    began = time.perf_counter()
     for thread in threads:
         thread.start()
     try:
         time.sleep(1.0)
-        started = time.perf_counter()
         loud = statistics.median(alice(SAMPLES))
-        hammered = time.perf_counter() - started + 1.0
     finally:
         stop.set()
         for thread in threads:
             thread.join(60)
+    hammered = time.perf_counter() - began
     ratio = loud / quiet
     print(
         f"\nalice's certification p50: {quiet * 1e3:.1f} ms alone, {loud * 1e3:.1f} ms while "
@@ -103,6 +103,6 @@ def test_a_client_saturating_certification_leaves_others_p50_within_2x(
     )
     assert set(answered) <= {200, 503}, answered
     # She got her share and no more: four per second, plus the bucket's one second's worth.
-    assert 0 < answered[200] <= 4 * (hammered + 2) + 4, (answered, hammered)
+    assert 0 < answered[200] <= 4 * hammered + 4 + 1, (answered, hammered)
     assert ratio <= 2.0, f"p50 {quiet:.4f} s alone, {loud:.4f} s loaded ({ratio:.2f}x)"
     assert_healthy(guard, headers={"X-API-Key": "alice-key"})
