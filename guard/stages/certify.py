@@ -13,7 +13,8 @@ What the answer carries:
 
 - V2 response parameters ``certified`` (true when certification ran),
   ``certified_label`` (int, ``-1`` when abstained), ``certified_radius``
-  (float, ``0.0`` when abstained) and ``abstained`` (bool). A one-row request
+  (float rounded down to ``radius_step``, ``0.0`` when abstained) and
+  ``abstained`` (bool). A one-row request
   gets scalars; a batch of B rows gets lists of B values in row order (the V2
   spec defines scalar parameters only; lists are plain JSON and tritonclient
   reads them). When capacity is exhausted and ``on_overload: uncertified``:
@@ -21,6 +22,14 @@ What the answer carries:
 - Headers (for TF Serving clients too): ``X-Guard-Certified-Radius`` and
   ``X-Guard-Certified-Label``, one comma-separated value per row, ``abstain``
   for abstained rows, or ``uncertified`` when certification did not run.
+
+What it releases (docs/certification.md): the radius on the ``radius_step``
+grid, or one bit (certified at one step, or abstained) where the policy's
+``privacy`` stage releases labels only or the client is degraded; the noise is
+keyed on the input row, so the same input gets the same answer. A certification
+is an ordinary request to every other stage (detectors see it, budgets count
+it); its noisy samples are the stage's own and are charged to the client's
+share of the capacity instead (:mod:`guard.stages.capacity`).
 
 Keys: :class:`CertifyOptions` (docs/stage-options.md).
 
@@ -35,7 +44,8 @@ input. List ``certify`` before such stages to certify what the client sent
 transform into the model. ``flagged`` sees the findings of the stages listed
 before ``certify``.
 
-Failure mode: ``on_overload`` decides when capacity is exhausted; a fault while
+Failure mode: ``on_overload`` decides when capacity (the stage's, or the client's
+share) is still exhausted after ``max_wait``; a fault while
 sampling follows ``on_error``; an upstream error while sampling (``source:
 upstream``) is the request's error, as if the model call had failed.
 """
