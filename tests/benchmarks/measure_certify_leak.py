@@ -1,6 +1,6 @@
 """Does the certified radius leak what a label-only policy withholds? (issue 21)
 
-    python -m tests.benchmarks.measure_certify_leak [--samples 40] [--budget 300] [--json out.json]
+    python -m tests.benchmarks.measure_certify_leak [--samples 40] [--budget 300] [--epsilon 16] [--json out.json]
 
 The target is the digits model behind a policy that releases labels only
 (``privacy: {mechanism: label_only}``), run through the policy's own pipeline in
@@ -144,11 +144,18 @@ def membership_auc(condition: str, size: int, *, seed: int) -> dict[str, float]:
     return {"records": 2 * n, "auc": curve.auc, "advantage": curve.advantage}
 
 
-def measure(samples: int, budget: int, epsilon: float, members: int, seed: int) -> dict[str, Any]:
+def measure(
+    samples: int,
+    budget: int,
+    epsilon: float,
+    members: int,
+    seed: int,
+    conditions: tuple[str, ...] = CONDITIONS,
+) -> dict[str, Any]:
     x, y = load_samples("digits")
     x, y = x[:samples].astype(np.float64), y[:samples]
     results: dict[str, Any] = {}
-    for condition in CONDITIONS:
+    for condition in conditions:
         started = time.perf_counter()
         square = square_success(condition, x, y, epsilon=epsilon, budget=budget, seed=seed)
         membership = membership_auc(condition, members, seed=seed)
@@ -179,12 +186,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--samples", type=int, default=40, help="digits attacked by Square")
     parser.add_argument("--budget", type=int, default=300, help="queries per digit")
-    parser.add_argument("--epsilon", type=float, default=6.0, help="L2 ball, pixel units")
-    parser.add_argument("--members", type=int, default=300, help="members (and non-members)")
+    parser.add_argument("--epsilon", type=float, default=16.0, help="L2 ball, pixel units")
+    parser.add_argument("--members", type=int, default=150, help="members (and non-members)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--conditions", nargs="+", choices=CONDITIONS, default=list(CONDITIONS))
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
-    results = measure(args.samples, args.budget, args.epsilon, args.members, args.seed)
+    results = measure(
+        args.samples, args.budget, args.epsilon, args.members, args.seed, tuple(args.conditions)
+    )
     print(table(results, args.epsilon, args.budget))
     if args.json is not None:
         args.json.write_text(json.dumps(results, indent=2))
