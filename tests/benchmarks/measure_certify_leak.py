@@ -151,9 +151,10 @@ def measure(
     members: int,
     seed: int,
     conditions: tuple[str, ...] = CONDITIONS,
+    start: int = 0,
 ) -> dict[str, Any]:
     x, y = load_samples("digits")
-    x, y = x[:samples].astype(np.float64), y[:samples]
+    x, y = x[start : start + samples].astype(np.float64), y[start : start + samples]
     results: dict[str, Any] = {}
     for condition in conditions:
         started = time.perf_counter()
@@ -188,12 +189,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget", type=int, default=300, help="queries per digit")
     parser.add_argument("--epsilon", type=float, default=16.0, help="L2 ball, pixel units")
     parser.add_argument("--members", type=int, default=150, help="members (and non-members)")
+    parser.add_argument("--start", type=int, default=0, help="first held-out digit attacked")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--conditions", nargs="+", choices=CONDITIONS, default=list(CONDITIONS))
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     results = measure(
-        args.samples, args.budget, args.epsilon, args.members, args.seed, tuple(args.conditions)
+        args.samples,
+        args.budget,
+        args.epsilon,
+        args.members,
+        args.seed,
+        tuple(args.conditions),
+        args.start,
     )
     print(table(results, args.epsilon, args.budget))
     if args.json is not None:

@@ -19,8 +19,8 @@ from guard.backends.onnx import OnnxBackend
 from guard.clients import Client
 from guard.config import parse_policy
 from guard.configreader import Section
-from guard.defenses.sampling import labels_from_output
 from guard.defenses.privacy import consistent_generators
+from guard.defenses.sampling import labels_from_output
 from guard.defenses.smoothing import Smooth, max_radius
 from guard.errors import Overloaded, PolicyError, RequestError
 from guard.inference import InferRequest, InferResponse
