@@ -293,6 +293,18 @@ async def test_a_request_ending_before_the_answer_gives_its_slot_back(x: np.ndar
     await through(stage, context(x[:1], certify=True))  # so the next one is admitted
 
 
+async def test_a_misdirected_request_is_certified_on_what_the_model_saw(x: np.ndarray) -> None:
+    stage = build({"sigma": SIGMA, "n": 500, "seed": 3})
+    misdirected = context(x[:1], certify=True)
+    misdirected.substitute = {"input": x[1:2]}  # set by a detector listed before certify
+    await through(stage, misdirected)
+    plain = context(x[1:2], certify=True)
+    await through(stage, plain)
+    assert misdirected.response is not None and plain.response is not None
+    assert misdirected.response.parameters == plain.response.parameters
+    assert misdirected.headers == plain.headers
+
+
 def test_sample_budget_admits_while_not_in_debt() -> None:
     now = [0.0]
     budget = SampleBudget(1000.0, clock=lambda: now[0])
@@ -415,6 +427,13 @@ async def test_a_request_with_another_input_is_refused(x: np.ndarray) -> None:
             "certify.source is upstream, but model digits has no upstream",
         ),
         ({"sigma": 0.25, "sigmas": 1}, "has unknown key(s) sigmas"),
+        (
+            {"sigma": 0.25, "secret_env": "GUARD_TEST_NO_SUCH_VARIABLE"},
+            "certify.secret_env names environment variable GUARD_TEST_NO_SUCH_VARIABLE, "
+            "which is not set",
+        ),
+        ({"sigma": 0.25, "radius_step": 0.1234567}, "certify.radius_step must have at most 6"),
+        ({"sigma": 0.25, "release": "score"}, "certify.release must be one of"),
     ],
 )
 def test_bad_settings_stop_the_load(options: dict[str, Any], message: str) -> None:
