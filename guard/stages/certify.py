@@ -339,10 +339,7 @@ class Certify(OptionsStage[CertifyOptions]):
                 raise Overloaded(f"certification capacity exhausted ({refusal}); try again shortly")
             ctx.stage_state[self.name] = refusal
             return Verdict.CONTINUE
-        slot = _Slot(self.capacity, client)
-        task = asyncio.current_task()
-        if task is not None:  # the request ends without on_response (an upstream error)
-            task.add_done_callback(slot.abandon)
+        slot = _Slot(self.capacity, client, asyncio.current_task())
         ctx.stage_state[self.name] = (x.copy(), slot)  # as it is here, before later stages
         return Verdict.CONTINUE
 
@@ -359,6 +356,7 @@ class Certify(OptionsStage[CertifyOptions]):
         if kept is None:
             return Verdict.CONTINUE
         x, slot = kept
+        slot.reached()
         if response is None:
             slot.drop()
             return Verdict.CONTINUE
@@ -473,13 +471,22 @@ class Certify(OptionsStage[CertifyOptions]):
 
 class _Slot:
     """One admitted certification's place in :class:`Capacity`, given back exactly once:
-    when its sampling stops, or when its request ends before sampling started."""
+    when its sampling stops, or when its request's task ends before ``on_response`` ran
+    (an upstream error, a later stage refusing)."""
 
-    __slots__ = ("capacity", "client", "held", "sampling")
+    __slots__ = ("capacity", "client", "held", "sampling", "task")
 
-    def __init__(self, capacity: Capacity, client: str) -> None:
-        self.capacity, self.client = capacity, client
+    def __init__(self, capacity: Capacity, client: str, task: asyncio.Task[Any] | None) -> None:
+        self.capacity, self.client, self.task = capacity, client, task
         self.held, self.sampling = True, False
+        if task is not None:
+            task.add_done_callback(self.abandon)
+
+    def reached(self) -> None:
+        """``on_response`` runs: it gives the slot back from here."""
+        if self.task is not None:
+            self.task.remove_done_callback(self.abandon)
+            self.task = None
 
     def drop(self, _: object = None) -> None:
         if self.held:
