@@ -77,7 +77,7 @@ from guard.inference import (
 from guard.pipeline import Action, RequestContext, Stage, Verdict
 from guard.stages.capacity import Capacity, SampleBudget
 from guard.stages.env import StageEnv
-from guard.stages.options import Duration, OptionError, OptionsStage, option
+from guard.stages.options import OptionError, OptionsStage, option
 from guard.stages.shared import request_input, watched_input
 
 if TYPE_CHECKING:
@@ -159,11 +159,13 @@ class CertifyOptions:
         doc="noisy samples one client may spend per second (its own token bucket, admitting "
         "while not in debt); a certification is charged `rows × (n0 + n)` samples",
     )
-    max_wait: Duration = option(
-        Duration(0.0),
-        doc="how long a request waits for capacity (a slot, or its client's samples) before "
-        "`on_overload` applies, e.g. `2s`: a client sending more than its share queues "
-        "instead of retrying at once; a waiting request holds its connection, not a worker",
+    max_wait: float = option(
+        1.0,
+        min=0,
+        doc="seconds a request waits for capacity (a slot, or its client's samples) before "
+        "`on_overload` applies (0: at once): a client sending more than its share queues "
+        "instead of retrying at once; a waiting request holds its connection (bounded by "
+        "`limits.max_in_flight_per_client`), not a worker",
     )
     on_overload: Literal["503", "uncertified"] = option(
         "503",

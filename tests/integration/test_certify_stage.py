@@ -240,7 +240,9 @@ async def concurrent_asks(
 async def test_overload_refuses_with_503(
     start_guard: StartGuard, http: aiohttp.ClientSession, x: np.ndarray
 ) -> None:
-    guard = await start_guard(certify_policy(n=300_000, max_concurrent=1, on_overload=503))
+    guard = await start_guard(
+        certify_policy(n=300_000, max_concurrent=1, on_overload=503, max_wait=0)
+    )
     replies = await concurrent_asks(http, guard, x, 4)
     statuses = sorted(status for status, _, _ in replies)
     assert statuses[0] == 200 and statuses[-1] == 503, statuses
@@ -252,7 +254,7 @@ async def test_overload_answers_uncertified(
     start_guard: StartGuard, http: aiohttp.ClientSession, x: np.ndarray
 ) -> None:
     guard = await start_guard(
-        certify_policy(n=300_000, max_concurrent=1, on_overload="uncertified")
+        certify_policy(n=300_000, max_concurrent=1, on_overload="uncertified", max_wait=0)
     )
     replies = await concurrent_asks(http, guard, x, 4)
     assert all(status == 200 for status, _, _ in replies)
@@ -267,7 +269,7 @@ async def test_overload_answers_uncertified(
 
 
 async def test_a_cancelled_request_keeps_its_slot_until_sampling_stops(x: np.ndarray) -> None:
-    stage = build({"sigma": SIGMA, "n": 300_000, "max_concurrent": 1})
+    stage = build({"sigma": SIGMA, "n": 300_000, "max_concurrent": 1, "max_wait": 0})
     first = asyncio.create_task(through(stage, context(x[:1], certify=True)))
     await asyncio.sleep(0.05)  # sampling has started in a worker thread
     first.cancel()

@@ -36,7 +36,7 @@ CERTIFY = {
     "batch": 2_500,
     "max_concurrent": 2,  # each client may hold one (client_max_concurrent: max_concurrent - 1)
     "client_samples_per_second": 4 * (N + N0),  # four certifications per second and client
-    "max_wait": "2s",  # over her share, a request waits its turn (then 503)
+    "max_wait": 2.0,  # over her share, a request waits its turn (then 503)
 }
 HAMMERS = 8
 SAMPLES = 40
