@@ -10,6 +10,15 @@
   target's recipe, trained on halves of the attacker's own data, teach an attack
   model what the target's answers look like for members; one attack model over
   ``(log p_y, top-3 probabilities)`` instead of one per class.
+* ``lira``: Carlini, Chien, Nasr, Song, Terzis, Tramer. "Membership Inference
+  Attacks From First Principles." IEEE S&P 2022 (the online Likelihood Ratio
+  Attack). Shadow models of the target's recipe train on random halves of the
+  attacker's data together with the records under test, so each record is in
+  about half of them; per record, Gaussians are fitted to the logit-scaled
+  confidence ``φ = log(p_y / (1 - p_y))`` of the shadows that trained on it and
+  of those that did not (one variance each, pooled over records: the paper's
+  choice for few shadows), and the score is the log likelihood ratio of the
+  target's released ``φ``. Built to be judged at low false-positive rates.
 * ``label-only``: Choquette-Choo, Tramer, Carlini, Papernot. "Label-Only
   Membership Inference Attacks." ICML 2021. Score: the fraction of ``n``
   Gaussian neighbours of ``x`` (and ``x`` itself) the target still labels ``y``;
@@ -20,10 +29,12 @@ What the attacker holds (:func:`membership_data`): the evaluation set is the
 same for every attack, ``k`` members and ``k`` non-members. The attacker's own
 data is the *other* half of the non-members, disjoint from the target's members
 and from the evaluation set; shadow models train on it and the label-only noise
-scale comes from its per-feature spread. Reported: AUC and the advantage
+scale comes from its per-feature spread. Reported: AUC, the advantage
 ``max_t (TPR - FPR)`` over thresholds ``t`` (the best threshold, an upper bound
-for one the attacker would have to pick). A refused query scores as the least
-member-like value.
+for one the attacker would have to pick) and the TPR at 0.1% FPR (Carlini et al.:
+what an attacker gets when it must be almost never wrong; chance is 0.001, and
+with fewer than 1,000 non-members it is the TPR at no false positive). A refused
+query scores as the least member-like value.
 """
 
 from __future__ import annotations
@@ -39,6 +50,7 @@ from guard.attacks.detection import detection
 from guard.attacks.targets import Answers, Target
 
 ShadowFactory = Callable[[int], Any]  # seed -> an unfitted scikit-learn classifier
+LOW_FPR = 0.001  # the false-positive rate TPR is reported at
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +106,10 @@ class Roc:
     def advantage(self) -> float:
         return float(np.max(self.tpr - self.fpr))
 
+    def tpr_at(self, fpr: float) -> float:
+        """The largest TPR of a threshold whose FPR is at most ``fpr``."""
+        return float(np.max(self.tpr[self.fpr <= fpr]))
+
 
 def roc(scores: np.ndarray, member: np.ndarray) -> Roc:
     """ROC of "member when score >= t" over every threshold; ties move together.
@@ -136,6 +152,7 @@ class MembershipRun:
             "queries": float(np.median(per_record)) if per_record else 0.0,
             "auc": curve.auc,
             "advantage": curve.advantage,
+            "tpr_at_0.1%_fpr": curve.tpr_at(LOW_FPR),
             **detection(target.log, self.spans).summary(),
             "params": self.params,
             "roc": {"fpr": curve.fpr.round(4).tolist(), "tpr": curve.tpr.round(4).tolist()},
@@ -222,6 +239,94 @@ def shadow_attack(
         tuple(spans),
         time.perf_counter() - started,
     )
+
+
+def logit_confidence(scores: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """LiRA's ``φ = log(p_y / (1 - p_y))``, ``p_y`` clipped to ``[1e-7, 1 - 1e-7]`` (FP32)."""
+    p = np.clip(scores[np.arange(len(y)), y].astype(np.float64), 1e-7, 1.0 - 1e-7)
+    return np.log(p) - np.log1p(-p)
+
+
+@dataclass(frozen=True, slots=True)
+class LiraReference:
+    """Per-record Gaussians of ``φ`` from shadow models that trained on the record (in)
+    and that did not (out); :meth:`score` is the log likelihood ratio of an answer."""
+
+    mu_in: np.ndarray
+    sd_in: float
+    mu_out: np.ndarray
+    sd_out: float
+
+    @classmethod
+    def fit(
+        cls,
+        data: MembershipData,
+        n_classes: int,
+        make_shadow: ShadowFactory,
+        rng: np.random.Generator,
+        *,
+        shadows: int = 16,
+    ) -> LiraReference:
+        """``shadows`` models, each on a random half of the attacker's data and the records."""
+        x_pool = np.concatenate([data.x_attacker, data.x])
+        y_pool = np.concatenate([data.y_attacker, data.y])
+        tested = slice(len(data.x_attacker), None)
+        phi = np.empty((shadows, len(data.x)))
+        inside = np.empty((shadows, len(data.x)), dtype=bool)
+        for s in range(shadows):
+            chosen = rng.random(len(x_pool)) < 0.5
+            model = make_shadow(int(rng.integers(2**31)))
+            model.fit(x_pool[chosen], y_pool[chosen])
+            scores = np.zeros((len(data.x), n_classes))
+            scores[:, model.classes_] = model.predict_proba(data.x)
+            phi[s], inside[s] = logit_confidence(scores, data.y), chosen[tested]
+        mu_in, sd_in = _pooled_gaussian(phi, inside)
+        mu_out, sd_out = _pooled_gaussian(phi, ~inside)
+        return cls(mu_in, sd_in, mu_out, sd_out)
+
+    def score(self, answers: Answers, y: np.ndarray) -> np.ndarray:
+        """The log likelihood ratio of each answer (NaN where refused)."""
+        observed = logit_confidence(answers.scores, y)
+        ratio = _log_normal(observed, self.mu_in, self.sd_in) - _log_normal(
+            observed, self.mu_out, self.sd_out
+        )
+        return np.where(answers.answered, ratio, np.nan)
+
+
+def lira_attack(
+    target: Target,
+    data: MembershipData,
+    make_shadow: ShadowFactory,
+    rng: np.random.Generator,
+    *,
+    shadows: int = 16,
+) -> MembershipRun:
+    """Carlini et al.'s online LiRA with ``shadows`` models built by ``make_shadow(seed)``."""
+    started = time.perf_counter()
+    reference = LiraReference.fit(data, target.spec.n_classes, make_shadow, rng, shadows=shadows)
+    answers, spans = _answers_per_record(target, data.x)
+    return MembershipRun(
+        "membership-lira",
+        {"shadows": shadows},
+        reference.score(answers, data.y),
+        data.member,
+        tuple(spans),
+        time.perf_counter() - started,
+    )
+
+
+def _pooled_gaussian(phi: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, float]:
+    """Per-record means of ``phi`` where ``mask`` (the overall mean for a record with
+    none) and one standard deviation pooled over every record."""
+    counts = mask.sum(axis=0)
+    overall = float(phi[mask].mean()) if mask.any() else 0.0
+    mean = np.where(counts > 0, (phi * mask).sum(axis=0) / np.maximum(counts, 1), overall)
+    spread = float(np.sqrt(((phi - mean) ** 2)[mask].mean())) if mask.any() else 1.0
+    return mean, max(spread, 1e-3)
+
+
+def _log_normal(x: np.ndarray, mean: np.ndarray, sd: float) -> np.ndarray:
+    return -0.5 * ((x - mean) / sd) ** 2 - np.log(sd)
 
 
 def label_only_attack(

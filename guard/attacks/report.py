@@ -143,7 +143,8 @@ def _detail(e: dict[str, Any]) -> str:
     if family == "extraction":
         return f"fidelity {_num(e['fidelity'])}  accuracy {_num(e['accuracy'])}"
     if family == "membership":
-        return f"AUC {_num(e['auc'])}  advantage {_num(e['advantage'])}"
+        low = e.get("tpr_at_0.1%_fpr")
+        return f"AUC {_num(e['auc'])}  advantage {_num(e['advantage'])}  TPR@0.1%FPR {_num(low)}"
     if family == "inversion":
         return f"similarity {_num(e['similarity'])} vs baseline {_num(e['baseline_similarity'])}"
     if family == "adaptive":

@@ -19,9 +19,9 @@ The target factory gets ``None`` for the attacker's own account, ``i >= 0`` for
 benign client ``i``, and ``-1 - j`` for the attacker's extra account ``j`` (Sybil
 keys, junk senders).
 
-Everything runs on a plain install except the shadow-model membership attack,
-which trains scikit-learn models: without scikit-learn it is left out and the
-report says so in its notes.
+Everything runs on a plain install except the shadow-model membership attacks
+(shadow, LiRA), which train scikit-learn models: without scikit-learn they are
+left out and the report says so in its notes.
 """
 
 from __future__ import annotations
@@ -96,7 +96,7 @@ def run_suite(
     report = Report(model=config.model, target=target_label, seed=config.seed)
     attacks = resolve(names, spec)
     if "membership" in attacks and not installed("sklearn"):
-        report.notes.append(SHADOW_SKIPPED)
+        report.notes += [SHADOW_SKIPPED, LIRA_SKIPPED]
     for name in attacks:
         if progress:
             progress(name)
@@ -234,10 +234,14 @@ def _membership(
             entries.append(shadow.summary(target))
         label_only = membership.label_only_attack(target, data, rng)
         entries.append(label_only.summary(target))
+        if installed("sklearn"):
+            lira = membership.lira_attack(target, data, _shadow_recipe(config.model), rng)
+            entries.append(lira.summary(target))
     return entries
 
 
 SHADOW_SKIPPED = f"membership-shadow skipped: its shadow models need scikit-learn {hint('sklearn')}"
+LIRA_SKIPPED = f"membership-lira skipped: its shadow models need scikit-learn {hint('sklearn')}"
 
 
 def _shadow_recipe(model: str) -> Callable[[int], Any]:

@@ -31,8 +31,19 @@ that read labels alone (Choquette-Choo et al., ICML 2021) are untouched by any
 score perturbation that keeps the label.
 
 The deterministic mechanisms (:class:`Rounding`, :class:`TopK`,
-:class:`LabelOnly`, :class:`ReverseSigmoid`) carry no ε: they reduce what one
-answer reveals but do not bound it.
+:class:`LabelOnly`, :class:`ReverseSigmoid`, :class:`ConfidenceBins`) carry no
+ε: they reduce what one answer reveals but do not bound it.
+
+:class:`ConfidenceBins` is the utility-preserving one: it keeps the label and the
+order of the classes, and releases the top probability as one of a few calibrated
+levels (histogram binning, Zadrozny & Elkan, ICML 2001), the rest of the mass
+shared among the other classes by rank alone. An answer is then a function of
+the label, the order of the classes and the bin: the fine differences of
+confidence that separate training members (the model is surest on them) from
+other inputs do not leave, nor do the magnitudes an inversion or extraction
+attack would climb (MemGuard, Jia et al., CCS 2019,
+shapes the vector against an attack model to the same end; this is its
+attack-model-free, deterministic cousin).
 
 References: Dwork, McSherry, Nissim, Smith, TCC 2006 (Laplace mechanism); Bun &
 Steinke, TCC 2016 (zCDP); Lee, Edraki, Zhu, Qi, "Defending Against NN Model
@@ -44,6 +55,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import itertools
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -201,6 +213,34 @@ def reverse_sigmoid(scores: np.ndarray, beta: float, gamma: float) -> np.ndarray
     logit = np.log(clipped) - np.log1p(-clipped)
     perturbation = beta * (_sigmoid(gamma * logit) - 0.5)
     return to_simplex(scores - perturbation)
+
+
+def bin_confidence(
+    scores: np.ndarray,
+    cuts: Sequence[float],
+    confidences: Sequence[float],
+    ranked: int | None = None,
+) -> np.ndarray:
+    """Each row's top probability replaced by ``confidences[i]``, ``i`` the number of
+    ``cuts`` at or below it; the other classes share the rest by rank alone, each of
+    the ``ranked`` next classes (default: all) half the one before, the classes after
+    them evenly (ties in the model's order go to the lower class index). A row then
+    depends on its label, the order of its first ``ranked + 1`` classes and its bin,
+    nothing else. That order is kept, except that a level below the second class's
+    share swaps with it (:func:`keep_top1` puts the label back)."""
+    p = scores.astype(np.float64)
+    rows = np.arange(p.shape[0])[:, None]
+    order = np.argsort(-p, axis=1, kind="stable")
+    p_top = p[rows[:, 0], order[:, 0]]
+    level = np.asarray(confidences, dtype=np.float64)[
+        np.searchsorted(np.asarray(cuts, dtype=np.float64), p_top, side="right")
+    ]
+    steps = np.arange(p.shape[1] - 1)
+    weights = 0.5 ** (steps if ranked is None else np.minimum(steps, ranked))
+    out = np.empty_like(p)
+    out[rows, order[:, 1:]] = (1.0 - level)[:, None] * (weights / weights.sum())
+    out[rows[:, 0], order[:, 0]] = level
+    return out
 
 
 def _sigmoid(z: np.ndarray) -> np.ndarray:
@@ -431,8 +471,59 @@ class ReverseSigmoid:
         return {"beta": self.beta, "gamma": self.gamma, "keep_argmax": self.keep_argmax}
 
 
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ConfidenceBins:
+    """The label and class order kept; the top probability released as the level of
+    its bin (``cuts`` ascending, one more ``confidences``), the rest shared by rank
+    (``ranked`` classes after the top keep their place; None: all). No ε: what leaves
+    is the label, that order and the bin.
+
+    Set each level to the model's held-out accuracy in that bin and the answers are
+    calibrated; one bin (no cuts) releases the same confidence for every answer.
+    """
+
+    kind: ClassVar[str] = "bins"
+    noisy: ClassVar[bool] = False
+    cuts: tuple[float, ...] = ()
+    confidences: tuple[float, ...]
+    ranked: int | None = None  # classes after the top that keep their place; None: all
+
+    def __post_init__(self) -> None:
+        cuts, levels = self.cuts, self.confidences
+        if len(levels) != len(cuts) + 1:
+            raise ValueError(
+                f"confidences needs one level more than cuts ({len(cuts) + 1}); got {len(levels)}"
+            )
+        if any(not 0.0 < c < 1.0 for c in cuts) or any(b <= a for a, b in itertools.pairwise(cuts)):
+            raise ValueError(f"cuts must rise strictly within (0, 1); got {list(cuts)}")
+        if any(not 0.0 < v <= 1.0 for v in levels):
+            raise ValueError(f"confidences must lie in (0, 1]; got {list(levels)}")
+        if self.ranked is not None and self.ranked < 0:
+            raise ValueError(f"ranked must be >= 0; got {self.ranked}")
+
+    @property
+    def cost(self) -> None:
+        return None
+
+    def apply(self, scores: np.ndarray, rng: Rng | None = None) -> np.ndarray:
+        check_scores(scores)
+        released = bin_confidence(scores, self.cuts, self.confidences, self.ranked)
+        return _finish(released, scores, True)
+
+    def fingerprint(self) -> str:
+        return _fingerprint(self)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "cuts": list(self.cuts),
+            "confidences": list(self.confidences),
+            "ranked": self.ranked,
+        }
+
+
 MECHANISMS: dict[str, type[Any]] = {
-    m.kind: m for m in (Laplace, Gaussian, Rounding, TopK, LabelOnly, ReverseSigmoid)
+    m.kind: m
+    for m in (Laplace, Gaussian, Rounding, TopK, LabelOnly, ReverseSigmoid, ConfidenceBins)
 }
 
 

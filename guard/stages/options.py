@@ -14,6 +14,7 @@ policy's section into it, :func:`describe_options` turns it back into what
 ``Duration``                  seconds: a number or ``500ms``, ``30s``, ``5m``, ``1h``, ``1d``
 ``tuple[str, ...]``           a list of strings; ``tuple[int, ...]``: a shape (``-1`` any)
 ``tuple[float, float]``       ``[lo, hi]``, two finite numbers with ``lo < hi``
+``tuple[float, ...]``         a list of finite numbers
 an options dataclass          a nested mapping; ``tuple[Options, ...]``: a list of them
 ``X | None``                  absent (or ``null``) reads as ``None``
 ===========================  ==============================================
@@ -263,6 +264,11 @@ def _tuple(section: Section, key: str, args: tuple[Any, ...], env: StageEnv | No
         return section.str_list(key)
     if args == (int, ...):
         return section.shape(key)
+    if args == (float, ...):
+        values = [value for _, value in section.section_list(key)]
+        if not all(_finite(v) for v in values):
+            raise section.error(key, f"must be a list of finite numbers; got {show(values)}")
+        return tuple(float(v) for v in values)
     if args == (float, float):
         values = [value for _, value in section.section_list(key)]
         if len(values) != 2 or not all(_finite(v) for v in values):

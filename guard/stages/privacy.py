@@ -41,6 +41,7 @@ import numpy as np
 
 from guard.defenses.accountant import Accountant, Budget, zcdp_epsilon, zcdp_rho
 from guard.defenses.privacy import (
+    ConfidenceBins,
     Gaussian,
     LabelOnly,
     Laplace,
@@ -75,6 +76,7 @@ _TAKES: dict[str, dict[str, Any]] = {
     "topk": {"k": 1, "renormalize": True},
     "label_only": {},
     "reverse_sigmoid": {"beta": 1.0, "gamma": 0.1, "keep_argmax": True},
+    "bins": {"cuts": (), "confidences": None, "ranked": None},
 }
 _PARAMETERS = sorted({key for keys in _TAKES.values() for key in keys})
 
@@ -83,9 +85,9 @@ _PARAMETERS = sorted({key for keys in _TAKES.values() for key in keys})
 class MechanismOptions:
     """A mechanism and its parameters; a parameter it does not take must stay unset."""
 
-    mechanism: Literal["laplace", "gaussian", "round", "topk", "label_only", "reverse_sigmoid"] = (
-        option(doc="the output defence (guard.defenses.privacy); label_only releases the label")
-    )
+    mechanism: Literal[
+        "laplace", "gaussian", "round", "topk", "label_only", "reverse_sigmoid", "bins"
+    ] = option(doc="the output defence (guard.defenses.privacy); label_only releases the label")
     epsilon: float | None = option(
         None,
         gt=0.0,
@@ -109,6 +111,24 @@ class MechanismOptions:
     gamma: float | None = option(
         None, gt=0.0, shown="`0.1` (reverse_sigmoid)", doc="reverse_sigmoid: convergence"
     )
+    cuts: tuple[float, ...] | None = option(
+        None,
+        shown="`[]` (bins)",
+        doc="bins: top-probability boundaries, rising within (0, 1); none: one bin",
+    )
+    confidences: tuple[float, ...] | None = option(
+        None,
+        shown="required (bins)",
+        doc="bins: the top probability released in each bin, one more than `cuts`; set "
+        "each to the model's held-out accuracy in that bin to keep the answers calibrated",
+    )
+    ranked: int | None = option(
+        None,
+        min=0,
+        shown="all (bins)",
+        doc="bins: how many classes after the top keep their place (the rest share evenly); "
+        "fewer tell an extraction attack less",
+    )
     keep_argmax: bool | None = option(
         None,
         shown="`true`",
@@ -127,6 +147,14 @@ class MechanismOptions:
                 )
         if self.mechanism == "laplace" and self.epsilon is None:
             raise OptionError("epsilon", "is required")
+        if self.mechanism == "bins":
+            if self.confidences is None:
+                raise OptionError("confidences", "is required")
+            try:
+                self.build(None)
+            except ValueError as exc:
+                key = "cuts" if str(exc).startswith("cuts") else "confidences"
+                raise OptionError(key, str(exc).split(" ", 1)[1]) from None
         if self.mechanism == "gaussian" and (self.sigma is None) == (self.epsilon is None):
             raise OptionError(None, "mechanism gaussian takes sigma or epsilon (one of them)")
 
@@ -147,6 +175,8 @@ class MechanismOptions:
             return Rounding(decimals=v("decimals"), keep_argmax=v("keep_argmax"))
         if kind == "topk":
             return TopK(k=v("k"), renormalize=v("renormalize"))
+        if kind == "bins":
+            return ConfidenceBins(cuts=v("cuts"), confidences=v("confidences"), ranked=v("ranked"))
         if kind == "reverse_sigmoid":
             return ReverseSigmoid(beta=v("beta"), gamma=v("gamma"), keep_argmax=v("keep_argmax"))
         return LabelOnly()

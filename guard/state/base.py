@@ -1,6 +1,6 @@
 """The state store protocol: the few primitives detectors and budgets share.
 
-Every operation is atomic on its own (a Lua script or a MULTI pipeline in
+Every operation is atomic on its own (a Lua script or a single command in
 Redis, one uninterrupted step of the event loop in memory) and works in integer
 units: counters and budgets never go through floats.
 

@@ -57,6 +57,7 @@ from guard.attacks.membership import (
 from guard.attacks.surrogate import Surrogate
 from guard.attacks.targets import Answers, OnnxTarget, Target, TargetSpec
 from guard.defenses.privacy import (
+    ConfidenceBins,
     Gaussian,
     LabelOnly,
     Laplace,
@@ -293,6 +294,14 @@ SETTINGS = [
     Setting("gaussian σ=0.5", Gaussian(sigma=0.5)),
     Setting("gaussian σ=1", Gaussian(sigma=1.0)),
     Setting("reverse sigmoid β=1 γ=0.1", ReverseSigmoid(beta=1.0, gamma=0.1)),
+    # Levels calibrated as in measure_privacy_utility (those of the default policy).
+    Setting("bins 0.5, all ranked", ConfidenceBins(cuts=(0.5,), confidences=(0.48, 0.975))),
+    Setting(
+        "bins 0.5, ranked 1 (digits default)",
+        ConfidenceBins(cuts=(0.5,), confidences=(0.48, 0.975), ranked=1),
+    ),
+    Setting("bins 0.5, ranked 0", ConfidenceBins(cuts=(0.5,), confidences=(0.48, 0.975), ranked=0)),
+    Setting("bins, one bin (breast_cancer default)", ConfidenceBins(confidences=(0.94,))),
     Setting("recommended", RECOMMENDED),
 ]
 

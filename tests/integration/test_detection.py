@@ -203,6 +203,14 @@ def redis_state(server: RedisServer, **extra: Any) -> dict[str, Any]:
     return {"backend": "redis", "url": server.url, "key_prefix": "test:", "timeout": 2.0, **extra}
 
 
+def shared_state(request: pytest.FixtureRequest, kind: str) -> dict[str, Any]:
+    """The state section of one Redis (``redis``) or a three-node cluster (``cluster``)."""
+    if kind == "cluster":
+        cluster = request.getfixturevalue("redis_cluster")
+        return {"backend": "redis", "url": cluster.url, "cluster": True, "timeout": 2.0}
+    return redis_state(request.getfixturevalue("redis_server"))
+
+
 async def test_two_guards_sharing_redis_catch_an_attack_split_between_them(
     start_guard: StartGuard, http: aiohttp.ClientSession, redis_server: RedisServer
 ) -> None:
@@ -340,7 +348,7 @@ async def infer_as(
         return reply.status, await reply.json(), reply.headers
 
 
-@pytest.mark.parametrize("state", ["memory", "redis"])
+@pytest.mark.parametrize("state", ["memory", "redis", "cluster"])
 async def test_exact_repeats_by_one_or_many_clients_are_free(
     start_guard: StartGuard,
     http: aiohttp.ClientSession,
@@ -349,8 +357,8 @@ async def test_exact_repeats_by_one_or_many_clients_are_free(
     state: str,
 ) -> None:
     extra: dict[str, Any] = {"audit": {"path": "audit.jsonl"}}
-    if state == "redis":
-        extra["state"] = redis_state(request.getfixturevalue("redis_server"))
+    if state != "memory":
+        extra["state"] = shared_state(request, state)
     guard = await start_fleet(start_guard, default_digits_stages(), **extra)
     x, _ = load_samples("digits")
     answers = set()
@@ -410,7 +418,7 @@ async def test_a_flood_of_junk_cannot_flush_another_clients_history(
     assert (await infer(http, guard, walk[3], "mallory"))[0] == 403
 
 
-@pytest.mark.parametrize("state", ["memory", "redis"])
+@pytest.mark.parametrize("state", ["memory", "redis", "cluster"])
 async def test_misdirected_attackers_get_plain_answers_that_lead_nowhere(
     start_guard: StartGuard,
     http: aiohttp.ClientSession,
@@ -421,8 +429,8 @@ async def test_misdirected_attackers_get_plain_answers_that_lead_nowhere(
     """A caught client is answered 200 with the usual headers, from its walk's first query;
     operators see every finding."""
     extra: dict[str, Any] = {"audit": {"path": "audit.jsonl"}}
-    if state == "redis":
-        extra["state"] = redis_state(request.getfixturevalue("redis_server"))
+    if state != "memory":
+        extra["state"] = shared_state(request, state)
     guard = await start_fleet(
         start_guard,
         [{"blacklight": {"key_env": BLACKLIGHT_KEY, "action": "misdirect", "degrade_for": "1m"}}],
@@ -456,7 +464,7 @@ async def test_misdirected_attackers_get_plain_answers_that_lead_nowhere(
     )
 
 
-@pytest.mark.parametrize("state", ["memory", "redis"])
+@pytest.mark.parametrize("state", ["memory", "redis", "cluster"])
 async def test_provenance_catches_fresh_random_noise_that_blacklight_misses(
     start_guard: StartGuard,
     http: aiohttp.ClientSession,
@@ -466,8 +474,8 @@ async def test_provenance_catches_fresh_random_noise_that_blacklight_misses(
 ) -> None:
     """OARS-style: a fresh random transform on every query, large enough to break the hashes."""
     extra: dict[str, Any] = {"audit": {"path": "audit.jsonl"}}
-    if state == "redis":
-        extra["state"] = redis_state(request.getfixturevalue("redis_server"))
+    if state != "memory":
+        extra["state"] = shared_state(request, state)
     guard = await start_fleet(
         start_guard,
         [

@@ -99,6 +99,47 @@ async def test_answers_are_noisy_keep_the_label_and_repeat_exactly(
     np.testing.assert_array_equal(mixed["probabilities"][:3], p[order])
 
 
+async def test_bins_answer_with_the_label_the_runner_up_and_the_bins_level(
+    start_guard: StartGuard, http: aiohttp.ClientSession, digits: Any
+) -> None:
+    x, true_p = digits
+    bins = {"mechanism": "bins", "cuts": [0.5], "confidences": [0.48, 0.975], "ranked": 1}
+    policy = digits_policy(
+        model={"stages": [{"validate": {"min": 0.0, "max": 16.0}}, {"privacy": bins}]}
+    )
+    guard = await start_guard(policy)
+    status, answer, headers = await infer(http, guard, x)
+    assert status == 200, answer
+    p, order = answer["probabilities"], np.argsort(-true_p, axis=1)
+    np.testing.assert_array_equal(answer["label"], order[:, 0])
+    np.testing.assert_array_equal(np.argsort(-p, axis=1, kind="stable")[:, :2], order[:, :2])
+    level = np.where(true_p.max(axis=1) < 0.5, 0.48, 0.975)
+    np.testing.assert_allclose(p.max(axis=1), level, rtol=1e-6)
+    np.testing.assert_allclose(p.sum(axis=1), 1.0, atol=1e-6)
+    assert "X-Guard-Privacy-Epsilon" not in headers  # no epsilon, no budget
+    _, again, _ = await infer(http, guard, x)
+    np.testing.assert_array_equal(again["probabilities"], p)
+
+
+@pytest.mark.parametrize(
+    ("bins", "message"),
+    [
+        ({"cuts": [0.5]}, "privacy.confidences is required"),
+        ({"cuts": [0.5], "confidences": [0.9]}, "needs one level more than cuts (2); got 1"),
+        ({"confidences": [0.9], "budget": {"epsilon": 10}}, "bins has no epsilon"),
+        ({"confidences": [0.9], "ranked": -1}, "privacy.ranked must be >= 0"),
+    ],
+)
+def test_invalid_bins_stop_the_load_naming_the_key(bins: dict[str, Any], message: str) -> None:
+    stages = [{"privacy": {"mechanism": "bins", **bins}}]
+    policy = parse_policy(
+        digits_policy(model={"stages": stages}), source="p.yaml", base=Path("."), environ=ENVIRON
+    )
+    with pytest.raises(PolicyError) as caught:
+        build_runtime(policy, session=None)
+    assert message in str(caught.value)
+
+
 async def test_the_budget_runs_out_into_label_only_answers(
     start_guard: StartGuard, http: aiohttp.ClientSession, digits: Any
 ) -> None:

@@ -10,6 +10,7 @@ from scipy import stats
 
 from guard.defenses.privacy import (
     L1_SENSITIVITY,
+    ConfidenceBins,
     Gaussian,
     LabelOnly,
     Laplace,
@@ -317,3 +318,56 @@ def test_degrade_outputs_with_a_noisy_mechanism_and_missing_scores() -> None:
     )
     only_label = {"label": np.arange(6)}
     assert degrade_outputs(only_label) == only_label
+
+
+def test_bins_release_the_level_of_each_rows_bin_and_keep_label_and_order() -> None:
+    scores = probabilities(500, 10, seed=3, concentration=0.3)
+    bins = ConfidenceBins(cuts=(0.5, 0.9), confidences=(0.45, 0.7, 0.97))
+    released = bins.apply(scores)
+    assert released.dtype == scores.dtype and bins.cost is None and not bins.noisy
+    np.testing.assert_allclose(released.sum(axis=1), 1.0, atol=1e-6)
+    top = scores.max(axis=1)
+    expected = np.where(top < 0.5, 0.45, np.where(top < 0.9, 0.7, 0.97))
+    np.testing.assert_allclose(released.max(axis=1), expected, atol=1e-6)
+    assert (released.argmax(axis=1) == scores.argmax(axis=1)).all()
+    order = np.argsort(-scores, axis=1, kind="stable")
+    ranked = np.take_along_axis(released, order, axis=1)
+    assert (np.diff(ranked, axis=1) < 0).all()  # every class keeps its place
+
+
+def test_bins_answers_depend_on_label_order_and_bin_only() -> None:
+    bins = ConfidenceBins(cuts=(0.5,), confidences=(0.4, 0.95))
+    a = np.array([[0.96, 0.03, 0.01], [0.6, 0.3, 0.1], [0.2, 0.3, 0.5]], dtype=np.float32)
+    b = np.array([[0.999, 0.0009, 0.0001], [0.9, 0.09, 0.01], [0.1, 0.45, 0.45]], np.float32)
+    released_a, released_b = bins.apply(a), bins.apply(b)
+    np.testing.assert_array_equal(released_a[:2], released_b[:2])
+    # a level below the second class's share: the label is put back on top
+    low = ConfidenceBins(confidences=(0.2,)).apply(np.array([[0.5, 0.3, 0.2]], np.float32))
+    assert low.argmax() == 0
+
+
+def test_bins_ranked_keeps_that_many_places_and_shares_the_rest_evenly() -> None:
+    scores = np.array([[0.05, 0.6, 0.2, 0.1, 0.05]], dtype=np.float32)
+    one = ConfidenceBins(confidences=(0.9,), ranked=1).apply(scores)[0]
+    assert one[1] == pytest.approx(0.9) and one[2] > one[3] == one[0] == one[4]
+    none = ConfidenceBins(confidences=(0.9,), ranked=0).apply(scores)[0]
+    np.testing.assert_allclose(np.delete(none, 1), 0.025, rtol=1e-6)
+    with pytest.raises(ValueError, match="ranked must be >= 0"):
+        ConfidenceBins(confidences=(0.9,), ranked=-1)
+
+
+@pytest.mark.parametrize(
+    ("cuts", "levels", "message"),
+    [
+        ((0.5,), (0.9,), "one level more than cuts"),
+        ((0.6, 0.5), (0.3, 0.5, 0.9), "rise strictly"),
+        ((1.0,), (0.5, 0.9), "rise strictly"),
+        ((), (0.0,), "confidences must lie in (0, 1]"),
+        ((), (1.2,), "confidences must lie in (0, 1]"),
+    ],
+)
+def test_bins_refuse_bad_cuts_and_levels(
+    cuts: tuple[float, ...], levels: tuple[float, ...], message: str
+) -> None:
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace("]", r"\]")):
+        ConfidenceBins(cuts=cuts, confidences=levels)

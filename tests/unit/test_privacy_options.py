@@ -11,7 +11,7 @@ import pytest
 
 from guard.clients import Client
 from guard.defenses.accountant import zcdp_rho
-from guard.defenses.privacy import Gaussian, Laplace, Rounding, gaussian_sigma
+from guard.defenses.privacy import ConfidenceBins, Gaussian, Laplace, Rounding, gaussian_sigma
 from guard.inference import InferRequest, InferResponse
 from guard.pipeline import RequestContext
 from guard.stages.env import StageEnv
@@ -50,6 +50,32 @@ def test_a_mechanism_takes_its_defaults_and_refuses_other_mechanisms_keys() -> N
     )
     assert refused(lambda: MechanismOptions(mechanism="laplace")).key == "epsilon"
     assert "one of them" in refused(lambda: MechanismOptions(mechanism="gaussian")).message
+
+
+def test_bins_take_cuts_and_confidences_and_refuse_noise_options() -> None:
+    one = MechanismOptions(mechanism="bins", confidences=(0.97,))
+    assert one.build(None) == ConfidenceBins(cuts=(), confidences=(0.97,))
+    assert refused(lambda: MechanismOptions(mechanism="bins")).key == "confidences"
+    error = refused(lambda: MechanismOptions(mechanism="bins", cuts=(0.5,), confidences=(0.9,)))
+    assert (error.key, error.message) == (
+        "confidences",
+        "needs one level more than cuts (2); got 1",
+    )
+    error = refused(
+        lambda: MechanismOptions(mechanism="bins", cuts=(0.9, 0.5), confidences=(1, 1, 1))
+    )
+    assert error.key == "cuts" and "rise strictly" in error.message
+    assert refused(
+        lambda: MechanismOptions(mechanism="bins", confidences=(0.9,), epsilon=1.0)
+    ).message == ("does not apply to mechanism bins (it takes cuts, confidences, ranked)")
+    assert (
+        refused(
+            lambda: PrivacyOptions(
+                mechanism="bins", confidences=(0.9,), budget=BudgetOptions(epsilon=5.0)
+            )
+        ).key
+        == "budget"
+    )
 
 
 def test_a_gaussian_from_epsilon_gets_sigma_at_delta() -> None:

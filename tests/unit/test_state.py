@@ -1,4 +1,5 @@
-"""The state stores: one suite run against memory and a real Redis, then each one's own bounds."""
+"""The state stores: one suite run against memory, a real Redis and a real three-node Redis
+Cluster, then each one's own bounds."""
 
 from __future__ import annotations
 
@@ -13,7 +14,9 @@ import redis.asyncio as aioredis
 from guard.configreader import Section
 from guard.errors import PolicyError, StateUnavailable
 from guard.state import (
+    CLUSTER_FINGERPRINT_SHARDS,
     FingerprintMatch,
+    SentinelConfig,
     StateConfig,
     StateStore,
     build_store,
@@ -22,18 +25,63 @@ from guard.state import (
 )
 from guard.state.memory import MemoryStore
 from guard.state.redis import RedisStore
-from tests.integration.redis_server import RedisServer
+from tests.integration.redis_server import (
+    RedisClusterServers,
+    RedisSentinelServers,
+    RedisServer,
+    TlsRedisServer,
+)
 
-TICK = 0.25  # a window or ttl long enough to act within, short enough to wait out
+TICK = (
+    0.5  # a window or ttl long enough to act within on a loaded machine, short enough to wait out
+)
 
 
-@pytest.fixture(params=["memory", "redis"])
+def open_redis(request: pytest.FixtureRequest, kind: str, **options: Any) -> RedisStore:
+    """A RedisStore on a fresh single server (``redis``), three-node cluster (``cluster``) or
+    primary found by a sentinel (``sentinel``)."""
+    options.setdefault("timeout", 5.0)  # CI machines can be slow
+    if kind == "sentinel":
+        servers: RedisSentinelServers = request.getfixturevalue("redis_sentinel")
+        where = SentinelConfig(master=servers.MASTER, addresses=(servers.sentinel_address,))
+        return RedisStore(None, sentinel=where, **options)
+    if kind == "cluster":
+        cluster: RedisClusterServers = request.getfixturevalue("redis_cluster")
+        return RedisStore(cluster.url, cluster=True, **options)
+    server: RedisServer = request.getfixturevalue("redis_server")
+    return RedisStore(server.url, **options)
+
+
+@pytest.fixture(params=["memory", "redis", "cluster", "sentinel"])
 async def store(request: pytest.FixtureRequest) -> AsyncIterator[StateStore]:
+    """Each store as a policy opens it: the cluster's fingerprint tables sharded by default."""
     if request.param == "memory":
         built: StateStore = MemoryStore()
+    elif request.param == "cluster":
+        built = open_redis(
+            request, "cluster", key_prefix="t:", fingerprint_shards=CLUSTER_FINGERPRINT_SHARDS
+        )
     else:
-        server: RedisServer = request.getfixturevalue("redis_server")
-        built = RedisStore(server.url, key_prefix="t:", timeout=5.0)  # CI machines can be slow
+        built = open_redis(request, request.param, key_prefix="t:")
+    yield built
+    await built.close()
+
+
+@pytest.fixture(params=["redis", "cluster", "sentinel"])
+async def shared(request: pytest.FixtureRequest) -> AsyncIterator[RedisStore]:
+    """A RedisStore on a single server, a cluster and a sentinel's primary, fingerprint
+    tables in one slot."""
+    built = open_redis(request, request.param)
+    yield built
+    await built.close()
+
+
+@pytest.fixture(params=["redis", "cluster"])
+async def sharded(request: pytest.FixtureRequest) -> AsyncIterator[RedisStore]:
+    """A RedisStore whose fingerprint tables are sharded: 5 shards on a single server
+    (all in one pipeline), the default 3 on a cluster (one per node)."""
+    shards = CLUSTER_FINGERPRINT_SHARDS if request.param == "cluster" else 5
+    built = open_redis(request, request.param, fingerprint_shards=shards)
     yield built
     await built.close()
 
@@ -177,21 +225,143 @@ async def test_popular_hashes_index_only_the_newest_queries(store: StateStore) -
     assert (await store.match_fingerprints("t", "c", [[42]], **args))[0].matches == 4
 
 
-async def test_stores_agree_on_a_random_workload(redis_server: RedisServer) -> None:
+async def test_stores_agree_on_a_random_workload(shared: RedisStore) -> None:
     rng = np.random.default_rng(5)
-    memory, shared = MemoryStore(), RedisStore(redis_server.url, timeout=5.0)
+    memory = MemoryStore()
     args = fingerprint_args(threshold=3, max_queries=40, max_per_hash=8)
-    try:
-        for _ in range(60):
-            batch = [
-                sorted({int(h) for h in rng.integers(0, 24, size=int(rng.integers(1, 10)))})
-                for _ in range(int(rng.integers(1, 4)))
-            ]
-            client = f"c{rng.integers(3)}"
-            want = await memory.match_fingerprints("t", client, batch, **args)
-            assert await shared.match_fingerprints("t", client, batch, **args) == want
+    for _ in range(60):
+        batch = [
+            sorted({int(h) for h in rng.integers(0, 24, size=int(rng.integers(1, 10)))})
+            for _ in range(int(rng.integers(1, 4)))
+        ]
+        client = f"c{rng.integers(3)}"
+        want = await memory.match_fingerprints("t", client, batch, **args)
+        assert await shared.match_fingerprints("t", client, batch, **args) == want
+
+
+async def test_sharded_tables_agree_with_memory_while_no_bound_binds(sharded: RedisStore) -> None:
+    """Split by hash value, a table's shares add up to the same counts, repeats included
+    (the bounds apply per shard: see test_sharded_bounds_hold_per_shard)."""
+    rng = np.random.default_rng(11)
+    memory = MemoryStore()
+    args = fingerprint_args(threshold=3, max_queries=10_000, max_per_hash=10_000)
+    # Queries drawn from a pool, so some are exact repeats (a digest names its query's bytes).
+    pool = [
+        sorted({int(h) for h in rng.integers(0, 60, size=int(rng.integers(0, 12)))})
+        for _ in range(60)
+    ]
+    repeats = 0
+    for _ in range(80):
+        picks = [int(rng.integers(len(pool))) for _ in range(int(rng.integers(1, 4)))]
+        batch, digests = [pool[i] for i in picks], [bytes([i]) for i in picks]
+        client = f"c{rng.integers(3)}"
+        want = await memory.match_fingerprints("t", client, batch, digests=digests, **args)
+        got = await sharded.match_fingerprints("t", client, batch, digests=digests, **args)
+        assert got == want
+        repeats += sum(m.repeat for m in got)
+    assert repeats > 10
+
+
+async def test_sharded_bounds_hold_per_shard(sharded: RedisStore) -> None:
+    """max_queries bounds each shard: a shard keeps the newest queries holding one of its
+    hashes, so a query a full shard dropped still counts in the others."""
+    args = fingerprint_args(threshold=0, max_queries=3)
+    for i in range(4):  # hash 0 in every query (shard 0); the other in shards 1 to 4
+        await sharded.match_fingerprints("t", "c", [[0, 1 + i]], **args)
+    assert (await sharded.match_fingerprints("t", "c", [[0]], **args))[0].matches == 3
+    # The first query left shard 0 (in one table it would be gone) but shard 1 keeps it.
+    assert (await sharded.match_fingerprints("t", "c", [[1]], **args))[0].matches == 1
+
+
+async def test_a_sharded_table_spreads_one_model_over_every_node(
+    redis_cluster: RedisClusterServers,
+) -> None:
+    store = RedisStore(
+        redis_cluster.url,
+        cluster=True,
+        key_prefix="g:",
+        timeout=5.0,
+        fingerprint_shards=CLUSTER_FINGERPRINT_SHARDS,
+    )
+    rng = np.random.default_rng(3)
+    try:  # a blacklight-like load: 50 hashes of 64 bits per query
+        for client in ("alice", "bob"):
+            rows = [sorted({int(h) for h in rng.integers(0, 2**63, 50)}) for _ in range(4)]
+            got = await store.match_fingerprints(
+                "blacklight:digits", client, rows, **fingerprint_args(threshold=25)
+            )
+            assert [m.matches for m in got] == [0, 0, 0, 0]
+            again = await store.match_fingerprints(
+                "blacklight:digits", client, rows[:1], **fingerprint_args(threshold=25)
+            )
+            assert (again[0].matches, again[0].client_matches, again[0].best) == (1, 1, 50)
     finally:
-        await shared.close()
+        await store.close()
+    held = redis_cluster.keys()
+    table = {port: [k for k in keys if "blacklight:digits#" in k] for port, keys in held.items()}
+    assert all(table.values()), {port: len(keys) for port, keys in table.items()}
+    indexes = {k.split("}")[0] for keys in table.values() for k in keys}
+    assert len(indexes) == CLUSTER_FINGERPRINT_SHARDS  # every shard holds some of the hashes
+
+
+@pytest.fixture(params=["redis", "cluster"])
+async def scoped(request: pytest.FixtureRequest) -> AsyncIterator[RedisStore]:
+    """A RedisStore keeping each client's fingerprints in the client's own table."""
+    built = open_redis(request, request.param, fingerprint_scope="client")
+    yield built
+    await built.close()
+
+
+async def test_a_client_scoped_table_counts_the_clients_own_queries(scoped: RedisStore) -> None:
+    args = fingerprint_args(threshold=2)
+    await scoped.match_fingerprints("t", "alice", [[1, 2, 3, 4]], digests=[b"a"], **args)
+    bob = await scoped.match_fingerprints("t", "bob", [[1, 2, 3, 5]], digests=[b"a"], **args)
+    assert bob == [FingerprintMatch(0, 0, 0)]  # alice's query is not in bob's table
+    alice = await scoped.match_fingerprints("t", "alice", [[1, 2, 3, 6]], **args)
+    assert alice == [FingerprintMatch(1, 1, 3)]
+    again = await scoped.match_fingerprints("t", "alice", [[1, 2, 3, 4]], digests=[b"a"], **args)
+    assert again == [FingerprintMatch(0, 0, 0, repeat=True)]
+
+
+async def test_client_scoped_tables_agree_with_a_memory_table_per_client(
+    scoped: RedisStore,
+) -> None:
+    rng = np.random.default_rng(13)
+    memory = MemoryStore()
+    args = fingerprint_args(threshold=2, max_queries=30, max_per_hash=6, max_per_client=12)
+    for _ in range(120):
+        batch = [
+            sorted({int(h) for h in rng.integers(0, 24, size=int(rng.integers(1, 8)))})
+            for _ in range(int(rng.integers(1, 4)))
+        ]
+        digests = [bytes([int(rng.integers(0, 12))]) for _ in batch]
+        client = f"c{rng.integers(4)}"
+        want = await memory.match_fingerprints(
+            f"t/{client}", client, batch, digests=digests, **args
+        )
+        got = await scoped.match_fingerprints("t", client, batch, digests=digests, **args)
+        assert got == want
+
+
+async def test_client_scoped_fingerprints_live_in_the_clients_slot(
+    redis_cluster: RedisClusterServers,
+) -> None:
+    store = RedisStore(
+        redis_cluster.url, cluster=True, key_prefix="s:", timeout=5.0, fingerprint_scope="client"
+    )
+    clients = [f"client{i}" for i in range(12)]
+    try:
+        for client in clients:
+            await store.spend(client_key(client, "eps"), 1, 10, 60)
+            await store.match_fingerprints("blacklight:m", client, [[1, 2]], **fingerprint_args())
+    finally:
+        await store.close()
+    held = redis_cluster.keys()
+    where = {key: port for port, keys in held.items() for key in keys}
+    for client in clients:
+        fingerprints = [k for k in where if k.startswith(f"s:{{{client}}}:fp:blacklight:m")]
+        assert fingerprints and {where[k] for k in fingerprints} == {where[f"s:{{{client}}}:eps"]}
+    assert all(held.values())
 
 
 # -- keys -------------------------------------------------------------------------------
@@ -223,6 +393,44 @@ async def test_redis_keys_are_prefixed_and_tagged(redis_server: RedisServer) -> 
         "g1:{blacklight:digits}:q",
     ]
     assert all(t > 0 for t in ttls)  # nothing is kept forever
+
+
+async def test_on_a_cluster_each_operation_keys_live_on_one_node(
+    redis_cluster: RedisClusterServers,
+) -> None:
+    store = RedisStore(redis_cluster.url, cluster=True, key_prefix="g1:", timeout=5.0)
+    clients = [f"client{i}" for i in range(12)]
+    try:
+        for client in clients:
+            await store.spend(client_key(client, "eps"), 1, 10, 60)
+            await store.push(client_key(client, "h"), [b"x"], 4, 60)
+            await store.match_fingerprints("blacklight:m", client, [[1, 2]], **fingerprint_args())
+    finally:
+        await store.close()
+    held = redis_cluster.keys()
+    where = {key: port for port, keys in held.items() for key in keys}
+    for client in clients:
+        tag = f"{{{client}}}"
+        assert where[f"g1:{tag}:eps"] == where[f"g1:{tag}:h"]  # a client: one slot, one node
+    assert all(held.values())  # twelve clients are spread over all three nodes
+
+
+async def test_a_single_node_client_on_a_cluster_names_the_fix(
+    redis_cluster: RedisClusterServers,
+) -> None:
+    errors: list[str] = []
+    store = RedisStore(redis_cluster.url, timeout=5.0, on_error=errors.append)
+    elsewhere = next(  # a client whose keys live on another node than the URL's
+        client_key(f"c{i}", "n")
+        for i in range(100)
+        if redis_cluster.node_of(client_key(f"c{i}", "n")) is not redis_cluster.nodes[0]
+    )
+    try:
+        with pytest.raises(StateUnavailable, match=r"MovedError.*set cluster: true"):
+            await store.incr(elsewhere, 1, 60)
+    finally:
+        await store.close()
+    assert errors == ["incr"]
 
 
 # -- memory bounds ----------------------------------------------------------------------
@@ -286,6 +494,26 @@ async def test_redis_down_raises_state_unavailable_counts_and_recovers(
         await store.close()
 
 
+@pytest.mark.parametrize("kind", ["redis", "cluster"])
+async def test_too_many_operations_at_once_are_busy_not_a_dead_server(
+    request: pytest.FixtureRequest, kind: str
+) -> None:
+    errors: list[str] = []
+    store = open_redis(request, kind, max_connections=2, on_error=errors.append)
+    try:
+        got = await asyncio.gather(
+            *(store.incr(client_key("alice", "n"), 1, 60) for _ in range(40)),
+            return_exceptions=True,
+        )
+        busy = [g for g in got if isinstance(g, StateUnavailable)]
+        assert busy and all("state store busy" in str(b) for b in busy)
+        assert len(errors) == len(busy) < 40
+        # No backoff: the server was never down, the next operation goes through.
+        assert (await store.incr(client_key("alice", "n"), 1, 60))[0] == 41 - len(busy)
+    finally:
+        await store.close()
+
+
 async def test_unreachable_redis_fails_within_the_timeout() -> None:
     store = RedisStore("redis://127.0.0.1:1/0", timeout=0.2)
     loop = asyncio.get_running_loop()
@@ -301,7 +529,11 @@ async def test_unreachable_redis_fails_within_the_timeout() -> None:
 # -- configuration ----------------------------------------------------------------------
 
 
-ENVIRON = {"REDIS_URL": "redis://:secret@h:6379/0"}
+ENVIRON = {
+    "REDIS_URL": "redis://:secret@h:6379/0",
+    "REDIS_PASSWORD": "s3cret",
+    "SENTINEL_PASSWORD": "watch",
+}
 
 
 def read(data: Any) -> StateConfig:
@@ -318,7 +550,49 @@ def test_state_config_reads_redis() -> None:
         {"backend": "redis", "url": "redis://h:6379/1", "key_prefix": "x:", "timeout": 0.5}
     )
     assert (config.url, config.key_prefix, config.timeout) == ("redis://h:6379/1", "x:", 0.5)
+    assert not config.cluster
     assert read({"backend": "redis", "url_env": "REDIS_URL"}).url == "redis://:secret@h:6379/0"
+    assert config.fingerprint_shards == 1  # one server: one table, one script, exact bounds
+    assert config.max_connections == 256 and config.fingerprint_scope == "table"
+    scoped = read({"backend": "redis", "url": "redis://h", "fingerprint_scope": "client"})
+    assert scoped.fingerprint_scope == "client"
+    assert read({"backend": "redis", "url": "redis://h", "max_connections": 8}).max_connections == 8
+    clustered = read({"backend": "redis", "url": "redis://h:7000", "cluster": True})
+    assert clustered.cluster and clustered.url == "redis://h:7000"
+    assert clustered.fingerprint_shards == CLUSTER_FINGERPRINT_SHARDS
+    one = read({"backend": "redis", "url": "redis://h", "cluster": True, "fingerprint_shards": 1})
+    assert one.fingerprint_shards == 1
+
+
+def test_state_config_reads_sentinel_and_acl() -> None:
+    config = read(
+        {
+            "backend": "redis",
+            "sentinel": {
+                "master": "guard",
+                "addresses": ["s0:26379", "10.0.0.7:26380", "[::1]:26381"],
+                "password_env": "SENTINEL_PASSWORD",
+            },
+            "username": "guard",
+            "password_env": "REDIS_PASSWORD",
+        }
+    )
+    assert config.url is None  # the sentinels give the address
+    assert config.sentinel == SentinelConfig(
+        master="guard",
+        addresses=(("s0", 26379), ("10.0.0.7", 26380), ("::1", 26381)),
+        password="watch",
+    )
+    assert (config.username, config.password) == ("guard", "s3cret")
+    assert "s3cret" not in repr(config) and "watch" not in repr(config)
+    tls = read(
+        {
+            "backend": "redis",
+            "url": "rediss://x/2",
+            "sentinel": {"master": "m", "addresses": ["s:1"]},
+        }
+    )
+    assert tls.url == "rediss://x/2" and tls.sentinel is not None
 
 
 @pytest.mark.parametrize(
@@ -332,12 +606,115 @@ def test_state_config_reads_redis() -> None:
         ({"url": "redis://h"}, "state.url does not apply to backend memory"),
         ({"max_clients": 0}, "max_clients must be >= 1"),
         ({"backend": "redis", "url": "redis://h", "timeout": 0}, "timeout must be > 0"),
+        ({"backend": "redis", "url": "redis://h/2", "cluster": True}, "cluster takes database 0"),
+        ({"backend": "redis", "url": "redis://h?db=1", "cluster": True}, "takes database 0"),
+        ({"backend": "redis", "url": "redis://h", "cluster": "yes"}, "cluster must be"),
+        ({"cluster": True}, "state.cluster does not apply to backend memory"),
+        ({"backend": "redis", "url": "redis://h", "fingerprint_shards": 0}, "must be >= 1"),
+        ({"fingerprint_shards": 4}, "fingerprint_shards does not apply to backend memory"),
+        ({"backend": "redis", "url": "redis://h", "fingerprint_scope": "model"}, "one of table"),
+        (
+            {
+                "backend": "redis",
+                "url": "redis://h",
+                "fingerprint_scope": "client",
+                "fingerprint_shards": 3,
+            },
+            "does not apply to fingerprint_scope client",
+        ),
+        ({"backend": "redis", "sentinel": {"addresses": ["s:1"]}}, "sentinel.master is required"),
+        ({"backend": "redis", "sentinel": {"master": "m"}}, "sentinel.addresses is required"),
+        ({"backend": "redis", "sentinel": {"master": "m", "addresses": []}}, "at least one"),
+        (
+            {"backend": "redis", "sentinel": {"master": "m", "addresses": ["s"]}},
+            r"sentinel.addresses\[0\] must be host:port",
+        ),
+        (
+            {
+                "backend": "redis",
+                "url": "redis://h",
+                "cluster": True,
+                "sentinel": {"master": "m", "addresses": ["s:1"]},
+            },
+            "exclude each other",
+        ),
+        (
+            {"backend": "redis", "sentinel": {"master": "m", "addresses": ["s:1"], "port": 1}},
+            "unknown key",
+        ),
+        (
+            {"backend": "redis", "url": "redis://:pw@h", "password_env": "REDIS_PASSWORD"},
+            "give one of them",
+        ),
+        ({"backend": "redis", "url": "redis://h", "password_env": "UNSET_X"}, "not set"),
+        (
+            {"backend": "redis", "url": "redis://:pw@h/0?ssl_ca_certs=/ca.pem"},
+            "url has an option redis-py does not take: got an unexpected keyword argument "
+            "'ssl_ca_certs'",
+        ),
+        ({"sentinel": {"master": "m", "addresses": ["s:1"]}}, "does not apply to backend memory"),
         ({"size": 3}, "unknown key"),
     ],
 )
 def test_state_config_errors(data: Any, message: str) -> None:
     with pytest.raises(PolicyError, match=message):
         read(data)
+
+
+async def test_an_acl_user_and_password_from_the_environment(redis_server: RedisServer) -> None:
+    with redis_server.client() as admin:
+        admin.execute_command("ACL", "SETUSER", "guard", "on", ">s3cret", "~guard:*", "+@all")
+    try:
+        config = read(
+            {
+                "backend": "redis",
+                "url": redis_server.url,
+                "username": "guard",
+                "password_env": "REDIS_PASSWORD",
+            }
+        )
+        store = build_store(config)
+        try:
+            assert (await store.incr(client_key("alice", "n"), 1, 60))[0] == 1
+        finally:
+            await store.close()
+        intruder = RedisStore(redis_server.url, username="guard", password="wrong", timeout=5.0)
+        try:
+            with pytest.raises(StateUnavailable, match="AuthenticationError"):
+                await intruder.incr(client_key("alice", "n"), 1, 60)
+        finally:
+            await intruder.close()
+        confined = RedisStore(  # the user may touch guard:* keys only
+            redis_server.url, key_prefix="other:", username="guard", password="s3cret"
+        )
+        try:
+            with pytest.raises(StateUnavailable, match="state store error"):
+                await confined.incr(client_key("alice", "n"), 1, 60)
+        finally:
+            await confined.close()
+    finally:
+        with redis_server.client() as admin:
+            admin.execute_command("ACL", "DELUSER", "guard")
+
+
+async def test_tls_with_the_servers_ca_and_not_without(redis_tls: TlsRedisServer) -> None:
+    store = build_store(read({"backend": "redis", "url": redis_tls.url}))
+    try:
+        assert await store.spend(client_key("alice", "eps"), 3, 10, None) == (True, 3)
+        assert await store.match_fingerprints("t", "alice", [[1, 2]], **fingerprint_args()) == [
+            FingerprintMatch(0, 0, 0)
+        ]
+    finally:
+        await store.close()
+    plain = RedisStore(redis_tls.url.split("?")[0].replace("rediss://", "redis://"), timeout=2.0)
+    untrusted = RedisStore(redis_tls.url.split("?")[0], timeout=2.0)  # the system's CAs
+    try:
+        for wrong in (plain, untrusted):
+            with pytest.raises(StateUnavailable, match="state store unavailable"):
+                await wrong.incr(client_key("alice", "n"), 1, 60)
+    finally:
+        await plain.close()
+        await untrusted.close()
 
 
 # -- exact repeats and per-client shares ---------------------------------------------------
@@ -388,20 +765,17 @@ async def test_a_full_table_evicts_from_the_largest_holder(store: StateStore) ->
     assert [m.matches for m in got] == [1, 1]  # alice's two queries survived
 
 
-async def test_stores_agree_with_repeats_and_shares(redis_server: RedisServer) -> None:
+async def test_stores_agree_with_repeats_and_shares(shared: RedisStore) -> None:
     rng = np.random.default_rng(9)
-    memory, shared = MemoryStore(), RedisStore(redis_server.url, timeout=5.0)
+    memory = MemoryStore()
     args = fingerprint_args(threshold=2, max_queries=30, max_per_hash=6, max_per_client=12)
-    try:
-        for _ in range(120):
-            batch = [
-                sorted({int(h) for h in rng.integers(0, 24, size=int(rng.integers(1, 8)))})
-                for _ in range(int(rng.integers(1, 4)))
-            ]
-            digests = [bytes([int(rng.integers(0, 12))]) for _ in batch]
-            client = f"c{rng.integers(4)}"
-            want = await memory.match_fingerprints("t", client, batch, digests=digests, **args)
-            got = await shared.match_fingerprints("t", client, batch, digests=digests, **args)
-            assert got == want
-    finally:
-        await shared.close()
+    for _ in range(120):
+        batch = [
+            sorted({int(h) for h in rng.integers(0, 24, size=int(rng.integers(1, 8)))})
+            for _ in range(int(rng.integers(1, 4)))
+        ]
+        digests = [bytes([int(rng.integers(0, 12))]) for _ in batch]
+        client = f"c{rng.integers(4)}"
+        want = await memory.match_fingerprints("t", client, batch, digests=digests, **args)
+        got = await shared.match_fingerprints("t", client, batch, digests=digests, **args)
+        assert got == want

@@ -1,4 +1,5 @@
-"""Byte logs (``append_bytes`` / ``read_bytes``) on both state stores."""
+"""Byte logs (``append_bytes`` / ``read_bytes``) on memory, Redis, a Redis Cluster and a
+primary found by a sentinel."""
 
 from __future__ import annotations
 
@@ -7,18 +8,27 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from guard.state import StateStore, client_key
+from guard.state import SentinelConfig, StateStore, client_key
 from guard.state.memory import MemoryStore
 from guard.state.redis import RedisStore
-from tests.integration.redis_server import RedisServer
+from tests.integration.redis_server import RedisClusterServers, RedisSentinelServers, RedisServer
 
 TICK = 1.0  # long enough to act within on a loaded machine
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", "redis", "cluster", "sentinel"])
 async def store(request: pytest.FixtureRequest) -> AsyncIterator[StateStore]:
     if request.param == "memory":
         built: StateStore = MemoryStore()
+    elif request.param == "sentinel":
+        servers: RedisSentinelServers = request.getfixturevalue("redis_sentinel")
+        where = SentinelConfig(master=servers.MASTER, addresses=(servers.sentinel_address,))
+        built = RedisStore(None, sentinel=where, key_prefix="b:", timeout=5.0)
+        await built.append_bytes("warm-up", b"", 1, 1.0)
+    elif request.param == "cluster":
+        cluster: RedisClusterServers = request.getfixturevalue("redis_cluster")
+        built = RedisStore(cluster.url, cluster=True, key_prefix="b:", timeout=5.0)
+        await built.append_bytes("warm-up", b"", 1, 1.0)  # learn the slots, load the script
     else:
         server: RedisServer = request.getfixturevalue("redis_server")
         built = RedisStore(server.url, key_prefix="b:", timeout=5.0)

@@ -88,8 +88,7 @@ def test_the_default_policy_space_is_centred_on_its_values() -> None:
     document = yaml.safe_load(DEFAULT.read_text())
     params = search_space(typed(document), grid="small", n_classes=10)
     grids = {p.name: p.values for p in params}
-    assert grids == {
-        "privacy.epsilon": (1.0, 2.0, 4.0),
+    assert grids == {  # the default's privacy (bins) has no search space
         "blacklight.threshold": (20, 25, 30),
         "blacklight.quantize": (2.0, 3.0, 4.0),
         "prada.delta": (0.86, 0.9, 0.94),
@@ -98,7 +97,7 @@ def test_the_default_policy_space_is_centred_on_its_values() -> None:
         options = document["models"]["digits"]["stages"][p.index][p.stage]
         assert p.base == options[p.key] and p.base in p.values
     full = search_space(typed(document), grid="full", n_classes=10)
-    assert {p.name for p in full} > set(grids) | {"privacy.mechanism", "blacklight.matches"}
+    assert {p.name for p in full} > set(grids) | {"blacklight.matches"}
     assert all(len(p.values) >= len(grids.get(p.name, ())) for p in full)
 
 
