@@ -27,12 +27,19 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         description="Run evasion, extraction, membership, inversion and benign-traffic "
         "attacks; print a table and optionally write a JSON report and plots.",
     )
-    parser.add_argument("--model", required=True, choices=["digits", "breast_cancer"])
+    parser.add_argument(
+        "--model",
+        required=True,
+        choices=["digits", "breast_cancer"],
+        help="the built-in model attacked (its data and its local copy)",
+    )
     parser.add_argument("--target", default="local", help="'local' or the URL of a V2 server/guard")
     parser.add_argument("--attack", default="all", help=help_text())
     parser.add_argument("--samples", type=int, default=10, help="evasion samples (default 10)")
     parser.add_argument("--budget", type=int, help="queries per unit (default: per attack)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seed of every attack and the traffic (default: 0)"
+    )
     parser.add_argument("--epsilon-l2", type=float, help="L2 radius in input units (digits: 10)")
     parser.add_argument(
         "--epsilon-linf", type=float, help="L-inf radius in input units (digits: 2)"

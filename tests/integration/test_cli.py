@@ -37,13 +37,13 @@ def test_check_prints_the_resolved_pipeline() -> None:
     assert resolved["models"]["digits"]["stages"][0]["stage"] == "validate"
 
 
-def test_check_fails_with_exit_1_and_the_path(tmp_path: Path) -> None:
+def test_check_fails_with_exit_2_and_the_path(tmp_path: Path) -> None:
     path = tmp_path / "bad.yaml"
     path.write_text(
         "version: 1\nmodels:\n  digits:\n    model: builtin:digits\n    stages:\n      - validate: {max_batch: -3}\n"
     )
     result = run("check", str(path))
-    assert result.returncode == 1
+    assert result.returncode == 2
     assert (
         f"{path}: models.digits.stages[0].validate.max_batch must be >= 1; got -3" in result.stderr
     )
