@@ -275,7 +275,11 @@ def _serve(args: argparse.Namespace) -> int:
     ssl_context = None
     if args.tls_cert:
         ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        ssl_context.load_cert_chain(args.tls_cert, args.tls_key)
+        try:
+            ssl_context.load_cert_chain(args.tls_cert, args.tls_key)
+        except (OSError, ssl.SSLError) as exc:
+            print(f"guard: --tls-cert/--tls-key: {exc.strerror or exc}", file=sys.stderr)
+            return 2
     listen = policy.listen
     if args.metrics_host is not None:
         listen = dataclasses.replace(listen, metrics_host=args.metrics_host)
@@ -330,7 +334,11 @@ async def serve_forever(
     if grpc_listener is not None:
         log.info("gRPC (Open Inference Protocol) on %s:%d", host, grpc_listener.port)
     site = web.TCPSite(runner, host, port, ssl_context=ssl_context, backlog=1024)
-    await site.start()
+    try:
+        await site.start()
+    except OSError as exc:  # a port in use, an address not of this host: one line, exit 1
+        await runner.cleanup()
+        raise SystemExit(f"guard: cannot listen on {host}:{port}: {exc.strerror or exc}") from None
     scheme = "https" if ssl_context else "http"
     log.info("guard serving %s on %s://%s:%d", policy.source, scheme, host, port)
     runners = [runner]

@@ -203,3 +203,67 @@ def test_demo_serves_real_traffic_refuses_hostile_input_and_catches_attackers() 
         assert any(line.strip().startswith(attacker) for line in table.splitlines())
     assert 'guard_requests_total{code="200"' in out
     assert "Traceback" not in out + result.stderr
+
+
+def test_port_in_use_is_one_line_and_exit_1() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run("serve", "--port", str(port), "--metrics-port", "off")
+    assert result.returncode == 1
+    errors = [line for line in result.stderr.splitlines() if line.startswith("guard:")]
+    assert errors == [errors[0]] and f"cannot listen on 127.0.0.1:{port}" in errors[0]
+    assert "in use" in errors[0]
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("command", [["check"], ["serve", "--policy"]])
+def test_missing_policy_is_one_line_and_exit_2(tmp_path: Path, command: list[str]) -> None:
+    missing = tmp_path / "nope.yaml"
+    result = run(*command, str(missing))
+    assert result.returncode == 2
+    assert (
+        result.stderr.strip() == f"guard: {missing}: cannot read policy: No such file or directory"
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("version: 1\nmodels: {}\n", "models must name at least one model"),
+        ("version: 1\nmodels: [\n", "not valid YAML"),
+        ("version: 2\nmodels: {m: {model: builtin:digits}}\n", "version must be 1; got 2"),
+    ],
+)
+def test_bad_policy_is_one_line_and_exit_2(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    result = run("check", str(path))
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert result.stderr.startswith(f"guard: {path}: ") and message in result.stderr
+    assert result.stdout == ""
+
+
+def test_usage_error_exits_2() -> None:
+    result = run("serve", "--no-such-flag")
+    assert result.returncode == 2 and "unrecognized arguments: --no-such-flag" in result.stderr
+
+
+def test_version_flag() -> None:
+    result = run("--version")
+    assert result.returncode == 0 and re.fullmatch(r"guard \d+\.\d+\.\d+\S*\n", result.stdout)
+
+
+def test_runtime_failure_is_one_line_exit_1_traceback_only_on_debug(tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    argv = ["certify", "--model", "digits", "--sigma", "0.5", "--n", "200", "--n0", "10"]
+    argv += ["--samples", "2", "--report", str(blocker / "r.csv")]
+    result = run(*argv)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1].startswith("guard: ")
+    assert str(blocker) in result.stderr and "Traceback" not in result.stderr
+    debug = run(*argv, "--log-level", "debug")
+    assert debug.returncode == 1 and "Traceback" in debug.stderr
