@@ -420,6 +420,11 @@ def _check(args: argparse.Namespace) -> int:
 
     policy = load_policy(args.policy)
     runtime = build_runtime(policy, session=None)
+    if args.json:  # stdout holds one JSON document and nothing else (logs go to stderr)
+        document = {"ok": True, "version": policy.version, **runtime.describe()}
+        document["warnings"] = check_warnings(runtime)
+        print(json.dumps(document, indent=2, default=str))
+        return 0
     print(f"{args.policy}: OK (version {policy.version}, mode {policy.mode})")
     print(json.dumps(runtime.describe(), indent=2, default=str))
     for warning in check_warnings(runtime):

@@ -267,3 +267,42 @@ def test_runtime_failure_is_one_line_exit_1_traceback_only_on_debug(tmp_path: Pa
     assert str(blocker) in result.stderr and "Traceback" not in result.stderr
     debug = run(*argv, "--log-level", "debug")
     assert debug.returncode == 1 and "Traceback" in debug.stderr
+
+
+@pytest.mark.parametrize("where", ["after", "before"])
+def test_check_json_is_pure_json_on_stdout(where: str) -> None:
+    argv = ["check", "policies/default.yaml", "--json"]
+    if where == "before":
+        argv = ["--log-level", "debug", *argv]
+    result = run(*argv)
+    assert result.returncode == 0, result.stderr
+    document = json.loads(result.stdout)  # the whole of stdout: no OK line, no log line
+    assert document["ok"] is True and document["version"] == 1
+    assert document["models"]["digits"]["stages"][0]["stage"] == "validate"
+    assert any("keys_file" in w for w in document["warnings"])
+    human = run("check", "policies/default.yaml")
+    assert "warning: clients are identified by address" in human.stdout
+    assert human.stdout.startswith("policies/default.yaml: OK")
+
+
+def test_check_json_pipes_into_jq() -> None:
+    import shutil
+
+    jq = shutil.which("jq")
+    if jq is None:
+        pytest.skip("jq is not installed")
+    check = subprocess.Popen(
+        [*GUARD, "check", "policies/default.yaml", "--json"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )
+    out = subprocess.run(
+        [jq, "-r", ".models | keys[]"],
+        stdin=check.stdout,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert check.wait(timeout=60) == 0 and out.returncode == 0
+    assert out.stdout.split() == ["breast_cancer", "digits"]
