@@ -79,6 +79,7 @@ def run(args: argparse.Namespace) -> int:
     from guard.defenses.smoothing import ParameterError, Smooth, check_parameters
     from guard.extras import hint, installed
     from guard.models import load_samples, model_path
+    from guard.progress import Progress
 
     try:
         largest = {
@@ -104,10 +105,12 @@ def run(args: argparse.Namespace) -> int:
         return labels_from_output(local.run({"input": batch}, ["label"])["label"], len(batch))
 
     rows: list[Row] = []
+    bar = Progress("certify", len(args.sigma) * len(indices))  # stderr, on a terminal only
     for sigma in args.sigma:
         smooth = Smooth(labels, sigma, batch=args.batch)
         rng = np.random.default_rng(args.seed)
         for index in indices:
+            bar.advance(0, f"sigma {sigma:g}")
             started = time.perf_counter()
             cert = smooth.certify(x[index], args.n0, args.n, args.alpha, rng=rng)
             elapsed = time.perf_counter() - started
@@ -117,6 +120,8 @@ def run(args: argparse.Namespace) -> int:
             rows.append(
                 Row(sigma, index, label, predict, cert.radius, correct, cert.abstained, elapsed)
             )
+            bar.advance()
+    bar.close()
 
     print(
         f"{args.model}: n={args.n} n0={args.n0} alpha={args.alpha:g}, {len(indices)} held-out "

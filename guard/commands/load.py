@@ -107,11 +107,35 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"guard load: {exc}", file=sys.stderr)
         return 2
-    report = _run(run_load(config))
+    report = _run(_with_progress(run_load(config), config.duration))
     print("\n".join(report.lines()))
     if args.json:
         args.json.write_text(json.dumps(report.as_dict(), indent=2) + "\n")
     return 1 if report.failed else 0
+
+
+async def _with_progress(coro: Any, duration: float) -> Any:
+    """Run ``coro`` under a bar of the seconds of the run (stderr, on a terminal only)."""
+    import time
+
+    from guard.progress import Progress
+
+    with Progress("load", duration, unit=" s") as bar:
+        if not bar.enabled:
+            return await coro
+        started = time.monotonic()
+
+        async def tick() -> None:
+            while True:
+                bar.update(round(min(time.monotonic() - started, duration), 1))
+                await asyncio.sleep(0.2)
+
+        ticker = asyncio.create_task(tick())
+        try:
+            return await coro
+        finally:
+            ticker.cancel()
+            bar.update(duration)
 
 
 def _run(coro: Any) -> Any:

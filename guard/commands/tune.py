@@ -94,6 +94,7 @@ def run(args: argparse.Namespace) -> int:
 
     from guard.config import BUILTIN_PREFIX, load_policy
     from guard.models import MODELS
+    from guard.progress import Progress
     from guard.tuning.search import Constraints, tune
     from guard.tuning.workload import WORKLOADS, Interface, TuneData
 
@@ -118,6 +119,12 @@ def run(args: argparse.Namespace) -> int:
         max_added_latency_ms=args.max_added_latency_ms,
         max_score_change=args.max_score_change,
     )
+    bar = Progress("tune", unit=" steps")  # a counter over the progress lines, on a terminal
+
+    def progress(line: str) -> None:
+        bar.write(line)
+        bar.advance()
+
     result = tune(
         document,
         model=args.model,
@@ -132,8 +139,9 @@ def run(args: argparse.Namespace) -> int:
         interface=Interface(
             input=args.input_name, scores=args.scores_output, label=args.label_output
         ),
-        progress=lambda line: print(line, file=sys.stderr, flush=True),
+        progress=progress,
     )
+    bar.close()
     if not result.params and not args.verify:
         print(
             f"guard tune: nothing to tune: {args.model} has none of blacklight, prada, "

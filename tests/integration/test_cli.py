@@ -306,3 +306,60 @@ def test_check_json_pipes_into_jq() -> None:
     )
     assert check.wait(timeout=60) == 0 and out.returncode == 0
     assert out.stdout.split() == ["breast_cancer", "digits"]
+
+
+def run_on_terminal(*args: str) -> tuple[int, str, str]:
+    """Run guard with stderr on a pseudo-terminal (stdout a pipe): exit code, stdout, stderr."""
+    import pty
+
+    master, slave = pty.openpty()
+    process = subprocess.Popen(
+        [*GUARD, *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=slave, text=False
+    )
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(master, 4096)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    out = process.stdout.read().decode() if process.stdout else ""
+    process.wait(timeout=120)
+    os.close(master)
+    return process.returncode, out, b"".join(chunks).decode()
+
+
+CERTIFY = ["certify", "--model", "digits", "--sigma", "0.5", "--n", "2000", "--n0", "20"]
+CERTIFY += ["--samples", "30"]
+
+
+def test_certify_draws_a_bar_on_a_terminal_and_nothing_in_a_pipe() -> None:
+    code, out, err = run_on_terminal(*CERTIFY, "--log-level", "warning")
+    assert code == 0, err
+    assert "\r" in err and "certify [" in err and "30/30 100%" in err
+    assert "certify [" not in out and "| radius |" in out
+    piped = run(*CERTIFY, "--log-level", "warning")
+    assert piped.returncode == 0 and "\r" not in piped.stderr and "certify [" not in piped.stderr
+
+
+def test_load_draws_a_bar_of_its_seconds_on_a_terminal() -> None:
+    argv = ["load", f"http://127.0.0.1:{free_port()}", "--model", "digits", "--duration", "1"]
+    code, out, err = run_on_terminal(*argv, "--rate", "20")
+    assert code == 1  # nothing answered: a runtime failure
+    assert "load [" in err and "1/1 s" in err and "scheduled 20" in out
+    piped = run(*argv, "--rate", "20")
+    assert "load [" not in piped.stderr + piped.stdout
+
+
+def test_attack_draws_a_bar_over_the_attacks_on_a_terminal() -> None:
+    argv = ["attack", "--model", "digits", "--attack", "evasion", "--samples", "1"]
+    argv += ["--budget", "50", "--log-level", "warning"]
+    code, out, err = run_on_terminal(*argv)
+    assert code == 0, err
+    assert "attack [" in err and "4/4 100%" in err and "running " not in err
+    assert out.startswith("attack ") and "hopskipjump" in out
+    piped = run(*argv)
+    assert "attack [" not in piped.stderr and "running hopskipjump ..." in piped.stderr
