@@ -219,8 +219,9 @@ def _finish(commands: argparse._SubParsersAction) -> None:
     for name, sub in commands.choices.items():
         _add_global_flags(sub, defaults=False)
         sub.formatter_class = _Formatter
-        description = sub.description or helps.get(name) or ""
-        sub.description = plain(description[:1].upper() + description[1:])
+        description = plain(sub.description or helps.get(name) or "")
+        description = description.removeprefix(f"guard {name}: ")
+        sub.description = description[:1].upper() + description[1:]
         if name in EXAMPLES:
             sub.epilog = "examples:\n" + "\n".join(f"  {line}" for line in EXAMPLES[name])
         for action in sub._actions:
