@@ -363,3 +363,16 @@ def test_attack_draws_a_bar_over_the_attacks_on_a_terminal() -> None:
     assert out.startswith("attack ") and "hopskipjump" in out
     piped = run(*argv)
     assert "attack [" not in piped.stderr and "running hopskipjump ..." in piped.stderr
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_json_log_format_on_any_command(where: str) -> None:
+    flags = ["--log-format", "json", "--log-level", "info"]
+    argv = [*flags, "check", "policies/default.yaml", "--json"]
+    if where == "after":
+        argv = ["check", "policies/default.yaml", "--json", *flags]
+    result = run(*argv)
+    assert result.returncode == 0, result.stderr
+    records = [json.loads(line) for line in result.stderr.splitlines()]
+    assert records and all(r["level"] == "INFO" and "message" in r for r in records)
+    assert json.loads(result.stdout)["ok"] is True
