@@ -115,7 +115,7 @@ def _parser() -> argparse.ArgumentParser:
         help="address to listen on; 0.0.0.0 for every interface (default: 127.0.0.1)",
     )
     serve.add_argument(
-        "--port", type=int, default=8000, help="port of the public listener (default: 8000)"
+        "--port", type=_port, default=8000, help="port of the public listener (default: 8000)"
     )
     serve.add_argument(
         "--tls-cert",
@@ -145,7 +145,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--grpc-port",
-        type=_grpc_port,
+        type=_port,
         default=None,
         metavar="PORT",
         help="also serve the Open Inference Protocol over gRPC on this port of --host "
@@ -164,7 +164,7 @@ def _parser() -> argparse.ArgumentParser:
     check.set_defaults(run=_check)
 
     demo = commands.add_parser("demo", help="serve the built-in default and show it working")
-    demo.add_argument("--port", type=int, default=0, help="port (default: any free one)")
+    demo.add_argument("--port", type=_port, default=0, help="port (default: any free one)")
     demo.add_argument("--requests", type=int, default=400, help="benign requests to send")
     demo.add_argument(
         "--seed", type=int, default=0, help="seed of the traffic and the attacks (default: 0)"
@@ -245,7 +245,7 @@ def _exit_status_text() -> str:
     return "\n".join(lines)
 
 
-def _grpc_port(text: str) -> int:
+def _port(text: str) -> int:
     if not text.isdigit() or int(text) > 65535:
         raise argparse.ArgumentTypeError(
             f"must be a port number, 0 to 65535 (0: any free port); got {text!r}"

@@ -249,6 +249,8 @@ def test_bad_policy_is_one_line_and_exit_2(tmp_path: Path, text: str, message: s
 def test_usage_error_exits_2() -> None:
     result = run("serve", "--no-such-flag")
     assert result.returncode == 2 and "unrecognized arguments: --no-such-flag" in result.stderr
+    result = run("serve", "--port", "70000")
+    assert result.returncode == 2 and "argument --port: must be a port number" in result.stderr
 
 
 def test_version_flag() -> None:
