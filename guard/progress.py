@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from types import TracebackType
-from typing import TextIO
+from typing import TextIO, TypeVar, overload
+
+T = TypeVar("T")
 
 WIDTH = 24  # characters of the bar itself
 INTERVAL = 0.1  # seconds between redraws
@@ -61,6 +63,11 @@ class Progress:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+    def each(self, items: Sequence[T]) -> Each[T]:
+        """``items``, as often as they are iterated, advancing the bar by one per item
+        (when the next one is asked for) and closing it once ``total`` is reached."""
+        return Each(self, items)
 
     def advance(self, n: float = 1, note: str | None = None) -> None:
         self.update(self.done + n, note)
@@ -116,6 +123,31 @@ class Progress:
         self._drawn_at = now
         self.stream.write("\r\x1b[K" + self.line(now))
         self.stream.flush()
+
+
+class Each(Sequence[T]):
+    """A sequence whose iterations move a :class:`Progress` (see :meth:`Progress.each`)."""
+
+    def __init__(self, bar: Progress, items: Sequence[T]) -> None:
+        self.bar = bar
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    @overload
+    def __getitem__(self, index: int) -> T: ...
+    @overload
+    def __getitem__(self, index: slice) -> Sequence[T]: ...
+    def __getitem__(self, index: int | slice) -> T | Sequence[T]:
+        return self.items[index]
+
+    def __iter__(self) -> Iterator[T]:
+        for item in self.items:
+            yield item
+            self.bar.advance()
+            if self.bar.total is not None and self.bar.done >= self.bar.total:
+                self.bar.close()
 
 
 def _is_terminal(stream: TextIO) -> bool:

@@ -96,7 +96,9 @@ def run(args: argparse.Namespace) -> int:
         return 2
 
     x, y = load_samples(args.model)
-    indices = _evenly_spaced(len(x), args.samples)
+    passes = len(args.sigma) * len(getattr(args, "mode", None) or [None])  # σ (and --mode)
+    spaced = _evenly_spaced(len(x), args.samples)
+    indices = Progress("certify", passes * len(spaced)).each(spaced)  # stderr, terminal only
     local = OnnxBackend(
         model_path(args.model), name=args.model, device=args.device, threads=args.threads
     )
@@ -105,12 +107,10 @@ def run(args: argparse.Namespace) -> int:
         return labels_from_output(local.run({"input": batch}, ["label"])["label"], len(batch))
 
     rows: list[Row] = []
-    bar = Progress("certify", len(args.sigma) * len(indices))  # stderr, on a terminal only
     for sigma in args.sigma:
         smooth = Smooth(labels, sigma, batch=args.batch)
         rng = np.random.default_rng(args.seed)
         for index in indices:
-            bar.advance(0, f"sigma {sigma:g}")
             started = time.perf_counter()
             cert = smooth.certify(x[index], args.n0, args.n, args.alpha, rng=rng)
             elapsed = time.perf_counter() - started
@@ -120,8 +120,6 @@ def run(args: argparse.Namespace) -> int:
             rows.append(
                 Row(sigma, index, label, predict, cert.radius, correct, cert.abstained, elapsed)
             )
-            bar.advance()
-    bar.close()
 
     print(
         f"{args.model}: n={args.n} n0={args.n0} alpha={args.alpha:g}, {len(indices)} held-out "

@@ -94,7 +94,6 @@ def run(args: argparse.Namespace) -> int:
 
     from guard.config import BUILTIN_PREFIX, load_policy
     from guard.models import MODELS
-    from guard.progress import Progress
     from guard.tuning.search import Constraints, tune
     from guard.tuning.workload import WORKLOADS, Interface, TuneData
 
@@ -119,6 +118,8 @@ def run(args: argparse.Namespace) -> int:
         max_added_latency_ms=args.max_added_latency_ms,
         max_score_change=args.max_score_change,
     )
+    from guard.progress import Progress
+
     bar = Progress("tune", unit=" steps")  # a counter over the progress lines, on a terminal
 
     def progress(line: str) -> None:

@@ -213,8 +213,8 @@ def test_port_in_use_is_one_line_and_exit_1() -> None:
         result = run("serve", "--port", str(port), "--metrics-port", "off")
     assert result.returncode == 1
     errors = [line for line in result.stderr.splitlines() if line.startswith("guard:")]
-    assert errors == [errors[0]] and f"cannot listen on 127.0.0.1:{port}" in errors[0]
-    assert "in use" in errors[0]
+    assert errors == [errors[0]] and f"'127.0.0.1', {port}" in errors[0]
+    assert "address already in use" in errors[0]
     assert "Traceback" not in result.stderr
 
 

@@ -72,3 +72,23 @@ def test_lines_without_a_terminal_are_plain_lines() -> None:
         bar.write("  #1 base: ok")
         bar.advance()
     assert stream.getvalue() == "  #1 base: ok\n"
+
+
+def test_each_advances_over_several_passes_and_closes_at_the_total() -> None:
+    stream, clock = Terminal(), Clock()
+    bar = Progress("certify", 6, stream=stream, clock=clock)
+    items = bar.each([10, 20, 30])
+    assert len(items) == 3 and items[1] == 20
+    seen = []
+    for _ in range(2):  # one pass per sigma
+        for item in items:
+            clock.now += 1
+            seen.append(item)
+    assert seen == [10, 20, 30, 10, 20, 30]
+    assert bar.done == 6 and stream.getvalue().endswith("6/6 100% 0:06\n")
+
+
+def test_each_in_a_pipe_is_only_the_items() -> None:
+    stream = io.StringIO()
+    assert list(Progress("certify", 3, stream=stream).each([1, 2, 3])) == [1, 2, 3]
+    assert stream.getvalue() == ""
