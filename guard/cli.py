@@ -335,7 +335,7 @@ async def serve_forever(
     if grpc_listener is not None:
         log.info("gRPC (Open Inference Protocol) on %s:%d", host, grpc_listener.port)
     site = web.TCPSite(runner, host, port, ssl_context=ssl_context, backlog=1024)
-    await site.start()  # a port in use: main() says so in one line, exit 1
+    await site.start()
     scheme = "https" if ssl_context else "http"
     log.info("guard serving %s on %s://%s:%d", policy.source, scheme, host, port)
     runners = [runner]
