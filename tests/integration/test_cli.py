@@ -244,6 +244,8 @@ def test_bad_policy_is_one_line_and_exit_2(tmp_path: Path, text: str, message: s
     assert len(result.stderr.strip().splitlines()) == 1
     assert result.stderr.startswith(f"guard: {path}: ") and message in result.stderr
     assert result.stdout == ""
+    as_json = run("check", str(path), "--json")
+    assert (as_json.returncode, as_json.stdout, as_json.stderr) == (2, "", result.stderr)
 
 
 def test_usage_error_exits_2() -> None:
