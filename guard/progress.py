@@ -12,6 +12,7 @@ never touched.
 from __future__ import annotations
 
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from types import TracebackType
@@ -21,6 +22,7 @@ T = TypeVar("T")
 
 WIDTH = 24  # characters of the bar itself
 INTERVAL = 0.1  # seconds between redraws
+TICK = 1.0  # seconds between redraws while nothing moves (the clock keeps going)
 
 
 class Progress:
@@ -28,7 +30,9 @@ class Progress:
 
     ``advance(n, note)`` / ``update(done, note)`` move it, ``write(line)`` prints a line
     above it, ``close()`` (or leaving the ``with`` block) draws the last state and ends
-    the line. ``enabled`` defaults to whether ``stream`` (stderr) is a terminal.
+    the line. ``enabled`` defaults to whether ``stream`` (stderr) is a terminal. Once
+    drawn, a daemon thread redraws it every ``tick`` seconds (``None``: never), so the
+    elapsed time moves while one long step runs.
     """
 
     def __init__(
@@ -40,6 +44,7 @@ class Progress:
         stream: TextIO | None = None,
         enabled: bool | None = None,
         clock: Callable[[], float] = time.monotonic,
+        tick: float | None = TICK,
     ) -> None:
         self.label = label
         self.total = total
@@ -52,6 +57,10 @@ class Progress:
         self._started = clock()
         self._drawn_at: float | None = None
         self._closed = False
+        self._lock = threading.Lock()
+        self._tick = tick
+        self._stop = threading.Event()
+        self._ticker: threading.Thread | None = None
 
     def __enter__(self) -> Progress:
         return self
@@ -85,17 +94,22 @@ class Progress:
         if not self.enabled:
             print(line, file=self.stream, flush=True)
             return
-        self.stream.write("\r\x1b[K" + line + "\n")
+        with self._lock:
+            self.stream.write("\r\x1b[K" + line + "\n")
         self._draw(self.clock())
 
     def close(self) -> None:
         if self._closed:
             return
-        self._closed = True
+        self._stop.set()
+        if self._ticker is not None:
+            self._ticker.join()
         if self.enabled and self._drawn_at is not None:
             self._draw(self.clock())
-            self.stream.write("\n")
-            self.stream.flush()
+            with self._lock:
+                self.stream.write("\n")
+                self.stream.flush()
+        self._closed = True
 
     def line(self, now: float) -> str:
         """The text of the bar at time ``now`` (without the carriage return)."""
@@ -118,11 +132,19 @@ class Progress:
         return " ".join(parts)
 
     def _draw(self, now: float) -> None:
-        if not self.enabled:
+        if not self.enabled or self._closed:
             return
-        self._drawn_at = now
-        self.stream.write("\r\x1b[K" + self.line(now))
-        self.stream.flush()
+        with self._lock:
+            self._drawn_at = now
+            self.stream.write("\r\x1b[K" + self.line(now))
+            self.stream.flush()
+        if self._ticker is None and self._tick is not None:
+            self._ticker = threading.Thread(target=self._run_ticker, daemon=True)
+            self._ticker.start()
+
+    def _run_ticker(self) -> None:
+        while not self._stop.wait(self._tick):
+            self._draw(self.clock())
 
 
 class Each(Sequence[T]):

@@ -30,7 +30,7 @@ def test_nothing_is_written_when_the_stream_is_not_a_terminal() -> None:
 
 def test_a_bar_with_a_total_redraws_one_line_in_place() -> None:
     stream, clock = Terminal(), Clock()
-    with Progress("certify", 4, stream=stream, clock=clock) as bar:
+    with Progress("certify", 4, stream=stream, clock=clock, tick=None) as bar:
         clock.now = 2.0
         bar.advance(note="sigma 0.5")
         assert (
@@ -46,7 +46,7 @@ def test_a_bar_with_a_total_redraws_one_line_in_place() -> None:
 
 def test_redraws_are_rate_limited() -> None:
     stream, clock = Terminal(), Clock()
-    bar = Progress("load", 10.0, unit=" s", stream=stream, clock=clock)
+    bar = Progress("load", 10.0, unit=" s", stream=stream, clock=clock, tick=None)
     for step in range(100):  # all at the same instant: drawn once
         bar.update(step / 10)
     assert stream.getvalue().count("\r") == 1
@@ -57,7 +57,7 @@ def test_redraws_are_rate_limited() -> None:
 
 def test_without_a_total_it_counts_and_lines_go_above_it() -> None:
     stream, clock = Terminal(), Clock()
-    with Progress("tune", unit=" steps", stream=stream, clock=clock) as bar:
+    with Progress("tune", unit=" steps", stream=stream, clock=clock, tick=None) as bar:
         clock.now = 61.0
         bar.write("  #1 base: ok")
         bar.advance()
@@ -76,7 +76,7 @@ def test_lines_without_a_terminal_are_plain_lines() -> None:
 
 def test_each_advances_over_several_passes_and_closes_at_the_total() -> None:
     stream, clock = Terminal(), Clock()
-    bar = Progress("certify", 6, stream=stream, clock=clock)
+    bar = Progress("certify", 6, stream=stream, clock=clock, tick=None)
     items = bar.each([10, 20, 30])
     assert len(items) == 3 and items[1] == 20
     seen = []
@@ -92,3 +92,20 @@ def test_each_in_a_pipe_is_only_the_items() -> None:
     stream = io.StringIO()
     assert list(Progress("certify", 3, stream=stream).each([1, 2, 3])) == [1, 2, 3]
     assert stream.getvalue() == ""
+
+
+def test_the_clock_keeps_moving_while_a_long_step_runs() -> None:
+    import threading
+    import time
+
+    stream, clock = Terminal(), Clock()
+    bar = Progress("attack", 2, stream=stream, clock=clock, tick=0.01)
+    bar.update(0, "hopskipjump")  # then nothing moves for a while
+    clock.now = 75.0
+    deadline = time.monotonic() + 10
+    while "1:15" not in stream.getvalue() and time.monotonic() < deadline:
+        threading.Event().wait(0.01)
+    bar.close()
+    assert "attack [........................] 0/2   0% 1:15 hopskipjump" in stream.getvalue()
+    assert stream.getvalue().endswith("\n") and bar._ticker is not None
+    assert not bar._ticker.is_alive()
