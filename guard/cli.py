@@ -53,7 +53,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.run(args) or 0)
     except PolicyError as exc:
-        print(f"guard: {_one_line(str(exc))}", file=sys.stderr)
+        _error(str(exc))
         return 2
     except KeyboardInterrupt:
         return 130
@@ -63,12 +63,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         detail = str(exc) or type(exc).__name__
         if isinstance(exc, OSError) and exc.strerror:
             detail = f"{exc.strerror}" + (f": {exc.filename}" if exc.filename else "")
-        print(f"guard: {_one_line(detail)}", file=sys.stderr)
+        _error(detail)
         return 1
 
 
-def _one_line(text: str) -> str:
-    return " ".join(text.split())
+def _error(text: str) -> None:
+    """``guard: TEXT`` on one line of stderr, on a line of its own (a progress bar a
+    failed command left is cleared first)."""
+    clear = "\r\x1b[K" if sys.stderr.isatty() else ""
+    print(f"{clear}guard: {' '.join(text.split())}", file=sys.stderr)
 
 
 def _one_line_for_malformed_http(record: logging.LogRecord) -> bool:

@@ -380,3 +380,12 @@ def test_json_log_format_on_any_command(where: str) -> None:
     records = [json.loads(line) for line in result.stderr.splitlines()]
     assert records and all(r["level"] == "INFO" and "message" in r for r in records)
     assert json.loads(result.stdout)["ok"] is True
+
+
+def test_an_error_on_a_terminal_gets_a_line_of_its_own(tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    code, _out, err = run_on_terminal(*CERTIFY, "--report", str(blocker / "r.csv"))
+    assert code == 1
+    last = [line for line in err.replace("\r\n", "\n").split("\n") if line.strip()][-1]
+    assert last.split("\r\x1b[K")[-1].startswith(f"guard: File exists: {blocker}")
