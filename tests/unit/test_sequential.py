@@ -9,6 +9,7 @@ its pABar exceeds pA.
 from __future__ import annotations
 
 import asyncio
+import itertools
 
 import numpy as np
 import pytest
@@ -171,7 +172,7 @@ def test_the_first_look_is_the_least_that_could_certify(radius: float, sigma: fl
     level, pStar = 0.001 / len(sizes), norm.cdf(radius / sigma)
     assert lower_confidence_bound(sizes[0], sizes[0], level) >= pStar
     assert lower_confidence_bound(sizes[0] - 1, sizes[0] - 1, level) < pStar or sizes[0] == 1
-    assert sizes[-1] == 100_000 and all(b == 2 * a for a, b in zip(sizes[:-2], sizes[1:-1]))
+    assert sizes[-1] == 100_000 and all(b == 2 * a for a, b in itertools.pairwise(sizes[:-1]))
 
 
 def test_upper_bound_is_clopper_pearson() -> None:
@@ -182,13 +183,13 @@ def test_upper_bound_is_clopper_pearson() -> None:
 
 
 def test_settings_that_never_answer_are_refused_by_name() -> None:
-    with pytest.raises(ParameterError, match="^n must be >= "):
+    with pytest.raises(ParameterError, match=r"^n must be >= "):
         target_plan(0.25, 1.0, 100, 50, 0.001)  # Φ(4) needs far more than 50 samples
-    with pytest.raises(ParameterError, match="^radius "):
+    with pytest.raises(ParameterError, match=r"^radius "):
         target_plan(0.25, -1.0, 100, 1000, 0.001)
-    with pytest.raises(ParameterError, match="^alpha "):
+    with pytest.raises(ParameterError, match=r"^alpha "):
         target_plan(0.25, 0.25, 100, 1000, 1.5)
-    with pytest.raises(ParameterError, match="^tolerance "):
+    with pytest.raises(ParameterError, match=r"^tolerance "):
         adaptive_plan(0.25, 100, 1000, 0.001, -0.1)
 
 
