@@ -4,9 +4,10 @@ Runs CERTIFY (Cohen, Rosenfeld and Kolter, ICML 2019) on the model's held-out
 (non-member) samples through its local ONNX copy, for one or more noise levels,
 and prints the certified accuracy at a few radii, in the model's input units
 (pixel values for digits), plus the abstain rate. ``--report`` writes one CSV
-row per sample and σ (sigma, index, label, predict, radius, correct, abstained,
-time; ``predict`` is -1 when abstained); ``--plot`` draws certified accuracy
-against radius, one curve per σ, as in the paper's figures (needs matplotlib).
+row per sample, σ and mode (sigma, index, label, predict, radius, correct,
+abstained, time, mode, samples; ``predict`` is -1 when abstained); ``--plot``
+draws certified accuracy against radius, one curve per σ and mode, as in the
+paper's figures (needs matplotlib).
 Certified accuracy at radius r is the share of samples whose certified label is
 right with a radius of at least r; abstentions count as wrong.
 
@@ -29,16 +30,8 @@ from typing import Any
 
 TABLE_RADII = (0.0, 0.25, 0.5, 1.0, 1.5, 2.0)
 CSV_HEADER = (
-    "sigma",
-    "mode",
-    "index",
-    "label",
-    "predict",
-    "radius",
-    "correct",
-    "abstained",
-    "time",
-    "samples",
+    *("sigma", "index", "label", "predict", "radius", "correct", "abstained", "time"),
+    *("mode", "samples"),
 )
 
 
@@ -249,7 +242,6 @@ def _write_csv(path: Path, rows: list[Row]) -> None:
             writer.writerow(
                 (
                     f"{r.sigma:g}",
-                    r.mode,
                     r.index,
                     r.label,
                     r.predict,
@@ -257,6 +249,7 @@ def _write_csv(path: Path, rows: list[Row]) -> None:
                     int(r.correct),
                     int(r.abstained),
                     f"{r.time:.4f}",
+                    r.mode,
                     r.samples,
                 )
             )

@@ -110,6 +110,10 @@ def target_schedule(radius: float, sigma: float, n: int, alpha: float) -> tuple[
     even ``n`` samples all voting for cAHat could not certify ``radius``.
     """
     pStar = float(ndtr(radius / sigma))
+    if pStar >= 1.0:  # Φ(r/σ) rounds to 1: no finite sample reaches it
+        raise ParameterError(
+            "n", f"cannot be enough to certify radius {radius:g} at sigma={sigma:g}"
+        )
     looks = 1
     for _ in range(64):
         first = _least_n(pStar, alpha / looks)

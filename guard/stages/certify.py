@@ -8,6 +8,11 @@ the *smoothed* model, which may differ from the label the model served.
 
 Who gets a certificate: a client asks with the V2 request parameter
 ``certify: true`` or the header ``X-Guard-Certify: 1`` (``when`` widens this).
+A client that only needs "robust within r?" asks with ``certify_radius: r``
+(or ``X-Guard-Certify-Radius: r``, input units): TARGET of
+:mod:`guard.defenses.sequential` then stops as soon as that is decided (``n`` is
+its most), and the radius answered is at least r, or it abstains. Without
+a radius, ``mode`` picks CERTIFY with ``n`` samples or ADAPTIVE within ``n``.
 
 What the answer carries:
 
@@ -16,11 +21,14 @@ What the answer carries:
   (float, ``0.0`` when abstained) and ``abstained`` (bool). A one-row request
   gets scalars; a batch of B rows gets lists of B values in row order (the V2
   spec defines scalar parameters only; lists are plain JSON and tritonclient
-  reads them). When capacity is exhausted and ``on_overload: uncertified``:
+  reads them). ``certified_samples``: the noisy samples each row used (n0
+  included). When capacity is exhausted and ``on_overload: uncertified``:
   ``certified: false``, ``abstained: true`` and ``abstain_reason``.
 - Headers (for TF Serving clients too): ``X-Guard-Certified-Radius`` and
   ``X-Guard-Certified-Label``, one comma-separated value per row, ``abstain``
-  for abstained rows, or ``uncertified`` when certification did not run.
+  for abstained rows, or ``uncertified`` when certification did not run;
+  ``X-Guard-Certified-Samples``, the samples each row used.
+- Metrics: ``guard_certification_samples``, a histogram of samples per row.
 
 Keys: :class:`CertifyOptions` (docs/stage-options.md).
 
@@ -78,6 +86,9 @@ REQUEST_PARAMETER = "certify"
 REQUEST_HEADER = "X-Guard-Certify"
 RADIUS_HEADER = "X-Guard-Certified-Radius"
 LABEL_HEADER = "X-Guard-Certified-Label"
+RADIUS_PARAMETER = "certify_radius"
+RADIUS_REQUEST_HEADER = "X-Guard-Certify-Radius"
+SAMPLES_HEADER = "X-Guard-Certified-Samples"
 _TRUE = frozenset({"1", "true", "yes", "on"})
 _FALSE = frozenset({"0", "false", "no", "off", ""})
 
@@ -154,6 +165,12 @@ class CertifyOptions:
     on_overload: Literal["503", "uncertified"] = option(
         "503", doc="`503`: refuse the request; `uncertified`: answer it without a certificate"
     )
+    mode: Literal["fixed", "adaptive"] = option(
+        "fixed",
+        doc="without a requested radius: `fixed` runs CERTIFY with `n` samples; `adaptive` "
+        "stops once the rest of `n` would add at most `tolerance`·σ to the radius",
+    )
+    tolerance: float = option(0.1, min=0, doc="`adaptive`: radius left unclaimed, in σ")
     seed: int | None = option(
         None, min=0, doc="seed of the noise (tests and reproductions only); default: fresh entropy"
     )
@@ -220,16 +237,18 @@ class Certify(OptionsStage[CertifyOptions]):
         }
 
     async def on_request(self, ctx: RequestContext) -> Verdict:
-        if self._wanted(ctx):  # keep the input as it is here, before later stages change it
-            ctx.stage_state[self.name] = self._rows(ctx).copy()
+        radius = self._radius(ctx)
+        if radius is not None or self._wanted(ctx):  # the input as it is here, before later stages
+            ctx.stage_state[self.name] = (self._rows(ctx).copy(), radius)
         return Verdict.CONTINUE
 
     async def on_response(self, ctx: RequestContext) -> Verdict:
         response = ctx.response
-        x = ctx.stage_state.pop(self.name, None)
+        x, radius = ctx.stage_state.pop(self.name, (None, None))
         if response is None or x is None:
             return Verdict.CONTINUE
-        refusal = self._admit(len(x) * (self.options.n0 + self.options.n))
+        cost = len(x) * (self.options.n0 + self.options.n)
+        refusal = self._admit(cost)
         if refusal is not None:
             if self.options.on_overload == "503":
                 raise Overloaded(f"certification capacity exhausted ({refusal}); try again shortly")
@@ -238,10 +257,14 @@ class Certify(OptionsStage[CertifyOptions]):
                 self.metrics.count_certifications(ctx.model, "overloaded", len(x))
             return Verdict.CONTINUE
         self._active += 1  # _certify releases it once sampling has really stopped
-        certificates = await self._certify(ctx, x)
-        _publish(ctx, response, certificates)
+        certificates = await self._certify(ctx, x, radius)
+        samples = [self._samples(c) for c in certificates]
+        if self.budget is not None:
+            self.budget.tokens += cost - sum(samples)  # charged the most; refund what was unused
+        _publish(ctx, response, certificates, samples)
         if self.metrics is not None:
             self.metrics.record_certificates(ctx.model, certificates)
+            self.metrics.record_certification_samples(ctx.model, samples)
         return Verdict.CONTINUE
 
     # -- deciding --------------------------------------------------------------
@@ -252,6 +275,32 @@ class Certify(OptionsStage[CertifyOptions]):
         return self.options.when == "flagged" and (
             ctx.degraded or any(f.intended is not Action.ALLOW for f in ctx.findings)
         )
+
+    def _radius(self, ctx: RequestContext) -> float | None:
+        """The radius the client asked to certify, if any; a malformed or hopeless one is a 400."""
+        from guard.defenses.sequential import target_plan
+        from guard.defenses.smoothing import ParameterError
+
+        value: Any = ctx.request.parameters.get(RADIUS_PARAMETER)
+        where = f"parameters.{RADIUS_PARAMETER}"
+        if value is None and (header := ctx.request_headers.get(RADIUS_REQUEST_HEADER)) is not None:
+            value, where = _number(header), RADIUS_REQUEST_HEADER
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
+            raise RequestError(f"{where}: must be a number >= 0; got {str(value)[:20]!r}")
+        o = self.options
+        try:
+            target_plan(o.sigma, float(value), o.n0, o.n, o.alpha)
+        except ParameterError as exc:
+            raise RequestError(
+                f"{where}: {value:g} cannot be certified with sigma={o.sigma:g}, n={o.n}, "
+                f"alpha={o.alpha:g} ({exc})"
+            ) from None
+        return float(value)
+
+    def _samples(self, certificate: Any) -> int:
+        return int(getattr(certificate, "samples", self.options.n0 + certificate.n))
 
     def _admit(self, cost: int) -> str | None:
         """None when a certification of ``cost`` samples may start now, else why not."""
@@ -273,14 +322,19 @@ class Certify(OptionsStage[CertifyOptions]):
 
     # -- sampling ----------------------------------------------------------------
 
-    async def _certify(self, ctx: RequestContext, x: np.ndarray) -> list[Certificate]:
+    async def _certify(
+        self, ctx: RequestContext, x: np.ndarray, radius: float | None
+    ) -> list[Certificate]:
         """Certify every row; release the concurrency slot when sampling has stopped.
 
         A request cancelled while its rows are sampled in a worker thread keeps
         its slot until the thread is done, so cancelled requests cannot pile up
         more than ``max_concurrent`` certifications.
         """
+        from guard.defenses.sequential import AsyncSequentialSmooth, SequentialSmooth
         from guard.defenses.smoothing import AsyncSmooth, Smooth
+
+        o = self.options
 
         rng = np.random.default_rng(self._seeds.spawn(1)[0])
         if self.local is not None:
@@ -290,18 +344,21 @@ class Certify(OptionsStage[CertifyOptions]):
                 output = local.run({input_name: batch}, [output_name])[output_name]
                 return labels_from_output(output, len(batch))
 
-            smooth = Smooth(
-                local_labels, self.options.sigma, batch=self.options.batch, dtype=self.dtype
-            )
+            smooth = Smooth(local_labels, o.sigma, batch=o.batch, dtype=self.dtype)
+            seq = SequentialSmooth(local_labels, o.sigma, batch=o.batch, dtype=self.dtype)
             loop = asyncio.get_running_loop()
 
-            def work() -> list[Certificate]:
-                return [
-                    smooth.certify(
-                        row, self.options.n0, self.options.n, self.options.alpha, rng=rng
+            def one(row: np.ndarray) -> Any:
+                if radius is not None:
+                    return seq.certify_radius(row, radius, o.n0, o.n, o.alpha, rng=rng)
+                if o.mode == "adaptive":
+                    return seq.certify_adaptive(
+                        row, o.n0, o.n, o.alpha, rng=rng, tolerance=o.tolerance
                     )
-                    for row in x
-                ]
+                return smooth.certify(row, o.n0, o.n, o.alpha, rng=rng)
+
+            def work() -> list[Certificate]:
+                return [one(row) for row in x]
 
             try:
                 sampling = loop.run_in_executor(local.executor, work)
@@ -315,16 +372,20 @@ class Certify(OptionsStage[CertifyOptions]):
             return await self._upstream_labels(ctx, batch)
 
         dtype = x.dtype if x.dtype == np.float64 else self.dtype
-        remote = AsyncSmooth(
-            upstream_labels, self.options.sigma, batch=self.options.batch, dtype=dtype
-        )
-        try:
-            return [
-                await remote.certify(
-                    row, self.options.n0, self.options.n, self.options.alpha, rng=rng
+        remote = AsyncSmooth(upstream_labels, o.sigma, batch=o.batch, dtype=dtype)
+        aseq = AsyncSequentialSmooth(upstream_labels, o.sigma, batch=o.batch, dtype=dtype)
+
+        async def one_async(row: np.ndarray) -> Any:
+            if radius is not None:
+                return await aseq.certify_radius(row, radius, o.n0, o.n, o.alpha, rng=rng)
+            if o.mode == "adaptive":
+                return await aseq.certify_adaptive(
+                    row, o.n0, o.n, o.alpha, rng=rng, tolerance=o.tolerance
                 )
-                for row in x
-            ]
+            return await remote.certify(row, o.n0, o.n, o.alpha, rng=rng)
+
+        try:
+            return [await one_async(row) for row in x]
         finally:
             self._release()
 
@@ -350,7 +411,12 @@ class Certify(OptionsStage[CertifyOptions]):
             raise UpstreamError(f"certify: output {self.output!r}: {exc}") from None
 
 
-def _publish(ctx: RequestContext, response: InferResponse, certificates: list[Certificate]) -> None:
+def _publish(
+    ctx: RequestContext,
+    response: InferResponse,
+    certificates: list[Certificate],
+    samples: list[int],
+) -> None:
     labels = [-1 if c.label is None else c.label for c in certificates]
     radii = [c.radius for c in certificates]
     abstained = [c.abstained for c in certificates]
@@ -360,7 +426,9 @@ def _publish(ctx: RequestContext, response: InferResponse, certificates: list[Ce
         certified_label=labels[0] if one else labels,
         certified_radius=radii[0] if one else radii,
         abstained=abstained[0] if one else abstained,
+        certified_samples=samples[0] if one else samples,
     )
+    ctx.headers[SAMPLES_HEADER] = ",".join(map(str, samples))
     ctx.headers[RADIUS_HEADER] = ",".join(
         "abstain" if c.abstained else f"{c.radius:.6g}" for c in certificates
     )
@@ -391,6 +459,13 @@ def _asked(ctx: RequestContext) -> bool:
     if header is not None and header.strip().lower() not in _TRUE | _FALSE:
         raise RequestError(f"{REQUEST_HEADER}: must be 1 or 0 (true or false); got {header[:20]!r}")
     return bool(parameter) or (header is not None and header.strip().lower() in _TRUE)
+
+
+def _number(text: str) -> float | str:
+    try:
+        return float(text)
+    except ValueError:
+        return text
 
 
 def _source_of(options: CertifyOptions, env: StageEnv) -> tuple[OnnxBackend | None, Backend]:
