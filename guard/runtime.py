@@ -214,6 +214,10 @@ def _build_model(
             f"{policy.source}: models.{config.name}.stages lists "
             f"{', '.join(sorted(duplicates))} twice"
         )
+    for stage in stages:  # a stage whose answer depends on the others' (certify on privacy)
+        bind = getattr(stage, "bind", None)
+        if bind is not None:
+            bind(stages)
     return ModelRuntime(config.name, config, backend, local, Pipeline(stages))
 
 

@@ -9,16 +9,18 @@ the *smoothed* model, which may differ from the label the model served.
 Who gets a certificate: a client asks with the V2 request parameter
 ``certify: true`` or the header ``X-Guard-Certify: 1`` (``when`` widens this).
 A client that only needs "robust within r?" asks with ``certify_radius: r``
-(or ``X-Guard-Certify-Radius: r``, input units): TARGET of
-:mod:`guard.defenses.sequential` then stops as soon as that is decided (``n`` is
-its most), and the radius answered is at least r, or it abstains. Without
-a radius, ``mode`` picks CERTIFY with ``n`` samples or ADAPTIVE within ``n``.
+(or ``X-Guard-Certify-Radius: r``, input units): r is rounded up to the
+``radius_step`` grid, and TARGET of :mod:`guard.defenses.sequential` stops as
+soon as that radius is decided (``n`` is its most); the answer is that radius,
+or abstained. Without a radius, ``mode`` picks CERTIFY with ``n`` samples or
+ADAPTIVE within ``n``.
 
 What the answer carries:
 
 - V2 response parameters ``certified`` (true when certification ran),
   ``certified_label`` (int, ``-1`` when abstained), ``certified_radius``
-  (float, ``0.0`` when abstained) and ``abstained`` (bool). A one-row request
+  (float rounded down to ``radius_step``, ``0.0`` when abstained) and
+  ``abstained`` (bool). A one-row request
   gets scalars; a batch of B rows gets lists of B values in row order (the V2
   spec defines scalar parameters only; lists are plain JSON and tritonclient
   reads them). ``certified_samples``: the noisy samples each row used (n0
@@ -29,6 +31,14 @@ What the answer carries:
   for abstained rows, or ``uncertified`` when certification did not run;
   ``X-Guard-Certified-Samples``, the samples each row used.
 - Metrics: ``guard_certification_samples``, a histogram of samples per row.
+
+What it releases (docs/certification.md): the radius on the ``radius_step``
+grid, or one bit (certified at one step, or abstained) where the policy's
+``privacy`` stage releases labels only or the client is degraded; the noise is
+keyed on the input row, so the same input gets the same answer. A certification
+is an ordinary request to every other stage (detectors see it, budgets count
+it); its noisy samples are the stage's own and are charged to the client's
+share of the capacity instead (:mod:`guard.stages.capacity`).
 
 Keys: :class:`CertifyOptions` (docs/stage-options.md).
 
@@ -43,7 +53,8 @@ input. List ``certify`` before such stages to certify what the client sent
 transform into the model. ``flagged`` sees the findings of the stages listed
 before ``certify``.
 
-Failure mode: ``on_overload`` decides when capacity is exhausted; a fault while
+Failure mode: ``on_overload`` decides when capacity (the stage's, or the client's
+share) is still exhausted after ``max_wait``; a fault while
 sampling follows ``on_error``; an upstream error while sampling (``source:
 upstream``) is the request's error, as if the model call had failed.
 """
@@ -52,13 +63,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
-from collections.abc import Callable
-from dataclasses import dataclass
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from decimal import Decimal
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
+from guard.defenses.privacy import consistent_generators
 from guard.defenses.sampling import labels_from_output
 from guard.errors import Overloaded, RequestError, UpstreamError
 from guard.inference import (
@@ -69,7 +83,8 @@ from guard.inference import (
     TensorSpec,
     class_output,
 )
-from guard.pipeline import Action, RequestContext, Verdict
+from guard.pipeline import Action, RequestContext, Stage, Verdict
+from guard.stages.capacity import Capacity, SampleBudget
 from guard.stages.env import StageEnv
 from guard.stages.options import OptionError, OptionsStage, option
 from guard.stages.shared import request_input, watched_input
@@ -91,30 +106,11 @@ RADIUS_REQUEST_HEADER = "X-Guard-Certify-Radius"
 SAMPLES_HEADER = "X-Guard-Certified-Samples"
 _TRUE = frozenset({"1", "true", "yes", "on"})
 _FALSE = frozenset({"0", "false", "no", "off", ""})
+DEFAULT_SECRET_ENV = "GUARD_CERTIFY_SECRET"
+MIN_SECRET_CHARS = 16
+STEP_DECIMALS = 6  # the finest radius step, and the most decimals a released radius has
 
-
-class SampleBudget:
-    """Token bucket of noisy samples: refills at ``rate`` per second up to one second's worth.
-
-    A certification is admitted while the bucket is not in debt and then spends
-    its whole cost, so one large request is never starved; over any window the
-    samples admitted stay below ``rate`` per second plus one request's cost.
-    """
-
-    def __init__(self, rate: float, *, clock: Callable[[], float] = time.monotonic) -> None:
-        self.rate = rate
-        self.clock = clock
-        self.tokens = rate
-        self.updated = clock()
-
-    def try_spend(self, cost: int) -> bool:
-        now = self.clock()
-        self.tokens = min(self.rate, self.tokens + (now - self.updated) * self.rate)
-        self.updated = now
-        if self.tokens < 0:
-            return False
-        self.tokens -= cost
-        return True
+__all__ = ["Certify", "CertifyOptions", "SampleBudget"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -162,8 +158,58 @@ class CertifyOptions:
         doc="budget of noisy samples per second (a token bucket holding one second's worth, "
         "admitting while not in debt); default: unlimited",
     )
+    client_max_concurrent: int | None = option(
+        None,
+        min=1,
+        shown="`max_concurrent - 1`, at least 1",
+        doc="certifications one client may have running at once: its share of `max_concurrent`",
+    )
+    client_samples_per_second: float | None = option(
+        None,
+        gt=0,
+        shown="half of `max_samples_per_second`; without it unlimited",
+        doc="noisy samples one client may spend per second (its own token bucket, admitting "
+        "while not in debt); a certification is charged `rows × (n0 + n)` samples",
+    )
+    max_wait: float = option(
+        1.0,
+        min=0,
+        doc="seconds a request waits for capacity (a slot, or its client's samples) before "
+        "`on_overload` applies (0: at once): a client sending more than its share queues "
+        "instead of retrying at once; a waiting request holds its connection (bounded by "
+        "`limits.max_in_flight_per_client`), not a worker",
+    )
     on_overload: Literal["503", "uncertified"] = option(
-        "503", doc="`503`: refuse the request; `uncertified`: answer it without a certificate"
+        "503",
+        doc="capacity (the stage's or the client's share) exhausted after `max_wait`: `503` "
+        "refuses the request before the model is called; `uncertified` answers it without a "
+        "certificate",
+    )
+    radius_step: float | None = option(
+        None,
+        gt=0,
+        shown="σ/4, rounded down to 6 decimals",
+        doc="the released radius is rounded down to a multiple of this (input units, at most 6 "
+        "decimals): a smaller radius is still certified, and the answer carries no finer "
+        "confidence than the step",
+    )
+    release: Literal["radius", "certified"] = option(
+        "radius",
+        doc="`radius`: the radius on the `radius_step` grid; `certified`: only whether the "
+        "input is certified at radius `radius_step` (radius `radius_step`) or abstained. "
+        "`certified` is forced for degraded clients and when the policy's `privacy` stage "
+        "releases labels only",
+    )
+    consistent: bool = option(
+        True,
+        doc="the same input always gets the same noise and so the same answer (a keyed hash of "
+        "the row seeds it): repeating a query cannot average the radius",
+    )
+    secret_env: str | None = option(
+        None,
+        shown=f"`{DEFAULT_SECRET_ENV}`",
+        doc="environment variable holding the key of that hash (at least 16 characters); when "
+        "the default is unset a random key is drawn at load (consistent within this process)",
     )
     mode: Literal["fixed", "adaptive"] = option(
         "fixed",
@@ -172,7 +218,10 @@ class CertifyOptions:
     )
     tolerance: float = option(0.1, min=0, doc="`adaptive`: radius left unclaimed, in σ")
     seed: int | None = option(
-        None, min=0, doc="seed of the noise (tests and reproductions only); default: fresh entropy"
+        None,
+        min=0,
+        doc="seed of the noise (tests and reproductions only; with `consistent` it keys the "
+        "hash); default: fresh entropy",
     )
     on_error: Literal["closed", "open"] = option(
         "closed", doc="a fault while sampling: `closed` refuses the request (503), `open` serves it"
@@ -187,6 +236,46 @@ class CertifyOptions:
             )
         except ParameterError as exc:
             raise OptionError(exc.name, exc.message) from None
+        if self.client_max_concurrent is not None and self.client_max_concurrent > (
+            self.max_concurrent
+        ):
+            raise OptionError(
+                "client_max_concurrent",
+                f"must be <= max_concurrent ({self.max_concurrent}); "
+                f"got {self.client_max_concurrent}",
+            )
+        total, share = self.max_samples_per_second, self.client_samples_per_second
+        if total is not None and share is not None and share > total:
+            raise OptionError(
+                "client_samples_per_second",
+                f"must be <= max_samples_per_second ({total:g}); got {share:g}",
+            )
+        step = self.radius_step
+        if step is not None and abs(round(step, STEP_DECIMALS) - step) > 1e-12:
+            raise OptionError(
+                "radius_step", f"must have at most {STEP_DECIMALS} decimals; got {step!r}"
+            )
+
+    @property
+    def step(self) -> float:
+        """The radius step released: ``radius_step``, else σ/4 rounded down to 6 decimals."""
+        if self.radius_step is not None:
+            return self.radius_step
+        scale = 10**STEP_DECIMALS
+        return max(math.floor(self.sigma / 4 * scale), 1) / scale
+
+    @property
+    def client_concurrent(self) -> int:
+        if self.client_max_concurrent is not None:
+            return self.client_max_concurrent
+        return max(self.max_concurrent - 1, 1)
+
+    @property
+    def client_rate(self) -> float | None:
+        if self.client_samples_per_second is not None:
+            return self.client_samples_per_second
+        total = self.max_samples_per_second
+        return total / 2 if total is not None else None
 
 
 class Certify(OptionsStage[CertifyOptions]):
@@ -199,69 +288,109 @@ class Certify(OptionsStage[CertifyOptions]):
         from guard.defenses.smoothing import max_radius
 
         super().__init__(options, env)
-        self.local, self.backend = _source_of(options, env)  # local None: sample the upstream
-        self.input = options.input  # resolved: the model's only input when it is known
-        output = options.output
+        o = options
+        self.local, self.backend = _source_of(o, env)  # local None: sample the upstream
+        self.input = o.input  # resolved: the model's only input when it is known
+        output = o.output
         self.dtype = np.dtype(np.float32)
         if env.metadata is not None:
-            spec = _pick_input(env, options.input)
+            spec = _pick_input(env, o.input)
             self.input, self.dtype = spec.name, DATATYPES[spec.datatype]
-            output = _pick_output(env.metadata.outputs, options.output)
+            output = _pick_output(env.metadata.outputs, o.output)
         if output is None:
             raise OptionError(
                 "output", f"is required: model {env.model} has no local copy to read it from"
             )
         self.output = output
-        rate = options.max_samples_per_second
-        self.budget = SampleBudget(rate) if rate is not None else None
-        self.max_radius = max_radius(options.sigma, options.n, options.alpha)
-        self._seeds = np.random.SeedSequence(options.seed)
+        self.capacity = Capacity(
+            max_concurrent=o.max_concurrent,
+            samples_per_second=o.max_samples_per_second,
+            client_max_concurrent=o.client_concurrent,
+            client_samples_per_second=o.client_rate,
+        )
+        self.max_radius = max_radius(o.sigma, o.n, o.alpha)
+        self.grid = RadiusGrid(o.step)
+        self.labels_only = False  # the policy's privacy stage releases labels only (bind)
+        self.key = _noise_key(o, env) if o.consistent else None
+        self.scope = noise_scope(env.model, env.version, o)
+        self._seeds = np.random.SeedSequence(o.seed)
         self.metrics: GuardMetrics | None = env.metrics
-        self._active = 0  # certifications running (touched on the event loop only)
         log.info(
             "model %s: certify with sigma=%g, n=%d, alpha=%g; largest certifiable radius %.4g",
             env.model,
-            options.sigma,
-            options.n,
-            options.alpha,
+            o.sigma,
+            o.n,
+            o.alpha,
             self.max_radius,
         )
 
+    def bind(self, stages: Sequence[Stage]) -> None:
+        """See the policy's other stages: a ``privacy`` stage releasing labels only makes
+        every certificate ``release: certified``."""
+        from guard.defenses.privacy import LabelOnly
+
+        privacy = next((s for s in stages if s.name == "privacy"), None)
+        self.labels_only = isinstance(getattr(privacy, "mechanism", None), LabelOnly)
+
     def describe(self) -> dict[str, Any]:
+        o = self.options
         return {
             **super().describe(),
             "input": self.input,
             "output": self.output,
             "max_radius": round(self.max_radius, 6),
-            "running": self._active,
+            "radius_step": self.grid.step,
+            "release": "certified" if self.labels_only else o.release,
+            "client_max_concurrent": o.client_concurrent,
+            "client_samples_per_second": o.client_rate,
+            "running": self.capacity.running,
         }
 
     async def on_request(self, ctx: RequestContext) -> Verdict:
         radius = self._radius(ctx)
-        if radius is not None or self._wanted(ctx):  # the input as it is here, before later stages
-            ctx.stage_state[self.name] = (self._rows(ctx).copy(), radius)
+        if radius is None and not self._wanted(ctx):
+            return Verdict.CONTINUE
+        o = self.options
+        x = self._rows(ctx)
+        client = ctx.client.name
+        # Admitted (and charged) before the model is called: a refusal costs no model call.
+        refusal = await self.capacity.acquire(client, len(x) * (o.n0 + o.n), o.max_wait)
+        if refusal is not None:
+            if o.on_overload == "503":
+                raise Overloaded(f"certification capacity exhausted ({refusal}); try again shortly")
+            ctx.stage_state[self.name] = refusal
+            return Verdict.CONTINUE
+        slot = _Slot(self.capacity, client, asyncio.current_task())
+        ctx.stage_state[self.name] = (x.copy(), slot, radius)  # as it is here, before later stages
         return Verdict.CONTINUE
 
     async def on_response(self, ctx: RequestContext) -> Verdict:
         response = ctx.response
-        x, radius = ctx.stage_state.pop(self.name, (None, None))
-        if response is None or x is None:
+        kept = ctx.stage_state.pop(self.name, None)
+        if isinstance(kept, str):  # refused at on_request, on_overload: uncertified
+            if response is not None:
+                rows = len(self._rows(ctx))
+                _publish_uncertified(ctx, response, rows, kept)
+                if self.metrics is not None:
+                    self.metrics.count_certifications(ctx.model, "overloaded", rows)
             return Verdict.CONTINUE
-        cost = len(x) * (self.options.n0 + self.options.n)
-        refusal = self._admit(cost)
-        if refusal is not None:
-            if self.options.on_overload == "503":
-                raise Overloaded(f"certification capacity exhausted ({refusal}); try again shortly")
-            _publish_uncertified(ctx, response, len(x), refusal)
-            if self.metrics is not None:
-                self.metrics.count_certifications(ctx.model, "overloaded", len(x))
+        if kept is None:
             return Verdict.CONTINUE
-        self._active += 1  # _certify releases it once sampling has really stopped
-        certificates = await self._certify(ctx, x, radius)
+        o = self.options
+        x, slot, radius = kept
+        slot.reached()
+        if response is None:
+            slot.drop()
+            return Verdict.CONTINUE
+        certificates = await self._certify(ctx, x, slot, radius)  # it gives the slot back
         samples = [self._samples(c) for c in certificates]
-        if self.budget is not None:
-            self.budget.tokens += cost - sum(samples)  # charged the most; refund what was unused
-        _publish(ctx, response, certificates, samples)
+        self.capacity.refund(ctx.client.name, len(x) * (o.n0 + o.n) - sum(samples))
+        if radius is not None:  # TARGET answers the radius asked (on the grid), no finer
+            certificates = [c if c.abstained else replace(c, radius=radius) for c in certificates]
+        # Degraded clients, and policies that release labels only, learn one bit per row.
+        certified_only = o.release == "certified" or self.labels_only or ctx.degraded
+        released = [self.grid.release(c, certified_only) for c in certificates]
+        _publish(ctx, response, released, samples)
         if self.metrics is not None:
             self.metrics.record_certificates(ctx.model, certificates)
             self.metrics.record_certification_samples(ctx.model, samples)
@@ -277,7 +406,8 @@ class Certify(OptionsStage[CertifyOptions]):
         )
 
     def _radius(self, ctx: RequestContext) -> float | None:
-        """The radius the client asked to certify, if any; a malformed or hopeless one is a 400."""
+        """The radius the client asked to certify, rounded up to the grid; a malformed or
+        hopeless one is a 400."""
         from guard.defenses.sequential import target_plan
         from guard.defenses.smoothing import ParameterError
 
@@ -289,26 +419,18 @@ class Certify(OptionsStage[CertifyOptions]):
             return None
         if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
             raise RequestError(f"{where}: must be a number >= 0; got {str(value)[:20]!r}")
-        o = self.options
+        o, radius = self.options, self.grid.up(float(value))
         try:
-            target_plan(o.sigma, float(value), o.n0, o.n, o.alpha)
+            target_plan(o.sigma, radius, o.n0, o.n, o.alpha)
         except ParameterError as exc:
             raise RequestError(
                 f"{where}: {value:g} cannot be certified with sigma={o.sigma:g}, n={o.n}, "
                 f"alpha={o.alpha:g} ({exc})"
             ) from None
-        return float(value)
+        return radius
 
     def _samples(self, certificate: Any) -> int:
         return int(getattr(certificate, "samples", self.options.n0 + certificate.n))
-
-    def _admit(self, cost: int) -> str | None:
-        """None when a certification of ``cost`` samples may start now, else why not."""
-        if self._active >= self.options.max_concurrent:
-            return f"{self._active} certifications running"
-        if self.budget is not None and not self.budget.try_spend(cost):
-            return "sample budget spent"
-        return None
 
     def _rows(self, ctx: RequestContext) -> np.ndarray:
         name, x = request_input(ctx, self.input, several="certify perturbs exactly one input")
@@ -318,14 +440,22 @@ class Certify(OptionsStage[CertifyOptions]):
             raise RequestError(
                 f"certify: inputs.{name} must be a batch of numbers; got {list(x.shape)} {x.dtype}"
             )
-        return x
+        substitute = (ctx.substitute or {}).get(name)  # misdirected: certify what the model sees
+        return x if substitute is None else np.asarray(substitute)
 
     # -- sampling ----------------------------------------------------------------
 
+    def generators(self, x: np.ndarray) -> list[np.random.Generator]:
+        """The noise of each row: keyed on the row (``consistent``), else fresh."""
+        if self.key is not None:
+            return consistent_generators(self.key, self.scope, {self.input or "input": x})
+        rng = np.random.default_rng(self._seeds.spawn(1)[0])
+        return [rng] * len(x)
+
     async def _certify(
-        self, ctx: RequestContext, x: np.ndarray, radius: float | None
+        self, ctx: RequestContext, x: np.ndarray, slot: _Slot, radius: float | None = None
     ) -> list[Certificate]:
-        """Certify every row; release the concurrency slot when sampling has stopped.
+        """Certify every row; release the capacity taken when sampling has stopped.
 
         A request cancelled while its rows are sampled in a worker thread keeps
         its slot until the thread is done, so cancelled requests cannot pile up
@@ -335,8 +465,11 @@ class Certify(OptionsStage[CertifyOptions]):
         from guard.defenses.smoothing import AsyncSmooth, Smooth
 
         o = self.options
-
-        rng = np.random.default_rng(self._seeds.spawn(1)[0])
+        try:
+            rngs = self.generators(x)
+        except BaseException:
+            slot.drop()
+            raise
         if self.local is not None:
             local, input_name, output_name = self.local, self.input or "", self.output
 
@@ -348,7 +481,7 @@ class Certify(OptionsStage[CertifyOptions]):
             seq = SequentialSmooth(local_labels, o.sigma, batch=o.batch, dtype=self.dtype)
             loop = asyncio.get_running_loop()
 
-            def one(row: np.ndarray) -> Any:
+            def one(row: np.ndarray, rng: np.random.Generator) -> Any:
                 if radius is not None:
                     return seq.certify_radius(row, radius, o.n0, o.n, o.alpha, rng=rng)
                 if o.mode == "adaptive":
@@ -358,14 +491,15 @@ class Certify(OptionsStage[CertifyOptions]):
                 return smooth.certify(row, o.n0, o.n, o.alpha, rng=rng)
 
             def work() -> list[Certificate]:
-                return [one(row) for row in x]
+                return [one(row, rng) for row, rng in zip(x, rngs, strict=True)]
 
             try:
                 sampling = loop.run_in_executor(local.executor, work)
             except BaseException:
-                self._release()
+                slot.drop()
                 raise
-            sampling.add_done_callback(self._release)
+            slot.sampling = True  # a cancelled request keeps it until the thread is done
+            sampling.add_done_callback(slot.drop)
             return await asyncio.shield(sampling)
 
         async def upstream_labels(batch: np.ndarray) -> np.ndarray:
@@ -375,7 +509,7 @@ class Certify(OptionsStage[CertifyOptions]):
         remote = AsyncSmooth(upstream_labels, o.sigma, batch=o.batch, dtype=dtype)
         aseq = AsyncSequentialSmooth(upstream_labels, o.sigma, batch=o.batch, dtype=dtype)
 
-        async def one_async(row: np.ndarray) -> Any:
+        async def one_async(row: np.ndarray, rng: np.random.Generator) -> Any:
             if radius is not None:
                 return await aseq.certify_radius(row, radius, o.n0, o.n, o.alpha, rng=rng)
             if o.mode == "adaptive":
@@ -385,12 +519,9 @@ class Certify(OptionsStage[CertifyOptions]):
             return await remote.certify(row, o.n0, o.n, o.alpha, rng=rng)
 
         try:
-            return [await one_async(row) for row in x]
+            return [await one_async(row, rng) for row, rng in zip(x, rngs, strict=True)]
         finally:
-            self._release()
-
-    def _release(self, _: object = None) -> None:
-        self._active -= 1
+            slot.drop()
 
     async def _upstream_labels(self, ctx: RequestContext, batch: np.ndarray) -> np.ndarray:
         name = self.input or next(iter(ctx.request.inputs))
@@ -411,16 +542,117 @@ class Certify(OptionsStage[CertifyOptions]):
             raise UpstreamError(f"certify: output {self.output!r}: {exc}") from None
 
 
+class _Slot:
+    """One admitted certification's place in :class:`Capacity`, given back exactly once:
+    when its sampling stops, or when its request's task ends before ``on_response`` ran
+    (an upstream error, a later stage refusing)."""
+
+    __slots__ = ("capacity", "client", "held", "sampling", "task")
+
+    def __init__(self, capacity: Capacity, client: str, task: asyncio.Task[Any] | None) -> None:
+        self.capacity, self.client, self.task = capacity, client, task
+        self.held, self.sampling = True, False
+        if task is not None:
+            task.add_done_callback(self.abandon)
+
+    def reached(self) -> None:
+        """``on_response`` runs: it gives the slot back from here."""
+        if self.task is not None:
+            self.task.remove_done_callback(self.abandon)
+            self.task = None
+
+    def drop(self, _: object = None) -> None:
+        if self.held:
+            self.held = False
+            self.capacity.release(self.client)
+
+    def abandon(self, _: object = None) -> None:
+        """The request ended: give the slot back unless a worker thread still samples."""
+        if not self.sampling:
+            self.drop()
+
+
+@dataclass(frozen=True, slots=True)
+class Released:
+    """What one row's answer says: the certificate as the policy releases it."""
+
+    label: int  # -1: abstained
+    radius: float  # on the grid; 0.0 when abstained
+    text: str  # the radius as the header writes it, or "abstain"
+
+    @property
+    def abstained(self) -> bool:
+        return self.label < 0
+
+
+class RadiusGrid:
+    """Radii rounded down to multiples of ``step`` (at most 6 decimals), written alike in
+    the V2 parameters and the header; a smaller radius is still a valid certificate."""
+
+    def __init__(self, step: float) -> None:
+        self.step = step
+        self.decimals = max(0, -Decimal(repr(step)).normalize().as_tuple().exponent)  # type: ignore[operator]
+
+    def release(self, certificate: Certificate, certified_only: bool = False) -> Released:
+        """``certificate`` on the grid; ``certified_only``: certified at one step, or abstained."""
+        if certificate.abstained or certificate.label is None:
+            return Released(-1, 0.0, "abstain")
+        steps = math.floor(certificate.radius / self.step)
+        if round((steps + 1) * self.step, self.decimals) <= certificate.radius:
+            steps += 1  # the division fell just short of a grid point (0.3 / 0.05 < 6)
+        if certified_only:
+            if steps < 1:
+                return Released(-1, 0.0, "abstain")
+            steps = 1
+        radius = round(steps * self.step, self.decimals)
+        return Released(certificate.label, radius, f"{radius:.{self.decimals}f}")
+
+    def up(self, radius: float) -> float:
+        """``radius`` rounded up to the grid (a requested radius: certifying it answers more)."""
+        steps = math.ceil(round(radius / self.step, 9))
+        return round(steps * self.step, self.decimals)
+
+
+def noise_scope(model: str, version: str, options: CertifyOptions) -> tuple[str, ...]:
+    """What the consistent noise is keyed on besides the row: fixed by the policy."""
+    o = options
+    return ("certify", model, version, repr(o.sigma), str(o.n0), str(o.n))
+
+
+def seed_key(seed: int) -> bytes:
+    """The key of the consistent noise when the policy sets ``seed`` (tests, reproductions)."""
+    return f"certify-seed:{seed}".encode()
+
+
+def _noise_key(options: CertifyOptions, env: StageEnv) -> bytes:
+    if options.seed is not None:
+        return seed_key(options.seed)
+    name = options.secret_env or DEFAULT_SECRET_ENV
+    value = env.secret(name)
+    if value:
+        if len(value) < MIN_SECRET_CHARS:
+            raise OptionError(
+                "secret_env",
+                f"names {name}, which holds {len(value)} characters; "
+                f"the noise key needs at least {MIN_SECRET_CHARS}",
+            )
+        return value.encode("utf-8")
+    if options.secret_env is not None:
+        raise OptionError("secret_env", f"names environment variable {name}, which is not set")
+    log.warning(
+        "certify: %s is not set; consistent noise uses a random key for this process only",
+        DEFAULT_SECRET_ENV,
+    )
+    return os.urandom(32)
+
+
 def _publish(
-    ctx: RequestContext,
-    response: InferResponse,
-    certificates: list[Certificate],
-    samples: list[int],
+    ctx: RequestContext, response: InferResponse, released: list[Released], samples: list[int]
 ) -> None:
-    labels = [-1 if c.label is None else c.label for c in certificates]
-    radii = [c.radius for c in certificates]
-    abstained = [c.abstained for c in certificates]
-    one = len(certificates) == 1
+    labels = [r.label for r in released]
+    radii = [r.radius for r in released]
+    abstained = [r.abstained for r in released]
+    one = len(released) == 1
     response.parameters.update(
         certified=True,
         certified_label=labels[0] if one else labels,
@@ -429,11 +661,9 @@ def _publish(
         certified_samples=samples[0] if one else samples,
     )
     ctx.headers[SAMPLES_HEADER] = ",".join(map(str, samples))
-    ctx.headers[RADIUS_HEADER] = ",".join(
-        "abstain" if c.abstained else f"{c.radius:.6g}" for c in certificates
-    )
+    ctx.headers[RADIUS_HEADER] = ",".join(r.text for r in released)
     ctx.headers[LABEL_HEADER] = ",".join(
-        "abstain" if c.label is None else str(c.label) for c in certificates
+        "abstain" if r.abstained else str(r.label) for r in released
     )
 
 

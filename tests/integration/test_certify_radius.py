@@ -11,9 +11,12 @@ import numpy as np
 import pytest
 
 from guard.backends.onnx import OnnxBackend
+from guard.defenses.privacy import consistent_generators
 from guard.defenses.sampling import labels_from_output
 from guard.defenses.sequential import SequentialCertificate, SequentialSmooth
 from guard.models import load_samples, model_path
+from guard.stages.capacity import Capacity
+from guard.stages.certify import CertifyOptions, RadiusGrid, noise_scope, seed_key
 from tests.integration.conftest import StartGuard
 from tests.integration.test_certify_stage import (
     ALPHA,
@@ -42,28 +45,29 @@ def sequential(local: OnnxBackend) -> SequentialSmooth:
     return SequentialSmooth(f, SIGMA, batch=500)
 
 
-def first_rng() -> np.random.Generator:
-    """The noise of the stage's first request (seed 7, as certify_policy sets)."""
-    return np.random.default_rng(np.random.SeedSequence(7).spawn(1)[0])
+def row_rngs(rows: np.ndarray) -> list[np.random.Generator]:
+    """The stage's noise, keyed on each row (``seed: 7``, as certify_policy sets)."""
+    options = CertifyOptions(sigma=SIGMA, n=N, n0=50, batch=500, seed=7, source="local")
+    return consistent_generators(seed_key(7), noise_scope("digits", "", options), {"input": rows})
 
 
 async def test_a_requested_radius_stops_early_and_says_what_it_cost(
     start_guard: StartGuard, http: aiohttp.ClientSession, local: OnnxBackend, x: np.ndarray
 ) -> None:
     guard = await start_guard(certify_policy())
-    status, body, headers = await post(
-        http, guard, x, extra={"parameters": {"certify_radius": 0.5}}
-    )
+    ask = {"parameters": {"certify_radius": 0.4}}  # rounded up to the σ/4 grid: 0.5
+    status, body, headers = await post(http, guard, x, extra=ask)
     assert status == 200, body
-    rng = first_rng()
+    seq = sequential(local)
     want: list[SequentialCertificate] = [
-        sequential(local).certify_radius(row, 0.5, 50, N, ALPHA, rng=rng) for row in x
+        seq.certify_radius(row, 0.5, 50, N, ALPHA, rng=rng)
+        for row, rng in zip(x, row_rngs(x), strict=True)
     ]
+    assert all(c.radius >= 0.5 for c in want if not c.abstained)
     params = body["parameters"]
     assert params["certified"] is True
     assert params["certified_label"] == [-1 if c.label is None else c.label for c in want]
-    assert params["certified_radius"] == pytest.approx([c.radius for c in want], rel=1e-12)
-    assert all(r >= 0.5 for r, c in zip(params["certified_radius"], want, strict=True) if c.label)
+    assert params["certified_radius"] == [0.0 if c.abstained else 0.5 for c in want]  # no finer
     assert params["certified_samples"] == [c.samples for c in want]
     assert all(s < 50 + N for s in params["certified_samples"])  # fewer than CERTIFY's n0 + n
     assert headers["X-Guard-Certified-Samples"] == ",".join(str(c.samples) for c in want)
@@ -73,7 +77,7 @@ async def test_the_radius_header_asks_too(start_guard: StartGuard, x: np.ndarray
     guard = await start_guard(certify_policy())
     response = await triton_infer(guard, x[:1], headers={"X-Guard-Certify-Radius": "0.25"})
     params = response["parameters"]
-    assert params["certified"] is True and params["certified_radius"] >= 0.25
+    assert params["certified"] is True and params["certified_radius"] == 0.25
     assert params["certified_samples"] < 50 + N
 
 
@@ -110,9 +114,10 @@ async def test_adaptive_mode_and_the_samples_histogram(
     guard = await start_guard(certify_policy(mode="adaptive", tolerance=0.5, when="always"))
     status, body, _ = await post(http, guard, x)
     assert status == 200, body
-    rng = first_rng()
+    seq = sequential(local)
     want = [
-        sequential(local).certify_adaptive(row, 50, N, ALPHA, rng=rng, tolerance=0.5) for row in x
+        seq.certify_adaptive(row, 50, N, ALPHA, rng=rng, tolerance=0.5)
+        for row, rng in zip(x, row_rngs(x), strict=True)
     ]
     assert body["parameters"]["certified_samples"] == [c.samples for c in want]
     async with http.get(guard.ops_url("/metrics")) as reply:
@@ -145,3 +150,27 @@ def test_guard_certify_compares_the_modes(
     assert "--n must be >= " in capsys.readouterr().err
     assert main([*argv, "--mode", "target", "--target-radius", "50"]) == 2
     assert "--n cannot be enough to certify radius 50" in capsys.readouterr().err
+
+
+def test_a_requested_radius_is_rounded_up_to_the_grid() -> None:
+    grid = RadiusGrid(0.125)
+    asked = (0.0, 0.1, 0.125, 0.4, 0.5, 1.0 + 1e-13, 1.01)
+    assert [grid.up(r) for r in asked] == [0.0, 0.125, 0.125, 0.5, 0.5, 1.0, 1.125]
+
+
+def test_samples_not_drawn_are_refunded_up_to_the_bucket_size() -> None:
+    now = [0.0]
+    capacity = Capacity(
+        max_concurrent=2,
+        samples_per_second=1000,
+        client_max_concurrent=2,
+        client_samples_per_second=500,
+        clock=lambda: now[0],
+    )
+    assert capacity.try_acquire("a", 1200) is None  # the client's bucket is 700 in debt
+    assert capacity.try_acquire("a", 1) == "this client's sample share spent"
+    capacity.refund("a", 1100)  # a sequential certification drew 100 of its 1200
+    assert capacity.budget is not None and capacity.budget.tokens == 900
+    assert capacity.try_acquire("a", 1) is None  # the client's bucket: -700 + 1100 = 400
+    capacity.refund("a", 10_000)
+    assert capacity.budget.tokens == 1000  # each capped at its size

@@ -19,14 +19,23 @@ from guard.backends.onnx import OnnxBackend
 from guard.clients import Client
 from guard.config import parse_policy
 from guard.configreader import Section
+from guard.defenses.privacy import consistent_generators
 from guard.defenses.sampling import labels_from_output
-from guard.defenses.smoothing import Certificate, Smooth, max_radius
+from guard.defenses.smoothing import Smooth, max_radius
 from guard.errors import Overloaded, PolicyError, RequestError
 from guard.inference import InferRequest, InferResponse
 from guard.models import load_samples, model_path
 from guard.pipeline import Action, RequestContext
 from guard.runtime import build_runtime
-from guard.stages.certify import Certify, CertifyOptions, SampleBudget
+from guard.stages.certify import (
+    Certify,
+    CertifyOptions,
+    RadiusGrid,
+    Released,
+    SampleBudget,
+    noise_scope,
+    seed_key,
+)
 from guard.stages.env import StageEnv
 from guard.stages.options import OptionError
 from tests.integration.conftest import StartGuard, digits_policy
@@ -51,15 +60,22 @@ def x() -> np.ndarray:
     return load_samples("digits")[0][:3]
 
 
-def expected(local: OnnxBackend, rows: np.ndarray, *, sigma: float = SIGMA) -> list[Certificate]:
-    """What the stage must answer: the library's CERTIFY with the noise of its first request."""
-    rng = np.random.default_rng(np.random.SeedSequence(7).spawn(1)[0])
+def expected(local: OnnxBackend, rows: np.ndarray, *, sigma: float = SIGMA) -> list[Released]:
+    """What the stage must answer: the library's CERTIFY with the noise keyed on each row
+    (``seed: 7`` keys the hash), released on the σ/4 grid."""
+    options = CertifyOptions(sigma=sigma, n=N, n0=50, batch=500, seed=7, source="local")
+    scope = noise_scope("digits", "", options)
+    rngs = consistent_generators(seed_key(7), scope, {"input": rows})
 
     def f(b: np.ndarray) -> np.ndarray:
         return labels_from_output(local.run({"input": b}, ["label"])["label"], len(b))
 
     smooth = Smooth(f, sigma, batch=500)
-    return [smooth.certify(row, 50, N, ALPHA, rng=rng) for row in rows]
+    grid = RadiusGrid(options.step)
+    return [
+        grid.release(smooth.certify(row, 50, N, ALPHA, rng=rng))
+        for row, rng in zip(rows, rngs, strict=True)
+    ]
 
 
 async def triton_infer(guard: Any, x: np.ndarray, **kw: Any) -> dict[str, Any]:
@@ -106,7 +122,7 @@ async def test_tritonclient_asks_with_the_request_parameter(
     assert response["parameters"] == {
         "certified": True,
         "certified_label": want.label,
-        "certified_radius": pytest.approx(want.radius, rel=1e-12),
+        "certified_radius": want.radius,
         "abstained": False,
         "certified_samples": 50 + N,
     }
@@ -130,10 +146,10 @@ async def test_batches_get_one_value_per_row_and_the_headers(
     want = expected(local, x)
     params = body["parameters"]
     assert params["certified"] is True
-    assert params["certified_label"] == [-1 if c.label is None else c.label for c in want]
-    assert params["certified_radius"] == pytest.approx([c.radius for c in want], rel=1e-12)
+    assert params["certified_label"] == [c.label for c in want]
+    assert params["certified_radius"] == [c.radius for c in want]
     assert params["abstained"] == [c.abstained for c in want]
-    assert headers["X-Guard-Certified-Radius"] == ",".join(f"{c.radius:.6g}" for c in want)
+    assert headers["X-Guard-Certified-Radius"] == ",".join(c.text for c in want)
     assert headers["X-Guard-Certified-Label"] == ",".join(str(c.label) for c in want)
     labels = next(o for o in body["outputs"] if o["name"] == "label")["data"]
     assert labels == local.run({"input": x})["label"].tolist()  # the model's answer is untouched
@@ -181,9 +197,7 @@ async def test_sampling_the_upstream_gives_the_local_answer(
     assert status == 200, body
     want = expected(local, x[:2])  # float32 noise survives the JSON round trip exactly
     assert body["parameters"]["certified_label"] == [c.label for c in want]
-    assert body["parameters"]["certified_radius"] == pytest.approx(
-        [c.radius for c in want], rel=1e-12
-    )
+    assert body["parameters"]["certified_radius"] == [c.radius for c in want]
 
 
 @pytest.mark.parametrize("certify_first", [True, False], ids=["certify-first", "squeeze-first"])
@@ -208,12 +222,8 @@ async def test_certify_sees_the_input_at_its_place_in_the_policy(
     raw, transformed = expected(local, x, sigma=2.0), expected(local, squeezed, sigma=2.0)
     assert raw != transformed  # at this σ the squeezed input gets other votes
     want = raw if certify_first else transformed
-    assert body["parameters"]["certified_label"] == [
-        -1 if c.label is None else c.label for c in want
-    ]
-    assert body["parameters"]["certified_radius"] == pytest.approx(
-        [c.radius for c in want], rel=1e-12
-    )
+    assert body["parameters"]["certified_label"] == [c.label for c in want]
+    assert body["parameters"]["certified_radius"] == [c.radius for c in want]
     served = next(o for o in body["outputs"] if o["name"] == "label")["data"]
     assert served == local.run({"input": squeezed})["label"].tolist()  # the model saw it squeezed
 
@@ -231,7 +241,9 @@ async def concurrent_asks(
 async def test_overload_refuses_with_503(
     start_guard: StartGuard, http: aiohttp.ClientSession, x: np.ndarray
 ) -> None:
-    guard = await start_guard(certify_policy(n=300_000, max_concurrent=1, on_overload=503))
+    guard = await start_guard(
+        certify_policy(n=300_000, max_concurrent=1, on_overload=503, max_wait=0)
+    )
     replies = await concurrent_asks(http, guard, x, 4)
     statuses = sorted(status for status, _, _ in replies)
     assert statuses[0] == 200 and statuses[-1] == 503, statuses
@@ -243,7 +255,7 @@ async def test_overload_answers_uncertified(
     start_guard: StartGuard, http: aiohttp.ClientSession, x: np.ndarray
 ) -> None:
     guard = await start_guard(
-        certify_policy(n=300_000, max_concurrent=1, on_overload="uncertified")
+        certify_policy(n=300_000, max_concurrent=1, on_overload="uncertified", max_wait=0)
     )
     replies = await concurrent_asks(http, guard, x, 4)
     assert all(status == 200 for status, _, _ in replies)
@@ -258,7 +270,7 @@ async def test_overload_answers_uncertified(
 
 
 async def test_a_cancelled_request_keeps_its_slot_until_sampling_stops(x: np.ndarray) -> None:
-    stage = build({"sigma": SIGMA, "n": 300_000, "max_concurrent": 1})
+    stage = build({"sigma": SIGMA, "n": 300_000, "max_concurrent": 1, "max_wait": 0})
     first = asyncio.create_task(through(stage, context(x[:1], certify=True)))
     await asyncio.sleep(0.05)  # sampling has started in a worker thread
     first.cancel()
@@ -273,6 +285,27 @@ async def test_a_cancelled_request_keeps_its_slot_until_sampling_stops(x: np.nda
     ctx = context(x[:1], certify=True)
     await through(stage, ctx)
     assert ctx.response is not None and ctx.response.parameters["certified"] is True
+
+
+async def test_a_request_ending_before_the_answer_gives_its_slot_back(x: np.ndarray) -> None:
+    stage = build({"sigma": SIGMA, "n": 200, "max_concurrent": 1})
+    ctx = context(x[:1], certify=True)
+    await asyncio.create_task(stage.on_request(ctx))  # admitted; then the model call failed
+    await asyncio.sleep(0)  # the request's task has ended: its done callbacks ran
+    assert stage.describe()["running"] == 0
+    await through(stage, context(x[:1], certify=True))  # so the next one is admitted
+
+
+async def test_a_misdirected_request_is_certified_on_what_the_model_saw(x: np.ndarray) -> None:
+    stage = build({"sigma": SIGMA, "n": 500, "seed": 3})
+    misdirected = context(x[:1], certify=True)
+    misdirected.substitute = {"input": x[1:2]}  # set by a detector listed before certify
+    await through(stage, misdirected)
+    plain = context(x[1:2], certify=True)
+    await through(stage, plain)
+    assert misdirected.response is not None and plain.response is not None
+    assert misdirected.response.parameters == plain.response.parameters
+    assert misdirected.headers == plain.headers
 
 
 def test_sample_budget_admits_while_not_in_debt() -> None:
@@ -397,6 +430,13 @@ async def test_a_request_with_another_input_is_refused(x: np.ndarray) -> None:
             "certify.source is upstream, but model digits has no upstream",
         ),
         ({"sigma": 0.25, "sigmas": 1}, "has unknown key(s) sigmas"),
+        (
+            {"sigma": 0.25, "secret_env": "GUARD_TEST_NO_SUCH_VARIABLE"},
+            "certify.secret_env names environment variable GUARD_TEST_NO_SUCH_VARIABLE, "
+            "which is not set",
+        ),
+        ({"sigma": 0.25, "radius_step": 0.1234567}, "certify.radius_step must have at most 6"),
+        ({"sigma": 0.25, "release": "score"}, "certify.release must be one of"),
     ],
 )
 def test_bad_settings_stop_the_load(options: dict[str, Any], message: str) -> None:
@@ -432,7 +472,7 @@ async def test_tf_serving_clients_read_the_headers(
         headers = reply.headers
     want = expected(local, x[:2])
     assert headers["X-Guard-Certified-Label"] == ",".join(str(c.label) for c in want)
-    assert headers["X-Guard-Certified-Radius"] == ",".join(f"{c.radius:.6g}" for c in want)
+    assert headers["X-Guard-Certified-Radius"] == ",".join(c.text for c in want)
 
 
 # -- the offline command ---------------------------------------------------------------
