@@ -24,7 +24,8 @@ What the answer carries:
   gets scalars; a batch of B rows gets lists of B values in row order (the V2
   spec defines scalar parameters only; lists are plain JSON and tritonclient
   reads them). ``certified_samples``: the noisy samples each row used (n0
-  included). When capacity is exhausted and ``on_overload: uncertified``:
+  included; left out where only one bit is released: a sequential
+  certification's cost tracks pA). When capacity is exhausted and ``on_overload: uncertified``:
   ``certified: false``, ``abstained: true`` and ``abstain_reason``.
 - Headers (for TF Serving clients too): ``X-Guard-Certified-Radius`` and
   ``X-Guard-Certified-Label``, one comma-separated value per row, ``abstain``
@@ -390,7 +391,7 @@ class Certify(OptionsStage[CertifyOptions]):
         # Degraded clients, and policies that release labels only, learn one bit per row.
         certified_only = o.release == "certified" or self.labels_only or ctx.degraded
         released = [self.grid.release(c, certified_only) for c in certificates]
-        _publish(ctx, response, released, samples)
+        _publish(ctx, response, released, None if certified_only else samples)
         if self.metrics is not None:
             self.metrics.record_certificates(ctx.model, certificates)
             self.metrics.record_certification_samples(ctx.model, samples)
@@ -647,7 +648,10 @@ def _noise_key(options: CertifyOptions, env: StageEnv) -> bytes:
 
 
 def _publish(
-    ctx: RequestContext, response: InferResponse, released: list[Released], samples: list[int]
+    ctx: RequestContext,
+    response: InferResponse,
+    released: list[Released],
+    samples: list[int] | None,
 ) -> None:
     labels = [r.label for r in released]
     radii = [r.radius for r in released]
@@ -658,9 +662,10 @@ def _publish(
         certified_label=labels[0] if one else labels,
         certified_radius=radii[0] if one else radii,
         abstained=abstained[0] if one else abstained,
-        certified_samples=samples[0] if one else samples,
     )
-    ctx.headers[SAMPLES_HEADER] = ",".join(map(str, samples))
+    if samples is not None:  # where one bit is released, the cost is not (it tracks pA)
+        response.parameters["certified_samples"] = samples[0] if one else samples
+        ctx.headers[SAMPLES_HEADER] = ",".join(map(str, samples))
     ctx.headers[RADIUS_HEADER] = ",".join(r.text for r in released)
     ctx.headers[LABEL_HEADER] = ",".join(
         "abstain" if r.abstained else str(r.label) for r in released

@@ -81,6 +81,19 @@ async def test_the_radius_header_asks_too(start_guard: StartGuard, x: np.ndarray
     assert params["certified_samples"] < 50 + N
 
 
+async def test_one_bit_releases_no_cost(
+    start_guard: StartGuard, http: aiohttp.ClientSession, x: np.ndarray
+) -> None:
+    guard = await start_guard(certify_policy(release="certified"))
+    status, body, headers = await post(
+        http, guard, x[:1], extra={"parameters": {"certify_radius": 0.5}}
+    )
+    assert status == 200, body
+    assert body["parameters"]["certified_radius"] == 0.125  # one step: certified, nothing finer
+    assert "certified_samples" not in body["parameters"]
+    assert "X-Guard-Certified-Samples" not in headers
+
+
 @pytest.mark.parametrize(
     ("kw", "message"),
     [
