@@ -4,27 +4,30 @@ Cohen, Rosenfeld and Kolter's CERTIFY (ICML 2019; :mod:`guard.defenses.smoothing
 draws a fixed n. Two sequential procedures, both built on the same anytime-valid
 bound, draw in looks and stop once the answer is known:
 
-TARGET    Horváth, Mustafa, Vechev et al., "Boosting Randomized Smoothing with
-          Variance Reduced Classifiers", ICLR 2022 (the predetermined-radius
-          certification with sequential Clopper–Pearson tests and a Bonferroni
-          split of α). Is g robust within radius r at x? With pStar = Φ(r/σ):
-          certified as soon as the lower bound pABar reaches pStar, abstain as
-          soon as the upper bound pAUpper falls below it, or at the last look.
+TARGET    Horváth, Müller, Fischer and Vechev, "Boosting Randomized Smoothing
+          with Variance Reduced Classifiers", ICLR 2022 (reference code:
+          eth-sri/smoothing-ensembles; the predetermined-radius certification
+          with sequential Clopper–Pearson tests and a Bonferroni split of α).
+          Is g robust within radius r at x? With pStar = Φ(r/σ): certified as
+          soon as the lower bound pABar reaches pStar; abstain as soon as the
+          upper bound pAUpper falls below it, or at the last look.
 ADAPTIVE  the largest radius within a budget, as Chen et al., "Input-Specific
           Robustness Certification for Randomized Smoothing", AAAI 2022, size the
           sample per input: stop once the radius the rest of the budget could add
           (projected from the vote share so far) is at most ``tolerance``·σ, or
           the budget (samples or seconds) is spent.
 
-The bound (a union bound over a geometric schedule of looks, the
-"Bonferroni" confidence sequence; Voráček, "Treatment of Statistical Estimation
-Problems in Randomized Smoothing", 2024, compares it with betting sequences):
+The bound (a union bound over a geometric schedule of looks, the "Bonferroni"
+confidence sequence; Voráček, "Treatment of Statistical Estimation Problems in
+Randomized Smoothing for Adversarial Robustness", NeurIPS 2024, reference code
+RS_conf_seq, compares it with likelihood-ratio and betting sequences and splits α
+unevenly over an unbounded schedule; here K is finite and planned, so α splits evenly):
 the looks are at predetermined cumulative sample sizes n_1 < … < n_K (doubling),
 and at look k the one-sided Clopper–Pearson lower bound pABar_k of nA_k / n_k is
 taken at level α/K. For the fixed class cAHat (chosen from ``n0`` separate
 selection samples, as in CERTIFY) and its true probability pA, each event
 {pABar_k > pA} has probability ≤ α/K, because n_k is fixed in advance and the
-Clopper–Pearson bound is exact-conservative at a fixed n. Hence
+Clopper–Pearson bound is valid (conservative) at a fixed n. Hence
 
     P(∃k ≤ K: pABar_k > pA) ≤ Σ_k α/K = α,
 
