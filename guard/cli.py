@@ -28,18 +28,50 @@ log = logging.getLogger("guard")
 _UNSET = object()  # an option not given on the command line (None is a value: off)
 
 
+EXIT_CODES = (
+    (0, "success"),
+    (
+        1,
+        "runtime failure: a port already in use, an upstream or model that fails, "
+        "a measurement that misses its target (tune --verify), a load run with 5xx or "
+        "unanswered requests",
+    ),
+    (
+        2,
+        "usage or configuration error: an unknown flag or bad value, a missing or "
+        "unreadable policy file, a policy that does not validate",
+    ),
+    (130, "interrupted (Ctrl-C)"),
+)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
-    args = parser.parse_args(argv)
-    setup_logging(args.log_level, getattr(args, "log_format", "text"))
+    args = parser.parse_args(argv)  # usage errors: one line and exit 2 (argparse)
+    setup_logging(args.log_level, args.log_format)
     logging.getLogger("aiohttp.server").addFilter(_one_line_for_malformed_http)
     try:
         return int(args.run(args) or 0)
     except PolicyError as exc:
-        print(f"guard: {exc}", file=sys.stderr)
-        return 1
+        _error(str(exc))
+        return 2
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:  # the command's own errors: one line, the traceback on debug
+        if args.log_level == "debug":
+            log.exception("guard %s failed", getattr(args, "command", ""))
+        detail = str(exc) or type(exc).__name__
+        if isinstance(exc, OSError) and exc.strerror:
+            detail = f"{exc.strerror}" + (f": {exc.filename}" if exc.filename else "")
+        _error(detail)
+        return 1
+
+
+def _error(text: str) -> None:
+    """``guard: TEXT`` on one line of stderr, on a line of its own (a progress bar a
+    failed command left is cleared first)."""
+    clear = "\r\x1b[K" if sys.stderr.isatty() else ""
+    print(f"{clear}guard: {' '.join(text.split())}", file=sys.stderr)
 
 
 def _one_line_for_malformed_http(record: logging.LogRecord) -> bool:
@@ -59,13 +91,19 @@ def _one_line_for_malformed_http(record: logging.LogRecord) -> bool:
 
 
 def _parser() -> argparse.ArgumentParser:
+    from guard import __version__
+
     parser = argparse.ArgumentParser(
-        prog="guard", description="An inference-time guard for model APIs."
+        prog="guard",
+        description="An inference-time guard for model APIs: a proxy in front of a model "
+        "server (Triton, KServe, MLServer, TF Serving) that validates, detects and "
+        "limits queries, plus offline attacks, certification, load and tuning tools.",
+        epilog=_exit_status_text(),
+        formatter_class=_Formatter,
     )
-    parser.add_argument(
-        "--log-level", default="info", choices=["debug", "info", "warning", "error"]
-    )
-    commands = parser.add_subparsers(required=True, metavar="COMMAND")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    _add_global_flags(parser, defaults=True)
+    commands = parser.add_subparsers(required=True, metavar="COMMAND", dest="command")
 
     serve = commands.add_parser("serve", help="run the guard")
     serve.add_argument(
@@ -74,18 +112,28 @@ def _parser() -> argparse.ArgumentParser:
         default=DEFAULT_POLICY,
         help="policy YAML (default: the built-in default)",
     )
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--tls-cert", type=Path)
-    serve.add_argument("--tls-key", type=Path)
-    serve.add_argument("--loop", choices=["auto", "asyncio", "uvloop"], default="auto")
-    serve.add_argument("--access-log", action="store_true", help="log every request")
     serve.add_argument(
-        "--log-format",
-        choices=FORMATS,
-        default="text",
-        help="text (one escaped line per record) or json (one object per line)",
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on; 0.0.0.0 for every interface (default: 127.0.0.1)",
     )
+    serve.add_argument(
+        "--port", type=_port, default=8000, help="port of the public listener (default: 8000)"
+    )
+    serve.add_argument(
+        "--tls-cert",
+        type=Path,
+        metavar="PEM",
+        help="serve HTTPS (and gRPC over TLS) with this certificate chain; needs --tls-key",
+    )
+    serve.add_argument("--tls-key", type=Path, metavar="PEM", help="private key of --tls-cert")
+    serve.add_argument(
+        "--loop",
+        choices=["auto", "asyncio", "uvloop"],
+        default="auto",
+        help="event loop: uvloop if installed (auto), or force one (default: auto)",
+    )
+    serve.add_argument("--access-log", action="store_true", help="log every request")
     serve.add_argument(
         "--metrics-host",
         help="address of the metrics and admin listener (default: the policy's "
@@ -100,7 +148,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--grpc-port",
-        type=_grpc_port,
+        type=_port,
         default=None,
         metavar="PORT",
         help="also serve the Open Inference Protocol over gRPC on this port of --host "
@@ -109,27 +157,98 @@ def _parser() -> argparse.ArgumentParser:
     serve.set_defaults(run=_serve)
 
     check = commands.add_parser("check", help="validate a policy and print the resolved pipeline")
-    check.add_argument("policy", type=Path)
+    check.add_argument("policy", type=Path, help="the policy YAML to check")
+    check.add_argument(
+        "--json",
+        action="store_true",
+        help="print only JSON on stdout (the resolved pipeline and the warnings), "
+        "for jq and scripts",
+    )
     check.set_defaults(run=_check)
 
     demo = commands.add_parser("demo", help="serve the built-in default and show it working")
-    demo.add_argument("--port", type=int, default=0, help="port (default: any free one)")
+    demo.add_argument("--port", type=_port, default=0, help="port (default: any free one)")
     demo.add_argument("--requests", type=int, default=400, help="benign requests to send")
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument(
+        "--seed", type=int, default=0, help="seed of the traffic and the attacks (default: 0)"
+    )
     demo.add_argument("--keep", action="store_true", help="keep serving after the demo")
     demo.set_defaults(run=_demo)
 
     keygen = commands.add_parser("keygen", help="make an API key and its keys-file entry")
-    keygen.add_argument("name")
+    keygen.add_argument("name", help="the client's name in the keys file")
     keygen.add_argument("--models", nargs="*", help="models this client may call (default: all)")
     keygen.set_defaults(run=_keygen)
 
     for name in OFFLINE_COMMANDS:
         importlib.import_module(f"guard.commands.{name}").add_parser(commands)
+    _finish(commands)
     return parser
 
 
-def _grpc_port(text: str) -> int:
+class _Formatter(argparse.HelpFormatter):
+    """Descriptions wrapped to the terminal; text with line breaks (examples) kept as is."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        if "\n" in text:
+            return "".join(indent + line for line in text.splitlines(keepends=True))
+        return super()._fill_text(text, width, indent)
+
+
+def _add_global_flags(parser: argparse.ArgumentParser, *, defaults: bool) -> None:
+    """--log-level and --log-format, on the main parser (with their defaults) and on every
+    subcommand (without: a flag given before the subcommand is not reset after it)."""
+    group = parser.add_argument_group("global options (before or after the command)")
+    group.add_argument(
+        "--log-level",
+        default="info" if defaults else argparse.SUPPRESS,
+        choices=["debug", "info", "warning", "error"],
+        help="least severe log record written to stderr; debug also prints tracebacks "
+        "of failures (default: info)",
+    )
+    group.add_argument(
+        "--log-format",
+        choices=FORMATS,
+        default="text" if defaults else argparse.SUPPRESS,
+        help="text (one escaped line per record) or json (one object per line) (default: text)",
+    )
+
+
+def _finish(commands: argparse._SubParsersAction) -> None:
+    """Every subcommand: the global flags, a description, its examples, plain text."""
+    from guard.clidoc import EXAMPLES, plain
+
+    helps = {a.dest: a.help for a in commands._choices_actions}
+    for name, sub in commands.choices.items():
+        _add_global_flags(sub, defaults=False)
+        sub.formatter_class = _Formatter
+        description = plain(sub.description or helps.get(name) or "")
+        description = description.removeprefix(f"guard {name}: ")
+        sub.description = description[:1].upper() + description[1:]
+        if name in EXAMPLES:
+            sub.epilog = "examples:\n" + "\n".join(f"  {line}" for line in EXAMPLES[name])
+        for action in sub._actions:
+            if action.help and action.help is not argparse.SUPPRESS:
+                action.help = plain(action.help)
+
+
+def _exit_status_text() -> str:
+    import textwrap
+
+    lines = ["exit status:"]
+    for code, text in EXIT_CODES:
+        lines += textwrap.wrap(text, 78, initial_indent=f"  {code:<4} ", subsequent_indent=" " * 7)
+    lines += [
+        "",
+        "examples:",
+        "  guard serve --policy policy.yaml --host 0.0.0.0 --port 8000",
+        "  guard check policy.yaml --json | jq .models",
+        "  guard COMMAND --help",
+    ]
+    return "\n".join(lines)
+
+
+def _port(text: str) -> int:
     if not text.isdigit() or int(text) > 65535:
         raise argparse.ArgumentTypeError(
             f"must be a port number, 0 to 65535 (0: any free port); got {text!r}"
@@ -160,7 +279,11 @@ def _serve(args: argparse.Namespace) -> int:
     ssl_context = None
     if args.tls_cert:
         ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        ssl_context.load_cert_chain(args.tls_cert, args.tls_key)
+        try:
+            ssl_context.load_cert_chain(args.tls_cert, args.tls_key)
+        except (OSError, ssl.SSLError) as exc:
+            print(f"guard: --tls-cert/--tls-key: {exc.strerror or exc}", file=sys.stderr)
+            return 2
     listen = policy.listen
     if args.metrics_host is not None:
         listen = dataclasses.replace(listen, metrics_host=args.metrics_host)
@@ -297,6 +420,11 @@ def _check(args: argparse.Namespace) -> int:
 
     policy = load_policy(args.policy)
     runtime = build_runtime(policy, session=None)
+    if args.json:  # stdout holds one JSON document and nothing else (logs go to stderr)
+        document = {"ok": True, "version": policy.version, **runtime.describe()}
+        document["warnings"] = check_warnings(runtime)
+        print(json.dumps(document, indent=2, default=str))
+        return 0
     print(f"{args.policy}: OK (version {policy.version}, mode {policy.mode})")
     print(json.dumps(runtime.describe(), indent=2, default=str))
     for warning in check_warnings(runtime):

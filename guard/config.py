@@ -11,6 +11,7 @@ request. The policy reference is in the README; an annotated example is
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -161,9 +162,10 @@ class Policy:
 def load_policy(path: str | Path, *, environ: Mapping[str, str] | None = None) -> Policy:
     """Read and validate a policy file (stage options are checked at build time).
 
-    ``environ`` is where the policy's ``${VAR}`` and ``*_env`` keys are looked up
-    (default: a copy of this process's environment, taken now); the policy keeps it
-    for its stages, which read nothing from ``os.environ`` themselves.
+    ``environ`` is where the policy's ``${VAR}`` (in any string value, see
+    :func:`expand_environment`) and ``*_env`` keys are looked up (default: a copy of
+    this process's environment, taken now); the policy keeps it for its stages,
+    which read nothing from ``os.environ`` themselves.
     """
     path = Path(path)
     source = str(path)
@@ -180,6 +182,7 @@ def parse_policy(
     data: Any, *, source: str, base: Path, environ: Mapping[str, str] | None = None
 ) -> Policy:
     environ = dict(os.environ if environ is None else environ)
+    data = expand_environment(data, environ, source=source)
     root = Section(data, source=source)
     version = root.int("version")
     if version != VERSION:
@@ -327,7 +330,7 @@ def _upstream(model: Section, environ: Mapping[str, str]) -> UpstreamConfig | No
         connect_timeout=section.float("connect_timeout", 2.0, gt=0),
         binary=section.bool("binary", False),
         retries=section.int("retries", 1, min=0, max=5),
-        headers={k: _expand(headers, k, environ) for k in headers.names()},
+        headers={k: headers.str(k) for k in headers.names()},
     )
     section.finish()
     return config
@@ -343,12 +346,52 @@ def _url(section: Section, key: str, url: str) -> str:
     return url.rstrip("/")
 
 
-def _expand(section: Section, key: str, environ: Mapping[str, str]) -> str:
-    """A header value, or the environment variable it names (``${UPSTREAM_TOKEN}``)."""
-    value = section.str(key)
-    if value.startswith("${") and value.endswith("}"):
-        return section.variable(key, value[2:-1], environ)
-    return value
+_VARIABLE = re.compile(r"\$(\$\{)|\$\{([^}]*)\}|\$\{")
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def expand_environment(data: Any, environ: Mapping[str, str], *, source: str) -> Any:
+    """The policy with ``${VAR}`` replaced in every string value, before validation.
+
+    The one substitution rule of a policy: any string value (a header, a URL, a path,
+    a stage option; not a key) may hold ``${NAME}`` anywhere in it, replaced by
+    ``environ[NAME]`` (the environment the policy is loaded with). The result stays a
+    string: numbers and booleans are written as they are. ``$${`` writes a literal
+    ``${``. A variable that is unset or empty, or a ``${`` without a valid name and a
+    closing brace, is a policy error naming the path. The ``*_env`` keys
+    (``admin.token_env``, ``state.url_env``, ``blacklight.key_env`` ...) still name a
+    variable, for secrets a stage reads itself.
+    """
+
+    def visit(value: Any, path: str) -> Any:
+        if isinstance(value, str):
+            return _substitute(value, path) if "${" in value else value
+        if isinstance(value, Mapping):
+            return {k: visit(v, f"{path}.{k}" if path else str(k)) for k, v in value.items()}
+        if isinstance(value, list):
+            return [visit(v, f"{path}[{i}]") for i, v in enumerate(value)]
+        return value
+
+    def _substitute(text: str, path: str) -> str:
+        def replace(match: re.Match[str]) -> str:
+            if match.group(1):  # $${: the escape
+                return "${"
+            name = match.group(2)
+            if name is None or not _NAME.fullmatch(name):
+                raise PolicyError(
+                    f"{source}: {path} has a malformed ${{...}}: a variable is ${{NAME}} "
+                    f"(letters, digits, _), a literal ${{ is $${{; got {text!r}"
+                )
+            resolved = environ.get(name)
+            if not resolved:
+                raise PolicyError(
+                    f"{source}: {path} names environment variable {name}, which is not set"
+                )
+            return resolved
+
+        return _VARIABLE.sub(replace, text)
+
+    return visit(data, "")
 
 
 def _model_path(section: Section, value: str, base: Path) -> Path:

@@ -8,8 +8,9 @@ serving it, one query per request unless ``--batch-size`` says otherwise.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,12 +28,19 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         description="Run evasion, extraction, membership, inversion and benign-traffic "
         "attacks; print a table and optionally write a JSON report and plots.",
     )
-    parser.add_argument("--model", required=True, choices=["digits", "breast_cancer"])
+    parser.add_argument(
+        "--model",
+        required=True,
+        choices=["digits", "breast_cancer"],
+        help="the built-in model attacked (its data and its local copy)",
+    )
     parser.add_argument("--target", default="local", help="'local' or the URL of a V2 server/guard")
     parser.add_argument("--attack", default="all", help=help_text())
     parser.add_argument("--samples", type=int, default=10, help="evasion samples (default 10)")
     parser.add_argument("--budget", type=int, help="queries per unit (default: per attack)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seed of every attack and the traffic (default: 0)"
+    )
     parser.add_argument("--epsilon-l2", type=float, help="L2 radius in input units (digits: 10)")
     parser.add_argument(
         "--epsilon-linf", type=float, help="L-inf radius in input units (digits: 2)"
@@ -113,14 +121,15 @@ def run(args: argparse.Namespace) -> int:
         benign_jitter=args.benign_jitter,
         sybil_keys=args.sybil_keys,
     )
+    names = [n.strip() for n in args.attack.split(",") if n.strip()]
     try:
-        with _single_blas_thread():
+        with _single_blas_thread(), _attack_progress(names, args.model) as progress:
             report = run_suite(
-                [n.strip() for n in args.attack.split(",") if n.strip()],
+                names,
                 config,
                 _factory(args, keys, _split(args.attacker_keys)),
                 target_label=args.target,
-                progress=lambda name: print(f"running {name} ...", file=sys.stderr, flush=True),
+                progress=progress,
             )
     except (TargetError, ValueError) as exc:
         print(f"guard attack: {exc}", file=sys.stderr)
@@ -137,6 +146,31 @@ def run(args: argparse.Namespace) -> int:
             print(f"guard attack: --plots needs matplotlib {hint('matplotlib')}", file=sys.stderr)
             return 1
     return 0
+
+
+@contextlib.contextmanager
+def _attack_progress(names: list[str], model: str) -> Iterator[Callable[[str], None]]:
+    """A bar over the attacks on a terminal; else a "running NAME ..." line per attack."""
+    from guard.attacks.suite import resolve
+    from guard.attacks.targets import TargetSpec
+    from guard.progress import Progress
+
+    bar = Progress("attack", len(resolve(names, TargetSpec.builtin(model))))
+    started = 0
+
+    def step(name: str) -> None:
+        nonlocal started
+        if not bar.enabled:
+            print(f"running {name} ...", file=sys.stderr, flush=True)
+            return
+        bar.update(started, name)
+        started += 1
+
+    try:
+        yield step
+        bar.update(started, "")
+    finally:
+        bar.close()
 
 
 def _split(value: str | None) -> list[str]:
@@ -178,7 +212,5 @@ def _single_blas_thread() -> AbstractContextManager[Any]:
     try:
         from threadpoolctl import threadpool_limits  # type: ignore[import-untyped]
     except ImportError:
-        import contextlib
-
         return contextlib.nullcontext()
     return threadpool_limits(1)

@@ -46,7 +46,12 @@ def add_parser(commands: Any) -> None:
         help="value range (default: the built-in model's)",
     )
     parser.add_argument("--image", help="HxWxC of each sample, e.g. 8x8x1 (needed by median)")
-    parser.add_argument("--layout", choices=["HWC", "CHW"], default="HWC")
+    parser.add_argument(
+        "--layout",
+        choices=["HWC", "CHW"],
+        default="HWC",
+        help="axis order of each sample: height, width, channels or channels first (HWC)",
+    )
     parser.add_argument("--input", help="input name (default: the model's only input)")
     parser.add_argument(
         "--output", default="probabilities", help="output compared (default: probabilities)"

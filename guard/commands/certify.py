@@ -58,7 +58,9 @@ def add_parser(commands: Any) -> None:
         help="certified accuracy of a smoothed demo model (randomized smoothing)",
         description=__doc__.splitlines()[0],
     )
-    parser.add_argument("--model", required=True, choices=MODELS)
+    parser.add_argument(
+        "--model", required=True, choices=MODELS, help="the built-in demo model to certify"
+    )
     parser.add_argument(
         "--sigma", type=float, nargs="+", required=True, help="noise level(s), input units"
     )
@@ -77,8 +79,15 @@ def add_parser(commands: Any) -> None:
     parser.add_argument("--alpha", type=float, default=0.001, help="failure probability (0.001)")
     parser.add_argument("--samples", type=int, help="held-out samples, evenly spaced (all)")
     parser.add_argument("--batch", type=int, default=1000, help="samples per model call (1000)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seed of the Gaussian noise draws (default: 0)"
+    )
+    parser.add_argument(
+        "--device",
+        choices=("auto", "cpu", "cuda"),
+        default="auto",
+        help="onnxruntime device: cuda when available (auto), or force one (default: auto)",
+    )
     parser.add_argument("--threads", type=int, default=1, help="onnxruntime threads (0: all cores)")
     parser.add_argument("--report", type=Path, help="per-sample CSV")
     parser.add_argument("--plot", type=Path, help="certified accuracy curves (PNG)")
@@ -96,6 +105,7 @@ def run(args: argparse.Namespace) -> int:
     from guard.defenses.smoothing import ParameterError, Smooth, check_parameters
     from guard.extras import hint, installed
     from guard.models import load_samples, model_path
+    from guard.progress import Progress
 
     try:
         largest = {
@@ -117,7 +127,9 @@ def run(args: argparse.Namespace) -> int:
         return 2
 
     x, y = load_samples(args.model)
-    indices = _evenly_spaced(len(x), args.samples)
+    passes = len(args.sigma) * len(getattr(args, "mode", None) or [None])  # σ (and --mode)
+    spaced = _evenly_spaced(len(x), args.samples)
+    indices = Progress("certify", passes * len(spaced)).each(spaced)  # stderr, terminal only
     local = OnnxBackend(
         model_path(args.model), name=args.model, device=args.device, threads=args.threads
     )

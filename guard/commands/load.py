@@ -36,7 +36,12 @@ def add_parser(commands: Any) -> None:
     parser.add_argument("--rate", type=float, default=100.0, help="requests per second (100)")
     parser.add_argument("--duration", type=float, default=10.0, help="seconds (10)")
     parser.add_argument("--connections", type=int, default=32, help="keep-alive connections (32)")
-    parser.add_argument("--protocol", choices=PROTOCOLS, default="v2")
+    parser.add_argument(
+        "--protocol",
+        choices=PROTOCOLS,
+        default="v2",
+        help="V2 JSON, V2 with the binary tensor extension, or TF Serving REST (default: v2)",
+    )
     parser.add_argument(
         "--clients",
         type=int,
@@ -46,7 +51,9 @@ def add_parser(commands: Any) -> None:
     parser.add_argument(
         "--api-key", action="append", default=[], help="API key (repeat to rotate several)"
     )
-    parser.add_argument("--key-header", default="X-API-Key")
+    parser.add_argument(
+        "--key-header", default="X-API-Key", help="header carrying --api-key (X-API-Key)"
+    )
     parser.add_argument(
         "--samples", choices=MODELS, help="built-in data set to draw inputs from (default: --model)"
     )
@@ -58,7 +65,9 @@ def add_parser(commands: Any) -> None:
     )
     parser.add_argument("--batch", type=int, default=1, help="rows per request (1)")
     parser.add_argument("--timeout", type=float, default=10.0, help="seconds per request (10)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seed of the input order and blends (default: 0)"
+    )
     parser.add_argument("--insecure", action="store_true", help="do not verify TLS certificates")
     parser.add_argument("--json", type=Path, help="also write the report as JSON")
     parser.set_defaults(run=run)
@@ -98,11 +107,35 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"guard load: {exc}", file=sys.stderr)
         return 2
-    report = _run(run_load(config))
+    report = _run(_with_progress(run_load(config), config.duration))
     print("\n".join(report.lines()))
     if args.json:
         args.json.write_text(json.dumps(report.as_dict(), indent=2) + "\n")
     return 1 if report.failed else 0
+
+
+async def _with_progress(coro: Any, duration: float) -> Any:
+    """Run ``coro`` under a bar of the seconds of the run (stderr, on a terminal only)."""
+    import time
+
+    from guard.progress import Progress
+
+    with Progress("load", duration, unit=" s") as bar:
+        if not bar.enabled:
+            return await coro
+        started = time.monotonic()
+
+        async def tick() -> None:
+            while True:
+                bar.update(round(min(time.monotonic() - started, duration), 1))
+                await asyncio.sleep(0.2)
+
+        ticker = asyncio.create_task(tick())
+        try:
+            return await coro
+        finally:
+            ticker.cancel()
+            bar.update(duration)
 
 
 def _run(coro: Any) -> Any:

@@ -39,9 +39,27 @@ def add_parser(commands: Any) -> None:
     parser.add_argument(
         "--label-output", default="label", help="the label output, if any (default: label)"
     )
-    parser.add_argument("--max-false-positive", type=float, default=0.001, metavar="RATE")
-    parser.add_argument("--max-accuracy-loss", type=float, default=0.01, metavar="LOSS")
-    parser.add_argument("--max-added-latency-ms", type=float, default=2.0, metavar="MS")
+    parser.add_argument(
+        "--max-false-positive",
+        type=float,
+        default=0.001,
+        metavar="RATE",
+        help="largest share of benign requests refused or flagged (default: 0.001)",
+    )
+    parser.add_argument(
+        "--max-accuracy-loss",
+        type=float,
+        default=0.01,
+        metavar="LOSS",
+        help="largest drop of benign accuracy against the bare model (default: 0.01)",
+    )
+    parser.add_argument(
+        "--max-added-latency-ms",
+        type=float,
+        default=2.0,
+        metavar="MS",
+        help="largest latency the stages may add per request, in ms (default: 2.0)",
+    )
     parser.add_argument(
         "--max-score-change",
         type=float,
@@ -54,8 +72,15 @@ def add_parser(commands: Any) -> None:
         help="risks this close to the lowest count as equal and the cheaper wins (default: "
         "measured, from the base policy's risk over three seeds)",
     )
-    parser.add_argument("--budget", choices=["small", "full"], default="small")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--budget",
+        choices=["small", "full"],
+        default="small",
+        help="traffic and search size: small (minutes) or full (default: small)",
+    )
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seed of the traffic and attacks (default: 0)"
+    )
     parser.add_argument("--out", type=Path, help="write the tuned policy here (default: stdout)")
     parser.add_argument("--report", type=Path, help="write a markdown report (and a PNG) here")
     parser.add_argument(
@@ -93,6 +118,14 @@ def run(args: argparse.Namespace) -> int:
         max_added_latency_ms=args.max_added_latency_ms,
         max_score_change=args.max_score_change,
     )
+    from guard.progress import Progress
+
+    bar = Progress("tune", unit=" steps")  # a counter over the progress lines, on a terminal
+
+    def progress(line: str) -> None:
+        bar.write(line)
+        bar.advance()
+
     result = tune(
         document,
         model=args.model,
@@ -107,8 +140,9 @@ def run(args: argparse.Namespace) -> int:
         interface=Interface(
             input=args.input_name, scores=args.scores_output, label=args.label_output
         ),
-        progress=lambda line: print(line, file=sys.stderr, flush=True),
+        progress=progress,
     )
+    bar.close()
     if not result.params and not args.verify:
         print(
             f"guard tune: nothing to tune: {args.model} has none of blacklight, prada, "

@@ -37,13 +37,13 @@ def test_check_prints_the_resolved_pipeline() -> None:
     assert resolved["models"]["digits"]["stages"][0]["stage"] == "validate"
 
 
-def test_check_fails_with_exit_1_and_the_path(tmp_path: Path) -> None:
+def test_check_fails_with_exit_2_and_the_path(tmp_path: Path) -> None:
     path = tmp_path / "bad.yaml"
     path.write_text(
         "version: 1\nmodels:\n  digits:\n    model: builtin:digits\n    stages:\n      - validate: {max_batch: -3}\n"
     )
     result = run("check", str(path))
-    assert result.returncode == 1
+    assert result.returncode == 2
     assert (
         f"{path}: models.digits.stages[0].validate.max_batch must be >= 1; got -3" in result.stderr
     )
@@ -203,3 +203,189 @@ def test_demo_serves_real_traffic_refuses_hostile_input_and_catches_attackers() 
         assert any(line.strip().startswith(attacker) for line in table.splitlines())
     assert 'guard_requests_total{code="200"' in out
     assert "Traceback" not in out + result.stderr
+
+
+def test_port_in_use_is_one_line_and_exit_1() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run("serve", "--port", str(port), "--metrics-port", "off")
+    assert result.returncode == 1
+    errors = [line for line in result.stderr.splitlines() if line.startswith("guard:")]
+    assert errors == [errors[0]] and f"'127.0.0.1', {port}" in errors[0]
+    assert "address already in use" in errors[0]
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("command", [["check"], ["serve", "--policy"]])
+def test_missing_policy_is_one_line_and_exit_2(tmp_path: Path, command: list[str]) -> None:
+    missing = tmp_path / "nope.yaml"
+    result = run(*command, str(missing))
+    assert result.returncode == 2
+    assert (
+        result.stderr.strip() == f"guard: {missing}: cannot read policy: No such file or directory"
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("version: 1\nmodels: {}\n", "models must name at least one model"),
+        ("version: 1\nmodels: [\n", "not valid YAML"),
+        ("version: 2\nmodels: {m: {model: builtin:digits}}\n", "version must be 1; got 2"),
+    ],
+)
+def test_bad_policy_is_one_line_and_exit_2(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    result = run("check", str(path))
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert result.stderr.startswith(f"guard: {path}: ") and message in result.stderr
+    assert result.stdout == ""
+    as_json = run("check", str(path), "--json")
+    assert (as_json.returncode, as_json.stdout, as_json.stderr) == (2, "", result.stderr)
+
+
+def test_usage_error_exits_2() -> None:
+    result = run("serve", "--no-such-flag")
+    assert result.returncode == 2 and "unrecognized arguments: --no-such-flag" in result.stderr
+    result = run("serve", "--port", "70000")
+    assert result.returncode == 2 and "argument --port: must be a port number" in result.stderr
+
+
+def test_version_flag() -> None:
+    result = run("--version")
+    assert result.returncode == 0 and re.fullmatch(r"guard \d+\.\d+\.\d+\S*\n", result.stdout)
+
+
+def test_runtime_failure_is_one_line_exit_1_traceback_only_on_debug(tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    argv = ["certify", "--model", "digits", "--sigma", "0.5", "--n", "200", "--n0", "10"]
+    argv += ["--samples", "2", "--report", str(blocker / "r.csv")]
+    result = run(*argv)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1].startswith("guard: ")
+    assert str(blocker) in result.stderr and "Traceback" not in result.stderr
+    debug = run(*argv, "--log-level", "debug")
+    assert debug.returncode == 1 and "Traceback" in debug.stderr
+
+
+@pytest.mark.parametrize("where", ["after", "before"])
+def test_check_json_is_pure_json_on_stdout(where: str) -> None:
+    argv = ["check", "policies/default.yaml", "--json"]
+    if where == "before":
+        argv = ["--log-level", "debug", *argv]
+    result = run(*argv)
+    assert result.returncode == 0, result.stderr
+    document = json.loads(result.stdout)  # the whole of stdout: no OK line, no log line
+    assert document["ok"] is True and document["version"] == 1
+    assert document["models"]["digits"]["stages"][0]["stage"] == "validate"
+    assert any("keys_file" in w for w in document["warnings"])
+    human = run("check", "policies/default.yaml")
+    assert "warning: clients are identified by address" in human.stdout
+    assert human.stdout.startswith("policies/default.yaml: OK")
+
+
+def test_check_json_pipes_into_jq() -> None:
+    import shutil
+
+    jq = shutil.which("jq")
+    if jq is None:
+        pytest.skip("jq is not installed")
+    check = subprocess.Popen(
+        [*GUARD, "check", "policies/default.yaml", "--json"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )
+    out = subprocess.run(
+        [jq, "-r", ".models | keys[]"],
+        stdin=check.stdout,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert check.wait(timeout=60) == 0 and out.returncode == 0
+    assert out.stdout.split() == ["breast_cancer", "digits"]
+
+
+def run_on_terminal(*args: str) -> tuple[int, str, str]:
+    """Run guard with stderr on a pseudo-terminal (stdout a pipe): exit code, stdout, stderr."""
+    import pty
+
+    master, slave = pty.openpty()
+    process = subprocess.Popen(
+        [*GUARD, *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=slave, text=False
+    )
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(master, 4096)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    out = process.stdout.read().decode() if process.stdout else ""
+    process.wait(timeout=120)
+    os.close(master)
+    return process.returncode, out, b"".join(chunks).decode()
+
+
+CERTIFY = ["certify", "--model", "digits", "--sigma", "0.5", "--n", "2000", "--n0", "20"]
+CERTIFY += ["--samples", "30"]
+
+
+def test_certify_draws_a_bar_on_a_terminal_and_nothing_in_a_pipe() -> None:
+    code, out, err = run_on_terminal(*CERTIFY, "--log-level", "warning")
+    assert code == 0, err
+    assert "\r" in err and "certify [" in err and "30/30 100%" in err
+    assert "certify [" not in out and "| radius |" in out
+    piped = run(*CERTIFY, "--log-level", "warning")
+    assert piped.returncode == 0 and "\r" not in piped.stderr and "certify [" not in piped.stderr
+
+
+def test_load_draws_a_bar_of_its_seconds_on_a_terminal() -> None:
+    argv = ["load", f"http://127.0.0.1:{free_port()}", "--model", "digits", "--duration", "1"]
+    code, out, err = run_on_terminal(*argv, "--rate", "20")
+    assert code == 1  # nothing answered: a runtime failure
+    assert "load [" in err and "1/1 s" in err and "scheduled 20" in out
+    piped = run(*argv, "--rate", "20")
+    assert "load [" not in piped.stderr + piped.stdout
+
+
+def test_attack_draws_a_bar_over_the_attacks_on_a_terminal() -> None:
+    argv = ["attack", "--model", "digits", "--attack", "evasion", "--samples", "1"]
+    argv += ["--budget", "50", "--log-level", "warning"]
+    code, out, err = run_on_terminal(*argv)
+    assert code == 0, err
+    assert "attack [" in err and "4/4 100%" in err and "running " not in err
+    assert out.startswith("attack ") and "hopskipjump" in out
+    piped = run(*argv)
+    assert "attack [" not in piped.stderr and "running hopskipjump ..." in piped.stderr
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_json_log_format_on_any_command(where: str) -> None:
+    flags = ["--log-format", "json", "--log-level", "info"]
+    argv = [*flags, "check", "policies/default.yaml", "--json"]
+    if where == "after":
+        argv = ["check", "policies/default.yaml", "--json", *flags]
+    result = run(*argv)
+    assert result.returncode == 0, result.stderr
+    records = [json.loads(line) for line in result.stderr.splitlines()]
+    assert records and all(r["level"] == "INFO" and "message" in r for r in records)
+    assert json.loads(result.stdout)["ok"] is True
+
+
+def test_an_error_on_a_terminal_gets_a_line_of_its_own(tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    code, _out, err = run_on_terminal(*CERTIFY, "--report", str(blocker / "r.csv"))
+    assert code == 1
+    last = [line for line in err.replace("\r\n", "\n").split("\n") if line.strip()][-1]
+    assert last.split("\r\x1b[K")[-1].startswith(f"guard: File exists: {blocker}")

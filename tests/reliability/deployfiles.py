@@ -197,8 +197,8 @@ def env_references(policy: dict[str, Any]) -> set[str]:
         elif isinstance(value, list):
             for item in value:
                 visit(item)
-        elif isinstance(value, str) and value.startswith("${") and value.endswith("}"):
-            found.add(value[2:-1])
+        elif isinstance(value, str):
+            found.update(re.findall(r"(?<!\$)\$\{([A-Za-z_][A-Za-z0-9_]*)\}", value))
 
     visit(policy)
     return found

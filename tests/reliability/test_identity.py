@@ -181,7 +181,7 @@ def test_guard_check_names_file_path_and_value(
         timeout=60,
         cwd=REPO,
     )
-    assert result.returncode == 1
+    assert result.returncode == 2
     assert f"{path}: {message}" in result.stdout + result.stderr
     assert "Traceback" not in result.stdout + result.stderr
 
