@@ -65,16 +65,23 @@ def add_parser(commands: Any) -> None:
         "--sigma", type=float, nargs="+", required=True, help="noise level(s), input units"
     )
     parser.add_argument(
-        "--mode", nargs="+", choices=MODES, default=["fixed"], help="procedures (fixed)"
+        "--mode", nargs="+", choices=MODES, default=["fixed"], help="procedures to compare (fixed)"
     )
     parser.add_argument(
-        "--n", type=int, default=100_000, help="estimation samples; the most for target/adaptive"
+        "--n",
+        type=int,
+        default=100_000,
+        help="estimation samples; the most for target and adaptive (100000)",
     )
-    parser.add_argument("--target-radius", type=float, help="target mode's radius (sigma)")
+    parser.add_argument(
+        "--target-radius", type=float, help="target mode's radius, input units (default: each σ)"
+    )
     parser.add_argument(
         "--tolerance", type=float, default=0.1, help="adaptive: radius left, in sigmas (0.1)"
     )
-    parser.add_argument("--budget-ms", type=float, help="adaptive: time per input (none)")
+    parser.add_argument(
+        "--budget-ms", type=float, help="adaptive: stop after this many ms per input (none)"
+    )
     parser.add_argument("--n0", type=int, default=100, help="selection samples (100)")
     parser.add_argument("--alpha", type=float, default=0.001, help="failure probability (0.001)")
     parser.add_argument("--samples", type=int, help="held-out samples, evenly spaced (all)")
@@ -127,7 +134,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
 
     x, y = load_samples(args.model)
-    passes = len(args.sigma) * len(getattr(args, "mode", None) or [None])  # σ (and --mode)
+    passes = len(args.sigma) * len(args.mode)
     spaced = _evenly_spaced(len(x), args.samples)
     indices = Progress("certify", passes * len(spaced)).each(spaced)  # stderr, terminal only
     local = OnnxBackend(
