@@ -117,6 +117,13 @@ class GuardMetrics:
             buckets=(0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0),
             registry=r,
         )
+        self.certification_samples = Histogram(
+            "guard_certification_samples",
+            "Noisy samples one row's certification used (selection included)",
+            ["model"],
+            buckets=(100, 200, 500, 1e3, 2e3, 5e3, 1e4, 2e4, 5e4, 1e5, 2e5, 1e6),
+            registry=r,
+        )
         self.in_flight = Gauge(
             "guard_requests_in_flight", "Inference requests being served", registry=r
         )
@@ -137,6 +144,10 @@ class GuardMetrics:
 
     def count_certifications(self, model: str, outcome: str, rows: int) -> None:
         self._child(self.certifications, model, outcome).inc(rows)
+
+    def record_certification_samples(self, model: str, samples: Sequence[int]) -> None:
+        for count in samples:
+            self._child(self.certification_samples, model).observe(count)
 
     def record_certificates(self, model: str, certificates: Sequence[Any]) -> None:
         for certificate in certificates:

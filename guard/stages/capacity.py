@@ -142,6 +142,13 @@ class Capacity:
         else:
             self._running.pop(client, None)
 
+    def refund(self, client: str, samples: int) -> None:
+        """Give back ``samples`` charged but not drawn (a sequential certification that
+        stopped early): the client's bucket and the stage's, each up to its size."""
+        for bucket in (self._buckets.get(client), self.budget):
+            if bucket is not None and samples > 0:
+                bucket.tokens = min(bucket.rate, bucket.tokens + samples)
+
     def _refill_time(self, client: str) -> float:
         """Seconds until the buckets ``client`` draws on are out of debt; infinite when
         none is (the wait is for a slot)."""

@@ -8,6 +8,12 @@ the *smoothed* model, which may differ from the label the model served.
 
 Who gets a certificate: a client asks with the V2 request parameter
 ``certify: true`` or the header ``X-Guard-Certify: 1`` (``when`` widens this).
+A client that only needs "robust within r?" asks with ``certify_radius: r``
+(or ``X-Guard-Certify-Radius: r``, input units): r is rounded up to the
+``radius_step`` grid, and TARGET of :mod:`guard.defenses.sequential` stops as
+soon as that radius is decided (``n`` is its most); the answer is that radius,
+or abstained. Without a radius, ``mode`` picks CERTIFY with ``n`` samples or
+ADAPTIVE within ``n``.
 
 What the answer carries:
 
@@ -17,11 +23,15 @@ What the answer carries:
   ``abstained`` (bool). A one-row request
   gets scalars; a batch of B rows gets lists of B values in row order (the V2
   spec defines scalar parameters only; lists are plain JSON and tritonclient
-  reads them). When capacity is exhausted and ``on_overload: uncertified``:
+  reads them). ``certified_samples``: the noisy samples each row used (n0
+  included; left out where only one bit is released: a sequential
+  certification's cost tracks pA). When capacity is exhausted and ``on_overload: uncertified``:
   ``certified: false``, ``abstained: true`` and ``abstain_reason``.
 - Headers (for TF Serving clients too): ``X-Guard-Certified-Radius`` and
   ``X-Guard-Certified-Label``, one comma-separated value per row, ``abstain``
-  for abstained rows, or ``uncertified`` when certification did not run.
+  for abstained rows, or ``uncertified`` when certification did not run;
+  ``X-Guard-Certified-Samples``, the samples each row used.
+- Metrics: ``guard_certification_samples``, a histogram of samples per row.
 
 What it releases (docs/certification.md): the radius on the ``radius_step``
 grid, or one bit (certified at one step, or abstained) where the policy's
@@ -57,7 +67,7 @@ import logging
 import math
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -92,6 +102,9 @@ REQUEST_PARAMETER = "certify"
 REQUEST_HEADER = "X-Guard-Certify"
 RADIUS_HEADER = "X-Guard-Certified-Radius"
 LABEL_HEADER = "X-Guard-Certified-Label"
+RADIUS_PARAMETER = "certify_radius"
+RADIUS_REQUEST_HEADER = "X-Guard-Certify-Radius"
+SAMPLES_HEADER = "X-Guard-Certified-Samples"
 _TRUE = frozenset({"1", "true", "yes", "on"})
 _FALSE = frozenset({"0", "false", "no", "off", ""})
 DEFAULT_SECRET_ENV = "GUARD_CERTIFY_SECRET"
@@ -199,6 +212,12 @@ class CertifyOptions:
         doc="environment variable holding the key of that hash (at least 16 characters); when "
         "the default is unset a random key is drawn at load (consistent within this process)",
     )
+    mode: Literal["fixed", "adaptive"] = option(
+        "fixed",
+        doc="without a requested radius: `fixed` runs CERTIFY with `n` samples; `adaptive` "
+        "stops once the rest of `n` would add at most `tolerance`·σ to the radius",
+    )
+    tolerance: float = option(0.1, min=0, doc="`adaptive`: radius left unclaimed, in σ")
     seed: int | None = option(
         None,
         min=0,
@@ -329,7 +348,8 @@ class Certify(OptionsStage[CertifyOptions]):
         }
 
     async def on_request(self, ctx: RequestContext) -> Verdict:
-        if not self._wanted(ctx):
+        radius = self._radius(ctx)
+        if radius is None and not self._wanted(ctx):
             return Verdict.CONTINUE
         o = self.options
         x = self._rows(ctx)
@@ -342,7 +362,7 @@ class Certify(OptionsStage[CertifyOptions]):
             ctx.stage_state[self.name] = refusal
             return Verdict.CONTINUE
         slot = _Slot(self.capacity, client, asyncio.current_task())
-        ctx.stage_state[self.name] = (x.copy(), slot)  # as it is here, before later stages
+        ctx.stage_state[self.name] = (x.copy(), slot, radius)  # as it is here, before later stages
         return Verdict.CONTINUE
 
     async def on_response(self, ctx: RequestContext) -> Verdict:
@@ -357,17 +377,24 @@ class Certify(OptionsStage[CertifyOptions]):
             return Verdict.CONTINUE
         if kept is None:
             return Verdict.CONTINUE
-        x, slot = kept
+        o = self.options
+        x, slot, radius = kept
         slot.reached()
         if response is None:
             slot.drop()
             return Verdict.CONTINUE
-        certificates = await self._certify(ctx, x, slot)  # it gives the slot back
+        certificates = await self._certify(ctx, x, slot, radius)  # it gives the slot back
+        samples = [self._samples(c) for c in certificates]
+        self.capacity.refund(ctx.client.name, len(x) * (o.n0 + o.n) - sum(samples))
+        if radius is not None:  # TARGET answers the radius asked (on the grid), no finer
+            certificates = [c if c.abstained else replace(c, radius=radius) for c in certificates]
         # Degraded clients, and policies that release labels only, learn one bit per row.
-        certified_only = self.options.release == "certified" or self.labels_only or ctx.degraded
-        _publish(ctx, response, [self.grid.release(c, certified_only) for c in certificates])
+        certified_only = o.release == "certified" or self.labels_only or ctx.degraded
+        released = [self.grid.release(c, certified_only) for c in certificates]
+        _publish(ctx, response, released, None if certified_only else samples)
         if self.metrics is not None:
             self.metrics.record_certificates(ctx.model, certificates)
+            self.metrics.record_certification_samples(ctx.model, samples)
         return Verdict.CONTINUE
 
     # -- deciding --------------------------------------------------------------
@@ -378,6 +405,33 @@ class Certify(OptionsStage[CertifyOptions]):
         return self.options.when == "flagged" and (
             ctx.degraded or any(f.intended is not Action.ALLOW for f in ctx.findings)
         )
+
+    def _radius(self, ctx: RequestContext) -> float | None:
+        """The radius the client asked to certify, rounded up to the grid; a malformed or
+        hopeless one is a 400."""
+        from guard.defenses.sequential import target_plan
+        from guard.defenses.smoothing import ParameterError
+
+        value: Any = ctx.request.parameters.get(RADIUS_PARAMETER)
+        where = f"parameters.{RADIUS_PARAMETER}"
+        if value is None and (header := ctx.request_headers.get(RADIUS_REQUEST_HEADER)) is not None:
+            value, where = _number(header), RADIUS_REQUEST_HEADER
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
+            raise RequestError(f"{where}: must be a number >= 0; got {str(value)[:20]!r}")
+        o, radius = self.options, self.grid.up(float(value))
+        try:
+            target_plan(o.sigma, radius, o.n0, o.n, o.alpha)
+        except ParameterError as exc:
+            raise RequestError(
+                f"{where}: {value:g} cannot be certified with sigma={o.sigma:g}, n={o.n}, "
+                f"alpha={o.alpha:g} ({exc})"
+            ) from None
+        return radius
+
+    def _samples(self, certificate: Any) -> int:
+        return int(getattr(certificate, "samples", self.options.n0 + certificate.n))
 
     def _rows(self, ctx: RequestContext) -> np.ndarray:
         name, x = request_input(ctx, self.input, several="certify perturbs exactly one input")
@@ -399,13 +453,16 @@ class Certify(OptionsStage[CertifyOptions]):
         rng = np.random.default_rng(self._seeds.spawn(1)[0])
         return [rng] * len(x)
 
-    async def _certify(self, ctx: RequestContext, x: np.ndarray, slot: _Slot) -> list[Certificate]:
+    async def _certify(
+        self, ctx: RequestContext, x: np.ndarray, slot: _Slot, radius: float | None = None
+    ) -> list[Certificate]:
         """Certify every row; release the capacity taken when sampling has stopped.
 
         A request cancelled while its rows are sampled in a worker thread keeps
         its slot until the thread is done, so cancelled requests cannot pile up
         more than ``max_concurrent`` certifications.
         """
+        from guard.defenses.sequential import AsyncSequentialSmooth, SequentialSmooth
         from guard.defenses.smoothing import AsyncSmooth, Smooth
 
         o = self.options
@@ -422,13 +479,20 @@ class Certify(OptionsStage[CertifyOptions]):
                 return labels_from_output(output, len(batch))
 
             smooth = Smooth(local_labels, o.sigma, batch=o.batch, dtype=self.dtype)
+            seq = SequentialSmooth(local_labels, o.sigma, batch=o.batch, dtype=self.dtype)
             loop = asyncio.get_running_loop()
 
+            def one(row: np.ndarray, rng: np.random.Generator) -> Any:
+                if radius is not None:
+                    return seq.certify_radius(row, radius, o.n0, o.n, o.alpha, rng=rng)
+                if o.mode == "adaptive":
+                    return seq.certify_adaptive(
+                        row, o.n0, o.n, o.alpha, rng=rng, tolerance=o.tolerance
+                    )
+                return smooth.certify(row, o.n0, o.n, o.alpha, rng=rng)
+
             def work() -> list[Certificate]:
-                return [
-                    smooth.certify(row, o.n0, o.n, o.alpha, rng=rng)
-                    for row, rng in zip(x, rngs, strict=True)
-                ]
+                return [one(row, rng) for row, rng in zip(x, rngs, strict=True)]
 
             try:
                 sampling = loop.run_in_executor(local.executor, work)
@@ -444,11 +508,19 @@ class Certify(OptionsStage[CertifyOptions]):
 
         dtype = x.dtype if x.dtype == np.float64 else self.dtype
         remote = AsyncSmooth(upstream_labels, o.sigma, batch=o.batch, dtype=dtype)
+        aseq = AsyncSequentialSmooth(upstream_labels, o.sigma, batch=o.batch, dtype=dtype)
+
+        async def one_async(row: np.ndarray, rng: np.random.Generator) -> Any:
+            if radius is not None:
+                return await aseq.certify_radius(row, radius, o.n0, o.n, o.alpha, rng=rng)
+            if o.mode == "adaptive":
+                return await aseq.certify_adaptive(
+                    row, o.n0, o.n, o.alpha, rng=rng, tolerance=o.tolerance
+                )
+            return await remote.certify(row, o.n0, o.n, o.alpha, rng=rng)
+
         try:
-            return [
-                await remote.certify(row, o.n0, o.n, o.alpha, rng=rng)
-                for row, rng in zip(x, rngs, strict=True)
-            ]
+            return [await one_async(row, rng) for row, rng in zip(x, rngs, strict=True)]
         finally:
             slot.drop()
 
@@ -536,6 +608,11 @@ class RadiusGrid:
         radius = round(steps * self.step, self.decimals)
         return Released(certificate.label, radius, f"{radius:.{self.decimals}f}")
 
+    def up(self, radius: float) -> float:
+        """``radius`` rounded up to the grid (a requested radius: certifying it answers more)."""
+        steps = math.ceil(round(radius / self.step, 9))
+        return round(steps * self.step, self.decimals)
+
 
 def noise_scope(model: str, version: str, options: CertifyOptions) -> tuple[str, ...]:
     """What the consistent noise is keyed on besides the row: fixed by the policy."""
@@ -570,7 +647,12 @@ def _noise_key(options: CertifyOptions, env: StageEnv) -> bytes:
     return os.urandom(32)
 
 
-def _publish(ctx: RequestContext, response: InferResponse, released: list[Released]) -> None:
+def _publish(
+    ctx: RequestContext,
+    response: InferResponse,
+    released: list[Released],
+    samples: list[int] | None,
+) -> None:
     labels = [r.label for r in released]
     radii = [r.radius for r in released]
     abstained = [r.abstained for r in released]
@@ -581,6 +663,9 @@ def _publish(ctx: RequestContext, response: InferResponse, released: list[Releas
         certified_radius=radii[0] if one else radii,
         abstained=abstained[0] if one else abstained,
     )
+    if samples is not None:  # where one bit is released, the cost is not (it tracks pA)
+        response.parameters["certified_samples"] = samples[0] if one else samples
+        ctx.headers[SAMPLES_HEADER] = ",".join(map(str, samples))
     ctx.headers[RADIUS_HEADER] = ",".join(r.text for r in released)
     ctx.headers[LABEL_HEADER] = ",".join(
         "abstain" if r.abstained else str(r.label) for r in released
@@ -609,6 +694,13 @@ def _asked(ctx: RequestContext) -> bool:
     if header is not None and header.strip().lower() not in _TRUE | _FALSE:
         raise RequestError(f"{REQUEST_HEADER}: must be 1 or 0 (true or false); got {header[:20]!r}")
     return bool(parameter) or (header is not None and header.strip().lower() in _TRUE)
+
+
+def _number(text: str) -> float | str:
+    try:
+        return float(text)
+    except ValueError:
+        return text
 
 
 def _source_of(options: CertifyOptions, env: StageEnv) -> tuple[OnnxBackend | None, Backend]:

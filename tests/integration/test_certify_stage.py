@@ -124,6 +124,7 @@ async def test_tritonclient_asks_with_the_request_parameter(
         "certified_label": want.label,
         "certified_radius": want.radius,
         "abstained": False,
+        "certified_samples": 50 + N,
     }
     plain = await triton_infer(guard, x[:1])
     assert "parameters" not in plain  # nobody asked: nothing certified
@@ -513,6 +514,8 @@ def test_guard_certify_writes_the_report_and_the_curve(
         "correct",
         "abstained",
         "time",
+        "mode",
+        "samples",
     ]
     assert len(rows) == 24 and {r["sigma"] for r in rows} == {"0.25", "0.5"}
     for row in rows:
