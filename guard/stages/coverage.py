@@ -177,7 +177,7 @@ class Coverage(OptionsStage[CoverageOptions]):
         store, client = self.enforcement.store, ctx.client.name
         key = self._key(client, f"h{dims}")  # the sketch's width names the layout
         step = self.radius / STEPS_PER_RADIUS
-        history = History.decode(await store.read_bytes(key), dims, step)
+        history = History.decode(await store.read_bytes(key), dims, step, spare=len(x))
         history.keep(o.window)
         records = b"".join(
             History.encode(row, label, history.observe(row, label, self.radius, o.window), step)

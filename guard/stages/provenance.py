@@ -82,10 +82,11 @@ class Provenance(OptionsStage[ProvenanceOptions]):
         size = _CHAIN + _ROW.itemsize * width
         key = self.key(ctx.client.name)
         held = [item for item in await store.items(key) if len(item) == size]
-        chains = [item[:_CHAIN] for item in held]
-        history = np.frombuffer(b"".join(item[_CHAIN:] for item in held), dtype=_ROW)
+        record = np.dtype([("chain", f"V{_CHAIN}"), ("row", _ROW, (width,))])
+        stored = np.frombuffer(b"".join(held), dtype=record)  # one copy, no slice per item
+        chains: list[bytes] = stored["chain"].tolist()
         rounded = rows.astype(_ROW)
-        links = link_rows(history.reshape(-1, width), rounded, o.distance)
+        links = link_rows(stored["row"], rounded, o.distance)
         fresh = []
         joined: list[bytes] = []
         for link, row in zip(links, rounded, strict=True):
