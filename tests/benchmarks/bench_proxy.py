@@ -13,6 +13,7 @@ by them, and hides their cost). Targets, each its own process on loopback:
 ``guard-redis``    the same with the Redis state backend (a ``redis-server`` the run starts)
 ``guard-none``     the guard with no stage: the proxy alone
 ``guard-<stage>``  the guard with that one stage of the default policy
+``...-w2``         (``--workers``) ``guard-none`` and ``guard-redis`` with ``--workers 2``
 
 At ``--connections`` (32) the figure is each proxy's throughput over the
 pass-through's; at 1 connection, its added median latency (its p50 minus the
@@ -29,7 +30,7 @@ body; percentiles from its histogram), else a Python one (asyncio + aiohttp in i
 process, a distinct pre-generated body per request).
 
     python tests/benchmarks/bench_proxy.py [--duration 6] [--rounds 3] [--connections 32]
-        [--loop uvloop] [--no-stages] [--no-redis] [--generator auto|wrk|python]
+        [--loop uvloop] [--no-stages] [--no-redis] [--workers] [--generator auto|wrk|python]
         [--json out.json]
 """
 
@@ -66,6 +67,7 @@ STAGES = ("validate", "privacy", "budget", "blacklight", "provenance", "prada", 
 THROUGHPUT_RATIO = 0.80  # the default policy's targets (issue 16): req/s over the pass-through
 ADDED_P50_MS = 0.30  # ... and added median latency at 1 connection
 REDIS_RATIO = 0.60  # Redis state over memory state
+WORKERS_RATIO = 1.7  # --workers 2 over 1
 RAISED = [{"queries": 100_000_000, "per": "1m"}, {"queries": 100_000_000, "per": "1d"}]
 KEY_ENV = "GUARD_BENCH_BLACKLIGHT_KEY"
 
@@ -237,6 +239,8 @@ def _command(
         conf = workdir / "nginx.conf"
         conf.write_text(NGINX_CONF.format(dir=workdir, port=port, upstream=upstream[7:]))
         return ["nginx", "-c", str(conf), "-e", str(workdir / "nginx-error.log")]
+    workers = "2" if target.endswith("-w2") else "1"
+    target = target.removesuffix("-w2")
     stages: Sequence[str] | None
     if target in ("guard", "guard-redis"):
         stages = None
@@ -244,7 +248,7 @@ def _command(
         stages = ()
     else:
         stages = (target.removeprefix("guard-"),)
-    policy = workdir / f"{target}.json"  # JSON is YAML
+    policy = workdir / f"{target}-{workers}.json"  # JSON is YAML
     url = redis_url if target == "guard-redis" else None
     policy.write_text(json.dumps(guard_policy(stages, upstream, url)))
     return [
@@ -258,6 +262,8 @@ def _command(
         str(policy),
         "--metrics-port",
         "0",
+        "--workers",
+        workers,
         *serve,
     ]
 
@@ -484,6 +490,8 @@ def targets_of(args: argparse.Namespace) -> list[str]:
     targets += ["guard", "guard-none"]
     if shutil.which("redis-server") and not args.no_redis:
         targets.append("guard-redis")
+    if args.workers:  # 2 workers: stateless (no stage), and the default policy on Redis
+        targets += ["guard-none-w2"] + (["guard-redis-w2"] if "guard-redis" in targets else [])
     if not args.no_stages:
         targets += [f"guard-{s}" for s in STAGES]
     return targets
@@ -594,9 +602,9 @@ def report(results: list[Measurement], generator: str, loads: list[str]) -> tupl
             summary.append(row)
             cpu = (
                 "n/a"
-                if hi.cpu_us_per_request is None or target == "nginx"
+                if hi.cpu_us_per_request is None or target == "nginx" or target.endswith("-w2")
                 else (
-                    f"{hi.cpu_us_per_request:.0f}"  # nginx: its master's pid, not the worker's
+                    f"{hi.cpu_us_per_request:.0f}"  # nginx, -w2: the master's pid alone
                 )
             )
             lines.append(
@@ -622,6 +630,14 @@ def report(results: list[Measurement], generator: str, loads: list[str]) -> tupl
                 f"Redis state: {ratio:.2f} of memory state's throughput (target ≥ {REDIS_RATIO}: "
                 f"{'met' if ratio >= REDIS_RATIO else 'missed'})."
             )
+        for one, two in (("guard-none", "guard-none-w2"), ("guard-redis", "guard-redis-w2")):
+            rows = {r["target"]: r for r in summary if r["loop"] == loop}
+            if one in rows and two in rows:
+                ratio = rows[two]["rps"] / rows[one]["rps"]
+                lines.append(
+                    f"{two}: {ratio:.2f}× {one} at {high} connections (target ≥ {WORKERS_RATIO}: "
+                    f"{'met' if ratio >= WORKERS_RATIO else 'missed'})."
+                )
         lines.append("")
     return "\n".join(lines), summary
 
@@ -641,6 +657,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-redis", action="store_true", help="skip the Redis-backed guard")
     parser.add_argument("--no-nginx", action="store_true", help="skip nginx")
     parser.add_argument("--no-stage-table", action="store_true", help="skip bench_stages.py")
+    parser.add_argument(
+        "--workers", action="store_true", help="add guard-none and guard-redis with --workers 2"
+    )
     parser.add_argument("--json", type=Path, help="also write the measurements here")
     args = parser.parse_args(argv)
     if args.connections < 1 or args.duration <= 0 or args.rounds < 1 or args.warmup < 0:
