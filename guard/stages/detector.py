@@ -85,7 +85,7 @@ def input_rows(ctx: RequestContext, name: str | None) -> np.ndarray:
     _, x = request_input(ctx, name, several="this model's detectors watch one input")
     made = ctx.stage_state.get("detector:rows")
     if made is not None and made[0] is x:
-        return made[1]  # type: ignore[no-any-return]
+        return made[1]
     if x.ndim == 0 or x.dtype.kind not in "biuf":
         raise RequestError("inputs: detectors need a numeric batch")
     rows = np.asarray(x, dtype=np.float32).reshape(x.shape[0], math.prod(x.shape[1:]))
