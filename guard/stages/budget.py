@@ -82,7 +82,7 @@ class Budget(OptionsStage[BudgetOptions]):
                     client_key(client, "budget", model, f"{round(q.per * 1000)}ms"), amount, q.per
                 )
                 for q in limits
-            )
+            ),
         )
         exceeded = [
             (q, n, reset) for q, (n, reset) in zip(limits, counts, strict=True) if n > q.queries
