@@ -177,7 +177,10 @@ def _serve(args: argparse.Namespace) -> int:
     policy = dataclasses.replace(policy, listen=listen)
     from guard.workers import run_workers, workers_for
 
-    workers = workers_for(policy, args.workers)
+    if args.grpc_port is not None and (args.workers or 1) > 1:
+        print("guard: --grpc-port serves from one process; --workers must be 1", file=sys.stderr)
+        return 2
+    workers = 1 if args.grpc_port is not None else workers_for(policy, args.workers)
 
     def serve(index: int) -> None:
         own = policy

@@ -13,6 +13,9 @@ Redis for all workers and replicas); with ``state.backend: memory``, ``--workers
 1 is refused when a model has a stage that keeps per-client state (budgets, detectors, a
 privacy budget), and the default (``--workers`` left out) is then 1.
 
+gRPC (``--grpc-port``) is served by one process: with it the default is 1 and more
+are refused.
+
 Metrics: each worker counts its own requests. With ``listen.metrics_port: P`` worker
 ``i`` serves ``/metrics`` and ``/admin/*`` on ``P + i`` (``0``: any free port each):
 scrape every one and sum in Prometheus (``sum without (instance)``). Admin actions
