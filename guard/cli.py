@@ -154,6 +154,14 @@ def _parser() -> argparse.ArgumentParser:
         help="also serve the Open Inference Protocol over gRPC on this port of --host "
         "(0: any free port; Triton's convention is 8001; default: off)",
     )
+    serve.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        metavar="N",
+        help="guard processes sharing the port (SO_REUSEPORT; default: the CPUs this process "
+        "may use, 1 with a memory state store and stateful stages; docs/deployment.md)",
+    )
     serve.set_defaults(run=_serve)
 
     check = commands.add_parser("check", help="validate a policy and print the resolved pipeline")
@@ -290,20 +298,38 @@ def _serve(args: argparse.Namespace) -> int:
     if args.metrics_port is not _UNSET:
         listen = dataclasses.replace(listen, metrics_port=args.metrics_port)
     policy = dataclasses.replace(policy, listen=listen)
-    _run(
-        serve_forever(
-            policy,
-            args.policy,
-            args.host,
-            args.port,
-            ssl_context,
-            args.access_log,
-            grpc_port=args.grpc_port,
-            tls=(args.tls_cert, args.tls_key) if args.tls_cert else None,
-        ),
-        args.loop,
-    )
-    return 0
+    from guard.workers import run_workers, workers_for
+
+    if args.grpc_port is not None and (args.workers or 1) > 1:
+        print("guard: --grpc-port serves from one process; --workers must be 1", file=sys.stderr)
+        return 2
+    workers = 1 if args.grpc_port is not None else workers_for(policy, args.workers)
+
+    def serve(index: int) -> None:
+        own = policy
+        if workers > 1 and listen.metrics_port:  # worker i: metrics on P + i
+            own = dataclasses.replace(
+                policy, listen=dataclasses.replace(listen, metrics_port=listen.metrics_port + index)
+            )
+        _run(
+            serve_forever(
+                own,
+                args.policy,
+                args.host,
+                args.port,
+                ssl_context,
+                args.access_log,
+                grpc_port=args.grpc_port,
+                tls=(args.tls_cert, args.tls_key) if args.tls_cert else None,
+                reuse_port=workers > 1,
+            ),
+            args.loop,
+        )
+
+    if workers == 1:
+        serve(0)
+        return 0
+    return run_workers(workers, serve)
 
 
 async def serve_forever(
@@ -316,6 +342,7 @@ async def serve_forever(
     *,
     grpc_port: int | None = None,
     tls: tuple[Path, Path] | None = None,
+    reuse_port: bool = False,
 ) -> None:
     from aiohttp import web
 
@@ -337,7 +364,9 @@ async def serve_forever(
         raise SystemExit(f"guard: {exc}") from None
     if grpc_listener is not None:
         log.info("gRPC (Open Inference Protocol) on %s:%d", host, grpc_listener.port)
-    site = web.TCPSite(runner, host, port, ssl_context=ssl_context, backlog=1024)
+    site = web.TCPSite(
+        runner, host, port, ssl_context=ssl_context, backlog=1024, reuse_port=reuse_port or None
+    )
     await site.start()
     scheme = "https" if ssl_context else "http"
     log.info("guard serving %s on %s://%s:%d", policy.source, scheme, host, port)
@@ -389,6 +418,10 @@ async def serve_forever(
         task.add_done_callback(reloads.discard)
 
     loop.add_signal_handler(signal.SIGHUP, on_hup)
+    from guard.workers import take_pending_reload
+
+    if take_pending_reload():  # a SIGHUP came while this worker started
+        on_hup()
     try:
         await stop.wait()
     finally:

@@ -24,6 +24,7 @@ address, IPv6 is in canonical text without a zone, and entries with a port
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Iterable, Sequence
 
@@ -32,6 +33,7 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 HEADER = "X-Forwarded-For"
 
 
+@functools.lru_cache(maxsize=4096)  # a peer's address is parsed once, not on every request
 def parse_address(text: str) -> IPAddress | None:
     """The normalized address in ``text`` (optionally with a port), or None if it is not one."""
     text = text.strip()

@@ -91,24 +91,27 @@ class History:
     sketches: np.ndarray  # [m, dims] float32
     labels: np.ndarray  # [m] int64 (-1: unknown)
     novel: np.ndarray  # [m] bool
+    # Rows reserved by :meth:`decode` so that :meth:`add` writes in place instead of copying
+    # the whole history: ``sketches`` is then ``_buffer[_start:_start + m]``.
+    _buffer: np.ndarray | None = None
+    _start: int = 0
 
     @classmethod
     def empty(cls, dims: int) -> History:
         return cls(np.empty((0, dims), np.float32), np.empty(0, np.int64), np.empty(0, bool))
 
     @classmethod
-    def decode(cls, data: bytes, dims: int, step: float) -> History:
+    def decode(cls, data: bytes, dims: int, step: float, *, spare: int = 0) -> History:
         """From stored records (:meth:`encode` with the same ``step``), concatenated; a
-        leading partial record (a log trimmed by bytes) is skipped."""
-        size = _HEADER.itemsize + dims * _VALUE.itemsize
-        data = data[len(data) % size :]
-        if not data:
-            return cls.empty(dims)
-        raw = np.frombuffer(data, dtype=np.uint8).reshape(-1, size)
-        header = raw[:, : _HEADER.itemsize].copy().view(_HEADER).ravel().astype(np.int64)
-        values = raw[:, _HEADER.itemsize :].copy().view(_VALUE).astype(np.float32)
-        values *= np.float32(step)
-        return cls(values, header >> 1, (header & 1).astype(bool))
+        leading partial record (a log trimmed by bytes) is skipped. ``spare`` rows are
+        reserved for the queries about to be added (:meth:`observe`)."""
+        record = np.dtype([("header", _HEADER), ("values", _VALUE, (dims,))])
+        data = data[len(data) % record.itemsize :]
+        raw = np.frombuffer(data, dtype=record)
+        buffer = np.empty((len(raw) + spare, dims), np.float32)
+        np.multiply(raw["values"], np.float32(step), out=buffer[: len(raw)], casting="unsafe")
+        header = raw["header"].astype(np.int64)
+        return cls(buffer[: len(raw)], header >> 1, (header & 1).astype(bool), buffer, 0)
 
     @staticmethod
     def record_size(dims: int) -> int:
@@ -124,13 +127,20 @@ class History:
         return header.tobytes() + fixed.astype(_VALUE).tobytes()
 
     def add(self, sketch: np.ndarray, label: int, novel: bool) -> None:
-        self.sketches = np.vstack((self.sketches, sketch[None, :].astype(np.float32)))
+        end = self._start + len(self.sketches)
+        if self._buffer is not None and end < len(self._buffer):
+            self._buffer[end] = sketch
+            self.sketches = self._buffer[self._start : end + 1]
+        else:
+            self.sketches = np.vstack((self.sketches, sketch[None, :].astype(np.float32)))
+            self._buffer = None
         self.labels = np.append(self.labels, np.int64(label))
         self.novel = np.append(self.novel, novel)
 
     def keep(self, window: int) -> None:
         """Forget all but the newest ``window`` queries."""
         if len(self.labels) > window:
+            self._start += len(self.sketches) - window
             self.sketches = self.sketches[-window:]
             self.labels = self.labels[-window:]
             self.novel = self.novel[-window:]

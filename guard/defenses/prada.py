@@ -46,10 +46,10 @@ class ClassSet:
     def decode(cls, items: list[bytes], dim: int) -> ClassSet:
         """From stored items (:meth:`encode`); items of another dimension are skipped."""
         size = (dim + 1) * _HEADER.itemsize
-        rows = [np.frombuffer(item, dtype=_HEADER) for item in items if len(item) == size]
+        rows = [item for item in items if len(item) == size]
         if not rows:
             return cls.empty(dim)
-        table = np.stack(rows)
+        table = np.frombuffer(b"".join(rows), dtype=_HEADER).reshape(len(rows), dim + 1)
         return cls(table[:, 1:].copy(), table[:, 0].copy())
 
     @staticmethod

@@ -16,7 +16,6 @@ technique AML.T0040 (ML model inference API access). Failure mode: ``on_error``
 
 from __future__ import annotations
 
-import asyncio
 from dataclasses import dataclass
 from typing import Literal
 
@@ -25,7 +24,7 @@ from guard.pipeline import RequestContext, Verdict
 from guard.stages.detector import DetectorOptions, Enforcement
 from guard.stages.env import StageEnv
 from guard.stages.options import Duration, OptionError, OptionsStage, format_duration, option
-from guard.state import client_key
+from guard.state import client_key, together
 
 TECHNIQUE = "AML.T0040"  # AI Model Inference API Access
 
@@ -76,13 +75,14 @@ class Budget(OptionsStage[BudgetOptions]):
         limits = self.options.limits
         amount = self._rows(ctx) if self.options.count == "rows" else 1
         store, client, model = self.enforcement.store, ctx.client.name, self.enforcement.model
-        counts = await asyncio.gather(
+        counts = await together(
+            store,
             *(
                 store.incr(
                     client_key(client, "budget", model, f"{round(q.per * 1000)}ms"), amount, q.per
                 )
                 for q in limits
-            )
+            ),
         )
         exceeded = [
             (q, n, reset) for q, (n, reset) in zip(limits, counts, strict=True) if n > q.queries

@@ -30,7 +30,6 @@ Failure mode: as ``on_error`` says (default closed: 503 when the state store is 
 
 from __future__ import annotations
 
-import asyncio
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -54,7 +53,7 @@ from guard.stages.detector import Enforcement, MisdirectOptions, input_rows
 from guard.stages.env import StageEnv
 from guard.stages.options import Duration, OptionError, OptionsStage, option
 from guard.stages.shared import OUTPUT_DOC, predicted
-from guard.state import client_key, hash_tag
+from guard.state import client_key, hash_tag, together
 
 TECHNIQUE = "AML.T0024.002"  # Exfiltration via ML Inference API: Extract ML Model
 POOL_CAP = 512  # entries: the newest of each pooled client counts; a read stays cheap
@@ -178,14 +177,15 @@ class Coverage(OptionsStage[CoverageOptions]):
         store, client = self.enforcement.store, ctx.client.name
         key = self._key(client, f"h{dims}")  # the sketch's width names the layout
         step = self.radius / STEPS_PER_RADIUS
-        history = History.decode(await store.read_bytes(key), dims, step)
+        history = History.decode(await store.read_bytes(key), dims, step, spare=len(x))
         history.keep(o.window)
         records = b"".join(
             History.encode(row, label, history.observe(row, label, self.radius, o.window), step)
             for row, label in zip(sketches, labels.tolist(), strict=True)
         )
         count, _ = (
-            await asyncio.gather(
+            await together(
+                store,
                 store.append_bytes(key, records, o.window * History.record_size(dims), o.ttl),
                 store.incr(self._key(client, "n"), x.shape[0], o.ttl),
             )

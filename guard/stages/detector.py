@@ -22,6 +22,7 @@ added: its anchors stay those it had when it was caught.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -79,11 +80,18 @@ class MisdirectOptions(DetectorOptions):
 
 
 def input_rows(ctx: RequestContext, name: str | None) -> np.ndarray:
-    """The watched input as ``[batch, values]`` float32 (one query per row)."""
+    """The watched input as ``[batch, values]`` float32 (one query per row), read-only:
+    made once per request and input, whichever detectors ask."""
     _, x = request_input(ctx, name, several="this model's detectors watch one input")
+    made = ctx.stage_state.get("detector:rows")
+    if made is not None and made[0] is x:
+        return made[1]
     if x.ndim == 0 or x.dtype.kind not in "biuf":
         raise RequestError("inputs: detectors need a numeric batch")
-    return np.asarray(x, dtype=np.float32).reshape(x.shape[0], int(np.prod(x.shape[1:])))
+    rows = np.asarray(x, dtype=np.float32).reshape(x.shape[0], math.prod(x.shape[1:]))
+    rows.flags.writeable = False
+    ctx.stage_state["detector:rows"] = (x, rows)
+    return rows
 
 
 HISTORY_BYTES = 256 << 10  # misdirection anchors kept per client and model, at most

@@ -18,7 +18,6 @@ not, which at worst shifts a test by a few queries.
 
 from __future__ import annotations
 
-import asyncio
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,7 +28,7 @@ from guard.stages.detector import Enforcement, MisdirectOptions, input_rows
 from guard.stages.env import StageEnv
 from guard.stages.options import Duration, OptionsStage, option
 from guard.stages.shared import OUTPUT_DOC, predicted
-from guard.state import client_key
+from guard.state import client_key, together
 
 TECHNIQUE = "AML.T0024.002"  # Exfiltration via ML Inference API: Extract ML Model
 _DISTANCE = np.dtype("<f4")
@@ -84,7 +83,7 @@ class Prada(OptionsStage[PradaOptions]):
         classes = found[0]
         store, client, ttl = self.enforcement.store, ctx.client.name, o.ttl
         keys = {int(c): self._key(client, "g", str(int(c))) for c in np.unique(classes)}
-        stored = await asyncio.gather(*(store.items(k) for k in keys.values()))
+        stored = await together(store, *(store.items(k) for k in keys.values()))
         sets = {
             c: ClassSet.decode(items, x.shape[1]) for c, items in zip(keys, stored, strict=True)
         }
@@ -104,12 +103,11 @@ class Prada(OptionsStage[PradaOptions]):
         d_key = self._key(client, "d")
         recorded = [np.float32(d).tobytes() for d in distances]
         grown = [store.push(keys[c], items, o.max_per_class, ttl) for c, items in joined.items()]
-        (held, (count, _)), _ = await asyncio.gather(
-            asyncio.gather(
-                store.push(d_key, recorded, o.max_distances, ttl),
-                store.incr(self._key(client, "n"), len(x), ttl),
-            ),
-            asyncio.gather(*grown),
+        held, (count, _), *_ = await together(
+            store,
+            store.push(d_key, recorded, o.max_distances, ttl),
+            store.incr(self._key(client, "n"), len(x), ttl),
+            *grown,
         )
         if held < o.min_queries or (count - len(x)) // o.every == count // o.every:
             return Verdict.CONTINUE

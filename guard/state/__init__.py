@@ -52,7 +52,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from guard.configreader import Section
-from guard.state.base import FingerprintMatch, StateStore, client_key, hash_tag
+from guard.state.base import FingerprintMatch, StateStore, client_key, hash_tag, together
 
 __all__ = [
     "BACKENDS",
@@ -64,6 +64,7 @@ __all__ = [
     "client_key",
     "hash_tag",
     "read_state_config",
+    "together",
 ]
 
 BACKENDS = ("memory", "redis")

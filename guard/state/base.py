@@ -15,11 +15,12 @@ called applies its ``on_error`` (closed: 503, open: serve and flag).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import asyncio
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
-__all__ = ["FingerprintMatch", "StateStore", "client_key", "hash_tag"]
+__all__ = ["FingerprintMatch", "StateStore", "client_key", "hash_tag", "together"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,6 +135,16 @@ class StateStore(Protocol):
     async def read_bytes(self, key: str) -> bytes:
         """A byte log's content (empty when absent or expired)."""
         ...
+
+
+async def together(store: StateStore, *operations: Awaitable[Any]) -> list[Any]:
+    """The results of ``operations`` on ``store``, in order: gathered (their round trips
+    overlap) when the store is remote, awaited in turn when it is this process's memory,
+    whose operations never wait (a task per operation would cost more than the operation).
+    """
+    if store.shared:
+        return list(await asyncio.gather(*operations))
+    return [await operation for operation in operations]
 
 
 def hash_tag(name: str) -> str:

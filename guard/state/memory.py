@@ -15,7 +15,7 @@ from __future__ import annotations
 import heapq
 import time
 from array import array
-from collections import Counter, OrderedDict, deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -73,29 +73,21 @@ class _Table:
     # (-share, client), lazily updated: the largest holder is on top once stale entries go.
     sizes: list[tuple[int, str]] = field(default_factory=list)
 
-    def postings(self, h: int) -> tuple[int, ...] | list[int]:
-        found = self.index.get(h)
-        if found is None:
-            return ()
-        return (found,) if isinstance(found, int) else found
-
-    def insert(self, h: int, qid: int, max_per_hash: int) -> None:
-        found = self.index.get(h)
-        if found is None or max_per_hash == 1:
-            self.index[h] = qid
-        elif isinstance(found, int):
-            self.index[h] = [found, qid]
-        else:
-            found.append(qid)
-            if len(found) > max_per_hash:
-                del found[0]
-
     def add(self, query: _Query, max_per_hash: int) -> None:
         self.seq += 1
         qid = self.seq
         self.queries[qid] = query
-        for h in query.hashes:
-            self.insert(h, qid, max_per_hash)
+        index = self.index
+        for h in query.hashes:  # insert(h, qid), inlined: 50 hashes a query
+            found = index.get(h)
+            if found is None or max_per_hash == 1:
+                index[h] = qid
+            elif found.__class__ is int:
+                index[h] = [found, qid]
+            else:
+                found.append(qid)  # type: ignore[union-attr]
+                if len(found) > max_per_hash:  # type: ignore[arg-type]
+                    del found[0]  # type: ignore[union-attr]
         if query.digest is not None:
             self.digests[query.digest] = qid
         owned = self.owners.get(query.client)
@@ -280,9 +272,17 @@ class MemoryStore:
                 if state.queries[seen].at > now - ttl_s:
                     return FingerprintMatch(0, 0, 0, repeat=True)
                 state.evict(seen)
-        shared: Counter[int] = Counter()
+        shared: dict[int, int] = {}  # query id -> hashes it shares with this one
+        index, count = state.index, shared.get
         for h in hashes:
-            shared.update(state.postings(h))
+            found = index.get(h)
+            if found is None:
+                continue
+            if found.__class__ is int:
+                shared[found] = count(found, 0) + 1
+            else:
+                for qid in found:  # type: ignore[union-attr]
+                    shared[qid] = count(qid, 0) + 1
         matches = own = best = 0
         for qid, n in shared.items():
             best = max(best, n)

@@ -1,27 +1,37 @@
-"""What the guard costs on the wire: throughput and latency against a bare proxy.
+"""What the guard costs in front of a model server: throughput and latency against bare proxies.
 
-One run, one load generator, V2 JSON infer requests (batch 1, the first of the
-64-float ``digits`` samples) on loopback against:
+One run, one load generator, V2 JSON infer requests to ``digits`` (batch 1, 64 FP32
+values) with a **fresh uniform random input in [0, 16] on every request**, so the
+detectors see distinct queries as they would in service (a repeated body is refused
+by them, and hides their cost). Targets, each its own process on loopback:
 
-``direct``       a guard serving ``digits`` embedded with no stages (the backend)
-``passthrough``  ``passthrough.py``, a bare aiohttp proxy, in front of ``direct``
-``guard``        the guard with the ``validate`` stage, ``direct`` as its HTTP upstream
-``embedded``     the guard with ``validate`` serving ``digits`` itself (no hop)
+``model``          ``model_server.py``: a bare aiohttp + onnxruntime digits server
+``passthrough``    ``passthrough.py``: a bare aiohttp proxy in front of ``model``
+``nginx``          nginx (one worker, upstream keep-alive) in front of ``model``, when on PATH
+``guard``          the guard, the default policy's ``digits`` stages, quotas raised,
+                   ``model`` as its HTTP upstream, memory state
+``guard-redis``    the same with the Redis state backend (a ``redis-server`` the run starts)
+``guard-none``     the guard with no stage: the proxy alone
+``guard-<stage>``  the guard with that one stage of the default policy
+``...-w2``         (``--workers``) ``guard-none`` and ``guard-redis`` with ``--workers 2``
 
-Every server is its own process, started on the event loop under test; all of them
-are stopped when the run ends, however it ends (and, on Linux, when this process
-dies). The load generator is ``wrk`` when it is on the PATH (percentiles read from
-its latency histogram by a Lua ``done`` hook), else a Python one (asyncio + aiohttp,
-N keep-alive connections, in its own process); the report names which.
+At ``--connections`` (32) the figure is each proxy's throughput over the
+pass-through's; at 1 connection, its added median latency (its p50 minus the
+model's) and that over the pass-through's. Every target gets a warm-up, then
+``--rounds`` measured runs interleaved with the other targets' (a change in
+background load is shared out, not pinned on one target); per target the median over
+the rounds of req/s, p50, p99 and the CPU its own process spent per request
+(``/proc``). The per-stage cost table in µs per request at 64 and 3,072 values comes
+from ``bench_stages.py`` (in-process, the same stages), printed after the proxy tables
+unless ``--no-stage-table``.
 
-Each target gets a warm-up run, then ``--rounds`` measured runs interleaved with
-the other targets' (so a change in background load is shared out, not pinned on
-one target). Per target, the median over the rounds of: req/s, p50, p99, and the
-CPU time its process spent per request (Linux ``/proc``).
+The load generator is ``wrk`` when on the PATH (a Lua ``request`` hook writes each
+body; percentiles from its histogram), else a Python one (asyncio + aiohttp in its own
+process, a distinct pre-generated body per request).
 
-    python tests/benchmarks/bench_proxy.py [--duration 10] [--connections 16]
-        [--loop uvloop] [--loop asyncio] [--rounds 5] [--generator auto|wrk|python]
-        [--pin] [--json out.json]
+    python tests/benchmarks/bench_proxy.py [--duration 6] [--rounds 3] [--connections 32]
+        [--loop uvloop] [--no-stages] [--no-redis] [--workers] [--generator auto|wrk|python]
+        [--json out.json]
 """
 
 from __future__ import annotations
@@ -45,15 +55,21 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
+
+import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
-PASSTHROUGH = Path(__file__).resolve().with_name("passthrough.py")
+HERE = Path(__file__).resolve().parent
 INFER = "/v2/models/digits/infer"
-TARGETS = ("direct", "passthrough", "guard", "embedded")
-ADDED_P50_MS = 0.5  # the guard's targets: p50 added latency at 1 connection ...
-THROUGHPUT_RATIO = 0.80  # ... and throughput relative to the pass-through at N connections
-VALIDATE = {"validate": {"min": 0.0, "max": 16.0}}
+WIDTH = 64
+STAGES = ("validate", "privacy", "budget", "blacklight", "provenance", "prada", "coverage")
+THROUGHPUT_RATIO = 0.80  # the default policy's targets (issue 16): req/s over the pass-through
+ADDED_P50_MS = 0.30  # ... and added median latency at 1 connection
+REDIS_RATIO = 0.60  # Redis state over memory state
+WORKERS_RATIO = 1.7  # --workers 2 over 1
+RAISED = [{"queries": 100_000_000, "per": "1m"}, {"queries": 100_000_000, "per": "1d"}]
+KEY_ENV = "GUARD_BENCH_BLACKLIGHT_KEY"
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,17 +91,10 @@ class Measurement:
     rounds: int
     requests: int
     errors: int
-    seconds: float
     rps: float
     p50_ms: float
     p99_ms: float
     cpu_us_per_request: float | None  # the target's own process; None off Linux
-
-    def line(self) -> str:
-        return (
-            f"  {self.loop:8} c={self.connections:<3} {self.target:12} {self.rps:7.0f} req/s  "
-            f"p50 {self.p50_ms:7.3f} ms  p99 {self.p99_ms:7.3f} ms  errors {self.errors}"
-        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,45 +112,42 @@ def _die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 class Servers:
     """The server processes of one run; :meth:`stop_all` ends every one of them."""
 
-    def __init__(self, workdir: Path, cpus: set[int] | None) -> None:
+    def __init__(self, workdir: Path) -> None:
         self.workdir = workdir
-        self.cpus = cpus
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
 
-    def start(self, name: str, argv: list[str], port: int) -> Server:
+    def start(
+        self, name: str, argv: list[str], port: int, env: dict[str, str] | None = None
+    ) -> Server:
         path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-        cpus = self.cpus
-
-        def setup() -> None:
-            _die_with_parent()
-            if cpus:
-                os.sched_setaffinity(0, cpus)
-
         with (self.workdir / f"{name}.log").open("wb") as log:
             self.procs[name] = subprocess.Popen(
                 argv,
                 cwd=ROOT,
-                env={**os.environ, "PYTHONPATH": path},
+                env={**os.environ, "PYTHONPATH": path, **(env or {})},
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                preexec_fn=setup,
+                preexec_fn=_die_with_parent,
             )
         server = Server(f"http://127.0.0.1:{port}", self.procs[name].pid)
-        self._wait_ready(name, server.url)
         return server
 
-    def _wait_ready(self, name: str, url: str, timeout: float = 30.0) -> None:
+    def wait_ready(self, name: str, url: str, path: str, timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.procs[name].poll() is not None:
-                raise RuntimeError(
-                    f"{name} exited with {self.procs[name].returncode}:\n{self.log_tail(name)}"
-                )
+                raise RuntimeError(f"{name} exited:\n{self.log_tail(name)}")
             try:
-                with urllib.request.urlopen(url + "/v2/health/ready", timeout=1) as reply:
+                with urllib.request.urlopen(url + path, timeout=1) as reply:
                     if reply.status == 200:
                         return
             except OSError:
@@ -167,36 +173,84 @@ class Servers:
         self.procs.clear()
 
 
-@contextmanager
-def servers(
-    workdir: Path, loop: str, targets: Sequence[str], cpus: set[int] | None
-) -> Iterator[dict[str, Server]]:
-    """Start ``targets`` (and ``direct``, their upstream) on ``loop``; stop them all on exit."""
-    running = Servers(workdir, cpus)
-    started: dict[str, Server] = {}
-    try:
-        for target in ("direct", *(t for t in targets if t != "direct")):
-            port = free_port()
-            upstream = started["direct"].url if started else ""
-            argv = _command(target, workdir, port, loop, upstream)
-            started[target] = running.start(target, argv, port)
-        yield {t: started[t] for t in targets}
-    finally:
-        running.stop_all()
+def guard_policy(stages: Sequence[str] | None, upstream: str, redis_url: str | None) -> dict:
+    """The default policy's ``digits`` model as a proxy for ``upstream``: only the stages
+    named (all when None), quotas raised; Redis state when ``redis_url``."""
+    default = yaml.safe_load((ROOT / "policies" / "default.yaml").read_text())
+    kept = []
+    for entry in default["models"]["digits"]["stages"]:
+        ((name, options),) = entry.items()
+        if stages is not None and name not in stages:
+            continue
+        if name == "budget":
+            options = {**options, "limits": RAISED}
+        if name == "blacklight" and redis_url:
+            options = {**options, "key_env": KEY_ENV}
+        kept.append({name: options})
+    policy = {
+        "version": 1,
+        "models": {
+            "digits": {"model": "builtin:digits", "upstream": {"url": upstream}, "stages": kept}
+        },
+        "disclose": default["disclose"],
+        "limits": default["limits"],
+        "state": default["state"],
+    }
+    if redis_url:
+        policy["state"] = {"backend": "redis", "url": redis_url, "key_prefix": "bench:"}
+    return policy
 
 
-def _command(target: str, workdir: Path, port: int, loop: str, upstream: str) -> list[str]:
-    """The command line serving ``target`` on ``port``; ``upstream`` is the direct server."""
+NGINX_CONF = """\
+daemon off;
+worker_processes 1;
+pid {dir}/nginx.pid;
+error_log {dir}/nginx-error.log warn;
+events {{ worker_connections 1024; }}
+http {{
+    access_log off;
+    client_body_temp_path {dir}/nginx-body;
+    proxy_temp_path {dir}/nginx-proxy;
+    fastcgi_temp_path {dir}/nginx-fastcgi;
+    uwsgi_temp_path {dir}/nginx-uwsgi;
+    scgi_temp_path {dir}/nginx-scgi;
+    upstream model {{ server {upstream}; keepalive 64; }}
+    server {{
+        listen 127.0.0.1:{port};
+        location / {{
+            proxy_pass http://model;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+        }}
+    }}
+}}
+"""
+
+
+def _command(
+    target: str, workdir: Path, port: int, loop: str, upstream: str, redis_url: str | None
+) -> list[str]:
     serve = ["--port", str(port), "--loop", loop]
+    if target == "model":
+        return [sys.executable, str(HERE / "model_server.py"), "--model", "digits", *serve]
     if target == "passthrough":
-        return [sys.executable, str(PASSTHROUGH), "--upstream", upstream, *serve]
-    model: dict[str, object] = {"stages": [] if target == "direct" else [VALIDATE]}
-    if target == "guard":
-        model["upstream"] = {"url": upstream}
+        return [sys.executable, str(HERE / "passthrough.py"), "--upstream", upstream, *serve]
+    if target == "nginx":
+        conf = workdir / "nginx.conf"
+        conf.write_text(NGINX_CONF.format(dir=workdir, port=port, upstream=upstream[7:]))
+        return ["nginx", "-c", str(conf), "-e", str(workdir / "nginx-error.log")]
+    workers = "2" if target.endswith("-w2") else "1"
+    target = target.removesuffix("-w2")
+    stages: Sequence[str] | None
+    if target in ("guard", "guard-redis"):
+        stages = None
+    elif target == "guard-none":
+        stages = ()
     else:
-        model["model"] = "builtin:digits"
-    policy = workdir / f"{target}.json"  # JSON is YAML
-    policy.write_text(json.dumps({"version": 1, "models": {"digits": model}}))
+        stages = (target.removeprefix("guard-"),)
+    policy = workdir / f"{target}-{workers}.json"  # JSON is YAML
+    url = redis_url if target == "guard-redis" else None
+    policy.write_text(json.dumps(guard_policy(stages, upstream, url)))
     return [
         sys.executable,
         "-m",
@@ -206,14 +260,74 @@ def _command(target: str, workdir: Path, port: int, loop: str, upstream: str) ->
         "serve",
         "--policy",
         str(policy),
+        "--metrics-port",
+        "0",
+        "--workers",
+        workers,
         *serve,
     ]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+@contextmanager
+def redis_server(workdir: Path) -> Iterator[str]:
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            "redis-server",
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(workdir),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        preexec_fn=_die_with_parent,
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                time.sleep(0.05)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=5)
+
+
+@contextmanager
+def servers(
+    workdir: Path, loop: str, targets: Sequence[str], redis_url: str | None
+) -> Iterator[dict[str, Server]]:
+    """Start ``model`` and then ``targets`` in front of it; stop them all on exit."""
+    running = Servers(workdir)
+    started: dict[str, Server] = {}
+    env = {KEY_ENV: "bench-key-0123456789abcdef"}
+    try:
+        port = free_port()
+        started["model"] = running.start(
+            "model", _command("model", workdir, port, loop, "", None), port
+        )
+        running.wait_ready("model", started["model"].url, "/v2/health/ready")
+        for target in targets:
+            if target == "model":
+                continue
+            port = free_port()
+            argv = _command(target, workdir, port, loop, started["model"].url, redis_url)
+            started[target] = running.start(target, argv, port, env)
+        for target, server in started.items():
+            running.wait_ready(target, server.url, "/v2/health/ready")
+        yield {t: started[t] for t in targets}
+    finally:
+        running.stop_all()
 
 
 def cpu_seconds(pid: int) -> float | None:
@@ -226,27 +340,23 @@ def cpu_seconds(pid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def request_body() -> bytes:
-    from guard.models import load_samples
-
-    x = load_samples("digits")[0][:1]
-    tensor = {
-        "name": "input",
-        "shape": list(x.shape),
-        "datatype": "FP32",
-        "data": x.ravel().tolist(),
-    }
-    return json.dumps({"inputs": [tensor]}).encode()
+def random_body(rng: Any) -> bytes:
+    data = ",".join(f"{v:.3f}" for v in rng.uniform(0, 16, WIDTH))
+    tensor = f'{{"name":"input","shape":[1,{WIDTH}],"datatype":"FP32","data":[{data}]}}'
+    return f'{{"inputs":[{tensor}]}}'.encode()
 
 
-def check_answers(running: dict[str, Server], body: bytes) -> None:
-    """Every target answers 200 with the same label, or the run stops."""
+def check_answers(running: dict[str, Server]) -> None:
+    """Every target answers one random input with 200 and the model's label, or the run stops."""
+    import numpy as np
+
+    body = random_body(np.random.default_rng(1))
     labels = {}
     for target, server in running.items():
         req = urllib.request.Request(
             server.url + INFER, data=body, headers={"Content-Type": "application/json"}
         )
-        with urllib.request.urlopen(req, timeout=5) as reply:
+        with urllib.request.urlopen(req, timeout=10) as reply:
             outputs = json.loads(reply.read())["outputs"]
         labels[target] = next(o["data"] for o in outputs if o["name"] == "label")
     if len({json.dumps(v) for v in labels.values()}) != 1:
@@ -257,20 +367,22 @@ def check_answers(running: dict[str, Server], body: bytes) -> None:
 
 WRK_SCRIPT = """\
 wrk.method = "POST"
-wrk.body = [==[{body}]==]
 wrk.headers["Content-Type"] = "application/json"
-
+local parts = {}
+init = function(args) math.randomseed(os.time() + tonumber(tostring({}):sub(8), 16)) end
+request = function()
+  for i = 1, WIDTH do parts[i] = string.format("%.3f", math.random() * 16) end
+  local body = '{"inputs":[{"name":"input","shape":[1,WIDTH],"datatype":"FP32","data":['
+    .. table.concat(parts, ",") .. ']}]}'
+  return wrk.format(nil, nil, nil, body)
+end
 done = function(summary, latency, requests)
   local e = summary.errors
   io.write(string.format("WRK_RESULT %d %d %d %.3f %.3f\\n",
     summary.requests, summary.duration, e.connect + e.read + e.write + e.status + e.timeout,
     latency:percentile(50.0), latency:percentile(99.0)))
 end
-"""
-
-
-def _taskset(cpus: set[int] | None) -> list[str]:
-    return ["taskset", "-c", ",".join(map(str, sorted(cpus)))] if cpus else []
+""".replace("WIDTH", str(WIDTH))
 
 
 class Generator(Protocol):
@@ -282,26 +394,15 @@ class Generator(Protocol):
 class Wrk:
     """``wrk`` with one thread (the machine this targets has 2 cores)."""
 
-    def __init__(self, workdir: Path, body: bytes, cpus: set[int] | None) -> None:
+    def __init__(self, workdir: Path) -> None:
         self.script = workdir / "post.lua"
-        self.script.write_text(WRK_SCRIPT.format(body=body.decode()))
-        self.prefix = _taskset(cpus)
+        self.script.write_text(WRK_SCRIPT)
         version = subprocess.run(["wrk", "-v"], capture_output=True, text=True, check=False)
         self.name = (version.stdout or version.stderr).split("Copyright")[0].strip() or "wrk"
 
     def run(self, url: str, connections: int, seconds: int) -> Run:
-        argv = [
-            *self.prefix,
-            "wrk",
-            "-t1",
-            f"-c{connections}",
-            f"-d{seconds}s",
-            "--timeout",
-            "10s",
-            "-s",
-            str(self.script),
-            url + INFER,
-        ]
+        argv = ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--timeout", "10s"]
+        argv += ["-s", str(self.script), url + INFER]
         out = subprocess.run(
             argv, capture_output=True, text=True, check=True, preexec_fn=_die_with_parent
         ).stdout
@@ -323,32 +424,20 @@ class PythonLoad:
 
     name = "python (asyncio + aiohttp, uvloop when installed)"
 
-    def __init__(self, workdir: Path, body: bytes, cpus: set[int] | None) -> None:
-        self.body_file = workdir / "body.json"
-        self.body_file.write_bytes(body)
-        self.prefix = _taskset(cpus)
-
     def run(self, url: str, connections: int, seconds: int) -> Run:
-        argv = [
-            *self.prefix,
-            sys.executable,
-            __file__,
-            "loadgen",
-            url + INFER,
-            str(self.body_file),
-            str(connections),
-            str(seconds),
-        ]
+        argv = [sys.executable, __file__, "loadgen", url + INFER, str(connections), str(seconds)]
         out = subprocess.run(
             argv, capture_output=True, text=True, check=True, preexec_fn=_die_with_parent
         ).stdout
         return Run(**json.loads(out))
 
 
-async def _load(url: str, body: bytes, connections: int, seconds: float) -> Run:
+async def _load(url: str, connections: int, seconds: float) -> Run:
     import aiohttp
     import numpy as np
 
+    rng = np.random.default_rng()
+    bodies = [random_body(rng) for _ in range(int(4000 * seconds))]  # ample: one per request
     latencies: list[float] = []
     errors = 0
     headers = {"Content-Type": "application/json"}
@@ -359,6 +448,7 @@ async def _load(url: str, body: bytes, connections: int, seconds: float) -> Run:
         async def worker() -> None:
             nonlocal errors
             while (sent := time.perf_counter()) < deadline:
+                body = bodies[len(latencies) % len(bodies)]
                 try:
                     async with session.post(url, data=body, headers=headers) as reply:
                         await reply.read()
@@ -378,8 +468,8 @@ async def _load(url: str, body: bytes, connections: int, seconds: float) -> Run:
 
 
 def loadgen_main(argv: Sequence[str]) -> int:
-    url, body_file, connections, seconds = argv
-    coro = _load(url, Path(body_file).read_bytes(), int(connections), float(seconds))
+    url, connections, seconds = argv
+    coro = _load(url, int(connections), float(seconds))
     try:
         import uvloop
     except ImportError:
@@ -393,33 +483,54 @@ def loadgen_main(argv: Sequence[str]) -> int:
 # -- the run ------------------------------------------------------------------
 
 
+def targets_of(args: argparse.Namespace) -> list[str]:
+    targets = ["model", "passthrough"]
+    if shutil.which("nginx") and not args.no_nginx:
+        targets.append("nginx")
+    targets += ["guard", "guard-none"]
+    if shutil.which("redis-server") and not args.no_redis:
+        targets.append("guard-redis")
+    if args.workers:  # 2 workers: stateless (no stage), and the default policy on Redis
+        targets += ["guard-none-w2"] + (["guard-redis-w2"] if "guard-redis" in targets else [])
+    if not args.no_stages:
+        targets += [f"guard-{s}" for s in STAGES]
+    return targets
+
+
 def benchmark(args: argparse.Namespace, workdir: Path) -> tuple[str, list[Measurement]]:
-    body = request_body()
-    server_cpus = load_cpus = None
-    if args.pin:
-        cpus = sorted(os.sched_getaffinity(0))
-        if len(cpus) < 2:
-            raise SystemExit("--pin needs at least 2 CPUs")
-        load_cpus, server_cpus = {cpus[0]}, set(cpus[1:])
     use_wrk = args.generator == "wrk" or (args.generator == "auto" and shutil.which("wrk"))
-    generator = (Wrk if use_wrk else PythonLoad)(workdir, body, load_cpus)
-    targets = [t for t in TARGETS if t != "embedded" or not args.no_embedded]
+    generator: Generator = Wrk(workdir) if use_wrk else PythonLoad()
+    targets = targets_of(args)
     slice_s = max(1, round(args.duration / args.rounds))  # wrk takes whole seconds
     results = []
-    for loop in args.loop or ["uvloop", "asyncio"]:
-        with servers(workdir, loop, targets, server_cpus) as running:
-            check_answers(running, body)
-            for connections in dict.fromkeys([args.connections, 1]):
-                for target in targets if args.warmup else ():
-                    generator.run(running[target].url, connections, args.warmup)
-                runs: dict[str, list[tuple[Run, float | None]]] = {t: [] for t in targets}
-                for _ in range(args.rounds):
+    with redis_server(workdir) if "guard-redis" in targets else _nothing() as redis_url:
+        for loop in args.loop or ["uvloop"]:
+            with servers(workdir, loop, targets, redis_url) as running:
+                check_answers(running)
+                for connections in dict.fromkeys([args.connections, 1]):
+                    for target in targets if args.warmup else ():
+                        generator.run(running[target].url, connections, args.warmup)
+                    runs: dict[str, list[tuple[Run, float | None]]] = {t: [] for t in targets}
+                    for _ in range(args.rounds):
+                        for target in targets:
+                            runs[target].append(
+                                timed(generator, running[target], connections, slice_s)
+                            )
                     for target in targets:
-                        runs[target].append(timed(generator, running[target], connections, slice_s))
-                for target in targets:
-                    results.append(summarize(loop, connections, target, runs[target]))
-                    print(results[-1].line(), file=sys.stderr, flush=True)
+                        results.append(summarize(loop, connections, target, runs[target]))
+                        m = results[-1]
+                        print(
+                            f"  {loop} c={connections:<3} {target:18} {m.rps:7.0f} req/s  "
+                            f"p50 {m.p50_ms:.3f} ms  errors {m.errors}",
+                            file=sys.stderr,
+                            flush=True,
+                        )
     return generator.name, results
+
+
+@contextmanager
+def _nothing() -> Iterator[None]:
+    yield None
 
 
 def timed(
@@ -447,7 +558,6 @@ def summarize(
         rounds=len(runs),
         requests=sum(r.requests for r in runs),
         errors=sum(r.errors for r in runs),
-        seconds=sum(r.seconds for r in runs),
         rps=statistics.median(r.requests / r.seconds for r in runs),
         p50_ms=statistics.median(r.p50_ms for r in runs),
         p99_ms=statistics.median(r.p99_ms for r in runs),
@@ -455,61 +565,80 @@ def summarize(
     )
 
 
-def figures(rows: dict[str, Measurement]) -> dict[str, float | bool]:
-    """The ratios for one loop and concurrency, and whether the guard meets its target."""
-    direct, bare, guard = rows["direct"], rows["passthrough"], rows["guard"]
-    out: dict[str, float | bool] = {
-        "guard_rps_over_passthrough": guard.rps / bare.rps,
-        "guard_added_p50_ms": guard.p50_ms - direct.p50_ms,
-        "passthrough_added_p50_ms": bare.p50_ms - direct.p50_ms,
-        "guard_minus_passthrough_p50_ms": guard.p50_ms - bare.p50_ms,
-    }
-    if "embedded" in rows:
-        out["embedded_added_p50_ms"] = rows["embedded"].p50_ms - direct.p50_ms
-    if guard.cpu_us_per_request and bare.cpu_us_per_request:
-        # Requests one core serves, guard / pass-through: the throughput ratio without contention.
-        out["guard_capacity_over_passthrough"] = bare.cpu_us_per_request / guard.cpu_us_per_request
-    if guard.connections == 1:
-        out["meets_added_p50"] = out["guard_added_p50_ms"] <= ADDED_P50_MS
-    else:
-        out["meets_throughput"] = out["guard_rps_over_passthrough"] >= THROUGHPUT_RATIO
-    return out
-
-
-def report(
-    results: list[Measurement], generator: str, pinned: bool
-) -> tuple[str, list[dict[str, object]]]:
-    """Markdown tables, one per loop and concurrency, and the figures as data."""
-    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+def report(results: list[Measurement], generator: str, loads: list[str]) -> tuple[str, list[dict]]:
+    """One table per loop: each target at N and 1 connections, ratios against the pass-through."""
     lines = [
-        f"Load generator: {generator}. CPUs: {os.cpu_count()}, "
-        f"{'load generator on CPU 0, servers on the rest' if pinned else 'unpinned'}; "
-        f"load average at the end: {load}.",
+        f"Load generator: {generator}. CPUs: {len(os.sched_getaffinity(0))}; "
+        f"load average at the start / end: {loads[0]} / {loads[1]}.",
         "",
     ]
-    summary: list[dict[str, object]] = []
-    for loop, connections in dict.fromkeys((m.loop, m.connections) for m in results):
-        rows = {m.target: m for m in results if (m.loop, m.connections) == (loop, connections)}
-        plural = "s" if connections > 1 else ""
+    summary: list[dict] = []
+    for loop in dict.fromkeys(m.loop for m in results):
+        high = max(m.connections for m in results if m.loop == loop)
+        at = {(m.target, m.connections): m for m in results if m.loop == loop}
+        bare_hi, bare_1, model_1 = at["passthrough", high], at["passthrough", 1], at["model", 1]
+        bare_added = bare_1.p50_ms - model_1.p50_ms
         lines += [
-            f"### {loop}, {connections} connection{plural}, {next(iter(rows.values())).rounds} rounds",
+            f"### {loop}, {next(iter(at.values())).rounds} interleaved rounds",
             "",
-            "| target | req/s | p50 ms | p99 ms | CPU µs/req | errors |",
-            "|---|---:|---:|---:|---:|---:|",
+            f"| target | req/s at {high} | ÷ pass-through | CPU µs/req | p50 ms at 1 "
+            "| added p50 ms | ÷ pass-through's | errors |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|",
         ]
-        for m in rows.values():
-            cpu = f"{m.cpu_us_per_request:.0f}" if m.cpu_us_per_request is not None else "n/a"
-            lines.append(
-                f"| {m.target} | {m.rps:.0f} | {m.p50_ms:.3f} | {m.p99_ms:.3f} | {cpu} | {m.errors} |"
+        for target in dict.fromkeys(t for t, _ in at):
+            hi, one = at[target, high], at[target, 1]
+            added = one.p50_ms - model_1.p50_ms
+            row = {
+                "loop": loop,
+                "target": target,
+                "rps": hi.rps,
+                "rps_over_passthrough": hi.rps / bare_hi.rps,
+                "cpu_us_per_request": hi.cpu_us_per_request,
+                "p50_ms_1": one.p50_ms,
+                "added_p50_ms": added,
+                "added_over_passthrough": added / bare_added if bare_added > 0 else math.nan,
+                "errors": hi.errors + one.errors,
+            }
+            summary.append(row)
+            cpu = (
+                "n/a"
+                if hi.cpu_us_per_request is None or target == "nginx" or target.endswith("-w2")
+                else (
+                    f"{hi.cpu_us_per_request:.0f}"  # nginx, -w2: the master's pid alone
+                )
             )
-        values = figures(rows)
-        lines += ["", "| figure | value |", "|---|---:|"]
+            lines.append(
+                f"| {target} | {hi.rps:.0f} | {row['rps_over_passthrough']:.2f} | {cpu} "
+                f"| {one.p50_ms:.3f} | {added:.3f} | {row['added_over_passthrough']:.2f} "
+                f"| {row['errors']} |"
+            )
+        guard = next(r for r in summary if r["loop"] == loop and r["target"] == "guard")
         lines += [
-            f"| {k} | {v} |" if isinstance(v, bool) else f"| {k} | {v:.3f} |"
-            for k, v in values.items()
+            "",
+            f"Default policy: {guard['rps_over_passthrough']:.2f} of the pass-through at {high} "
+            f"connections (target ≥ {THROUGHPUT_RATIO}: "
+            f"{'met' if guard['rps_over_passthrough'] >= THROUGHPUT_RATIO else 'missed'}); "
+            f"{guard['added_p50_ms']:.3f} ms added at the median at 1 connection (target ≤ "
+            f"{ADDED_P50_MS}: {'met' if guard['added_p50_ms'] <= ADDED_P50_MS else 'missed'}).",
         ]
+        redis = next(
+            (r for r in summary if r["loop"] == loop and r["target"] == "guard-redis"), None
+        )
+        if redis:
+            ratio = redis["rps"] / guard["rps"]
+            lines.append(
+                f"Redis state: {ratio:.2f} of memory state's throughput (target ≥ {REDIS_RATIO}: "
+                f"{'met' if ratio >= REDIS_RATIO else 'missed'})."
+            )
+        for one, two in (("guard-none", "guard-none-w2"), ("guard-redis", "guard-redis-w2")):
+            rows = {r["target"]: r for r in summary if r["loop"] == loop}
+            if one in rows and two in rows:
+                ratio = rows[two]["rps"] / rows[one]["rps"]
+                lines.append(
+                    f"{two}: {ratio:.2f}× {one} at {high} connections (target ≥ {WORKERS_RATIO}: "
+                    f"{'met' if ratio >= WORKERS_RATIO else 'missed'})."
+                )
         lines.append("")
-        summary.append({"loop": loop, "connections": connections, **values})
     return "\n".join(lines), summary
 
 
@@ -518,41 +647,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv[:1] == ["loadgen"]:
         return loadgen_main(argv[1:])
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--duration",
-        type=float,
-        default=10.0,
-        help="measured seconds per target and concurrency (default 10)",
-    )
-    parser.add_argument(
-        "--rounds",
-        type=int,
-        default=5,
-        help="interleaved runs the duration is split into (default 5)",
-    )
-    parser.add_argument(
-        "--warmup",
-        type=int,
-        default=2,
-        help="seconds of unmeasured load per target first (default 2)",
-    )
-    parser.add_argument(
-        "--connections",
-        type=int,
-        default=16,
-        help="the high-concurrency run; a 1-connection run follows",
-    )
-    parser.add_argument(
-        "--loop", action="append", choices=["uvloop", "asyncio"], help="repeatable; default: both"
-    )
+    parser.add_argument("--duration", type=float, default=6.0, help="measured s per target")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved runs (default 3)")
+    parser.add_argument("--warmup", type=int, default=1, help="unmeasured s per target first")
+    parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument("--loop", action="append", choices=["uvloop", "asyncio"])
     parser.add_argument("--generator", choices=["auto", "wrk", "python"], default="auto")
+    parser.add_argument("--no-stages", action="store_true", help="skip the stage-alone guards")
+    parser.add_argument("--no-redis", action="store_true", help="skip the Redis-backed guard")
+    parser.add_argument("--no-nginx", action="store_true", help="skip nginx")
+    parser.add_argument("--no-stage-table", action="store_true", help="skip bench_stages.py")
     parser.add_argument(
-        "--pin", action="store_true", help="load generator on the first CPU, servers on the others"
+        "--workers", action="store_true", help="add guard-none and guard-redis with --workers 2"
     )
-    parser.add_argument(
-        "--no-embedded", action="store_true", help="skip the guard serving digits itself"
-    )
-    parser.add_argument("--json", type=Path, help="also write the measurements and figures here")
+    parser.add_argument("--json", type=Path, help="also write the measurements here")
     args = parser.parse_args(argv)
     if args.connections < 1 or args.duration <= 0 or args.rounds < 1 or args.warmup < 0:
         parser.error("--connections and --rounds must be >= 1, --duration > 0, --warmup >= 0")
@@ -560,17 +668,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--generator wrk: wrk is not on the PATH")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the cleanups on SIGTERM too
 
+    loads = [", ".join(f"{x:.2f}" for x in os.getloadavg())]
     with tempfile.TemporaryDirectory(prefix="bench-proxy-") as tmp:
         generator, results = benchmark(args, Path(tmp))
-    text, summary = report(results, generator, args.pin)
+    loads.append(", ".join(f"{x:.2f}" for x in os.getloadavg()))
+    text, summary = report(results, generator, loads)
     print(text)
+    stages = None
+    if not args.no_stage_table:
+        sys.path.insert(0, str(HERE))
+        import bench_stages
+
+        stages = bench_stages.run([64, 3072], 2000, 0)
+        print(bench_stages.table(stages, 2000))
     if args.json:
         doc = {
             "generator": generator,
-            "cpus": os.cpu_count(),
-            "pinned": args.pin,
             "results": [asdict(m) for m in results],
             "figures": summary,
+            "stages": stages,
         }
         args.json.write_text(json.dumps(doc, indent=2))
     return 0

@@ -208,6 +208,8 @@ class GuardSpawner:
         if metrics_port is not None:
             argv += ["--metrics-host", HOST, "--metrics-port", str(metrics_port)]
         argv += extra_args
+        if "--workers" not in extra_args:  # one process: its metrics are the guard's
+            argv += ["--workers", "1"]
         if access_log:
             argv.append("--access-log")
         log_path = self.workdir / f"guard-{index}.log"

@@ -1,0 +1,209 @@
+"""What each stage of the default policy costs per request, in-process, at two input widths.
+
+Each stage of ``policies/default.yaml``'s ``digits`` model (quotas raised, so nothing is
+refused) is built on its own, for a model of ``W`` FP32 inputs in [0, 16] and 10 classes
+(``W`` = 64, the digits model, and 3,072, a 32x32x3 image), and run through a
+:class:`~guard.pipeline.Pipeline` of its own against a synthetic backend (a fixed random
+linear map and a softmax, computed outside the timed hooks). Every request is a fresh
+uniform random input from one client, so the detectors' histories grow as they do under
+load; the time is what the pipeline itself records per stage (``ctx.stage_seconds``:
+``on_request`` + ``on_response``), the mean over the second half of ``--requests`` (the
+history then holds at least half of them), the least of ``--repeat`` runs. The whole
+default chain is timed the same way.
+
+``coverage`` calibrates its radius on the digits data (``reference: builtin:digits``); at
+3,072 values it is given ``radius`` instead (the same cost: one distance per remembered
+query).
+
+    python tests/benchmarks/bench_stages.py [--requests 2000] [--widths 64 3072] [--repeat 3] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import copy
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from guard.clients import Client  # noqa: E402
+from guard.configreader import Section  # noqa: E402
+from guard.inference import InferRequest, InferResponse, ModelMetadata, TensorSpec  # noqa: E402
+from guard.pipeline import Pipeline, RequestContext  # noqa: E402
+from guard.stages import STAGES, StageEnv  # noqa: E402
+from guard.state.memory import MemoryStore  # noqa: E402
+
+CLASSES = 10
+RAISED = [{"queries": 100_000_000, "per": "1m"}, {"queries": 100_000_000, "per": "1d"}]
+
+
+def default_stages() -> list[tuple[str, dict[str, Any]]]:
+    """The default policy's ``digits`` stages, in order, quotas raised."""
+    policy = yaml.safe_load((ROOT / "policies" / "default.yaml").read_text())
+    stages = []
+    for entry in policy["models"]["digits"]["stages"]:
+        ((name, options),) = entry.items()
+        options = copy.deepcopy(options or {})
+        if name == "budget":
+            options["limits"] = RAISED
+        stages.append((name, options))
+    return stages
+
+
+class LinearBackend:
+    """A fixed random linear map of ``width`` inputs to 10 classes, then a softmax."""
+
+    def __init__(self, width: int, rng: np.random.Generator) -> None:
+        self.weights = rng.normal(0, 1 / np.sqrt(width), (width, CLASSES)).astype(np.float32)
+
+    async def infer(self, request: InferRequest, *, passthrough: bool = False) -> InferResponse:
+        logits = request.inputs["input"] @ self.weights
+        e = np.exp(logits - logits.max(axis=1, keepdims=True))
+        p = (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
+        outputs = {"label": p.argmax(axis=1).astype(np.int64), "probabilities": p}
+        return InferResponse(model_name=request.model_name, outputs=outputs)
+
+
+def metadata(width: int) -> ModelMetadata:
+    return ModelMetadata(
+        name="digits",
+        platform="onnxruntime_onnx",
+        inputs=(TensorSpec("input", "FP32", (-1, width)),),
+        outputs=(
+            TensorSpec("label", "INT64", (-1,)),
+            TensorSpec("probabilities", "FP32", (-1, CLASSES)),
+        ),
+    )
+
+
+def build(stages: list[tuple[str, dict[str, Any]]], width: int) -> Pipeline:
+    env = StageEnv(
+        model="digits", backend=None, local=None, metadata=metadata(width), state=MemoryStore()
+    )
+    built = []
+    for i, (name, options) in enumerate(stages):
+        if name == "coverage" and width != 64:
+            options = {k: v for k, v in options.items() if k != "reference"}
+            options["radius"] = 0.5 * np.sqrt(width)  # calibrated on digits: ~ 0.4 per sqrt(W)
+        section = Section(options, source="default.yaml", path=f"stages[{i}].{name}")
+        built.append(STAGES[name](section, env))
+    return Pipeline(built)
+
+
+async def measure(
+    stages: list[tuple[str, dict[str, Any]]], width: int, requests: int, seed: int
+) -> dict[str, float]:
+    """Mean µs per request of each stage, and of the chain (``total``), over the second half."""
+    rng = np.random.default_rng(seed)
+    pipeline = build(stages, width)
+    backend = LinearBackend(width, rng)
+    client = Client("bench")
+    spent: dict[str, float] = {}
+    inputs = rng.uniform(0, 16, (requests, 1, width)).astype(np.float32)
+    for i in range(requests):
+        request = InferRequest(model_name="digits", inputs={"input": inputs[i]})
+        ctx = RequestContext(request_id=str(i), model="digits", client=client, request=request)
+        await pipeline.run(ctx, backend)  # type: ignore[arg-type]
+        if i >= requests // 2:
+            for name, seconds in ctx.stage_seconds.items():
+                spent[name] = spent.get(name, 0.0) + seconds
+    counted = requests - requests // 2
+    out = {name: seconds / counted * 1e6 for name, seconds in spent.items()}
+    out["total"] = sum(out.values())
+    return out
+
+
+def least(
+    stages: list[tuple[str, dict[str, Any]]], width: int, requests: int, seed: int, repeat: int
+) -> dict[str, float]:
+    """Per stage, the least of ``repeat`` runs (the one other work on the machine disturbed
+    least)."""
+    runs = [asyncio.run(measure(stages, width, requests, seed)) for _ in range(repeat)]
+    return {name: min(r[name] for r in runs) for name in runs[0]}
+
+
+def run(
+    widths: Sequence[int], requests: int, seed: int, repeat: int = 3
+) -> dict[int, dict[str, dict[str, float]]]:
+    """``{width: {"alone": {stage: µs}, "chain": {stage: µs, total: µs}}}``."""
+    stages = default_stages()
+    results: dict[int, dict[str, dict[str, float]]] = {}
+    for width in widths:
+        alone = {}
+        for name, options in stages:
+            alone[name] = least([(name, options)], width, requests, seed, repeat)[name]
+            print(f"  width {width:5}  {name:11} {alone[name]:8.1f} µs", file=sys.stderr)
+        chain = least(stages, width, requests, seed, repeat)
+        print(f"  width {width:5}  {'chain':11} {chain['total']:8.1f} µs", file=sys.stderr)
+        results[width] = {"alone": alone, "chain": chain}
+    return results
+
+
+DETECTOR_TARGETS = {64: 50.0, 3072: 150.0}  # µs per request, each detector (issue 16)
+DETECTORS = ("blacklight", "provenance", "prada", "coverage")
+
+
+def table(results: dict[int, dict[str, dict[str, float]]], requests: int) -> str:
+    widths = list(results)
+    names = list(next(iter(results.values()))["alone"])
+    head = " | ".join(f"{w:,} values: alone · in the chain" for w in widths)
+    lines = [
+        f"Stage cost, µs per request (mean over requests {requests // 2}..{requests} of one "
+        f"client, fresh uniform inputs, least of the runs; load average {', '.join(f'{x:.2f}' for x in os.getloadavg())}):",
+        "",
+        f"| stage | {head} | detector target met |",
+        "|---|" + "---:|" * len(widths) + "---|",
+    ]
+    for name in names:
+        cells = " | ".join(
+            f"{results[w]['alone'][name]:.1f} · {results[w]['chain'].get(name, 0.0):.1f}"
+            for w in widths
+        )
+        met = ""
+        if name in DETECTORS:
+            met = ", ".join(
+                f"{w}: {'yes' if results[w]['alone'][name] <= DETECTOR_TARGETS[w] else 'no'}"
+                for w in widths
+                if w in DETECTOR_TARGETS
+            )
+        lines.append(f"| {name} | {cells} | {met} |")
+    totals = " | ".join(
+        f"{sum(results[w]['alone'].values()):.1f} · {results[w]['chain']['total']:.1f}"
+        for w in widths
+    )
+    lines.append(f"| **all** | {totals} | |")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--requests", type=int, default=2000)
+    parser.add_argument("--widths", type=int, nargs="+", default=[64, 3072])
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--repeat", type=int, default=3, help="runs; the least is kept")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args(argv)
+    if args.requests < 2 or min(args.widths) < 1 or args.repeat < 1:
+        parser.error("--requests must be >= 2, --repeat and every width >= 1")
+    started = time.perf_counter()
+    results = run(args.widths, args.requests, args.seed, args.repeat)
+    print(table(results, args.requests))
+    print(f"\n({time.perf_counter() - started:.0f} s)", file=sys.stderr)
+    if args.json:
+        args.json.write_text(json.dumps({str(w): r for w, r in results.items()}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,218 @@
+"""``guard serve --workers N``: one port, N processes, state shared through Redis.
+
+A near-duplicate walk (Blacklight's evidence) and a quota spread over two workers (a
+fresh connection per request, so the kernel's SO_REUSEPORT hashing sends them to both)
+are answered exactly as by one worker; both workers served; SIGHUP reloads every worker
+and SIGTERM stops them all; more than one worker on a memory store with stateful stages
+is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import yaml
+
+from guard.models import load_samples
+from tests.integration.redis_server import RedisServer
+from tests.integration.test_cli import free_port, wait_ready
+
+ROOT = Path(__file__).resolve().parents[2]
+KEY_ENV = "GUARD_TEST_BLACKLIGHT_KEY"
+
+
+def policy(redis_url: str | None, queries: int = 1000) -> dict[str, Any]:
+    stages: list[dict[str, Any]] = [
+        {"validate": {"min": 0.0, "max": 16.0}},
+        {"budget": {"limits": [{"queries": queries, "per": "1m"}]}},
+        {"blacklight": {"key_env": KEY_ENV} if redis_url else {}},  # action: deny
+    ]
+    doc: dict[str, Any] = {
+        "version": 1,
+        "models": {"digits": {"model": "builtin:digits", "stages": stages}},
+        "disclose": {"headers": True, "reasons": True},
+    }
+    if redis_url:
+        doc["state"] = {"backend": "redis", "url": redis_url, "key_prefix": "w:"}
+    return doc
+
+
+class Guard:
+    def __init__(self, tmp: Path, doc: dict[str, Any], workers: int) -> None:
+        self.path = tmp / f"policy-{workers}.yaml"
+        self.path.write_text(yaml.safe_dump(doc))
+        self.port, self.metrics = free_port(), free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "guard.cli",
+                "--log-level",
+                "info",
+                "serve",
+                "--policy",
+                str(self.path),
+                "--port",
+                str(self.port),
+                "--metrics-port",
+                str(self.metrics),
+                "--workers",
+                str(workers),
+            ],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", KEY_ENV: "k" * 32},
+        )
+
+    def __enter__(self) -> Guard:
+        wait_ready(self.url, self.process, timeout=60)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+    def stop(self) -> tuple[int, str]:
+        self.process.send_signal(signal.SIGTERM)
+        output = self.process.communicate(timeout=30)[0].decode()
+        return self.process.returncode, output
+
+
+def infer(url: str, x: np.ndarray) -> int:
+    body = {
+        "inputs": [
+            {"name": "input", "shape": [1, 64], "datatype": "FP32", "data": x.ravel().tolist()}
+        ]
+    }
+    request = urllib.request.Request(
+        f"{url}/v2/models/digits/infer",
+        data=json.dumps(body).encode(),
+        method="POST",
+        headers={"Content-Type": "application/json", "Connection": "close"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=10) as reply:
+            return int(reply.status)
+    except urllib.error.HTTPError as exc:
+        return int(exc.code)
+
+
+def walk(n: int, seed: int) -> np.ndarray:
+    """A boundary walk: one held-out digit nudged a little each time."""
+    x, _ = load_samples("digits")
+    rng = np.random.default_rng(seed)
+    return np.clip(x[seed] + rng.normal(0, 0.02, (n, 64)), 0, 16).astype(np.float32)
+
+
+def served_by(metrics_port: int) -> float:
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("guard_requests_total{")
+    )
+
+
+def test_an_attack_spread_over_two_workers_is_caught_as_on_one(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    queries = walk(24, seed=3)
+    answers = {}
+    for workers in (1, 2):
+        redis_server.flush()
+        with Guard(tmp_path, policy(redis_server.url, queries=20), workers) as guard:
+            answers[workers] = [infer(guard.url, q) for q in queries]
+            if workers == 2:
+                per_worker = [served_by(guard.metrics + i) for i in range(2)]
+            code, output = guard.stop()
+        assert code == 0, output
+        assert "Traceback" not in output
+    assert answers[1] == answers[2]
+    assert 403 in answers[1]  # the walk is caught (blacklight, action deny) ...
+    assert answers[1][20:] == [429] * 4  # ... and the quota of 20 holds over both workers
+    assert all(n > 0 for n in per_worker), per_worker  # both workers served
+
+
+def test_sighup_reloads_every_worker(tmp_path: Path, redis_server: RedisServer) -> None:
+    doc = policy(redis_server.url)
+    with Guard(tmp_path, doc, 2) as guard:
+        x = np.full(64, 10.0, np.float32)
+        assert infer(guard.url, x) == 200
+        doc["models"]["digits"]["stages"][0]["validate"]["max"] = 5.0
+        guard.path.write_text(yaml.safe_dump(doc))
+        guard.process.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 15
+        statuses: list[int] = []
+        while time.monotonic() < deadline:
+            statuses = [infer(guard.url, x + i / 1000) for i in range(12)]
+            if set(statuses) == {400}:
+                break
+            time.sleep(0.2)
+        code, output = guard.stop()
+    assert set(statuses) == {400}, output  # every connection, whichever worker took it
+    assert code == 0, output
+    assert output.count("reloaded") == 2, output
+
+
+def test_workers_on_a_memory_store_with_stateful_stages_are_refused(tmp_path: Path) -> None:
+    path = tmp_path / "policy.yaml"
+    path.write_text(yaml.safe_dump(policy(None)))
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "guard.cli",
+            "serve",
+            "--policy",
+            str(path),
+            "--port",
+            str(free_port()),
+            "--workers",
+            "2",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode != 0
+    assert "--workers 2 needs shared state" in result.stderr
+    assert "digits.budget" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("asked", [0, -1])
+def test_workers_must_be_positive(tmp_path: Path, asked: int) -> None:
+    path = tmp_path / "policy.yaml"
+    path.write_text(yaml.safe_dump(policy(None)))
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "guard.cli",
+            "serve",
+            "--policy",
+            str(path),
+            "--workers",
+            str(asked),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode != 0 and "--workers must be >= 1" in result.stderr
