@@ -290,7 +290,7 @@ def main(argv: list[str] | None = None) -> None:
                     primed, primed_sent = priming(guard.url, rng)
                 records = audited(Path(tmp))
                 r, c, d, by_stage = hit(records, honest)
-                pr, pc, _, pstages = hit(records, primed)
+                pr, _pc, _, pstages = hit(records, primed)
                 print(
                     f"honest mix: {r}/{sent} requests with a finding ({r / sent:.2%}; {by_stage}), "
                     f"{c}/{len(honest)} clients, {d} denied; priming: {pr}/{primed_sent} honest "

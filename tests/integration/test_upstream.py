@@ -65,7 +65,7 @@ async def test_binary_client_reaches_a_json_only_upstream(
         json_length = int(reply.headers["Inference-Header-Content-Length"])
     doc = orjson.loads(body[:json_length])
     assert [o["name"] for o in doc["outputs"]] == ["label", "probabilities"]
-    status, direct, _ = await post(http, upstream.make_url("/v2/models/digits/infer"), v2_body(x))
+    _status, direct, _ = await post(http, upstream.make_url("/v2/models/digits/infer"), v2_body(x))
     expected = next(o["data"] for o in direct["outputs"] if o["name"] == "label")
     labels = np.frombuffer(body[json_length : json_length + 8 * len(x)], "<i8")
     assert labels.tolist() == expected
@@ -189,9 +189,9 @@ async def test_reload_swaps_policy_without_dropping_requests_in_flight(
     async def slow(request: web.Request) -> web.Response:
         body = await request.read()
         await release.wait()
-        async with aiohttp.ClientSession() as session:
-            async with session.post(f"{direct}/v2/models/digits/infer", data=body) as reply:
-                return web.Response(body=await reply.read(), content_type="application/json")
+        url = f"{direct}/v2/models/digits/infer"
+        async with aiohttp.ClientSession() as session, session.post(url, data=body) as reply:
+            return web.Response(body=await reply.read(), content_type="application/json")
 
     guard = await start_guard(
         upstream_policy(await fake_upstream(aiohttp_server, slow), timeout=10)
