@@ -55,13 +55,17 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 from scipy.special import betaincinv, ndtr, ndtri
 
-from guard.defenses.sampling import AsyncLabelFn, LabelFn, NoiseSampler
-from guard.defenses.smoothing import ParameterError, _check_ranges, lower_confidence_bound
+from guard.defenses.smoothing import (
+    AsyncSmooth,
+    ParameterError,
+    Smooth,
+    _check_ranges,
+    lower_confidence_bound,
+)
 
 MODES = ("fixed", "target", "adaptive")
 
@@ -180,15 +184,9 @@ class AdaptiveDecision:
 Decision = Callable[[int, int, bool], "tuple[bool, float] | None"]
 
 
-class SequentialSmooth:
-    """TARGET and ADAPTIVE on the smoothed classifier g of ``predict_labels``."""
-
-    def __init__(
-        self, predict_labels: LabelFn, sigma: float, *, batch: int = 1000, dtype: Any = np.float32
-    ) -> None:
-        self.base_classifier = predict_labels
-        self.sigma = float(sigma)
-        self.sampler = NoiseSampler(sigma, batch=batch, dtype=dtype)
+class SequentialSmooth(Smooth):
+    """TARGET and ADAPTIVE on the smoothed classifier g of ``predict_labels`` (beside
+    :class:`Smooth`'s fixed-n CERTIFY and PREDICT, whose construction it shares)."""
 
     def certify_radius(
         self,
@@ -249,20 +247,8 @@ class SequentialSmooth:
         raise AssertionError("the last look always decides")  # pragma: no cover
 
 
-class AsyncSequentialSmooth:
+class AsyncSequentialSmooth(AsyncSmooth):
     """:class:`SequentialSmooth` for a base classifier that is awaited (a model server)."""
-
-    def __init__(
-        self,
-        predict_labels: AsyncLabelFn,
-        sigma: float,
-        *,
-        batch: int = 1000,
-        dtype: Any = np.float32,
-    ) -> None:
-        self.base_classifier = predict_labels
-        self.sigma = float(sigma)
-        self.sampler = NoiseSampler(sigma, batch=batch, dtype=dtype)
 
     async def certify_radius(
         self,
