@@ -25,7 +25,6 @@ from guard.inference import ModelMetadata
 from guard.metrics import GuardMetrics
 from guard.pipeline import Pipeline, Stage
 from guard.stages import STAGES, StageEnv, stage_class
-from guard.stages.options import OptionError
 from guard.state import StateStore, build_store
 
 log = logging.getLogger(__name__)
@@ -230,13 +229,9 @@ def _build_stage(kind: str, options: Any, path: str, source: str, env: StageEnv)
             f"valid stages: {', '.join(sorted(STAGES))}"
         )
     cls = stage_class(kind)
-    if not isinstance(options, getattr(cls, "Options", ())):
-        return builder(Section(options, source=source, path=path), env)
-    try:  # options already read (a tuner's candidate): built as they are
-        stage: Stage = cls(options, env)
-    except OptionError as exc:
-        raise Section({}, source=source, path=path).error(exc.key, exc.message) from None
-    return stage
+    if isinstance(options, cls.Options):  # already read (a tuner's candidate): built as they are
+        return cls.from_options(options, env, Section({}, source=source, path=path))
+    return builder(Section(options, source=source, path=path), env)
 
 
 def _describe(stage: Stage) -> dict[str, Any]:

@@ -408,11 +408,16 @@ class OptionsStage(BaseStage, Generic[OptionsT]):
 
     @classmethod
     def from_config(cls: type[StageT], section: Section, env: StageEnv) -> StageT:
-        options = read_options(cls.Options, section, env)
+        return cls.from_options(read_options(cls.Options, section, env), env, section)
+
+    @classmethod
+    def from_options(cls: type[StageT], options: Any, env: StageEnv, where: Section) -> StageT:
+        """The stage for options already read (a tuner's candidate); a rule that needs the
+        environment is reported against ``where``, the policy's section of the stage."""
         try:
             return cls(options, env)
         except OptionError as exc:
-            raise section.error(exc.key, exc.message) from None
+            raise where.error(exc.key, exc.message) from None
 
     def describe(self) -> dict[str, Any]:
         return describe_options(self.options)
