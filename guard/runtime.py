@@ -25,6 +25,7 @@ from guard.inference import ModelMetadata
 from guard.metrics import GuardMetrics
 from guard.pipeline import Pipeline, Stage
 from guard.stages import STAGES, StageEnv, stage_class
+from guard.stages.scale import declared_scale
 from guard.state import StateStore, build_store
 
 log = logging.getLogger(__name__)
@@ -193,11 +194,13 @@ def _build_model(
         raise PolicyError(
             f"{policy.source}: models.{config.name} needs an upstream or a model file"
         )
+    metadata = local.model_metadata if local else None
     env = StageEnv(
         model=config.name,
         backend=backend,
         local=local,
-        metadata=local.model_metadata if local else None,
+        metadata=metadata,
+        scale=declared_scale(config.stages, config.model_file, metadata),
         version=(config.upstream.version or "") if config.upstream else "",
         state=state,
         metrics=metrics,
