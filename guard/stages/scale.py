@@ -44,6 +44,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from guard.stages.shared import watched_input
 
 if TYPE_CHECKING:
@@ -90,13 +92,19 @@ def declared_scale(
     if bounds is None and (name := _builtin(model_file)) is not None:
         from guard.models import model_info
 
-        lo, hi = model_info(name)["input_range"]
-        bounds, source = (float(lo), float(hi)), f"the input_range of builtin:{name}"
+        bounds, source = sidecar_range(model_info(name)), f"the input_range of builtin:{name}"
     specs = metadata.inputs if metadata is not None else ()
     shape = _shape(specs[0].shape[1:]) if len(specs) == 1 else None
     if shape is None and checked is not None:
         shape = _shape(_get(checked, "shape"))
     return InputScale(bounds, shape, source if bounds is not None else "")
+
+
+def sidecar_range(info: Mapping[str, Any]) -> tuple[float, float]:
+    """A built-in's ``input_range``: ``[lo, hi]``, or per feature ``[[lo...], [hi...]]``
+    (taken whole: the range one validate stage would declare)."""
+    lo, hi = info["input_range"]
+    return (float(np.min(lo)), float(np.max(hi)))
 
 
 def row_shape(values: Mapping[str, Any], env: StageEnv | None) -> tuple[int, ...] | None:
@@ -153,7 +161,9 @@ def value_range(values: Mapping[str, Any], env: StageEnv | None) -> tuple[float,
     return env.scale.range if env is not None else None
 
 
-def image_shape(values: Mapping[str, Any], env: StageEnv | None) -> tuple[int, int, int, str] | None:
+def image_shape(
+    values: Mapping[str, Any], env: StageEnv | None
+) -> tuple[int, int, int, str] | None:
     """``(height, width, channels, layout)`` when the watched input's shape is an image."""
     shape = row_shape(values, env)
     if shape is None:
