@@ -138,7 +138,12 @@ def quantize(values: Mapping[str, Any], env: StageEnv | None) -> Any:
 
 def window(values: Mapping[str, Any], env: StageEnv | None) -> Any:
     size = row_size(values, env)
-    return dataclasses.MISSING if size is None else min(WINDOW, max(1, size // 3))
+    return dataclasses.MISSING if size is None else window_for(size)
+
+
+def window_for(size: int) -> int:
+    """Blacklight's 20 on rows of 60 values or more; a third of a shorter row."""
+    return min(WINDOW, max(1, size // 3))
 
 
 def threshold(values: Mapping[str, Any], env: StageEnv | None) -> int:
@@ -232,7 +237,7 @@ def _blacklight(model: str, o: Any, scale: InputScale, size: int | None) -> list
         found.append(
             f"window is {o.window}, longer than model {model}'s rows of {size} values: "
             "one window hashes the whole row, so any change breaks every match "
-            f"(derived: {min(WINDOW, max(1, size // 3))})"
+            f"(derived: {window_for(size)})"
         )
     if size is not None:
         held = min(o.top, windows(size, o.window, o.stride))
