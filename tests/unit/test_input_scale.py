@@ -121,9 +121,14 @@ def test_the_default_policy_derives_what_it_used_to_set_for_digits() -> None:
     assert "distance" not in written[4]["provenance"]
     # the same options as the hand-set ones, so the detectors behave identically
     assert blacklight == replace(blacklight, quantize=3.0, window=20)
-    described = runtime.describe()["models"]["digits"]["stages"]
-    assert {"quantize": 3.0, "window": 20}.items() <= described[3].items()
-    assert described[4]["distance"] == 6.0
+    described = runtime.describe()["models"]["digits"]
+    assert {"quantize": 3.0, "window": 20}.items() <= described["stages"][3].items()
+    assert described["stages"][4]["distance"] == 6.0
+    assert described["input_scale"] == {
+        "range": [0.0, 16.0],
+        "range_from": "validate min/max",
+        "shape": [64],
+    }
 
 
 def test_an_image_in_0_1_gets_defaults_in_its_own_units(tmp_path: Path) -> None:
