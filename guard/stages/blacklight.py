@@ -60,17 +60,17 @@ class BlacklightOptions(MisdirectOptions):
         gt=0,
         derive=scale.quantize,
         shown="`0.1875 x (max - min)` of the declared range, else `3.0`",
-        doc="quantization step, in the input's units: 3/16 of the input range (3.0 on the "
-        "digits demo's 0-16; the paper: 50 of 255). The range: the validate stage's "
-        "min/max, else a built-in model's (docs/input-scale.md)",
+        doc="quantization step, in the input's units (the paper: 50 on 0-255; 3.0 on the "
+        "digits demo's 0-16). The declared range: the validate stage's min/max, else a "
+        "built-in model's (docs/input-scale.md)",
     )
     window: int = option(
         scale.WINDOW,
         min=1,
         derive=scale.window,
         shown="`min(20, size // 3)` of a row's values, else `20`",
-        doc="values per hashed window: the paper's 20 on rows of 60 values or more, "
-        "shorter on shorter rows (a window longer than the row hashes it whole)",
+        doc="values per hashed window (the paper: 20); a window longer than the row "
+        "hashes it whole",
     )
     stride: int = option(1, min=1, doc="step between windows")
     top: int = option(50, min=1, max=4096, doc="hashes kept per fingerprint")

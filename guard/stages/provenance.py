@@ -50,10 +50,10 @@ class ProvenanceOptions(MisdirectOptions):
     distance: float = option(
         gt=0,
         derive=scale.distance,
-        shown="`3/64 x (max - min) x sqrt(size)` of the declared range and row; else required",
+        shown="`3/64 x (max - min) x sqrt(size)` of the declared input, else required",
         doc="a row is *linked* when an earlier row of the client lies within this L2 "
-        "distance, in input units; keep it below the distance between distinct honest inputs. "
-        "Default: 3/64 of the input space's diameter (6.0 on the digits demo)",
+        "distance, in input units; keep it below the distance between distinct honest inputs "
+        "(the default, 3/64 of the input space's diameter, is 6.0 on the digits demo)",
     )
     links: int = option(
         8,

@@ -42,7 +42,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
@@ -168,7 +168,7 @@ def value_range(values: Mapping[str, Any], env: StageEnv | None) -> tuple[float,
 
 def image_shape(
     values: Mapping[str, Any], env: StageEnv | None
-) -> tuple[int, int, int, str] | None:
+) -> tuple[int, int, int, Literal["HWC", "CHW"]] | None:
     """``(height, width, channels, layout)`` when the watched input's shape is an image."""
     shape = row_shape(values, env)
     if shape is None:

@@ -108,11 +108,11 @@ class SqueezerOptions:
         )
 
 
-def _image(shape: tuple[int, int, int, str] | None) -> ImageOptions | None:
+def _image(shape: tuple[int, int, int, Literal["HWC", "CHW"]] | None) -> ImageOptions | None:
     if shape is None:
         return None
     height, width, channels, layout = shape
-    return ImageOptions(height=height, width=width, channels=channels, layout=layout)  # type: ignore[arg-type]
+    return ImageOptions(height=height, width=width, channels=channels, layout=layout)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -130,16 +130,16 @@ class SqueezedInputOptions:
         None,
         derive=scale.value_range,
         shown="the declared range",
-        doc="`[lo, hi]`: the range of the values, over which `bits` counts levels; default: "
-        "the validate stage's min/max, else a built-in model's input range",
+        doc="`[lo, hi]`: the range of the values, over which `bits` counts levels "
+        "(declared: the validate stage's min/max, else a built-in model's)",
     )
     image: ImageOptions | None = option(
         None,
         derive=lambda values, env: _image(scale.image_shape(values, env)),
         shown="the input's, when an image",
-        doc="`{height, width, channels: 1, layout: HWC}`; required by `median`. Default: "
-        "the input's shape when it is an image (`[H, W, C]` with 1, 3 or 4 channels, "
-        "`[C, H, W]`, `[H, W]`); a flat row is none",
+        doc="`{height, width, channels: 1, layout: HWC}`; required by `median`. The input "
+        "is an image when its shape is `[H, W, C]` (1, 3 or 4 channels), `[C, H, W]` or "
+        "`[H, W]`; a flat row is none",
     )
 
 
