@@ -468,11 +468,16 @@ def _check(args: argparse.Namespace) -> int:
 def check_warnings(runtime: Runtime) -> list[str]:
     """Policy shapes that load but are probably not what the operator meant."""
     from guard.defenses.squeeze import squeeze_warnings
+    from guard.stages.scale import scale_warnings
 
     warnings = []
     for name, model in runtime.models.items():
         stages = [s.name for s in model.pipeline.stages]
         warnings += [f"models.{name}: {w}" for w in squeeze_warnings(stages)]
+        metadata = model.local.model_metadata if model.local else None
+        warnings += scale_warnings(
+            name, model.config.stages, model.pipeline.stages, model.scale, metadata
+        )
         if stages and stages[0] != "validate" and "validate" in stages:
             warnings.append(
                 f"models.{name}: validate is not the first stage; "
