@@ -352,11 +352,12 @@ async def serve_forever(
     from aiohttp import web
 
     from guard.appkeys import METRICS
-    from guard.metrics import use_multiprocess
     from guard.server import create_app, create_ops_app, make_runner, reload_policy
+    from guard.workerfiles import FLUSH_S, WorkerFiles, use_worker_files
 
+    files: WorkerFiles | None = None
     if worker is not None:
-        use_multiprocess(worker.metrics_dir)  # before the app builds its metrics
+        files = use_worker_files(worker.metrics_dir)  # before the app builds its metrics
     app = create_app(policy, policy_path=policy_path)
     grpc_listener = None
     if grpc_port is not None:
@@ -398,7 +399,9 @@ async def serve_forever(
 
             ops_app = create_ops_app(
                 app,
-                exposition=app[METRICS].aggregate(worker.metrics_dir),
+                exposition=app[METRICS].aggregate(
+                    worker.metrics_dir, files.flush if files is not None else None
+                ),
                 on_reload=reload_others(worker.master),
             )
         ops = make_runner(
@@ -448,12 +451,16 @@ async def serve_forever(
 
     if take_pending_reload():  # a SIGHUP came while this worker started
         on_hup()
+    flusher = loop.create_task(files.flush_every(FLUSH_S)) if files is not None else None
     try:
         await stop.wait()
     finally:
         log.info("guard shutting down")
         for each in runners:  # the public port drains first; metrics answer until then
             await each.cleanup()
+        if files is not None and flusher is not None:
+            flusher.cancel()
+            files.close()  # everything this worker counted, for the workers that go on
 
 
 def _run(coro: Coroutine[Any, Any, None], loop: str) -> None:

@@ -5,7 +5,8 @@ and reload counter add up to what was sent, exactly as one worker reports the sa
 traffic (same names, label sets and counts; only the ``*_created`` samples are
 missing), and ``guard_build_info`` is 1. Each worker's own file shows that both
 served. A worker killed with SIGKILL and restarted, worker 0 (the one that serves the
-metrics port) included, loses nothing of the total. ``/admin/reload`` on the metrics
+metrics port) included, loses nothing of the total once its counts were written (each
+worker writes its file every second; a SIGKILL loses what it counted since). ``/admin/reload`` on the metrics
 port reloads every worker. The master's private directory is gone after it exits.
 """
 
@@ -25,6 +26,7 @@ import numpy as np
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from guard.workerfiles import FLUSH_S
 from tests.integration.test_workers import Guard, infer, requests_per_worker
 
 ADMIN_TOKEN = "t" * 32
@@ -85,6 +87,16 @@ def wait_for(check: Any, timeout: float = 30) -> Any:
         time.sleep(0.1)
 
 
+def settled(port: int, sent: int) -> Series:
+    """The scrape once it counts ``sent`` requests (each worker writes its file every
+    second), checked again two seconds later: no more than ``sent``, ever."""
+    wait_for(lambda: total(scrape(port), "guard_requests_total") == sent)
+    time.sleep(2 * FLUSH_S)
+    series = scrape(port)
+    assert total(series, "guard_requests_total") == sent
+    return series
+
+
 def test_two_workers_serve_the_sum_on_one_port_as_one_worker_would(tmp_path: Path) -> None:
     good, bad = 30, 10
     scraped: dict[int, Series] = {}
@@ -92,7 +104,7 @@ def test_two_workers_serve_the_sum_on_one_port_as_one_worker_would(tmp_path: Pat
         with Guard(tmp_path, stateless_policy(), workers) as guard:
             codes = traffic(guard.url, good, bad, seed=7)
             assert codes.count(200) == good and codes.count(400) == bad
-            scraped[workers] = wait_for(lambda: scrape(guard.metrics))  # after the public port
+            scraped[workers] = settled(guard.metrics, good + bad)
             per_worker = requests_per_worker(tmp_path)
             if workers == 1:
                 assert per_worker == {}  # one process: no multiprocess files at all
@@ -140,7 +152,7 @@ def test_a_killed_worker_loses_none_of_the_total(tmp_path: Path) -> None:
     with Guard(tmp_path, stateless_policy(), 2) as guard:
         started = time.monotonic()
         sent = len(traffic(guard.url, 20, 4, seed=1))
-        assert total(wait_for(lambda: scrape(guard.metrics)), "guard_requests_total") == sent
+        settled(guard.metrics, sent)  # flushed: a worker killed now has nothing unwritten
         # A worker that fails within 5 s of its start stops them all (a bad setup).
         time.sleep(max(0.0, 6.0 - (time.monotonic() - started)))
         directory = next(tmp_path.glob("guard-metrics-*"))
@@ -155,10 +167,8 @@ def test_a_killed_worker_loses_none_of_the_total(tmp_path: Path) -> None:
             assert total(series, "guard_requests_total") == sent  # nothing lost
             assert (directory / f"counter_{victim}.db").exists()  # its counts stay
             assert total(series, "guard_requests_in_flight") == 0
-            time.sleep(6.0)  # past the restarted worker's first 5 s
         sent += len(traffic(guard.url, 12, 0, seed=2))
-        series = wait_for(lambda: scrape(guard.metrics))
-        assert total(series, "guard_requests_total") == sent
+        series = settled(guard.metrics, sent)
         assert total(series, "guard_request_duration_seconds_count") == sent
         code, output = guard.stop()
     assert code == 0, output
@@ -173,6 +183,7 @@ def test_admin_reload_on_the_metrics_port_reloads_every_worker(tmp_path: Path) -
         assert infer(guard.url, x) == 200
         doc["models"]["digits"]["stages"][0]["validate"]["max"] = 5.0
         guard.path.write_text(yaml.safe_dump(doc))
+        wait_for(lambda: scrape(guard.metrics))  # worker 0 binds it after the public port
         request = urllib.request.Request(
             f"http://127.0.0.1:{guard.metrics}/admin/reload",
             method="POST",

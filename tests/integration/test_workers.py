@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -55,6 +56,7 @@ class Guard:
         self.path = tmp / f"policy-{workers}.yaml"
         self.path.write_text(yaml.safe_dump(doc))
         self.port, self.metrics = free_port(), free_port()
+        self.workers = workers
         self.url = f"http://127.0.0.1:{self.port}"
         self.process = subprocess.Popen(
             [
@@ -82,7 +84,23 @@ class Guard:
 
     def __enter__(self) -> Guard:
         wait_ready(self.url, self.process, timeout=60)
+        self.head = self._wait_for_workers(timeout=60)
         return self
+
+    def _wait_for_workers(self, timeout: float) -> str:
+        """The output until every worker logged that it serves (the port answers as soon
+        as one does); kept for :meth:`stop`."""
+        assert self.process.stdout is not None
+        fd = self.process.stdout.fileno()  # unbuffered reads: select sees what is left
+        head = b""
+        deadline = time.monotonic() + timeout
+        while head.count(b"guard serving") < self.workers:
+            ready, _, _ = select.select([fd], [], [], 0.5)
+            if ready:
+                head += os.read(fd, 65536)
+            if time.monotonic() > deadline or self.process.poll() is not None:
+                raise AssertionError("workers did not start:\n" + head.decode())
+        return head.decode()
 
     def __exit__(self, *exc: object) -> None:
         if self.process.poll() is None:
@@ -91,7 +109,7 @@ class Guard:
 
     def stop(self) -> tuple[int, str]:
         self.process.send_signal(signal.SIGTERM)
-        output = self.process.communicate(timeout=30)[0].decode()
+        output = self.head + self.process.communicate(timeout=30)[0].decode()
         return self.process.returncode, output
 
 
@@ -142,7 +160,11 @@ def test_an_attack_spread_over_two_workers_is_caught_as_on_one(
         redis_server.flush()
         with Guard(tmp_path, policy(redis_server.url, queries=20), workers) as guard:
             answers[workers] = [infer(guard.url, q) for q in queries]
-            if workers == 2:
+            if workers == 2:  # once every worker wrote its file (each second)
+                deadline = time.monotonic() + 10
+                while sum(requests_per_worker(tmp_path).values()) < len(queries):
+                    assert time.monotonic() < deadline, requests_per_worker(tmp_path)
+                    time.sleep(0.1)
                 per_worker = list(requests_per_worker(tmp_path).values())
             code, output = guard.stop()
         assert code == 0, output
