@@ -59,8 +59,9 @@ def child(mode: str, requests: int, directory: str | None, scrape: bool, seed: i
     files = None
     if mode != "single" and directory is None:
         raise SystemExit(f"bench_metrics: --child {mode} needs --dir")
+    folder = directory or ""
     if mode == "flushed":
-        files = use_worker_files(directory)  # type: ignore[arg-type]
+        files = use_worker_files(folder)
     metrics = GuardMetrics(CollectorRegistry())
     rng = np.random.default_rng(seed)
     client = Client(name="bench")
@@ -94,7 +95,7 @@ def child(mode: str, requests: int, directory: str | None, scrape: bool, seed: i
         result["flush_us"] = (time.process_time() - started) / SCRAPES * 1e6
     if scrape:
         flush = files.flush if files is not None else None
-        registry = metrics.registry if mode == "single" else metrics.aggregate(directory, flush)
+        registry = metrics.registry if mode == "single" else metrics.aggregate(folder, flush)
         size = len(generate_latest(registry))
         started = time.process_time()
         for _ in range(SCRAPES):
