@@ -16,13 +16,14 @@ privacy budget), and the default (``--workers`` left out) is then 1.
 gRPC (``--grpc-port``) is served by one process: with it the default is 1 and more
 are refused.
 
-Metrics: one endpoint for all workers (prometheus_client's multiprocess mode). The
+Metrics: one endpoint for all workers (prometheus_client's multiprocess files). The
 master makes a private directory (:func:`metrics_directory`, removed when it exits) and
-names it in ``PROMETHEUS_MULTIPROC_DIR`` before forking; every worker writes its
-counters, histograms and gauges to its own files there, and worker 0 serves
-``/metrics`` on ``listen.metrics_port`` with the sum over all of them (see
-:mod:`guard.metrics`): what a worker counted stays counted after it exits or is
-restarted; the master removes a dead worker's live-gauge file
+names it in ``PROMETHEUS_MULTIPROC_DIR`` before forking; every worker counts in memory
+and writes its values to its own files there every second, before a scrape and when it
+stops (:mod:`guard.workerfiles`), and worker 0 serves ``/metrics`` on
+``listen.metrics_port`` with the sum over all of them (:mod:`guard.metrics`): what a
+worker wrote stays counted after it exits or is restarted (a worker killed by SIGKILL
+loses at most its last second); the master removes a dead worker's live-gauge file
 (``mark_process_dead``), so ``guard_requests_in_flight`` sums live workers only.
 While worker 0 restarts (a second, then its start), the metrics port is closed.
 
