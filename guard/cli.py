@@ -327,7 +327,8 @@ def _serve(args: argparse.Namespace) -> int:
         serve(None)
         return 0
     master = os.getpid()
-    with metrics_directory() as directory:
+    counted = metrics_directory() if listen.metrics_port is not None else contextlib.nullcontext()
+    with counted as directory:  # None: no metrics port, nothing to sum
         return run_workers(
             workers,
             lambda index: serve(Workers(index=index, metrics_dir=directory, master=master)),
@@ -356,7 +357,7 @@ async def serve_forever(
     from guard.workerfiles import FLUSH_S, WorkerFiles, use_worker_files
 
     files: WorkerFiles | None = None
-    if worker is not None:
+    if worker is not None and worker.metrics_dir is not None:
         files = use_worker_files(worker.metrics_dir)  # before the app builds its metrics
     app = create_app(policy, policy_path=policy_path)
     grpc_listener = None
@@ -397,12 +398,11 @@ async def serve_forever(
         else:
             from guard.workers import reload_others
 
+            exposition = None
+            if worker.metrics_dir is not None and files is not None:
+                exposition = app[METRICS].aggregate(worker.metrics_dir, files.flush)
             ops_app = create_ops_app(
-                app,
-                exposition=app[METRICS].aggregate(
-                    worker.metrics_dir, files.flush if files is not None else None
-                ),
-                on_reload=reload_others(worker.master),
+                app, exposition=exposition, on_reload=reload_others(worker.master)
             )
         ops = make_runner(
             ops_app,

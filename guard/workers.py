@@ -120,11 +120,12 @@ def workers_for(policy: Policy, asked: int | None) -> int:
 
 @dataclass(frozen=True)
 class Workers:
-    """What worker ``index`` is told: where every worker writes its metrics, and its
-    master's pid. Worker 0 alone serves the operators' listener (metrics and admin)."""
+    """What worker ``index`` is told: where every worker writes its metrics (None: the
+    metrics port is off, nothing is written), and its master's pid. Worker 0 alone serves
+    the operators' listener (metrics and admin)."""
 
     index: int
-    metrics_dir: str
+    metrics_dir: str | None
     master: int
 
 
