@@ -6,7 +6,8 @@ traffic (same names, label sets and counts; only the ``*_created`` samples are
 missing), and ``guard_build_info`` is 1. Each worker's own file shows that both
 served. A worker killed with SIGKILL and restarted, worker 0 (the one that serves the
 metrics port) included, loses nothing of the total once its counts were written (each
-worker writes its file every second; a SIGKILL loses what it counted since). ``/admin/reload`` on the metrics
+worker writes its file every second; a SIGKILL loses what it counted since), and one
+stopped with SIGTERM loses nothing at all (it writes as it exits). ``/admin/reload`` on the metrics
 port reloads every worker. The master's private directory is gone after it exits.
 """
 
@@ -27,6 +28,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from guard.workerfiles import FLUSH_S
+from guard.workers import EARLY_EXIT_S
 from tests.integration.test_workers import Guard, infer, requests_per_worker
 
 ADMIN_TOKEN = "t" * 32
@@ -148,13 +150,13 @@ def test_two_workers_serve_the_sum_on_one_port_as_one_worker_would(tmp_path: Pat
     assert [v for _, v in buckets] == sorted(v for _, v in buckets)
 
 
-def test_a_killed_worker_loses_none_of_the_total(tmp_path: Path) -> None:
+def test_a_killed_or_stopped_worker_loses_none_of_the_total(tmp_path: Path) -> None:
     with Guard(tmp_path, stateless_policy(), 2) as guard:
         started = time.monotonic()
         sent = len(traffic(guard.url, 20, 4, seed=1))
         settled(guard.metrics, sent)  # flushed: a worker killed now has nothing unwritten
         # A worker that fails within 5 s of its start stops them all (a bad setup).
-        time.sleep(max(0.0, 6.0 - (time.monotonic() - started)))
+        time.sleep(max(0.0, EARLY_EXIT_S + 1 - (time.monotonic() - started)))
         directory = next(tmp_path.glob("guard-metrics-*"))
         for victim in sorted(requests_per_worker(tmp_path)):  # each original worker in turn
             before = set(requests_per_worker(tmp_path))
@@ -167,13 +169,26 @@ def test_a_killed_worker_loses_none_of_the_total(tmp_path: Path) -> None:
             assert total(series, "guard_requests_total") == sent  # nothing lost
             assert (directory / f"counter_{victim}.db").exists()  # its counts stay
             assert total(series, "guard_requests_in_flight") == 0
+        # Workers stopped with SIGTERM write everything as they exit: what they served
+        # just before is counted without waiting for their once-a-second write. (Once the
+        # restarted ones serve: one stopped while it starts would count as failing at start.)
+        time.sleep(EARLY_EXIT_S + 1)
+        live = live_workers(directory)
         sent += len(traffic(guard.url, 12, 0, seed=2))
+        for pid in live:
+            os.kill(pid, signal.SIGTERM)
+        wait_for(lambda: len(live_workers(directory) - live) == 2)  # both restarted
         series = settled(guard.metrics, sent)
         assert total(series, "guard_request_duration_seconds_count") == sent
         code, output = guard.stop()
     assert code == 0, output
-    assert output.count("restarting") == 2, output
+    assert output.count("restarting") == 4, output
     assert not directory.exists()
+
+
+def live_workers(directory: Path) -> set[int]:
+    """Pids with a live gauge file (the master removes a dead worker's)."""
+    return {int(path.stem.rsplit("_", 1)[1]) for path in directory.glob("gauge_livesum_*.db")}
 
 
 def test_admin_reload_on_the_metrics_port_reloads_every_worker(tmp_path: Path) -> None:
