@@ -52,7 +52,8 @@ Entry = dict[str, Any]
 
 def resolve(names: Sequence[str], spec: TargetSpec) -> list[str]:
     """Attack names with aliases expanded, in order, once each. ``all`` leaves out
-    evasion on models whose features do not share one range (tabular data)."""
+    evasion on models whose features do not share one range (tabular data), and
+    square-l2 where the rows fold into an image smaller than 4 x 4."""
     out: list[str] = []
     for name in names:
         expanded = ALIASES.get(name, (name,))
@@ -69,9 +70,23 @@ def resolve(names: Sequence[str], spec: TargetSpec) -> list[str]:
                     f"{attack} needs inputs that share one range (an image); "
                     "this model has per-feature ranges"
                 )
+            if _square_l2_too_small(attack, spec):
+                if name == "all":
+                    continue
+                raise ValueError(
+                    f"{attack} needs rows that fold into an image of at least 4 x 4; "
+                    f"this model's rows have {spec.n_features} values"
+                )
             if attack not in out:
                 out.append(attack)
     return out
+
+
+def _square_l2_too_small(attack: str, spec: TargetSpec) -> bool:
+    from guard.attacks.evasion.square import image_shape
+
+    evasion = ATTACK[attack].evasion if ATTACK[attack].family == "adaptive" else attack
+    return evasion == "square-l2" and min(image_shape(spec.n_features, None)) < 4
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
