@@ -129,6 +129,7 @@ class Subject:
     x_members: np.ndarray | None = None
     y_members: np.ndarray | None = None
     x_train: np.ndarray | None = None
+    data_name: str = ""  # where the rows come from: a built-in's name, else the file
     notes: tuple[str, ...] = field(default=())
 
     @classmethod
@@ -153,11 +154,19 @@ class Subject:
             y=split.y_nonmembers,
             x_members=split.x_members,
             y_members=split.y_members,
+            data_name=name,
         )
 
     @property
     def n_features(self) -> int:
         return math.prod(self.input_shape)
+
+    @property
+    def data_label(self) -> str:
+        """``built-in NAME`` or the data file's name, for reports."""
+        if self.data_name in _builtins():
+            return f"built-in {self.data_name}"
+        return Path(self.data_name).name or self.name
 
     @property
     def has_range(self) -> bool:
@@ -252,6 +261,8 @@ def resolve_subject(
 
     overrides = overrides or Overrides()
     builtin, model_file, url, name, policy_side = _locate(model, policy, served_name)
+    if data is None and builtin is None and policy is not None and model in MODELS:
+        data = model  # a policy's model keyed by a built-in name: that built-in's data
     builtin_data = isinstance(data, str) and data in MODELS and not Path(data).exists()
     if builtin is not None and (data is None or (builtin_data and data == builtin)):
         subject = Subject.builtin(builtin)
@@ -265,19 +276,29 @@ def resolve_subject(
     if model_file is not None:
         found = _merge(found, onnx_interface(model_file))
     elif url is not None:
-        found = _merge(found, v2_interface(url, name))
+        try:
+            found = _merge(found, v2_interface(url, name))
+        except UsageError:
+            if policy is None:
+                raise
+            # a policy's upstream may be down now: its validate stage and the flags say the rest
     found = _merge(found, policy_side)
-    if builtin is not None:
-        sidecar = Subject.builtin(builtin)
+    known = builtin or (str(data) if builtin_data else None)
+    if known is not None:
+        sidecar = Subject.builtin(known)
         found = _merge(
             found,
             Interface(
+                input_name=found.input_name or sidecar.input_name,
                 input_shape=sidecar.input_shape,
                 lo=sidecar.lo,
                 hi=sidecar.hi,
                 n_classes=sidecar.n_classes,
+                scores_output=found.scores_output or sidecar.scores_output,
+                label_output=found.label_output or sidecar.label_output,
             ),
         )
+        found = _merge(found, policy_side)  # the policy's validate stage still wins
     found = _apply(found, overrides)
     if builtin_data:
         rows = datafiles.builtin_rows(str(data))
@@ -339,12 +360,19 @@ def resolve_subject(
         x_members=arrays.get("x_members"),
         y_members=rows.y_members,
         x_train=arrays.get("x_train"),
+        data_name=str(data),
         notes=rows.notes,
     )
     _check_labels(subject, data)
     if rows.y is None:
         subject = subject.with_labels_from_model()
     return subject
+
+
+def _builtins() -> tuple[str, ...]:
+    from guard.models import MODELS
+
+    return MODELS
 
 
 def _check_labels(subject: Subject, data: Any) -> None:

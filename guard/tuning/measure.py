@@ -35,7 +35,7 @@ import orjson
 
 from guard.attacks.guarded import InProcessGuard
 from guard.attacks.registry import ATTACK, TUNABLE
-from guard.attacks.targets import OnnxTarget, Target
+from guard.attacks.targets import Target
 from guard.clients import Client, ClientDirectory, key_digest
 from guard.config import ModelConfig, Policy
 from guard.state import StateConfig
@@ -155,7 +155,7 @@ def measure_policy(
     model = config.name
     clients = [f"benign-{i}" for i in range(workload.benign_clients)]
     clients += [WARMUP_CLIENT, *(f"attacker-{name}" for name in attacks)]
-    reference = OnnxTarget.builtin(data.name)
+    reference = data.reference()
     served = evaluation_policy(policy, config, clients=clients, seed=seed)
     stages = [entry.kind for entry in config.stages]
 
@@ -267,17 +267,13 @@ def measure_baseline(
     """The same benign traffic and attacks against the bare model (in-process ONNX)."""
     from guard.attacks.benign import BenignTraffic
 
-    clients = [
-        (f"benign-{i}", OnnxTarget.builtin(data.name)) for i in range(workload.benign_clients)
-    ]
+    clients = [(f"benign-{i}", data.reference()) for i in range(workload.benign_clients)]
     run = BenignTraffic(queries=workload.benign_queries).run(
         clients, data.benign_x, data.benign_y, stream(seed, "benign")
     )
-    reference = OnnxTarget.builtin(data.name)
+    reference = data.reference()
     outcomes = {
-        name: run_attack(
-            name, OnnxTarget.builtin(data.name), reference, data, workload, stream(seed, name)
-        )
+        name: run_attack(name, data.reference(), reference, data, workload, stream(seed, name))
         for name in attacks
     }
     return Baseline(benign_accuracy=run.summary()["accuracy"], attacks=outcomes)
