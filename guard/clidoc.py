@@ -43,8 +43,7 @@ EXAMPLES: dict[str, tuple[str, ...]] = {
     "calibrate-squeeze": (
         "guard calibrate-squeeze --model digits --fpr 0.01 --squeezer bits=3 "
         "--squeezer median=3 --image 8x8x1",
-        "guard calibrate-squeeze --model my.onnx --data my.npz --input-range 0,1 "
-        "--squeezer bits=4",
+        "guard calibrate-squeeze --model my.onnx --data my.npz --input-range 0,1 --squeezer bits=4",
     ),
     "attack": (
         "guard attack --model digits",

@@ -146,7 +146,9 @@ def _numbers(array: np.ndarray, path: Path, key: str) -> np.ndarray:
 def _labels(array: np.ndarray, n: int, path: Path, key: str) -> np.ndarray:
     array = np.asarray(array).reshape(-1) if np.asarray(array).ndim == 2 else np.asarray(array)
     if array.ndim != 1 or len(array) != n:
-        raise UsageError(f"--data {path}: {key} must hold one label per row ({n}); got {array.shape}")
+        raise UsageError(
+            f"--data {path}: {key} must hold one label per row ({n}); got {array.shape}"
+        )
     if array.dtype.kind == "f" and np.all(array == np.round(array)):
         array = array.astype(np.int64)
     if array.dtype.kind not in "biu":
@@ -183,8 +185,11 @@ def read_csv(path: Path, label_column: str | None) -> Rows:
     else:
         names = sorted(set(raw))
         y = np.array([names.index(v) for v in raw], dtype=np.int64)
-        notes = (f"{path.name}: text labels as classes 0..{len(names) - 1} in sorted order: "
-                 + ", ".join(names[:10]) + (" ..." if len(names) > 10 else ""),)
+        notes = (
+            f"{path.name}: text labels as classes 0..{len(names) - 1} in sorted order: "
+            + ", ".join(names[:10])
+            + (" ..." if len(names) > 10 else ""),
+        )
     return Rows(x, y, notes=notes)
 
 
@@ -267,9 +272,13 @@ def read_images(
             labels.append(label)
     if not rows:
         raise UsageError(f"--data {folder}: no images ({', '.join(IMAGE_SUFFIXES)}) in its folders")
-    notes = () if numeric else (
-        f"{folder.name}: classes in sorted folder order: "
-        + ", ".join(f"{i}={p.name}" for i, p in enumerate(classes[:10]))
-        + (" ..." if len(classes) > 10 else ""),
+    notes = (
+        ()
+        if numeric
+        else (
+            f"{folder.name}: classes in sorted folder order: "
+            + ", ".join(f"{i}={p.name}" for i, p in enumerate(classes[:10]))
+            + (" ..." if len(classes) > 10 else ""),
+        )
     )
     return Rows(np.stack(rows).astype(np.float32), np.array(labels, dtype=np.int64), notes=notes)

@@ -228,9 +228,7 @@ class Subject:
         target = self.target()
         try:
             y = target.query(self.x).labels
-            y_members = (
-                None if self.x_members is None else target.query(self.x_members).labels
-            )
+            y_members = None if self.x_members is None else target.query(self.x_members).labels
         finally:
             target.close()
         note = (
@@ -320,16 +318,16 @@ def resolve_subject(
         value = getattr(rows, key)
         if value is None:
             continue
-        if math.prod(value.shape[1:]) != n_features:
+        row = tuple(value.shape[1:])
+        if math.prod(row) != n_features:
             raise UsageError(
-                f"{data}: {key} has rows of shape {tuple(value.shape[1:])} ({math.prod(value.shape[1:])}"
-                f" values) but {name} takes {tuple(shape)} ({n_features}); check the data, "
-                "or pass --input-shape"
+                f"{data}: {key} has rows of shape {row} ({math.prod(row)} values) but {name} "
+                f"takes {tuple(shape)} ({n_features}); check the data, or pass --input-shape"
             )
         arrays[key] = np.ascontiguousarray(value.reshape(len(value), n_features), np.float32)
     lo, hi = found.lo, found.hi
     if overrides.input_range == "data":
-        stacked = np.concatenate([a for a in arrays.values()])
+        stacked = np.concatenate(list(arrays.values()))
         lo, hi = stacked.min(axis=0).astype(np.float64), stacked.max(axis=0).astype(np.float64)
     n_classes = found.n_classes
     if n_classes is None:
@@ -398,9 +396,7 @@ def _locate(
 
         loaded = load_policy(policy)
         if model not in loaded.models:
-            raise UsageError(
-                f"{policy} has no model {model!r}; it has {', '.join(loaded.models)}"
-            )
+            raise UsageError(f"{policy} has no model {model!r}; it has {', '.join(loaded.models)}")
         config = loaded.models[model]
         side = validate_interface(config.stages)
         builtin = next((n for n in MODELS if config.model_file == model_path(n)), None)
@@ -480,7 +476,7 @@ def validate_interface(stages: Sequence[Any]) -> Interface:
             continue
         options = entry.options
 
-        def get(key: str) -> Any:
+        def get(key: str, options: Any = options) -> Any:
             if isinstance(options, Mapping):
                 return options.get(key)
             return getattr(options, key, None)
@@ -510,7 +506,9 @@ def onnx_interface(path: Path) -> Interface:
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own exception types
         raise UsageError(f"--model {path}: onnxruntime cannot load it: {exc}") from exc
-    inputs = [(i.name, _ONNX_TYPES.get(i.type, i.type), list(i.shape)) for i in session.get_inputs()]
+    inputs = [
+        (i.name, _ONNX_TYPES.get(i.type, i.type), list(i.shape)) for i in session.get_inputs()
+    ]
     outputs = []
     for o in session.get_outputs():
         kind = ZIPMAP if o.type.startswith("seq(map(") else _ONNX_TYPES.get(o.type, o.type)
@@ -557,7 +555,10 @@ def _interface(
             found["input_shape"] = tuple(int(d) for d in dims)  # type: ignore[arg-type]
     scores = [o for o in outputs if o[1] == ZIPMAP or (o[1] in _SCORE_TYPES and len(o[2]) == 2)]
     labels = [o for o in outputs if o[1] in _LABEL_TYPES and len(o[2]) in (1, 2)]
-    for candidates, key, hint in ((scores, "scores_output", "prob"), (labels, "label_output", "label")):
+    for candidates, key, hint in (
+        (scores, "scores_output", "prob"),
+        (labels, "label_output", "label"),
+    ):
         if len(candidates) > 1:
             candidates = [c for c in candidates if hint in c[0].lower()] or []
         if len(candidates) == 1:

@@ -84,7 +84,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from guard.attacks.suite import SuiteConfig, run_suite
     from guard.attacks.targets import TargetError
-    from guard.commands.subjectargs import print_notes, subject_from_args
+    from guard.commands.subjectargs import subject_from_args
     from guard.extras import hint, installed
 
     for flag in ("samples", "budget", "batch_size", "benign_clients", "sybil_keys"):
@@ -107,8 +107,7 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    subject = subject_from_args(args)
-    print_notes(subject, "attack")
+    subject = subject_from_args(args)  # what it inferred goes into the report's notes
     config = SuiteConfig(
         model=subject.name,
         subject=subject,

@@ -4,8 +4,8 @@
         --image 8x8x1
 
 Scores benign inputs with the model (named as for ``guard attack``: a built-in,
-an ONNX file, a policy's model, a V2 server; :mod:`guard.subject`) and prints the threshold from :func:`guard.defenses.squeeze.calibrate_threshold`,
-rounded up, and the policy snippet that uses it. ``--holdout`` keeps a share of
+an ONNX file, a policy's model, a V2 server; :mod:`guard.subject`) and prints the
+threshold from :func:`guard.defenses.squeeze.calibrate_threshold`, rounded up, and the policy snippet that uses it. ``--holdout`` keeps a share of
 the inputs out of the calibration and reports the false positive rate measured
 on them, an honest estimate of the rate on new benign traffic.
 """
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import math
-from pathlib import Path
 from typing import Any
 
 SQUEEZER_HELP = "a squeezer: bits=N, median=K, clip=LO:HI, or several joined by commas (repeatable)"

@@ -377,7 +377,10 @@ def _calibrate(
         key = replace(entry.options, threshold=0.0)
         if key not in cache:
             cache[key] = calibrate_squeeze(
-                key, subject=data.subject, benign=calibration, fpr=constraints.max_false_positive / 2
+                key,
+                subject=data.subject,
+                benign=calibration,
+                fpr=constraints.max_false_positive / 2,
             )
         stages[index] = replace(entry, options=replace(entry.options, threshold=cache[key][0]))
         derived["squeeze_detect.threshold"] = cache[key]

@@ -44,15 +44,18 @@ def train(folder: Path, *, seed: int = 0, zipmap: bool = False, image: bool = Fa
     """Train, export and save: ``folder/model.onnx`` and ``folder/data.npz`` (x, y,
     x_members, y_members). ``image``: the model takes ``[N, SIDE, SIDE, 3]`` (a Reshape
     in front of the scikit-learn graph)."""
-    from sklearn.neural_network import MLPClassifier
     from skl2onnx import to_onnx
+    from sklearn.neural_network import MLPClassifier
 
     features = SIDE * SIDE * 3 if image else FEATURES
     x, y = _data(seed, features)
     members, held = np.arange(240), np.arange(240, 480)
     model = MLPClassifier((32,), max_iter=400, random_state=seed).fit(x[members], y[members])
     onx = to_onnx(
-        model, x[:1], options={id(model): {"zipmap": zipmap}}, target_opset={"": 17, "ai.onnx.ml": 3}
+        model,
+        x[:1],
+        options={id(model): {"zipmap": zipmap}},
+        target_opset={"": 17, "ai.onnx.ml": 3},
     )
     if image:
         onx = _image_input(onx, features)
