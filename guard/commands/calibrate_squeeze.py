@@ -5,9 +5,10 @@
 
 Scores benign inputs with the model (named as for ``guard attack``: a built-in,
 an ONNX file, a policy's model, a V2 server; :mod:`guard.subject`) and prints the
-threshold from :func:`guard.defenses.squeeze.calibrate_threshold`, rounded up, and the policy snippet that uses it. ``--holdout`` keeps a share of
-the inputs out of the calibration and reports the false positive rate measured
-on them, an honest estimate of the rate on new benign traffic.
+threshold from :func:`guard.defenses.squeeze.calibrate_threshold`, rounded up, and
+the policy snippet that uses it. ``--holdout`` keeps a share of the inputs out of
+the calibration and reports the false positive rate measured on them, an honest
+estimate of the rate on new benign traffic.
 """
 
 from __future__ import annotations

@@ -126,9 +126,11 @@ def test_npy_rows_are_labelled_by_the_model_and_membership_is_skipped(
     np.save(rows, own.x)
     out = tmp_path / "report.json"
     result = subprocess.run(
-        [*CLI, "--model", str(own.onnx), "--data", str(rows), "--input-range", "0,1"]
-        + ["--attack", "membership,benign", "--budget", "40", "--benign-clients", "2"]
-        + ["--report", str(out)],
+        [
+            *(*CLI, "--model", str(own.onnx), "--data", str(rows), "--input-range", "0,1"),
+            *("--attack", "membership,benign", "--budget", "40", "--benign-clients", "2"),
+            *("--report", str(out)),
+        ],
         capture_output=True,
         text=True,
         timeout=300,
@@ -144,9 +146,11 @@ def test_npy_rows_are_labelled_by_the_model_and_membership_is_skipped(
     # above the accuracy against the true labels the .npz carries.
     code_npz = tmp_path / "npz.json"
     subprocess.run(
-        [*CLI, "--model", str(own.onnx), "--data", str(own.npz), "--input-range", "0,1"]
-        + ["--attack", "benign", "--budget", "40", "--benign-clients", "2"]
-        + ["--report", str(code_npz)],
+        [
+            *(*CLI, "--model", str(own.onnx), "--data", str(own.npz), "--input-range", "0,1"),
+            *("--attack", "benign", "--budget", "40", "--benign-clients", "2"),
+            *("--report", str(code_npz)),
+        ],
         capture_output=True,
         timeout=300,
         cwd=ROOT,
