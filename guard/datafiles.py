@@ -258,8 +258,8 @@ def read_images(
             if file.suffix.lower() not in IMAGE_SUFFIXES:
                 continue
             try:
-                with Image.open(file) as image:
-                    image = image.convert("RGB" if channels == 3 else "L")
+                with Image.open(file) as opened:
+                    image = opened.convert("RGB" if channels == 3 else "L")
                     image = image.resize((width, height), Image.Resampling.BILINEAR)
                     pixels = np.asarray(image, dtype=np.float32)
             except OSError as exc:

@@ -203,16 +203,17 @@ class Subject:
                 self._shape(),
             )
         )
-        names = {
+        names: dict[str, Any] = {
             "input_name": self.input_name,
             "scores_output": self.scores_output or "",
             "label_output": self.label_output or "",
+            **kwargs,
         }
         if self.model_file is not None:
-            return OnnxTarget(self.model_file, spec, **names, **kwargs)
+            return OnnxTarget(self.model_file, spec, **names)
         if self.url is None or self.served_name is None:
             raise UsageError(f"{self.name}: neither a model file nor a server URL to query")
-        return HttpTarget(self.url, self.served_name, spec, **names, **kwargs)
+        return HttpTarget(self.url, self.served_name, spec, **names)
 
     def membership_data(self, rng: np.random.Generator) -> MembershipData | None:
         """The membership split of :func:`guard.attacks.membership.split_membership`;

@@ -9,7 +9,9 @@ import csv
 import json
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -51,7 +53,7 @@ def guard(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str
     return code, captured.out, captured.err
 
 
-def report(path: Path) -> dict:  # type: ignore[type-arg]
+def report(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
@@ -90,7 +92,7 @@ def test_csv_data_gives_the_same_run_as_the_npz(
 ) -> None:
     data = tmp_path / "held.csv"
     write_csv(data, own.x, own.y, header=True, label_first=True)
-    runs = []
+    runs: list[list[dict[str, Any]]] = []
     for args in (
         ("--data", str(own.npz)),
         ("--data", str(data), "--label-column", "label"),
@@ -115,7 +117,7 @@ def _headerless(folder: Path, own: OwnModel) -> Path:
     return path
 
 
-def _without_timing(entry: dict) -> dict:  # type: ignore[type-arg]
+def _without_timing(entry: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in entry.items() if "second" not in k and "time" not in k}
 
 
@@ -319,7 +321,7 @@ def test_attack_a_v2_server_by_url(
 
     policy = tmp_path / "serve.yaml"
     policy.write_text(yaml.safe_dump({"version": 1, "models": {"mine": {"model": str(own.onnx)}}}))
-    results = []
+    results: list[dict[str, Any]] = []
     with InProcessGuard(policy) as served:
         for model in (served.url, str(own.onnx)):
             out = tmp_path / f"r{len(results)}.json"
@@ -369,7 +371,7 @@ def test_clear_errors_name_the_fault_and_the_flag(
     own: OwnModel,
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
-    make,  # type: ignore[no-untyped-def]
+    make: Callable[[Path, OwnModel], Path],
     flags: tuple[str, ...],
     message: str,
 ) -> None:
@@ -389,6 +391,6 @@ def _write(path: Path, text: str) -> Path:
     return path
 
 
-def _npz(path: Path, **arrays: np.ndarray) -> Path:
+def _npz(path: Path, **arrays: Any) -> Path:
     np.savez(path, **arrays)
     return path

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -92,7 +93,7 @@ def test_csv_with_and_without_header(tmp_path: Path) -> None:
         ({"x": np.zeros(3), "y": np.zeros(3)}, "must hold rows"),
     ],
 )
-def test_npz_faults_are_named(tmp_path: Path, arrays: dict, message: str) -> None:  # type: ignore[type-arg]
+def test_npz_faults_are_named(tmp_path: Path, arrays: dict[str, Any], message: str) -> None:
     np.savez(tmp_path / "d.npz", **arrays)
     with pytest.raises(UsageError, match=message):
         read(tmp_path / "d.npz")
