@@ -394,3 +394,36 @@ def _write(path: Path, text: str) -> Path:
 def _npz(path: Path, **arrays: Any) -> Path:
     np.savez(path, **arrays)
     return path
+
+
+def test_tune_a_policy_whose_model_is_served_by_an_upstream(
+    own: OwnModel, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """No local file: the interface comes from the upstream's V2 metadata, the bare model
+    (the baseline) is the upstream itself, the candidates forward to it."""
+    from guard.attacks.guarded import InProcessGuard
+    from guard.config import load_policy
+
+    upstream = tmp_path / "upstream.yaml"
+    upstream.write_text(
+        yaml.safe_dump({"version": 1, "models": {"theirs": {"model": str(own.onnx)}}})
+    )
+    with InProcessGuard(upstream) as server:
+        policy = tmp_path / "policy.yaml"
+        stages = [
+            {"validate": {"min": 0.0, "max": 1.0}},
+            {"prada": {"delta": 0.9, "min_queries": 100, "action": "flag"}},
+        ]
+        model = {"upstream": {"url": server.url, "model": "theirs"}, "stages": stages}
+        policy.write_text(yaml.safe_dump({"version": 1, "models": {"mine": model}}))
+        code, _, err = guard(
+            capsys,
+            "tune",
+            *("--policy", str(policy), "--model", "mine", "--data", str(own.npz)),
+            *("--max-false-positive", "0.05", "--risk-tolerance", "0.05"),
+            *("--out", str(tmp_path / "tuned.yaml")),
+        )
+    assert code == 0, err
+    tuned = load_policy(tmp_path / "tuned.yaml")
+    assert tuned.models["mine"].upstream is not None and tuned.models["mine"].model_file is None
+    assert "knockoff: fidelity" in (tmp_path / "tuned.yaml").read_text()
