@@ -265,6 +265,8 @@ def resolve_subject(
     builtin_data = isinstance(data, str) and data in MODELS and not Path(data).exists()
     if builtin is not None and (data is None or (builtin_data and data == builtin)):
         subject = Subject.builtin(builtin)
+        if policy is not None:  # named as the policy serves it (a guard's model name)
+            subject = replace(subject, name=model)
         return _apply_builtin_overrides(subject, overrides)
     if data is None:
         raise UsageError(
@@ -322,8 +324,8 @@ def resolve_subject(
         row = tuple(value.shape[1:])
         if math.prod(row) != n_features:
             raise UsageError(
-                f"{data}: {key} has rows of shape {row} ({math.prod(row)} values) but {name} "
-                f"takes {tuple(shape)} ({n_features}); check the data, or pass --input-shape"
+                f"--data {data}: {key} has rows of shape {row} ({math.prod(row)} values) but "
+                f"{name} takes {tuple(shape)} ({n_features}); check the data, or --input-shape"
             )
         arrays[key] = np.ascontiguousarray(value.reshape(len(value), n_features), np.float32)
     lo, hi = found.lo, found.hi
@@ -380,7 +382,7 @@ def _check_labels(subject: Subject, data: Any) -> None:
             continue
         if y.min() < 0 or y.max() >= subject.n_classes:
             raise UsageError(
-                f"{data}: {name} holds labels from {int(y.min())} to {int(y.max())} but "
+                f"--data {data}: {name} holds labels from {int(y.min())} to {int(y.max())} but "
                 f"{subject.name} has {subject.n_classes} classes (0 to {subject.n_classes - 1}); "
                 "check the data, or pass --classes"
             )
