@@ -297,8 +297,11 @@ def _certify(
     x, y = data.benign_x[rows].astype(np.float32), data.benign_y[rows]
     labels, radii = [], []
     started = time.perf_counter()
+    shape = data.spec.input_shape
     for begin in range(0, len(x), CERTIFY_BATCH):
         batch = x[begin : begin + CERTIFY_BATCH]
+        if shape is not None:  # flat rows, sent as the model takes them
+            batch = batch.reshape(len(batch), *shape)
         body, headers = v2.encode_request(
             InferRequest(
                 model_name=model, inputs={input_name: batch}, parameters={"certify": True}
