@@ -230,7 +230,8 @@ def read_images(
     if shape is None or len(shape) not in (2, 3):
         raise UsageError(
             f"--data {folder}: a folder of images needs the model's input to be an image "
-            f"(H,W,C or H,W); it takes {shape}: pass --input-shape H,W,C"
+            f"(H,W,C or H,W); it takes {shape} (a model whose metadata leaves its image shape "
+            "open: pass --input-shape H,W,C)"
         )
     if value_range is None:
         raise UsageError(
