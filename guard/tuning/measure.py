@@ -264,7 +264,8 @@ def _spent(guard: InProcessGuard, model: str, stages: list[str]) -> dict[str, fl
 def measure_baseline(
     data: TuneData, workload: Workload, attacks: tuple[str, ...], seed: int
 ) -> Baseline:
-    """The same benign traffic and attacks against the bare model (in-process ONNX)."""
+    """The same benign traffic and attacks against the bare model (the subject's: its
+    ONNX file in-process, else its server)."""
     from guard.attacks.benign import BenignTraffic
 
     clients = [(f"benign-{i}", data.reference()) for i in range(workload.benign_clients)]
