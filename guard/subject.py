@@ -67,6 +67,7 @@ _ONNX_TYPES = {  # onnxruntime's type strings -> V2 datatypes
 }
 _SCORE_TYPES = ("FP32", "FP64", "FP16")
 _LABEL_TYPES = ("INT64", "INT32")
+HTTP_BATCH = 64  # rows per request to an undefended V2 server
 ZIPMAP = "ZIPMAP"  # skl2onnx's default probability output: a list of {class: probability}
 
 
@@ -189,7 +190,8 @@ class Subject:
         return None if self.input_shape == (self.n_features,) else self.input_shape
 
     def target(self, **kwargs: Any) -> Target:
-        """A fresh undefended target: the local ONNX model, else the V2 server."""
+        """A fresh undefended target: the local ONNX model, else the V2 server
+        (:data:`HTTP_BATCH` rows per request unless ``batch_size`` says otherwise)."""
         from guard.attacks.targets import HttpTarget, OnnxTarget, TargetSpec
 
         spec = (
@@ -213,6 +215,7 @@ class Subject:
             return OnnxTarget(self.model_file, spec, **names)
         if self.url is None or self.served_name is None:
             raise UsageError(f"{self.name}: neither a model file nor a server URL to query")
+        names.setdefault("batch_size", HTTP_BATCH)  # undefended: batches change only the speed
         return HttpTarget(self.url, self.served_name, spec, **names)
 
     def membership_data(self, rng: np.random.Generator) -> MembershipData | None:

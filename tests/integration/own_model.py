@@ -41,9 +41,11 @@ def _data(seed: int, features: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def train(folder: Path, *, seed: int = 0, zipmap: bool = False, image: bool = False) -> OwnModel:
-    """Train, export and save: ``folder/model.onnx`` and ``folder/data.npz`` (x, y,
-    x_members, y_members). ``image``: the model takes ``[N, SIDE, SIDE, 3]`` (a Reshape
-    in front of the scikit-learn graph)."""
+    """Train, export and save: ``folder/model.onnx``, ``folder/model.joblib`` (the
+    estimator, for MLServer) and ``folder/data.npz`` (x, y, x_members, y_members).
+    ``image``: the model takes ``[N, SIDE, SIDE, 3]`` (a Reshape in front of the
+    scikit-learn graph)."""
+    import joblib
     from skl2onnx import to_onnx
     from sklearn.neural_network import MLPClassifier
 
@@ -60,6 +62,7 @@ def train(folder: Path, *, seed: int = 0, zipmap: bool = False, image: bool = Fa
     if image:
         onx = _image_input(onx, features)
     folder.mkdir(parents=True, exist_ok=True)
+    joblib.dump(model, folder / "model.joblib")  # the same model, for MLServer
     path = folder / "model.onnx"
     path.write_bytes(onx.SerializeToString())
     shape = (-1, SIDE, SIDE, 3) if image else (-1, features)

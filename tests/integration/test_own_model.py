@@ -427,3 +427,73 @@ def test_tune_a_policy_whose_model_is_served_by_an_upstream(
     tuned = load_policy(tmp_path / "tuned.yaml")
     assert tuned.models["mine"].upstream is not None and tuned.models["mine"].model_file is None
     assert "knockoff: fidelity" in (tmp_path / "tuned.yaml").read_text()
+
+
+def test_a_model_served_by_mlserver_behind_a_policy(
+    own: OwnModel, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The same scikit-learn model served by MLServer (answers predict_proba, metadata
+    empty): the policy's upstream is attacked undefended and tuned for; the flags supply
+    what MLServer's metadata does not say."""
+    from guard.config import load_policy
+    from tests.integration.mlserver_upstream import (
+        MODEL_FILE,
+        _unavailable,
+        mlserver_venv,
+        start_mlserver,
+        venv_problem,
+    )
+
+    venv = mlserver_venv()
+    if (problem := venv_problem(venv)) is not None:
+        _unavailable(problem, venv)
+    model_dir = tmp_path / "mlserver"
+    model_dir.mkdir()
+    (model_dir / MODEL_FILE).write_bytes((own.onnx.parent / "model.joblib").read_bytes())
+    with start_mlserver(model_dir, venv=venv, name="mine", predict_fn="predict_proba") as server:
+        policy = tmp_path / "policy.yaml"
+        stages = [
+            {"validate": {"shape": [FEATURES], "min": 0.0, "max": 1.0}},
+            {"privacy": {"mechanism": "laplace", "epsilon": 2.0, "output": "predict_proba"}},
+        ]
+        model = {"upstream": {"url": server.url, "timeout": 10}, "stages": stages}
+        policy.write_text(yaml.safe_dump({"version": 1, "models": {"mine": model}}))
+        subject = ("--policy", str(policy), "--model", "mine", "--data", str(own.npz))
+        code, _, err = guard(capsys, "attack", *subject, "--attack", "knockoff")
+        assert code == 2 and "--classes" in err  # MLServer's metadata names no outputs
+        names = ("--classes", str(CLASSES), "--scores-output", "predict_proba")
+        out = tmp_path / "report.json"
+        code, _, err = guard(
+            capsys,
+            "attack",
+            *subject,
+            *names,
+            *("--attack", "knockoff,membership", "--budget", "60", "--report", str(out)),
+        )
+        assert code == 0, err
+        entries = {e["attack"]: e for e in report(out)["entries"]}
+        assert entries["knockoff"]["queries"] == 60 and entries["knockoff"]["fidelity"] > 0.5
+        # the upstream answers the ONNX copy's probabilities: the same membership scores
+        local = tmp_path / "local.json"
+        code, _, err = guard(
+            capsys,
+            "attack",
+            *("--model", str(own.onnx), "--data", str(own.npz), "--input-range", "0,1"),
+            *("--attack", "membership", "--report", str(local)),
+        )
+        assert code == 0, err
+        mine = {e["attack"]: e for e in report(local)["entries"]}
+        assert entries["membership-loss"]["auc"] == pytest.approx(
+            mine["membership-loss"]["auc"], abs=0.01
+        )
+        code, _, err = guard(
+            capsys,
+            "tune",
+            *subject,
+            *names,
+            *("--risk-tolerance", "0.05", "--out", str(tmp_path / "tuned.yaml")),
+        )
+        assert code == 0, err
+    tuned = load_policy(tmp_path / "tuned.yaml")
+    assert tuned.models["mine"].upstream is not None
+    assert "membership" in (tmp_path / "tuned.yaml").read_text()
