@@ -265,17 +265,17 @@ def _membership(
     data = subject.membership_data(rng)
     if data is None:  # run_suite leaves membership out and notes it
         return []
-    recipe = _shadow_recipe(subject.builtin_name or "")
+    recipe = _shadow_recipe(subject.builtin_name or "") if installed("sklearn") else None
     entries = []
     with make_target(None) as target:
         for run in membership.threshold_attacks(target, data):
             entries.append(run.summary(target))
-        if installed("sklearn"):  # else run_suite notes the skip
+        if recipe is not None:  # else run_suite notes the skip
             shadow = membership.shadow_attack(target, data, recipe, rng)
             entries.append(shadow.summary(target))
         label_only = membership.label_only_attack(target, data, rng)
         entries.append(label_only.summary(target))
-        if installed("sklearn"):
+        if recipe is not None:
             lira = membership.lira_attack(target, data, recipe, rng)
             entries.append(lira.summary(target))
     return entries
