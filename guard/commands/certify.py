@@ -213,7 +213,16 @@ def _labeller(subject: Any, args: argparse.Namespace) -> tuple[Any, str]:
         target = subject.target(batch_size=args.batch)
 
         def remote(batch: np.ndarray) -> np.ndarray:
-            return target.query(batch.reshape(len(batch), -1)).labels
+            from guard.attacks.targets import TargetError
+
+            answers = target.query(batch.reshape(len(batch), -1))
+            if not answers.answered.all():  # a smoothing vote must not count a refusal
+                status = target.log.status[-1]
+                raise TargetError(
+                    f"{subject.url} refused {len(batch)} noisy rows (status {status}): "
+                    "lower --batch, or certify the model's file"
+                )
+            return answers.labels
 
         return remote, f"{subject.url} ({subject.served_name})"
     local = OnnxBackend(

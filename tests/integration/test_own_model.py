@@ -322,6 +322,7 @@ def test_attack_a_v2_server_by_url(
     policy = tmp_path / "serve.yaml"
     policy.write_text(yaml.safe_dump({"version": 1, "models": {"mine": {"model": str(own.onnx)}}}))
     results: list[dict[str, Any]] = []
+    certified: list[list[tuple[str, str, str]]] = []
     with InProcessGuard(policy) as served:
         for model in (served.url, str(own.onnx)):
             out = tmp_path / f"r{len(results)}.json"
@@ -334,9 +335,26 @@ def test_attack_a_v2_server_by_url(
             )
             assert code == 0, err
             results.append(report(out)["entries"][0])
+            rows = tmp_path / f"c{len(results)}.csv"
+            code, _, err = guard(
+                capsys,
+                "certify",
+                *("--model", model, "--served-name", "mine", "--data", str(own.npz)),
+                *("--sigma", "0.1", "--n", "200", "--n0", "20", "--samples", "5", "--batch", "110"),
+                *("--report", str(rows)),
+            )
+            assert code == 0, err
+            certified.append(_certificates(rows))
     remote, local = results
     assert remote["queries"] == local["queries"] == 60
     assert remote["fidelity"] == pytest.approx(local["fidelity"], abs=0.05)
+    # the same noise draws answered by the server (one request per batch) or in-process
+    assert certified[0] == certified[1] and len(certified[0]) == 5
+
+
+def _certificates(path: Path) -> list[tuple[str, str, str]]:
+    with path.open() as f:
+        return [(r["index"], r["predict"], r["radius"]) for r in csv.DictReader(f)]
 
 
 def test_a_zipmap_model_needs_classes_then_answers(
