@@ -434,6 +434,10 @@ def _apply_builtin_overrides(subject: Subject, overrides: Overrides) -> Subject:
     if isinstance(overrides.input_range, tuple):
         lo, hi = overrides.input_range
         changes.update(lo=np.asarray(lo, np.float64), hi=np.asarray(hi, np.float64))
+    elif overrides.input_range == "data":
+        rows = [a for a in (subject.x, subject.x_members) if a is not None]
+        stacked = np.concatenate(rows).astype(np.float64)
+        changes.update(lo=stacked.min(axis=0), hi=stacked.max(axis=0))
     for key in ("input_name", "scores_output", "label_output"):
         if getattr(overrides, key) is not None:
             changes[key] = getattr(overrides, key)

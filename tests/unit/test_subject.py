@@ -49,6 +49,8 @@ def _same_spec(spec: TargetSpec, name: str) -> bool:
 def test_a_builtin_range_can_be_overridden() -> None:
     subject = resolve_subject("digits", overrides=Overrides(input_range=(0.0, 1.0)))
     assert float(subject.hi) == 1.0 and np.array_equal(subject.x, load_samples("digits")[0])
+    per_feature = resolve_subject("digits", overrides=Overrides(input_range="data"))
+    assert per_feature.lo.shape == (64,) and float(per_feature.hi.max()) == 16.0
 
 
 def test_the_target_reshapes_flat_rows_to_the_input_shape() -> None:
