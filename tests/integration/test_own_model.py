@@ -276,6 +276,23 @@ def test_tune_a_policy_that_references_the_model_file(
     tuned = load_policy(tmp_path / "tuned.yaml")
     assert tuned.models["mine"].model_file == own.onnx.resolve()
     assert "prada" in {s.kind for s in tuned.models["mine"].stages}
+    # the walk-through's last step: serve the tuned policy and attack through it
+    from guard.attacks.guarded import InProcessGuard
+
+    out = tmp_path / "through.json"
+    with InProcessGuard(tmp_path / "tuned.yaml") as served:
+        code, _, err = guard(
+            capsys,
+            "attack",
+            *("--policy", str(tmp_path / "tuned.yaml"), "--model", "mine"),
+            *("--data", str(own.npz), "--target", served.url),
+            *("--attack", "jbda,benign", "--budget", "150", "--benign-clients", "3"),
+            *("--report", str(out)),
+        )
+    assert code == 0, err
+    entries = {e["attack"]: e for e in report(out)["entries"]}
+    assert report(out)["target"] == served.url
+    assert entries["jbda"]["queries"] == 150 and entries["benign"]["queries"] == 450
 
 
 def _policy(folder: Path, own: OwnModel) -> Path:
