@@ -139,3 +139,31 @@ def test_validate_stage_declares_the_interface() -> None:
     assert found.input_shape == (32, 32, 3) and found.input_name == "img"
     assert (float(found.lo), float(found.hi)) == (0.0, 1.0)
     assert validate_interface(()).input_shape is None
+
+
+def test_extraction_draws_its_queries_from_x_train(tmp_path: Path) -> None:
+    from guard.attacks.suite import SuiteConfig, run_suite
+    from guard.attacks.targets import Answers
+    from guard.models import model_path
+
+    copy = tmp_path / "m.onnx"
+    copy.write_bytes(model_path("digits").read_bytes())
+    x, y = load_samples("digits")
+    own = load_split("digits").x_members[:100]
+    np.savez(tmp_path / "d.npz", x=x, y=y, x_train=own)
+    range16 = Overrides(input_range=(0.0, 16.0))
+    subject = resolve_subject(str(copy), data=tmp_path / "d.npz", overrides=range16)
+    assert subject.x_train is not None and subject.x_train.shape == (100, 64)
+    sent: list[np.ndarray] = []
+
+    class Recording(OnnxTarget):
+        def _send(self, batch: np.ndarray) -> tuple[Answers, int, str | None]:
+            sent.append(batch)
+            return super()._send(batch)
+
+    config = SuiteConfig(model="m", subject=subject, budget=60, seed=0)
+    report = run_suite(["knockoff"], config, lambda _: Recording(copy, subject.spec))
+    assert report.entries[0]["queries"] == 60
+    queried = np.concatenate(sent)
+    assert len(queried) == 60
+    assert all((np.abs(own - row).max(axis=1) == 0).any() for row in queried)
