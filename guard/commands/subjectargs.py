@@ -59,9 +59,9 @@ def add_subject_arguments(
         "--input-range",
         type=_range,
         metavar="LO,HI",
-        help="the inputs' value range, e.g. 0,1, or 'data' for each feature's minimum and "
-        "maximum in the data (default: the policy's validate min and max, else a "
-        "built-in's recorded range)",
+        help="the inputs' value range, e.g. 0,1 (negative: --input-range=-1,1), or 'data' for "
+        "each feature's minimum and maximum in the data (default: the policy's validate min "
+        "and max, else a built-in's recorded range)",
     )
     group.add_argument(
         "--classes", type=_positive, metavar="N", help="number of classes (default: the model's)"
