@@ -302,7 +302,9 @@ def resolve_subject(
                 label_output=found.label_output or sidecar.label_output,
             ),
         )
-        found = _merge(found, policy_side)  # the policy's validate stage still wins
+        # The policy's validate still names the input; its min and max are bounds for
+        # refusing input, looser than the built-in data's recorded range, which stays.
+        found = _merge(found, replace(policy_side, lo=None, hi=None))
     found = _apply(found, overrides)
     if builtin_data:
         rows = datafiles.builtin_rows(str(data))

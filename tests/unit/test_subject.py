@@ -167,3 +167,27 @@ def test_extraction_draws_its_queries_from_x_train(tmp_path: Path) -> None:
     queried = np.concatenate(sent)
     assert len(queried) == 60
     assert all((np.abs(own - row).max(axis=1) == 0).any() for row in queried)
+
+
+def test_a_policy_upstream_keyed_by_a_builtin_keeps_the_builtin_range(tmp_path: Path) -> None:
+    """The MLServer example of docs/tuning.md: the upstream (down here) serves
+    breast_cancer; validate's 0..10000 bounds refusals, the data keep their own range."""
+    import socket
+
+    import yaml
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed once the block ends: nothing listens there
+    stages = [{"validate": {"shape": [30], "min": 0.0, "max": 10000.0}}]
+    model = {"upstream": f"http://127.0.0.1:{port}", "stages": stages}
+    policy = tmp_path / "p.yaml"
+    policy.write_text(yaml.safe_dump({"version": 1, "models": {"breast_cancer": model}}))
+    subject = resolve_subject(
+        "breast_cancer", policy=policy, overrides=Overrides(scores_output="predict_proba")
+    )
+    builtin = Subject.builtin("breast_cancer")
+    assert subject.url == f"http://127.0.0.1:{port}" and subject.model_file is None
+    assert np.array_equal(subject.lo, builtin.lo) and np.array_equal(subject.hi, builtin.hi)
+    assert np.array_equal(subject.x, builtin.x) and subject.scores_output == "predict_proba"
+    assert (subject.input_name, subject.label_output) == ("input", "label")
