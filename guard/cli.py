@@ -15,7 +15,7 @@ from collections.abc import Coroutine, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from guard.errors import PolicyError
+from guard.errors import PolicyError, UsageError
 from guard.logs import FORMATS, setup_logging
 
 if TYPE_CHECKING:
@@ -54,7 +54,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger("aiohttp.server").addFilter(_one_line_for_malformed_http)
     try:
         return int(args.run(args) or 0)
-    except PolicyError as exc:
+    except (PolicyError, UsageError) as exc:
         _error(str(exc))
         return 2
     except KeyboardInterrupt:

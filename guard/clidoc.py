@@ -38,15 +38,20 @@ EXAMPLES: dict[str, tuple[str, ...]] = {
     "certify": (
         "guard certify --model digits --sigma 0.5 1.0 --samples 50",
         "guard certify --model digits --sigma 0.5 --n 10000 --report cert.csv --plot cert.png",
+        "guard certify --model my.onnx --data my.npz --sigma 0.25",
     ),
     "calibrate-squeeze": (
         "guard calibrate-squeeze --model digits --fpr 0.01 --squeezer bits=3 "
         "--squeezer median=3 --image 8x8x1",
+        "guard calibrate-squeeze --model my.onnx --data my.npz --input-range 0,1 --squeezer bits=4",
     ),
     "attack": (
         "guard attack --model digits",
         "guard attack --model digits --attack evasion,extraction --report report.json",
         "guard attack --model digits --target http://127.0.0.1:8000 --api-key KEY",
+        "guard attack --model my.onnx --data my.npz --input-range 0,1",
+        "guard attack --policy my-policy.yaml --model mine --data my.csv --report report.json",
+        "guard attack --model http://127.0.0.1:8080 --served-name mine --data images/",
     ),
     "load": (
         "guard load http://127.0.0.1:8000 --model digits --rate 200 --duration 30",
@@ -55,6 +60,7 @@ EXAMPLES: dict[str, tuple[str, ...]] = {
     "tune": (
         "guard tune --policy base.yaml --model digits --out tuned.yaml --report tuning.md",
         "guard tune --policy tuned.yaml --model digits --verify --seed 1",
+        "guard tune --policy my-policy.yaml --model mine --data my.npz --out tuned.yaml",
     ),
 }
 

@@ -24,6 +24,7 @@ the offending field. The error boundary in :mod:`guard.server` turns any
         └── UpstreamTimeout     504
 
     PolicyError                      a policy or keys file is invalid (load time, never per request)
+    UsageError                       an offline command's model or data cannot be used as named
 
 What a client reads is only ever the message: upstream errors name the model, never
 the upstream's URL or socket address (those go to the log). A refusal from the
@@ -145,3 +146,9 @@ def withheld(exc: GuardError) -> GuardError:
 
 class PolicyError(Exception):
     """A policy, keys file or model file is invalid. Raised at load, never per request."""
+
+
+class UsageError(Exception):
+    """An offline command (attack, tune, certify, calibrate-squeeze) was pointed at a
+    model or data it cannot use, or something it needs is unknown; the message names the
+    flag that supplies it. ``guard`` exits 2 with the message on one line."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 
 EXTRAS = {
+    "PIL": "images",  # --data FOLDER of images (guard attack, tune, certify ...)
     "matplotlib": "plot",  # PNG plots of guard attack, guard certify, guard tune
     "sklearn": "attacks",  # guard attack's shadow-model membership attack
     "uvloop": "fast",  # guard serve --loop uvloop

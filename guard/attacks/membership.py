@@ -68,28 +68,40 @@ class MembershipData:
 def membership_data(
     name: str, rng: np.random.Generator, *, size: int | None = None
 ) -> MembershipData:
-    """Split a demo model's data: half the non-members go to the attacker; the other
-    half, with as many members drawn at random, form the evaluation set (``size``
-    caps each side)."""
+    """Split a demo model's data (:func:`split_membership`)."""
     from guard.models import load_split
 
     split = load_split(name)
-    order = rng.permutation(len(split.x_nonmembers))
+    return split_membership(
+        split.x_members, split.y_members, split.x_nonmembers, split.y_nonmembers, rng, size=size
+    )
+
+
+def split_membership(
+    x_members: np.ndarray,
+    y_members: np.ndarray,
+    x_nonmembers: np.ndarray,
+    y_nonmembers: np.ndarray,
+    rng: np.random.Generator,
+    *,
+    size: int | None = None,
+) -> MembershipData:
+    """Half the non-members go to the attacker; the other half, with as many members
+    drawn at random, form the evaluation set (``size`` caps each side)."""
+    order = rng.permutation(len(x_nonmembers))
     half = len(order) // 2
     attacker, held = order[:half], order[half:]
-    k = min(len(held), len(split.x_members), size or len(held))
-    members = rng.choice(len(split.x_members), k, replace=False)
+    k = min(len(held), len(x_members), size or len(held))
+    members = rng.choice(len(x_members), k, replace=False)
     held = held[:k]
     # Interleaved at random: a defence that kicks in part-way must not meet one side only.
     shuffle = rng.permutation(2 * k)
     return MembershipData(
-        x=np.concatenate([split.x_members[members], split.x_nonmembers[held]])[shuffle].astype(
-            np.float64
-        ),
-        y=np.concatenate([split.y_members[members], split.y_nonmembers[held]])[shuffle],
+        x=np.concatenate([x_members[members], x_nonmembers[held]])[shuffle].astype(np.float64),
+        y=np.concatenate([y_members[members], y_nonmembers[held]])[shuffle],
         member=np.concatenate([np.ones(k, dtype=bool), np.zeros(k, dtype=bool)])[shuffle],
-        x_attacker=split.x_nonmembers[attacker].astype(np.float64),
-        y_attacker=split.y_nonmembers[attacker],
+        x_attacker=x_nonmembers[attacker].astype(np.float64),
+        y_attacker=y_nonmembers[attacker],
     )
 
 

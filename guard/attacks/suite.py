@@ -22,6 +22,12 @@ keys, junk senders).
 Everything runs on a plain install except the shadow-model membership attacks
 (shadow, LiRA), which train scikit-learn models: without scikit-learn they are
 left out and the report says so in its notes.
+
+The model and its data are a :class:`~guard.subject.Subject` (``SuiteConfig.subject``;
+default: the built-in ``SuiteConfig.model``). A subject without member rows
+(``x_members``) skips the membership attacks, with a note; one with ``x_train``
+gives the extraction attacks that pool (else half the held-out rows). Shadow models
+of a user's model follow a generic recipe: a scikit-learn MLP on flattened inputs.
 """
 
 from __future__ import annotations
@@ -34,8 +40,9 @@ import numpy as np
 
 from guard.attacks.registry import ALIASES, ATTACK, ATTACKS
 from guard.attacks.report import Report
-from guard.attacks.targets import OnnxTarget, Target, TargetSpec
+from guard.attacks.targets import Target, TargetSpec
 from guard.extras import hint, installed
+from guard.subject import Subject
 
 _SAMPLES_STREAM = 100
 
@@ -45,7 +52,8 @@ Entry = dict[str, Any]
 
 def resolve(names: Sequence[str], spec: TargetSpec) -> list[str]:
     """Attack names with aliases expanded, in order, once each. ``all`` leaves out
-    evasion on models whose features do not share one range (tabular data)."""
+    evasion on models whose features do not share one range (tabular data), and
+    square-l2 where the rows fold into an image smaller than 4 x 4."""
     out: list[str] = []
     for name in names:
         expanded = ALIASES.get(name, (name,))
@@ -62,9 +70,23 @@ def resolve(names: Sequence[str], spec: TargetSpec) -> list[str]:
                     f"{attack} needs inputs that share one range (an image); "
                     "this model has per-feature ranges"
                 )
+            if _square_l2_too_small(attack, spec):
+                if name == "all":
+                    continue
+                raise ValueError(
+                    f"{attack} needs rows that fold into an image of at least 4 x 4; "
+                    f"this model's rows have {spec.n_features} values"
+                )
             if attack not in out:
                 out.append(attack)
     return out
+
+
+def _square_l2_too_small(attack: str, spec: TargetSpec) -> bool:
+    from guard.attacks.evasion.square import image_shape
+
+    evasion = ATTACK[attack].evasion if ATTACK[attack].family == "adaptive" else attack
+    return evasion == "square-l2" and min(image_shape(spec.n_features, None)) < 4
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -81,6 +103,12 @@ class SuiteConfig:
     benign_jitter: float = 0.2
     sybil_keys: int = 10
     flush_every: int = 100  # adaptive flushing: attack queries between 10,000 junk rows
+    subject: Subject | None = None  # the model and data; None: Subject.builtin(model)
+
+
+def subject_of(config: SuiteConfig) -> Subject:
+    """The model under test and its data."""
+    return config.subject if config.subject is not None else Subject.builtin(config.model)
 
 
 def run_suite(
@@ -92,9 +120,13 @@ def run_suite(
     progress: Callable[[str], None] | None = None,
 ) -> Report:
     """Run each attack in ``names`` against targets from ``make_target``; one report."""
-    spec = TargetSpec.builtin(config.model)
+    subject = subject_of(config)
     report = Report(model=config.model, target=target_label, seed=config.seed)
-    attacks = resolve(names, spec)
+    report.notes += list(subject.notes)
+    attacks = resolve(names, subject.spec)
+    if "membership" in attacks and subject.x_members is None:
+        report.notes.append(MEMBERSHIP_SKIPPED)
+        attacks.remove("membership")
     if "membership" in attacks and not installed("sklearn"):
         report.notes += [SHADOW_SKIPPED, LIRA_SKIPPED]
     for name in attacks:
@@ -108,7 +140,7 @@ def run_suite(
 
 
 def _range(config: SuiteConfig) -> tuple[float, float | None, float | None]:
-    spec = TargetSpec.builtin(config.model)
+    spec = subject_of(config).spec
     return float(spec.hi - spec.lo), config.epsilon_l2, config.epsilon_linf
 
 
@@ -120,14 +152,14 @@ def _adaptive(
     rng: np.random.Generator,
 ) -> list[Entry]:
     from guard.attacks import adaptive, evasion
-    from guard.models import load_samples
 
+    subject = subject_of(config)
     kind = name.split("-", 1)[0]
     attack, (l2, linf) = ATTACK[name].evasion_attack(*_range(config))
     if kind == "resampling":  # OARS proper: the attack resamples its own proposals
         attack = adaptive.ResamplingSquareLinf(epsilon=attack.epsilon)
-    x, y = load_samples(config.model)
-    bare = OnnxTarget.builtin(config.model)
+    x, y = subject.x, subject.y
+    bare = subject.target()
     right = np.flatnonzero(bare.query(x).labels == y)
     rows = np.random.default_rng([config.seed, _SAMPLES_STREAM]).choice(
         right, min(config.samples, len(right)), replace=False
@@ -149,7 +181,7 @@ def _adaptive(
         ]
         return float(np.mean(wins)) if wins else 0.0
 
-    local: list[Target] = [OnnxTarget.builtin(config.model) for _ in range(n)]
+    local: list[Target] = [subject.target() for _ in range(n)]
     bare_run, bare_wrapped = attack_through(local)
     targets = [make_target(None), *(make_target(-1 - j) for j in range(n - 1))]
     try:
@@ -179,10 +211,10 @@ def _evasion(
     rng: np.random.Generator,
 ) -> list[Entry]:
     from guard.attacks import evasion
-    from guard.models import load_samples
 
     attack, _ = ATTACK[name].evasion_attack(*_range(config))
-    x, y = load_samples(config.model)
+    subject = subject_of(config)
+    x, y = subject.x, subject.y
     rows = np.random.default_rng([config.seed, _SAMPLES_STREAM]).choice(
         len(x), min(config.samples, len(x)), replace=False
     )
@@ -199,20 +231,25 @@ def _extraction(
     rng: np.random.Generator,
 ) -> list[Entry]:
     from guard.attacks.extraction import Evaluation, JbDA, Knockoff
-    from guard.models import load_samples
 
-    x, y = load_samples(config.model)
+    subject = subject_of(config)
+    x, y = subject.x, subject.y
     order = rng.permutation(len(x))
     pool, held = order[: len(x) // 2], order[len(x) // 2 :]
-    reference = OnnxTarget.builtin(config.model)  # the undefended victim, uncounted
-    evaluation = Evaluation.of(reference, x[held], y[held])
+    reference = subject.target()  # the undefended victim, uncounted
+    if subject.x_train is not None:  # the attacker's own rows; every held-out row judges
+        evaluation = Evaluation.of(reference, x, y)
+        attacker_rows = subject.x_train
+    else:
+        evaluation = Evaluation.of(reference, x[held], y[held])
+        attacker_rows = x[pool]
     with make_target(None) as target:
         if name == "knockoff":
             budgets = tuple(sorted({max(1, budget * k // 20) for k in (1, 2, 5, 10, 20)}))
             attack: Knockoff | JbDA = Knockoff(budgets=budgets, image=target.spec.scalar_range)
         else:
             attack = JbDA(budget=budget, seed_size=min(50, budget))
-        return [attack.run(target, x[pool], evaluation, rng).summary(target)]
+        return [attack.run(target, attacker_rows, evaluation, rng).summary(target)]
 
 
 def _membership(
@@ -224,28 +261,37 @@ def _membership(
 ) -> list[Entry]:
     from guard.attacks import membership
 
-    data = membership.membership_data(config.model, rng)
+    subject = subject_of(config)
+    data = subject.membership_data(rng)
+    if data is None:  # run_suite leaves membership out and notes it
+        return []
+    recipe = _shadow_recipe(subject.builtin_name or "") if installed("sklearn") else None
     entries = []
     with make_target(None) as target:
         for run in membership.threshold_attacks(target, data):
             entries.append(run.summary(target))
-        if installed("sklearn"):  # else run_suite notes the skip
-            shadow = membership.shadow_attack(target, data, _shadow_recipe(config.model), rng)
+        if recipe is not None:  # else run_suite notes the skip
+            shadow = membership.shadow_attack(target, data, recipe, rng)
             entries.append(shadow.summary(target))
         label_only = membership.label_only_attack(target, data, rng)
         entries.append(label_only.summary(target))
-        if installed("sklearn"):
-            lira = membership.lira_attack(target, data, _shadow_recipe(config.model), rng)
+        if recipe is not None:
+            lira = membership.lira_attack(target, data, recipe, rng)
             entries.append(lira.summary(target))
     return entries
 
 
+MEMBERSHIP_SKIPPED = (
+    "membership skipped: the data has no member rows (save the model's training rows as "
+    "x_members and y_members in the .npz)"
+)
 SHADOW_SKIPPED = f"membership-shadow skipped: its shadow models need scikit-learn {hint('sklearn')}"
 LIRA_SKIPPED = f"membership-lira skipped: its shadow models need scikit-learn {hint('sklearn')}"
 
 
 def _shadow_recipe(model: str) -> Callable[[int], Any]:
-    """The attacker's guess of the training recipe (see guard.models.train)."""
+    """The attacker's guess of the training recipe (see guard.models.train); for a
+    user's model (``model`` empty), a generic MLP on flattened inputs."""
     from sklearn.ensemble import RandomForestClassifier
     from sklearn.neural_network import MLPClassifier
     from sklearn.pipeline import make_pipeline
@@ -267,9 +313,9 @@ def _inversion(
     rng: np.random.Generator,
 ) -> list[Entry]:
     from guard.attacks.inversion import Inversion
-    from guard.models import load_samples
 
-    x, y = load_samples(config.model)  # held-out: for judging only, the attacker never sees it
+    subject = subject_of(config)
+    x, y = subject.x, subject.y  # held-out: for judging only, the attacker never sees it
     with make_target(None) as target:
         return [Inversion().run(target, x, y, budget=budget, rng=rng).summary(target)]
 
@@ -282,9 +328,9 @@ def _benign(
     rng: np.random.Generator,
 ) -> list[Entry]:
     from guard.attacks.benign import TrafficMix
-    from guard.models import load_samples
 
-    x, y = load_samples(config.model)
+    subject = subject_of(config)
+    x, y = subject.x, subject.y
     mix = TrafficMix(
         queries=budget,
         popular=config.benign_popular,

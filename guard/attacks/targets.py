@@ -43,12 +43,15 @@ class TargetError(Exception):
 
 @dataclass(frozen=True, slots=True)
 class TargetSpec:
-    """The model's interface as the attacker knows it. ``lo``/``hi`` broadcast to ``[F]``."""
+    """The model's interface as the attacker knows it. ``lo``/``hi`` broadcast to ``[F]``.
+    Rows are flat (``[N, F]``); ``input_shape`` (``None``: ``(F,)``) is the shape of one
+    row as the model takes it: a target reshapes each batch to ``[N, *input_shape]``."""
 
     n_features: int
     n_classes: int
     lo: np.ndarray
     hi: np.ndarray
+    input_shape: tuple[int, ...] | None = None
 
     @classmethod
     def builtin(cls, name: str) -> TargetSpec:
@@ -57,7 +60,10 @@ class TargetSpec:
 
         info = model_info(name)
         lo, hi = (np.asarray(v, dtype=np.float64) for v in info["input_range"])
-        return cls(int(info["n_features"]), int(info["n_classes"]), lo, hi)
+        shape = tuple(int(d) for d in info.get("input_shape") or ()) or None
+        if shape == (int(info["n_features"]),):
+            shape = None
+        return cls(int(info["n_features"]), int(info["n_classes"]), lo, hi, shape)
 
     @property
     def scalar_range(self) -> bool:
@@ -137,13 +143,17 @@ class Target:
         return len(self.log)
 
     def query(self, x: np.ndarray) -> Answers:
-        """Answers for the rows of ``x`` (``[N, F]``), sent in batches of ``batch_size``."""
+        """Answers for the rows of ``x`` (``[N, F]``), sent in batches of ``batch_size``
+        (each reshaped to ``[n, *spec.input_shape]``)."""
         x = np.asarray(x, dtype=np.float32)
         if x.ndim != 2 or x.shape[1] != self.spec.n_features:
             raise ValueError(f"expected inputs of shape [N, {self.spec.n_features}]; got {x.shape}")
+        shape = self.spec.input_shape
         parts = []
         for begin in range(0, len(x), self.batch_size):
             batch = x[begin : begin + self.batch_size]
+            if shape is not None:
+                batch = batch.reshape(len(batch), *shape)
             answers, status, verdict = self._send(batch)
             self.log.record(len(batch), status, verdict, self.last_request_id)
             parts.append(answers)
@@ -170,7 +180,7 @@ class Target:
         A label outside ``[0, C)`` (an abstention) is no answer."""
         c = self.spec.n_classes
         if scores in outputs:
-            probabilities = np.asarray(outputs[scores], dtype=np.float64).reshape(n, c)
+            probabilities = _probabilities(outputs[scores], c).reshape(n, c)
             labels = (
                 np.asarray(outputs[label], dtype=np.int64).reshape(n)
                 if label in outputs
@@ -214,6 +224,8 @@ class OnnxTarget(Target):
         self.input_name = input_name
         self.outputs = (scores_output, label_output)
         self._names = [o.name for o in self.session.get_outputs()]
+        declared = next((i.type for i in self.session.get_inputs() if i.name == input_name), "")
+        self._dtype = _ONNX_DTYPES.get(declared, np.float32)
 
     @classmethod
     def builtin(cls, name: str, **kwargs: Any) -> OnnxTarget:
@@ -223,9 +235,8 @@ class OnnxTarget(Target):
         return cls(model_path(name), TargetSpec.builtin(name), **kwargs)
 
     def _send(self, x: np.ndarray) -> tuple[Answers, int, str | None]:
-        outputs = dict(
-            zip(self._names, self.session.run(self._names, {self.input_name: x}), strict=True)
-        )
+        feed = {self.input_name: x.astype(self._dtype, copy=False)}
+        outputs = dict(zip(self._names, self.session.run(self._names, feed), strict=True))
         return self._answers(outputs, len(x), *self.outputs), 200, None
 
 
@@ -328,6 +339,20 @@ class HttpTarget(Target):
             self._connection.close()
             raise TargetError(f"{self.url}: {type(exc).__name__}: {exc}") from exc
         return reply.status, {k.lower(): v for k, v in reply.getheaders()}, payload
+
+
+_ONNX_DTYPES = {"tensor(double)": np.float64, "tensor(float16)": np.float16}
+
+
+def _probabilities(value: Any, n_classes: int) -> np.ndarray:
+    """Scores as float64 ``[N, C]``; a ZipMap output (scikit-learn models exported
+    by skl2onnx with its default options: one ``{class: probability}`` per row) too."""
+    if isinstance(value, list) and (not value or isinstance(value[0], dict)):
+        return np.array(
+            [[float(row.get(k, 0.0)) for k in sorted(row)[:n_classes]] for row in value],
+            dtype=np.float64,
+        ).reshape(len(value), n_classes)
+    return np.asarray(value, dtype=np.float64)
 
 
 # The server closed the kept-alive connection (its idle timeout) before this request.

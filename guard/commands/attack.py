@@ -1,6 +1,8 @@
 """``guard attack``: run the offline attack suite against a model or a guard.
 
-``--target local`` (the default) attacks the built-in ONNX model in-process;
+``--model`` names the model and ``--data`` its data (a built-in, an ONNX file,
+a policy's model, a V2 server; :mod:`guard.subject`). ``--target local`` (the
+default) attacks that model undefended (in-process for an ONNX file);
 ``--target http://HOST:PORT`` attacks a V2 endpoint (a guard, or any server)
 serving it, one query per request unless ``--batch-size`` says otherwise.
 """
@@ -17,10 +19,12 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from guard.attacks.targets import Target
+    from guard.subject import Subject
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
     from guard.attacks.registry import help_text  # pure data: no numpy, no models
+    from guard.commands.subjectargs import add_subject_arguments
 
     parser = commands.add_parser(
         "attack",
@@ -28,12 +32,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         description="Run evasion, extraction, membership, inversion and benign-traffic "
         "attacks; print a table and optionally write a JSON report and plots.",
     )
-    parser.add_argument(
-        "--model",
-        required=True,
-        choices=["digits", "breast_cancer"],
-        help="the built-in model attacked (its data and its local copy)",
-    )
+    add_subject_arguments(parser)
     parser.add_argument("--target", default="local", help="'local' or the URL of a V2 server/guard")
     parser.add_argument("--attack", default="all", help=help_text())
     parser.add_argument("--samples", type=int, default=10, help="evasion samples (default 10)")
@@ -75,7 +74,6 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--sybil-keys", type=int, default=10, help="accounts a Sybil attacker rotates over (10)"
     )
-    parser.add_argument("--served-name", help="the model's name on the server (default: --model)")
     parser.add_argument(
         "--batch-size", type=int, default=1, help="rows per request to a URL (default 1)"
     )
@@ -86,6 +84,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from guard.attacks.suite import SuiteConfig, run_suite
     from guard.attacks.targets import TargetError
+    from guard.commands.subjectargs import subject_from_args
     from guard.extras import hint, installed
 
     for flag in ("samples", "budget", "batch_size", "benign_clients", "sybil_keys"):
@@ -108,8 +107,10 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    subject = subject_from_args(args)  # what it inferred goes into the report's notes
     config = SuiteConfig(
-        model=args.model,
+        model=subject.name,
+        subject=subject,
         samples=args.samples,
         budget=args.budget,
         seed=args.seed,
@@ -123,11 +124,11 @@ def run(args: argparse.Namespace) -> int:
     )
     names = [n.strip() for n in args.attack.split(",") if n.strip()]
     try:
-        with _single_blas_thread(), _attack_progress(names, args.model) as progress:
+        with _single_blas_thread(), _attack_progress(names, subject) as progress:
             report = run_suite(
                 names,
                 config,
-                _factory(args, keys, _split(args.attacker_keys)),
+                _factory(args, subject, keys, _split(args.attacker_keys)),
                 target_label=args.target,
                 progress=progress,
             )
@@ -149,13 +150,12 @@ def run(args: argparse.Namespace) -> int:
 
 
 @contextlib.contextmanager
-def _attack_progress(names: list[str], model: str) -> Iterator[Callable[[str], None]]:
+def _attack_progress(names: list[str], subject: Subject) -> Iterator[Callable[[str], None]]:
     """A bar over the attacks on a terminal; else a "running NAME ..." line per attack."""
     from guard.attacks.suite import resolve
-    from guard.attacks.targets import TargetSpec
     from guard.progress import Progress
 
-    bar = Progress("attack", len(resolve(names, TargetSpec.builtin(model))))
+    bar = Progress("attack", len(resolve(names, subject.spec)))
     started = 0
 
     def step(name: str) -> None:
@@ -178,16 +178,16 @@ def _split(value: str | None) -> list[str]:
 
 
 def _factory(
-    args: argparse.Namespace, benign_keys: list[str], attacker_keys: list[str]
+    args: argparse.Namespace, subject: Subject, benign_keys: list[str], attacker_keys: list[str]
 ) -> Callable[[int | None], Target]:
     """A fresh target per call: ``None`` for the attacker (``--api-key``), ``i >= 0``
     for benign client ``i`` (``--benign-keys``' i-th key, else ``--api-key``), ``-1 - j``
     for the attacker's extra account ``j`` (``--attacker-keys``' j-th, else ``--api-key``)."""
-    from guard.attacks.targets import HttpTarget, OnnxTarget, TargetSpec
+    from guard.attacks.targets import HttpTarget
 
     if args.target == "local":
-        return lambda _client: OnnxTarget.builtin(args.model)
-    spec = TargetSpec.builtin(args.model)
+        return lambda _client: subject.target()
+    spec = subject.spec
 
     def make(client: int | None) -> HttpTarget:
         key = args.api_key
@@ -197,8 +197,11 @@ def _factory(
             key = attacker_keys[-1 - client]
         return HttpTarget(
             args.target,
-            args.served_name or args.model,
+            args.served_name or subject.served_name or subject.name,
             spec,
+            input_name=subject.input_name,
+            scores_output=subject.scores_output or "",
+            label_output=subject.label_output or "",
             api_key=key,
             batch_size=args.batch_size,
             binary=args.binary,

@@ -3,18 +3,18 @@
     guard calibrate-squeeze --model digits --fpr 0.01 --squeezer bits=3 --squeezer median=3 \\
         --image 8x8x1
 
-Scores benign inputs with the model (a built-in name or an ONNX file) and
-prints the threshold from :func:`guard.defenses.squeeze.calibrate_threshold`,
-rounded up, and the policy snippet that uses it. ``--holdout`` keeps a share of
-the inputs out of the calibration and reports the false positive rate measured
-on them, an honest estimate of the rate on new benign traffic.
+Scores benign inputs with the model (named as for ``guard attack``: a built-in,
+an ONNX file, a policy's model, a V2 server; :mod:`guard.subject`) and prints the
+threshold from :func:`guard.defenses.squeeze.calibrate_threshold`, rounded up, and
+the policy snippet that uses it. ``--holdout`` keeps a share of the inputs out of
+the calibration and reports the false positive rate measured on them, an honest
+estimate of the rate on new benign traffic.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
-from pathlib import Path
 from typing import Any
 
 SQUEEZER_HELP = "a squeezer: bits=N, median=K, clip=LO:HI, or several joined by commas (repeatable)"
@@ -26,13 +26,14 @@ def add_parser(commands: Any) -> None:
         help="pick the squeeze_detect threshold on benign data",
         description=__doc__.split("\n\n")[0] if __doc__ else None,
     )
-    parser.add_argument(
-        "--model", required=True, help="built-in model name or path to an .onnx file"
-    )
-    parser.add_argument(
-        "--data",
-        type=Path,
-        help="benign inputs (.npy, or .npz with x); default: the built-in model's held-out samples",
+    from guard.commands.subjectargs import add_subject_arguments
+
+    add_subject_arguments(
+        parser,
+        data_help="benign inputs: .npy, .npz (x), .csv, a folder of images, or a built-in name "
+        "(default: a built-in model's held-out samples)",
+        input_aliases=("--input",),
+        scores_aliases=("--output",),
     )
     parser.add_argument(
         "--fpr", type=float, default=0.01, help="target false positive rate (default 0.01)"
@@ -43,18 +44,19 @@ def add_parser(commands: Any) -> None:
         nargs=2,
         type=float,
         metavar=("LO", "HI"),
-        help="value range (default: the built-in model's)",
+        help="value range of the squeezers (default: --input-range, else the policy's or a "
+        "built-in's)",
     )
-    parser.add_argument("--image", help="HxWxC of each sample, e.g. 8x8x1 (needed by median)")
+    parser.add_argument(
+        "--image",
+        help="HxWxC of each sample, e.g. 8x8x1 (needed by median; default: the model's "
+        "input shape when it is H,W,C)",
+    )
     parser.add_argument(
         "--layout",
         choices=["HWC", "CHW"],
         default="HWC",
         help="axis order of each sample: height, width, channels or channels first (HWC)",
-    )
-    parser.add_argument("--input", help="input name (default: the model's only input)")
-    parser.add_argument(
-        "--output", default="probabilities", help="output compared (default: probabilities)"
     )
     parser.add_argument(
         "--holdout",
@@ -70,38 +72,25 @@ def run(args: argparse.Namespace) -> int:
     import numpy as np
     import yaml
 
-    from guard.backends.onnx import OnnxBackend
+    from guard.commands.subjectargs import print_notes, subject_from_args
     from guard.defenses.squeeze import calibrate_threshold, l1_distances
-    from guard.models import MODELS, load_samples, model_info, model_path
 
     if not 0.0 <= args.fpr < 1.0 or not 0.0 <= args.holdout < 1.0:
         return _fail("--fpr and --holdout must be in [0, 1)")
-    builtin = args.model in MODELS
-    path = model_path(args.model) if builtin else Path(args.model)
-    value_range = (
-        tuple(args.range)
-        if args.range
-        else (tuple(model_info(args.model)["input_range"]) if builtin else None)
-    )
-    if args.data is not None:
-        x = _load(args.data)
-    elif builtin:
-        x = load_samples(args.model)[0]
-    else:
-        return _fail("--data is needed for a model file")
+    subject = subject_from_args(args)
+    print_notes(subject, "calibrate-squeeze")
+    value_range = tuple(args.range) if args.range else _scalar_range(subject)
+    x = subject.x
     try:
-        image = _image(args.image, args.layout) if args.image else None
+        image = _image(args.image, args.layout) if args.image else _model_image(subject, args)
         squeezers = [_squeezer(spec, value_range, image) for spec in args.squeezer]
     except ValueError as exc:
         return _fail(str(exc))
-
-    model = OnnxBackend(path, name=path.stem, device="cpu")
-    input_name = args.input or model.inputs[0].name
-    if args.output not in {s.name for s in model.outputs}:
-        return _fail(f"model has no output {args.output!r}")
-
-    def scores(batch: Any) -> Any:
-        return model.run({input_name: batch.astype(np.float32)}, [args.output])[args.output]
+    if subject.scores_output is None:
+        return _fail(f"{subject.name} has no scores output to compare: pass --output NAME")
+    scores = _scorer(subject)
+    if scores is None:
+        return _fail(f"model has no output {subject.scores_output!r}")
 
     order = np.random.default_rng(args.seed).permutation(len(x))
     held = int(len(x) * args.holdout)
@@ -135,11 +124,45 @@ def _fail(message: str) -> int:
     return 2
 
 
-def _load(path: Path) -> Any:
+def _scalar_range(subject: Any) -> tuple[float, float] | None:
+    if not subject.has_range or subject.lo.ndim or subject.hi.ndim:
+        return None
+    return float(subject.lo), float(subject.hi)
+
+
+def _model_image(subject: Any, args: argparse.Namespace) -> Any:
+    """The model's own input shape as an image, when it is one (H,W,C or C,H,W)."""
+    if len(subject.input_shape) != 3:
+        return None
+    text = "x".join(str(d) for d in subject.input_shape)
+    if args.layout == "CHW":
+        channels, height, width = subject.input_shape
+        text = f"{height}x{width}x{channels}"
+    return _image(text, args.layout)
+
+
+def _scorer(subject: Any) -> Any:
+    """Scores of flat rows: the local ONNX file's output (float32, as the stage sees
+    them), else the server's answers; ``None`` when the file has no such output."""
     import numpy as np
 
-    data = np.load(path)
-    return data["x"] if path.suffix == ".npz" else data
+    if subject.model_file is None:
+        target = subject.target()
+        return lambda batch: target.query(batch).scores
+    from guard.backends.onnx import OnnxBackend
+    from guard.inference import DATATYPES
+
+    model = OnnxBackend(subject.model_file, name=subject.name, device="cpu")
+    output, shape = subject.scores_output, subject.input_shape
+    if output not in {s.name for s in model.outputs}:
+        return None
+    dtype = DATATYPES.get(subject.dtype, np.float32)
+
+    def scores(batch: Any) -> Any:
+        feed = {subject.input_name: batch.reshape(len(batch), *shape).astype(dtype)}
+        return model.run(feed, [output])[output]
+
+    return scores
 
 
 def _image(text: str, layout: str) -> Any:

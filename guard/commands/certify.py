@@ -1,9 +1,11 @@
-"""``guard certify``: certified accuracy against radius of a smoothed demo model.
+"""``guard certify``: certified accuracy against radius of a smoothed model.
 
 Runs CERTIFY (Cohen, Rosenfeld and Kolter, ICML 2019) on the model's held-out
-(non-member) samples through its local ONNX copy, for one or more noise levels,
-and prints the certified accuracy at a few radii, in the model's input units
-(pixel values for digits), plus the abstain rate. ``--report`` writes one CSV
+(non-member) samples, for one or more noise levels, and prints the certified
+accuracy at a few radii, in the model's input units (pixel values for digits),
+plus the abstain rate. The model and its data are named as for ``guard attack``
+(:mod:`guard.subject`): a built-in, an ONNX file (run in-process), a policy's
+model, or a V2 server (each noisy batch one request). ``--report`` writes one CSV
 row per sample, σ and mode (sigma, index, label, predict, radius, correct,
 abstained, time, mode, samples; ``predict`` is -1 when abstained); ``--plot``
 draws certified accuracy against radius, one curve per σ and mode, as in the
@@ -50,17 +52,15 @@ class Row:
 
 
 def add_parser(commands: Any) -> None:
+    from guard.commands.subjectargs import add_subject_arguments
     from guard.defenses.sequential import MODES
-    from guard.models import MODELS
 
     parser = commands.add_parser(
         "certify",
-        help="certified accuracy of a smoothed demo model (randomized smoothing)",
+        help="certified accuracy of a smoothed model (randomized smoothing)",
         description=__doc__.splitlines()[0],
     )
-    parser.add_argument(
-        "--model", required=True, choices=MODELS, help="the built-in demo model to certify"
-    )
+    add_subject_arguments(parser)
     parser.add_argument(
         "--sigma", type=float, nargs="+", required=True, help="noise level(s), input units"
     )
@@ -106,12 +106,10 @@ def run(args: argparse.Namespace) -> int:
 
     import numpy as np
 
-    from guard.backends.onnx import OnnxBackend
-    from guard.defenses.sampling import labels_from_output
+    from guard.commands.subjectargs import print_notes, subject_from_args
     from guard.defenses.sequential import SequentialSmooth, adaptive_plan, target_plan
     from guard.defenses.smoothing import ParameterError, Smooth, check_parameters
     from guard.extras import hint, installed
-    from guard.models import load_samples, model_path
     from guard.progress import Progress
 
     try:
@@ -133,16 +131,13 @@ def run(args: argparse.Namespace) -> int:
         print(f"guard certify: --plot needs matplotlib {hint('matplotlib')}", file=sys.stderr)
         return 2
 
-    x, y = load_samples(args.model)
+    subject = subject_from_args(args)
+    print_notes(subject, "certify")
+    x, y = subject.x, subject.y
     passes = len(args.sigma) * len(args.mode)
     spaced = _evenly_spaced(len(x), args.samples)
     indices = Progress("certify", passes * len(spaced)).each(spaced)  # stderr, terminal only
-    local = OnnxBackend(
-        model_path(args.model), name=args.model, device=args.device, threads=args.threads
-    )
-
-    def labels(batch: np.ndarray) -> np.ndarray:
-        return labels_from_output(local.run({"input": batch}, ["label"])["label"], len(batch))
+    labels, device = _labeller(subject, args)
 
     budget = None if args.budget_ms is None else args.budget_ms / 1000
     rows: list[Row] = []
@@ -191,18 +186,61 @@ def run(args: argparse.Namespace) -> int:
             )
 
     print(
-        f"{args.model}: n={args.n} n0={args.n0} alpha={args.alpha:g}, {len(indices)} held-out "
-        f"samples, {local.providers[0]}"
+        f"{subject.name}: n={args.n} n0={args.n0} alpha={args.alpha:g}, {len(indices)} held-out "
+        f"samples, {device}"
     )
     print(_table(rows, args.sigma, args.mode, largest))
     if args.report is not None:
         _write_csv(args.report, rows)
         print(f"report: {args.report}")
     if args.plot is not None:
-        title = f"{args.model}, n = {args.n:,}, α = {args.alpha:g}"
+        title = f"{subject.name}, n = {args.n:,}, α = {args.alpha:g}"
         _plot(args.plot, rows, args.sigma, largest, title)
         print(f"plot: {args.plot}")
     return 0
+
+
+def _labeller(subject: Any, args: argparse.Namespace) -> tuple[Any, str]:
+    """The model's labels of a batch of flat rows, and where they are computed: the
+    local ONNX file through onnxruntime (``--device``, ``--threads``), else the server."""
+    import numpy as np
+
+    from guard.backends.onnx import OnnxBackend
+    from guard.defenses.sampling import labels_from_output
+    from guard.inference import DATATYPES
+
+    if subject.model_file is None:
+        target = subject.target(batch_size=args.batch)
+
+        def remote(batch: np.ndarray) -> np.ndarray:
+            from guard.attacks.targets import TargetError
+
+            answers = target.query(batch.reshape(len(batch), -1))
+            if not answers.answered.all():  # a smoothing vote must not count a refusal
+                status = target.log.status[-1]
+                raise TargetError(
+                    f"{subject.url} refused {len(batch)} noisy rows (status {status}): "
+                    "lower --batch, or certify the model's file"
+                )
+            return answers.labels
+
+        return remote, f"{subject.url} ({subject.served_name})"
+    local = OnnxBackend(
+        subject.model_file, name=subject.name, device=args.device, threads=args.threads
+    )
+    shape, dtype = subject.input_shape, DATATYPES.get(subject.dtype, np.float32)
+    label, scores = subject.label_output, subject.scores_output
+    wanted = [label] if label else [scores]
+
+    def labels(batch: np.ndarray) -> np.ndarray:
+        n = len(batch)
+        feed = {subject.input_name: batch.reshape(n, *shape).astype(dtype, copy=False)}
+        out = local.run(feed, wanted)[wanted[0]]
+        if label:
+            return labels_from_output(out, n)
+        return np.asarray(out, dtype=np.float64).reshape(n, -1).argmax(axis=1)
+
+    return labels, local.providers[0]
 
 
 def certified_accuracy(radius: Any, correct: Any, r: float) -> float:

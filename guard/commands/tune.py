@@ -2,7 +2,9 @@
 
     guard tune --policy base.yaml --model digits --out tuned.yaml --report tuning.md
 
-Serves candidates of the base policy in-process, sends benign traffic and the
+``--model`` is a model of the policy; ``--data`` its traffic (a .npz, .npy, .csv file
+or a folder of images: :mod:`guard.subject`; default: the built-in data set of a
+built-in model). Serves candidates of the base policy in-process, sends benign traffic and the
 attack suite at each, and writes the candidate that meets the constraints
 (:mod:`guard.tuning.search`) with a comment on every tuned number. ``--verify``
 measures a policy as it is (a different ``--seed`` re-measures a tuned one) and
@@ -24,20 +26,16 @@ def add_parser(commands: Any) -> None:
         help="tune a policy's thresholds against measured attacks",
         description=__doc__.split("\n\n")[0] if __doc__ else None,
     )
+    from guard.commands.subjectargs import add_subject_arguments
+
     parser.add_argument("--policy", type=Path, required=True, help="the base policy YAML")
-    parser.add_argument("--model", required=True, help="the model (a key under models:) to tune")
-    parser.add_argument(
-        "--data", help="built-in data set for the traffic (default: the model's built-in name)"
-    )
-    parser.add_argument("--input-name", default="input", help="the model's input (default: input)")
-    parser.add_argument(
-        "--scores-output",
-        default="probabilities",
-        help="the output holding class probabilities (default: probabilities; "
-        "MLServer scikit-learn models: predict_proba)",
-    )
-    parser.add_argument(
-        "--label-output", default="label", help="the label output, if any (default: label)"
+    add_subject_arguments(
+        parser,
+        policy=False,
+        model_help="the model (a key under models:) to tune: its local file, else its upstream",
+        data_help="the data its traffic is drawn from: .npz (x, y; optional x_members, "
+        "y_members for membership), .npy, .csv, a folder of images, or a built-in name "
+        "(default: a built-in model's own)",
     )
     parser.add_argument(
         "--max-false-positive",
@@ -90,8 +88,8 @@ def add_parser(commands: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from guard.commands.subjectargs import print_notes, subject_from_args
     from guard.config import load_policy
-    from guard.models import MODELS, model_path
     from guard.tuning.search import Constraints, tune
     from guard.tuning.workload import WORKLOADS, Interface, TuneData
 
@@ -103,13 +101,14 @@ def run(args: argparse.Namespace) -> int:
         return _fail(
             f"{args.policy} has no model {args.model!r}; it has {', '.join(policy.models)}"
         )
-    model_file = policy.models[args.model].model_file  # builtin:<name> names its data set
-    builtin = next((name for name in MODELS if model_file == model_path(name)), args.model)
-    data_name = args.data or builtin
-    if data_name not in MODELS:
-        return _fail(
-            "tuning sends a built-in data set's traffic; name one with --data "
-            f"({', '.join(MODELS)})"
+    subject = subject_from_args(args)  # builtin:<name> names its data set
+    print_notes(subject, "tune")
+    data = TuneData.of(subject)
+    if not data.has_members and "privacy" in {s.kind for s in policy.models[args.model].stages}:
+        print(
+            "guard tune: note: the data has no member rows (x_members, y_members): the "
+            "membership attack is not measured",
+            file=sys.stderr,
         )
     constraints = Constraints(
         max_false_positive=args.max_false_positive,
@@ -128,14 +127,16 @@ def run(args: argparse.Namespace) -> int:
     result = tune(
         policy,
         model=args.model,
-        data=TuneData.builtin(data_name),
+        data=data,
         workload=WORKLOADS[args.budget],
         constraints=constraints,
         seed=args.seed,
         tolerance=args.risk_tolerance,
         search=not args.verify,
         interface=Interface(
-            input=args.input_name, scores=args.scores_output, label=args.label_output
+            input=subject.input_name,
+            scores=subject.scores_output or "",
+            label=subject.label_output or "",
         ),
         progress=progress,
     )

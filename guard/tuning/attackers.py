@@ -79,7 +79,7 @@ class ObservedTarget(HttpTarget):
         started = time.perf_counter()
         answers, status, verdict = super()._send(x)
         self.seconds.append(time.perf_counter() - started)
-        self.inputs.append(x)
+        self.inputs.append(x.reshape(len(x), -1))  # flat rows, as the attacks sent them
         self.answers.append(answers)
         if self.first_caught is None and _detected(status, verdict):
             self.first_caught = self.queries + 1  # the log records this batch after _send
@@ -190,7 +190,9 @@ def run_membership(
     from guard.attacks import membership
 
     started = time.perf_counter()
-    records = membership.membership_data(data.name, rng)
+    records = data.subject.membership_data(rng)
+    if records is None:
+        raise ValueError(f"membership needs member rows (x_members) in {data.name}'s data")
     runs = []
     if "threshold" in workload.membership:
         runs += membership.threshold_attacks(target, records)

@@ -35,7 +35,7 @@ import orjson
 
 from guard.attacks.guarded import InProcessGuard
 from guard.attacks.registry import ATTACK, TUNABLE
-from guard.attacks.targets import OnnxTarget, Target
+from guard.attacks.targets import Target
 from guard.clients import Client, ClientDirectory, key_digest
 from guard.config import ModelConfig, Policy
 from guard.state import StateConfig
@@ -155,7 +155,7 @@ def measure_policy(
     model = config.name
     clients = [f"benign-{i}" for i in range(workload.benign_clients)]
     clients += [WARMUP_CLIENT, *(f"attacker-{name}" for name in attacks)]
-    reference = OnnxTarget.builtin(data.name)
+    reference = data.reference()
     served = evaluation_policy(policy, config, clients=clients, seed=seed)
     stages = [entry.kind for entry in config.stages]
 
@@ -264,20 +264,17 @@ def _spent(guard: InProcessGuard, model: str, stages: list[str]) -> dict[str, fl
 def measure_baseline(
     data: TuneData, workload: Workload, attacks: tuple[str, ...], seed: int
 ) -> Baseline:
-    """The same benign traffic and attacks against the bare model (in-process ONNX)."""
+    """The same benign traffic and attacks against the bare model (the subject's: its
+    ONNX file in-process, else its server)."""
     from guard.attacks.benign import BenignTraffic
 
-    clients = [
-        (f"benign-{i}", OnnxTarget.builtin(data.name)) for i in range(workload.benign_clients)
-    ]
+    clients = [(f"benign-{i}", data.reference()) for i in range(workload.benign_clients)]
     run = BenignTraffic(queries=workload.benign_queries).run(
         clients, data.benign_x, data.benign_y, stream(seed, "benign")
     )
-    reference = OnnxTarget.builtin(data.name)
+    reference = data.reference()
     outcomes = {
-        name: run_attack(
-            name, OnnxTarget.builtin(data.name), reference, data, workload, stream(seed, name)
-        )
+        name: run_attack(name, data.reference(), reference, data, workload, stream(seed, name))
         for name in attacks
     }
     return Baseline(benign_accuracy=run.summary()["accuracy"], attacks=outcomes)
@@ -301,8 +298,11 @@ def _certify(
     x, y = data.benign_x[rows].astype(np.float32), data.benign_y[rows]
     labels, radii = [], []
     started = time.perf_counter()
+    shape = data.spec.input_shape
     for begin in range(0, len(x), CERTIFY_BATCH):
         batch = x[begin : begin + CERTIFY_BATCH]
+        if shape is not None:  # flat rows, sent as the model takes them
+            batch = batch.reshape(len(batch), *shape)
         body, headers = v2.encode_request(
             InferRequest(
                 model_name=model, inputs={input_name: batch}, parameters={"certify": True}

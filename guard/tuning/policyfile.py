@@ -200,8 +200,7 @@ def header_lines(result: TuneResult, base_path: Path) -> list[str]:
     bounds = constraint_text(result)
     draws = ", ".join(f"{r:.3f}" for r in result.noise)
     return [
-        f"Tuned by `guard tune` from {base_path} for model {result.model} "
-        f"(data: built-in {result.data}),",
+        f"Tuned by `guard tune` from {base_path} for model {result.model} (data: {result.data}),",
         f"budget {w.name}, seed {result.seed}: {len(result.candidates)} candidates measured "
         f"in {result.seconds:.0f} s. The base policy's comments are not carried over.",
         f"Constraints: {bounds}; risk tolerance {result.tolerance:.3f}"

@@ -28,7 +28,7 @@ def markdown(result: TuneResult, *, base_path: Path, plot: Path | None) -> str:
         f"{result.tolerance:.3f}, cost tolerance {result.cost_tolerance:.3f}{_noise(result)}.",
         "",
         f"Traffic per candidate: {w.benign_clients} benign clients x {w.benign_queries} queries "
-        f"(held-out {result.data} rows with 2% noise, one row per request), then "
+        f"(held-out rows of {result.data} with 2% noise, one row per request), then "
         f"{', '.join(result.attacks) or 'no attack'}, each against a fresh guard of its own "
         "(all on loopback, in-process).",
         "",

@@ -333,7 +333,7 @@ def tune(
         chosen = current
     return TuneResult(
         config=config,
-        data=data.name,
+        data=data.subject.data_label,
         params=tuple(params),
         attacks=attacks,
         baseline=baseline,
@@ -377,7 +377,10 @@ def _calibrate(
         key = replace(entry.options, threshold=0.0)
         if key not in cache:
             cache[key] = calibrate_squeeze(
-                key, data_name=data.name, benign=calibration, fpr=constraints.max_false_positive / 2
+                key,
+                subject=data.subject,
+                benign=calibration,
+                fpr=constraints.max_false_positive / 2,
             )
         stages[index] = replace(entry, options=replace(entry.options, threshold=cache[key][0]))
         derived["squeeze_detect.threshold"] = cache[key]

@@ -44,6 +44,7 @@ if TYPE_CHECKING:
     from guard.stages.prada import PradaOptions
     from guard.stages.privacy import PrivacyOptions
     from guard.stages.squeeze_detect import SqueezeDetectOptions
+    from guard.subject import Subject
 
 NOISY = ("laplace", "gaussian")
 
@@ -285,24 +286,33 @@ def _ordered(values: tuple[Any, ...]) -> tuple[Any, ...]:
 
 
 def calibrate_squeeze(
-    options: SqueezeDetectOptions, *, data_name: str, benign: np.ndarray, fpr: float
+    options: SqueezeDetectOptions, *, subject: Subject, benign: np.ndarray, fpr: float
 ) -> tuple[float, int]:
     """``squeeze_detect``'s threshold for the squeezers of ``options`` (its typed
     options): at most ``fpr`` of ``benign`` score above it (rounded up to 4 significant
     digits), and how many inputs it was calibrated on. The squeezers are built by the
-    stage itself, on the built-in model ``data_name``."""
+    stage itself, on the subject's local model file (a model served only by an upstream
+    cannot be calibrated here: give the policy its ``model:`` file)."""
     from guard.backends.onnx import OnnxBackend
     from guard.defenses.squeeze import calibrate_threshold
-    from guard.models import model_path
     from guard.stages.squeeze_detect import SqueezeDetect
 
-    local = OnnxBackend(model_path(data_name), name=data_name, device="cpu")
-    env = StageEnv(model=data_name, backend=local, local=local, metadata=local.model_metadata)
+    if subject.model_file is None:
+        raise OptionError(
+            "threshold",
+            f"calibrating squeeze_detect needs {subject.name}'s model file (models."
+            f"{subject.name}.model), or a threshold set in the policy",
+        )
+    local = OnnxBackend(subject.model_file, name=subject.name, device="cpu")
+    env = StageEnv(model=subject.name, backend=local, local=local, metadata=local.model_metadata)
     stage = SqueezeDetect(options, env)
     name, output = options.input or local.inputs[0].name, options.output
+    shape = subject.input_shape
 
     def scores(batch: np.ndarray) -> np.ndarray:
-        return local.run({name: batch.astype(np.float32)}, [output])[output]
+        return local.run({name: batch.reshape(len(batch), *shape).astype(np.float32)}, [output])[
+            output
+        ]
 
     threshold = calibrate_threshold(scores, benign, stage.squeezers, fpr)
     return _round_up(threshold), len(benign)

@@ -1,6 +1,7 @@
 """What a measurement sends: the data it draws from and how much of each traffic.
 
-The held-out rows of a built-in model are split once, by a fixed permutation
+The held-out rows of the model's data (a :class:`~guard.subject.Subject`: a
+built-in's shipped rows, or the user's ``--data``) are split once, by a fixed permutation
 that no seed changes, into three disjoint parts:
 
 * ``calibration`` (a quarter): only for thresholds calibrated on benign data
@@ -25,14 +26,16 @@ from dataclasses import dataclass
 import numpy as np
 
 from guard.attacks.registry import ATTACK, TUNABLE
-from guard.attacks.targets import TargetSpec
+from guard.attacks.targets import Target, TargetSpec
+from guard.subject import Subject
 
 SPLIT_STREAM = 7_000  # the fixed permutation's seed
 
 
 @dataclass(frozen=True, slots=True)
 class TuneData:
-    """A built-in model's held-out rows, split as the module says."""
+    """A model's held-out rows, split as the module says; ``subject`` is the model
+    (queried undefended as the reference) and the rest of its data (members)."""
 
     name: str
     spec: TargetSpec
@@ -41,24 +44,38 @@ class TuneData:
     benign_y: np.ndarray
     attacker_x: np.ndarray
     attacker_y: np.ndarray
+    subject: Subject
 
     @classmethod
     def builtin(cls, name: str) -> TuneData:
-        from guard.models import load_samples
+        return cls.of(Subject.builtin(name))
 
-        x, y = load_samples(name)
+    @classmethod
+    def of(cls, subject: Subject) -> TuneData:
+        """The split of ``subject``'s held-out rows (its value range is needed)."""
+        x, y = subject.x, subject.y
         order = np.random.default_rng(SPLIT_STREAM).permutation(len(x))
         a, b = len(x) // 4, len(x) // 4 + (len(x) * 45) // 100
         calibration, benign, attacker = order[:a], order[a:b], order[b:]
         return cls(
-            name=name,
-            spec=TargetSpec.builtin(name),
+            name=subject.name,
+            spec=subject.spec,
             calibration=x[calibration],
             benign_x=x[benign],
             benign_y=y[benign],
             attacker_x=x[attacker],
             attacker_y=y[attacker],
+            subject=subject,
         )
+
+    def reference(self) -> Target:
+        """A fresh undefended target of the model (uncounted truth for judging)."""
+        return self.subject.target()
+
+    @property
+    def has_members(self) -> bool:
+        """Whether the data holds the model's training rows (membership attacks)."""
+        return self.subject.x_members is not None
 
     @property
     def image(self) -> bool:
@@ -135,9 +152,12 @@ WORKLOADS = {
 def attacks_for(stages: set[str], workload: Workload, data: TuneData) -> tuple[str, ...]:
     """The attack names a measurement runs for a policy with these tuned stages (an
     attack's ``tunes`` in :mod:`guard.attacks.registry`), in order: the workload's evasion
-    attacks (image data only), then the others in the registry's order."""
+    attacks (image data only), then the others in the registry's order. Membership needs
+    member rows in the data: without them it is left out."""
 
     def measures(name: str) -> bool:
+        if name == "membership" and not data.has_members:
+            return False
         return bool(stages & set(ATTACK[name].tunes))
 
     evasion = [n for n in workload.evasion if data.image and measures(n)]

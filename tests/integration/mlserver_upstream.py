@@ -117,12 +117,14 @@ def start_mlserver(
     venv: Path,
     name: str = "breast_cancer",
     ready_timeout: float = 60.0,
+    predict_fn: str | None = None,
 ) -> MLServerProcess:
     """Serve ``model_dir/model.joblib`` as model ``name`` and return once it is ready.
 
     Writes ``settings.json`` and ``<name>/model-settings.json`` into ``model_dir``, starts
     ``<venv>/bin/mlserver start model_dir`` in a new process group with ``model_dir`` as
-    its working directory, and polls ``GET /v2/models/<name>/ready``. Raises
+    its working directory, and polls ``GET /v2/models/<name>/ready``. ``predict_fn``
+    (e.g. ``predict_proba``) is the estimator method MLServer answers with. Raises
     :class:`FileNotFoundError` when the model or the venv's ``mlserver`` is missing and
     :class:`MLServerStartError` (after stopping the process) when MLServer exits or is
     not ready within ``ready_timeout`` seconds.
@@ -141,11 +143,10 @@ def start_mlserver(
         "metrics_endpoint": None,  # no metrics server, no third port
         "parallel_workers": 0,  # infer in the main process: starts in seconds
     }
-    model_settings = {
-        "name": name,
-        "implementation": SKLEARN_RUNTIME,
-        "parameters": {"uri": str((model_dir / MODEL_FILE).resolve())},
-    }
+    parameters: dict[str, object] = {"uri": str((model_dir / MODEL_FILE).resolve())}
+    if predict_fn is not None:
+        parameters["extra"] = {"predict_fn": predict_fn}
+    model_settings = {"name": name, "implementation": SKLEARN_RUNTIME, "parameters": parameters}
     (model_dir / "settings.json").write_text(json.dumps(settings, indent=2))
     (model_dir / name).mkdir(exist_ok=True)  # MLServer expects a folder named after the model
     (model_dir / name / "model-settings.json").write_text(json.dumps(model_settings, indent=2))

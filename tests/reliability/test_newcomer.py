@@ -126,3 +126,13 @@ def test_ci_installs_what_the_readme_first_command_installs() -> None:
     assert 'bin/guard" demo' in script
     steps = [line.strip() for line in (REPO / ".ci" / "run").read_text().splitlines()]
     assert ".ci/plain-demo.sh" in steps
+
+
+def test_an_image_folder_without_pillow_names_the_extra(tmp_path: Path) -> None:
+    (tmp_path / "images" / "cat").mkdir(parents=True)
+    (tmp_path / "images" / "cat" / "1.png").write_bytes(b"")
+    args = ("attack", "--model", "digits", "--data", str(tmp_path / "images"))
+    result = guard_without("PIL", *args, timeout=60)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stdout + result.stderr
+    assert "needs Pillow (pip install 'inference-guard[images]')" in result.stderr
