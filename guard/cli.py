@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import importlib
 import logging
+import os
 import signal
 import ssl
 import sys
@@ -20,6 +21,7 @@ from guard.logs import FORMATS, setup_logging
 if TYPE_CHECKING:
     from guard.config import Policy
     from guard.runtime import Runtime
+    from guard.workers import Workers
 
 DEFAULT_POLICY = Path(__file__).parent / "policies" / "default.yaml"
 # Offline subcommands: modules under guard/commands/ with an ``add_parser(commands)``.
@@ -300,22 +302,17 @@ def _serve(args: argparse.Namespace) -> int:
     if args.metrics_port is not _UNSET:
         listen = dataclasses.replace(listen, metrics_port=args.metrics_port)
     policy = dataclasses.replace(policy, listen=listen)
-    from guard.workers import run_workers, workers_for
+    from guard.workers import Workers, metrics_directory, run_workers, workers_for
 
     if args.grpc_port is not None and (args.workers or 1) > 1:
         print("guard: --grpc-port serves from one process; --workers must be 1", file=sys.stderr)
         return 2
     workers = 1 if args.grpc_port is not None else workers_for(policy, args.workers)
 
-    def serve(index: int) -> None:
-        own = policy
-        if workers > 1 and listen.metrics_port:  # worker i: metrics on P + i
-            own = dataclasses.replace(
-                policy, listen=dataclasses.replace(listen, metrics_port=listen.metrics_port + index)
-            )
+    def serve(worker: Workers | None) -> None:
         _run(
             serve_forever(
-                own,
+                policy,
                 args.policy,
                 args.host,
                 args.port,
@@ -323,15 +320,22 @@ def _serve(args: argparse.Namespace) -> int:
                 args.access_log,
                 grpc_port=args.grpc_port,
                 tls=(args.tls_cert, args.tls_key) if args.tls_cert else None,
-                reuse_port=workers > 1,
+                worker=worker,
             ),
             args.loop,
         )
 
     if workers == 1:
-        serve(0)
+        serve(None)
         return 0
-    return run_workers(workers, serve)
+    master = os.getpid()
+    counted = metrics_directory() if listen.metrics_port is not None else contextlib.nullcontext()
+    with counted as directory:  # None: no metrics port, nothing to sum
+        return run_workers(
+            workers,
+            lambda index: serve(Workers(index=index, metrics_dir=directory, master=master)),
+            metrics_dir=directory,
+        )
 
 
 async def serve_forever(
@@ -344,12 +348,19 @@ async def serve_forever(
     *,
     grpc_port: int | None = None,
     tls: tuple[Path, Path] | None = None,
-    reuse_port: bool = False,
+    worker: Workers | None = None,
 ) -> None:
+    """Serve until SIGINT/SIGTERM. ``worker``: this process is one of several on the
+    port (``SO_REUSEPORT``), counting its metrics in their shared directory."""
     from aiohttp import web
 
+    from guard.appkeys import METRICS
     from guard.server import create_app, create_ops_app, make_runner, reload_policy
+    from guard.workerfiles import FLUSH_S, WorkerFiles, use_worker_files
 
+    files: WorkerFiles | None = None
+    if worker is not None and worker.metrics_dir is not None:
+        files = use_worker_files(worker.metrics_dir)  # before the app builds its metrics
     app = create_app(policy, policy_path=policy_path)
     grpc_listener = None
     if grpc_port is not None:
@@ -367,7 +378,12 @@ async def serve_forever(
     if grpc_listener is not None:
         log.info("gRPC (Open Inference Protocol) on %s:%d", host, grpc_listener.port)
     site = web.TCPSite(
-        runner, host, port, ssl_context=ssl_context, backlog=1024, reuse_port=reuse_port or None
+        runner,
+        host,
+        port,
+        ssl_context=ssl_context,
+        backlog=1024,
+        reuse_port=True if worker is not None else None,
     )
     await site.start()
     scheme = "https" if ssl_context else "http"
@@ -376,9 +392,22 @@ async def serve_forever(
     listen = policy.listen
     if listen.metrics_port is None:
         log.info("metrics and admin listener off (listen.metrics_port: off)")
+    elif worker is not None and worker.index > 0:
+        log.debug("worker %d: metrics and admin served by worker 0", worker.index)
     else:
+        if worker is None:
+            ops_app = create_ops_app(app)
+        else:
+            from guard.workers import reload_others
+
+            exposition = None
+            if worker.metrics_dir is not None and files is not None:
+                exposition = app[METRICS].aggregate(worker.metrics_dir, files.flush)
+            ops_app = create_ops_app(
+                app, exposition=exposition, on_reload=reload_others(worker.master)
+            )
         ops = make_runner(
-            create_ops_app(app),
+            ops_app,
             access_log=logging.getLogger("guard.ops") if access_log else None,
             idle_timeout=policy.limits.idle_timeout,
         )
@@ -424,12 +453,16 @@ async def serve_forever(
 
     if take_pending_reload():  # a SIGHUP came while this worker started
         on_hup()
+    flusher = loop.create_task(files.flush_every(FLUSH_S)) if files is not None else None
     try:
         await stop.wait()
     finally:
         log.info("guard shutting down")
         for each in runners:  # the public port drains first; metrics answer until then
             await each.cleanup()
+        if files is not None and flusher is not None:
+            flusher.cancel()
+            files.close()  # everything this worker counted, for the workers that go on
 
 
 def _run(coro: Coroutine[Any, Any, None], loop: str) -> None:
@@ -470,11 +503,16 @@ def _check(args: argparse.Namespace) -> int:
 def check_warnings(runtime: Runtime) -> list[str]:
     """Policy shapes that load but are probably not what the operator meant."""
     from guard.defenses.squeeze import squeeze_warnings
+    from guard.stages.scale import scale_warnings
 
     warnings = []
     for name, model in runtime.models.items():
         stages = [s.name for s in model.pipeline.stages]
         warnings += [f"models.{name}: {w}" for w in squeeze_warnings(stages)]
+        metadata = model.local.model_metadata if model.local else None
+        warnings += scale_warnings(
+            name, model.config.stages, model.pipeline.stages, model.scale, metadata
+        )
         if stages and stages[0] != "validate" and "validate" in stages:
             warnings.append(
                 f"models.{name}: validate is not the first stage; "

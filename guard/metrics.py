@@ -3,14 +3,38 @@
 Labels are bounded: model, protocol, verdict, status code, stage, action, error
 kind. A client name, key or input never becomes a label (unbounded cardinality,
 and a leak).
+
+One process (``guard serve``, tests, ``guard demo``): the metrics count in memory on
+the injected registry, and ``/metrics`` exposes that registry.
+
+Several workers (``guard serve --workers N``): prometheus_client's multiprocess files.
+The master makes a private directory (:func:`guard.workers.metrics_directory`); each
+worker calls :func:`guard.workerfiles.use_worker_files` before building its
+:class:`GuardMetrics`, so its values, still counted in memory, are written to the
+worker's own files there (``counter_<pid>.db``...) every second, before a scrape and
+when it stops. The worker that serves ``/metrics`` exposes
+:meth:`GuardMetrics.aggregate`'s registry, which sums those files over every worker,
+live or dead: a counter keeps what a worker that exited or was restarted had counted
+(a worker killed by SIGKILL loses its last second). ``guard_requests_in_flight`` is
+summed over live workers only (``livesum``; the master removes a dead worker's gauge
+file). ``guard_build_info`` is served once, from the serving worker (the same build in
+every worker; prometheus_client's Info has no multiprocess form), and so are the HELP
+and TYPE lines of metrics whose labels no worker has used yet. The names, label sets
+and values are those one process would show for the same traffic, less the
+``*_created`` samples of counters and histograms (multiprocess mode keeps no creation
+time).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client.metrics_core import Metric
+from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.registry import Collector
 
 from guard.pipeline import RequestContext
 
@@ -125,8 +149,21 @@ class GuardMetrics:
             registry=r,
         )
         self.in_flight = Gauge(
-            "guard_requests_in_flight", "Inference requests being served", registry=r
+            "guard_requests_in_flight",
+            "Inference requests being served",
+            registry=r,
+            multiprocess_mode="livesum",  # workers: the sum over live ones
         )
+
+    def aggregate(
+        self, directory: str | Path, flush: Callable[[], None] | None = None
+    ) -> CollectorRegistry:
+        """A registry that exposes the sum over every worker writing to ``directory``
+        (multiprocess files), with what only this process has (``guard_build_info``);
+        ``flush`` writes this process's own values first."""
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(_Workers(directory, self.registry, flush))
+        return registry
 
     def observe(self, ctx: RequestContext, *, protocol: str, code: int, seconds: float) -> None:
         model = ctx.model
@@ -165,3 +202,26 @@ class GuardMetrics:
         if child is None:
             child = self._children[key] = metric.labels(*labels)
         return child
+
+
+class _Workers(Collector):
+    """Every worker's metrics, summed from their files, then the families of this
+    worker's registry that no file holds: ``guard_build_info``, and metrics with labels
+    that no worker has used yet (HELP and TYPE alone, as one process shows them)."""
+
+    def __init__(
+        self, directory: str | Path, own: CollectorRegistry, flush: Callable[[], None] | None
+    ) -> None:
+        self.files = MultiProcessCollector(None, path=str(directory))
+        self.own = own
+        self.flush = flush
+
+    def collect(self) -> Iterable[Metric]:
+        if self.flush is not None:
+            self.flush()
+        merged = list(self.files.collect())
+        names = {family.name for family in merged}
+        yield from merged
+        for family in self.own.collect():
+            if family.name not in names:
+                yield family

@@ -25,6 +25,7 @@ from guard.inference import ModelMetadata
 from guard.metrics import GuardMetrics
 from guard.pipeline import Pipeline, Stage
 from guard.stages import STAGES, StageEnv, stage_class
+from guard.stages.scale import UNKNOWN, InputScale, declared_scale
 from guard.state import StateStore, build_store
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,7 @@ class ModelRuntime:
     backend: Backend  # what serves requests: the upstream, else the local copy
     local: OnnxBackend | None  # the local copy, when the policy names a model file
     pipeline: Pipeline
+    scale: InputScale = UNKNOWN  # the input's declared range and shape (StageEnv.scale)
     _metadata: ModelMetadata | None = None
 
     async def metadata(self) -> ModelMetadata:
@@ -71,6 +73,11 @@ class ModelRuntime:
             "backend": self.config.upstream.url if self.config.upstream else "embedded",
             "model_file": str(self.config.model_file) if self.config.model_file else None,
             "providers": list(self.local.providers) if self.local else None,
+            "input_scale": {  # what the defaults in input units follow (docs/input-scale.md)
+                "range": list(self.scale.range) if self.scale.range else None,
+                "range_from": self.scale.source or None,
+                "shape": list(self.scale.shape) if self.scale.shape else None,
+            },
             "stages": [
                 {"stage": s.name, "on_error": "open" if s.fail_open else "closed", **_describe(s)}
                 for s in self.pipeline.stages
@@ -193,11 +200,14 @@ def _build_model(
         raise PolicyError(
             f"{policy.source}: models.{config.name} needs an upstream or a model file"
         )
+    metadata = local.model_metadata if local else None
+    scale = declared_scale(config.stages, config.model_file, metadata)
     env = StageEnv(
         model=config.name,
         backend=backend,
         local=local,
-        metadata=local.model_metadata if local else None,
+        metadata=metadata,
+        scale=scale,
         version=(config.upstream.version or "") if config.upstream else "",
         state=state,
         metrics=metrics,
@@ -218,7 +228,7 @@ def _build_model(
         bind = getattr(stage, "bind", None)
         if bind is not None:
             bind(stages)
-    return ModelRuntime(config.name, config, backend, local, Pipeline(stages))
+    return ModelRuntime(config.name, config, backend, local, Pipeline(stages), scale)
 
 
 def _build_stage(kind: str, options: Any, path: str, source: str, env: StageEnv) -> Stage:

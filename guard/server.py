@@ -25,7 +25,7 @@ from aiohttp.web_protocol import RequestPayloadError
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from guard import __version__
-from guard.appkeys import LIVE, METRICS, POLICY_PATH, PUBLIC, SESSION
+from guard.appkeys import EXPOSITION, LIVE, METRICS, ON_RELOAD, POLICY_PATH, PUBLIC, SESSION
 from guard.clients import token_matches
 from guard.config import IDLE_TIMEOUT, Limits, Policy, load_policy
 from guard.errors import (
@@ -108,7 +108,12 @@ def create_app(
     return app
 
 
-def create_ops_app(public: web.Application) -> web.Application:
+def create_ops_app(
+    public: web.Application,
+    *,
+    exposition: CollectorRegistry | None = None,
+    on_reload: Callable[[], None] | None = None,
+) -> web.Application:
     """The operators' application for ``public``: ``/metrics`` and ``/admin/*``.
 
     It serves on its own listener (``listen.metrics_host``/``metrics_port``), never
@@ -117,10 +122,19 @@ def create_ops_app(public: web.Application) -> web.Application:
     handlers read the public app's runtime, metrics and policy path, so the two
     share one ``Live`` and one registry, and a reload from here swaps what the
     public port serves. Start it with its own runner next to ``public``'s.
+
+    With workers (``guard serve --workers N``), ``exposition`` is the registry that
+    ``/metrics`` serves instead of ``public``'s (the sum over every worker, read from
+    their files off the event loop), and ``on_reload`` runs after a successful
+    ``/admin/reload`` (to have the other workers reload too).
     """
     app = web.Application(middlewares=[error_boundary])
     app[PUBLIC] = public
     app[METRICS] = public[METRICS]
+    if exposition is not None:
+        app[EXPOSITION] = exposition
+    if on_reload is not None:
+        app[ON_RELOAD] = on_reload
     app.add_routes(
         [
             web.get("/metrics", metrics),
@@ -653,7 +667,11 @@ def _authorize(http: web.Request, runtime: Runtime, model: str) -> None:
 
 
 async def metrics(http: web.Request) -> web.Response:
-    body = generate_latest(http.app[METRICS].registry)
+    exposition = http.app.get(EXPOSITION)
+    if exposition is None:
+        body = generate_latest(http.app[METRICS].registry)
+    else:  # reads every worker's files
+        body = await asyncio.get_running_loop().run_in_executor(None, generate_latest, exposition)
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
@@ -683,6 +701,9 @@ async def admin_reload(http: web.Request) -> web.Response:
         runtime = await reload_policy(http.app[PUBLIC])
     except PolicyError as exc:
         return _json_error(f"reload failed; the previous policy stays in force: {exc}", 400)
+    on_reload = http.app.get(ON_RELOAD)
+    if on_reload is not None:
+        on_reload()
     return web.json_response({"reloaded": runtime.policy.source}, dumps=_dumps)
 
 

@@ -16,10 +16,23 @@ privacy budget), and the default (``--workers`` left out) is then 1.
 gRPC (``--grpc-port``) is served by one process: with it the default is 1 and more
 are refused.
 
-Metrics: each worker counts its own requests. With ``listen.metrics_port: P`` worker
-``i`` serves ``/metrics`` and ``/admin/*`` on ``P + i`` (``0``: any free port each):
-scrape every one and sum in Prometheus (``sum without (instance)``). Admin actions
-reach only the worker asked; a policy reload goes to all through the master (SIGHUP).
+Metrics: one endpoint for all workers (prometheus_client's multiprocess files). The
+master makes a private directory (:func:`metrics_directory`, removed when it exits) and
+names it in ``PROMETHEUS_MULTIPROC_DIR`` before forking; every worker counts in memory
+and writes its values to its own files there every second, before a scrape and when it
+stops (:mod:`guard.workerfiles`), and worker 0 serves ``/metrics`` on
+``listen.metrics_port`` with the sum over all of them (:mod:`guard.metrics`): what a
+worker wrote stays counted after it exits or is restarted (a worker killed by SIGKILL
+loses at most its last second); the master removes a dead worker's live-gauge file
+(``mark_process_dead``), so ``guard_requests_in_flight`` sums live workers only.
+While worker 0 restarts (a second, then its start), the metrics port is closed.
+
+Admin: ``/admin/*`` is served by worker 0 on the same port, the only operators'
+listener (the other workers bind none). ``/admin/status`` describes worker 0 (its
+policy and in-flight count; all workers run the same policy file). A successful
+``/admin/reload`` reloads worker 0, then asks the master (``SIGUSR1``) to reload every
+other worker as ``SIGHUP`` would; a failed one reloads none. ``SIGHUP`` to the master
+reloads all.
 """
 
 from __future__ import annotations
@@ -27,9 +40,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import signal
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 from guard.config import Policy
 
@@ -102,16 +118,58 @@ def workers_for(policy: Policy, asked: int | None) -> int:
     return 1
 
 
-def run_workers(count: int, serve: Callable[[int], None]) -> int:
+@dataclass(frozen=True)
+class Workers:
+    """What worker ``index`` is told: where every worker writes its metrics (None: the
+    metrics port is off, nothing is written), and its master's pid. Worker 0 alone serves
+    the operators' listener (metrics and admin)."""
+
+    index: int
+    metrics_dir: str | None
+    master: int
+
+
+@contextlib.contextmanager
+def metrics_directory() -> Iterator[str]:
+    """A fresh private directory for the workers' metric files, named in
+    ``PROMETHEUS_MULTIPROC_DIR`` (which the workers inherit) and removed on exit; the
+    variable is restored. A master killed with SIGKILL leaves it behind in the temp dir."""
+    path = tempfile.mkdtemp(prefix="guard-metrics-")  # mode 0700
+    before = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
+    try:
+        yield path
+    finally:
+        if before is None:
+            os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
+        else:
+            os.environ["PROMETHEUS_MULTIPROC_DIR"] = before
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def reload_others(master: int) -> Callable[[], None]:
+    """What worker 0 does after a successful ``/admin/reload``: ask ``master`` to reload
+    the other workers (``SIGUSR1``), unless this worker has lost it (then its parent is
+    another process, which must not be signalled)."""
+
+    def ask() -> None:
+        if os.getppid() == master:
+            os.kill(master, signal.SIGUSR1)
+
+    return ask
+
+
+def run_workers(count: int, serve: Callable[[int], None], *, metrics_dir: str | None = None) -> int:
     """Fork ``count`` workers, each running ``serve(index)``; supervise them until told to
-    stop. Returns the exit status for the master."""
+    stop. With ``metrics_dir`` (multiprocess metrics), a worker that exits has its
+    live-gauge files removed there. Returns the exit status for the master."""
     children: dict[int, tuple[int, float]] = {}  # pid -> (worker index, started at)
     stopping = False
 
     def spawn(index: int) -> None:
         pid = os.fork()
         if pid == 0:  # the worker
-            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGUSR1):
                 signal.signal(sig, signal.SIG_DFL)
             signal.signal(signal.SIGHUP, _defer_reload)  # until its loop handles reloads
             code = 0
@@ -133,8 +191,15 @@ def run_workers(count: int, serve: Callable[[int], None]) -> int:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, sig)
 
+    def reload_all_but_first(_sig: int, _frame: object) -> None:  # worker 0 reloaded itself
+        for pid, (index, _started) in list(children.items()):
+            if index != 0:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGHUP)
+
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, forward)
+    signal.signal(signal.SIGUSR1, reload_all_but_first)
     for index in range(count):
         spawn(index)
     log.info("guard master %d: %d workers (%s)", os.getpid(), count, sorted(children))
@@ -148,6 +213,10 @@ def run_workers(count: int, serve: Callable[[int], None]) -> int:
             continue
         index, started = children.pop(pid, (-1, 0.0))
         exit_code = os.waitstatus_to_exitcode(code)
+        if metrics_dir is not None:
+            from prometheus_client.multiprocess import mark_process_dead
+
+            mark_process_dead(pid, metrics_dir)  # its in-flight gauge; counters stay
         if stopping or index < 0:
             continue
         if exit_code != 0 and time.monotonic() - started < EARLY_EXIT_S:

@@ -38,6 +38,7 @@ from typing import Any, ClassVar
 
 from guard.defenses.blacklight import Fingerprinter, FingerprintKey
 from guard.pipeline import RequestContext, Verdict
+from guard.stages import scale
 from guard.stages.detector import Enforcement, MisdirectOptions, input_rows
 from guard.stages.env import StageEnv
 from guard.stages.options import Duration, OptionError, OptionsStage, option
@@ -55,18 +56,28 @@ def _process_secret() -> bytes:
 @dataclass(frozen=True, kw_only=True)
 class BlacklightOptions(MisdirectOptions):
     quantize: float = option(
-        3.0,
+        scale.QUANTIZE,
         gt=0,
-        doc="quantization step, in the input's units: about a fifth of the input range "
-        "(the paper: 50 on 0-255; 3.0 suits the digits demo's 0-16 pixels, 0.2 inputs in [0, 1])",
+        derive=scale.quantize,
+        shown="`0.1875 x (max - min)` of the declared range, else `3.0`",
+        doc="quantization step, in the input's units (the paper: 50 on 0-255; 3.0 on the "
+        "digits demo's 0-16). The declared range: the validate stage's min/max, else a "
+        "built-in model's (docs/input-scale.md)",
     )
-    window: int = option(20, min=1, doc="values per hashed window")
+    window: int = option(
+        scale.WINDOW,
+        min=1,
+        derive=scale.window,
+        shown="`min(20, size // 3)` of a row's values, else `20`",
+        doc="values per hashed window (the paper: 20); a window longer than the row "
+        "hashes it whole",
+    )
     stride: int = option(1, min=1, doc="step between windows")
     top: int = option(50, min=1, max=4096, doc="hashes kept per fingerprint")
     threshold: int = option(
         min=0,
-        derive=lambda values, env: values["top"] // 2,
-        shown="`top // 2`",
+        derive=scale.threshold,
+        shown="`top // 2`; half the row's windows where it has no more",
         doc="an earlier query *matches* when it shares more than this many hashes (< top)",
     )
     matches: int = option(

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from guard.inference import ModelMetadata
+from guard.stages.scale import UNKNOWN, InputScale
 
 if TYPE_CHECKING:
     from guard.backends.base import Backend
@@ -21,6 +22,9 @@ class StageEnv:
     backend: Backend | None  # what serves this model's requests (upstream or local copy)
     local: OnnxBackend | None  # the policy's local copy of the model, when it has one
     metadata: ModelMetadata | None  # known without asking the upstream (from the local copy)
+    # The input's declared range and shape (guard.stages.scale.declared_scale), which the
+    # defaults in input units follow; unknown where a stage is built on its own.
+    scale: InputScale = UNKNOWN
     # The model version the backend serves, from the policy (upstream.version); "" when the
     # model has one version. Never the version a client writes in its URL.
     version: str = ""

@@ -22,9 +22,10 @@ an options dataclass          a nested mapping; ``tuple[Options, ...]``: a list 
 A key the stage no longer takes is listed in the class's ``REMOVED`` (key to the
 message that says what to do instead). A bound may name an earlier field
 (``max="history"``), and ``derive`` computes a default from the fields read before
-it. Rules across fields live in the dataclass's ``__post_init__``, which raises
-:class:`OptionError` naming the key: they hold for options built in code too
-(the tuner's ``dataclasses.replace``).
+it and the stage's environment (``dataclasses.MISSING``: none; then the field's default,
+else the key is required). Rules across fields live in the dataclass's
+``__post_init__``, which raises :class:`OptionError` naming the key: they hold for
+options built in code too (the tuner's ``dataclasses.replace``).
 Every message names file, path, constraint and value::
 
     policies/default.yaml: models.digits.stages[2].provenance.links must be <= 128; got 300
@@ -115,8 +116,9 @@ def read_options(cls: type[OptionsT], section: Section, env: StageEnv | None = N
         rule = _rule(field)
         if not section.has(field.name) or section.data[field.name] is None:
             section.str(field.name, None)  # mark as read
-            if rule.derive is not None:
-                values[field.name] = rule.derive(values, env)
+            derived = rule.derive(values, env) if rule.derive is not None else dataclasses.MISSING
+            if derived is not dataclasses.MISSING:
+                values[field.name] = derived
             elif field.default is not dataclasses.MISSING:
                 values[field.name] = field.default
             elif not _optional(hints[field.name]):

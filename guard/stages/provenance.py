@@ -26,6 +26,7 @@ import numpy as np
 
 from guard.defenses.provenance import link_rows
 from guard.pipeline import RequestContext, Verdict
+from guard.stages import scale
 from guard.stages.detector import HISTORY_BYTES, Enforcement, MisdirectOptions, input_rows
 from guard.stages.env import StageEnv
 from guard.stages.options import Duration, OptionsStage, option
@@ -48,8 +49,11 @@ class ProvenanceOptions(MisdirectOptions):
     )
     distance: float = option(
         gt=0,
+        derive=scale.distance,
+        shown="`3/64 x (max - min) x sqrt(size)` of the declared input, else required",
         doc="a row is *linked* when an earlier row of the client lies within this L2 "
-        "distance, in input units; keep it below the distance between distinct honest inputs",
+        "distance, in input units; keep it below the distance between distinct honest inputs "
+        "(the default, 3/64 of the input space's diameter, is 6.0 on the digits demo)",
     )
     links: int = option(
         8,

@@ -36,7 +36,8 @@ The keys each stage takes in a policy (`- <stage>: {key: value, ...}`), generate
 fails when this file is stale.
 
 A key left out takes its default; a *required* key has none. Durations are seconds or
-`500ms`, `30s`, `5m`, `1h`, `1d`. Unknown keys are errors.
+`500ms`, `30s`, `5m`, `1h`, `1d`. Unknown keys are errors. Defaults in input units follow
+the model's declared input range and size (docs/input-scale.md).
 """
 _ROLE = re.compile(r":[a-z]+:`~?([^`]+)`")
 

@@ -30,6 +30,7 @@ from guard.defenses.squeeze import Image, Squeezer
 from guard.errors import RequestError
 from guard.inference import datatype_name
 from guard.pipeline import RequestContext, Verdict
+from guard.stages import scale
 from guard.stages.env import StageEnv
 from guard.stages.options import OptionError, OptionsStage, option
 from guard.stages.shared import only_input, request_input, watched_input
@@ -80,7 +81,11 @@ class SqueezerOptions:
     ) -> None:
         """The rules with the stage's ``range`` and ``image`` (``at``: this squeezer's key)."""
         if self.bits is not None and value_range is None:
-            raise OptionError(f"{at}bits", "needs range: [lo, hi] (the values' range) on the stage")
+            raise OptionError(
+                f"{at}bits",
+                "needs range: [lo, hi] (the values' range) on the stage, or min and max on "
+                "the model's validate stage",
+            )
         if self.median is None:
             return
         if image is None:
@@ -103,6 +108,13 @@ class SqueezerOptions:
         )
 
 
+def _image(shape: tuple[int, int, int, Literal["HWC", "CHW"]] | None) -> ImageOptions | None:
+    if shape is None:
+        return None
+    height, width, channels, layout = shape
+    return ImageOptions(height=height, width=width, channels=channels, layout=layout)
+
+
 @dataclass(frozen=True, kw_only=True)
 class SqueezedInputOptions:
     """What ``squeeze`` and ``squeeze_detect`` both take: the input, its range and image."""
@@ -115,10 +127,19 @@ class SqueezedInputOptions:
         "copy), else the request's only input",
     )
     range: tuple[float, float] | None = option(
-        None, doc="`[lo, hi]`: the range of the values, over which `bits` counts levels"
+        None,
+        derive=scale.value_range,
+        shown="the declared range",
+        doc="`[lo, hi]`: the range of the values, over which `bits` counts levels "
+        "(declared: the validate stage's min/max, else a built-in model's)",
     )
     image: ImageOptions | None = option(
-        None, doc="`{height, width, channels: 1, layout: HWC}`; required by `median`"
+        None,
+        derive=lambda values, env: _image(scale.image_shape(values, env)),
+        shown="the input's, when an image",
+        doc="`{height, width, channels: 1, layout: HWC}`; required by `median`. The input "
+        "is an image when its shape is `[H, W, C]` (1, 3 or 4 channels), `[C, H, W]` or "
+        "`[H, W]`; a flat row is none",
     )
 
 

@@ -34,6 +34,7 @@ import numpy as np
 from guard.configreader import Section
 from guard.stages import StageEnv, stage_class
 from guard.stages.options import OptionError, read_options
+from guard.stages.scale import declared_scale
 
 if TYPE_CHECKING:
     from guard.config import ModelConfig, Policy
@@ -74,11 +75,13 @@ def typed_model(policy: Policy, model: str) -> ModelConfig:
     local = None
     if config.model_file is not None:
         local = OnnxBackend(config.model_file, name=model, device="cpu")
+    metadata = local.model_metadata if local else None
     env = StageEnv(
         model=model,
         backend=local,
         local=local,
-        metadata=local.model_metadata if local else None,
+        metadata=metadata,
+        scale=declared_scale(config.stages, config.model_file, metadata),
         version=(config.upstream.version or "") if config.upstream else "",
         environ=policy.environ,
     )

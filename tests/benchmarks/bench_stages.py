@@ -42,6 +42,7 @@ from guard.configreader import Section  # noqa: E402
 from guard.inference import InferRequest, InferResponse, ModelMetadata, TensorSpec  # noqa: E402
 from guard.pipeline import Pipeline, RequestContext  # noqa: E402
 from guard.stages import STAGES, StageEnv  # noqa: E402
+from guard.stages.scale import InputScale  # noqa: E402
 from guard.state.memory import MemoryStore  # noqa: E402
 
 CLASSES = 10
@@ -89,7 +90,12 @@ def metadata(width: int) -> ModelMetadata:
 
 def build(stages: list[tuple[str, dict[str, Any]]], width: int) -> Pipeline:
     env = StageEnv(
-        model="digits", backend=None, local=None, metadata=metadata(width), state=MemoryStore()
+        model="digits",
+        backend=None,
+        local=None,
+        metadata=metadata(width),
+        scale=InputScale((0.0, 16.0), (width,)),  # the defaults in input units follow it
+        state=MemoryStore(),
     )
     built = []
     for i, (name, options) in enumerate(stages):

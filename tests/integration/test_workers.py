@@ -2,7 +2,8 @@
 
 A near-duplicate walk (Blacklight's evidence) and a quota spread over two workers (a
 fresh connection per request, so the kernel's SO_REUSEPORT hashing sends them to both)
-are answered exactly as by one worker; both workers served; SIGHUP reloads every worker
+are answered exactly as by one worker; both workers served (each worker's own metrics
+file counts some of the requests); SIGHUP reloads every worker
 and SIGTERM stops them all; more than one worker on a memory store with stateful stages
 is refused.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -23,6 +25,7 @@ from typing import Any
 import numpy as np
 import pytest
 import yaml
+from prometheus_client.multiprocess import MultiProcessCollector
 
 from guard.models import load_samples
 from tests.integration.redis_server import RedisServer
@@ -53,6 +56,7 @@ class Guard:
         self.path = tmp / f"policy-{workers}.yaml"
         self.path.write_text(yaml.safe_dump(doc))
         self.port, self.metrics = free_port(), free_port()
+        self.workers = workers
         self.url = f"http://127.0.0.1:{self.port}"
         self.process = subprocess.Popen(
             [
@@ -74,12 +78,29 @@ class Guard:
             cwd=ROOT,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1", KEY_ENV: "k" * 32},
+            # TMPDIR: the master's metrics directory is made here, for the tests to read
+            env={**os.environ, "PYTHONUNBUFFERED": "1", KEY_ENV: "k" * 32, "TMPDIR": str(tmp)},
         )
 
     def __enter__(self) -> Guard:
         wait_ready(self.url, self.process, timeout=60)
+        self.head = self._wait_for_workers(timeout=60)
         return self
+
+    def _wait_for_workers(self, timeout: float) -> str:
+        """The output until every worker logged that it serves (the port answers as soon
+        as one does); kept for :meth:`stop`."""
+        assert self.process.stdout is not None
+        fd = self.process.stdout.fileno()  # unbuffered reads: select sees what is left
+        head = b""
+        deadline = time.monotonic() + timeout
+        while head.count(b"guard serving") < self.workers:
+            ready, _, _ = select.select([fd], [], [], 0.5)
+            if ready:
+                head += os.read(fd, 65536)
+            if time.monotonic() > deadline or self.process.poll() is not None:
+                raise AssertionError("workers did not start:\n" + head.decode())
+        return head.decode()
 
     def __exit__(self, *exc: object) -> None:
         if self.process.poll() is None:
@@ -88,7 +109,7 @@ class Guard:
 
     def stop(self) -> tuple[int, str]:
         self.process.send_signal(signal.SIGTERM)
-        output = self.process.communicate(timeout=30)[0].decode()
+        output = self.head + self.process.communicate(timeout=30)[0].decode()
         return self.process.returncode, output
 
 
@@ -118,14 +139,16 @@ def walk(n: int, seed: int) -> np.ndarray:
     return np.clip(x[seed] + rng.normal(0, 0.02, (n, 64)), 0, 16).astype(np.float32)
 
 
-def served_by(metrics_port: int) -> float:
-    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as r:
-        text = r.read().decode()
-    return sum(
-        float(line.rsplit(" ", 1)[1])
-        for line in text.splitlines()
-        if line.startswith("guard_requests_total{")
-    )
+def requests_per_worker(tmp: Path) -> dict[int, float]:
+    """``guard_requests_total`` by worker pid, read from each worker's own metrics file
+    in the master's directory (``TMPDIR`` is ``tmp``)."""
+    counts = {}
+    for path in tmp.glob("guard-metrics-*/counter_*.db"):
+        families = MultiProcessCollector.merge([str(path)])
+        counts[int(path.stem.split("_")[1])] = sum(
+            s.value for f in families for s in f.samples if s.name == "guard_requests_total"
+        )
+    return counts
 
 
 def test_an_attack_spread_over_two_workers_is_caught_as_on_one(
@@ -137,15 +160,19 @@ def test_an_attack_spread_over_two_workers_is_caught_as_on_one(
         redis_server.flush()
         with Guard(tmp_path, policy(redis_server.url, queries=20), workers) as guard:
             answers[workers] = [infer(guard.url, q) for q in queries]
-            if workers == 2:
-                per_worker = [served_by(guard.metrics + i) for i in range(2)]
+            if workers == 2:  # once every worker wrote its file (each second)
+                deadline = time.monotonic() + 10
+                while sum(requests_per_worker(tmp_path).values()) < len(queries):
+                    assert time.monotonic() < deadline, requests_per_worker(tmp_path)
+                    time.sleep(0.1)
+                per_worker = list(requests_per_worker(tmp_path).values())
             code, output = guard.stop()
         assert code == 0, output
         assert "Traceback" not in output
     assert answers[1] == answers[2]
     assert 403 in answers[1]  # the walk is caught (blacklight, action deny) ...
     assert answers[1][20:] == [429] * 4  # ... and the quota of 20 holds over both workers
-    assert all(n > 0 for n in per_worker), per_worker  # both workers served
+    assert len(per_worker) == 2 and all(n > 0 for n in per_worker), per_worker  # both served
 
 
 def test_sighup_reloads_every_worker(tmp_path: Path, redis_server: RedisServer) -> None:

@@ -93,9 +93,11 @@ def test_the_default_policy_space_is_centred_on_its_values() -> None:
         "blacklight.quantize": (2.0, 3.0, 4.0),
         "prada.delta": (0.86, 0.9, 0.94),
     }
+    stages = typed(document).stages
     for p in params:
-        options = document["models"]["digits"]["stages"][p.index][p.stage]
-        assert p.base == options[p.key] and p.base in p.values
+        written = document["models"]["digits"]["stages"][p.index][p.stage]
+        in_use = getattr(stages[p.index].options, p.key)  # quantize: derived from the range
+        assert p.base == written.get(p.key, in_use) == in_use and p.base in p.values
     full = search_space(typed(document), grid="full", n_classes=10)
     assert {p.name for p in full} > set(grids) | {"blacklight.matches"}
     assert all(len(p.values) >= len(grids.get(p.name, ())) for p in full)
