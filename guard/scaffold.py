@@ -112,16 +112,20 @@ def render(
     model_ref: str | None,
     upstream: str | None,
     command: str,
+    policy_file: str = "POLICY",
+    data_arg: str = "DATA",
 ) -> str:
     """The policy's YAML text, every measured number commented."""
     m = measured
-    data = subject.data_label
+    named = f"--policy {policy_file} --model {name} --data {data_arg}"
     lines = [
         f"# A first policy for {name}, written by `{command}`.",
-        f"# Numbers measured on {m.rows} held-out rows of {data} (bare model accuracy "
-        f"{m.accuracy:.4f}).",
-        "# Next: `guard attack --policy THIS --model NAME --data DATA` measures it, and",
-        "# `guard tune --policy THIS --model NAME --data DATA --out tuned.yaml` tunes it.",
+        f"# Numbers measured on {m.rows} held-out rows of {subject.data_label} (bare model "
+        f"accuracy {m.accuracy:.4f}).",
+        "# Next, tune it against measured attacks and honest traffic:",
+        f"#   guard tune {named} --out tuned.yaml",
+        "# and attack it as served (guard serve --policy ...):",
+        f"#   guard attack --target URL {named}",
         "version: 1",
         "mode: enforce",
         "",

@@ -29,12 +29,8 @@ def add_parser(commands: Any) -> None:
         "guards (with --served-name)",
     )
     parser.add_argument("--name", help="the model's name in the policy (default: the file's stem)")
-    parser.add_argument(
-        "--out", type=Path, help="write the policy here (default: standard output)"
-    )
-    parser.add_argument(
-        "--force", action="store_true", help="overwrite --out when it exists"
-    )
+    parser.add_argument("--out", type=Path, help="write the policy here (default: standard output)")
+    parser.add_argument("--force", action="store_true", help="overwrite --out when it exists")
     parser.set_defaults(run=run)
 
 
@@ -67,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
     model_ref = (
         model_reference(subject.model_file, args.out) if subject.model_file is not None else None
     )
-    command = "guard init " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else "guard init"
+    command = f"guard init --model {args.model} --data {args.data}"
     text = render(
         subject,
         measure(subject),
@@ -75,6 +71,8 @@ def run(args: argparse.Namespace) -> int:
         model_ref=model_ref,
         upstream=subject.url,
         command=command,
+        policy_file=str(args.out) if args.out is not None else "POLICY",
+        data_arg=str(args.data),
     )
     if args.out is None:
         sys.stdout.write(text)
