@@ -16,7 +16,11 @@ file with how it was measured:
   the stages from ``validate``'s range and the input's size (docs/input-scale.md).
   They are left out, with a comment, when the features do not share one scale
   (tabular rows whose per-feature spans differ more than :data:`TABULAR_SPREAD`-fold):
-  a step or a distance in "input units" then means nothing.
+  a step or a distance in "input units" then means nothing; and when a row has fewer
+  than :data:`MIN_VALUES` values: an honest client's retry with a little noise and an
+  attack's next step then look alike (measured: on 20 features in [0, 1], Blacklight
+  misdirected honest clients resending jittered rows, 5-27% of their answers, at every
+  threshold ``guard tune`` tried).
 
 The file is a starting point: ``guard attack`` measures it and ``guard tune`` tunes it.
 """
@@ -33,6 +37,7 @@ if TYPE_CHECKING:
     from guard.subject import Subject
 
 TABULAR_SPREAD = 10.0  # per-feature spans differing more than this: no shared input unit
+MIN_VALUES = 64  # fewer values per row: no near-duplicate detectors (see the module)
 CUT = 0.5  # the privacy bins' one cut: unsure (top probability < 0.5) or sure
 MAX_BATCH = 256
 
@@ -45,6 +50,7 @@ class Measured:
     hi: float
     range_source: str  # "declared" or "data"
     shared_scale: bool  # every feature spans a comparable range
+    values: int  # per row
     spread: float  # largest over smallest nonzero per-feature span
     accuracy: float  # held-out, of the bare model
     confidences: tuple[float, float] | None  # per privacy bin; None: label-only answers
@@ -88,6 +94,7 @@ def measure(subject: Subject) -> Measured:
         range_source=source,
         shared_scale=spread <= TABULAR_SPREAD,
         spread=spread,
+        values=int(np.prod(subject.input_shape)),
         accuracy=float(correct.mean()),
         confidences=confidences,
         bin_rows=counts,
@@ -172,7 +179,7 @@ def render(
         "      - budget:            # per-client quotas: 429 with Retry-After past them",
         "          limits: [{queries: 1200, per: 1m}, {queries: 20000, per: 1d}]",
     ]
-    if m.shared_scale:
+    if m.shared_scale and m.values >= MIN_VALUES:
         lines += [
             "      - blacklight:        # near-duplicate queries; quantize and window derived",
             "          matches: 6       # from validate's range and the input size",
@@ -184,12 +191,17 @@ def render(
             "          action: misdirect",
             "          degrade_for: 1h",
         ]
-    else:
+    elif not m.shared_scale:
         lines += [
             f"      # blacklight and provenance left out: the features' spans differ "
             f"{m.spread:.0f}-fold,",
             "      # so a quantization step or a distance has no one unit (scale the features,",
             "      # then add them: docs/input-scale.md)",
+        ]
+    else:
+        lines += [
+            f"      # blacklight and provenance left out: {m.values} values per row are too few",
+            "      # to tell an honest retry with a little noise from an attack's next step",
         ]
     lines += [
         "      - prada:             # extraction-like query distributions",
