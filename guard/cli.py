@@ -25,7 +25,14 @@ if TYPE_CHECKING:
 
 DEFAULT_POLICY = Path(__file__).parent / "policies" / "default.yaml"
 # Offline subcommands: modules under guard/commands/ with an ``add_parser(commands)``.
-OFFLINE_COMMANDS: tuple[str, ...] = ("certify", "calibrate_squeeze", "attack", "load", "tune")
+OFFLINE_COMMANDS: tuple[str, ...] = (
+    "init",
+    "attack",
+    "tune",
+    "certify",
+    "calibrate_squeeze",
+    "load",
+)
 log = logging.getLogger("guard")
 _UNSET = object()  # an option not given on the command line (None is a value: off)
 

@@ -271,17 +271,26 @@ def _decode_shard(item: bytes) -> Shard | None:
 
 
 def _calibrated(reference: str, options: CoverageOptions) -> float:
-    """The radius the ``reference`` rows calibrate: ``scale`` × the ``quantile`` of its rows'
-    nearest-neighbour distances, after the sketch."""
+    """The radius the ``reference`` rows calibrate (:func:`reference_radius`)."""
     from guard.models import load_samples
 
     try:
         x, _ = load_samples(reference.removeprefix("builtin:"))
     except (ValueError, OSError) as exc:
         raise OptionError("reference", f"names no built-in model with samples: {exc}") from exc
+    return reference_radius(x, dims=options.dims, quantile=options.quantile, scale=options.scale)
+
+
+def reference_radius(
+    x: np.ndarray, *, dims: int = 64, quantile: float = 0.01, scale: float = 0.5
+) -> float:
+    """``scale`` x the ``quantile`` of the nearest-neighbour distances of benign rows ``x``
+    (any row shape), after the stage's sketch to ``dims`` values: what ``reference``
+    calibrates at load, and what ``guard init`` writes as ``radius``. The defaults are
+    the options'."""
     rows = x.reshape(len(x), -1)
-    sketch = Sketch.make(rows.shape[1], options.dims)
-    return calibrate_radius(sketch(rows), quantile=options.quantile, scale=options.scale)
+    sketch = Sketch.make(rows.shape[1], dims)
+    return calibrate_radius(sketch(rows), quantile=quantile, scale=scale)
 
 
 def _metadata_classes(env: StageEnv) -> int | None:

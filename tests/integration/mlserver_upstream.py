@@ -224,6 +224,15 @@ def mlserver_venv() -> Path:
     return Path(os.environ.get(VENV_ENV) or DEFAULT_VENV)
 
 
+def usable_mlserver_venv() -> Path:
+    """:func:`mlserver_venv` when it can serve this interpreter's pickles; else the test
+    skips (fails when ``GUARD_REQUIRE_MLSERVER`` is set)."""
+    venv = mlserver_venv()
+    if (problem := venv_problem(venv)) is not None:
+        _unavailable(problem, venv)
+    return venv
+
+
 def venv_problem(venv: Path) -> str | None:
     """Why ``venv`` cannot serve models pickled by this interpreter, or ``None``.
 

@@ -473,15 +473,11 @@ def test_a_model_served_by_mlserver_behind_a_policy(
     from guard.config import load_policy
     from tests.integration.mlserver_upstream import (
         MODEL_FILE,
-        _unavailable,
-        mlserver_venv,
         start_mlserver,
-        venv_problem,
+        usable_mlserver_venv,
     )
 
-    venv = mlserver_venv()
-    if (problem := venv_problem(venv)) is not None:
-        _unavailable(problem, venv)
+    venv = usable_mlserver_venv()
     model_dir = tmp_path / "mlserver"
     model_dir.mkdir()
     (model_dir / MODEL_FILE).write_bytes((own.onnx.parent / "model.joblib").read_bytes())
