@@ -64,9 +64,8 @@ def measure(subject: Subject) -> Measured:
     from guard.stages.coverage import reference_radius
 
     x = subject.x
-    declared = subject.lo is not None and subject.hi is not None
-    if declared and np.ndim(subject.lo) == 0 and np.ndim(subject.hi) == 0:
-        lo, hi, source = float(subject.lo), float(subject.hi), "declared"  # type: ignore[arg-type]
+    if subject.lo is not None and subject.hi is not None and subject.spec.scalar_range:
+        lo, hi, source = float(subject.lo), float(subject.hi), "declared"
     else:
         lo, hi, source = float(x.min()), float(x.max()), "data"
     spans = x.max(axis=0) - x.min(axis=0)
