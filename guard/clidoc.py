@@ -35,6 +35,12 @@ EXAMPLES: dict[str, tuple[str, ...]] = {
     ),
     "demo": ("guard demo", "guard demo --requests 100 --keep"),
     "keygen": ("guard keygen alice --models digits >> keys.yaml",),
+    "init": (
+        "guard init --model my.onnx --data my.npz --out policy.yaml",
+        "guard init --model my.onnx --data images/ --input-range 0,1 --name mine",
+        "guard init --model http://127.0.0.1:8080 --served-name mine --data my.npz "
+        "--classes 4 --scores-output predict_proba --out policy.yaml",
+    ),
     "certify": (
         "guard certify --model digits --sigma 0.5 1.0 --samples 50",
         "guard certify --model digits --sigma 0.5 --n 10000 --report cert.csv --plot cert.png",
