@@ -15,7 +15,8 @@ file with how it was measured:
 * ``blacklight`` and ``provenance``: their parameters in input units are derived by
   the stages from ``validate``'s range and the input's size (docs/input-scale.md).
   They are left out, with a comment, when the features do not share one scale
-  (tabular rows whose per-feature spans differ more than :data:`TABULAR_SPREAD`-fold):
+  (tabular rows: the largest per-feature span over the median one exceeds
+  :data:`TABULAR_SPREAD`; images pass, whose rarely lit border pixels span little):
   a step or a distance in "input units" then means nothing; and when a row has fewer
   than :data:`MIN_VALUES` values: an honest client's retry with a little noise and an
   attack's next step then look alike (measured: on 20 features in [0, 1], Blacklight
@@ -36,7 +37,7 @@ import numpy as np
 if TYPE_CHECKING:
     from guard.subject import Subject
 
-TABULAR_SPREAD = 10.0  # per-feature spans differing more than this: no shared input unit
+TABULAR_SPREAD = 10.0  # a feature spanning more times the median span: no shared input unit
 MIN_VALUES = 64  # fewer values per row: no near-duplicate detectors (see the module)
 CUT = 0.5  # the privacy bins' one cut: unsure (top probability < 0.5) or sure
 MAX_BATCH = 256
@@ -51,7 +52,7 @@ class Measured:
     range_source: str  # "declared" or "data"
     shared_scale: bool  # every feature spans a comparable range
     values: int  # per row
-    spread: float  # largest over smallest nonzero per-feature span
+    spread: float  # largest over the median nonzero per-feature span
     accuracy: float  # held-out, of the bare model
     confidences: tuple[float, float] | None  # per privacy bin; None: label-only answers
     bin_rows: tuple[int, int]
@@ -70,7 +71,7 @@ def measure(subject: Subject) -> Measured:
         lo, hi, source = float(x.min()), float(x.max()), "data"
     spans = x.max(axis=0) - x.min(axis=0)
     nonzero = spans[spans > 0]
-    spread = float(nonzero.max() / nonzero.min()) if len(nonzero) else 1.0
+    spread = float(nonzero.max() / np.median(nonzero)) if len(nonzero) else 1.0
     target = subject.target()
     try:
         answers = target.query(x)
@@ -192,9 +193,9 @@ def render(
         ]
     elif not m.shared_scale:
         lines += [
-            f"      # blacklight and provenance left out: the features' spans differ "
-            f"{m.spread:.0f}-fold,",
-            "      # so a quantization step or a distance has no one unit (scale the features,",
+            f"      # blacklight and provenance left out: a feature spans {m.spread:.0f} times the",
+            "      # median feature's range, so a quantization step or a distance has no one",
+            "      # unit (scale the features,",
             "      # then add them: docs/input-scale.md)",
         ]
     else:
