@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["CLASS_NAMES", "SIZE", "generate"]
+__all__ = ["CHUNK", "CLASS_NAMES", "SIZE", "dataset", "generate"]
 
 CLASS_NAMES = (
     "circle",
@@ -41,7 +41,9 @@ CLASS_NAMES = (
     "dots",
 )
 SIZE = 32
+CHUNK = 1000  # images per generator seed in :func:`dataset`
 
+_DATA_STREAM = 3
 _COORD = np.arange(SIZE, dtype=np.float32) + 0.5  # pixel centres
 
 
@@ -70,6 +72,25 @@ def generate(
     return np.clip(np.rint(image * 255.0), 0, 255).astype(np.uint8), y
 
 
+def dataset(seed: int, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rows ``start .. stop - 1`` of the data set of ``seed``, as :func:`generate` returns them.
+
+    The data set is drawn in chunks of :data:`CHUNK` images, chunk ``i`` from
+    ``numpy.random.default_rng([seed, 3, i])``, so any rows can be redrawn from their chunks
+    alone; the built-in ``shapes`` model was trained on rows ``0 .. 19999`` of seed 0.
+    """
+    if not 0 <= start <= stop:
+        raise ValueError(f"need 0 <= start <= stop; got {start}, {stop}")
+    xs = [np.empty((0, SIZE, SIZE, 3), np.uint8)]
+    ys = [np.empty(0, np.int64)]
+    for chunk in range(start // CHUNK, -(-stop // CHUNK)):
+        x, y = generate(CHUNK, np.random.default_rng([seed, _DATA_STREAM, chunk]))
+        lo, hi = max(start - chunk * CHUNK, 0), min(stop - chunk * CHUNK, CHUNK)
+        xs.append(x[lo:hi])
+        ys.append(y[lo:hi])
+    return np.concatenate(xs), np.concatenate(ys)
+
+
 class _Draws:
     """Every random parameter of ``n`` images, drawn in one fixed order."""
 
@@ -80,22 +101,22 @@ class _Draws:
         self.wave = u((n, 4), dtype=np.float32)  # amplitude, frequency, angle, phase
         self.colour = u((n, 3), dtype=np.float32)
         self.min_contrast = u(n, dtype=np.float32)
-        self.radius = 4.0 + 8.0 * u(n, dtype=np.float32)  # object half-size, pixels
+        self.radius = 5.0 + 7.0 * u(n, dtype=np.float32)  # object half-size, pixels
         self.centre = u((n, 2), dtype=np.float32)
         self.angle = u(n, dtype=np.float32) * 2 * np.pi
         self.aspect = u(n, dtype=np.float32)  # thickness / spacing / texture period knob
-        self.soft = 0.5 + u(n, dtype=np.float32)  # edge softness, pixels
+        self.soft = 0.5 + 0.7 * u(n, dtype=np.float32)  # edge softness, pixels
         self.line = u((n, 5), dtype=np.float32)  # on?, two end points
         self.line_colour = u((n, 3), dtype=np.float32)
         self.light = u((n, 3), dtype=np.float32)  # gain, slope, angle
-        self.noise = 0.08 * u(n, dtype=np.float32)  # pixel noise sigma, [0, 1] units
+        self.noise = 0.06 * u(n, dtype=np.float32)  # pixel noise sigma, [0, 1] units
         self.pixel_noise = rng.standard_normal((n, SIZE, SIZE, 3), dtype=np.float32)
         # A colour too close to the background gets pushed away from it, by a random amount:
         # most objects stand out, a few are faint.
         mean_bg = self.bg.mean(axis=1)
         gap = self.colour - mean_bg
         norm = np.linalg.norm(gap, axis=1)
-        want = 0.12 + 0.5 * self.min_contrast
+        want = 0.2 + 0.45 * self.min_contrast
         push = np.where(norm < want, want / np.maximum(norm, 1e-3), 1.0)
         self.colour = np.clip(mean_bg + gap * push[:, None], 0.0, 1.0)
 
