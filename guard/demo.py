@@ -1,9 +1,10 @@
 """``guard demo``: the built-in default policy, served and attacked for real.
 
 It starts the guard on loopback with the three demo models embedded (digits,
-breast_cancer and the 32x32 colour images of shapes) and the default policy, plus two things the demo needs to tell its clients apart: a
-keys file generated at start (the default policy identifies clients by
-address, and every client here is 127.0.0.1) and an audit log. Then:
+breast_cancer and the 32x32 colour images of shapes) and the default policy,
+plus two things the demo needs to tell its clients apart: a keys file generated
+at start (the default policy identifies clients by address, and every client
+here is 127.0.0.1) and an audit log. Then:
 
 1. ordinary traffic in each protocol the guard speaks, and hostile input;
 2. two users and three attackers at once, each with its own API key: an

@@ -137,14 +137,19 @@ def _grid(p: _Draws, angle: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndar
 def _background(p: _Draws) -> np.ndarray:
     """A linear two-colour gradient plus a faint sinusoidal wave."""
     cos, sin = np.cos(p.bg_angle), np.sin(p.bg_angle)
-    t = (cos[:, None, None] * (_COORD[None, None, :] - 16) + sin[:, None, None] *
-         (_COORD[None, :, None] - 16)) / 32 + 0.5
+    t = (
+        cos[:, None, None] * (_COORD[None, None, :] - 16)
+        + sin[:, None, None] * (_COORD[None, :, None] - 16)
+    ) / 32 + 0.5
     t = np.clip(t, 0.0, 1.0)[..., None]
     image = p.bg[:, None, None, 0, :] * (1 - t) + p.bg[:, None, None, 1, :] * t
     amp, freq, angle, phase = (p.wave[:, i, None, None] for i in range(4))
     w = np.sin(
-        (0.2 + 0.6 * freq) * (np.cos(2 * np.pi * angle) * _COORD[None, None, :]
-                              + np.sin(2 * np.pi * angle) * _COORD[None, :, None])
+        (0.2 + 0.6 * freq)
+        * (
+            np.cos(2 * np.pi * angle) * _COORD[None, None, :]
+            + np.sin(2 * np.pi * angle) * _COORD[None, :, None]
+        )
         + 2 * np.pi * phase
     )
     return image + (0.08 * amp * w)[..., None]

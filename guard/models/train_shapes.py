@@ -102,9 +102,9 @@ def _block(channels_in: int, channels_out: int) -> list[nn.Module]:
     ]
 
 
-def fold_batchnorm(state: dict[str, np.ndarray], conv: int, eps: float = 1e-5) -> tuple[
-    np.ndarray, np.ndarray
-]:
+def fold_batchnorm(
+    state: dict[str, np.ndarray], conv: int, eps: float = 1e-5
+) -> tuple[np.ndarray, np.ndarray]:
     """Conv weight and bias of block ``conv`` (index in :func:`network`) with its batch
     normalization (eval mode: running statistics) folded in."""
     bn = conv + 1
@@ -152,8 +152,10 @@ def train_shapes(seed: int = 0, *, log: Any = print) -> TrainedShapes:
             schedule.step()
             total += float(loss.detach()) * len(batch)
             correct += int((logits.argmax(1) == labels[batch]).sum())
-        log(f"shapes: epoch {epoch + 1}/{EPOCHS} loss {total / TRAIN_SIZE:.4f} "
-            f"noisy train accuracy {correct / TRAIN_SIZE:.4f}")
+        log(
+            f"shapes: epoch {epoch + 1}/{EPOCHS} loss {total / TRAIN_SIZE:.4f} "
+            f"noisy train accuracy {correct / TRAIN_SIZE:.4f}"
+        )
     model.eval()
     weights = {k: v.detach().numpy().astype(np.float32) for k, v in model.state_dict().items()}
     return TrainedShapes(seed=seed, weights=weights, seconds=time.perf_counter() - start)
@@ -174,12 +176,16 @@ def to_onnx_bytes(state: dict[str, np.ndarray], name: str = "shapes") -> bytes:
         tensors[f"conv{i}.weight"], tensors[f"conv{i}.bias"] = fold_batchnorm(state, conv)
         nodes += [
             helper.make_node(
-                "Conv", [h, f"conv{i}.weight", f"conv{i}.bias"], [f"conv{i}"],
-                kernel_shape=[3, 3], pads=[1, 1, 1, 1],
+                "Conv",
+                [h, f"conv{i}.weight", f"conv{i}.bias"],
+                [f"conv{i}"],
+                kernel_shape=[3, 3],
+                pads=[1, 1, 1, 1],
             ),
             helper.make_node("Relu", [f"conv{i}"], [f"relu{i}"]),
-            helper.make_node("MaxPool", [f"relu{i}"], [f"pool{i}"], kernel_shape=[2, 2],
-                             strides=[2, 2]),
+            helper.make_node(
+                "MaxPool", [f"relu{i}"], [f"pool{i}"], kernel_shape=[2, 2], strides=[2, 2]
+            ),
         ]
         h = f"pool{i}"
     for i, dense in enumerate(_DENSES):
@@ -187,11 +193,9 @@ def to_onnx_bytes(state: dict[str, np.ndarray], name: str = "shapes") -> bytes:
         tensors[f"dense{i}.bias"] = state[f"{dense}.bias"]
     nodes += [
         helper.make_node("Flatten", [h], ["features"], axis=1),
-        helper.make_node("Gemm", ["features", "dense0.weight", "dense0.bias"], ["dense"],
-                         transB=1),
+        helper.make_node("Gemm", ["features", "dense0.weight", "dense0.bias"], ["dense"], transB=1),
         helper.make_node("Relu", ["dense"], ["hidden"]),
-        helper.make_node("Gemm", ["hidden", "dense1.weight", "dense1.bias"], ["logits"],
-                         transB=1),
+        helper.make_node("Gemm", ["hidden", "dense1.weight", "dense1.bias"], ["logits"], transB=1),
         helper.make_node("Softmax", ["logits"], ["probabilities"], axis=1),
         helper.make_node("ArgMax", ["logits"], ["label"], axis=1, keepdims=0),
     ]

@@ -43,9 +43,7 @@ async def infer(
 
 
 def outputs(payload: Any) -> dict[str, np.ndarray]:
-    return {
-        o["name"]: np.asarray(o["data"]).reshape(o["shape"]) for o in payload["outputs"]
-    }
+    return {o["name"]: np.asarray(o["data"]).reshape(o["shape"]) for o in payload["outputs"]}
 
 
 async def test_default_policy_serves_shapes_embedded(
@@ -84,8 +82,12 @@ async def test_squeeze_and_certify_take_the_image(
     start_guard: StartGuard, http: aiohttp.ClientSession
 ) -> None:
     policy = default_shapes_policy(
-        squeeze={"bits": 5, "median": 2, "range": [0.0, 1.0],
-                 "image": {"height": 32, "width": 32, "channels": 3}},
+        squeeze={
+            "bits": 5,
+            "median": 2,
+            "range": [0.0, 1.0],
+            "image": {"height": 32, "width": 32, "channels": 3},
+        },
         certify={"sigma": 0.25, "n0": 20, "n": 100, "alpha": 0.01, "when": "always", "seed": 0},
     )
     # certify runs on the response side, before squeeze's input reached the model: it comes
