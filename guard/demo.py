@@ -1,9 +1,10 @@
 """``guard demo``: the built-in default policy, served and attacked for real.
 
-It starts the guard on loopback with both demo models embedded and the
-default policy, plus two things the demo needs to tell its clients apart: a
-keys file generated at start (the default policy identifies clients by
-address, and every client here is 127.0.0.1) and an audit log. Then:
+It starts the guard on loopback with the three demo models embedded (digits,
+breast_cancer and the 32x32 colour images of shapes) and the default policy,
+plus two things the demo needs to tell its clients apart: a keys file generated
+at start (the default policy identifies clients by address, and every client
+here is 127.0.0.1) and an audit log. Then:
 
 1. ordinary traffic in each protocol the guard speaks, and hostile input;
 2. two users and three attackers at once, each with its own API key: an
@@ -42,7 +43,7 @@ from guard.appkeys import LIVE
 from guard.clients import key_digest, new_key
 from guard.config import parse_policy
 from guard.inference import InferRequest
-from guard.models import load_samples
+from guard.models import load_samples, model_info
 from guard.protocols import v2
 from guard.server import create_app, create_ops_app, make_runner
 
@@ -94,7 +95,7 @@ async def run_demo(*, port: int = 0, requests: int = 400, seed: int = 0, keep: b
         await web.TCPSite(ops, "127.0.0.1", 0).start()
         base = f"http://127.0.0.1:{runner.addresses[0][1]}"
         ops_base = f"http://127.0.0.1:{ops.addresses[0][1]}"
-        print(f"inference-guard demo: digits and breast_cancer served embedded at {base}")
+        print(f"inference-guard demo: digits, breast_cancer and shapes served embedded at {base}")
         print(f"metrics (operators only, a port of their own): {ops_base}/metrics")
         print(f"policy: {DEFAULT_POLICY} (mode {policy.mode})")
         print(f"  + a keys file for the demo's clients ({', '.join(keys)}),")
@@ -139,8 +140,10 @@ async def _benign(http: aiohttp.ClientSession, requests: int, rng: np.random.Gen
         "digits  v2 binary": lambda x: _v2(http, "digits", x, binary=True),
         "breast_cancer  tf rows": lambda x: _tf(http, "breast_cancer", x),
         "breast_cancer  v2 json": lambda x: _v2(http, "breast_cancer", x, binary=False),
+        "shapes  v2 binary": lambda x: _v2(http, "shapes", x, binary=True),
     }
-    data = {name: load_samples(name) for name in ("digits", "breast_cancer")}
+    data = {name: load_samples(name) for name in ("digits", "breast_cancer", "shapes")}
+    shapes = {"shapes": tuple(model_info("shapes")["input_shape"])}  # rows -> images
     # Each sample once before any repeats: a client re-sending the same digit is what
     # the default policy's blacklight stage refuses.
     streams = {
@@ -160,7 +163,9 @@ async def _benign(http: aiohttp.ClientSession, requests: int, rng: np.random.Gen
             stream = streams[name.split()[0]]
             rows = np.array([next(stream) for _ in range(int(rng.integers(1, 5)))])
             started = time.perf_counter()
-            status, labels = await senders[name](x_all[rows])
+            x = x_all[rows]
+            shape = shapes.get(name.split()[0])
+            status, labels = await senders[name](x if shape is None else x.reshape(-1, *shape))
             tally = tallies[name]
             tally.latencies.append(time.perf_counter() - started)
             tally.statuses[status] += 1

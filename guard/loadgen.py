@@ -174,7 +174,7 @@ class Bodies:
             body, headers = cached
         else:
             a, b = self.rng.integers(len(self.x), size=(2, config.batch))
-            weight = self.rng.random((config.batch, 1), dtype=np.float32)
+            weight = self.rng.random((config.batch,) + (1,) * (self.x.ndim - 1), np.float32)
             rows = (weight * self.x[a] + (1 - weight) * self.x[b]).astype(self.x.dtype)
             body, headers = self._encode(rows)
         headers = dict(headers)
@@ -219,9 +219,11 @@ async def input_spec(session: aiohttp.ClientSession, config: LoadConfig) -> tupl
 async def run_load(config: LoadConfig) -> LoadReport:
     """Drive ``config.url`` at ``config.rate`` for ``config.duration`` seconds; report."""
     config.check()
-    from guard.models import load_samples
+    from guard.models import load_samples, model_info
 
-    x, _ = load_samples(config.samples or config.model)
+    samples = config.samples or config.model
+    x, _ = load_samples(samples)
+    x = x.reshape(len(x), *model_info(samples)["input_shape"])  # images: [N, 32, 32, 3]
     url = config.url.rstrip("/")
     config = replace(config, url=url)
     connector = aiohttp.TCPConnector(limit=config.connections, ssl=config.verify_tls)

@@ -253,6 +253,10 @@ def _shadow_recipe(model: str) -> Callable[[int], Any]:
 
     if model == "breast_cancer":
         return lambda seed: RandomForestClassifier(n_estimators=100, random_state=seed, n_jobs=1)
+    if model == "shapes":  # no CNN without torch: a small MLP on the 3,072 flat pixels
+        return lambda seed: make_pipeline(
+            StandardScaler(), MLPClassifier((32,), alpha=1e-2, max_iter=100, random_state=seed)
+        )
     # A smaller MLP than the target's 256 units: shadow training stays within seconds.
     return lambda seed: make_pipeline(
         StandardScaler(), MLPClassifier((64,), alpha=1e-3, max_iter=300, random_state=seed)

@@ -43,12 +43,15 @@ class TargetError(Exception):
 
 @dataclass(frozen=True, slots=True)
 class TargetSpec:
-    """The model's interface as the attacker knows it. ``lo``/``hi`` broadcast to ``[F]``."""
+    """The model's interface as the attacker knows it. ``lo``/``hi`` broadcast to ``[F]``;
+    ``input_shape`` (product ``F``), if set, is the shape of one input as the model takes it:
+    attacks work on flat rows, the target reshapes them just before sending."""
 
     n_features: int
     n_classes: int
     lo: np.ndarray
     hi: np.ndarray
+    input_shape: tuple[int, ...] | None = None
 
     @classmethod
     def builtin(cls, name: str) -> TargetSpec:
@@ -57,7 +60,14 @@ class TargetSpec:
 
         info = model_info(name)
         lo, hi = (np.asarray(v, dtype=np.float64) for v in info["input_range"])
-        return cls(int(info["n_features"]), int(info["n_classes"]), lo, hi)
+        shape = info.get("input_shape")
+        return cls(
+            int(info["n_features"]),
+            int(info["n_classes"]),
+            lo,
+            hi,
+            tuple(int(d) for d in shape) if shape else None,
+        )
 
     @property
     def scalar_range(self) -> bool:
@@ -144,6 +154,8 @@ class Target:
         parts = []
         for begin in range(0, len(x), self.batch_size):
             batch = x[begin : begin + self.batch_size]
+            if self.spec.input_shape is not None:
+                batch = batch.reshape(len(batch), *self.spec.input_shape)
             answers, status, verdict = self._send(batch)
             self.log.record(len(batch), status, verdict, self.last_request_id)
             parts.append(answers)

@@ -31,7 +31,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--model",
         required=True,
-        choices=["digits", "breast_cancer"],
+        choices=["digits", "breast_cancer", "shapes"],
         help="the built-in model attacked (its data and its local copy)",
     )
     parser.add_argument("--target", default="local", help="'local' or the URL of a V2 server/guard")

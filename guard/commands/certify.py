@@ -111,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
     from guard.defenses.sequential import SequentialSmooth, adaptive_plan, target_plan
     from guard.defenses.smoothing import ParameterError, Smooth, check_parameters
     from guard.extras import hint, installed
-    from guard.models import load_samples, model_path
+    from guard.models import load_samples, model_info, model_path
     from guard.progress import Progress
 
     try:
@@ -141,7 +141,10 @@ def run(args: argparse.Namespace) -> int:
         model_path(args.model), name=args.model, device=args.device, threads=args.threads
     )
 
+    shape = model_info(args.model)["input_shape"]  # flat rows -> the model's input
+
     def labels(batch: np.ndarray) -> np.ndarray:
+        batch = batch.reshape(len(batch), *shape)
         return labels_from_output(local.run({"input": batch}, ["label"])["label"], len(batch))
 
     budget = None if args.budget_ms is None else args.budget_ms / 1000

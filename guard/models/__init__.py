@@ -1,13 +1,21 @@
 """The demo models shipped with guard, and the data they were trained on.
 
 Each model ``NAME`` in :data:`MODELS` is ``NAME.onnx`` beside this module (input
-``input`` FP32 ``[None, F]``; outputs ``label`` INT64 ``[None]`` and ``probabilities``
-FP32 ``[None, C]``) with a ``NAME.json`` sidecar describing it: data set, seed, input
-range, accuracies measured with onnxruntime, the file's sha256, and the member
-(training) and non-member (held-out) indices, and the rows of that split:
-``NAME.members.npz`` and ``NAME.samples.npz`` (a few tens of kilobytes each, so the
-demo, the attacks and the tuner run on a plain install, without scikit-learn).
-``python -m guard.models.train`` rebuilds them all.
+``input`` FP32 ``[None, *input_shape]``; outputs ``label`` INT64 ``[None]`` and
+``probabilities`` FP32 ``[None, C]``) with a ``NAME.json`` sidecar describing it: data
+set, seed, input range and shape, accuracies measured with onnxruntime, the file's sha256,
+and the member (training) and non-member (held-out) indices, and the rows of that split:
+``NAME.members.npz`` and ``NAME.samples.npz`` (so the demo, the attacks and the tuner run
+on a plain install, without scikit-learn).
+
+* ``digits``: 8x8 digits, ``input_shape`` ``[64]``, pixel values in [0, 16];
+* ``breast_cancer``: 30 tabular features, ``input_shape`` ``[30]``;
+* ``shapes``: 32x32 colour images drawn by :mod:`guard.models.imagegen`, ``input_shape``
+  ``[32, 32, 3]`` (NHWC), values in [0, 1]; its shipped rows are a few hundred of its
+  training and held-out images, stored as uint8.
+
+The rows are returned flat (``[N, F]``, ``F`` the product of ``input_shape``) and float32:
+uint8 rows are scaled to [0, 1]. ``python -m guard.models.train`` rebuilds them all.
 
 Importing this module is cheap: it needs numpy only.
 """
@@ -21,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-MODELS = ("digits", "breast_cancer")
+MODELS = ("digits", "breast_cancer", "shapes")
 _DIR = Path(__file__).parent
 
 
@@ -80,5 +88,9 @@ def load_split(name: str) -> Split:
 
 
 def _rows(name: str, part: str) -> tuple[np.ndarray, np.ndarray]:
+    """Flat float32 rows and int64 labels; uint8 images (0..255) come back in [0, 1]."""
     with np.load(_DIR / f"{_check(name)}.{part}.npz") as data:
-        return data["x"], data["y"]
+        x, y = data["x"], data["y"]
+    if x.dtype == np.uint8:
+        x = x.astype(np.float32) / np.float32(255.0)
+    return x.reshape(len(x), -1).astype(np.float32, copy=False), y

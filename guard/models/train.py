@@ -1,7 +1,10 @@
-"""Train the demo models from scikit-learn's bundled data sets and export them to ONNX.
+"""Train the demo models and export them to ONNX.
 
-Run ``python -m guard.models.train [--out DIR] [--seed N]`` to rewrite the committed
-files. Nothing is downloaded: both data sets ship inside scikit-learn.
+Run ``python -m guard.models.train [NAME ...] [--out DIR] [--seed N]`` to rewrite the
+committed files of the named models (default: all). Nothing is downloaded: ``digits`` and
+``breast_cancer`` ship inside scikit-learn, ``shapes`` is drawn by
+:mod:`guard.models.imagegen` and trained with PyTorch (the ``train`` extra) by
+:mod:`guard.models.train_shapes`, which documents its own guarantees.
 
 Guarantees, for a given seed and the same library versions:
 
@@ -15,7 +18,7 @@ Guarantees, for a given seed and the same library versions:
 * the accuracies in ``<name>.json`` are measured by running the exported file with
   onnxruntime, not by scikit-learn.
 
-Models:
+Models trained here, with scikit-learn:
 
 ``digits``
     ``StandardScaler`` + ``MLPClassifier(256)`` on 8x8 images with pixel values in
@@ -219,6 +222,7 @@ def export(trained: TrainedModel, name: str, out_dir: Path) -> dict[str, Any]:
         "n_classes": len(class_names),
         "class_names": class_names,
         "input_range": list(trained.input_range),
+        "input_shape": [int(x.shape[1])],
         "inputs": [{"name": INPUT_NAME, "datatype": "FP32", "shape": [-1, int(x.shape[1])]}],
         "outputs": [
             {"name": "label", "datatype": "INT64", "shape": [-1]},
@@ -269,17 +273,36 @@ def _dumps(info: dict[str, Any]) -> str:
 
 
 TRAINERS = {"digits": train_digits, "breast_cancer": train_breast_cancer}
+ALL = (*TRAINERS, "shapes")
+
+
+def _train_shapes(out: Path, seed: int) -> dict[str, Any]:
+    from guard.models import train_shapes  # torch: only when asked for
+
+    trained = train_shapes.train_shapes(seed)
+    print(f"shapes: trained in {trained.seconds:.0f} s")
+    return train_shapes.export(trained, out)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m guard.models.train", description=__doc__.splitlines()[0]
     )
+    parser.add_argument(
+        "names", nargs="*", metavar="NAME",
+        help=f"models to train (default: all of {', '.join(ALL)})",
+    )
     parser.add_argument("--out", type=Path, default=Path(__file__).parent, help="output folder")
     parser.add_argument("--seed", type=int, default=0, help="seed of split, noise and weights")
     args = parser.parse_args(argv)
-    for name, train in TRAINERS.items():
-        info = export(train(args.seed), name, args.out)
+    unknown = sorted(set(args.names) - set(ALL))
+    if unknown:
+        parser.error(f"unknown model {', '.join(unknown)}; expected some of {', '.join(ALL)}")
+    for name in args.names or ALL:
+        if name == "shapes":
+            info = _train_shapes(args.out, args.seed)
+        else:
+            info = export(TRAINERS[name](args.seed), name, args.out)
         size = (args.out / f"{name}.onnx").stat().st_size
         noisy = ", ".join(f"sigma {s}: {a:.4f}" for s, a in info["noisy_test_accuracy"].items())
         print(

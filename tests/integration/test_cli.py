@@ -171,12 +171,13 @@ def test_demo_serves_real_traffic_refuses_hostile_input_and_catches_attackers() 
     rows = [
         line.split()
         for line in out.splitlines()
-        if line.strip().startswith(("digits", "breast_cancer"))
+        if line.strip().startswith(("digits", "breast_cancer", "shapes"))
     ]
-    assert len(rows) == 4
+    assert len(rows) == 5
     for row in rows:
         sent, ok, accuracy = int(row[-5]), int(row[-4]), float(row[-1])
-        assert sent == ok and accuracy > 0.8
+        # shapes: a CNN at 0.84-0.9 held out, on a handful of images in a short run
+        assert sent == ok and accuracy > (0.6 if row[0] == "shapes" else 0.8)
     hostile = out[out.index("hostile input") :]
     for name, status in [
         ("malformed JSON", 400),
