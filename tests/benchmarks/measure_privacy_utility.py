@@ -249,6 +249,18 @@ def shadow_recipe(name: str) -> Any:
     return _shadow_recipe(name)
 
 
+def batch_size(name: str) -> int:
+    """Rows per request: 256, or fewer where the default policy's ``validate`` caps the
+    batch (shapes: 128 images)."""
+    default = yaml.safe_load(DEFAULT_POLICY.read_text(encoding="utf-8"))
+    caps = [
+        s["validate"].get("max_batch", 256)
+        for s in default["models"][name]["stages"]
+        if "validate" in s
+    ]
+    return min([256, *caps])
+
+
 def policy(directory: Path, plan: dict[str, tuple[str, Setting]]) -> Path:
     """Every setting as a model of its own: ``validate`` of the default, then ``privacy``."""
     default = yaml.safe_load(DEFAULT_POLICY.read_text(encoding="utf-8"))
@@ -306,7 +318,7 @@ def measure(models: list[str], shadows: int, repeats: int) -> dict[str, Any]:
                         name,
                         spec=spec,
                         api_key=api_key(CLIENT),
-                        batch_size=256,
+                        batch_size=batch_size(name),
                     )
                     with target:
                         answers = target.query(data.x)
