@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import ClassVar
 
 import numpy as np
@@ -66,7 +66,8 @@ class _Wrapper(Target):
     """A target that forwards to others; ``real_queries`` counts what they were sent."""
 
     def __init__(self, inner: Sequence[Target]) -> None:
-        super().__init__(inner[0].spec, batch_size=1)
+        # Flat rows pass through: the inner targets reshape them to the model's input.
+        super().__init__(replace(inner[0].spec, input_shape=None), batch_size=1)
         self.inner = list(inner)
 
     @property

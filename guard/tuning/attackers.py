@@ -79,7 +79,7 @@ class ObservedTarget(HttpTarget):
         started = time.perf_counter()
         answers, status, verdict = super()._send(x)
         self.seconds.append(time.perf_counter() - started)
-        self.inputs.append(x)
+        self.inputs.append(x.reshape(len(x), -1))  # flat rows, as the attacks made them
         self.answers.append(answers)
         if self.first_caught is None and _detected(status, verdict):
             self.first_caught = self.queries + 1  # the log records this batch after _send

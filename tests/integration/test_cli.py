@@ -310,7 +310,7 @@ def test_check_json_pipes_into_jq() -> None:
         timeout=60,
     )
     assert check.wait(timeout=60) == 0 and out.returncode == 0
-    assert out.stdout.split() == ["breast_cancer", "digits"]
+    assert out.stdout.split() == ["breast_cancer", "digits", "shapes"]
 
 
 def run_on_terminal(*args: str) -> tuple[int, str, str]:

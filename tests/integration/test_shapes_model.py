@@ -102,3 +102,16 @@ async def test_squeeze_and_certify_take_the_image(
     assert labels.shape == (2,)
     assert all(-1 <= label < 10 for label in labels)  # -1: the smoothed model abstains
     assert "X-Guard-Certified-Radius" in headers or "X-Guard-Verdict" in headers
+
+
+async def test_guard_load_sends_shapes_as_images(start_guard: StartGuard) -> None:
+    from guard.loadgen import LoadConfig, run_load
+
+    guard = await start_guard(default_shapes_policy())
+    url = str(guard.make_url("")).rstrip("/")
+    for inputs, protocol in (("samples", "v2-binary"), ("blend", "v2")):
+        config = LoadConfig(
+            url=url, model="shapes", rate=20, duration=1, protocol=protocol, batch=2, inputs=inputs
+        )
+        report = await run_load(config)
+        assert report.statuses == {"200": 20} and not report.failed, report.lines()

@@ -29,12 +29,15 @@ def minimal(**model: object) -> dict:  # type: ignore[type-arg]
 def test_default_policy_loads_and_builds() -> None:
     policy = load_policy(DEFAULT)
     runtime = build_runtime(policy, session=None)
-    assert set(runtime.models) == {"digits", "breast_cancer"}
+    assert set(runtime.models) == {"digits", "breast_cancer", "shapes"}
     stages = runtime.describe()["models"]["digits"]["stages"]
     assert stages[0]["stage"] == "validate"
     # validate picked up the model's own input shape and dtype from the local copy
     assert stages[0]["shape"] == [64]
     assert stages[0]["dtype"] == "FP32"
+    shapes = runtime.describe()["models"]["shapes"]["stages"]
+    assert shapes[0]["shape"] == [32, 32, 3]
+    assert [s["stage"] for s in shapes] == [s["stage"] for s in stages]  # parallel to digits
 
 
 @pytest.mark.parametrize(

@@ -134,11 +134,13 @@ def test_attack_suite_runs_an_evasion_attack_on_shapes() -> None:
     spec = TargetSpec.builtin("shapes")
     assert spec.input_shape == (32, 32, 3) and spec.n_features == 3072
     report = run_suite(
-        ["square-linf"],
+        ["square-linf", "oars-square-linf"],
         SuiteConfig(model="shapes", samples=2, budget=60, seed=0),
         lambda _client: OnnxTarget.builtin("shapes"),
     )
-    (entry,) = report.entries
+    entry, adaptive = report.entries
+    assert adaptive["attack"] == "oars-square-linf"  # wrapped targets pass flat rows through
+    assert adaptive["family"] == "adaptive" and adaptive["real_queries"] > 0
     assert entry["attack"] == "square-linf"
     assert entry["units"] + entry["skipped"] == 2  # misclassified samples are skipped
     assert entry["units"] >= 1
