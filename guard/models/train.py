@@ -289,7 +289,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         prog="python -m guard.models.train", description=__doc__.splitlines()[0]
     )
     parser.add_argument(
-        "names", nargs="*", metavar="NAME",
+        "names",
+        nargs="*",
+        metavar="NAME",
         help=f"models to train (default: all of {', '.join(ALL)})",
     )
     parser.add_argument("--out", type=Path, default=Path(__file__).parent, help="output folder")
