@@ -143,12 +143,14 @@ class Target:
         return len(self.log)
 
     def query(self, x: np.ndarray) -> Answers:
-        """Answers for the rows of ``x`` (``[N, F]``), sent in batches of ``batch_size``
-        (each reshaped to ``[n, *spec.input_shape]``)."""
+        """Answers for the rows of ``x`` (``[N, F]``, or ``[N, *input_shape]`` as a wrapping
+        target's ``_send`` gets them), sent in batches of ``batch_size``."""
         x = np.asarray(x, dtype=np.float32)
+        shape = self.spec.input_shape
+        if shape is not None and x.ndim > 2 and x.shape[1:] == tuple(shape):
+            x = x.reshape(len(x), -1)
         if x.ndim != 2 or x.shape[1] != self.spec.n_features:
             raise ValueError(f"expected inputs of shape [N, {self.spec.n_features}]; got {x.shape}")
-        shape = self.spec.input_shape
         parts = []
         for begin in range(0, len(x), self.batch_size):
             batch = x[begin : begin + self.batch_size]

@@ -1,6 +1,10 @@
 """What each output defence buys: accuracy, membership, extraction and inversion, measured.
 
-    python -m tests.benchmarks.measure_privacy [--models digits breast_cancer] [--json out.json]
+    python -m tests.benchmarks.measure_privacy [--models digits breast_cancer shapes]
+        [--only SETTING ...] [--no-repeats] [--json out.json]
+
+Any built-in model can be named; rows stay flat and reach the model in its input
+shape (``input_shape`` of its sidecar, :mod:`tests.benchmarks.model_inputs`).
 
 Prints markdown tables (the ones in docs/privacy.md). Everything is seeded: the
 same versions give the same numbers. The defended model is the demo ONNX model
@@ -55,7 +59,7 @@ from guard.attacks.membership import (
     threshold_attacks,
 )
 from guard.attacks.surrogate import Surrogate
-from guard.attacks.targets import Answers, OnnxTarget, Target, TargetSpec
+from guard.attacks.targets import Answers, Target, TargetSpec
 from guard.defenses.privacy import (
     ConfidenceBins,
     Gaussian,
@@ -67,13 +71,16 @@ from guard.defenses.privacy import (
     consistent_generators,
     degrade_outputs,
 )
-from guard.models import load_samples, load_split, model_path
+from guard.models import MODELS, load_split, model_path
+from tests.benchmarks.model_inputs import flat, onnx_target, samples, to_model
 
 SECRET = b"measure-privacy-secret-key"
 SPLITS = 20
 SEED = 0
 INVERSION_BUDGET = 2000
 RECOMMENDED = Laplace(epsilon=2.0)
+BUDGETS = {"breast_cancer": (25, 100)}  # extraction queries; (100, 250) for the others
+SURROGATE_STEPS = 1500  # Adam steps of each extraction surrogate (Surrogate.fit's default)
 
 
 class DefendedTarget(Target):
@@ -90,13 +97,14 @@ class DefendedTarget(Target):
         from guard.backends.onnx import OnnxBackend
 
         super().__init__(TargetSpec.builtin(name), batch_size=1 << 16)
+        self.name = name
         self.backend = OnnxBackend(model_path(name), name=name, device="cpu", threads=1)
         self.mechanism = mechanism
         self.consistent = consistent
         self.rng = rng if rng is not None else np.random.default_rng(SEED)
 
     def _send(self, x: np.ndarray) -> tuple[Answers, int, str | None]:
-        outputs = self.backend.run({"input": x})
+        outputs = self.backend.run({"input": to_model(x, self.name)})
         m = self.mechanism
         if m is not None:
             rng: Any = self.rng
@@ -170,15 +178,15 @@ class Data:
 
 
 def load(name: str) -> Data:
-    x, y = load_samples(name)
+    x, y = samples(name)
     order = np.random.default_rng([SEED, 1]).permutation(len(x))
     split = load_split(name)
-    records = np.concatenate([split.x_members, split.x_nonmembers]).astype(np.float64)
+    records = np.concatenate([flat(split.x_members), flat(split.x_nonmembers)]).astype(np.float64)
     members = MembershipData(
         x=records,
         y=np.concatenate([split.y_members, split.y_nonmembers]),
         member=np.arange(len(records)) < len(split.x_members),
-        x_attacker=split.x_nonmembers.astype(np.float64),
+        x_attacker=flat(split.x_nonmembers).astype(np.float64),
         y_attacker=split.y_nonmembers,
     )
     return Data(
@@ -188,14 +196,14 @@ def load(name: str) -> Data:
         y=y,
         pool=order[: len(x) // 2],
         held=order[len(x) // 2 :],
-        budgets=(100, 250) if name == "digits" else (25, 100),
+        budgets=BUDGETS.get(name, (100, 250)),
     )
 
 
 def measure(data: Data, setting: Setting) -> dict[str, Any]:
     target = DefendedTarget(data.name, setting.mechanism)
     released = target.query(data.x)
-    truth = OnnxTarget.builtin(data.name).query(data.x).scores
+    truth = onnx_target(data.name).query(data.x).scores
     top = np.argmax(truth, axis=1)
     rows = np.arange(len(top))
     loss = threshold_attacks(target, data.members)[0]
@@ -222,7 +230,7 @@ def extraction_fidelity(data: Data, target: Target) -> dict[str, dict[str, float
     """Pool rows asked once; at each budget a surrogate trained on the released scores and
     one on the released labels, scored against the undefended model on held-out rows."""
     spec = target.spec
-    evaluation = Evaluation.of(OnnxTarget.builtin(data.name), data.x[data.held], data.y[data.held])
+    evaluation = Evaluation.of(onnx_target(data.name), data.x[data.held], data.y[data.held])
     x = data.x[data.pool[: max(data.budgets)]]
     answers = target.query(x)
     labels = np.eye(spec.n_classes)[answers.labels]
@@ -231,7 +239,12 @@ def extraction_fidelity(data: Data, target: Target) -> dict[str, dict[str, float
         fidelity = {}
         for view, targets in (("scores", answers.scores), ("labels", labels)):
             surrogate = Surrogate(spec.n_features, spec.n_classes)
-            surrogate.fit(x[:budget], targets[:budget], rng=np.random.default_rng([SEED, 5]))
+            surrogate.fit(
+                x[:budget],
+                targets[:budget],
+                rng=np.random.default_rng([SEED, 5]),
+                steps=SURROGATE_STEPS,
+            )
             fidelity[view] = evaluation.score(surrogate)[0]
         result[str(budget)] = fidelity
     return result
@@ -246,7 +259,7 @@ def repeats(data: Data, mechanism: Mechanism, n: int = 100) -> list[dict[str, An
     rng = np.random.default_rng([SEED, 7])
     m = data.members
     rows = np.arange(len(m.y))
-    true_p = OnnxTarget.builtin(data.name).query(m.x).scores[rows, m.y]
+    true_p = onnx_target(data.name).query(m.x).scores[rows, m.y]
     spec = TargetSpec.builtin(data.name)
     cases: list[tuple[str, bool, Callable[[np.ndarray], np.ndarray]]] = [
         ("fresh noise, same input", False, lambda v: v),
@@ -341,21 +354,34 @@ def repeats_table(rows: list[dict[str, Any]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    global SURROGATE_STEPS
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n", 1)[0])
-    parser.add_argument("--models", nargs="+", default=["digits", "breast_cancer"])
+    parser.add_argument("--models", nargs="+", default=["digits", "breast_cancer"], choices=MODELS)
     parser.add_argument("--only", nargs="*", help="settings to run (their labels); default all")
+    parser.add_argument(
+        "--no-repeats", action="store_true", help="leave out the repeated-queries table"
+    )
+    parser.add_argument(
+        "--surrogate-steps",
+        type=int,
+        default=SURROGATE_STEPS,
+        help=f"Adam steps per extraction surrogate ({SURROGATE_STEPS}; each step costs in "
+        "proportion to the input size: fewer on shapes' 3,072 values)",
+    )
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args(argv)
+    SURROGATE_STEPS = args.surrogate_steps
     results: dict[str, Any] = {}
     for name in args.models:
         data = load(name)
         started = time.perf_counter()
         rows = [measure(data, s) for s in SETTINGS if not args.only or s.label in args.only]
-        rep = repeats(data, RECOMMENDED)
+        rep = [] if args.no_repeats else repeats(data, RECOMMENDED)
         print(f"\n### {name} (recommended: {RECOMMENDED.fingerprint()})\n")
         print(table(rows, data.budgets))
-        print(f"\nRepeated queries, {RECOMMENDED.fingerprint()}:\n")
-        print(repeats_table(rep))
+        if rep:
+            print(f"\nRepeated queries, {RECOMMENDED.fingerprint()}:\n")
+            print(repeats_table(rep))
         print(f"\n({time.perf_counter() - started:.0f} s)", flush=True)
         results[name] = {"settings": rows, "repeats": rep}
     if args.json:

@@ -1,7 +1,10 @@
 """Privacy against utility of each output mechanism, measured through the guard.
 
-    python tests/benchmarks/measure_privacy_utility.py [--models digits breast_cancer]
-        [--shadows 16] [--sets 3] [--json out.json]
+    python tests/benchmarks/measure_privacy_utility.py [--models digits breast_cancer shapes]
+        [--shadows 16] [--sets 3] [--label-only 100] [--json out.json]
+
+Any built-in model can be named; rows stay flat and go to the guard in the model's
+input shape (``input_shape`` of its sidecar, :mod:`tests.benchmarks.model_inputs`).
 
 One in-process guard (:class:`~guard.attacks.guarded.InProcessGuard`, real HTTP on
 127.0.0.1) serves every setting of every model as its own model name, each with the
@@ -54,6 +57,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import sys
 import tempfile
@@ -82,9 +86,10 @@ from guard.attacks.membership import (
     membership_data,
     roc,
 )
-from guard.attacks.targets import HttpTarget, OnnxTarget, TargetSpec
+from guard.attacks.targets import TargetSpec
 from guard.extras import installed
-from guard.models import load_split
+from guard.models import MODELS, load_split
+from tests.benchmarks.model_inputs import flat, http_target, onnx_target
 
 SEED = 0
 CLIENT = "measure"
@@ -227,7 +232,7 @@ def membership(
 
 def records(name: str) -> MembershipData:
     split = load_split(name)
-    x = np.concatenate([split.x_members, split.x_nonmembers]).astype(np.float64)
+    x = np.concatenate([flat(split.x_members), flat(split.x_nonmembers)]).astype(np.float64)
     empty = np.zeros((0, x.shape[1]))
     return MembershipData(
         x=x,
@@ -242,6 +247,18 @@ def shadow_recipe(name: str) -> Any:
     from guard.attacks.suite import _shadow_recipe
 
     return _shadow_recipe(name)
+
+
+def batch_size(name: str) -> int:
+    """Rows per request: 256, or fewer where the default policy's ``validate`` caps the
+    batch (shapes: 128 images)."""
+    default = yaml.safe_load(DEFAULT_POLICY.read_text(encoding="utf-8"))
+    caps = [
+        s["validate"].get("max_batch", 256)
+        for s in default["models"][name]["stages"]
+        if "validate" in s
+    ]
+    return min([256, *caps])
 
 
 def policy(directory: Path, plan: dict[str, tuple[str, Setting]]) -> Path:
@@ -266,7 +283,7 @@ def measure(models: list[str], shadows: int, repeats: int) -> dict[str, Any]:
     lira = installed("sklearn")
     for name in models:
         data = records(name)
-        truth = OnnxTarget.builtin(name).query(data.x).scores
+        truth = onnx_target(name).query(data.x).scores
         held = np.flatnonzero(~data.member)
         order = np.random.default_rng([SEED, 1]).permutation(len(held))
         calibrate, evaluate = held[order[: len(held) // 2]], held[order[len(held) // 2 :]]
@@ -295,8 +312,13 @@ def measure(models: list[str], shadows: int, repeats: int) -> dict[str, Any]:
                 spec = TargetSpec.builtin(name)
                 rows = []
                 for i, setting in enumerate(found):
-                    target = HttpTarget(
-                        guard.url, f"{name}-{i}", spec, api_key=api_key(CLIENT), batch_size=256
+                    target = http_target(
+                        guard.url,
+                        f"{name}-{i}",
+                        name,
+                        spec=spec,
+                        api_key=api_key(CLIENT),
+                        batch_size=batch_size(name),
                     )
                     with target:
                         answers = target.query(data.x)
@@ -326,7 +348,8 @@ def label_only_through_guard(name: str, records: int) -> list[dict[str, Any]]:
     beside the same attack on the bare model. Refused records rank as non-members."""
     rows = []
     data = membership_data(name, np.random.default_rng([SEED, 3]), size=records)
-    bare = label_only_attack(OnnxTarget.builtin(name), data, np.random.default_rng([SEED, 4]))
+    data = dataclasses.replace(data, x=flat(data.x), x_attacker=flat(data.x_attacker))
+    bare = label_only_attack(onnx_target(name), data, np.random.default_rng([SEED, 4]))
     rows.append({"policy": "bare model", "advantage": bare.roc.advantage, "auc": bare.roc.auc})
     for quotas in (True, False):
         with tempfile.TemporaryDirectory(prefix="measure-label-only-") as folder:
@@ -335,8 +358,14 @@ def label_only_through_guard(name: str, records: int) -> list[dict[str, Any]]:
             )
             with InProcessGuard(path) as guard:
                 spec = TargetSpec.builtin(name)
-                target = HttpTarget(
-                    guard.url, name, spec, api_key=api_key(CLIENT), batch_size=51, trace=CLIENT
+                target = http_target(
+                    guard.url,
+                    name,
+                    name,
+                    spec=spec,
+                    api_key=api_key(CLIENT),
+                    batch_size=51,
+                    trace=CLIENT,
                 )
                 with target:
                     run = label_only_attack(target, data, np.random.default_rng([SEED, 4]))
@@ -415,7 +444,7 @@ def table(name: str, result: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n", 1)[0])
-    parser.add_argument("--models", nargs="+", default=["digits", "breast_cancer"])
+    parser.add_argument("--models", nargs="+", default=["digits", "breast_cancer"], choices=MODELS)
     parser.add_argument("--shadows", type=int, default=16, help="LiRA shadow models per set")
     parser.add_argument("--sets", type=int, default=3, help="LiRA shadow sets (results averaged)")
     parser.add_argument(

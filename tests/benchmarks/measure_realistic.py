@@ -1,7 +1,12 @@
-"""Issue 13's targets, measured end to end through a real guard on the digits model.
+"""Issue 13's targets, measured end to end through a real guard on a built-in model.
 
-    python tests/benchmarks/measure_realistic.py [--quick] [--policy FILE] [--seed 0]
-        [--only benign,priming,evasion,adaptive,extraction] [--json OUT]
+    python tests/benchmarks/measure_realistic.py [--model digits] [--quick] [--policy FILE]
+        [--seed 0] [--only benign,priming,evasion,adaptive,extraction] [--json OUT]
+
+``--model`` names a built-in model (default ``digits``; ``shapes`` is the 32x32x3
+image model). Attacks work on flat rows; requests carry the model's input shape
+(:mod:`tests.benchmarks.model_inputs`). The attacks' radii are the suite's
+defaults, fractions of the model's input range: L2 0.625 and L-inf 0.125 of it.
 
 Every phase starts a fresh guard in-process on 127.0.0.1 (a thread; the attack
 clients are synchronous HTTP over loopback) from ``--policy`` (default: the
@@ -76,13 +81,30 @@ from guard.attacks.guarded import (  # noqa: E402
     api_key,
     measurement_policy,
 )
-from guard.attacks.targets import HttpTarget, OnnxTarget, Target, TargetSpec  # noqa: E402
-from guard.models import load_samples  # noqa: E402
+from guard.attacks.targets import HttpTarget, Target, TargetSpec  # noqa: E402
+from tests.benchmarks.model_inputs import (  # noqa: E402
+    http_target,
+    model_choices,
+    onnx_target,
+    samples,
+)
 
 MODEL = "digits"
 SPEC = TargetSpec.builtin(MODEL)
 SPAN = float(SPEC.hi - SPEC.lo)
 L2, LINF = 0.625 * SPAN, 0.125 * SPAN  # the suite's default radii (10 and 2 on digits)
+
+
+def use_model(name: str) -> None:
+    """Measure built-in model ``name``: its spec and the radii scaled to its input range."""
+    global MODEL, SPEC, SPAN, L2, LINF, RADII
+    MODEL = name
+    SPEC = TargetSpec.builtin(name)
+    SPAN = float(SPEC.hi - SPEC.lo)
+    L2, LINF = 0.625 * SPAN, 0.125 * SPAN
+    RADII = {"hopskipjump": (L2, None), "square-linf": (None, LINF), "simba": (None, None)}
+
+
 PHASES = ("benign", "priming", "evasion", "adaptive", "extraction")
 SYBIL_KEYS = 10
 SHORT_RUN = 10  # queries: an evasion run over sooner is not held against detection
@@ -146,7 +168,9 @@ class Phase:
 
     def target(self, client: str) -> HttpTarget:
         assert self.guard is not None
-        return HttpTarget(self.guard.url, MODEL, SPEC, api_key=api_key(client), trace=client)
+        return http_target(
+            self.guard.url, MODEL, MODEL, spec=SPEC, api_key=api_key(client), trace=client
+        )
 
     def audit(self) -> AuditTrail:
         assert self.guard is not None
@@ -171,7 +195,7 @@ def rng_for(seed: int, *tags: int) -> np.random.Generator:
 
 
 def honest(policy: Path, scale: Scale, seed: int, *, priming: bool) -> dict[str, Any]:
-    x, y = load_samples(MODEL)
+    x, y = samples(MODEL)
     mix = TrafficMix(queries=scale.queries)
     names = [f"user-{i}" for i in range(scale.clients)]
     primers = [f"primer-{a}" for a in range(5)] if priming else []
@@ -205,8 +229,8 @@ RADII = {"hopskipjump": (L2, None), "square-linf": (None, LINF), "simba": (None,
 def sample_rows(seed: int, n: int) -> tuple[np.ndarray, np.ndarray]:
     """``n`` held-out samples the bare model classifies correctly (attackable); a
     smaller ``n`` takes a prefix of a larger one's."""
-    x, y = load_samples(MODEL)
-    right = OnnxTarget.builtin(MODEL).query(x).labels == y
+    x, y = samples(MODEL)
+    right = onnx_target(MODEL).query(x).labels == y
     rows = rng_for(seed, 100).permutation(np.flatnonzero(right))[:n]
     return x[rows].astype(np.float64), y[rows]
 
@@ -236,7 +260,7 @@ def evasion_phase(policy: Path, scale: Scale, seed: int) -> dict[str, Any]:
             firsts = first_findings(run, target, phase.audit())
         bare_run = evasion.run_evasion(
             ATTACKS[name](),
-            OnnxTarget.builtin(MODEL),
+            onnx_target(MODEL),
             x,
             y,
             budget=scale.budget,
@@ -260,7 +284,7 @@ def evasion_phase(policy: Path, scale: Scale, seed: int) -> dict[str, Any]:
 def _evaluate(run: EvasionRun, x: np.ndarray, y: np.ndarray, name: str) -> list[bool]:
     """Per sample (all of them: one whose clean query was refused was not won), whether
     the attack's final input fools the bare model within the attack's radius."""
-    bare = OnnxTarget.builtin(MODEL)
+    bare = onnx_target(MODEL)
     l2, linf = RADII[name]
     return [
         adaptive.judge_on(bare, x[s.index], s.label, s.x_adv, l2=l2, linf=linf).success
@@ -306,7 +330,7 @@ def adaptive_phase(
         keys = adaptive.accounts_needed(kind.split("+")[0], sybil_keys=SYBIL_KEYS)
         started = time.perf_counter()
         # without the guard: the same wrapper over bare models (never refuses)
-        bare_targets: list[Target] = [OnnxTarget.builtin(MODEL) for _ in range(keys)]
+        bare_targets: list[Target] = [onnx_target(MODEL) for _ in range(keys)]
         bare = wrap(kind, bare_targets, rng_for(seed, 40 + k, 1))
         bare_run = evasion.run_evasion(
             make_attack(kind, name), bare, x, y, budget=budget, rng=rng_for(seed, 40 + k)
@@ -359,8 +383,8 @@ def adaptive_phase(
 def extraction_phase(policy: Path, scale: Scale, seed: int) -> dict[str, Any]:
     from guard.attacks.extraction import Evaluation, JbDA, Knockoff
 
-    x, y = load_samples(MODEL)
-    reference = OnnxTarget.builtin(MODEL)
+    x, y = samples(MODEL)
+    reference = onnx_target(MODEL)
     out: dict[str, Any] = {}
     for name, budget in (("knockoff", scale.knockoff), ("jbda", scale.jbda)):
         firsts: list[int | None] = []
@@ -510,6 +534,9 @@ def targets_table(results: dict[str, Any]) -> list[tuple[str, str, bool | None]]
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--model", default="digits", choices=model_choices(), help="built-in model (digits)"
+    )
     parser.add_argument("--quick", action="store_true", help="small scale (2-3 minutes)")
     parser.add_argument("--policy", type=Path, default=DEFAULT_POLICY)
     parser.add_argument("--seed", type=int, default=0)
@@ -528,6 +555,7 @@ def main(argv: list[str] | None = None) -> int:
             f"full {getattr(FULL, field.name)})",
         )
     args = parser.parse_args(argv)
+    use_model(args.model)
     phases = [p.strip() for p in args.only.split(",") if p.strip()]
     unknown = sorted(set(phases) - set(PHASES))
     if unknown:
@@ -564,7 +592,10 @@ def main(argv: list[str] | None = None) -> int:
         timings[name] = round(time.perf_counter() - started, 1)
         print(f"  {name}: {timings[name]} s", file=sys.stderr, flush=True)
     rows = targets_table(results)
-    print(f"\n### {args.policy} ({'quick' if args.quick else 'full'}, seed {args.seed})\n")
+    print(
+        f"\n### {args.model}, {args.policy} ({'quick' if args.quick else 'full'}, "
+        f"seed {args.seed})\n"
+    )
     print(f"scale: {scale}\n")
     print("| target | measured | |")
     print("|---|---|---|")
