@@ -58,7 +58,7 @@ class ClassSet:
         """From stored items (:meth:`encode`), without copying them again; items of another
         dimension are skipped."""
         size = (dim + 1) * _HEADER.itemsize
-        if not all(len(item) == size for item in items):
+        if len(set(map(len, items))) > 1 or (items and len(items[0]) != size):
             items = [item for item in items if len(item) == size]
         if not items:
             return cls.empty(dim)
@@ -135,7 +135,7 @@ def shapiro_w(distances: np.ndarray) -> float:
         return float(shapiro(d).statistic)
     y = np.sort(d)
     y -= d[d.size // 2]  # as scipy.stats.shapiro: subtract the median or a nearby value
-    w, _, _ = swilk(y, _coefficients(d.size, y), 1)
+    w, _, _ = swilk(y, _coefficients(d.size), 1)
     return float(w)
 
 
@@ -148,15 +148,10 @@ def _swilk() -> object | None:
     return swilk
 
 
-_COEFFICIENTS: dict[int, np.ndarray] = {}
-
-
-def _coefficients(n: int, y: np.ndarray) -> np.ndarray:
-    """Shapiro-Wilk's ``a`` for ``n`` values, computed by scipy's routine once per size."""
-    a = _COEFFICIENTS.get(n)
-    if a is None:
-        a = np.zeros(n // 2, dtype=np.float64)
-        _swilk()(y.copy(), a, 0)  # type: ignore[operator]  # init 0: fills ``a``
-        if len(_COEFFICIENTS) < 64:
-            _COEFFICIENTS[n] = a
+@functools.lru_cache(maxsize=16)
+def _coefficients(n: int) -> np.ndarray:
+    """Shapiro-Wilk's ``a`` for ``n`` values (they depend on ``n`` only), computed by scipy's
+    routine once per size. Never written to: the routine only reads it when told it is set."""
+    a = np.zeros(n // 2, dtype=np.float64)
+    _swilk()(np.arange(n, dtype=np.float64), a, 0)  # type: ignore[operator]  # init 0: fills a
     return a
