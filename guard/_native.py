@@ -19,6 +19,10 @@ import from here and never from either package directly.
     Blacklight's query fingerprints: the ``top`` largest keyed hashes of the
     quantized windows of each row. See :mod:`guard._py.fingerprint`.
 
+``PostingIndex()``
+    Blacklight's inverted index (hash -> ascending query ids) that the memory state store
+    matches fingerprints with. See :mod:`guard._py.postings`.
+
 ``prada_scan(table, x) -> (d2, threshold)``
     One PRADA observation: the least squared L2 distance from ``x`` to the members of a
     stored growing set, and the set's threshold ``T_c``. See :mod:`guard._py.prada`.
@@ -35,6 +39,7 @@ from guard._py.check import Violation
 
 __all__ = [
     "USING_EXTENSIONS",
+    "PostingIndex",
     "Violation",
     "check_and_cast",
     "clip",
@@ -48,6 +53,7 @@ USING_EXTENSIONS: bool
 if os.environ.get("GUARD_NO_EXTENSIONS", "") not in ("", "0"):
     from guard._py.check import check_and_cast
     from guard._py.fingerprint import fingerprint
+    from guard._py.postings import PostingIndex
     from guard._py.prada import scan as prada_scan
     from guard._py.squeeze import clip, median_smooth, reduce_bits
 
@@ -56,11 +62,13 @@ else:
     try:
         from guard._ext.check import check_and_cast
         from guard._ext.fingerprint import fingerprint
+        from guard._ext.postings import PostingIndex
         from guard._ext.prada import scan as prada_scan
         from guard._ext.squeeze import clip, median_smooth, reduce_bits
     except ImportError:
         from guard._py.check import check_and_cast
         from guard._py.fingerprint import fingerprint
+        from guard._py.postings import PostingIndex
         from guard._py.prada import scan as prada_scan
         from guard._py.squeeze import clip, median_smooth, reduce_bits
 
