@@ -59,6 +59,7 @@ class PradaOptions(MisdirectOptions):
 
 class Prada(OptionsStage[PradaOptions]):
     name = "prada"
+    changes_outputs = False  # reads the predicted class only
     Options = PradaOptions
 
     def __init__(self, options: PradaOptions, env: StageEnv) -> None:
