@@ -84,7 +84,8 @@ class Prada(OptionsStage[PradaOptions]):
             return Verdict.CONTINUE
         classes = found[0]
         store, client, ttl = self.enforcement.store, ctx.client.name, o.ttl
-        keys = {int(c): self._key(client, "g", str(int(c))) for c in np.unique(classes)}
+        labels = classes.tolist()
+        keys = {c: self._key(client, "g", str(c)) for c in sorted(set(labels))}
         stored = await together(store, *(store.items(k) for k in keys.values()))
         sets = {
             c: ClassSet.decode(items, x.shape[1]) for c, items in zip(keys, stored, strict=True)
@@ -92,7 +93,7 @@ class Prada(OptionsStage[PradaOptions]):
 
         joined: dict[int, list[bytes]] = {}
         distances: list[float] = []
-        for row, c in zip(x, classes.tolist(), strict=True):
+        for row, c in zip(x, labels, strict=True):
             seen = observe(sets[c], row)
             if seen.distance == 0.0:  # an exact repeat of a kept query: no new information
                 continue
