@@ -8,7 +8,10 @@ For a query ``x`` (float32 ``[D]``) it returns ``(d2, threshold)``:
 ``d2``
     ``min_i Σ_j diff_ij²`` with ``diff_ij = float32(table[i, 1 + j] - x[j])`` (the
     difference rounded to float32), each square taken in float64 and summed in float64
-    *in index order* (``np.cumsum``; a C loop does the same additions).
+    in :data:`LANES` (8) interleaved partial sums, lane ``l`` adding the squares of
+    ``j ≡ l (mod 8)`` in index order (``np.cumsum``), combined as
+    ``((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7))``: a C loop does the same
+    additions with eight independent accumulators (no chain of dependent additions).
 ``threshold``
     ``T_c``: with ``d`` the non-NaN joined distances in row order (float64), the maximum
     of ``0`` and of ``mean_n - sqrt(max(0, Σd²/n - mean_n²))`` over the prefixes
@@ -19,7 +22,9 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["scan", "threshold", "validate_args"]
+__all__ = ["LANES", "scan", "squared_distances", "threshold", "validate_args"]
+
+LANES = 8
 
 
 def validate_args(table: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -47,10 +52,19 @@ def threshold(joined: np.ndarray) -> float:
     return float(max(0.0, np.max(mean - np.sqrt(var))))
 
 
+def squared_distances(table: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """Each member's squared distance to ``x`` (float64 ``[k]``), summed as the module says."""
+    diff = (table[:, 1:] - x).astype(np.float64)
+    k, d = diff.shape
+    squares = np.zeros((k, d + (-d) % LANES))  # zero padding: adding +0.0 changes no sum
+    np.multiply(diff, diff, out=squares[:, :d])
+    lanes = np.cumsum(squares.reshape(k, -1, LANES), axis=1)[:, -1, :]  # each lane in order
+    pairs = lanes[:, 0::2] + lanes[:, 1::2]
+    quads = pairs[:, 0::2] + pairs[:, 1::2]
+    return quads[:, 0] + quads[:, 1]
+
+
 def scan(table: np.ndarray, x: np.ndarray) -> tuple[float, float]:
     """``(d2, threshold)`` of query ``x`` against the growing set ``table``; see the module."""
     table, x = validate_args(table, x)
-    diff = (table[:, 1:] - x).astype(np.float64)
-    sums = np.cumsum(diff * diff, axis=1)  # in index order, as the kernel adds
-    d2 = float(np.min(sums[:, -1])) if diff.shape[1] else 0.0
-    return d2, threshold(table[:, 0])
+    return float(np.min(squared_distances(table, x))), threshold(table[:, 0])

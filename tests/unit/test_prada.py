@@ -78,7 +78,9 @@ def random_table(rng: np.random.Generator, k: int, dim: int) -> np.ndarray:
 
 
 @needs_ext
-@pytest.mark.parametrize(("k", "dim"), [(1, 1), (1, 64), (2, 3), (7, 64), (200, 64), (5, 3072)])
+@pytest.mark.parametrize(
+    ("k", "dim"), [(1, 1), (1, 64), (2, 3), (7, 64), (4, 67), (3, 130), (200, 64), (5, 3072)]
+)
 def test_scan_kernel_equals_its_twin_bit_for_bit(k: int, dim: int) -> None:
     rng = np.random.default_rng(k * 10_000 + dim)
     for _ in range(5):
