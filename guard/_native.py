@@ -62,7 +62,7 @@ else:
     try:
         from guard._ext.check import check_and_cast
         from guard._ext.fingerprint import fingerprint
-        from guard._ext.postings import PostingIndex
+        from guard._ext.postings import PostingIndex  # type: ignore[assignment]
         from guard._ext.prada import scan as prada_scan
         from guard._ext.squeeze import clip, median_smooth, reduce_bits
     except ImportError:

@@ -16,6 +16,7 @@ Hashes are given as a sequence of ``uint64`` values (a ``numpy`` array or an
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 __all__ = ["PostingIndex"]
 
@@ -27,7 +28,7 @@ class PostingIndex:
     __slots__ = ("_index",)
 
     def __init__(self) -> None:
-        self._index: dict[int, int | list[int]] = {}
+        self._index: dict[int, Any] = {}  # a bare id (int) or an ascending list of ids
 
     def __len__(self) -> int:
         """Distinct hashes indexed."""
@@ -41,11 +42,11 @@ class PostingIndex:
             if found is None or max_per_hash == 1:
                 index[h] = qid
             elif found.__class__ is int:
-                index[h] = [found, qid]  # type: ignore[list-item]
+                index[h] = [found, qid]
             else:
-                found.append(qid)  # type: ignore[union-attr]
-                if len(found) > max_per_hash:  # type: ignore[arg-type]
-                    del found[0]  # type: ignore[union-attr]
+                found.append(qid)
+                if len(found) > max_per_hash:
+                    del found[0]
 
     def remove(self, hashes: Sequence[int], qid: int) -> None:
         """Forget query ``qid`` under each of ``hashes`` (where it is still indexed)."""
@@ -58,11 +59,11 @@ class PostingIndex:
                 if found == qid:
                     del index[h]
                 continue
-            if qid in found:  # type: ignore[operator]
-                found.remove(qid)  # type: ignore[union-attr]
-            if len(found) <= 1:  # type: ignore[arg-type]
+            if qid in found:
+                found.remove(qid)
+            if len(found) <= 1:
                 if found:
-                    index[h] = found[0]  # type: ignore[index]
+                    index[h] = found[0]
                 else:
                     del index[h]
 
@@ -71,7 +72,7 @@ class PostingIndex:
         found = self._index.get(int(h))
         if found is None:
             return []
-        return [found] if found.__class__ is int else list(found)  # type: ignore[arg-type, list-item]
+        return [found] if found.__class__ is int else list(found)
 
     def shared(self, hashes: Sequence[int], threshold: int) -> tuple[list[tuple[int, int]], int]:
         """``(over, best)``: each query sharing more than ``threshold`` of ``hashes`` as
@@ -83,9 +84,9 @@ class PostingIndex:
             if found is None:
                 continue
             if found.__class__ is int:
-                counts[found] = count(found, 0) + 1  # type: ignore[call-overload, index]
+                counts[found] = count(found, 0) + 1
             else:
-                for qid in found:  # type: ignore[union-attr]
+                for qid in found:
                     counts[qid] = count(qid, 0) + 1
         best = max(counts.values(), default=0)
         over = sorted((qid, n) for qid, n in counts.items() if n > threshold)

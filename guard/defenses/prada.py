@@ -30,7 +30,9 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -135,12 +137,12 @@ def shapiro_w(distances: np.ndarray) -> float:
         return float(shapiro(d).statistic)
     y = np.sort(d)
     y -= d[d.size // 2]  # as scipy.stats.shapiro: subtract the median or a nearby value
-    w, _, _ = swilk(y, _coefficients(d.size), 1)
+    w, _, _ = swilk(y, _coefficients(d.size, swilk), 1)
     return float(w)
 
 
 @functools.cache
-def _swilk() -> object | None:
+def _swilk() -> Callable[..., Any] | None:
     try:
         from scipy.stats._ansari_swilk_statistics import swilk
     except ImportError:  # pragma: no cover - a scipy without the routine: the public call
@@ -149,9 +151,9 @@ def _swilk() -> object | None:
 
 
 @functools.lru_cache(maxsize=16)
-def _coefficients(n: int) -> np.ndarray:
+def _coefficients(n: int, swilk: Callable[..., Any]) -> np.ndarray:
     """Shapiro-Wilk's ``a`` for ``n`` values (they depend on ``n`` only), computed by scipy's
     routine once per size. Never written to: the routine only reads it when told it is set."""
     a = np.zeros(n // 2, dtype=np.float64)
-    _swilk()(np.arange(n, dtype=np.float64), a, 0)  # type: ignore[operator]  # init 0: fills a
+    swilk(np.arange(n, dtype=np.float64), a, 0)  # init 0: fills ``a``
     return a
