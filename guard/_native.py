@@ -19,6 +19,14 @@ import from here and never from either package directly.
     Blacklight's query fingerprints: the ``top`` largest keyed hashes of the
     quantized windows of each row. See :mod:`guard._py.fingerprint`.
 
+``PostingIndex()``
+    Blacklight's inverted index (hash -> ascending query ids) that the memory state store
+    matches fingerprints with. See :mod:`guard._py.postings`.
+
+``prada_scan(table, x) -> (d2, threshold)``
+    One PRADA observation: the least squared L2 distance from ``x`` to the members of a
+    stored growing set, and the set's threshold ``T_c``. See :mod:`guard._py.prada`.
+
 The kernels are taken together: if any of them is missing (a partial build),
 every one comes from :mod:`guard._py`, so ``USING_EXTENSIONS`` tells the whole story.
 """
@@ -31,11 +39,13 @@ from guard._py.check import Violation
 
 __all__ = [
     "USING_EXTENSIONS",
+    "PostingIndex",
     "Violation",
     "check_and_cast",
     "clip",
     "fingerprint",
     "median_smooth",
+    "prada_scan",
     "reduce_bits",
 ]
 
@@ -43,6 +53,8 @@ USING_EXTENSIONS: bool
 if os.environ.get("GUARD_NO_EXTENSIONS", "") not in ("", "0"):
     from guard._py.check import check_and_cast
     from guard._py.fingerprint import fingerprint
+    from guard._py.postings import PostingIndex
+    from guard._py.prada import scan as prada_scan
     from guard._py.squeeze import clip, median_smooth, reduce_bits
 
     USING_EXTENSIONS = False
@@ -50,10 +62,14 @@ else:
     try:
         from guard._ext.check import check_and_cast
         from guard._ext.fingerprint import fingerprint
+        from guard._ext.postings import PostingIndex  # type: ignore[assignment]
+        from guard._ext.prada import scan as prada_scan
         from guard._ext.squeeze import clip, median_smooth, reduce_bits
     except ImportError:
         from guard._py.check import check_and_cast
         from guard._py.fingerprint import fingerprint
+        from guard._py.postings import PostingIndex
+        from guard._py.prada import scan as prada_scan
         from guard._py.squeeze import clip, median_smooth, reduce_bits
 
         USING_EXTENSIONS = False

@@ -41,6 +41,7 @@ import numpy as np
 
 from guard.errors import Denied, GuardError, Overloaded, StateUnavailable
 from guard.inference import InferRequest, InferResponse, class_output
+from guard.protocols import v2
 
 if TYPE_CHECKING:
     from guard.backends.base import Backend
@@ -186,6 +187,9 @@ class BaseStage:
 
     name = "stage"
     fail_open = False
+    # False: ``on_response`` only reads the response (the upstream's body can then be
+    # answered as it came when no other stage changes it). Stages that do not say: True.
+    changes_outputs = True
     handles_degrade = False  # True: this stage decides what ``ctx.degraded`` answers look like
 
     async def on_request(self, ctx: RequestContext) -> Verdict:
@@ -207,7 +211,13 @@ def _overrides(stage: object, hook: str) -> bool:
 class Pipeline:
     """A frozen chain of stages for one model."""
 
-    __slots__ = ("stages", "_request_stages", "_response_stages", "_default_degrade")
+    __slots__ = (
+        "stages",
+        "_request_stages",
+        "_response_stages",
+        "_default_degrade",
+        "_reads_only",
+    )
 
     def __init__(self, stages: Sequence[Stage]) -> None:
         self.stages: tuple[Stage, ...] = tuple(stages)
@@ -221,12 +231,18 @@ class Pipeline:
             if _overrides(s, "on_response")
         )
         self._default_degrade = not any(getattr(s, "handles_degrade", False) for s in self.stages)
+        # Every response stage only reads: the upstream's raw body can be answered as is.
+        self._reads_only = not any(
+            getattr(s, "changes_outputs", True) for _, s in self._response_stages
+        )
 
     async def run(
         self, ctx: RequestContext, backend: Backend, *, passthrough: bool = False
     ) -> InferResponse:
         """Run the chain. ``passthrough``: the caller can answer with the backend's raw
-        V2 JSON body, which is used when no response stage or degradation needs outputs."""
+        V2 JSON body, which is used when no response stage changes the outputs and the
+        client is not degraded: response stages that only read (``changes_outputs``
+        False) read them decoded from it, and the body goes back untouched."""
         reached = len(self.stages)
         for position, stage in self._request_stages:
             verdict = await self._call(stage, "on_request", ctx)
@@ -237,13 +253,16 @@ class Pipeline:
                 break
         if ctx.response is None:
             started = time.perf_counter()
-            raw_ok = passthrough and not self._response_stages
+            raw_ok = passthrough and self._reads_only
             raw_ok = raw_ok and not (ctx.degraded and self._default_degrade)
             request = ctx.request
             if ctx.substitute:
                 request = dataclasses.replace(request, inputs={**request.inputs, **ctx.substitute})
             ctx.response = await backend.infer(request, passthrough=raw_ok)
             ctx.upstream_seconds = time.perf_counter() - started
+            raw = ctx.response.raw
+            if raw is not None and self._response_stages and not ctx.response.outputs:
+                ctx.response.outputs = v2.decode_response(raw, header_length=None).outputs
         shapes = {n: a.shape for n, a in ctx.response.outputs.items()}
         for position, stage in self._response_stages:
             if position > reached:
@@ -252,6 +271,7 @@ class Pipeline:
             if verdict is Verdict.DENY:
                 raise Denied(f"response withheld by policy ({stage.name})")
         if ctx.degraded and self._default_degrade:
+            ctx.response.raw = None  # a finding degraded the client: answer the label only
             label_only(ctx.response)
         keep_shapes(ctx.response, shapes)
         return ctx.response

@@ -22,6 +22,8 @@ has an empty fingerprint.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 __all__ = ["SATURATE", "fingerprint", "fmix64", "validate_args"]
@@ -56,12 +58,17 @@ def validate_args(
         raise ValueError(f"fingerprint: x must be a 2-D batch; got shape {x.shape}")
     if x.dtype.kind not in "biuf":
         raise TypeError(f"fingerprint: x must be numeric; got {x.dtype}")
-    offsets = np.ascontiguousarray(offsets, dtype=np.float64)
+    if not (
+        offsets.__class__ is np.ndarray
+        and offsets.dtype == np.float64
+        and offsets.flags.c_contiguous
+    ):
+        offsets = np.ascontiguousarray(offsets, dtype=np.float64)
     if offsets.shape != (x.shape[1],):
         raise ValueError(
             f"fingerprint: offsets must have shape ({x.shape[1]},); got {offsets.shape}"
         )
-    if not step > 0 or not np.isfinite(step):
+    if not step > 0 or not math.isfinite(step):
         raise ValueError(f"fingerprint: step must be a positive number; got {step}")
     if window < 1 or stride < 1 or top < 1:
         raise ValueError("fingerprint: window, stride and top must be >= 1")

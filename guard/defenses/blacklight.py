@@ -29,6 +29,7 @@ queries in input space instead; docs/detection.md measures both.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 from dataclasses import dataclass, field
 
@@ -87,7 +88,7 @@ class Fingerprinter:
     def __call__(self, x: np.ndarray) -> list[list[int]]:
         """Fingerprints of the rows of ``x`` (``[N, ...]``, flattened per row)."""
         x = np.asarray(x)
-        rows = x.reshape(x.shape[0], int(np.prod(x.shape[1:])))
+        rows = x.reshape(x.shape[0], math.prod(x.shape[1:]))
         hashes, sizes = _native.fingerprint(
             rows,
             self.offsets(rows.shape[1]),
@@ -99,7 +100,7 @@ class Fingerprinter:
             self.key.k1,
             self.key.k2,
         )
-        return [row[:size].tolist() for row, size in zip(hashes, sizes, strict=True)]
+        return [row[:size].tolist() for row, size in zip(hashes, sizes.tolist(), strict=True)]
 
     def digests(self, x: np.ndarray) -> list[bytes]:
         """Keyed 16-byte digests of each row's exact bytes (dtype and values): equal

@@ -137,6 +137,7 @@ class CoverageOptions(MisdirectOptions):
 
 class Coverage(OptionsStage[CoverageOptions]):
     name = "coverage"
+    changes_outputs = False  # reads the predicted class only
     Options = CoverageOptions
 
     def __init__(self, options: CoverageOptions, env: StageEnv) -> None:

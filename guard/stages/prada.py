@@ -3,7 +3,8 @@
 Runs on the response, since PRADA needs the class the model predicted
 (:mod:`guard.defenses.prada`): per client and class, each query's minimum L2
 distance to the client's earlier queries of that class; every ``every``
-queries, once ``min_queries`` distances are held, a Shapiro-Wilk test on them.
+queries, once ``min_queries`` distances are held, a Shapiro-Wilk test on the newest
+``max_distances`` of them (kept in one byte log per client: one value read per test).
 A finding with action ``deny`` withholds the answer (403).
 
 Keys: :class:`PradaOptions` (docs/stage-options.md).
@@ -58,6 +59,7 @@ class PradaOptions(MisdirectOptions):
 
 class Prada(OptionsStage[PradaOptions]):
     name = "prada"
+    changes_outputs = False  # reads the predicted class only
     Options = PradaOptions
 
     def __init__(self, options: PradaOptions, env: StageEnv) -> None:
@@ -82,7 +84,8 @@ class Prada(OptionsStage[PradaOptions]):
             return Verdict.CONTINUE
         classes = found[0]
         store, client, ttl = self.enforcement.store, ctx.client.name, o.ttl
-        keys = {int(c): self._key(client, "g", str(int(c))) for c in np.unique(classes)}
+        labels = classes.tolist()
+        keys = {c: self._key(client, "g", str(c)) for c in sorted(set(labels))}
         stored = await together(store, *(store.items(k) for k in keys.values()))
         sets = {
             c: ClassSet.decode(items, x.shape[1]) for c, items in zip(keys, stored, strict=True)
@@ -90,7 +93,7 @@ class Prada(OptionsStage[PradaOptions]):
 
         joined: dict[int, list[bytes]] = {}
         distances: list[float] = []
-        for row, c in zip(x, classes.tolist(), strict=True):
+        for row, c in zip(x, labels, strict=True):
             seen = observe(sets[c], row)
             if seen.distance == 0.0:  # an exact repeat of a kept query: no new information
                 continue
@@ -100,18 +103,20 @@ class Prada(OptionsStage[PradaOptions]):
                 entry = ClassSet.encode(row, np.nan if seen.distance is None else seen.distance)
                 joined.setdefault(c, []).append(entry)
 
-        d_key = self._key(client, "d")
-        recorded = [np.float32(d).tobytes() for d in distances]
+        d_key = self._key(client, "dl")
+        recorded = np.asarray(distances, dtype=_DISTANCE).tobytes()
         grown = [store.push(keys[c], items, o.max_per_class, ttl) for c, items in joined.items()]
-        held, (count, _), *_ = await together(
+        length, (count, _), *_ = await together(
             store,
-            store.push(d_key, recorded, o.max_distances, ttl),
+            store.append_bytes(d_key, recorded, o.max_distances * _DISTANCE.itemsize, ttl),
             store.incr(self._key(client, "n"), len(x), ttl),
             *grown,
         )
+        held = min(length // _DISTANCE.itemsize, o.max_distances)
         if held < o.min_queries or (count - len(x)) // o.every == count // o.every:
             return Verdict.CONTINUE
-        history = np.frombuffer(b"".join(await store.items(d_key)), dtype=_DISTANCE)
+        log = await store.read_bytes(d_key)
+        history = np.frombuffer(log, dtype=_DISTANCE)[-o.max_distances :]
         w = shapiro_w(history)
         if w >= o.delta:
             return Verdict.CONTINUE

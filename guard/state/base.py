@@ -16,6 +16,7 @@ called applies its ``on_error`` (closed: 503, open: serve and flag).
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
@@ -147,6 +148,7 @@ async def together(store: StateStore, *operations: Awaitable[Any]) -> list[Any]:
     return [await operation for operation in operations]
 
 
+@functools.lru_cache(maxsize=4096)
 def hash_tag(name: str) -> str:
     """``name`` as a Redis hash tag, escaped so that distinct names give distinct tags."""
     escaped = name.replace("%", "%25").replace("{", "%7B").replace("}", "%7D")

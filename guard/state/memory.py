@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from guard import _native
 from guard.state.base import FingerprintMatch
 
 __all__ = ["MemoryStore"]
@@ -55,19 +56,18 @@ class _Query:
 
 @dataclass(slots=True)
 class _Table:
-    """Earlier fingerprints, an inverted index from hash to the queries holding it,
-    the exact digests, and each client's queries oldest first (its share).
+    """Earlier fingerprints, an inverted index from hash to the queries holding it
+    (:class:`guard._native.PostingIndex`: compiled, its per-hash work never touches a
+    Python object), the exact digests, and each client's queries oldest first (its share).
 
-    Most hashes belong to one query, so a posting is a bare query id until a
-    second query shares it (then an ascending list): a full table of 10,000
-    digits queries holds about 370,000 distinct hashes.
+    A full table of 10,000 digits queries holds about 370,000 distinct hashes.
     """
 
     seq: int = 0
     head: int = 1  # the age sweep's position: queries below it are gone
     used_at: float = 0.0
     queries: dict[int, _Query] = field(default_factory=dict)
-    index: dict[int, int | list[int]] = field(default_factory=dict)
+    index: Any = field(default_factory=_native.PostingIndex)
     digests: dict[bytes, int] = field(default_factory=dict)
     owners: dict[str, deque[int]] = field(default_factory=dict)
     # (-share, client), lazily updated: the largest holder is on top once stale entries go.
@@ -77,17 +77,7 @@ class _Table:
         self.seq += 1
         qid = self.seq
         self.queries[qid] = query
-        index = self.index
-        for h in query.hashes:  # insert(h, qid), inlined: 50 hashes a query
-            found = index.get(h)
-            if found is None or max_per_hash == 1:
-                index[h] = qid
-            elif found.__class__ is int:
-                index[h] = [found, qid]
-            else:
-                found.append(qid)  # type: ignore[union-attr]
-                if len(found) > max_per_hash:  # type: ignore[arg-type]
-                    del found[0]  # type: ignore[union-attr]
+        self.index.add(query.hashes, qid, max_per_hash)
         if query.digest is not None:
             self.digests[query.digest] = qid
         owned = self.owners.get(query.client)
@@ -118,21 +108,7 @@ class _Table:
         query = self.queries.pop(qid, None)
         if query is None:
             return
-        for h in query.hashes:
-            found = self.index.get(h)
-            if found is None:
-                continue
-            if isinstance(found, int):
-                if found == qid:
-                    del self.index[h]
-                continue
-            if qid in found:
-                found.remove(qid)
-            if len(found) <= 1:
-                if found:
-                    self.index[h] = found[0]
-                else:
-                    del self.index[h]
+        self.index.remove(query.hashes, qid)
         if query.digest is not None and self.digests.get(query.digest) == qid:
             del self.digests[query.digest]
         owned = self.owners.get(query.client)
@@ -241,7 +217,7 @@ class MemoryStore:
             self._match_one(
                 state,
                 client,
-                tuple(hashes),
+                array("Q", hashes),
                 None if digests is None else bytes(digests[i]),
                 now,
                 threshold,
@@ -257,7 +233,7 @@ class MemoryStore:
     def _match_one(
         state: _Table,
         client: str,
-        hashes: tuple[int, ...],
+        hashes: array[int],
         digest: bytes | None,
         now: float,
         threshold: int,
@@ -272,26 +248,14 @@ class MemoryStore:
                 if state.queries[seen].at > now - ttl_s:
                     return FingerprintMatch(0, 0, 0, repeat=True)
                 state.evict(seen)
-        shared: dict[int, int] = {}  # query id -> hashes it shares with this one
-        index, count = state.index, shared.get
-        for h in hashes:
-            found = index.get(h)
-            if found is None:
-                continue
-            if found.__class__ is int:
-                shared[found] = count(found, 0) + 1
-            else:
-                for qid in found:  # type: ignore[union-attr]
-                    shared[qid] = count(qid, 0) + 1
-        matches = own = best = 0
-        for qid, n in shared.items():
-            best = max(best, n)
-            if n > threshold:
-                query = state.queries[qid]
-                if query.at > now - ttl_s:
-                    matches += 1
-                    own += query.client == client
-        state.add(_Query(now, client, array("Q", hashes), digest), max_per_hash)
+        over, best = state.index.shared(hashes, threshold)
+        matches = own = 0
+        for qid, _ in over:
+            query = state.queries[qid]
+            if query.at > now - ttl_s:
+                matches += 1
+                own += query.client == client
+        state.add(_Query(now, client, hashes, digest), max_per_hash)
         owned = state.owners[client]
         while len(owned) > share:
             state.evict(owned[0])

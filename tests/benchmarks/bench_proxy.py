@@ -14,6 +14,8 @@ by them, and hides their cost). Targets, each its own process on loopback:
 ``guard-none``     the guard with no stage: the proxy alone
 ``guard-<stage>``  the guard with that one stage of the default policy
 ``...-w2``         (``--workers``) ``guard-none`` and ``guard-redis`` with ``--workers 2``
+``...@baseline``   (``--baseline DIR``) ``guard`` and ``guard-redis`` run from another
+                   checkout (an earlier commit, its kernels built), in the same rounds
 
 At ``--connections`` (32) the figure is each proxy's throughput over the
 pass-through's; at 1 connection, its added median latency (its p50 minus the
@@ -31,7 +33,7 @@ process, a distinct pre-generated body per request).
 
     python tests/benchmarks/bench_proxy.py [--duration 6] [--rounds 3] [--connections 32]
         [--loop uvloop] [--no-stages] [--no-redis] [--workers] [--generator auto|wrk|python]
-        [--json out.json]
+        [--baseline DIR] [--json out.json]
 """
 
 from __future__ import annotations
@@ -70,6 +72,7 @@ REDIS_RATIO = 0.60  # Redis state over memory state
 WORKERS_RATIO = 1.7  # --workers 2 over 1
 RAISED = [{"queries": 100_000_000, "per": "1m"}, {"queries": 100_000_000, "per": "1d"}]
 KEY_ENV = "GUARD_BENCH_BLACKLIGHT_KEY"
+BASELINE = "@baseline"  # a target's suffix: the same, run from the --baseline checkout
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,13 +129,18 @@ class Servers:
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
 
     def start(
-        self, name: str, argv: list[str], port: int, env: dict[str, str] | None = None
+        self,
+        name: str,
+        argv: list[str],
+        port: int,
+        env: dict[str, str] | None = None,
+        root: Path = ROOT,
     ) -> Server:
-        path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+        path = os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))
         with (self.workdir / f"{name}.log").open("wb") as log:
             self.procs[name] = subprocess.Popen(
                 argv,
-                cwd=ROOT,
+                cwd=root,
                 env={**os.environ, "PYTHONPATH": path, **(env or {})},
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -239,6 +247,8 @@ def _command(
         conf = workdir / "nginx.conf"
         conf.write_text(NGINX_CONF.format(dir=workdir, port=port, upstream=upstream[7:]))
         return ["nginx", "-c", str(conf), "-e", str(workdir / "nginx-error.log")]
+    name = target
+    target = target.removesuffix(BASELINE)
     workers = "2" if target.endswith("-w2") else "1"
     target = target.removesuffix("-w2")
     stages: Sequence[str] | None
@@ -248,7 +258,7 @@ def _command(
         stages = ()
     else:
         stages = (target.removeprefix("guard-"),)
-    policy = workdir / f"{target}-{workers}.json"  # JSON is YAML
+    policy = workdir / f"{name}-{workers}.json"  # JSON is YAML
     url = redis_url if target == "guard-redis" else None
     policy.write_text(json.dumps(guard_policy(stages, upstream, url)))
     return [
@@ -305,9 +315,14 @@ def redis_server(workdir: Path) -> Iterator[str]:
 
 @contextmanager
 def servers(
-    workdir: Path, loop: str, targets: Sequence[str], redis_url: str | None
+    workdir: Path,
+    loop: str,
+    targets: Sequence[str],
+    redis_url: str | None,
+    baseline: Path | None = None,
 ) -> Iterator[dict[str, Server]]:
-    """Start ``model`` and then ``targets`` in front of it; stop them all on exit."""
+    """Start ``model`` and then ``targets`` in front of it; stop them all on exit.
+    ``...@baseline`` targets run from the checkout ``baseline``."""
     running = Servers(workdir)
     started: dict[str, Server] = {}
     env = {KEY_ENV: "bench-key-0123456789abcdef"}
@@ -322,7 +337,8 @@ def servers(
                 continue
             port = free_port()
             argv = _command(target, workdir, port, loop, started["model"].url, redis_url)
-            started[target] = running.start(target, argv, port, env)
+            root = baseline if target.endswith(BASELINE) and baseline else ROOT
+            started[target] = running.start(target, argv, port, env, root)
         for target, server in started.items():
             running.wait_ready(target, server.url, "/v2/health/ready")
         yield {t: started[t] for t in targets}
@@ -492,6 +508,8 @@ def targets_of(args: argparse.Namespace) -> list[str]:
         targets.append("guard-redis")
     if args.workers:  # 2 workers: stateless (no stage), and the default policy on Redis
         targets += ["guard-none-w2"] + (["guard-redis-w2"] if "guard-redis" in targets else [])
+    if args.baseline:
+        targets += [t + BASELINE for t in ("guard", "guard-redis") if t in targets]
     if not args.no_stages:
         targets += [f"guard-{s}" for s in STAGES]
     return targets
@@ -505,7 +523,7 @@ def benchmark(args: argparse.Namespace, workdir: Path) -> tuple[str, list[Measur
     results = []
     with redis_server(workdir) if "guard-redis" in targets else _nothing() as redis_url:
         for loop in args.loop or ["uvloop"]:
-            with servers(workdir, loop, targets, redis_url) as running:
+            with servers(workdir, loop, targets, redis_url, args.baseline) as running:
                 check_answers(running)
                 for connections in dict.fromkeys([args.connections, 1]):
                     for target in targets if args.warmup else ():
@@ -621,15 +639,23 @@ def report(results: list[Measurement], generator: str, loads: list[str]) -> tupl
             f"{guard['added_p50_ms']:.3f} ms added at the median at 1 connection (target ≤ "
             f"{ADDED_P50_MS}: {'met' if guard['added_p50_ms'] <= ADDED_P50_MS else 'missed'}).",
         ]
-        redis = next(
-            (r for r in summary if r["loop"] == loop and r["target"] == "guard-redis"), None
-        )
-        if redis:
-            ratio = redis["rps"] / guard["rps"]
-            lines.append(
-                f"Redis state: {ratio:.2f} of memory state's throughput (target ≥ {REDIS_RATIO}: "
-                f"{'met' if ratio >= REDIS_RATIO else 'missed'})."
-            )
+        rows = {r["target"]: r for r in summary if r["loop"] == loop}
+        for suffix in ("", BASELINE):
+            memory, redis = rows.get("guard" + suffix), rows.get("guard-redis" + suffix)
+            if memory and redis:
+                ratio = redis["rps"] / memory["rps"]
+                lines.append(
+                    f"Redis state{suffix}: {ratio:.2f} of memory state's throughput (target ≥ "
+                    f"{REDIS_RATIO}: {'met' if ratio >= REDIS_RATIO else 'missed'})."
+                )
+        for new in ("guard", "guard-redis"):
+            if new + BASELINE in rows:
+                old = rows[new + BASELINE]
+                lines.append(
+                    f"{new} ÷ {new}{BASELINE}: {rows[new]['rps'] / old['rps']:.2f}× the "
+                    f"throughput; added p50 {rows[new]['added_p50_ms']:.3f} ms against "
+                    f"{old['added_p50_ms']:.3f} ms."
+                )
         for one, two in (("guard-none", "guard-none-w2"), ("guard-redis", "guard-redis-w2")):
             rows = {r["target"]: r for r in summary if r["loop"] == loop}
             if one in rows and two in rows:
@@ -660,10 +686,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--workers", action="store_true", help="add guard-none and guard-redis with --workers 2"
     )
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        help="another checkout (its kernels built): add guard and guard-redis run from it",
+    )
     parser.add_argument("--json", type=Path, help="also write the measurements here")
     args = parser.parse_args(argv)
     if args.connections < 1 or args.duration <= 0 or args.rounds < 1 or args.warmup < 0:
         parser.error("--connections and --rounds must be >= 1, --duration > 0, --warmup >= 0")
+    if args.baseline:
+        args.baseline = args.baseline.resolve()
+    if args.baseline and not (args.baseline / "guard" / "__init__.py").is_file():
+        parser.error(f"--baseline: {args.baseline} is not a checkout of the guard")
     if args.generator == "wrk" and not shutil.which("wrk"):
         parser.error("--generator wrk: wrk is not on the PATH")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the cleanups on SIGTERM too

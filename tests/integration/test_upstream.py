@@ -249,3 +249,35 @@ async def test_json_answer_passes_through_undecoded_when_nothing_reads_it(
     binary = v2_body(x, id="same-id", parameters={"binary_data_output": True})
     async with http.post(guard.make_url("/v2/models/digits/infer"), data=binary) as reply:
         assert reply.status == 200 and "Inference-Header-Content-Length" in reply.headers
+
+
+async def test_json_answer_passes_through_when_response_stages_only_read_it(
+    start_guard: StartGuard, http: aiohttp.ClientSession, x: np.ndarray
+) -> None:
+    """prada reads the predicted class from the decoded answer; the client still gets the
+    upstream's bytes. Once a finding degrades the client, the answer is the label only."""
+    upstream = await start_guard(digits_policy())
+    policy = upstream_policy(str(upstream.make_url("")))
+    stages = policy["models"]["digits"]["stages"]
+    stages.append({"prada": {"action": "degrade", "min_queries": 3, "every": 1, "delta": 0.9999}})
+    guard = await start_guard(policy)
+    rng = np.random.default_rng(0)
+    answers = []
+    for i in range(12):  # one digit, jittered: one class, so every query has a distance
+        row = np.clip(x[:1] + rng.uniform(-1, 1, (1, 64)), 0, 16).astype(np.float32)
+        body = v2_body(row, id=f"r{i}")
+        async with http.post(upstream.make_url("/v2/models/digits/infer"), data=body) as reply:
+            direct = await reply.read()
+        async with http.post(guard.make_url("/v2/models/digits/infer"), data=body) as reply:
+            assert reply.status == 200
+            answers.append((direct, await reply.read(), reply.headers.get("X-Guard-Verdict")))
+    verdicts = [verdict for _, _, verdict in answers]
+    first = verdicts.index("degrade")
+    assert first >= 3 and verdicts[:first] == ["allow"] * first
+    assert all(proxied == direct for direct, proxied, _ in answers[:first])
+    for direct, proxied, _ in answers[first:]:
+        assert proxied != direct
+        scores = next(o for o in orjson.loads(proxied)["outputs"] if o["name"] == "probabilities")[
+            "data"
+        ]
+        assert sorted(scores)[-2:] == [0.0, 1.0]  # one-hot: the label only

@@ -1,0 +1,3 @@
+import numpy as np
+
+def scan(table: np.ndarray, x: np.ndarray) -> tuple[float, float]: ...
