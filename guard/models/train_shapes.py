@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,6 +44,7 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
 from guard.models import imagegen
+from guard.models.train import noisy_accuracies, onnx_accuracy
 
 INPUT_SHAPE = (imagegen.SIZE, imagegen.SIZE, 3)
 N_CLASSES = len(imagegen.CLASS_NAMES)
@@ -63,7 +63,6 @@ DATASET = "procedural shapes (guard.models.imagegen)"
 
 _CONVS = (0, 4, 8)  # indices of the convolutions in network(), each followed by its BN
 _DENSES = (13, 15)
-_EVAL_STREAM = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -217,32 +216,6 @@ def to_onnx_bytes(state: dict[str, np.ndarray], name: str = "shapes") -> bytes:
     )
     onnx.checker.check_model(model)
     return model.SerializeToString()
-
-
-def onnx_accuracy(session: ort.InferenceSession, x: np.ndarray, y: np.ndarray) -> float:
-    """Fraction of float rows ``x`` ([N, 32, 32, 3]) whose ``label`` equals ``y``, in batches."""
-    correct = 0
-    for first in range(0, len(x), 1000):
-        (labels,) = session.run(["label"], {"input": x[first : first + 1000]})
-        correct += int(np.sum(labels == y[first : first + 1000]))
-    return correct / len(x)
-
-
-def noisy_accuracies(
-    session: ort.InferenceSession,
-    x: np.ndarray,
-    y: np.ndarray,
-    sigmas: Sequence[float],
-    seed: int,
-) -> dict[str, float]:
-    """Accuracy under unclipped Gaussian noise per sigma, drawn from one seeded generator."""
-    rng = np.random.default_rng([seed, _EVAL_STREAM])
-    return {
-        str(sigma): onnx_accuracy(
-            session, (x + rng.normal(0.0, sigma, x.shape)).astype(np.float32), y
-        )
-        for sigma in sigmas
-    }
 
 
 def export(trained: TrainedShapes, out_dir: Path) -> dict[str, Any]:
