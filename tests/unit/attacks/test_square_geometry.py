@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -17,16 +19,19 @@ BUDGET = 40
 
 
 class Recording(Target):
-    """The real shapes model (onnxruntime), keeping every row it was sent, flat."""
+    """The real shapes model (onnxruntime), keeping every row it was sent, flat; with
+    ``chw``, a model that takes ``[3, 32, 32]`` inputs (transposed for the real one)."""
 
-    def __init__(self, inner: Target) -> None:
-        super().__init__(inner.spec, batch_size=1)
+    def __init__(self, inner: Target, *, chw: bool = False) -> None:
+        shape = (3, 32, 32) if chw else inner.spec.input_shape
+        super().__init__(replace(inner.spec, input_shape=shape), batch_size=1)
         self.inner = inner
+        self.chw = chw
         self.sent: list[np.ndarray] = []
 
     def _send(self, x: np.ndarray) -> tuple[Answers, int, str | None]:
         self.sent.extend(np.asarray(x, dtype=np.float64).reshape(len(x), -1))
-        return self.inner.query(x), 200, "allow"
+        return self.inner.query(x.transpose(0, 2, 3, 1) if self.chw else x), 200, "allow"
 
 
 @pytest.fixture(scope="module")
@@ -35,16 +40,21 @@ def shapes() -> tuple[np.ndarray, np.ndarray]:
     return 0.25 + 0.5 * x[:1], y[:1]  # inside the range: no value clips at a step of 0.05
 
 
-def _run(attack: object, x: np.ndarray, y: np.ndarray) -> tuple[Recording, Grid]:
-    target = Recording(OnnxTarget.builtin("shapes"))
+def _run(
+    attack: object, x: np.ndarray, y: np.ndarray, layout: str = "HWC"
+) -> tuple[Recording, Grid]:
+    target = Recording(OnnxTarget.builtin("shapes"), chw=layout == "CHW")
+    if layout == "CHW":
+        x = x.reshape(-1, 32, 32, 3).transpose(0, 3, 1, 2).reshape(len(x), -1)
     run_evasion(attack, target, x, y, budget=BUDGET, rng=np.random.default_rng(3))  # type: ignore[arg-type]
     return target, _pixels(target.spec)
 
 
 def _pixels(spec: TargetSpec) -> Grid:
     """The shapes model's pixels, read from its input shape, not from the code under test."""
-    assert spec.input_shape == (32, 32, 3)
-    return Grid(32, 32, 3, "HWC")
+    layouts = {(32, 32, 3): "HWC", (3, 32, 32): "CHW"}
+    assert spec.input_shape in layouts
+    return Grid(32, 32, 3, layouts[spec.input_shape])
 
 
 def _full_windows(changed: np.ndarray, s: int) -> list[tuple[int, int]]:
@@ -73,10 +83,11 @@ def test_chw_rows_round_trip_through_the_grid() -> None:
     assert np.array_equal(grid.to_row(image)[0], row)
 
 
-def test_square_linf_step_is_a_spatial_window_over_every_channel(shapes) -> None:
+@pytest.mark.parametrize("layout", ["HWC", "CHW"])
+def test_square_linf_step_is_a_spatial_window_over_every_channel(shapes, layout) -> None:
     x, y = shapes
     eps = 0.05
-    target, grid = _run(SquareLinf(epsilon=eps), x, y)
+    target, grid = _run(SquareLinf(epsilon=eps), x, y, layout)
     h, w, c = grid.height, grid.width, grid.channels
     start, stripes, first_step = (grid.to_hwc(row) for row in target.sent[:3])
     s = _side(p_selection(0.3, 0, BUDGET), h, w, smallest=1)
@@ -102,9 +113,10 @@ def test_square_linf_step_is_a_spatial_window_over_every_channel(shapes) -> None
     assert any(len({tuple(v) for v in sign.reshape(-1, c)}) > 1 for sign in signs)
 
 
-def test_square_l2_step_changes_whole_pixels_in_spatial_windows(shapes) -> None:
+@pytest.mark.parametrize("layout", ["HWC", "CHW"])
+def test_square_l2_step_changes_whole_pixels_in_spatial_windows(shapes, layout) -> None:
     x, y = shapes
-    target, grid = _run(SquareL2(epsilon=0.5), x, y)
+    target, grid = _run(SquareL2(epsilon=0.5), x, y, layout)
     h, w = grid.height, grid.width
     start, init, first_step = (grid.to_hwc(row) for row in target.sent[:3])
     s = _side(p_selection(0.3, 0, BUDGET), h, w, smallest=3)
