@@ -39,14 +39,14 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
 
 from guard.attacks.budget import Oracle
 from guard.attacks.evasion.base import Progress, margin
-from guard.attacks.evasion.square import image_shape, p_selection
+from guard.attacks.evasion.square import Grid, p_selection
 from guard.attacks.extraction import augment
 from guard.attacks.targets import DETECTED_VERDICTS, Answers, Target
 
@@ -66,8 +66,9 @@ class _Wrapper(Target):
     """A target that forwards to others; ``real_queries`` counts what they were sent."""
 
     def __init__(self, inner: Sequence[Target]) -> None:
-        # Flat rows pass through: the inner targets reshape them to the model's input.
-        super().__init__(replace(inner[0].spec, input_shape=None), batch_size=1)
+        # The spec keeps ``input_shape`` (attacks draw on its image); ``query`` hands
+        # ``_send`` rows of that shape and the inner targets take them as they are.
+        super().__init__(inner[0].spec, batch_size=1)
         self.inner = list(inner)
 
     @property
@@ -112,12 +113,12 @@ class Resampling(_Wrapper):
         self.resent = 0  # requests sent again after a caught answer
         self._scored = False  # seen a non-one-hot answer: one-hot now means degraded
         spec = target.spec
-        self._shape = image_shape(spec.n_features, None) if spec.scalar_range else None
+        self._shape = Grid.of(spec) if spec.scalar_range else None
 
     def _send(self, x: np.ndarray) -> tuple[Answers, int, str | None]:
         (target,) = self.inner
         rows, statuses, verdict = [], [], None
-        for row in np.asarray(x, dtype=np.float64):
+        for row in np.asarray(x, dtype=np.float64).reshape(len(x), -1):
             for attempt in range(self.retries + 1):
                 sigma = self.sigma * self.growth**attempt
                 shift = 1 if self.shift and self._shape is not None else 0
@@ -268,20 +269,21 @@ class ResamplingSquareLinf:
         rng: np.random.Generator,
         progress: Progress,
     ) -> None:
-        h, w = image_shape(x0.size, None)
         spec = oracle.spec
-        image = x0.reshape(h, w)
-        lo = np.broadcast_to(spec.lo, x0.shape).reshape(h, w)
-        hi = np.broadcast_to(spec.hi, x0.shape).reshape(h, w)
+        grid = Grid.of(spec)
+        h, w, channels = grid.height, grid.width, grid.channels
+        image = grid.to_hwc(x0)
+        lo = grid.to_hwc(np.broadcast_to(spec.lo, x0.shape))
+        hi = grid.to_hwc(np.broadcast_to(spec.hi, x0.shape))
         eps = self.epsilon
         log = oracle.target.log
         scored = not looks_caught(Answers(scores0[None], np.array([0])), 200, None, scored=True)
-        best = np.clip(image + rng.choice([-eps, eps], size=(1, w)), lo, hi)
-        loss = margin(oracle.ask(best.reshape(1, -1)).scores, y0)[0]
+        best = np.clip(image + rng.choice([-eps, eps], size=(1, w, channels)), lo, hi)
+        loss = margin(oracle.ask(grid.to_row(best)).scores, y0)[0]
         widen = 0
         for i in itertools.count():  # until success; the budget ends it otherwise
             if loss < 0:
-                progress.found(best.ravel(), success=True)
+                progress.found(grid.to_row(best)[0], success=True)
                 return
             base = p_selection(self.p_init, i, oracle.budget)
             for attempt in range(self.retries + 1):
@@ -290,10 +292,11 @@ class ResamplingSquareLinf:
                 s = min(max(round(float(np.sqrt(p * h * w))), 1), min(h, w))
                 r, c = int(rng.integers(0, h - s + 1)), int(rng.integers(0, w - s + 1))
                 delta = best - image
-                signs = rng.choice([-eps, eps], size=(s, s) if level else (1, 1))
+                side = s if level else 1  # widened: a sign per pixel and channel
+                signs = rng.choice([-eps, eps], size=(side, side, channels))
                 delta[r : r + s, c : c + s] = signs
                 candidate = np.clip(image + delta, lo, hi)
-                answers = oracle.ask(candidate.reshape(1, -1))
+                answers = oracle.ask(grid.to_row(candidate))
                 caught = looks_caught(answers, log.status[-1], log.verdicts[-1], scored=scored)
                 if not caught:
                     break

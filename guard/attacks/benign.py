@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 
 from guard.attacks.detection import detection
-from guard.attacks.evasion.square import image_shape
+from guard.attacks.evasion.square import Grid
 from guard.attacks.extraction import augment
 from guard.attacks.targets import DETECTED_STATUS, DETECTED_VERDICTS, Target, TargetSpec
 
@@ -117,10 +117,10 @@ class BenignTraffic:
             raise ValueError("each benign client needs its own target")
         started = time.perf_counter()
         n = self.queries
-        shape = image_shape(x.shape[1], None) if self.shift else None
         plans = []
         shares = np.array_split(rng.permutation(len(x)), len(clients))
         for (_, target), share in zip(clients, shares, strict=True):
+            shape = Grid.of(target.spec) if self.shift else None
             cycles = -(-n // len(share))
             rows = np.concatenate([rng.permutation(share) for _ in range(cycles)])[:n]
             inputs = augment(
@@ -231,7 +231,7 @@ class TrafficMix:
         x = np.asarray(x, dtype=np.float64)
         rows, weights, rest = self.popular_pool(x, y, rng)
         shares = np.array_split(rng.permutation(rest), n_clients)
-        shape = image_shape(spec.n_features, None) if spec.scalar_range else None
+        shape = Grid.of(spec) if spec.scalar_range else None
         odds = np.array([self.popular, self.retry, self.jitter, self.fresh])
         odds /= odds.sum()
         per_client: list[list[PlannedRequest]] = []
@@ -279,7 +279,7 @@ class TrafficMix:
         x: np.ndarray,
         kind: str,
         spec: TargetSpec,
-        shape: tuple[int, int] | None,
+        shape: Grid | None,
         rng: np.random.Generator,
     ) -> np.ndarray:
         if kind == "reencode":
@@ -287,11 +287,11 @@ class TrafficMix:
         if kind == "shift":
             shifted = augment(x[None], spec, rng, noise=0.0, shift=1, shape=shape)[0]
             if np.array_equal(shifted, x):  # a (0, 0) move: shift by one column instead
-                h, w = shape or (1, x.size)
-                image = np.asarray(x).reshape(h, w)
+                grid = shape or Grid(1, x.size)
+                image = grid.to_hwc(np.asarray(x))
                 moved = np.full_like(image, float(np.broadcast_to(spec.lo, (1,))[0]))
                 moved[:, 1:] = image[:, :-1]
-                shifted = moved.reshape(-1)
+                shifted = grid.to_row(moved)[0]
             return shifted
         return augment(x[None], spec, rng, noise=self.noise, shift=0, shape=None)[0]
 
@@ -336,7 +336,7 @@ def priming_requests(
     from ``mix_rng``, a copy of the generator the mix will run with: the attacker
     guessed right), sent once exactly and once jittered."""
     rows, _, _ = mix.popular_pool(np.asarray(x), y, mix_rng)
-    shape = image_shape(spec.n_features, None) if spec.scalar_range else None
+    shape = Grid.of(spec) if spec.scalar_range else None
     out = []
     for a in range(accounts):
         mine = []

@@ -35,7 +35,7 @@ import numpy as np
 
 from guard.attacks.budget import Oracle
 from guard.attacks.detection import detection
-from guard.attacks.evasion.square import image_shape
+from guard.attacks.evasion.square import Grid
 from guard.attacks.surrogate import Surrogate
 from guard.attacks.targets import Target, TargetSpec
 
@@ -102,25 +102,28 @@ def augment(
     *,
     noise: float,
     shift: int,
-    shape: tuple[int, int] | None,
+    shape: Grid | tuple[int, int] | None,
 ) -> np.ndarray:
-    """``x`` shifted by up to ``shift`` pixels (when ``shape`` is an image; the gap
-    fills with the range's low end) plus Gaussian noise of ``noise`` times the
-    range, clipped to the range."""
+    """``x`` shifted by up to ``shift`` pixels in height and width, every channel alike
+    (when ``shape`` is an image, a ``(h, w)`` pair meaning one channel; the gap fills
+    with the range's low end) plus Gaussian noise of ``noise`` times the range, clipped
+    to the range."""
     out = np.array(x, dtype=np.float64)
+    if isinstance(shape, tuple):
+        shape = Grid(*shape)
     if shape is not None and shift > 0 and len(out):
-        h, w = shape
-        images = out.reshape(len(out), h, w)
+        h, w = shape.height, shape.width
+        images = np.stack([shape.to_hwc(row) for row in out])
         moves = rng.integers(-shift, shift + 1, size=(len(out), 2))
         shifted = np.empty_like(images)
-        low = np.broadcast_to(spec.lo, (h * w,)).reshape(h, w)
+        low = shape.to_hwc(np.broadcast_to(spec.lo, (out.shape[1],)))
         for dr, dc in {tuple(m) for m in moves.tolist()}:
             rows = np.flatnonzero((moves[:, 0] == dr) & (moves[:, 1] == dc))
-            moved = np.broadcast_to(low, (len(rows), h, w)).copy()
+            moved = np.broadcast_to(low, (len(rows), *low.shape)).copy()
             src = images[rows][:, max(-dr, 0) : h - max(dr, 0), max(-dc, 0) : w - max(dc, 0)]
             moved[:, max(dr, 0) : h - max(-dr, 0), max(dc, 0) : w - max(-dc, 0)] = src
             shifted[rows] = moved
-        out = shifted.reshape(len(out), -1)
+        out = np.concatenate([shape.to_row(image) for image in shifted])
     out += rng.normal(0.0, 1.0, out.shape) * (noise * (spec.hi - spec.lo))
     return spec.clip(out)
 
@@ -130,7 +133,7 @@ class Knockoff:
     budgets: tuple[int, ...] = (100, 250, 500, 1000, 2000)
     noise: float = 0.05  # Gaussian noise on repeats, as a fraction of the input range
     shift: int = 1  # image shifts of up to this many pixels on repeats (image inputs only)
-    image: bool = True  # treat inputs as a square-ish image (digits)
+    image: bool = True  # shift inputs as images (the target's image, else a square-ish grid)
     hidden: int = 128
     steps: int = 1500
     name: ClassVar[str] = "knockoff"
@@ -148,7 +151,7 @@ class Knockoff:
         ]
         x = np.asarray(pool, dtype=np.float64)[order]
         repeats = np.arange(total) >= len(pool)
-        shape = image_shape(spec.n_features, None) if self.image else None
+        shape = Grid.of(spec) if self.image else None
         x[repeats] = augment(x[repeats], spec, rng, noise=self.noise, shift=self.shift, shape=shape)
         oracle = Oracle(target, total)
         answers = oracle.ask(x)

@@ -83,10 +83,11 @@ def resolve(names: Sequence[str], spec: TargetSpec) -> list[str]:
 
 
 def _square_l2_too_small(attack: str, spec: TargetSpec) -> bool:
-    from guard.attacks.evasion.square import image_shape
+    from guard.attacks.evasion.square import Grid
 
     evasion = ATTACK[attack].evasion if ATTACK[attack].family == "adaptive" else attack
-    return evasion == "square-l2" and min(image_shape(spec.n_features, None)) < 4
+    grid = Grid.of(spec)
+    return evasion == "square-l2" and min(grid.height, grid.width) < 4
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

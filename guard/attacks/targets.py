@@ -28,9 +28,12 @@ import http.client
 import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from guard.defenses.squeeze import Image
 
 REFUSED = -1  # the label of a row the target did not answer
 DETECTED_VERDICTS = frozenset({"flag", "degrade", "deny", "shadow"})
@@ -64,6 +67,14 @@ class TargetSpec:
         if shape == (int(info["n_features"]),):
             shape = None
         return cls(int(info["n_features"]), int(info["n_classes"]), lo, hi, shape)
+
+    @property
+    def image(self) -> Image | None:
+        """The image one row holds when ``input_shape`` is one (``Image.from_shape``: HWC,
+        or CHW when only the first dimension is a channel count); None for flat models."""
+        from guard.defenses.squeeze import Image
+
+        return Image.from_shape(self.input_shape)
 
     @property
     def scalar_range(self) -> bool:

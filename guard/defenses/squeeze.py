@@ -65,6 +65,20 @@ class Image:
     def __str__(self) -> str:
         return f"{self.height}x{self.width}x{self.channels} {self.layout}"
 
+    @classmethod
+    def from_shape(cls, shape: Sequence[int] | None) -> Image | None:
+        """The image one sample of ``shape`` holds, else None: ``[H, W]`` (one channel),
+        ``[H, W, C]`` (HWC, ``C`` in 1, 3, 4) or ``[C, H, W]`` (CHW: ``C`` in 1, 3, 4 and
+        the last dimension not), with ``H`` and ``W`` above 1."""
+        shape = tuple(int(d) for d in shape or ())
+        if len(shape) == 2 and min(shape) > 1:
+            return cls(shape[0], shape[1], 1, "HWC")
+        if len(shape) == 3 and shape[2] in (1, 3, 4) and min(shape[:2]) > 1:
+            return cls(shape[0], shape[1], shape[2], "HWC")
+        if len(shape) == 3 and shape[0] in (1, 3, 4) and min(shape[1:]) > 1:
+            return cls(shape[1], shape[2], shape[0], "CHW")
+        return None
+
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Squeezer:

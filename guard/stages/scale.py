@@ -170,16 +170,12 @@ def image_shape(
     values: Mapping[str, Any], env: StageEnv | None
 ) -> tuple[int, int, int, Literal["HWC", "CHW"]] | None:
     """``(height, width, channels, layout)`` when the watched input's shape is an image."""
-    shape = row_shape(values, env)
-    if shape is None:
+    from guard.defenses.squeeze import Image
+
+    image = Image.from_shape(row_shape(values, env))
+    if image is None:
         return None
-    if len(shape) == 2 and min(shape) > 1:
-        return (shape[0], shape[1], 1, "HWC")
-    if len(shape) == 3 and shape[2] in (1, 3, 4) and min(shape[:2]) > 1:
-        return (shape[0], shape[1], shape[2], "HWC")
-    if len(shape) == 3 and shape[0] in (1, 3, 4) and min(shape[1:]) > 1:
-        return (shape[1], shape[2], shape[0], "CHW")
-    return None
+    return (image.height, image.width, image.channels, image.layout)  # type: ignore[return-value]
 
 
 # -- guard check --------------------------------------------------------------------------

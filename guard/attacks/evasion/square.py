@@ -4,14 +4,17 @@ Andriushchenko, Croce, Flammarion, Hein. "Square Attack: a query-efficient
 black-box adversarial attack via random search." ECCV 2020. Reference code:
 ``max-andr/square-attack`` (``attack.py``).
 
-The input is viewed as an ``h x w`` image (digits: 8 x 8; otherwise the most
-square factorisation of the feature count). Each iteration changes one random
-square window of side ``s`` (from the fraction ``p`` of pixels, halved on the
-paper's schedule ``p_selection``) and keeps the change only if the margin loss
+The input is viewed as an ``h x w`` image of ``c`` channels: the target's image
+(``TargetSpec.image``: ``[H, W, C]`` or ``[C, H, W]``; shapes: 32 x 32 x 3), else
+one channel on the most square factorisation of the feature count (digits: 8 x 8).
+Each iteration changes one random spatial square window of side ``s`` (from the
+fraction ``p`` of pixels, halved on the paper's schedule ``p_selection``) across
+every channel, and keeps the change only if the margin loss
 ``log p_y - max_{j != y} log p_j`` (the logit margin) drops. L-inf: the window
-gets a random ``±epsilon`` per channel, starting from random vertical stripes.
-L2: the window gets the paper's "meta pseudo-Gaussian" pattern, mass moved
-from a second window so the total norm stays ``epsilon``.
+gets a random ``±epsilon`` per channel, starting from random vertical stripes
+per channel. L2: the window gets the paper's "meta pseudo-Gaussian" pattern with
+a random sign per channel, mass moved from a second window so the total norm
+stays ``epsilon``.
 
 Goal: any misclassified input within the ``epsilon`` ball (input units); every
 query is inside the ball and the target's range. A refused query is never an
@@ -28,6 +31,7 @@ import numpy as np
 
 from guard.attacks.budget import Oracle
 from guard.attacks.evasion.base import Progress, margin
+from guard.attacks.targets import TargetSpec
 
 MAX_RESAMPLES = 100
 
@@ -63,6 +67,36 @@ def image_shape(n_features: int, shape: tuple[int, int] | None) -> tuple[int, in
     return h, n_features // h
 
 
+@dataclass(frozen=True, slots=True)
+class Grid:
+    """Where the windows are drawn: ``height x width`` pixels of ``channels`` values,
+    stored HWC or CHW in a row."""
+
+    height: int
+    width: int
+    channels: int = 1
+    layout: str = "HWC"
+
+    @classmethod
+    def of(cls, spec: TargetSpec, shape: tuple[int, int] | None = None) -> Grid:
+        """The spec's image, else (or when ``shape`` is given) the row folded into
+        ``image_shape`` with one channel."""
+        image = spec.image if shape is None else None
+        if image is not None:
+            return cls(image.height, image.width, image.channels, image.layout)
+        return cls(*image_shape(spec.n_features, shape))
+
+    def to_hwc(self, row: np.ndarray) -> np.ndarray:
+        h, w, c = self.height, self.width, self.channels
+        if self.layout == "CHW":
+            return row.reshape(c, h, w).transpose(1, 2, 0)
+        return row.reshape(h, w, c)
+
+    def to_row(self, image: np.ndarray) -> np.ndarray:
+        """``[1, F]`` in the row's order."""
+        return (image.transpose(2, 0, 1) if self.layout == "CHW" else image).reshape(1, -1)
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class SquareLinf:
     epsilon: float  # L-inf radius, input units
@@ -83,14 +117,16 @@ class SquareLinf:
         rng: np.random.Generator,
         progress: Progress,
     ) -> None:
-        h, w = image_shape(x0.size, self.shape)
-        image, lo, hi = _as_image(x0, oracle, h, w)
+        grid = Grid.of(oracle.spec, self.shape)
+        h, w, c = grid.height, grid.width, grid.channels
+        image, lo, hi = _as_image(x0, oracle, grid)
         eps = self.epsilon
-        best = np.clip(image + rng.choice([-eps, eps], size=(1, w)), lo, hi)  # vertical stripes
-        loss = margin(oracle.ask(best.reshape(1, -1)).scores, y0)[0]
+        # Vertical stripes, one sign per column and channel.
+        best = np.clip(image + rng.choice([-eps, eps], size=(1, w, c)), lo, hi)
+        loss = margin(oracle.ask(grid.to_row(best)).scores, y0)[0]
         for i in itertools.count():  # until success; the budget ends it otherwise
             if loss < 0:
-                progress.found(best.ravel(), success=True)
+                progress.found(grid.to_row(best)[0], success=True)
                 return
             delta = best - image
             s = _side(p_selection(self.p_init, i, oracle.budget), h, w, smallest=1)
@@ -99,9 +135,9 @@ class SquareLinf:
                 changed = np.clip(image[window] + delta[window], lo[window], hi[window])
                 if np.any(np.abs(changed - best[window]) >= 1e-7):
                     break
-                delta[window] = rng.choice([-eps, eps])
+                delta[window] = rng.choice([-eps, eps], size=(1, 1, c))  # a sign per channel
             candidate = np.clip(image + delta, lo, hi)
-            new = margin(oracle.ask(candidate.reshape(1, -1)).scores, y0)[0]
+            new = margin(oracle.ask(grid.to_row(candidate)).scores, y0)[0]
             if new < loss:
                 best, loss = candidate, new
 
@@ -126,16 +162,17 @@ class SquareL2:
         rng: np.random.Generator,
         progress: Progress,
     ) -> None:
-        h, w = image_shape(x0.size, self.shape)
+        grid = Grid.of(oracle.spec, self.shape)
+        h, w, c = grid.height, grid.width, grid.channels
         if min(h, w) < 4:
             raise ValueError(f"square-l2 needs an image of at least 4 x 4; got {h} x {w}")
-        image, lo, hi = _as_image(x0, oracle, h, w)
+        image, lo, hi = _as_image(x0, oracle, grid)
         eps = self.epsilon
-        best = np.clip(image + eps * _unit(_initial_l2(rng, h, w)), lo, hi)
-        loss = margin(oracle.ask(best.reshape(1, -1)).scores, y0)[0]
+        best = np.clip(image + eps * _unit(_initial_l2(rng, h, w, c)), lo, hi)
+        loss = margin(oracle.ask(grid.to_row(best)).scores, y0)[0]
         for i in itertools.count():  # until success; the budget ends it otherwise
             if loss < 0:
-                progress.found(best.ravel(), success=True)
+                progress.found(grid.to_row(best)[0], success=True)
                 return
             delta = best - image
             s = _side(p_selection(self.p_init, i, oracle.budget), h, w, smallest=3)
@@ -144,28 +181,35 @@ class SquareL2:
             first, second = _window(rng, h, w, s), _window(rng, h, w, s)
             both = np.zeros((h, w), dtype=bool)
             both[first] = both[second] = True
-            norm_first = float(np.linalg.norm(delta[first]))
+            # Norms per channel, as in the reference.
+            norm_first = _channel_norms(delta[first])
             norm_all = float(np.linalg.norm(delta))
-            norm_both = float(np.linalg.norm(delta[both]))
-            update = _meta_pseudo_gaussian(rng, s) * rng.choice([-1.0, 1.0])
+            norm_both = _channel_norms(delta[both])
+            update = _meta_pseudo_gaussian(rng, s)[..., None] * rng.choice([-1.0, 1.0], (1, 1, c))
             update += delta[first] / (1e-10 + norm_first)
-            # The windows get the norm they hold now plus whatever the ball has left.
-            room = np.sqrt(max(eps**2 - norm_all**2, 0.0) + norm_both**2)
-            update *= room / np.linalg.norm(update)
+            # Each channel's windows get the norm they hold now plus its share of whatever
+            # the ball has left.
+            room = np.sqrt(max(eps**2 - norm_all**2, 0.0) / c + norm_both**2)
+            update *= room / _channel_norms(update)
             delta[second] = 0.0
             delta[first] = update
             candidate = np.clip(image + eps * _unit(delta), lo, hi)
-            new = margin(oracle.ask(candidate.reshape(1, -1)).scores, y0)[0]
+            new = margin(oracle.ask(grid.to_row(candidate)).scores, y0)[0]
             if new < loss:
                 best, loss = candidate, new
 
 
-def _as_image(x0: np.ndarray, oracle: Oracle, h: int, w: int) -> tuple[np.ndarray, ...]:
+def _as_image(x0: np.ndarray, oracle: Oracle, grid: Grid) -> tuple[np.ndarray, ...]:
+    """The row, its low and its high ends as ``[h, w, c]`` images."""
     spec = oracle.spec
-    shape = (h, w)
-    lo = np.broadcast_to(spec.lo, x0.shape).reshape(shape)
-    hi = np.broadcast_to(spec.hi, x0.shape).reshape(shape)
-    return x0.reshape(shape), lo, hi
+    lo = grid.to_hwc(np.broadcast_to(spec.lo, x0.shape))
+    hi = grid.to_hwc(np.broadcast_to(spec.hi, x0.shape))
+    return grid.to_hwc(x0), lo, hi
+
+
+def _channel_norms(values: np.ndarray) -> np.ndarray:
+    """The L2 norm of each channel (the last axis) of ``values``."""
+    return np.array([np.linalg.norm(values[..., k]) for k in range(values.shape[-1])])
 
 
 def _side(p: float, h: int, w: int, *, smallest: int) -> int:
@@ -208,13 +252,14 @@ def _meta_pseudo_gaussian(rng: np.random.Generator, s: int) -> np.ndarray:
     return delta.T if rng.random() > 0.5 else delta
 
 
-def _initial_l2(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
-    """The reference's start: a grid of pseudo-Gaussian squares with random signs."""
+def _initial_l2(rng: np.random.Generator, h: int, w: int, c: int = 1) -> np.ndarray:
+    """The reference's start: a grid of pseudo-Gaussian squares, a random sign per channel."""
     s = max(min(h, w) // 5, 2)
-    delta = np.zeros((h, w))
+    delta = np.zeros((h, w, c))
     top, left = (h - s * (h // s)) // 2, (w - s * (w // s)) // 2
     for i in range(h // s):
         for j in range(w // s):
-            r, c = top + i * s, left + j * s
-            delta[r : r + s, c : c + s] += _meta_pseudo_gaussian(rng, s) * rng.choice([-1.0, 1.0])
+            r, col = top + i * s, left + j * s
+            square = _meta_pseudo_gaussian(rng, s)[..., None]
+            delta[r : r + s, col : col + s] += square * rng.choice([-1.0, 1.0], (1, 1, c))
     return delta
