@@ -12,6 +12,8 @@ by them, and hides their cost). Targets, each its own process on loopback:
                    ``model`` as its HTTP upstream, memory state
 ``guard-redis``    the same with the Redis state backend (a ``redis-server`` the run starts)
 ``guard-none``     the guard with no stage: the proxy alone
+``guard-embedded`` the guard serving ``builtin:digits`` itself (no upstream), the default
+                   policy's stages, memory state: compared with ``model``
 ``guard-<stage>``  the guard with that one stage of the default policy
 ``...-w2``         (``--workers``) ``guard-none`` and ``guard-redis`` with ``--workers 2``
 ``...@baseline``   (``--baseline DIR``) ``guard`` and ``guard-redis`` run from another
@@ -182,8 +184,9 @@ class Servers:
 
 
 def guard_policy(stages: Sequence[str] | None, upstream: str, redis_url: str | None) -> dict:
-    """The default policy's ``digits`` model as a proxy for ``upstream``: only the stages
-    named (all when None), quotas raised; Redis state when ``redis_url``."""
+    """The default policy's ``digits`` model as a proxy for ``upstream`` (embedded, no
+    upstream, when ``upstream`` is empty): only the stages named (all when None), quotas
+    raised; Redis state when ``redis_url``."""
     default = yaml.safe_load((ROOT / "policies" / "default.yaml").read_text())
     kept = []
     for entry in default["models"]["digits"]["stages"]:
@@ -197,13 +200,13 @@ def guard_policy(stages: Sequence[str] | None, upstream: str, redis_url: str | N
         kept.append({name: options})
     policy = {
         "version": 1,
-        "models": {
-            "digits": {"model": "builtin:digits", "upstream": {"url": upstream}, "stages": kept}
-        },
+        "models": {"digits": {"model": "builtin:digits", "stages": kept}},
         "disclose": default["disclose"],
         "limits": default["limits"],
         "state": default["state"],
     }
+    if upstream:
+        policy["models"]["digits"]["upstream"] = {"url": upstream}
     if redis_url:
         policy["state"] = {"backend": "redis", "url": redis_url, "key_prefix": "bench:"}
     return policy
@@ -252,7 +255,9 @@ def _command(
     workers = "2" if target.endswith("-w2") else "1"
     target = target.removesuffix("-w2")
     stages: Sequence[str] | None
-    if target in ("guard", "guard-redis"):
+    if target == "guard-embedded":
+        stages, upstream = None, ""
+    elif target in ("guard", "guard-redis"):
         stages = None
     elif target == "guard-none":
         stages = ()
@@ -503,7 +508,7 @@ def targets_of(args: argparse.Namespace) -> list[str]:
     targets = ["model", "passthrough"]
     if shutil.which("nginx") and not args.no_nginx:
         targets.append("nginx")
-    targets += ["guard", "guard-none"]
+    targets += ["guard", "guard-none", "guard-embedded"]
     if shutil.which("redis-server") and not args.no_redis:
         targets.append("guard-redis")
     if args.workers:  # 2 workers: stateless (no stage), and the default policy on Redis
@@ -640,6 +645,14 @@ def report(results: list[Measurement], generator: str, loads: list[str]) -> tupl
             f"{ADDED_P50_MS}: {'met' if guard['added_p50_ms'] <= ADDED_P50_MS else 'missed'}).",
         ]
         rows = {r["target"]: r for r in summary if r["loop"] == loop}
+        if "guard-embedded" in rows:
+            embedded = rows["guard-embedded"]
+            model = at["model", high]
+            lines.append(
+                f"Embedded default policy: {embedded['rps'] / model.rps:.2f} of the bare aiohttp "
+                f"+ onnxruntime server's throughput at {high} connections; "
+                f"{embedded['added_p50_ms']:.3f} ms added at the median at 1 connection."
+            )
         for suffix in ("", BASELINE):
             memory, redis = rows.get("guard" + suffix), rows.get("guard-redis" + suffix)
             if memory and redis:

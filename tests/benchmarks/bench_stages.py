@@ -1,19 +1,22 @@
 """What each stage of the default policy costs per request, in-process, at two input widths.
 
-Each stage of ``policies/default.yaml``'s ``digits`` model (quotas raised, so nothing is
-refused) is built on its own, for a model of ``W`` FP32 inputs in [0, 16] and 10 classes
-(``W`` = 64, the digits model, and 3,072, a 32x32x3 image), and run through a
-:class:`~guard.pipeline.Pipeline` of its own against a synthetic backend (a fixed random
-linear map and a softmax, computed outside the timed hooks). Every request is a fresh
-uniform random input from one client, so the detectors' histories grow as they do under
-load; the time is what the pipeline itself records per stage (``ctx.stage_seconds``:
-``on_request`` + ``on_response``), the mean over the second half of ``--requests`` (the
-history then holds at least half of them), the least of ``--repeat`` runs. The whole
-default chain is timed the same way.
+Each stage of ``policies/default.yaml`` (quotas raised, so nothing is refused) is built on
+its own and run through a :class:`~guard.pipeline.Pipeline` of its own, at two widths:
 
-``coverage`` calibrates its radius on the digits data (``reference: builtin:digits``); at
-3,072 values it is given ``radius`` instead (the same cost: one distance per remembered
-query).
+- 64 values: the ``digits`` model's stages (inputs in [0, 16]) against a synthetic
+  backend (a fixed random linear map and a softmax);
+- 3,072 values: the ``shapes`` model's stages (the built-in 32x32x3 image model, inputs
+  in [0, 1], ``coverage`` calibrated on its shipped images) against the real
+  ``builtin:shapes`` ONNX model (onnxruntime, one thread).
+
+The backend's time is not counted (its CPU time on this thread is taken out of ``cpu``).
+Any other width runs the ``digits`` stages on the synthetic backend, ``coverage`` given
+``radius`` instead of its ``reference`` (the same cost: one distance per remembered
+query). Every request is a fresh uniform random input from one client, so the detectors'
+histories grow as they do under load; the time is what the pipeline itself records per
+stage (``ctx.stage_seconds``: ``on_request`` + ``on_response``), the mean over the second
+half of ``--requests`` (the history then holds at least half of them), the least of
+``--repeat`` runs. The whole default chain is timed the same way.
 
     python tests/benchmarks/bench_stages.py [--requests 2000] [--widths 64 3072] [--repeat 3] [--json out.json]
 """
@@ -40,6 +43,7 @@ sys.path.insert(0, str(ROOT))
 from guard.clients import Client  # noqa: E402
 from guard.configreader import Section  # noqa: E402
 from guard.inference import InferRequest, InferResponse, ModelMetadata, TensorSpec  # noqa: E402
+from guard.models import model_info, model_path  # noqa: E402
 from guard.pipeline import Pipeline, RequestContext  # noqa: E402
 from guard.stages import STAGES, StageEnv  # noqa: E402
 from guard.stages.scale import InputScale  # noqa: E402
@@ -49,11 +53,18 @@ CLASSES = 10
 RAISED = [{"queries": 100_000_000, "per": "1m"}, {"queries": 100_000_000, "per": "1d"}]
 
 
-def default_stages() -> list[tuple[str, dict[str, Any]]]:
-    """The default policy's ``digits`` stages, in order, quotas raised."""
+REAL = {3072: "shapes"}  # widths served by a built-in model; the others: digits, synthetic
+
+
+def model_of(width: int) -> str:
+    return REAL.get(width, "digits")
+
+
+def default_stages(model: str = "digits") -> list[tuple[str, dict[str, Any]]]:
+    """The default policy's stages for ``model``, in order, quotas raised."""
     policy = yaml.safe_load((ROOT / "policies" / "default.yaml").read_text())
     stages = []
-    for entry in policy["models"]["digits"]["stages"]:
+    for entry in policy["models"][model]["stages"]:
         ((name, options),) = entry.items()
         options = copy.deepcopy(options or {})
         if name == "budget":
@@ -84,6 +95,41 @@ class LinearBackend:
         return InferResponse(model_name=request.model_name, outputs=outputs)
 
 
+class OnnxModel:
+    """A built-in ONNX model (one onnxruntime thread, run on the calling thread)."""
+
+    def __init__(self, name: str) -> None:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = 1
+        options.inter_op_num_threads = 1
+        self.session = ort.InferenceSession(
+            str(model_path(name)), options, providers=["CPUExecutionProvider"]
+        )
+        self.outputs = [o.name for o in self.session.get_outputs()]
+        self.cpu_seconds = 0.0
+
+    async def infer(self, request: InferRequest, *, passthrough: bool = False) -> InferResponse:
+        started = time.thread_time()
+        try:
+            results = self.session.run(self.outputs, dict(request.inputs))
+        finally:
+            self.cpu_seconds += time.thread_time() - started
+        return InferResponse(
+            model_name=request.model_name, outputs=dict(zip(self.outputs, results, strict=True))
+        )
+
+
+def real_metadata(name: str) -> ModelMetadata:
+    info = model_info(name)
+    specs = {
+        part: tuple(TensorSpec(t["name"], t["datatype"], tuple(t["shape"])) for t in info[part])
+        for part in ("inputs", "outputs")
+    }
+    return ModelMetadata(name, "onnxruntime_onnx", specs["inputs"], specs["outputs"])
+
+
 def metadata(width: int) -> ModelMetadata:
     return ModelMetadata(
         name="digits",
@@ -96,18 +142,30 @@ def metadata(width: int) -> ModelMetadata:
     )
 
 
+def sample_shape(width: int) -> tuple[int, ...]:
+    model = model_of(width)
+    return tuple(model_info(model)["input_shape"]) if model != "digits" else (width,)
+
+
+def input_range(width: int) -> tuple[float, float]:
+    lo, hi = model_info(model_of(width))["input_range"]
+    return float(lo), float(hi)
+
+
 def build(stages: list[tuple[str, dict[str, Any]]], width: int) -> Pipeline:
+    model = model_of(width)
     env = StageEnv(
-        model="digits",
+        model=model,
         backend=None,
         local=None,
-        metadata=metadata(width),
-        scale=InputScale((0.0, 16.0), (width,)),  # the defaults in input units follow it
+        metadata=metadata(width) if model == "digits" else real_metadata(model),
+        # the defaults in input units follow the declared range and shape
+        scale=InputScale(input_range(width), sample_shape(width)),
         state=MemoryStore(),
     )
     built = []
     for i, (name, options) in enumerate(stages):
-        if name == "coverage" and width != 64:
+        if name == "coverage" and width != 64 and model == "digits":
             options = {k: v for k, v in options.items() if k != "reference"}
             options["radius"] = 0.5 * np.sqrt(width)  # calibrated on digits: ~ 0.4 per sqrt(W)
         section = Section(options, source="default.yaml", path=f"stages[{i}].{name}")
@@ -122,15 +180,19 @@ async def measure(
     ``cpu``: the thread's CPU µs per request in the pipeline outside the backend (all the
     stages together; steadier than wall time on a machine shared with other work)."""
     rng = np.random.default_rng(seed)
+    model = model_of(width)
     pipeline = build(stages, width)
-    backend = LinearBackend(width, rng)
+    backend: LinearBackend | OnnxModel = (
+        LinearBackend(width, rng) if model == "digits" else OnnxModel(model)
+    )
     client = Client("bench")
     spent: dict[str, float] = {}
-    inputs = rng.uniform(0, 16, (requests, 1, width)).astype(np.float32)
+    lo, hi = input_range(width)
+    inputs = rng.uniform(lo, hi, (requests, 1, *sample_shape(width))).astype(np.float32)
     cpu = 0.0
     for i in range(requests):
-        request = InferRequest(model_name="digits", inputs={"input": inputs[i]})
-        ctx = RequestContext(request_id=str(i), model="digits", client=client, request=request)
+        request = InferRequest(model_name=model, inputs={"input": inputs[i]})
+        ctx = RequestContext(request_id=str(i), model=model, client=client, request=request)
         if i == requests // 2:
             backend.cpu_seconds, cpu = 0.0, time.thread_time()
         await pipeline.run(ctx, backend)  # type: ignore[arg-type]
@@ -158,9 +220,9 @@ def run(
     widths: Sequence[int], requests: int, seed: int, repeat: int = 3
 ) -> dict[int, dict[str, dict[str, float]]]:
     """``{width: {"alone": {stage: µs}, "chain": {stage: µs, total: µs}}}``."""
-    stages = default_stages()
     results: dict[int, dict[str, dict[str, float]]] = {}
     for width in widths:
+        stages = default_stages(model_of(width))
         alone = {}
         for name, options in stages:
             alone[name] = least([(name, options)], width, requests, seed, repeat)[name]
