@@ -3,18 +3,27 @@
 :func:`measure_policy` serves the candidate with :func:`guard.server.create_app`
 on 127.0.0.1 (:class:`~guard.attacks.guarded.InProcessGuard`, in a thread of its
 own: the clients are synchronous) and sends
-it, each as its own API key, benign clients (false positives, accuracy, time
-spent in the stages, after a few untimed warm-up requests so that no candidate
-pays for the process's first calls), then certification requests when the policy has a
-``certify`` stage. Each attack then runs against a fresh guard of its own (what
-it got, when it was caught): an attacker is measured as if it were the first.
+it, each as its own API key, honest traffic (:class:`~guard.attacks.benign.TrafficMix`
+over the benign rows: many keyed clients sending popular inputs, exact retries,
+jittered copies and fresh inputs; after a few untimed warm-up requests so that no
+candidate pays for the process's first calls), then certification requests when the
+policy has a ``certify`` stage.
+
+A benign request is a false positive when the guard recorded a finding on it (any
+stage, any action: a silent ``misdirect`` answers 200 with an ``allow`` verdict but
+still counts), or answered it with a detected verdict or a refusal status. Findings are
+read per request id from the guard's audit log (:class:`~guard.attacks.guarded.AuditTrail`),
+so what the client was told does not decide it. Each attack then runs against a fresh
+guard of its own (what it got, when it was caught): an attacker is measured as if it
+were the first.
 No state carries over between candidates either.
 
 To measure the policy and nothing else, the candidate is served as a copy that
 differs from what ``guard tune`` writes only where measuring needs it
 (:func:`evaluation_policy`, by :func:`dataclasses.replace`): only the tuned
 model; clients identified by generated keys; state in memory;
-verdict headers on; no audit log or admin token; the blacklight hash key, the
+verdict headers on; an audit log in a temporary folder of the measurement
+(where findings are read back per request); no admin token; the blacklight hash key, the
 privacy noise key and the certify noise seed derived from the seed, so one
 seed measures one candidate the same way twice. Every candidate of a search
 sees the same traffic (the same seed): differences between candidates are the
@@ -23,16 +32,19 @@ policy's, not the draw's.
 
 from __future__ import annotations
 
+import tempfile
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import orjson
 
+from guard.attacks.benign import TrafficMix
 from guard.attacks.guarded import InProcessGuard
 from guard.attacks.registry import ATTACK, TUNABLE
 from guard.attacks.targets import Target
@@ -58,8 +70,8 @@ def stream(seed: int, name: str) -> np.random.Generator:
 @dataclass(frozen=True, slots=True)
 class BenignOutcome:
     queries: int
-    false_positives: int  # queries a detector fired on
-    refused: int
+    false_positives: int  # queries with a finding, a detected verdict or a refusal
+    refused: int  # queries left unanswered (or answered by a stand-in for a deny)
     accuracy: float  # served labels against the truth (a refused query is wrong)
     accuracy_loss: float  # the bare model's accuracy on the same inputs, minus ``accuracy``
     score_change: float  # mean L1, served vs the bare model's probabilities (answered rows)
@@ -106,10 +118,16 @@ class Measurement:
 
 
 def evaluation_policy(
-    policy: Policy, config: ModelConfig, *, clients: Sequence[str], seed: int
+    policy: Policy,
+    config: ModelConfig,
+    *,
+    clients: Sequence[str],
+    seed: int,
+    audit: Path | None = None,
 ) -> Policy:
     """The copy of a candidate (``config``, typed options) that is served while it is
-    measured (see the module); ``clients`` are identified by their :func:`_key`."""
+    measured (see the module); ``clients`` are identified by their :func:`_key`; findings
+    go to the audit log ``audit`` (none when None)."""
     fixed: dict[str, dict[str, Any]] = {
         "blacklight": {"key_env": BLACKLIGHT_ENV},
         "privacy": {"secret_env": PRIVACY_ENV},
@@ -125,7 +143,7 @@ def evaluation_policy(
         clients=ClientDirectory(keys={key_digest(_key(c, seed)): Client(c) for c in clients}),
         state=StateConfig(),
         disclose=replace(policy.disclose, headers=True),  # verdicts are measured
-        audit_path=None,
+        audit_path=None if audit is None else str(audit),
         admin_token_sha256=None,
         # the hash and noise keys, fixed per seed: the same run twice, the same answers
         environ={
@@ -169,9 +187,17 @@ def measure_policy(
             input_name=interface.input,
             scores_output=interface.scores,
             label_output=interface.label,
+            trace=name,  # request ids name the client: findings are read back per request
         )
 
-    with InProcessGuard(served) as guard:
+    with (
+        tempfile.TemporaryDirectory(prefix="guard-tune-") as folder,
+        InProcessGuard(
+            evaluation_policy(
+                policy, config, clients=clients, seed=seed, audit=Path(folder) / "audit.jsonl"
+            )
+        ) as guard,
+    ):
         benign = _benign(
             guard,
             lambda name: target(guard, name),
@@ -217,15 +243,13 @@ def _benign(
     baseline: Baseline,
     seed: int,
 ) -> BenignOutcome:
-    from guard.attacks.benign import BenignTraffic
-
     with target(WARMUP_CLIENT) as warm:  # first calls pay for lazy imports and caches
         warm.query(data.calibration[:WARMUP_QUERIES])
     before = _spent(guard, model, stages)
     names = [c for c in clients if c.startswith("benign-")]
     targets = [target(name) for name in names]
     try:
-        run = BenignTraffic(queries=workload.benign_queries).run(
+        run = honest_traffic(workload).run(
             list(zip(names, targets, strict=True)),
             data.benign_x,
             data.benign_y,
@@ -234,8 +258,8 @@ def _benign(
     finally:
         for t in targets:
             t.close()
-    summary = run.summary()
-    queries = summary["queries"]
+    measured = run.measure(guard.audit())  # findings per request: silent actions count
+    queries = measured["requests"]
     after = _spent(guard, model, stages)
     spent = {stage: after[stage] - before[stage] for stage in stages}
     inputs = np.concatenate([x for t in targets for x in t.inputs])
@@ -245,14 +269,20 @@ def _benign(
     change = np.abs(served[answered] - truth[answered]).sum(axis=1)
     return BenignOutcome(
         queries=queries,
-        false_positives=sum(c.detected for c in run.clients),
-        refused=sum(c.refused for c in run.clients),
-        accuracy=summary["accuracy"],
-        accuracy_loss=baseline.benign_accuracy - summary["accuracy"],
+        false_positives=measured["all"]["flagged"],
+        refused=measured["all"]["refused"],
+        accuracy=measured["accuracy"],
+        accuracy_loss=baseline.benign_accuracy - measured["accuracy"],
         score_change=float(change.mean()) if len(change) else 0.0,
         stage_ms={stage: 1e3 * spent[stage] / queries for stage in stages},
         round_trip_ms=1e3 * float(np.median([s for t in targets for s in t.seconds])),
     )
+
+
+def honest_traffic(workload: Workload) -> TrafficMix:
+    """The benign clients of a measurement: the realistic mix, with the shares of
+    ``guard attack``'s benign defaults, ``workload.benign_queries`` requests per client."""
+    return TrafficMix(queries=workload.benign_queries)
 
 
 def _spent(guard: InProcessGuard, model: str, stages: list[str]) -> dict[str, float]:
@@ -266,10 +296,8 @@ def measure_baseline(
 ) -> Baseline:
     """The same benign traffic and attacks against the bare model (the subject's: its
     ONNX file in-process, else its server)."""
-    from guard.attacks.benign import BenignTraffic
-
     clients = [(f"benign-{i}", data.reference()) for i in range(workload.benign_clients)]
-    run = BenignTraffic(queries=workload.benign_queries).run(
+    run = honest_traffic(workload).run(
         clients, data.benign_x, data.benign_y, stream(seed, "benign")
     )
     reference = data.reference()
@@ -277,7 +305,7 @@ def measure_baseline(
         name: run_attack(name, data.reference(), reference, data, workload, stream(seed, name))
         for name in attacks
     }
-    return Baseline(benign_accuracy=run.summary()["accuracy"], attacks=outcomes)
+    return Baseline(benign_accuracy=run.measure()["accuracy"], attacks=outcomes)
 
 
 def _certify(

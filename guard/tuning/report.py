@@ -28,7 +28,8 @@ def markdown(result: TuneResult, *, base_path: Path, plot: Path | None) -> str:
         f"{result.tolerance:.3f}, cost tolerance {result.cost_tolerance:.3f}{_noise(result)}.",
         "",
         f"Traffic per candidate: {w.benign_clients} benign clients x {w.benign_queries} queries "
-        f"(held-out rows of {result.data} with 2% noise, one row per request), then "
+        f"(honest traffic over held-out rows of {result.data}: popular inputs, exact "
+        "retries, jittered copies and fresh rows, one row per request), then "
         f"{', '.join(result.attacks) or 'no attack'}, each against a fresh guard of its own "
         "(all on loopback, in-process).",
         "",

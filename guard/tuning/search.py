@@ -59,7 +59,8 @@ DIFFERENCE = 2.0 * math.sqrt(2.0)
 MIN_TOLERANCE = 0.02
 FALLBACK_TOLERANCE = 0.05  # when the noise cannot be measured (the base does not load)
 COST_TOLERANCE = 0.25  # costs this close (a quarter of one allowance) are a tie
-CALIBRATION_NOISE = 0.02  # benign clients' noise, as a fraction of the range (BenignTraffic)
+# Noise on the calibration rows, a fraction of the range: twice the honest mix's sensor noise
+CALIBRATION_NOISE = 0.02
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -7,16 +7,21 @@ that no seed changes, into three disjoint parts:
 * ``calibration`` (a quarter): only for thresholds calibrated on benign data
   (``squeeze_detect``); never sent as traffic, so no threshold is judged on the
   inputs it was fitted to;
-* ``benign`` (45 %): what benign clients send. Each client replays its own
-  share in a random order, with fresh noise, and starts over when it is used
-  up: in both budgets most rows are sent twice, as a client that retries would
-  (near-duplicate detectors must tolerate that);
+* ``benign`` (45 %): what honest clients send, as realistic traffic
+  (:class:`~guard.attacks.benign.TrafficMix`, the shares of ``guard attack``'s
+  benign defaults): many keyed clients; 30 % of requests are popular inputs (a
+  pool of 20 of these rows that every client draws from, Zipf-weighted), 10 %
+  exact retries of the client's previous request, 20 % small honest variations
+  (an 8-bit re-encode, a one-pixel shift, 1 % sensor noise) of a popular or an
+  own input, and the rest fresh rows of the client's own share, each sent once
+  (near-duplicate detectors must tolerate the popular, retried and jittered
+  ones);
 * ``attacker`` (the rest): the attacker's own natural data (evasion samples,
   the extraction pool).
 
-A seed changes the order, the noise and the sample choice within those parts,
-never the parts themselves: a policy tuned with one seed and re-measured with
-another meets new draws of the same kind of traffic.
+A seed changes the order, the popular pool, the shares, the variations and the
+sample choice within those parts, never the parts themselves: a policy tuned with
+one seed and re-measured with another meets new draws of the same kind of traffic.
 """
 
 from __future__ import annotations
@@ -99,7 +104,7 @@ class Workload:
 
     name: str
     benign_clients: int  # each its own API key and its own share of the benign rows
-    benign_queries: int  # per client, one row per request; past its share, rows repeat
+    benign_queries: int  # per client, one row per request (the mix of the module)
     evasion: tuple[str, ...]  # evasion attack names of guard.attacks.registry
     evasion_samples: int
     evasion_budget: int  # queries per sample
@@ -116,8 +121,8 @@ class Workload:
 WORKLOADS = {
     "small": Workload(
         name="small",
-        benign_clients=3,
-        benign_queries=200,
+        benign_clients=20,
+        benign_queries=30,
         evasion=("simba", "square-linf"),
         evasion_samples=3,
         evasion_budget=150,
@@ -132,8 +137,8 @@ WORKLOADS = {
     ),
     "full": Workload(
         name="full",
-        benign_clients=5,
-        benign_queries=160,
+        benign_clients=32,
+        benign_queries=25,
         evasion=("hopskipjump", "square-linf", "square-l2", "simba"),
         evasion_samples=10,
         evasion_budget=1000,

@@ -17,8 +17,10 @@ import pytest
 import yaml
 
 from guard.config import parse_policy
+from guard.tuning.measure import measure_baseline, measure_policy
 from guard.tuning.policyfile import render
 from guard.tuning.search import Constraints, TuneResult, tune
+from guard.tuning.space import typed_model
 from guard.tuning.workload import WORKLOADS, TuneData
 
 ROOT = Path(__file__).parents[2]
@@ -61,8 +63,8 @@ TUNED = (
 )
 TINY = dataclasses.replace(
     WORKLOADS["small"],
-    benign_clients=2,
-    benign_queries=25,
+    benign_clients=4,
+    benign_queries=15,
     knockoff_budgets=(20, 40),
     surrogate_steps=50,
     certify_inputs=30,
@@ -108,7 +110,7 @@ def test_guard_check_accepts_the_tuned_policy(tuned: Path) -> None:
 def test_every_tuned_number_says_what_was_measured_for_it(tuned: Path) -> None:
     text = (tuned / "tuned.yaml").read_text()
     header = re.search(r"false positives (\d+)/(\d+)", text)
-    assert header is not None and int(header[2]) == 600  # the small budget: 3 clients x 200
+    assert header is not None and int(header[2]) == 600  # the small budget: 20 clients x 30
     stages = yaml.safe_load(text)["models"]["digits"]["stages"]
     for stage, key in TUNED:
         value = next(s[stage][key] for s in stages if stage in s)
@@ -209,3 +211,39 @@ def test_a_candidate_that_does_not_load_is_reported_and_never_chosen() -> None:
     assert by_epsilon[1.0].measurement is None and "degraded" in (by_epsilon[1.0].error or "")
     assert result.chosen.values["privacy.epsilon"] in (2.0, 4.0) and result.chosen.feasible
     assert [a.attack for a in result.chosen.measurement.attacks] == ["knockoff", "membership"]
+
+
+def test_a_silently_misdirected_benign_request_is_a_false_positive() -> None:
+    """A Blacklight that misfires on the honest mix (two hashes shared with one earlier
+    query of the client suffice) answers the clients' jittered and popular repeats from a
+    misdirect: status 200, verdict ``allow``. The tuner counts those requests all the
+    same; the stage's defaults leave fewer (none, measured) of them."""
+
+    def measured(**options: int) -> Any:
+        blacklight = {**options, "action": "misdirect"}
+        document = {
+            "version": 1,
+            "models": {
+                "digits": {
+                    "model": "builtin:digits",
+                    "stages": [{"validate": {"min": 0.0, "max": 16.0}}, {"blacklight": blacklight}],
+                }
+            },
+        }
+        policy = parse_policy(document, source="test", base=ROOT)
+        return measure_policy(
+            policy,
+            typed_model(policy, "digits"),
+            data=data,
+            workload=TINY,
+            attacks=(),
+            baseline=baseline,
+            seed=0,
+        ).benign
+
+    data = TuneData.builtin("digits")
+    baseline = measure_baseline(data, TINY, (), seed=0)
+    misfiring, default = measured(threshold=2, matches=1), measured()  # the stage's defaults
+    assert misfiring.queries == default.queries == 4 * 15
+    assert misfiring.false_positives > 0 and misfiring.refused == 0  # silent, yet counted
+    assert default.false_positives < misfiring.false_positives

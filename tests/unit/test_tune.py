@@ -23,6 +23,7 @@ from guard.tuning.measure import (
     BenignOutcome,
     Measurement,
     evaluation_policy,
+    honest_traffic,
 )
 from guard.tuning.policyfile import dump, fp_upper_bound, rebase_paths
 from guard.tuning.search import Candidate, Constraints, pick, risk
@@ -206,6 +207,25 @@ def test_data_parts_are_disjoint_and_independent_of_any_seed() -> None:
     assert np.array_equal(TuneData.builtin("digits").benign_x, data.benign_x)
 
 
+def test_honest_traffic_is_the_realistic_mix_over_the_benign_rows() -> None:
+    data = TuneData.builtin("digits")
+    small = WORKLOADS["small"]
+    assert small.benign_clients >= 20  # many keyed clients, few queries each
+    plan = honest_traffic(small).plan(
+        small.benign_clients, data.benign_x, data.benign_y, data.spec, np.random.default_rng(0)
+    )
+    assert len(plan) == small.benign_clients * small.benign_queries
+    categories = {r.category for r in plan}
+    assert categories == {"popular", "retry", "jitter", "fresh"}
+    popular = {r.source for r in plan if r.category == "popular"}
+    senders = {s: {r.client for r in plan if r.source == s} for s in popular}
+    assert max(len(c) for c in senders.values()) >= 5  # a popular input, many clients
+    benign = {row.astype(np.float32).tobytes() for row in data.benign_x}
+    others = {row.astype(np.float32).tobytes() for row in (*data.calibration, *data.attacker_x)}
+    exact = [r.x.tobytes() for r in plan if r.jitter is None]  # popular, fresh, retried
+    assert all(x in benign and x not in others for x in exact)  # drawn from the benign part
+
+
 # -- measuring -------------------------------------------------------------------------
 
 
@@ -222,6 +242,8 @@ def test_the_measured_copy_differs_only_where_measuring_needs_it() -> None:
     assert served.environ["HOME"] == "/" and served.environ[BLACKLIGHT_ENV].endswith("3")
     stages = {e.kind: e.options for e in served.models["digits"].stages}
     assert stages["blacklight"].key_env == BLACKLIGHT_ENV
+    logged = evaluation_policy(base, config, clients=["b"], seed=3, audit=Path("/t/a.jsonl"))
+    assert logged.audit_path == "/t/a.jsonl"  # the benign guard's findings, read per request
     assert stages["privacy"].secret_env == PRIVACY_ENV and PRIVACY_ENV in served.environ
     original = {e.kind: e.options for e in config.stages}
     assert original["blacklight"].key_env is None  # the candidate itself is untouched
