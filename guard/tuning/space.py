@@ -195,9 +195,10 @@ def _blacklight(o: BlacklightOptions, full: bool, n_classes: int) -> Space:
     step, reach = max(1, o.top // 10), 2 if full else 1
     span = range(o.threshold - reach * step, o.threshold + reach * step + 1, step)
     factors = (0.5, 2 / 3, 1.0, 4 / 3, 5 / 3) if full else (2 / 3, 1.0, 4 / 3)
+    q = o.quantize  # the base value itself in the grid, not its rounding (0.1875, not 0.188)
     space: Space = [
         ("threshold", [t for t in span if 0 <= t <= o.top - 1], o.threshold),
-        ("quantize", [_round(o.quantize * f) for f in factors], o.quantize),
+        ("quantize", [q if f == 1 else _round(q * f) for f in factors], q),
     ]
     if full:
         space.append(("matches", list(range(max(1, o.matches - 1), o.matches + 3)), o.matches))
