@@ -19,9 +19,9 @@ file with how it was measured:
   :data:`TABULAR_SPREAD`; images pass, whose rarely lit border pixels span little):
   a step or a distance in "input units" then means nothing; and when a row has fewer
   than :data:`MIN_VALUES` values: an honest client's retry with a little noise and an
-  attack's next step then look alike (measured: on 20 features in [0, 1], Blacklight
-  misdirected honest clients resending jittered rows, 5-27% of their answers, at every
-  threshold ``guard tune`` tried).
+  attack's next step then look alike (measured on 20 features in [0, 1]: honest
+  clients resending their rows with 2% noise had 5-27% of their answers misdirected
+  by Blacklight, at every threshold ``guard tune`` tried).
 
 The file is a starting point: ``guard attack`` measures it and ``guard tune`` tunes it.
 """
