@@ -227,9 +227,10 @@ def render(
 
 
 def model_reference(model_file: Path, policy_path: Path | None) -> str:
-    """``model:`` as the policy names it: relative to the policy's folder when it can be."""
+    """``model:`` as the policy names it: relative to the policy's folder when it can be,
+    else absolute (a policy printed to standard output may be saved anywhere)."""
     if policy_path is None:
-        return str(model_file)
+        return str(model_file.resolve())
     target = model_file.resolve()
     try:
         return str(target.relative_to(policy_path.resolve().parent))
