@@ -33,9 +33,10 @@ def blacklight_key(monkeypatch: pytest.MonkeyPatch) -> None:
 def default_policy(state: dict[str, Any]) -> dict[str, Any]:
     """The built-in default policy, its state in Redis, its clients identified by key."""
     document: dict[str, Any] = yaml.safe_load(DEFAULT_POLICY.read_text())
-    for stage in document["models"]["digits"]["stages"]:
-        if "blacklight" in stage:
-            stage["blacklight"]["key_env"] = BLACKLIGHT_KEY  # required with a shared store
+    for model in document["models"].values():
+        for stage in model["stages"]:
+            if "blacklight" in stage:
+                stage["blacklight"]["key_env"] = BLACKLIGHT_KEY  # required with a shared store
     document["state"] = state
     return document
 

@@ -97,8 +97,11 @@ async def test_referenced_metrics_are_exported_after_real_traffic(
     stages = [
         {"validate": {"min": 0.0, "max": 16.0}},
         {"budget": {"limits": [{"queries": 6, "per": "1m"}]}},
-        {"blacklight": {"action": "deny", "matches": 2}},
+        # a fixed key: with a fresh random one per guard, the walk below matched in about
+        # three runs of four (each key draws its own hashes), which made this test flaky
+        {"blacklight": {"action": "deny", "matches": 2, "key_env": "GUARD_TEST_METRICS_KEY"}},
     ]
+    monkeypatch.setenv("GUARD_TEST_METRICS_KEY", "a fixed deployment secret")
     guard = await start_guard(
         {"version": 1, "models": {"digits": {"model": "builtin:digits", "stages": stages}}}
     )
