@@ -14,8 +14,6 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -41,6 +39,7 @@ from guard.grpc_server import GRPC, add_grpc_listener
 from guard.models import load_samples
 from guard.server import create_app, create_ops_app
 from tests.integration.conftest import digits_policy
+from tests.integration.test_cli import free_port, wait_ready
 
 ROOT = Path(__file__).parents[2]
 KEYS = {"alice": "key-alice", "mallory": "key-mallory"}
@@ -374,26 +373,6 @@ async def test_refusals_before_the_pipeline_are_counted(start_grpc_guard: StartG
         'guard_requests_total{code="400",model="unknown",protocol="grpc",verdict="rejected"} 1.0'
         in requests
     )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_ready(url: str, process: subprocess.Popen[bytes], timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise AssertionError(f"guard exited with {process.returncode}")
-        try:
-            with urllib.request.urlopen(f"{url}/v2/health/ready", timeout=1) as reply:
-                if reply.status == 200:
-                    return
-        except (urllib.error.URLError, ConnectionError):
-            time.sleep(0.1)
-    raise AssertionError("guard did not become ready")
 
 
 def serve(policy: Path, port: int, grpc_port: int, loop: str) -> subprocess.Popen[bytes]:
