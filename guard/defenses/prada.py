@@ -17,13 +17,17 @@ attacks) do not. Per client, for each query ``x`` of predicted class ``c``:
 What we bound and the paper does not: ``G_c`` keeps its newest members (``T_c``
 is recomputed from them), and ``D`` its newest distances; the test runs on
 that window. The reference code keeps one global state; here the state is per
-client, kept by the caller (:class:`ClassSet` is what it stores per class).
+client: :class:`History` derives it by folding the client's queries in order
+(each with its predicted class, the raw facts a log keeps), one query at a time,
+so that a batch of queries decides as the same queries sent one by one.
 
-Cost per query: one pass of the compiled ``prada_scan`` kernel over the stored
-growing set, read in place (distance and ``T_c`` together, :mod:`guard._py.prada`
-states the arithmetic: squared distances summed in float64), and, every
-``every`` queries, Shapiro-Wilk's W from coefficients computed once per window
-size (:func:`shapiro_w`, bit for bit ``scipy.stats.shapiro``'s statistic).
+Cost per query: one pass of the compiled ``prada_scan`` kernel over the query's
+growing set, held in preallocated rows (:class:`GrowingSet`) and read in place
+(distance and ``T_c`` together, :mod:`guard._py.prada` states the arithmetic:
+squared distances summed in float64), and, every ``every`` queries, Shapiro-Wilk's
+W from coefficients computed once per window size (:func:`shapiro_w`, bit for bit
+``scipy.stats.shapiro``'s statistic). Nothing grows with the history but the scan,
+bounded by ``max_per_class`` members.
 """
 
 from __future__ import annotations
@@ -39,38 +43,47 @@ import numpy as np
 from guard import _native
 from guard._py.prada import threshold as _threshold
 
-__all__ = ["ClassSet", "Observation", "class_threshold", "observe", "shapiro_w"]
+__all__ = [
+    "GrowingSet",
+    "History",
+    "Observation",
+    "class_threshold",
+    "observe",
+    "record_dtype",
+    "shapiro_w",
+]
 
-_HEADER = np.dtype("<f4")
+
+def record_dtype(dim: int) -> np.dtype:
+    """One query as the client's log keeps it: the class the model predicted (little-endian
+    int64), then the query's ``dim`` values (little-endian float32). Raw facts only: what
+    PRADA derives from them (growing sets, distances) is folded by :class:`History`."""
+    return np.dtype([("label", "<i8"), ("x", "<f4", (dim,))])
 
 
-@dataclass(slots=True)
-class ClassSet:
-    """A growing set ``G_c`` as stored: one float32 row per member, the distance it joined
-    at (NaN: the first) then its values."""
+class GrowingSet:
+    """A growing set ``G_c``: its newest ``cap`` members, oldest first, as one contiguous
+    float32 table ``[k, 1 + D]`` (column 0 the distance each member joined at, NaN for the
+    first; then its values), which the ``prada_scan`` kernel reads in place.
 
-    table: np.ndarray  # [k, 1 + D] float32, read-only when decoded from the store
+    Rows are preallocated (doubling up to a quarter over ``cap``); once full, the oldest
+    member goes and the kept ones move to the front once per ``cap // 4`` growths: a
+    growth costs its own row, amortized, never a copy of the set.
+    """
 
-    @classmethod
-    def empty(cls, dim: int) -> ClassSet:
-        return cls(np.empty((0, dim + 1), np.float32))
+    __slots__ = ("_rows", "_start", "_size", "cap")
 
-    @classmethod
-    def decode(cls, items: list[bytes], dim: int) -> ClassSet:
-        """From stored items (:meth:`encode`), without copying them again; items of another
-        dimension are skipped."""
-        size = (dim + 1) * _HEADER.itemsize
-        if len(set(map(len, items))) > 1 or (items and len(items[0]) != size):
-            items = [item for item in items if len(item) == size]
-        if not items:
-            return cls.empty(dim)
-        joined = items[0] if len(items) == 1 else b"".join(items)
-        return cls(np.frombuffer(joined, dtype=_HEADER).reshape(len(items), dim + 1))
+    def __init__(self, dim: int, cap: int) -> None:
+        if cap < 1:
+            raise ValueError(f"a growing set needs cap >= 1; got {cap}")
+        self.cap = cap
+        self._rows = np.empty((min(cap, 4), dim + 1), np.float32)
+        self._start = self._size = 0
 
-    @staticmethod
-    def encode(x: np.ndarray, joined: float) -> bytes:
-        """One member as stored: the distance it joined at, then its values (little-endian f4)."""
-        return np.concatenate(([joined], x)).astype(_HEADER).tobytes()
+    @property
+    def table(self) -> np.ndarray:
+        """``[k, 1 + D]``: the members, oldest first (a view of the set's rows)."""
+        return self._rows[self._start : self._start + self._size]
 
     @property
     def members(self) -> np.ndarray:
@@ -82,11 +95,29 @@ class ClassSet:
         """``[k]``: the distance each member joined at."""
         return self.table[:, 0]
 
+    @property
+    def nbytes(self) -> int:
+        return int(self._rows.nbytes)
+
+    def __len__(self) -> int:
+        return self._size
+
     def add(self, x: np.ndarray, joined: float) -> None:
-        row = np.empty((1, self.table.shape[1]), np.float32)
-        row[0, 0] = joined
-        row[0, 1:] = x
-        self.table = np.concatenate((self.table, row))
+        """``x`` joins at distance ``joined``; the oldest member goes when the set is full."""
+        if self._size == self.cap:
+            self._start += 1
+            self._size -= 1
+        end = self._start + self._size
+        rows = self._rows
+        if end == rows.shape[0]:  # no room after the members: grow, or move them to the front
+            limit = self.cap + max(1, self.cap // 4)
+            if rows.shape[0] < limit:
+                rows = np.empty((min(limit, 2 * rows.shape[0]), rows.shape[1]), np.float32)
+            rows[: self._size] = self._rows[self._start : end]
+            self._rows, self._start, end = rows, 0, self._size
+        rows[end, 0] = joined
+        rows[end, 1:] = x
+        self._size += 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,9 +134,9 @@ def class_threshold(joined: np.ndarray) -> float:
     return _threshold(joined)
 
 
-def observe(growing: ClassSet, x: np.ndarray) -> Observation:
+def observe(growing: GrowingSet, x: np.ndarray) -> Observation:
     """Steps 1 and 2 for query ``x`` (float32 row); updates ``growing`` in place."""
-    if growing.table.shape[0] == 0:
+    if len(growing) == 0:
         growing.add(x, float("nan"))
         return Observation(None, True)
     d2, threshold = _native.prada_scan(growing.table, x)
@@ -114,6 +145,76 @@ def observe(growing: ClassSet, x: np.ndarray) -> Observation:
     if grows:
         growing.add(x, distance)
     return Observation(distance, grows)
+
+
+class History:
+    """A client's PRADA state, derived from its log of queries (a
+    :class:`~guard.state.views.LogView`): per class its growing set, the newest
+    ``max_distances`` distances ``D``, and ``count``, the queries folded.
+
+    :meth:`fold` takes the log's records (:func:`record_dtype`) in order and applies
+    steps 1 and 2 to each, as :func:`observe` does: a query at distance 0 from its
+    growing set (an exact repeat of a kept query) adds nothing but the count. Every
+    replica folding the same records derives the same state; a request costs the scan
+    of its own rows, never a decode of the history.
+    """
+
+    def __init__(self, dim: int, *, max_per_class: int, max_distances: int) -> None:
+        self.dim = dim
+        self.dtype = record_dtype(dim)
+        self.max_per_class = max_per_class
+        self.max_distances = max_distances
+        self.sets: dict[int, GrowingSet] = {}
+        self._distances = np.empty(max_distances + max(1, max_distances // 4), np.float32)
+        self._start = self._size = 0
+        self.count = 0
+
+    @staticmethod
+    def encode(x: np.ndarray, labels: np.ndarray) -> bytes:
+        """The records of queries ``x`` (``[n, D]``) predicted as ``labels`` (``[n]``)."""
+        records = np.empty(x.shape[0], record_dtype(x.shape[1]))
+        records["label"] = labels
+        records["x"] = x
+        return records.tobytes()
+
+    @property
+    def nbytes(self) -> int:
+        return int(self._distances.nbytes) + sum(g.nbytes for g in self.sets.values())
+
+    @property
+    def distances(self) -> np.ndarray:
+        """The newest distances, at most ``max_distances``, oldest first (a view)."""
+        return self._distances[self._start : self._start + self._size]
+
+    def fold(self, records: bytes) -> None:
+        queries = np.frombuffer(records, self.dtype)
+        rows = queries["x"]
+        for i, label in enumerate(queries["label"].tolist()):
+            x = rows[i]
+            growing = self.sets.get(label)
+            if growing is None:  # the first of its class only starts G_c
+                growing = self.sets[label] = GrowingSet(self.dim, self.max_per_class)
+                growing.add(x, math.nan)
+                continue
+            d2, threshold = _native.prada_scan(growing.table, x)
+            distance = float(np.float32(math.sqrt(d2)))
+            if distance == 0.0:  # an exact repeat of a kept query: no new information
+                continue
+            self._record(distance)
+            if distance > threshold:
+                growing.add(x, distance)
+        self.count += queries.shape[0]
+
+    def _record(self, distance: float) -> None:
+        if self._size == self.max_distances:
+            self._start += 1
+            self._size -= 1
+        end = self._start + self._size
+        if end == self._distances.shape[0]:
+            self._distances[: self._size] = self._distances[self._start : end].copy()
+            self._start, end = 0, self._size
+        self._distances[end] = distance
+        self._size += 1
 
 
 def shapiro_w(distances: np.ndarray) -> float:

@@ -19,20 +19,19 @@ not, which at worst shifts a test by a few queries.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
-import numpy as np
-
-from guard.defenses.prada import ClassSet, observe, shapiro_w
+from guard.defenses.prada import History, record_dtype, shapiro_w
 from guard.pipeline import Action, RequestContext, Verdict
 from guard.stages.detector import Enforcement, MisdirectOptions, input_rows
 from guard.stages.env import StageEnv
 from guard.stages.options import Duration, OptionsStage, option
 from guard.stages.shared import OUTPUT_DOC, predicted
-from guard.state import client_key, together
+from guard.state import client_key
+from guard.state.views import LogViews
 
 TECHNIQUE = "AML.T0024.002"  # Exfiltration via ML Inference API: Extract ML Model
-_DISTANCE = np.dtype("<f4")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -67,6 +66,8 @@ class Prada(OptionsStage[PradaOptions]):
 
         super().__init__(options, env)
         self.enforcement = Enforcement.of(options, env, stage=self.name, technique=TECHNIQUE)
+        # This process's copies of its clients' histories, per query width (one log each).
+        self._views: dict[int, LogViews[History]] = {}
 
     async def on_request(self, ctx: RequestContext) -> Verdict:
         name = self.options.input
@@ -82,51 +83,34 @@ class Prada(OptionsStage[PradaOptions]):
         found = predicted(ctx.response, x.shape[0], o.output)
         if found is None or x.shape[0] == 0:
             return Verdict.CONTINUE
-        classes = found[0]
-        store, client, ttl = self.enforcement.store, ctx.client.name, o.ttl
-        labels = classes.tolist()
-        keys = {c: self._key(client, "g", str(c)) for c in sorted(set(labels))}
-        stored = await together(store, *(store.items(k) for k in keys.values()))
-        sets = {
-            c: ClassSet.decode(items, x.shape[1]) for c, items in zip(keys, stored, strict=True)
-        }
-
-        joined: dict[int, list[bytes]] = {}
-        distances: list[float] = []
-        for row, c in zip(x, labels, strict=True):
-            seen = observe(sets[c], row)
-            if seen.distance == 0.0:  # an exact repeat of a kept query: no new information
-                continue
-            if seen.distance is not None:
-                distances.append(seen.distance)
-            if seen.grows:
-                entry = ClassSet.encode(row, np.nan if seen.distance is None else seen.distance)
-                joined.setdefault(c, []).append(entry)
-
-        d_key = self._key(client, "dl")
-        recorded = np.asarray(distances, dtype=_DISTANCE).tobytes()
-        grown = [store.push(keys[c], items, o.max_per_class, ttl) for c, items in joined.items()]
-        length, (count, _), *_ = await together(
-            store,
-            store.append_bytes(d_key, recorded, o.max_distances * _DISTANCE.itemsize, ttl),
-            store.incr(self._key(client, "n"), len(x), ttl),
-            *grown,
+        n, dim = x.shape
+        views = self._views.get(dim)
+        if views is None:
+            views = self._views[dim] = LogViews(functools.partial(self._history, dim))
+        history = await views.append(
+            self.enforcement.store,
+            self._key(ctx.client.name, "q", str(dim)),
+            History.encode(x, found[0]),
+            o.max_distances * record_dtype(dim).itemsize,
+            o.ttl,
         )
-        held = min(length // _DISTANCE.itemsize, o.max_distances)
-        if held < o.min_queries or (count - len(x)) // o.every == count // o.every:
+        count, distances = history.count, history.distances
+        if distances.size < o.min_queries or (count - n) // o.every == count // o.every:
             return Verdict.CONTINUE
-        log = await store.read_bytes(d_key)
-        history = np.frombuffer(log, dtype=_DISTANCE)[-o.max_distances :]
-        w = shapiro_w(history)
+        w = shapiro_w(distances)
         if w >= o.delta:
             return Verdict.CONTINUE
         return await self.enforcement.report(
             ctx,
             f"query distances of this client are not normally distributed "
-            f"(Shapiro-Wilk W={w:.3f} over {history.size} distances)",
+            f"(Shapiro-Wilk W={w:.3f} over {distances.size} distances)",
             score=w,
             threshold=o.delta,
         )
+
+    def _history(self, dim: int) -> History:
+        o = self.options
+        return History(dim, max_per_class=o.max_per_class, max_distances=o.max_distances)
 
     def _key(self, client: str, *parts: str) -> str:
         return client_key(client, "prada", self.enforcement.model, *parts)

@@ -11,7 +11,7 @@ from guard._py import prada as twin
 from guard.backends.onnx import OnnxBackend
 from guard.clients import Client
 from guard.configreader import Section
-from guard.defenses.prada import ClassSet, class_threshold, observe, shapiro_w
+from guard.defenses.prada import GrowingSet, History, class_threshold, observe, shapiro_w
 from guard.errors import PolicyError
 from guard.inference import InferRequest, InferResponse
 from guard.models import load_samples, model_path
@@ -49,7 +49,7 @@ def test_class_threshold_is_the_running_max_of_mean_minus_std(joined: list[float
 
 
 def test_observe_grows_the_set_only_past_the_threshold() -> None:
-    g = ClassSet.empty(2)
+    g = GrowingSet(2, cap=10)
     assert observe(g, np.array([0, 0], np.float32)).distance is None  # the first only starts G_c
     far = observe(g, np.array([3, 4], np.float32))
     assert (far.distance, far.grows) == (5.0, True)  # T was 0
@@ -59,16 +59,27 @@ def test_observe_grows_the_set_only_past_the_threshold() -> None:
     assert g.members.shape == (2, 2)
 
 
-def test_class_sets_round_trip_through_bytes() -> None:
-    g = ClassSet.empty(3)
-    items = [
-        ClassSet.encode(np.array([1, 2, 3], np.float32), np.nan),
-        ClassSet.encode(np.arange(3.0), 2.5),
-    ]
-    decoded = ClassSet.decode([*items, b"wrong size"], 3)
-    assert decoded.members.tolist() == [[1, 2, 3], [0, 1, 2]]
-    assert np.isnan(decoded.joined[0]) and decoded.joined[1] == 2.5
-    assert ClassSet.decode([], 3).members.shape == g.members.shape
+@pytest.mark.parametrize("cap", [1, 3, 4, 9, 200])
+def test_growing_sets_keep_their_newest_members_oldest_first(cap: int) -> None:
+    rng = np.random.default_rng(cap)
+    g, added = GrowingSet(5, cap), []
+    for i in range(3 * cap + 7):
+        x = rng.uniform(0, 1, 5).astype(np.float32)
+        g.add(x, float(i))
+        added.append(np.concatenate(([i], x)).astype(np.float32))
+        np.testing.assert_array_equal(g.table, np.array(added[-cap:]))
+        assert g.table.flags.c_contiguous and len(g) == min(cap, i + 1)
+    assert g.nbytes <= (cap + max(1, cap // 4)) * 6 * 4  # preallocated, bounded
+
+
+def test_history_records_round_trip() -> None:
+    x = np.arange(12, dtype=np.float32).reshape(3, 4)
+    records = np.frombuffer(
+        History.encode(x, np.array([7, -1, 2**40])),
+        History(4, max_per_class=2, max_distances=3).dtype,
+    )
+    assert records["label"].tolist() == [7, -1, 2**40]
+    np.testing.assert_array_equal(records["x"], x)
 
 
 def random_table(rng: np.random.Generator, k: int, dim: int) -> np.ndarray:
@@ -238,10 +249,66 @@ async def test_histories_are_bounded() -> None:
     store = MemoryStore()
     stage = build(store, max_per_class=4, max_distances=50, min_queries=20)
     await run(stage, walk(120))
-    log = await store.read_bytes(client_key("alice", "prada", "digits", "dl"))
-    assert 50 <= len(log) // 4 <= 50 + 50 // 4  # trimmed to the newest 50 once a quarter over
-    for c in range(10):
-        assert len(await store.items(client_key("alice", "prada", "digits", "g", str(c)))) <= 4
+    key = client_key("alice", "prada", "digits", "q", "64")
+    size = History(64, max_per_class=4, max_distances=50).dtype.itemsize
+    _, log = await store.append_log(key, b"", 50 * size, 60.0, None)
+    assert 50 <= len(log) // size <= 50 + 50 // 4 and len(log) % size == 0  # newest queries
+    (views,) = stage._views.values()
+    history = await views.append(store, key, b"", 50 * size, 60.0)
+    assert history.count == 120 and history.distances.size == 50
+    assert all(len(g) <= 4 for g in history.sets.values())
+
+
+def fold_all(records: bytes, chunks: list[int], **options: int) -> History:
+    history = History(64, **options)
+    size = history.dtype.itemsize
+    at = 0
+    for n in chunks:
+        history.fold(records[at : at + n * size])
+        at += n * size
+    return history
+
+
+def same_state(one: History, other: History) -> None:
+    assert one.count == other.count and one.sets.keys() == other.sets.keys()
+    np.testing.assert_array_equal(one.distances, other.distances)
+    for c, g in one.sets.items():
+        np.testing.assert_array_equal(g.table, other.sets[c].table)
+
+
+@pytest.mark.parametrize("options", [{}, {"max_per_class": 3, "max_distances": 20}])
+def test_a_history_folded_a_piece_at_a_time_is_the_one_folded_at_once(
+    options: dict[str, int],
+) -> None:
+    rng = np.random.default_rng(11)
+    x = np.concatenate([walk(300), walk(20)])  # repeats at the end
+    labels = ONNX.run({"input": x.astype(np.float32)})["label"]
+    records = History.encode(x.astype(np.float32), labels)
+    o = {"max_per_class": 200, "max_distances": 1000, **options}
+    whole = fold_all(records, [len(x)], **o)
+    pieces = fold_all(
+        records, list(np.diff([0, *sorted(rng.choice(319, 40, False) + 1), 320])), **o
+    )
+    same_state(whole, pieces)
+    assert whole.count == 320 and whole.distances.size <= min(o["max_distances"], 320)
+    assert all(len(g) <= o["max_per_class"] for g in whole.sets.values())
+
+
+async def test_the_stage_view_is_the_history_rebuilt_from_the_whole_log() -> None:
+    store = MemoryStore()
+    stage = build(store)
+    x, _ = load_samples("digits")
+    queries = np.concatenate([walk(150), x[:40]])
+    for i in range(0, len(queries), 7):  # batches of 7
+        await stage.on_response(await ask(stage, queries[i : i + 7]))
+    key = client_key("alice", "prada", "digits", "q", "64")
+    (views,) = stage._views.values()
+    size = History(64, max_per_class=1, max_distances=3).dtype.itemsize
+    kept = await views.append(store, key, b"", 1000 * size, 60.0)
+    rebuilt = History(64, max_per_class=200, max_distances=1000)
+    rebuilt.fold((await store.append_log(key, b"", 1000 * size, 60.0, None))[1])
+    same_state(kept, rebuilt)
+    assert kept.count == len(queries) and len(kept.sets) > 1
 
 
 async def test_degrade_marks_the_client() -> None:
