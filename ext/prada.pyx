@@ -13,15 +13,31 @@ standard deviation of the joined distances.
 cimport cython
 from libc.math cimport isnan, sqrt
 
-from guard._py.prada import validate_args
+from guard._py.prada import validate_args, validate_joined, validate_members
 
 
 def scan(table, x):
     """``(d2, threshold)`` of query ``x`` against the growing set ``table``."""
     table, x = validate_args(table, x)
     cdef double d2 = 0.0, t = 0.0
-    _scan(table, x, &d2, &t)
+    _scan(table, x, 1, &d2, &t)
     return d2, t
+
+
+def nearest(members, x):
+    """``d2`` of query ``x`` against ``members`` (float32 ``[k >= 1, D]``, C-contiguous, no
+    joined column): :func:`scan`'s first value for the table of these members."""
+    members, x = validate_members(members, x)
+    cdef double d2 = 0.0, t = 0.0
+    _scan(members, x, 0, &d2, &t)
+    return d2
+
+
+def threshold(joined):
+    """``T_c`` of the joined distances (float32 ``[k]``, NaN skipped): :func:`scan`'s second
+    value for a table whose column 0 is ``joined``."""
+    cdef const float[::1] d = validate_joined(joined)
+    return _threshold(&d[0] if d.shape[0] else NULL, d.shape[0], 1)
 
 
 cdef enum:
@@ -39,10 +55,12 @@ cdef inline double _sq(float a, float b) noexcept nogil:
 @cython.boundscheck(False)
 @cython.wraparound(False)
 @cython.cdivision(True)
-cdef void _scan(const float[:, ::1] table, const float[::1] x, double* d2_out,
+cdef void _scan(const float[:, ::1] table, const float[::1] x, int first, double* d2_out,
                 double* t_out):
+    """``first``: the column of the values (1: column 0 holds the joined distances, whose
+    threshold goes to ``t_out``; 0: members only, ``t_out`` untouched)."""
     cdef Py_ssize_t k = table.shape[0], d = x.shape[0], i, j, l
-    cdef double best = 0.0, s, v, n = 0.0, s1 = 0.0, s2 = 0.0, mean, var, t = 0.0
+    cdef double best = 0.0, s, t = 0.0
     cdef double a0, a1, a2, a3, a4, a5, a6, a7
     cdef double tail[LANES]
     cdef const float* row
@@ -50,7 +68,7 @@ cdef void _scan(const float[:, ::1] table, const float[::1] x, double* d2_out,
     cdef bint abandoned
     with nogil:
         for i in range(k):
-            row = &table[i, 1] if d else NULL
+            row = &table[i, first] if d else NULL
             a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = 0.0
             abandoned = False
             j = 0
@@ -84,19 +102,31 @@ cdef void _scan(const float[:, ::1] table, const float[::1] x, double* d2_out,
                  + ((tail[4] + tail[5]) + (tail[6] + tail[7])))
             if i == 0 or s < best:
                 best = s
-        for i in range(k):
-            v = table[i, 0]
-            if isnan(v):
-                continue
-            n += 1.0
-            s1 = s1 + v
-            s2 = s2 + v * v
-            mean = s1 / n
-            var = s2 / n - mean * mean
-            if var < 0.0:
-                var = 0.0
-            v = mean - sqrt(var)
-            if v > t:
-                t = v
+        if first:
+            t = _threshold(&table[0, 0], k, table.shape[1])
     d2_out[0] = best
-    t_out[0] = t
+    if first:
+        t_out[0] = t
+
+
+@cython.cdivision(True)
+cdef inline double _threshold(const float* joined, Py_ssize_t k, Py_ssize_t stride) noexcept nogil:
+    """The running maximum of ``mean - std`` over the prefixes of ``joined[0], joined[stride],
+    ...`` (``k`` values, NaN skipped), and ``0``."""
+    cdef double v, n = 0.0, s1 = 0.0, s2 = 0.0, mean, var, t = 0.0
+    cdef Py_ssize_t i
+    for i in range(k):
+        v = joined[i * stride]
+        if isnan(v):
+            continue
+        n += 1.0
+        s1 = s1 + v
+        s2 = s2 + v * v
+        mean = s1 / n
+        var = s2 / n - mean * mean
+        if var < 0.0:
+            var = 0.0
+        v = mean - sqrt(var)
+        if v > t:
+            t = v
+    return t

@@ -26,6 +26,9 @@ import from here and never from either package directly.
 ``prada_scan(table, x) -> (d2, threshold)``
     One PRADA observation: the least squared L2 distance from ``x`` to the members of a
     stored growing set, and the set's threshold ``T_c``. See :mod:`guard._py.prada`.
+``prada_nearest(members, x) -> d2``, ``prada_threshold(joined) -> T_c``
+    The same two values apart, for a growing set held as its members' values and the
+    distances they joined at (:class:`guard.defenses.prada.GrowingSet`).
 
 The kernels are taken together: if any of them is missing (a partial build),
 every one comes from :mod:`guard._py`, so ``USING_EXTENSIONS`` tells the whole story.
@@ -45,7 +48,9 @@ __all__ = [
     "clip",
     "fingerprint",
     "median_smooth",
+    "prada_nearest",
     "prada_scan",
+    "prada_threshold",
     "reduce_bits",
 ]
 
@@ -54,7 +59,9 @@ if os.environ.get("GUARD_NO_EXTENSIONS", "") not in ("", "0"):
     from guard._py.check import check_and_cast
     from guard._py.fingerprint import fingerprint
     from guard._py.postings import PostingIndex
+    from guard._py.prada import nearest as prada_nearest
     from guard._py.prada import scan as prada_scan
+    from guard._py.prada import threshold as prada_threshold
     from guard._py.squeeze import clip, median_smooth, reduce_bits
 
     USING_EXTENSIONS = False
@@ -63,13 +70,17 @@ else:
         from guard._ext.check import check_and_cast
         from guard._ext.fingerprint import fingerprint
         from guard._ext.postings import PostingIndex  # type: ignore[assignment]
+        from guard._ext.prada import nearest as prada_nearest
         from guard._ext.prada import scan as prada_scan
+        from guard._ext.prada import threshold as prada_threshold
         from guard._ext.squeeze import clip, median_smooth, reduce_bits
     except ImportError:
         from guard._py.check import check_and_cast
         from guard._py.fingerprint import fingerprint
         from guard._py.postings import PostingIndex
+        from guard._py.prada import nearest as prada_nearest
         from guard._py.prada import scan as prada_scan
+        from guard._py.prada import threshold as prada_threshold
         from guard._py.squeeze import clip, median_smooth, reduce_bits
 
         USING_EXTENSIONS = False

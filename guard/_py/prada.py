@@ -22,7 +22,16 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["LANES", "scan", "squared_distances", "threshold", "validate_args"]
+__all__ = [
+    "LANES",
+    "nearest",
+    "scan",
+    "squared_distances",
+    "threshold",
+    "validate_args",
+    "validate_joined",
+    "validate_members",
+]
 
 LANES = 8
 
@@ -38,6 +47,26 @@ def validate_args(table: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, np.ndar
     if table.shape[0] < 1 or table.shape[1] != x.shape[0] + 1:
         raise ValueError(f"prada scan: table must be [k >= 1, {x.shape[0] + 1}]; got {table.shape}")
     return table, x
+
+
+def validate_members(members: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``members`` (``[k >= 1, D]``, no joined column) and ``x`` as C-contiguous float32."""
+    members = np.ascontiguousarray(members, dtype=np.float32)
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if members.ndim != 2 or x.ndim != 1 or members.shape[0] < 1 or members.shape[1] != x.size:
+        raise ValueError(
+            f"prada nearest: members must be [k >= 1, {x.size}] and x 1-D; "
+            f"got {members.shape} and {x.shape}"
+        )
+    return members, x
+
+
+def validate_joined(joined: np.ndarray) -> np.ndarray:
+    """``joined`` as C-contiguous 1-D float32."""
+    joined = np.ascontiguousarray(joined, dtype=np.float32)
+    if joined.ndim != 1:
+        raise ValueError(f"prada threshold: joined must be 1-D; got {joined.shape}")
+    return joined
 
 
 def threshold(joined: np.ndarray) -> float:
@@ -62,6 +91,16 @@ def squared_distances(table: np.ndarray, x: np.ndarray) -> np.ndarray:
     pairs = lanes[:, 0::2] + lanes[:, 1::2]
     quads = pairs[:, 0::2] + pairs[:, 1::2]
     return quads[:, 0] + quads[:, 1]
+
+
+def nearest(members: np.ndarray, x: np.ndarray) -> float:
+    """``d2`` of query ``x`` against ``members`` (``[k, D]``, no joined column): what
+    :func:`scan` returns first for the table of these members."""
+    members, x = validate_members(members, x)
+    k, d = members.shape
+    table = np.empty((k, d + 1), np.float32)
+    table[:, 1:] = members
+    return float(np.min(squared_distances(table, x)))
 
 
 def scan(table: np.ndarray, x: np.ndarray) -> tuple[float, float]:

@@ -54,6 +54,7 @@ __all__ = [
 ]
 
 
+@functools.lru_cache(maxsize=64)
 def record_dtype(dim: int) -> np.dtype:
     """One query as the client's log keeps it: the class the model predicted (little-endian
     int64), then the query's ``dim`` values (little-endian float32). Raw facts only: what
@@ -62,45 +63,52 @@ def record_dtype(dim: int) -> np.dtype:
 
 
 class GrowingSet:
-    """A growing set ``G_c``: its newest ``cap`` members, oldest first, as one contiguous
-    float32 table ``[k, 1 + D]`` (column 0 the distance each member joined at, NaN for the
-    first; then its values), which the ``prada_scan`` kernel reads in place.
+    """A growing set ``G_c``: its newest ``cap`` members, oldest first, their values one
+    contiguous float32 table ``[k, D]`` that the ``prada_nearest`` kernel reads in place,
+    the distance each joined at (NaN for the first) beside it, and ``T_c``, recomputed
+    (``prada_threshold``, ``O(k)``) only when the set changes.
 
     Rows are preallocated (doubling up to a quarter over ``cap``); once full, the oldest
     member goes and the kept ones move to the front once per ``cap // 4`` growths: a
     growth costs its own row, amortized, never a copy of the set.
     """
 
-    __slots__ = ("_rows", "_start", "_size", "cap")
+    __slots__ = ("_values", "_joined", "_start", "_size", "cap", "threshold")
 
     def __init__(self, dim: int, cap: int) -> None:
         if cap < 1:
             raise ValueError(f"a growing set needs cap >= 1; got {cap}")
         self.cap = cap
-        self._rows = np.empty((min(cap, 4), dim + 1), np.float32)
+        self._values = np.empty((min(cap, 4), dim), np.float32)
+        self._joined = np.empty(min(cap, 4), np.float32)
         self._start = self._size = 0
-
-    @property
-    def table(self) -> np.ndarray:
-        """``[k, 1 + D]``: the members, oldest first (a view of the set's rows)."""
-        return self._rows[self._start : self._start + self._size]
+        self.threshold = 0.0  # T_c
 
     @property
     def members(self) -> np.ndarray:
-        """``[k, D]``: the members' values."""
-        return self.table[:, 1:]
+        """``[k, D]``: the members' values, oldest first (a view)."""
+        return self._values[self._start : self._start + self._size]
 
     @property
     def joined(self) -> np.ndarray:
-        """``[k]``: the distance each member joined at."""
-        return self.table[:, 0]
+        """``[k]``: the distance each member joined at (a view)."""
+        return self._joined[self._start : self._start + self._size]
+
+    @property
+    def table(self) -> np.ndarray:
+        """``[k, 1 + D]``: the set as :func:`guard._native.prada_scan` reads it (a copy)."""
+        return np.concatenate((self.joined[:, None], self.members), axis=1)
 
     @property
     def nbytes(self) -> int:
-        return int(self._rows.nbytes)
+        return int(self._values.nbytes + self._joined.nbytes)
 
     def __len__(self) -> int:
         return self._size
+
+    def nearest(self, x: np.ndarray) -> float:
+        """The least squared distance from ``x`` to a member (the set must not be empty)."""
+        return _native.prada_nearest(self._values[self._start : self._start + self._size], x)
 
     def add(self, x: np.ndarray, joined: float) -> None:
         """``x`` joins at distance ``joined``; the oldest member goes when the set is full."""
@@ -108,16 +116,20 @@ class GrowingSet:
             self._start += 1
             self._size -= 1
         end = self._start + self._size
-        rows = self._rows
-        if end == rows.shape[0]:  # no room after the members: grow, or move them to the front
+        values, distances = self._values, self._joined
+        if end == values.shape[0]:  # no room after the members: grow, or move them to the front
             limit = self.cap + max(1, self.cap // 4)
-            if rows.shape[0] < limit:
-                rows = np.empty((min(limit, 2 * rows.shape[0]), rows.shape[1]), np.float32)
-            rows[: self._size] = self._rows[self._start : end]
-            self._rows, self._start, end = rows, 0, self._size
-        rows[end, 0] = joined
-        rows[end, 1:] = x
+            if values.shape[0] < limit:
+                rows = min(limit, 2 * values.shape[0])
+                values = np.empty((rows, values.shape[1]), np.float32)
+                distances = np.empty(rows, np.float32)
+            values[: self._size] = self._values[self._start : end]
+            distances[: self._size] = self._joined[self._start : end]
+            self._values, self._joined, self._start, end = values, distances, 0, self._size
+        values[end] = x
+        distances[end] = joined
         self._size += 1
+        self.threshold = _native.prada_threshold(distances[self._start : end + 1])
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,9 +151,8 @@ def observe(growing: GrowingSet, x: np.ndarray) -> Observation:
     if len(growing) == 0:
         growing.add(x, float("nan"))
         return Observation(None, True)
-    d2, threshold = _native.prada_scan(growing.table, x)
-    distance = float(np.float32(math.sqrt(d2)))
-    grows = distance > threshold
+    distance = float(np.float32(math.sqrt(growing.nearest(x))))
+    grows = distance > growing.threshold
     if grows:
         growing.add(x, distance)
     return Observation(distance, grows)
@@ -168,6 +179,7 @@ class History:
         self._distances = np.empty(max_distances + max(1, max_distances // 4), np.float32)
         self._start = self._size = 0
         self.count = 0
+        self._set_bytes = 0  # the growing sets' bytes, kept as they grow
 
     @staticmethod
     def encode(x: np.ndarray, labels: np.ndarray) -> bytes:
@@ -179,7 +191,7 @@ class History:
 
     @property
     def nbytes(self) -> int:
-        return int(self._distances.nbytes) + sum(g.nbytes for g in self.sets.values())
+        return int(self._distances.nbytes) + self._set_bytes
 
     @property
     def distances(self) -> np.ndarray:
@@ -195,14 +207,16 @@ class History:
             if growing is None:  # the first of its class only starts G_c
                 growing = self.sets[label] = GrowingSet(self.dim, self.max_per_class)
                 growing.add(x, math.nan)
+                self._set_bytes += growing.nbytes
                 continue
-            d2, threshold = _native.prada_scan(growing.table, x)
-            distance = float(np.float32(math.sqrt(d2)))
+            distance = float(np.float32(math.sqrt(growing.nearest(x))))
             if distance == 0.0:  # an exact repeat of a kept query: no new information
                 continue
             self._record(distance)
-            if distance > threshold:
+            if distance > growing.threshold:
+                before = growing.nbytes
                 growing.add(x, distance)
+                self._set_bytes += growing.nbytes - before
         self.count += queries.shape[0]
 
     def _record(self, distance: float) -> None:

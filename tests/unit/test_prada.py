@@ -68,7 +68,9 @@ def test_growing_sets_keep_their_newest_members_oldest_first(cap: int) -> None:
         g.add(x, float(i))
         added.append(np.concatenate(([i], x)).astype(np.float32))
         np.testing.assert_array_equal(g.table, np.array(added[-cap:]))
-        assert g.table.flags.c_contiguous and len(g) == min(cap, i + 1)
+        assert g.members.flags.c_contiguous and len(g) == min(cap, i + 1)
+        assert g.threshold == twin.threshold(g.joined)  # T_c of the kept members
+        assert g.nearest(x) == 0.0 and g.nearest(x + 1) == twin.scan(g.table, x + 1)[0]
     assert g.nbytes <= (cap + max(1, cap // 4)) * 6 * 4  # preallocated, bounded
 
 
@@ -97,8 +99,13 @@ def test_scan_kernel_equals_its_twin_bit_for_bit(k: int, dim: int) -> None:
     for _ in range(5):
         table, x = random_table(rng, k, dim), rng.uniform(0, 16, dim).astype(np.float32)
         assert ext.scan(table, x) == twin.scan(table, x)
+        # the two values apart, for members and joined distances held apart
+        members, joined = table[:, 1:].copy(), table[:, 0].copy()
+        assert ext.nearest(members, x) == twin.nearest(members, x) == twin.scan(table, x)[0]
+        assert ext.threshold(joined) == twin.threshold(joined) == twin.scan(table, x)[1]
         table[rng.integers(k), 1:] = x  # an exact member: distance 0
         assert ext.scan(table, x) == twin.scan(table, x) == (0.0, twin.threshold(table[:, 0]))
+    assert ext.threshold(np.empty(0, np.float32)) == twin.threshold(np.empty(0)) == 0.0
 
 
 @pytest.mark.parametrize("scan", [twin.scan, pytest.param(ext and ext.scan, marks=needs_ext)])
