@@ -54,6 +54,10 @@ __all__ = [
 ]
 
 
+# Sets of at least this many values (members x width) are compared in float32 first.
+FILTER_VALUES = 1 << 14
+
+
 @functools.lru_cache(maxsize=64)
 def record_dtype(dim: int) -> np.dtype:
     """One query as the client's log keeps it: the class the model predicted (little-endian
@@ -73,7 +77,7 @@ class GrowingSet:
     growth costs its own row, amortized, never a copy of the set.
     """
 
-    __slots__ = ("_values", "_joined", "_start", "_size", "cap", "threshold")
+    __slots__ = ("_values", "_joined", "_norms", "_start", "_size", "cap", "threshold")
 
     def __init__(self, dim: int, cap: int) -> None:
         if cap < 1:
@@ -81,6 +85,7 @@ class GrowingSet:
         self.cap = cap
         self._values = np.empty((min(cap, 4), dim), np.float32)
         self._joined = np.empty(min(cap, 4), np.float32)
+        self._norms = np.empty(min(cap, 4), np.float64)  # each member's squared norm
         self._start = self._size = 0
         self.threshold = 0.0  # T_c
 
@@ -101,14 +106,44 @@ class GrowingSet:
 
     @property
     def nbytes(self) -> int:
-        return int(self._values.nbytes + self._joined.nbytes)
+        return int(self._values.nbytes + self._joined.nbytes + self._norms.nbytes)
 
     def __len__(self) -> int:
         return self._size
 
     def nearest(self, x: np.ndarray) -> float:
-        """The least squared distance from ``x`` to a member (the set must not be empty)."""
-        return _native.prada_nearest(self._values[self._start : self._start + self._size], x)
+        """The least squared distance from ``x`` (float32 ``[D]``) to a member, as the
+        ``prada_nearest`` kernel computes it over every member (the set must not be empty).
+
+        A large set (``k·D >= FILTER_VALUES``) is first compared in float32 through BLAS:
+        ``‖y‖² + ‖x‖² - 2·x·y`` (the norms in float64), whose error against the kernel's
+        value is at most ``B = 2·γ_D·‖x‖·‖y‖ + 4u·(‖x‖ + ‖y‖)²`` (``u = 2⁻²⁴``, ``γ_D =
+        D·u / (1 - D·u)``: any order of the float32 dot product's additions; the kernel's
+        own rounding of each difference to float32). Only the members whose lower bound
+        is within reach of the least upper bound can be nearest; the kernel computes
+        their exact value. The result is bit for bit the full scan's, at a memory-speed
+        pass over the set instead of the kernel's float64 arithmetic on every value.
+        """
+        s, e = self._start, self._start + self._size
+        members = self._values[s:e]
+        k, d = members.shape
+        if k < 8 or k * d < FILTER_VALUES:
+            return _native.prada_nearest(members, x)
+        x64 = x.astype(np.float64)
+        xx = float(x64 @ x64)
+        norms = self._norms[s:e]
+        approx = norms + (xx - 2.0 * (members @ x))
+        u = 2.0**-24
+        gamma = d * u / (1.0 - d * u)
+        root = np.sqrt(norms)
+        nx = math.sqrt(xx)
+        bound = 2.0 * (2.0 * gamma * nx * root + 4.0 * u * (nx + root) ** 2)  # twice, spare
+        lower, upper = approx - bound, approx + bound
+        reach = float(np.min(upper))
+        candidates = np.flatnonzero(lower <= reach)
+        if not math.isfinite(reach) or candidates.size == 0 or candidates.size > k // 2:
+            return _native.prada_nearest(members, x)
+        return _native.prada_nearest(members[candidates], x)
 
     def add(self, x: np.ndarray, joined: float) -> None:
         """``x`` joins at distance ``joined``; the oldest member goes when the set is full."""
@@ -116,18 +151,23 @@ class GrowingSet:
             self._start += 1
             self._size -= 1
         end = self._start + self._size
-        values, distances = self._values, self._joined
+        values, distances, norms = self._values, self._joined, self._norms
         if end == values.shape[0]:  # no room after the members: grow, or move them to the front
             limit = self.cap + max(1, self.cap // 4)
             if values.shape[0] < limit:
                 rows = min(limit, 2 * values.shape[0])
                 values = np.empty((rows, values.shape[1]), np.float32)
                 distances = np.empty(rows, np.float32)
+                norms = np.empty(rows, np.float64)
             values[: self._size] = self._values[self._start : end]
             distances[: self._size] = self._joined[self._start : end]
-            self._values, self._joined, self._start, end = values, distances, 0, self._size
+            norms[: self._size] = self._norms[self._start : end]
+            self._values, self._joined, self._norms = values, distances, norms
+            self._start, end = 0, self._size
         values[end] = x
         distances[end] = joined
+        x64 = values[end].astype(np.float64)
+        norms[end] = x64 @ x64
         self._size += 1
         self.threshold = _native.prada_threshold(distances[self._start : end + 1])
 

@@ -7,11 +7,19 @@ from typing import Any
 import numpy as np
 import pytest
 
+from guard._native import prada_nearest as native_nearest
 from guard._py import prada as twin
 from guard.backends.onnx import OnnxBackend
 from guard.clients import Client
 from guard.configreader import Section
-from guard.defenses.prada import GrowingSet, History, class_threshold, observe, shapiro_w
+from guard.defenses.prada import (
+    FILTER_VALUES,
+    GrowingSet,
+    History,
+    class_threshold,
+    observe,
+    shapiro_w,
+)
 from guard.errors import PolicyError
 from guard.inference import InferRequest, InferResponse
 from guard.models import load_samples, model_path
@@ -71,7 +79,26 @@ def test_growing_sets_keep_their_newest_members_oldest_first(cap: int) -> None:
         assert g.members.flags.c_contiguous and len(g) == min(cap, i + 1)
         assert g.threshold == twin.threshold(g.joined)  # T_c of the kept members
         assert g.nearest(x) == 0.0 and g.nearest(x + 1) == twin.scan(g.table, x + 1)[0]
-    assert g.nbytes <= (cap + max(1, cap // 4)) * 6 * 4  # preallocated, bounded
+    assert g.nbytes <= (cap + max(1, cap // 4)) * (5 * 4 + 4 + 8)  # values, joined, norm
+
+
+@pytest.mark.parametrize(
+    ("k", "dim", "scale"), [(8, 3072, 1.0), (60, 3072, 255.0), (200, 300, 16.0)]
+)
+def test_large_sets_find_the_kernels_nearest_bit_for_bit(k: int, dim: int, scale: float) -> None:
+    # Large sets are compared in float32 first; the answer is still the full scan's.
+    assert k * dim >= FILTER_VALUES
+    rng = np.random.default_rng(k + dim)
+    g = GrowingSet(dim, cap=k)
+    base = rng.uniform(-scale, scale, dim).astype(np.float32)
+    for i in range(k):  # near-ties: members a little off one point, and far ones
+        spread = scale * (1e-3 if i % 2 else 1.0)
+        g.add(base + rng.normal(0, spread, dim).astype(np.float32), float(i))
+    queries = [base, g.members[3].copy(), g.members[4] + np.float32(1e-6 * scale)]
+    queries += [rng.uniform(-scale, scale, dim).astype(np.float32) for _ in range(5)]
+    for x in queries:
+        assert g.nearest(x) == twin.nearest(g.members, x) == native_nearest(g.members, x)
+    assert g.nearest(g.members[3].copy()) == 0.0
 
 
 def test_history_records_round_trip() -> None:
