@@ -77,7 +77,16 @@ class GrowingSet:
     growth costs its own row, amortized, never a copy of the set.
     """
 
-    __slots__ = ("_values", "_joined", "_norms", "_start", "_size", "cap", "threshold")
+    __slots__ = (
+        "_values",
+        "_joined",
+        "_norms",
+        "_largest",
+        "_start",
+        "_size",
+        "cap",
+        "threshold",
+    )
 
     def __init__(self, dim: int, cap: int) -> None:
         if cap < 1:
@@ -86,6 +95,7 @@ class GrowingSet:
         self._values = np.empty((min(cap, 4), dim), np.float32)
         self._joined = np.empty(min(cap, 4), np.float32)
         self._norms = np.empty(min(cap, 4), np.float64)  # each member's squared norm
+        self._largest = 0.0  # the largest member norm
         self._start = self._size = 0
         self.threshold = 0.0  # T_c
 
@@ -115,33 +125,30 @@ class GrowingSet:
         """The least squared distance from ``x`` (float32 ``[D]``) to a member, as the
         ``prada_nearest`` kernel computes it over every member (the set must not be empty).
 
-        A large set (``k·D >= FILTER_VALUES``) is first compared in float32 through BLAS:
-        ``‖y‖² + ‖x‖² - 2·x·y`` (the norms in float64), whose error against the kernel's
-        value is at most ``B = 2·γ_D·‖x‖·‖y‖ + 4u·(‖x‖ + ‖y‖)²`` (``u = 2⁻²⁴``, ``γ_D =
-        D·u / (1 - D·u)``: any order of the float32 dot product's additions; the kernel's
-        own rounding of each difference to float32). Only the members whose lower bound
-        is within reach of the least upper bound can be nearest; the kernel computes
-        their exact value. The result is bit for bit the full scan's, at a memory-speed
-        pass over the set instead of the kernel's float64 arithmetic on every value.
+        A large set (``k·D >= FILTER_VALUES``) is first compared through one float32
+        BLAS product: ``‖y‖² + ‖x‖² - 2·x·y`` (member norms kept in float64), whose error
+        against the kernel's value is at most ``B = 2·γ_D·‖x‖·‖y‖ + 4u·(‖x‖ + ‖y‖)²``
+        (``u = 2⁻²⁴``, ``γ_D = D·u / (1 - D·u)``: any order of the float32 dot product's
+        additions, and the kernel's own rounding of each difference to float32), taken
+        twice over with ``‖y‖`` the largest member's and ``‖x‖`` itself bounded from
+        above. Only the members within ``2B`` of the least estimate can be nearest; the
+        kernel computes their exact value. The result is bit for bit the full scan's, at
+        a memory-speed pass over the set instead of float64 arithmetic on every value.
         """
         s, e = self._start, self._start + self._size
         members = self._values[s:e]
         k, d = members.shape
         if k < 8 or k * d < FILTER_VALUES:
             return _native.prada_nearest(members, x)
-        x64 = x.astype(np.float64)
-        xx = float(x64 @ x64)
-        norms = self._norms[s:e]
-        approx = norms + (xx - 2.0 * (members @ x))
+        # a_i = ‖y_i‖² - 2·x·y_i ranks the members as d²_i = a_i + ‖x‖² does
+        a = self._norms[s:e] - 2.0 * (members @ x)
+        least = float(a.min())
         u = 2.0**-24
         gamma = d * u / (1.0 - d * u)
-        root = np.sqrt(norms)
-        nx = math.sqrt(xx)
-        bound = 2.0 * (2.0 * gamma * nx * root + 4.0 * u * (nx + root) ** 2)  # twice, spare
-        lower, upper = approx - bound, approx + bound
-        reach = float(np.min(upper))
-        candidates = np.flatnonzero(lower <= reach)
-        if not math.isfinite(reach) or candidates.size == 0 or candidates.size > k // 2:
+        nx, ny = math.sqrt(float(np.dot(x, x)) / (1.0 - gamma)), self._largest
+        bound = 2.0 * (2.0 * gamma * nx * ny + 4.0 * u * (nx + ny) ** 2)  # twice, spare
+        candidates = np.flatnonzero(a <= least + 2.0 * bound)
+        if not math.isfinite(least) or candidates.size == 0 or candidates.size > k // 2:
             return _native.prada_nearest(members, x)
         return _native.prada_nearest(members[candidates], x)
 
@@ -169,6 +176,7 @@ class GrowingSet:
         x64 = values[end].astype(np.float64)
         norms[end] = x64 @ x64
         self._size += 1
+        self._largest = math.sqrt(float(norms[self._start : end + 1].max()))
         self.threshold = _native.prada_threshold(distances[self._start : end + 1])
 
 

@@ -32,6 +32,8 @@ from guard.state import client_key
 from guard.state.views import LogViews
 
 TECHNIQUE = "AML.T0024.002"  # Exfiltration via ML Inference API: Extract ML Model
+# A client's query log holds at least its newest min_queries queries, more up to this size.
+LOG_BYTES = 1 << 20
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -91,7 +93,7 @@ class Prada(OptionsStage[PradaOptions]):
             self.enforcement.store,
             self._key(ctx.client.name, "q", str(dim)),
             History.encode(x, found[0]),
-            o.max_distances * record_dtype(dim).itemsize,
+            self._log_bytes(dim),
             o.ttl,
         )
         count, distances = history.count, history.distances
@@ -107,6 +109,12 @@ class Prada(OptionsStage[PradaOptions]):
             score=w,
             threshold=o.delta,
         )
+
+    def _log_bytes(self, dim: int) -> int:
+        """The log's bound: its newest ``max_distances`` queries, or as many as fit in
+        :data:`LOG_BYTES` but at least ``min_queries`` (a whole number of records)."""
+        o, size = self.options, record_dtype(dim).itemsize
+        return max(o.min_queries, min(o.max_distances, LOG_BYTES // size)) * size
 
     def _history(self, dim: int) -> History:
         o = self.options
