@@ -26,8 +26,10 @@ from guard.models import load_samples, model_path
 from guard.pipeline import Action, RequestContext, Verdict
 from guard.stages.env import StageEnv
 from guard.stages.prada import Prada
-from guard.state.base import client_key
+from guard.state.base import StateStore, client_key
 from guard.state.memory import MemoryStore
+from guard.state.redis import RedisStore
+from tests.integration.redis_server import RedisServer
 
 try:
     from guard._ext import prada as ext
@@ -172,7 +174,7 @@ def test_shapiro_w_separates_normal_from_skewed_distances() -> None:
 ONNX = OnnxBackend(model_path("digits"), name="digits", device="cpu")
 
 
-def build(store: MemoryStore | None = None, **options: Any) -> Prada:
+def build(store: StateStore | None = None, **options: Any) -> Prada:
     env = StageEnv(
         model="digits",
         backend=None,
@@ -343,6 +345,39 @@ async def test_the_stage_view_is_the_history_rebuilt_from_the_whole_log() -> Non
     rebuilt.fold((await store.append_log(key, b"", 1000 * size, 60.0, None))[1])
     same_state(kept, rebuilt)
     assert kept.count == len(queries) and len(kept.sets) > 1
+
+
+async def verdicts_and_scores(
+    stages: list[Prada], queries: list[np.ndarray]
+) -> list[tuple[Verdict, float | None]]:
+    """Each batch in turn, sent through the stages in rotation: each verdict and the W of
+    its finding (None: no finding)."""
+    out = []
+    for i, batch in enumerate(queries):
+        stage = stages[i % len(stages)]
+        ctx = await ask(stage, batch)
+        verdict = await stage.on_response(ctx)
+        out.append((verdict, ctx.findings[-1].score if ctx.findings else None))
+    return out
+
+
+async def test_two_replicas_on_one_redis_decide_as_one(redis_server: RedisServer) -> None:
+    # Two guard processes (two stages, each with its own views) share one real Redis and
+    # take turns at one client's requests; every decision and W is that of one stage alone.
+    x, _ = load_samples("digits")
+    queries = np.concatenate([x[:30], walk(160), x[30:40]])
+    sizes = np.random.default_rng(4).integers(1, 4, 100)  # batches of 1 to 3 queries
+    batches = np.split(queries, np.cumsum(sizes)[np.cumsum(sizes) < len(queries)])
+    alone = await verdicts_and_scores([build(action="deny")], batches)
+    denied = [score for verdict, score in alone if verdict is Verdict.DENY]
+    assert denied and all(w is not None and w < 0.9 for w in denied)  # the walk is caught
+    stores = [RedisStore(redis_server.url, key_prefix="p:", timeout=5.0) for _ in range(2)]
+    try:
+        replicas = [build(store, action="deny") for store in stores]
+        assert await verdicts_and_scores(replicas, batches) == alone
+    finally:
+        for store in stores:
+            await store.close()
 
 
 async def test_degrade_marks_the_client() -> None:
