@@ -5,8 +5,8 @@ Semantics are those of :func:`guard._py.fingerprint.fingerprint` (its module
 docstring states them); this kernel matches it bit for bit. It specialises
 float32 and float64 input and hands other dtypes to the twin after casting.
 
-One pass per row: the window hash rolls (one multiply-add and one subtraction
-per value, whatever the window), and the ``top`` largest distinct hashes are
+One pass per row: each value quantized and mixed once, then the window hash rolls
+(one multiply-add and one subtraction per value, whatever the window), and the ``top`` largest distinct hashes are
 kept in a min-heap, so a row of ``D`` values costs O(D log top) with no
 temporary arrays. The heap is emptied in increasing order into the output's
 tail first, which leaves each fingerprint sorted in decreasing order.
@@ -15,6 +15,7 @@ tail first, which leaves each fingerprint sorted in decreasing order.
 cimport cython
 from libc.math cimport floor
 from libc.stdint cimport int64_t, uint64_t
+from libc.stdlib cimport free, malloc
 
 import numpy as np
 
@@ -57,9 +58,16 @@ def _fingerprint(const in_t[:, ::1] x, const double[::1] offsets, uint64_t[:, ::
     cdef Py_ssize_t n = x.shape[0], d = x.shape[1], top = hashes.shape[1]
     cdef Py_ssize_t w = min(window, d)
     cdef Py_ssize_t r
-    with nogil:
-        for r in range(n):
-            sizes[r] = _row(x, r, offsets, hashes, step, w, stride, p, k1, k2, d, top)
+    cdef uint64_t* mixed = <uint64_t*>malloc((d if d > 0 else 1) * sizeof(uint64_t))
+    if mixed == NULL:
+        raise MemoryError()
+    try:
+        with nogil:
+            for r in range(n):
+                sizes[r] = _row(x, r, offsets, hashes, step, w, stride, p, k1, k2, d, top,
+                                mixed)
+    finally:
+        free(mixed)
 
 
 @cython.boundscheck(False)
@@ -67,23 +75,25 @@ def _fingerprint(const in_t[:, ::1] x, const double[::1] offsets, uint64_t[:, ::
 cdef inline Py_ssize_t _row(
     const in_t[:, ::1] x, Py_ssize_t r, const double[::1] offsets, uint64_t[:, ::1] out,
     double step, Py_ssize_t w, Py_ssize_t stride, uint64_t p, uint64_t k1, uint64_t k2,
-    Py_ssize_t d, Py_ssize_t top,
+    Py_ssize_t d, Py_ssize_t top, uint64_t* mixed,
 ) noexcept nogil:
-    """Fingerprint row ``r`` into ``out[r]``; return its size."""
+    """Fingerprint row ``r`` into ``out[r]``; return its size. ``mixed``: room for ``d``
+    values, each value's keyed mix computed once (a value enters and leaves the window)."""
     cdef uint64_t pw = 1  # P ** (w - 1), to drop the value leaving the window
     cdef uint64_t h = 0
     cdef Py_ssize_t i, start = 0, size = 0, k
+    for i in range(d):
+        mixed[i] = _element(x[r, i], offsets[i], step, k1)
     for i in range(w - 1):
         pw *= p
     for i in range(w):
-        h = h * p + _element(x[r, i], offsets[i], step, k1)
+        h = h * p + mixed[i]
     while True:
         size = _keep(out, r, size, top, _fmix64(h ^ k2))
         if start + stride + w > d:
             break
         for i in range(start, start + stride):
-            h = (h - _element(x[r, i], offsets[i], step, k1) * pw) * p \
-                + _element(x[r, i + w], offsets[i + w], step, k1)
+            h = (h - mixed[i] * pw) * p + mixed[i + w]
         start += stride
     # Pop the min-heap into out[r, size-1], ..., out[r, 0]: decreasing order.
     for k in range(size - 1, 0, -1):

@@ -32,6 +32,7 @@ import hashlib
 import math
 import os
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -75,6 +76,7 @@ class Fingerprinter:
     stride: int = 1
     top: int = 50
     _offsets: dict[int, np.ndarray] = field(default_factory=dict, repr=False)
+    _digesters: dict[tuple[str, int], Any] = field(default_factory=dict, repr=False)
 
     def offsets(self, size: int) -> np.ndarray:
         """The keyed shift of each position's quantization grid, uniform in ``[0, step)``."""
@@ -107,8 +109,15 @@ class Fingerprinter:
         digests mean an exact repeat; without the key nobody can compute one."""
         x = np.ascontiguousarray(x)
         rows = x.reshape(x.shape[0], -1)
-        prefix = f"{rows.dtype.str}:{rows.shape[1]}:".encode()
-        return [
-            hashlib.blake2b(prefix + row.tobytes(), key=self.key.mac, digest_size=16).digest()
-            for row in rows
-        ]
+        shape = (rows.dtype.str, rows.shape[1])
+        keyed = self._digesters.get(shape)
+        if keyed is None:  # the key and the prefix hashed once; each row continues a copy
+            keyed = hashlib.blake2b(key=self.key.mac, digest_size=16)
+            keyed.update(f"{shape[0]}:{shape[1]}:".encode())
+            self._digesters[shape] = keyed
+        out = []
+        for row in rows:
+            h = keyed.copy()
+            h.update(row)
+            out.append(h.digest())
+        return out
