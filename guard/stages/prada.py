@@ -4,17 +4,28 @@ Runs on the response, since PRADA needs the class the model predicted
 (:mod:`guard.defenses.prada`): per client and class, each query's minimum L2
 distance to the client's earlier queries of that class; every ``every``
 queries, once ``min_queries`` distances are held, a Shapiro-Wilk test on the newest
-``max_distances`` of them (kept in one byte log per client: one value read per test).
-A finding with action ``deny`` withholds the answer (403).
+``max_distances`` of them. A finding with action ``deny`` withholds the answer (403).
 
 Keys: :class:`PradaOptions` (docs/stage-options.md).
+
+State: one *offset log* per client (and query width) of raw facts, each query's
+values and its predicted class, and this process's :class:`~guard.defenses.prada.History`
+of it (a :class:`~guard.state.views.LogView`: growing sets, distances, count), kept up
+to date by :class:`~guard.state.views.LogViews`. A request is one ``append_log`` (one
+Redis round trip), which returns the queries this process has not folded yet (other
+replicas' first, then its own): each is folded in the log's order, so replicas
+sharing a store derive the same state and decide as one process would, whichever
+of them serves which request. The work is the request's own rows (one scan of the
+growing set each), never a decode of the history. The log keeps the client's newest
+``max_distances`` queries, or fewer as 1 MiB allows (at least ``min_queries``): a
+process whose view fell behind it (evicted from this process's bounded views, or
+other replicas served more than the log holds in between) rebuilds from the kept
+queries, whose growing sets then start with them.
 
 An exact repeat of a query the client's growing set holds (distance 0) is
 skipped: it says nothing new and would read as non-natural. Finding: ``score`` W,
 ``threshold`` delta, technique AML.T0024.002 (extract ML model). Failure mode:
-``on_error`` (default closed: 503 when the state store is down). Several replicas
-may update one client's history at once; each update is atomic, the sequence is
-not, which at worst shifts a test by a few queries.
+``on_error`` (default closed: 503 when the state store is down).
 """
 
 from __future__ import annotations
