@@ -64,3 +64,29 @@ def test_kernel_and_twin_agree_through_random_operations(max_per_hash: int) -> N
             twin.remove(alive.pop(gone), gone)
         assert len(kernel) == len(twin)
     assert all(kernel.postings(h) == twin.postings(h) for h in pool.tolist())
+
+
+@needs_ext
+@pytest.mark.parametrize("spacing", [1, 1 << 10, 1 << 40])
+def test_kernel_and_twin_agree_when_hashes_crowd_the_same_slots(spacing: int) -> None:
+    # Hashes sharing their low bits fall on one probe run of the kernel's table: growth,
+    # lookups past other hashes and removal from the middle of a run all keep the postings.
+    rng = np.random.default_rng(spacing % 97)
+    kernel, twin = Kernel(), Twin()
+    pool = (np.arange(1, 400, dtype=np.uint64) * np.uint64(spacing)).tolist()
+    alive: dict[int, list[int]] = {}
+    for qid in range(1, 1500):
+        hashes = [int(h) for h in rng.choice(pool, 8, replace=False)]
+        assert kernel.shared(hashes, 1) == twin.shared(hashes, 1)
+        kernel.add(hashes, qid, 2)
+        twin.add(hashes, qid, 2)
+        alive[qid] = hashes
+        while len(alive) > 60 or (alive and rng.random() < 0.3):
+            gone = int(rng.choice(list(alive)))
+            kernel.remove(alive[gone], gone)
+            twin.remove(alive.pop(gone), gone)
+        assert len(kernel) == len(twin)
+    assert all(kernel.postings(h) == twin.postings(h) for h in pool)
+    for qid, hashes in alive.items():
+        kernel.remove(hashes, qid)
+    assert len(kernel) == 0 and all(kernel.postings(h) == [] for h in pool)
