@@ -44,30 +44,43 @@ def fingerprint(x, offsets, double step, Py_ssize_t window, Py_ssize_t stride, P
         x = x.copy()
     hashes = np.zeros((x.shape[0], top), dtype=np.uint64)
     sizes = np.zeros(x.shape[0], dtype=np.int64)
-    if x.shape[0] and x.shape[1]:
-        _fingerprint(x, offsets, hashes, sizes, step, window, stride,
-                     <uint64_t>int(multiplier), <uint64_t>int(k1), <uint64_t>int(k2))
+    if not (x.shape[0] and x.shape[1]):
+        return hashes, sizes
+    # Typed views picked here, not by a fused ``def`` (whose dispatch per call cost more
+    # than fingerprinting a row of 64 values).
+    cdef const float[:, ::1] xf
+    cdef const double[:, ::1] xd
+    cdef const double[::1] o = offsets
+    cdef uint64_t[:, ::1] out = hashes
+    cdef int64_t[::1] n = sizes
+    cdef uint64_t p = <uint64_t>int(multiplier), a = <uint64_t>int(k1), b = <uint64_t>int(k2)
+    cdef uint64_t* mixed = <uint64_t*>malloc(x.shape[1] * sizeof(uint64_t))
+    if mixed == NULL:
+        raise MemoryError()
+    try:
+        if x.dtype == np.float32:
+            xf = x
+            with nogil:
+                _fingerprint(xf, o, out, n, step, window, stride, p, a, b, mixed)
+        else:
+            xd = x
+            with nogil:
+                _fingerprint(xd, o, out, n, step, window, stride, p, a, b, mixed)
+    finally:
+        free(mixed)
     return hashes, sizes
 
 
 @cython.boundscheck(False)
 @cython.wraparound(False)
-def _fingerprint(const in_t[:, ::1] x, const double[::1] offsets, uint64_t[:, ::1] hashes,
-                 int64_t[::1] sizes, double step, Py_ssize_t window, Py_ssize_t stride,
-                 uint64_t p, uint64_t k1, uint64_t k2):
+cdef void _fingerprint(const in_t[:, ::1] x, const double[::1] offsets, uint64_t[:, ::1] hashes,
+                       int64_t[::1] sizes, double step, Py_ssize_t window, Py_ssize_t stride,
+                       uint64_t p, uint64_t k1, uint64_t k2, uint64_t* mixed) noexcept nogil:
     cdef Py_ssize_t n = x.shape[0], d = x.shape[1], top = hashes.shape[1]
     cdef Py_ssize_t w = min(window, d)
     cdef Py_ssize_t r
-    cdef uint64_t* mixed = <uint64_t*>malloc((d if d > 0 else 1) * sizeof(uint64_t))
-    if mixed == NULL:
-        raise MemoryError()
-    try:
-        with nogil:
-            for r in range(n):
-                sizes[r] = _row(x, r, offsets, hashes, step, w, stride, p, k1, k2, d, top,
-                                mixed)
-    finally:
-        free(mixed)
+    for r in range(n):
+        sizes[r] = _row(x, r, offsets, hashes, step, w, stride, p, k1, k2, d, top, mixed)
 
 
 @cython.boundscheck(False)

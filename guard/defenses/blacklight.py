@@ -102,7 +102,10 @@ class Fingerprinter:
             self.key.k1,
             self.key.k2,
         )
-        return [row[:size].tolist() for row, size in zip(hashes, sizes.tolist(), strict=True)]
+        counts = sizes.tolist()
+        if len(counts) == 1:  # the common request: one row
+            return [hashes[0, : counts[0]].tolist()]
+        return [row[:size].tolist() for row, size in zip(hashes, counts, strict=True)]
 
     def digests(self, x: np.ndarray) -> list[bytes]:
         """Keyed 16-byte digests of each row's exact bytes (dtype and values): equal
