@@ -29,6 +29,9 @@ import from here and never from either package directly.
 ``prada_nearest(members, x) -> d2``, ``prada_threshold(joined) -> T_c``
     The same two values apart, for a growing set held as its members' values and the
     distances they joined at (:class:`guard.defenses.prada.GrowingSet`).
+``prada_nearest_pruned(members, norms, largest, x) -> d2``
+    ``prada_nearest``'s value, the members compared in float32 first (their squared
+    norms given) and only those that can be nearest computed exactly.
 
 The kernels are taken together: if any of them is missing (a partial build),
 every one comes from :mod:`guard._py`, so ``USING_EXTENSIONS`` tells the whole story.
@@ -49,6 +52,7 @@ __all__ = [
     "fingerprint",
     "median_smooth",
     "prada_nearest",
+    "prada_nearest_pruned",
     "prada_scan",
     "prada_threshold",
     "reduce_bits",
@@ -60,6 +64,7 @@ if os.environ.get("GUARD_NO_EXTENSIONS", "") not in ("", "0"):
     from guard._py.fingerprint import fingerprint
     from guard._py.postings import PostingIndex
     from guard._py.prada import nearest as prada_nearest
+    from guard._py.prada import nearest_pruned as prada_nearest_pruned
     from guard._py.prada import scan as prada_scan
     from guard._py.prada import threshold as prada_threshold
     from guard._py.squeeze import clip, median_smooth, reduce_bits
@@ -71,6 +76,7 @@ else:
         from guard._ext.fingerprint import fingerprint
         from guard._ext.postings import PostingIndex  # type: ignore[assignment]
         from guard._ext.prada import nearest as prada_nearest
+        from guard._ext.prada import nearest_pruned as prada_nearest_pruned
         from guard._ext.prada import scan as prada_scan
         from guard._ext.prada import threshold as prada_threshold
         from guard._ext.squeeze import clip, median_smooth, reduce_bits
@@ -79,6 +85,7 @@ else:
         from guard._py.fingerprint import fingerprint
         from guard._py.postings import PostingIndex
         from guard._py.prada import nearest as prada_nearest
+        from guard._py.prada import nearest_pruned as prada_nearest_pruned
         from guard._py.prada import scan as prada_scan
         from guard._py.prada import threshold as prada_threshold
         from guard._py.squeeze import clip, median_smooth, reduce_bits

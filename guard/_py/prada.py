@@ -25,6 +25,7 @@ import numpy as np
 __all__ = [
     "LANES",
     "nearest",
+    "nearest_pruned",
     "scan",
     "squared_distances",
     "threshold",
@@ -101,6 +102,16 @@ def nearest(members: np.ndarray, x: np.ndarray) -> float:
     table = np.empty((k, d + 1), np.float32)
     table[:, 1:] = members
     return float(np.min(squared_distances(table, x)))
+
+
+def nearest_pruned(members: np.ndarray, norms: np.ndarray, largest: float, x: np.ndarray) -> float:
+    """:func:`nearest`'s value. The kernel compares every member in float32 first
+    (``norms``: each member's squared norm, ``largest``: at least the largest member
+    norm) and computes only the members that can be nearest; the value is the same."""
+    members, x = validate_members(members, x)
+    if np.shape(norms) != (members.shape[0],):
+        raise ValueError("prada nearest_pruned: one norm per member")
+    return nearest(members, x)
 
 
 def scan(table: np.ndarray, x: np.ndarray) -> tuple[float, float]:

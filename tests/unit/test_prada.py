@@ -100,6 +100,12 @@ def test_large_sets_find_the_kernels_nearest_bit_for_bit(k: int, dim: int, scale
     queries += [rng.uniform(-scale, scale, dim).astype(np.float32) for _ in range(5)]
     for x in queries:
         assert g.nearest(x) == twin.nearest(g.members, x) == native_nearest(g.members, x)
+        norms = (g.members.astype(np.float64) ** 2).sum(axis=1)
+        largest = float(np.sqrt(norms.max()))
+        assert twin.nearest_pruned(g.members, norms, largest, x) == g.nearest(x)
+        if ext is not None:
+            assert ext.nearest_pruned(g.members, norms, largest, x) == g.nearest(x)
+            assert ext.nearest_pruned(g.members, norms, np.inf, x) == g.nearest(x)  # no bound
     assert g.nearest(g.members[3].copy()) == 0.0
 
 
