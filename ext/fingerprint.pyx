@@ -13,7 +13,7 @@ tail first, which leaves each fingerprint sorted in decreasing order.
 """
 
 cimport cython
-from libc.math cimport floor
+from libc.math cimport INFINITY, floor
 from libc.stdint cimport int64_t, uint64_t
 from libc.stdlib cimport free, malloc
 
@@ -30,6 +30,7 @@ cdef uint64_t M1 = 0xFF51AFD7ED558CCDULL
 cdef uint64_t M2 = 0xC4CEB9FE1A85EC53ULL
 
 _NATIVE = frozenset(map(np.dtype, ("float32", "float64")))
+_FLOAT64 = np.dtype("float64")
 
 
 def fingerprint(x, offsets, double step, Py_ssize_t window, Py_ssize_t stride, Py_ssize_t top,
@@ -38,10 +39,19 @@ def fingerprint(x, offsets, double step, Py_ssize_t window, Py_ssize_t stride, P
 
     Returns ``(hashes, sizes)`` exactly as the pure-Python twin does.
     """
-    x, offsets = validate_args(x, offsets, step, window, stride, top, multiplier)
-    x = np.ascontiguousarray(x if x.dtype in _NATIVE else x.astype(np.float64))
-    if not x.flags.aligned:
-        x = x.copy()
+    if not (  # the usual call, checked here; anything else through the twin's checks
+        type(x) is np.ndarray and x.ndim == 2 and x.dtype in _NATIVE
+        and x.flags.c_contiguous and x.flags.aligned
+        and type(offsets) is np.ndarray and offsets.dtype == _FLOAT64
+        and offsets.flags.c_contiguous and offsets.ndim == 1
+        and offsets.shape[0] == x.shape[1] and step > 0 and step < INFINITY
+        and window >= 1 and stride >= 1 and top >= 1
+        and type(multiplier) is int and multiplier & 1 and 0 < multiplier < 2**64
+    ):
+        x, offsets = validate_args(x, offsets, step, window, stride, top, multiplier)
+        x = np.ascontiguousarray(x if x.dtype in _NATIVE else x.astype(np.float64))
+        if not x.flags.aligned:
+            x = x.copy()
     hashes = np.zeros((x.shape[0], top), dtype=np.uint64)
     sizes = np.zeros(x.shape[0], dtype=np.int64)
     if not (x.shape[0] and x.shape[1]):
