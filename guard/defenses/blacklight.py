@@ -121,6 +121,6 @@ class Fingerprinter:
         out = []
         for row in rows:
             h = keyed.copy()
-            h.update(row)
+            h.update(row.data)
             out.append(h.digest())
         return out
