@@ -56,6 +56,9 @@ __all__ = [
 
 # Sets of at least this many values (members x width) are compared in float32 first.
 FILTER_VALUES = 1 << 14
+# What a Python object (with a small NumPy array's header) holds beyond its data, roughly:
+# a History counts it for itself, its set dict and each growing set's objects.
+OBJECT_BYTES = 256
 
 
 @functools.lru_cache(maxsize=64)
@@ -204,13 +207,14 @@ class History:
     of its own rows, never a decode of the history.
     """
 
-    def __init__(self, dim: int, *, max_per_class: int, max_distances: int) -> None:
+    def __init__(self, dim: int, *, max_per_class: int, max_distances: int, floor: int = 0) -> None:
         self.dim = dim
         self.dtype = record_dtype(dim)
         self.max_per_class = max_per_class
         self.max_distances = max_distances
+        self.floor = floor  # the least this view counts as (a bound on how many are kept)
         self.sets: dict[int, GrowingSet] = {}
-        self._distances = np.empty(max_distances + max(1, max_distances // 4), np.float32)
+        self._distances = np.empty(min(16, max_distances), np.float32)  # grows to 5/4 max
         self._start = self._size = 0
         self.count = 0
         self._set_bytes = 0  # the growing sets' bytes, kept as they grow
@@ -225,7 +229,10 @@ class History:
 
     @property
     def nbytes(self) -> int:
-        return int(self._distances.nbytes) + self._set_bytes
+        """Its arrays' bytes and an estimate of its objects' (:data:`OBJECT_BYTES` each),
+        at least ``floor``."""
+        objects = OBJECT_BYTES * (2 + 2 * len(self.sets))
+        return max(self.floor, int(self._distances.nbytes) + self._set_bytes + objects)
 
     @property
     def distances(self) -> np.ndarray:
@@ -258,8 +265,12 @@ class History:
             self._start += 1
             self._size -= 1
         end = self._start + self._size
-        if end == self._distances.shape[0]:
-            self._distances[: self._size] = self._distances[self._start : end].copy()
+        if end == self._distances.shape[0]:  # grow, or move the kept ones to the front
+            held = self._distances[self._start : end].copy()
+            limit = self.max_distances + max(1, self.max_distances // 4)
+            if self._distances.shape[0] < limit:
+                self._distances = np.empty(min(limit, 2 * end), np.float32)
+            self._distances[: self._size] = held
             self._start, end = 0, self._size
         self._distances[end] = distance
         self._size += 1

@@ -40,11 +40,15 @@ from guard.stages.env import StageEnv
 from guard.stages.options import Duration, OptionsStage, option
 from guard.stages.shared import OUTPUT_DOC, predicted
 from guard.state import client_key
+from guard.state.memory import MemoryStore
 from guard.state.views import LogViews
 
 TECHNIQUE = "AML.T0024.002"  # Exfiltration via ML Inference API: Extract ML Model
 # A client's query log holds at least its newest min_queries queries, more up to this size.
 LOG_BYTES = 1 << 20
+# This process's views of the logs of a shared store: at most these bytes and clients.
+VIEW_BYTES = 64 << 20
+VIEW_CLIENTS = 10_000
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -79,7 +83,16 @@ class Prada(OptionsStage[PradaOptions]):
 
         super().__init__(options, env)
         self.enforcement = Enforcement.of(options, env, stage=self.name, technique=TECHNIQUE)
-        # This process's copies of its clients' histories, per query width (one log each).
+        # This process's copies of its clients' histories, per query width (one log each),
+        # bounded as the store bounds the logs when it is this process's memory (bytes,
+        # and clients: each view counts at least its share), else to VIEW_BYTES and
+        # VIEW_CLIENTS.
+        store = env.store
+        if isinstance(store, MemoryStore):
+            self._view_bytes, clients = store.max_bytes, store.max_clients
+        else:
+            self._view_bytes, clients = VIEW_BYTES, VIEW_CLIENTS
+        self._floor = self._view_bytes // clients
         self._views: dict[int, LogViews[History]] = {}
 
     async def on_request(self, ctx: RequestContext) -> Verdict:
@@ -99,7 +112,9 @@ class Prada(OptionsStage[PradaOptions]):
         n, dim = x.shape
         views = self._views.get(dim)
         if views is None:
-            views = self._views[dim] = LogViews(functools.partial(self._history, dim))
+            views = self._views[dim] = LogViews(
+                functools.partial(self._history, dim), max_bytes=self._view_bytes
+            )
         history = await views.append(
             self.enforcement.store,
             self._key(ctx.client.name, "q", str(dim)),
@@ -129,7 +144,9 @@ class Prada(OptionsStage[PradaOptions]):
 
     def _history(self, dim: int) -> History:
         o = self.options
-        return History(dim, max_per_class=o.max_per_class, max_distances=o.max_distances)
+        return History(
+            dim, max_per_class=o.max_per_class, max_distances=o.max_distances, floor=self._floor
+        )
 
     def _key(self, client: str, *parts: str) -> str:
         return client_key(client, "prada", self.enforcement.model, *parts)

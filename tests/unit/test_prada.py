@@ -301,6 +301,17 @@ async def test_histories_are_bounded() -> None:
     assert all(len(g) <= 4 for g in history.sets.values())
 
 
+async def test_views_are_bounded_as_the_memory_store_bounds_clients() -> None:
+    # A view per client, as many as the store keeps clients (each counts at least its
+    # share of the store's bytes): many passing clients do not grow this process.
+    store = MemoryStore(max_clients=5, max_bytes=1 << 20)
+    stage = build(store)
+    for i, q in enumerate(walk(40)):
+        await stage.on_response(await ask(stage, q, client=f"c{i}"))
+    (views,) = stage._views.values()
+    assert len(views) <= 5 and views.nbytes <= 1 << 20
+
+
 def fold_all(records: bytes, chunks: list[int], **options: int) -> History:
     history = History(64, **options)
     size = history.dtype.itemsize
