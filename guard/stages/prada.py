@@ -20,7 +20,9 @@ growing set each), never a decode of the history. The log keeps the client's new
 ``max_distances`` queries, or fewer as 1 MiB allows (at least ``min_queries``): a
 process whose view fell behind it (evicted from this process's bounded views, or
 other replicas served more than the log holds in between) rebuilds from the kept
-queries, whose growing sets then start with them.
+queries, whose growing sets then start with them. The views are bounded as the
+memory store bounds clients (its ``max_clients`` and ``max_bytes``), or to
+:data:`VIEW_CLIENTS` and :data:`VIEW_BYTES` beside a shared store.
 
 An exact repeat of a query the client's growing set holds (distance 0) is
 skipped: it says nothing new and would read as non-natural. Finding: ``score`` W,
