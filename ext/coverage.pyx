@@ -15,7 +15,7 @@ from libc.stdint cimport int16_t, int64_t
 from guard._py.coverage import validate_args
 
 cdef enum:
-    CHECK = 8  # values between two early-abandon checks
+    CHECK = 2  # values between two early-abandon checks
 
 
 def within(rows, Py_ssize_t count, x, int64_t limit):
@@ -33,7 +33,7 @@ cdef inline int64_t _sq(int16_t a, int16_t b) noexcept nogil:
 @cython.wraparound(False)
 cdef bint _within(const int16_t[:, ::1] rows, Py_ssize_t count, const int16_t[::1] x,
                   int64_t limit) noexcept:
-    cdef Py_ssize_t d = x.shape[0], i, j
+    cdef Py_ssize_t d = x.shape[0], i, j, stop
     cdef int64_t s
     cdef const int16_t* row
     cdef const int16_t* xs = &x[0] if d else NULL
@@ -47,19 +47,13 @@ cdef bint _within(const int16_t[:, ::1] rows, Py_ssize_t count, const int16_t[::
             row = &rows[i, 0]
             s = 0
             j = 0
-            while j + CHECK <= d:  # a block of eight, then the early-abandon check
-                s = (s + _sq(row[j], xs[j]) + _sq(row[j + 1], xs[j + 1])
-                     + _sq(row[j + 2], xs[j + 2]) + _sq(row[j + 3], xs[j + 3])
-                     + _sq(row[j + 4], xs[j + 4]) + _sq(row[j + 5], xs[j + 5])
-                     + _sq(row[j + 6], xs[j + 6]) + _sq(row[j + 7], xs[j + 7]))
-                j += CHECK
+            while j < d:  # blocks of CHECK values, then the early-abandon check
+                stop = j + CHECK if j + CHECK < d else d
+                while j < stop:
+                    s += _sq(row[j], xs[j])
+                    j += 1
                 if s > limit:
                     break
-            if s > limit:
-                continue
-            while j < d:
-                s = s + _sq(row[j], xs[j])
-                j += 1
             if s <= limit:
                 found = True
                 break

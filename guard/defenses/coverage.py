@@ -51,6 +51,7 @@ observational defenses", SaTML 2023).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -225,11 +226,9 @@ class Window:
     @staticmethod
     def encode(sketches: np.ndarray, labels: np.ndarray, step: float) -> bytes:
         """The records of queries ``sketches`` ``[n, dims]`` with predicted ``labels``."""
-        sketches = np.asarray(sketches, np.float64)
-        out = np.empty(sketches.shape[0], Window.record_dtype(sketches.shape[1]))
-        out["label"] = labels
-        out["values"] = np.clip(np.rint(sketches / step), -32767, 32767)
-        return out.tobytes()
+        fixed = np.clip(np.rint(np.asarray(sketches, np.float64) / step), -32767, 32767)
+        header = np.asarray(labels, _LABEL).view(_VALUE).reshape(len(fixed), 2)
+        return np.concatenate((header, fixed.astype(_VALUE)), axis=1).tobytes()
 
     @property
     def nbytes(self) -> int:
@@ -341,11 +340,21 @@ class Evidence:
     @property
     def entropy(self) -> float:
         """Entropy of the novel queries' classes over ``log C``: 0 (one class) to 1 (even)."""
-        total = int(self.classes.sum())
-        if total == 0 or len(self.classes) < 2:
+        if len(self.classes) > 64:  # many classes: vectorised
+            total = int(self.classes.sum())
+            if total == 0:
+                return 0.0
+            p = self.classes[self.classes > 0] / total
+            return float(-np.sum(p * np.log(p)) / np.log(len(self.classes)))
+        counts = self.classes.tolist()  # a few: per request, cheaper in plain floats
+        total = sum(counts)
+        if total == 0 or len(counts) < 2:
             return 0.0
-        p = self.classes[self.classes > 0] / total
-        return float(-np.sum(p * np.log(p)) / np.log(len(self.classes)))
+        h = 0.0
+        for c in counts:
+            if c > 0:
+                h -= c / total * math.log(c / total)
+        return h / math.log(len(counts))
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
