@@ -196,8 +196,20 @@ class Window:
     lifetime when folded from its start; the kept log when rebuilt from a trimmed one).
     """
 
-    __slots__ = ("dims", "window", "limit", "total", "novel_count", "_record", "_rows",
-                 "_labels", "_novel", "_classes", "_count", "_head")
+    __slots__ = (
+        "dims",
+        "window",
+        "limit",
+        "total",
+        "novel_count",
+        "_record",
+        "_rows",
+        "_labels",
+        "_novel",
+        "_classes",
+        "_count",
+        "_head",
+    )
 
     def __init__(self, dims: int, window: int, *, limit: int = STEPS_PER_RADIUS**2) -> None:
         if dims < 1 or window < 1:
@@ -235,9 +247,7 @@ class Window:
 
     @property
     def nbytes(self) -> int:
-        return (
-            self._rows.nbytes + self._labels.nbytes + self._novel.nbytes + 8 * len(self._classes)
-        )
+        return self._rows.nbytes + self._labels.nbytes + self._novel.nbytes + 8 * len(self._classes)
 
     def __len__(self) -> int:
         return self._count

@@ -20,11 +20,20 @@ scores turning one-hot are a sign of their own; ``misdirect`` shows none.
 
 Finding: ``score`` the novel queries in the window (pooled ones for a split
 extraction), ``threshold`` ``min_novel`` or ``max_novel``; technique AML.T0024.002.
-Cost per request: one read and one append of the client's window, kept as one byte
-log (``4 + 2 × dims`` bytes a query: :meth:`~guard.state.base.StateStore.append_bytes`),
-and one distance per kept query (``window`` × ``dims``). The pool (one model-wide
-history of at most 512 entries) is read and written only by clients already shaped like a
-shard, every ``every`` of their queries.
+Cost per request: one :meth:`LogViews.append <guard.state.views.LogViews.append>` (one
+round trip on Redis) of the request's records to the client's offset log (``4 + 2 × dims``
+bytes a query: its predicted class and fixed-point sketch, raw facts only; the log keeps
+the newest ``2 × window`` records, so that a window rebuilt from it, on another replica or
+after this process dropped its copy, is the one kept up to date here), then, per row, one
+exact scan of the window for a near query (:func:`guard._native.coverage_within`, each
+row's distance abandoned once past the radius) and the window's counts moved by the query
+entering and the one leaving. This process keeps each client's decoded window (about
+``2 × dims × window`` bytes, at most :data:`VIEW_BYTES` per input width, least recently
+used dropped first: a dropped window costs one rebuild of at most ``window`` scans, never
+a different answer). Replicas folding the same log in the same order decide alike. The
+pool (one model-wide history of at most 512 entries) is read and written only by clients
+already shaped like a shard, every ``every`` of their queries (counted by the window:
+from the log's start, or from its kept records when it was rebuilt from a trimmed log).
 Failure mode: as ``on_error`` says (default closed: 503 when the state store is down).
 """
 

@@ -58,8 +58,13 @@ async def findings(
     return out
 
 
-OPTIONS: dict[str, Any] = {"action": "flag", "window": 100, "min_novel": 60, "shard_novel": 30,
-                           "max_novel": 90}
+OPTIONS: dict[str, Any] = {
+    "action": "flag",
+    "window": 100,
+    "min_novel": 60,
+    "shard_novel": 30,
+    "max_novel": 90,
+}
 
 
 async def test_replicas_alternating_find_what_one_finds(stores: Stores) -> None:

@@ -108,8 +108,9 @@ async def test_a_view_rebuilt_from_the_store_equals_one_kept_up_to_date() -> Non
     size, store = Window.record_size(16), MemoryStore()
     kept = LogViews(lambda: Window(16, 40))
     for i in range(len(rows)):
-        live = await kept.append(store, "k", records(rows[i : i + 1], labels[i : i + 1]),
-                                 2 * 40 * size, 60.0)
+        live = await kept.append(
+            store, "k", records(rows[i : i + 1], labels[i : i + 1]), 2 * 40 * size, 60.0
+        )
     fresh = LogViews(lambda: Window(16, 40))  # another replica, or this one after eviction
     rebuilt = await fresh.append(store, "k", b"", 2 * 40 * size, 60.0)
     assert len(rebuilt) == 40 and rebuilt.total < live.total  # the log was trimmed
