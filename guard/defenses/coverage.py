@@ -52,6 +52,7 @@ observational defenses", SaTML 2023).
 from __future__ import annotations
 
 import math
+import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -172,6 +173,7 @@ class History:
 
 _LABEL = np.dtype("<i4")  # a Window record's predicted class; -1: unknown
 MAX_LABEL = 1 << 20  # classes at or above this are counted as unknown
+_ONE_LABEL = struct.Struct("<i")
 
 
 class Window:
@@ -242,6 +244,8 @@ class Window:
         np.rint(fixed, out=fixed)
         np.maximum(fixed, -32767, out=fixed)  # saturating (np.clip costs more per call)
         np.minimum(fixed, 32767, out=fixed)
+        if len(fixed) == 1:  # one query (most requests): no interleaving needed
+            return _ONE_LABEL.pack(int(labels[0])) + fixed.astype(_VALUE).tobytes()
         header = np.asarray(labels, _LABEL).view(_VALUE).reshape(len(fixed), 2)
         return np.concatenate((header, fixed.astype(_VALUE)), axis=1).tobytes()
 
@@ -255,6 +259,11 @@ class Window:
     def fold(self, records: bytes) -> None:
         """Take in ``records`` (whole records, oldest first; a leading partial one is skipped)."""
         size = self._record.itemsize
+        if len(records) == size:  # one record (most requests): no structured decode
+            row = np.frombuffer(records, _VALUE, offset=_LABEL.itemsize)
+            novel = not coverage_within(self._rows, self._count, row, self.limit)
+            self._push(row, _ONE_LABEL.unpack_from(records)[0], novel)
+            return
         raw = np.frombuffer(records, self._record, offset=len(records) % size)
         n = len(raw)
         skip, quiet = max(0, n - 2 * self.window), max(0, n - self.window)
