@@ -269,6 +269,10 @@ class Window:
         skip, quiet = max(0, n - 2 * self.window), max(0, n - self.window)
         self.total += skip
         values, labels = raw["values"], raw["label"].tolist()
+        if self._count == 0 and quiet > skip:  # a rebuild: the leaving ones in one copy
+            self._fill(values[skip:quiet], raw["label"][skip:quiet])
+            self.total += quiet - skip
+            skip = quiet
         for i in range(skip, n):
             row = values[i]
             novel = i >= quiet and not coverage_within(self._rows, self._count, row, self.limit)
@@ -291,6 +295,16 @@ class Window:
         if novel:
             self._count_novel(label, 1)
         self.total += 1
+
+    def _fill(self, rows: np.ndarray, labels: np.ndarray) -> None:
+        """An empty window's first records, none novel (they leave within the fold)."""
+        while len(self._labels) < len(rows):
+            self._grow()
+        count = len(rows)
+        self._rows[:count] = rows
+        self._labels[:count] = labels
+        self._novel[:count] = False
+        self._count, self._head = count, 0
 
     def _count_novel(self, label: int, change: int) -> None:
         self.novel_count += change
