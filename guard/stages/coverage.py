@@ -57,7 +57,7 @@ from guard.defenses.coverage import (
     union,
 )
 from guard.inference import InferResponse
-from guard.pipeline import Action, RequestContext, Verdict
+from guard.pipeline import Action, RequestContext, Verdict, ensure_prepared
 from guard.stages.detector import Enforcement, MisdirectOptions, input_rows
 from guard.stages.env import StageEnv
 from guard.stages.options import Duration, OptionError, OptionsStage, option
@@ -170,19 +170,18 @@ class Coverage(OptionsStage[CoverageOptions]):
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "radius": round(self.radius, 6)}  # calibrated if need be
 
-    async def on_request(self, ctx: RequestContext) -> Verdict:
+    async def prepare_request(self, ctx: RequestContext) -> None:
         name = self.options.input
         rows = input_rows(ctx, name) if self.enforcement.misdirects else None
         await self.enforcement.honour_marks(ctx, rows, name)
-        return Verdict.CONTINUE
 
-    async def on_response(self, ctx: RequestContext) -> Verdict:
+    async def prepare_response(self, ctx: RequestContext) -> None:
         if ctx.response is None:
-            return Verdict.CONTINUE
+            return
         o = self.options
         x = input_rows(ctx, o.input)
         if x.shape[0] == 0:
-            return Verdict.CONTINUE
+            return
         labels, classes = self._labels(ctx.response, x.shape[0])
         sketches = self._sketch(x.shape[1])(x)
         dims = sketches.shape[1]
@@ -191,6 +190,20 @@ class Coverage(OptionsStage[CoverageOptions]):
         window = await self._views(dims).append(
             self.enforcement.store, key, records, 2 * o.window * Window.record_size(dims), o.ttl
         )
+        ctx.stage_state[self.name] = window, classes
+
+    async def on_request(self, ctx: RequestContext) -> Verdict:
+        await ensure_prepared(self, "prepare_request", ctx)
+        return Verdict.CONTINUE
+
+    async def on_response(self, ctx: RequestContext) -> Verdict:
+        await ensure_prepared(self, "prepare_response", ctx)
+        prepared = ctx.stage_state.pop(self.name, None)
+        if prepared is None:  # no rows, or the store failed and on_error is open
+            return Verdict.CONTINUE
+        window, classes = prepared
+        o = self.options
+        x = input_rows(ctx, o.input)
         evidence = window.evidence(classes)
         count = window.total
         client = ctx.client.name
