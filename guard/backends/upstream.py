@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import ssl
 import zlib
 from collections import deque
@@ -273,7 +274,12 @@ class _Pool:
             if isinstance(exc, (OSError, ssl.SSLError)) and not isinstance(
                 exc, asyncio.TimeoutError
             ):
-                raise ConnectError(str(exc), exc.strerror or str(exc)) from exc
+                reason = exc.strerror or str(exc)
+                if "Connect call failed" not in reason and not isinstance(
+                    exc, (ssl.SSLError, socket.gaierror)
+                ):  # as asyncio words it (uvloop does not): where, then why
+                    reason = f"Connect call failed {(origin.host, origin.port)}: {reason}"
+                raise ConnectError(str(exc), reason) from exc
             raise
         return conn
 
