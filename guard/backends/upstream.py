@@ -45,6 +45,7 @@ import zlib
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import quote, urlsplit
 
 POOL_LIMIT = 256  # connections per origin, as aiohttp's TCPConnector(limit=256) had in all
@@ -324,7 +325,7 @@ class _Pool:
                 waiter.set_exception(ConnectError("the client is closed"))
 
 
-def _expire(waiter: asyncio.Future[object]) -> None:
+def _expire(waiter: asyncio.Future[Any]) -> None:
     if not waiter.done():
         waiter.set_exception(asyncio.TimeoutError())
 
@@ -335,6 +336,23 @@ _IDLE, _HEAD, _LENGTH, _CHUNK_SIZE, _CHUNK_DATA, _CHUNK_END, _TRAILER, _UNTIL_CL
 
 class _Connection(asyncio.Protocol):
     """One keep-alive connection and the parser of the answer in progress."""
+
+    __slots__ = (
+        "pool",
+        "loop",
+        "transport",
+        "closed",
+        "idle_since",
+        "waiter",
+        "state",
+        "pending",
+        "status",
+        "headers",
+        "keep",
+        "chunks",
+        "size",
+        "remaining",
+    )
 
     def __init__(self, pool: _Pool) -> None:
         self.pool = pool
@@ -374,8 +392,7 @@ class _Connection(asyncio.Protocol):
                     reason += " in the middle of its answer"
                 elif self.state == _HEAD:
                     reason += " without answering"
-                error = BrokenExchange(reason + (f": {exc}" if exc else ""))
-                waiter.set_exception(error)
+                waiter.set_exception(BrokenExchange(reason + (f": {exc}" if exc else "")))
 
     def eof_received(self) -> bool | None:
         return None  # close the transport: connection_lost finishes or fails the exchange
