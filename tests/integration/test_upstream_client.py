@@ -510,3 +510,43 @@ def test_https_upstreams_verify_the_certificate(run: Run, certificate: tuple[Pat
         await client.close()
 
     run(scenario())
+
+
+def test_answers_arriving_in_pieces_split_anywhere_are_parsed_whole(run: Run) -> None:
+    rng = np.random.default_rng(11)
+    doc = rng.integers(0, 256, size=5000, dtype=np.uint8).tobytes()
+    sizes = [1, 2, 15, 16, 17, 700, 4269]
+    chunked = b"".join(b"%x;ext=1\r\n%s\r\n" % (n, doc[:n]) for n in sizes)
+    expected = b"".join(doc[:n] for n in sizes)
+    replies = [
+        b"HTTP/1.1 100 Continue\r\n\r\n" + ok(doc, b"X-A: 1\r\nX-A: 2\r\n"),
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+        + chunked
+        + b"0\r\nX-Trailer: t\r\n\r\n",
+    ]
+
+    async def scenario() -> None:
+        client = UpstreamClient()
+
+        async def pieces(
+            reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+        ) -> None:  # answers each request in pieces cut at random places
+            for reply in replies * 4:
+                await reader.readuntil(b"\r\n\r\n")
+                cuts = np.sort(rng.choice(np.arange(1, len(reply)), size=12, replace=False))
+                for start, end in zip([0, *cuts], [*cuts, len(reply)], strict=True):
+                    writer.write(reply[start:end])
+                    await writer.drain()
+                    await asyncio.sleep(0.002)
+            writer.close()
+
+        server = await asyncio.start_server(pieces, "127.0.0.1", 0)
+        url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+        for _ in range(4):
+            first = await get(client, url)
+            assert first.body == doc and first.headers["x-a"] == "1, 2"
+            assert (await get(client, url)).body == expected
+        await client.close()
+        server.close()
+
+    run(scenario())
