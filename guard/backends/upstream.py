@@ -318,7 +318,7 @@ class _Pool:
             conn.close()
         self.idle.clear()
         for conn in list(self.busy):
-            conn.close()
+            conn.abort()
         while self.waiters:
             waiter = self.waiters.popleft()
             if not waiter.done():
@@ -428,7 +428,7 @@ class _Connection(asyncio.Protocol):
                 transport.write(body)
             response = await waiter
         except BaseException:
-            self.close()  # mid-exchange: the connection cannot carry another request
+            self.abort()  # mid-exchange: it cannot carry another request, nor flush its body
             raise
         finally:
             timer.cancel()
@@ -442,9 +442,15 @@ class _Connection(asyncio.Protocol):
         return response
 
     def close(self) -> None:
+        """Close after what is written has been sent (an idle connection, or after an answer)."""
         if self.transport is not None and not self.closed:
-            self.closed = True
             self.transport.close()
+        self.closed = True
+
+    def abort(self) -> None:
+        """Close now, dropping anything not yet sent (a failed or abandoned exchange)."""
+        if self.transport is not None:
+            self.transport.abort()
         self.closed = True
 
     def _fail(self, exc: ClientError) -> None:
@@ -452,9 +458,7 @@ class _Connection(asyncio.Protocol):
         if waiter is not None and not waiter.done():
             waiter.set_exception(exc)
         self.keep = False
-        if self.transport is not None:
-            self.closed = True
-            self.transport.abort()
+        self.abort()
 
     def _finish(self) -> None:
         chunks = self.chunks
