@@ -227,7 +227,8 @@ def _build_model(
         bind = getattr(stage, "bind", None)
         if bind is not None:
             bind(stages)
-    return ModelRuntime(config.name, config, backend, local, Pipeline(stages), scale)
+    pipeline = Pipeline(stages, concurrent=state.shared)
+    return ModelRuntime(config.name, config, backend, local, pipeline, scale)
 
 
 def _build_stage(kind: str, options: Any, path: str, source: str, env: StageEnv) -> Stage:

@@ -489,6 +489,10 @@ async def read_body(http: web.Request, limits: Limits) -> bytes:
     """
     timeout = limits.body_timeout
     try:
+        content = http.content
+        if content.is_eof() and not http.headers.get("Content-Encoding"):
+            # It all came with the headers (most inference bodies): nothing to wait for.
+            return _whole_body(content.read_nowait(), http.content_length, limits.max_body_bytes)
         async with _deadline(timeout):  # no extra task, unlike wait_for before 3.12
             return await _read_body(http, limits.max_body_bytes, limits.body_stall_timeout)
     except asyncio.TimeoutError:
@@ -504,6 +508,15 @@ async def read_body(http: web.Request, limits: Limits) -> bytes:
     except (ConnectionResetError, ConnectionAbortedError, BrokenPipeError):
         http.content.feed_eof()
         raise ClientGone from None
+
+
+def _whole_body(body: bytes, length: int | None, limit: int) -> bytes:
+    """A body already received whole, checked as :func:`_read_body` checks one it reads."""
+    if len(body) > limit:
+        raise PayloadTooLarge(f"body of {len(body)} bytes exceeds the limit of {limit}")
+    if length is not None and len(body) != length:
+        raise RequestError(f"body ended after {len(body)} of {length} bytes (Content-Length)")
+    return body
 
 
 async def _read_body(http: web.Request, limit: int, stall: float) -> bytes:

@@ -21,7 +21,18 @@ from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
-__all__ = ["FingerprintMatch", "StateStore", "client_key", "hash_tag", "together"]
+__all__ = [
+    "LOG_START_BITS",
+    "FingerprintMatch",
+    "StateStore",
+    "client_key",
+    "hash_tag",
+    "together",
+]
+
+# An offset log's random start (``append_log``): below 2**44, offsets stay exact in the
+# doubles of Redis's Lua however much is appended in a log's lifetime.
+LOG_START_BITS = 44
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,6 +146,26 @@ class StateStore(Protocol):
 
     async def read_bytes(self, key: str) -> bytes:
         """A byte log's content (empty when absent or expired)."""
+        ...
+
+    async def append_log(
+        self, key: str, data: bytes, max_bytes: int, ttl_s: float, since: int | None
+    ) -> tuple[int, bytes]:
+        """Append ``data`` to an *offset log* and return what the caller has not seen of it.
+
+        An offset log is a byte log (kept, trimmed and expired as by :meth:`append_bytes`)
+        whose bytes have offsets: every byte ever appended has one, counted from a random
+        start drawn when the log is created (again after it expired), so offsets of two
+        lifetimes of one key practically never meet. Returns ``(end, tail)``: ``end`` the
+        offset just past the log's last byte, ``tail`` the kept bytes from offset ``since``
+        to ``end`` (``data`` last), or every kept byte when ``since`` is None or not in
+        the log (trimmed away, from an expired lifetime, or never). ``end - len(tail) ==
+        since`` tells the caller its copy of the log up to ``since`` is still the log's
+        front: :class:`~guard.state.views.LogViews` keeps such copies decoded, so that a
+        request costs one round trip and the records it adds, not the whole history.
+        ``data`` empty reads the tail. The caller appends whole records and keeps
+        ``max_bytes`` a multiple of their size, so the log always starts on a record.
+        """
         ...
 
 

@@ -13,6 +13,7 @@ Every operation completes without awaiting, so each is atomic on the event loop.
 from __future__ import annotations
 
 import heapq
+import random
 import time
 from array import array
 from collections import OrderedDict, deque
@@ -21,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from guard import _native
-from guard.state.base import FingerprintMatch
+from guard.state.base import LOG_START_BITS, FingerprintMatch
 
 __all__ = ["MemoryStore"]
 
@@ -357,6 +358,34 @@ class MemoryStore:
     async def read_bytes(self, key: str) -> bytes:
         entry = self._live(key, self._clock())
         return b"" if entry is None else bytes(entry.value)
+
+    async def append_log(
+        self, key: str, data: bytes, max_bytes: int, ttl_s: float, since: int | None
+    ) -> tuple[int, bytes]:
+        now = self._clock()
+        entry = self._live(key, now) or self._put(key, _OffsetLog(), now)
+        log: _OffsetLog = entry.value
+        before = len(log.data)
+        log.data += data
+        log.end += len(data)
+        if len(log.data) > max_bytes + max_bytes // 4:
+            del log.data[: len(log.data) - max_bytes]
+        entry.expires = now + ttl_s
+        self._grow(key, entry, len(log.data) - before)
+        start = log.end - len(log.data)
+        if since is None or not start <= since <= log.end:
+            since = start
+        return log.end, bytes(log.data[since - start :])
+
+
+class _OffsetLog:
+    """An offset log's kept bytes and the offset past them (see ``append_log``)."""
+
+    __slots__ = ("data", "end")
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+        self.end = random.getrandbits(LOG_START_BITS)
 
 
 def _tag(key: str) -> str:

@@ -42,6 +42,7 @@ import asyncio
 import contextlib
 import itertools
 import os
+import random
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -66,7 +67,8 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from guard.errors import StateUnavailable
 from guard.state import SentinelConfig
-from guard.state.base import FingerprintMatch, client_key, hash_tag
+from guard.state.base import LOG_START_BITS, FingerprintMatch, client_key, hash_tag
+from guard.state.resp import RespClient, lean_url
 
 __all__ = ["FINGERPRINT_SCOPES", "RedisStore"]
 
@@ -350,6 +352,14 @@ class RedisStore:
             # Slots of a dead node fail; the others are served (the server decides too:
             # cluster-require-full-coverage).
             self._redis = RedisCluster.from_url(url, require_full_coverage=False, **options)
+        elif lean_url(url):  # one plain server: our own pipelined client (guard/state/resp.py)
+            credentials = {"username": username, "password": password}
+            self._redis = RespClient.from_url(
+                url,
+                timeout=timeout,
+                max_pending=max_connections,
+                **{k: v for k, v in credentials.items() if v is not None},
+            )
         else:
             self._redis = aioredis.Redis.from_url(url, **options)
         self._incr = self._redis.register_script(_INCR)
@@ -643,6 +653,46 @@ class RedisStore:
         full = self._key(key)
         value = await self._run("read_bytes", lambda: self._redis.get(full), full)
         return b"" if value is None else bytes(value)
+
+    async def append_log(
+        self, key: str, data: bytes, max_bytes: int, ttl_s: float, since: int | None
+    ) -> tuple[int, bytes]:
+        script = self._redis.register_script(_APPEND_LOG)
+        full = self._key(key)
+        keys = [full, full + ":end"]  # the same hash tag: one slot
+        start = random.getrandbits(LOG_START_BITS)
+        args = [data, max_bytes, _ms(ttl_s), -1 if since is None else since, start]
+        end, tail = await self._run("append_log", lambda: script(keys=keys, args=args), full)
+        return int(end), bytes(tail)
+
+
+# An offset log: KEYS[1] its bytes, KEYS[2] the offset past them (absent: a new log, which
+# starts at ARGV[5]); ARGV data, max bytes, ttl (ms), since (-1: all). As _APPEND_BYTES, then
+# returns {end, the kept bytes from offset since (or all)}. One atomic step.
+_APPEND_LOG = """
+local n = redis.call('APPEND', KEYS[1], ARGV[1])
+local stored = redis.call('GET', KEYS[2])
+local fin
+if stored and redis.call('PTTL', KEYS[1]) >= 0 and n > #ARGV[1] then
+  fin = tonumber(stored) + #ARGV[1]
+else
+  n = #ARGV[1]
+  redis.call('SET', KEYS[1], ARGV[1])
+  fin = tonumber(ARGV[5]) + n
+end
+local cap = tonumber(ARGV[2])
+if n > cap + math.floor(cap / 4) then
+  redis.call('SET', KEYS[1], redis.call('GETRANGE', KEYS[1], n - cap, -1))
+  n = cap
+end
+redis.call('SET', KEYS[2], string.format('%.0f', fin), 'PX', ARGV[3])
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+local start = fin - n
+local since = tonumber(ARGV[4])
+if since < start or since > fin then since = start end
+if since == fin then return {string.format('%.0f', fin), ''} end
+return {string.format('%.0f', fin), redis.call('GETRANGE', KEYS[1], since - start, -1)}
+"""
 
 
 # APPEND; past a quarter more than ARGV[2] bytes, trim the front to ARGV[2] (a trim copies
