@@ -18,6 +18,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import numpy as np
 import orjson
 import pytest
@@ -34,6 +35,7 @@ from guard.backends.upstream import (
 )
 from guard.errors import UpstreamError, UpstreamTimeout, UpstreamUnavailable
 from guard.inference import InferRequest
+from tests.integration.conftest import StartGuard
 
 Run = Callable[[Coroutine[Any, Any, Any]], Any]
 HANG = object()  # the raw server's script: accept the request, never answer
@@ -550,3 +552,28 @@ def test_answers_arriving_in_pieces_split_anywhere_are_parsed_whole(run: Run) ->
         server.close()
 
     run(scenario())
+
+
+async def test_the_guard_reuses_and_at_shutdown_closes_its_upstream_connections(
+    start_guard: StartGuard, http: aiohttp.ClientSession
+) -> None:
+    outputs = [{"name": "label", "shape": [1], "datatype": "INT64", "data": [3]}]
+    answer = ok(orjson.dumps({"model_name": "digits", "outputs": outputs}))
+    async with RawServer(lambda n, head, body: answer) as upstream:
+        model = {"upstream": {"url": upstream.url}, "stages": []}
+        guard = await start_guard({"version": 1, "models": {"digits": model}})
+        body = orjson.dumps(
+            {"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [1]}]}
+        )
+        for _ in range(5):
+            async with http.post(guard.make_url("/v2/models/digits/infer"), data=body) as reply:
+                assert reply.status == 200, await reply.text()
+        assert upstream.connections == 1 and upstream.requests == 5
+        assert upstream._tasks  # the keep-alive connection is open
+        await guard.ops.close()
+        await guard.close()  # the application's cleanup closes the client
+        for _ in range(50):
+            if not upstream._tasks:
+                break
+            await asyncio.sleep(0.01)
+        assert not upstream._tasks
