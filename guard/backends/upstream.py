@@ -55,6 +55,7 @@ MAX_HEAD_BYTES = 64 << 10
 MAX_LINE_BYTES = 8 << 10  # a chunk-size line or a trailer line
 _SEPARATE_WRITE = 64 << 10  # bodies this large are written after the head, not copied into it
 _NO_BODY = frozenset((204, 304))
+_HEX = b"0123456789abcdefABCDEF"
 
 
 class ClientError(Exception):
@@ -618,12 +619,10 @@ class _Connection(asyncio.Protocol):
 
     def _chunk_size(self, line: bytes) -> None:
         digits = line.split(b";", 1)[0].strip(b" \t")
-        try:
-            if not digits or len(digits) > 16:
-                raise ValueError
-            size = int(digits, 16)
-        except ValueError:
-            raise BrokenExchange(f"the upstream sent a bad chunk size {line[:40]!r}") from None
+        # int(x, 16) also takes "0x", "_", signs and spaces: only hex digits here
+        if not digits or len(digits) > 16 or digits.strip(_HEX):
+            raise BrokenExchange(f"the upstream sent a bad chunk size {line[:40]!r}")
+        size = int(digits, 16)
         if size == 0:
             self.state = _TRAILER
             return

@@ -307,8 +307,24 @@ def test_a_refused_port_is_503_and_a_connect_that_hangs_times_out(run: Run) -> N
         b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\n{}",
         b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n{}\r\n0\r\n\r\n",
         b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}XX0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n-2\r\n{}\r\n0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0x2\r\n{}\r\n0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0_2\r\n{}\r\n0\r\n\r\n",
     ],
-    ids=["status", "http2", "not-http", "folded", "no-colon", "length", "lengths", "chunk", "crlf"],
+    ids=[
+        "status",
+        "http2",
+        "not-http",
+        "folded",
+        "no-colon",
+        "length",
+        "lengths",
+        "chunk",
+        "crlf",
+        "chunk-sign",
+        "chunk-0x",
+        "chunk-underscore",
+    ],
 )
 def test_a_garbled_answer_is_502_after_the_retries(run: Run, reply: bytes) -> None:
     async def scenario() -> None:
