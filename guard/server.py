@@ -18,7 +18,6 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from pathlib import Path
 
-import aiohttp
 import orjson
 from aiohttp import web
 from aiohttp.web_protocol import RequestPayloadError
@@ -26,6 +25,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 
 from guard import __version__
 from guard.appkeys import EXPOSITION, LIVE, METRICS, ON_RELOAD, POLICY_PATH, PUBLIC, SESSION
+from guard.backends.upstream import UpstreamClient
 from guard.clients import token_matches
 from guard.config import IDLE_TIMEOUT, Limits, Policy, load_policy
 from guard.errors import (
@@ -147,10 +147,7 @@ def create_ops_app(
 
 def _lifecycle(policy: Policy) -> Callable[[web.Application], AsyncIterator[None]]:
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
-        session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=256, ttl_dns_cache=300),
-            skip_auto_headers=("Content-Type", "User-Agent"),
-        )
+        session = UpstreamClient(limit=256)  # keep-alive connections per upstream
         app[SESSION] = session
         live = app[LIVE]
         live.decoder.threshold = policy.limits.offload_decode_bytes
