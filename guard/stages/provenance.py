@@ -12,31 +12,42 @@ Keys: :class:`ProvenanceOptions` (docs/stage-options.md).
 
 Finding: ``score`` the rows of the longest chain the request joined, ``threshold``
 ``links``, the message the nearest distance. Technique AML.T0043. Failure mode:
-``on_error`` (default closed: 503 when the state store is down). Several
-replicas may update one client's history at once; each push is atomic, the
-read-then-push is not, which at worst delays a finding by a query or two.
+``on_error`` (default closed: 503 when the state store is down).
+
+State: per client and row width an offset log of its rows (``{client}:provenance:<model>:<width>``,
+float16 records, the last ``history`` kept, expiring ``ttl`` after the last query) and,
+in this process, a :class:`~guard.defenses.provenance.ChainView` of it kept by
+:class:`~guard.state.views.LogViews`. A request costs one ``append_log`` (one round trip)
+and folds only the records this process has not seen: its own rows and those other
+replicas appended since, in the log's order, so every replica derives the same chains
+(named by the rows that start them, never drawn at random). A view this process lost
+(evicted, the log trimmed past it, expired) is rebuilt from the kept log: a chain whose
+first rows were trimmed then restarts at its oldest kept row, which can only lower a
+count. Rows the view already holds are not appended (a repeat another replica sent
+meanwhile is appended and folded as a repeat: nothing).
 """
 
 from __future__ import annotations
 
-import os
+import weakref
+from collections import OrderedDict
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 
-from guard.defenses.provenance import link_rows
+from guard.defenses.provenance import ROW, ChainView, canonical, widen
 from guard.pipeline import RequestContext, Verdict
 from guard.stages import scale
 from guard.stages.detector import HISTORY_BYTES, Enforcement, MisdirectOptions, input_rows
 from guard.stages.env import StageEnv
 from guard.stages.options import Duration, OptionsStage, option
 from guard.state import client_key
+from guard.state.views import LogViews
 
 TECHNIQUE = "AML.T0043"  # Craft Adversarial Data
-_ROW = np.dtype("<f2")
-_CHAIN = 8  # bytes of a chain id (random)
-# float16 -> float32 by table lookup: twice as fast as numpy's cast, bit for bit the same.
-_WIDEN = np.arange(1 << 16, dtype=np.uint16).view(_ROW).astype(np.float32)
+VIEW_BYTES = 64 << 20  # this process's chain views of one row width, at most
+WIDTHS = 4  # row widths whose views are kept (a model has one, usually)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -73,9 +84,28 @@ class Provenance(OptionsStage[ProvenanceOptions]):
     def __init__(self, options: ProvenanceOptions, env: StageEnv) -> None:
         super().__init__(options, env)
         self.enforcement = Enforcement.of(options, env, stage=self.name, technique=TECHNIQUE)
+        # Per row width: this process's views of the clients' logs, and (weakly) the last
+        # view each key returned, to leave out rows the view already holds before appending.
+        self._views: OrderedDict[int, LogViews[ChainView]] = OrderedDict()
+        self._latest: weakref.WeakValueDictionary[str, ChainView] = weakref.WeakValueDictionary()
 
-    def key(self, client: str) -> str:
-        return client_key(client, "provenance", self.enforcement.model)
+    def key(self, client: str, width: int) -> str:
+        return client_key(client, "provenance", self.enforcement.model, str(width))
+
+    def cap(self, width: int) -> int:
+        """Rows kept per client at ``width`` values a row."""
+        return max(8, min(self.options.history, HISTORY_BYTES // (ROW.itemsize * width)))
+
+    def views(self, width: int) -> LogViews[ChainView]:
+        """This process's views of the logs of ``width``-value rows."""
+        views = self._views.get(width)
+        if views is None:
+            make = partial(ChainView, width, self.cap(width), self.options.distance)
+            views = self._views[width] = LogViews(make, max_bytes=VIEW_BYTES)
+            if len(self._views) > WIDTHS:
+                self._views.popitem(last=False)
+        self._views.move_to_end(width)
+        return views
 
     async def on_request(self, ctx: RequestContext) -> Verdict:
         o = self.options
@@ -83,40 +113,37 @@ class Provenance(OptionsStage[ProvenanceOptions]):
         await self.enforcement.honour_marks(ctx, rows, o.input)
         if not len(rows):
             return Verdict.CONTINUE
-        store = self.enforcement.store
         width = rows.shape[1]
-        size = _CHAIN + _ROW.itemsize * width
-        key = self.key(ctx.client.name)
-        held = [item for item in await store.items(key) if len(item) == size]
-        record = np.dtype([("chain", f"V{_CHAIN}"), ("row", _ROW, (width,))])
-        stored = np.frombuffer(b"".join(held), dtype=record)  # one copy, no slice per item
-        chains: list[bytes] = stored["chain"].tolist()
-        rounded = rows.astype(_ROW)
-        links = link_rows(np.take(_WIDEN, stored["row"].view(np.uint16)), rounded, o.distance)
-        fresh = []
-        joined: list[bytes] = []
-        for link, row in zip(links, rounded, strict=True):
-            chain = chains[link.parent] if link.parent >= 0 else b""
-            chains.append(chain)  # a batch row's place, whatever it is
-            if link.repeat:
+        key = self.key(ctx.client.name, width)
+        records = canonical(rows)
+        wide = widen(records)
+        size = ROW.itemsize * width
+        data = records.tobytes()
+        known = self._latest.get(key)
+        fresh: list[int] = []  # the rows to append: neither kept nor earlier in the batch
+        sent: set[bytes] = set()
+        for i in range(len(rows)):
+            record = data[i * size : (i + 1) * size]
+            if record in sent or (known is not None and known.find(record, wide[i]) >= 0):
                 continue
-            if not link.linked:
-                chain = os.urandom(_CHAIN)  # the first row of a new chain
-                chains[-1] = chain
-            else:
-                joined.append(chain)
-            fresh.append(chain + row.tobytes())
+            sent.add(record)
+            fresh.append(i)
         if not fresh:
             return Verdict.CONTINUE
-        cap = max(8, min(o.history, HISTORY_BYTES // size))
-        await store.push(key, fresh, cap, o.ttl)
-        if not joined:
-            return Verdict.CONTINUE
-        kept = [item[:_CHAIN] for item in (held + fresh)[-cap:]]
-        score = max(kept.count(chain) for chain in set(joined))
+        cap = self.cap(width)
+        append = data if len(fresh) == len(rows) else records[fresh].tobytes()
+        view = await self.views(width).append(
+            self.enforcement.store, key, append, cap * size, o.ttl
+        )
+        self._latest[key] = view
+        score, nearest = 0, float("inf")
+        for i in fresh:
+            slot = view.find(data[i * size : (i + 1) * size], wide[i])
+            if slot >= 0 and view.linked[slot]:
+                score = max(score, view.chain_rows(slot))
+                nearest = min(nearest, float(view.nearest[slot]))
         if score < o.links:
             return Verdict.CONTINUE
-        nearest = min(link.nearest for link in links if link.linked)
         return await self.enforcement.report(
             ctx,
             f"a chain of {score} of this client's recent queries, each within "

@@ -114,7 +114,11 @@ async def test_the_history_is_bounded() -> None:
     x, _ = load_samples("digits")
     for row in x[:40]:
         await stage.on_request(context(row))
-    assert len(await store.items(stage.key("alice"))) == 16
+    key, size = stage.key("alice", 64), 64 * 2  # float16 rows
+    _, log = await store.append_log(key, b"", 1 << 20, 60.0, None)
+    assert 16 * size <= len(log) <= 20 * size  # trimmed to 16 rows past a quarter more
+    view = await stage.views(64).append(store, key, b"", 16 * size, 60.0)
+    assert view.held == 16 and sum(view.counts.values()) == 16
 
 
 @pytest.mark.parametrize(
