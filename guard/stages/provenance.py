@@ -34,8 +34,6 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from functools import partial
 
-import numpy as np
-
 from guard.defenses.provenance import ROW, ChainView, canonical, widen
 from guard.pipeline import RequestContext, Verdict
 from guard.stages import scale
