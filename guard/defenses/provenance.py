@@ -32,6 +32,7 @@ plus a constant bookkeeping, never a pass over the history in Python.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -73,7 +74,7 @@ def link_rows(history: np.ndarray, rows: np.ndarray, distance: float) -> list[Li
 ROW = np.dtype("<f2")
 _WIDEN = np.arange(1 << 16, dtype=np.uint16).view(ROW).astype(np.float32)
 _EPS = float(np.finfo(np.float32).eps)
-_COLUMNS = ("rows", "norms", "hashes", "seqs", "chains", "nearest", "linked")
+_COLUMNS = ("rows", "halves", "seqs", "chains", "nearest", "linked")
 
 
 def widen(rows16: np.ndarray) -> np.ndarray:
@@ -84,9 +85,7 @@ def widen(rows16: np.ndarray) -> np.ndarray:
 def canonical(rows: np.ndarray) -> np.ndarray:
     """``rows`` rounded to ``float16`` (a record's values), ``-0`` written ``0`` so that
     rows of equal values have equal bytes."""
-    rounded = np.asarray(rows, dtype=np.float32).astype(ROW)
-    rounded += ROW.type(0)  # -0 + 0 == +0
-    return rounded
+    return (np.asarray(rows, dtype=np.float32) + np.float32(0)).astype(ROW)  # -0 + 0 == +0
 
 
 class ChainView:
@@ -107,26 +106,29 @@ class ChainView:
     kept row it keeps its chain, its nearest distance and whether it was linked, which a
     stage reads back for its own rows (:meth:`find`).
 
-    Nearest row: ``|a|^2 - 2 a.b + |b|^2`` against all kept rows in one float32
-    matrix-vector product (norms kept per row), then the exact float32 distance (as
-    :func:`link_rows`) of every row that rounding may have put ahead of the nearest (the
-    product's error is below ``(2 w + 4) eps (|a|^2 + |b|^2)`` for ``w`` values a row):
-    the nearest row of the exhaustive scan, ties to the oldest. Memory: the window grows
-    by doubling up to ``cap`` rows of float32.
+    Nearest row: ``|b|^2 / 2 - a.b`` against all kept rows ``b`` in one float32
+    matrix-vector product (their norms kept), then the float32 distance ``|a - b|`` of
+    every row that rounding may have put ahead of the nearest (a bound of ``(4 w + 8) eps
+    (|a|^2 + max |b|^2)`` on the rounding, ``w`` values a row; usually one row): the
+    nearest row of the exhaustive scan (:func:`link_rows`, up to rounding at ties), ties
+    to the oldest. Memory: the window grows by doubling up to ``cap`` rows of float32.
     """
 
-    __slots__ = (*_COLUMNS, "width", "cap", "distance", "counts", "held", "head", "folded")
-    __slots__ += ("__weakref__",)
+    __slots__ = (*_COLUMNS, "width", "cap", "distance", "counts", "index", "keys")
+    __slots__ += ("held", "head", "folded", "top", "_slack", "__weakref__")
 
     def __init__(self, width: int, cap: int, distance: float) -> None:
         self.width, self.cap, self.distance = width, cap, float(distance)
         self.counts: dict[int, int] = {}  # chain -> kept rows in it
+        self.index: dict[bytes, int] = {}  # a kept row's record -> its slot
         self.held = 0  # kept rows (<= cap); slots [0, held) are in use
         self.head = 0  # the slot the next row takes
         self.folded = 0  # records folded: the next one's sequence number
+        self.keys: list[bytes] = []  # per slot, its row's record
+        self.top = 0.0  # the largest |row|^2 kept (bounds the rounding)
+        self._slack = (4 * width + 8) * _EPS
         self.rows = np.empty((0, width), dtype=np.float32)
-        self.norms = np.empty(0, dtype=np.float64)  # |row|^2
-        self.hashes = np.empty(0, dtype=np.int64)  # hash() of the row's record
+        self.halves = np.empty(0, dtype=np.float32)  # |row|^2 / 2
         self.seqs = np.empty(0, dtype=np.int64)  # the row's sequence number
         self.chains = np.empty(0, dtype=np.int64)
         self.nearest = np.empty(0, dtype=np.float64)  # L2 to its nearest earlier row
@@ -135,7 +137,7 @@ class ChainView:
 
     def _grow(self) -> None:
         """Room for twice the rows (at least 16, at most ``cap``), the kept ones kept."""
-        size = min(self.cap, max(16, 2 * len(self.norms)))
+        size = min(self.cap, max(16, 2 * len(self.halves)))
         for name in _COLUMNS:
             old = getattr(self, name)
             new = np.empty((size, *old.shape[1:]), dtype=old.dtype)
@@ -144,32 +146,21 @@ class ChainView:
 
     @property
     def nbytes(self) -> int:
-        return sum(getattr(self, name).nbytes for name in _COLUMNS) + 100 * len(self.counts)
+        columns = sum(getattr(self, name).nbytes for name in _COLUMNS)
+        return columns + sum(map(len, self.keys)) + 100 * (len(self.counts) + len(self.keys))
 
     def fold(self, records: bytes) -> None:
         """Take in ``records``: whole rows (``width`` float16 values each), oldest first."""
         size = self.width * ROW.itemsize
         if len(records) % size:
             raise ValueError(f"records of {size} bytes expected; got {len(records)} bytes")
-        wide = widen(np.frombuffer(records, dtype=ROW).reshape(-1, self.width))
+        wide = np.frombuffer(records, dtype=ROW).reshape(-1, self.width).astype(np.float32)
         for i, row in enumerate(wide):
             self.add(row, records[i * size : (i + 1) * size])
 
-    def find(self, record: bytes, row: np.ndarray | None = None) -> int:
-        """The slot of the kept row whose record is ``record`` (``row``: its values as
-        float32, when at hand), else -1."""
-        n = self.held
-        if not n:
-            return -1
-        hits = np.flatnonzero(self.hashes[:n] == hash(record))
-        if not len(hits):
-            return -1
-        if row is None:
-            row = widen(np.frombuffer(record, dtype=ROW))
-        for slot in hits:
-            if np.array_equal(self.rows[slot], row):
-                return int(slot)
-        return -1
+    def find(self, record: bytes) -> int:
+        """The slot of the kept row whose record is ``record``, else -1."""
+        return self.index.get(record, -1)
 
     def chain_rows(self, slot: int) -> int:
         """How many kept rows the chain of the row in ``slot`` holds."""
@@ -180,9 +171,9 @@ class ChainView:
         seq = self.folded
         self.folded += 1
         norm = float(np.dot(row, row))
-        if not np.isfinite(norm):
+        if not math.isfinite(norm):
             return Link(float("nan"), -1, False, False)
-        parent, nearest = self._nearest(row, norm) if self.held else (-1, float("inf"))
+        parent, nearest = self._nearest(row, norm) if self.held else (-1, math.inf)
         if nearest == 0.0:
             return Link(0.0, parent, True, False)
         linked = nearest <= self.distance
@@ -194,33 +185,43 @@ class ChainView:
                 del self.counts[left]
             else:
                 self.counts[left] -= 1
+            if self.index.get(self.keys[slot]) == slot:
+                del self.index[self.keys[slot]]
+            if 2 * float(self.halves[slot]) >= self.top:
+                self.halves[slot] = 0.0
+                self.top = 2 * float(self.halves[: self.held].max())
         else:
-            if self.held == len(self.norms):
+            if self.held == len(self.halves):
                 self._grow()
             slot = self.held
             self.held += 1
+            self.keys.append(b"")
         self.head = (slot + 1) % self.cap
         self.rows[slot] = row
-        self.norms[slot] = norm
-        self.hashes[slot] = hash(record)
+        self.halves[slot] = norm / 2
         self.seqs[slot] = seq
         self.chains[slot] = chain
         self.nearest[slot] = nearest
         self.linked[slot] = linked
+        self.index[record] = slot
+        self.keys[slot] = record
         self.counts[chain] = self.counts.get(chain, 0) + 1
+        self.top = max(self.top, 2 * float(self.halves[slot]))
         return Link(nearest, parent, False, linked)
 
     def _nearest(self, row: np.ndarray, norm: float) -> tuple[int, float]:
         """The slot of the kept row nearest to ``row`` (the oldest of equals) and their L2
-        distance (float32 arithmetic, as :func:`link_rows`)."""
+        distance (float32 arithmetic)."""
         n = self.held
-        rows, norms = self.rows[:n], self.norms[:n]
-        approx = (norms + norm) - 2.0 * (rows @ row)
-        slack = (2 * self.width + 4) * _EPS * (norms + norm)
-        bound = float(np.min(approx + slack)) * (1 + 2 * self.width * _EPS)
-        near = np.flatnonzero(approx - slack <= bound)
-        diff = rows[near] - row
-        exact = np.einsum("ij,ij->i", diff, diff)
-        best = near[exact == exact.min()]
-        slot = int(best[np.argmin(self.seqs[best])]) if len(best) > 1 else int(best[0])
-        return slot, float(np.sqrt(exact.min()))
+        rows = self.rows[:n]
+        approx = self.halves[:n] - rows @ row  # (|b|^2 - 2 a.b) / 2: the order of |a - b|^2
+        first = int(approx.argmin())
+        slack = self._slack * (self.top + norm)  # bounds the rounding of 2 x approx
+        near = np.flatnonzero(approx <= approx[first] + slack)
+        if len(near) == 1:
+            diff = rows[first] - row
+            return first, float(np.sqrt(np.dot(diff, diff)))
+        exact = [np.dot(d, d) for d in rows[near] - row]  # as above, row by row
+        least = min(exact)
+        ties = [slot for slot, d2 in zip(near.tolist(), exact, strict=True) if d2 == least]
+        return min(ties, key=lambda slot: self.seqs[slot]), float(np.sqrt(least))

@@ -34,7 +34,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from functools import partial
 
-from guard.defenses.provenance import ROW, ChainView, canonical, widen
+from guard.defenses.provenance import ROW, ChainView, canonical
 from guard.pipeline import RequestContext, Verdict
 from guard.stages import scale
 from guard.stages.detector import HISTORY_BYTES, Enforcement, MisdirectOptions, input_rows
@@ -113,30 +113,25 @@ class Provenance(OptionsStage[ProvenanceOptions]):
             return Verdict.CONTINUE
         width = rows.shape[1]
         key = self.key(ctx.client.name, width)
-        records = canonical(rows)
-        wide = widen(records)
         size = ROW.itemsize * width
-        data = records.tobytes()
+        data = canonical(rows).tobytes()
         known = self._latest.get(key)
-        fresh: list[int] = []  # the rows to append: neither kept nor earlier in the batch
-        sent: set[bytes] = set()
-        for i in range(len(rows)):
-            record = data[i * size : (i + 1) * size]
-            if record in sent or (known is not None and known.find(record, wide[i]) >= 0):
-                continue
-            sent.add(record)
-            fresh.append(i)
+        fresh: dict[bytes, None] = {}  # the rows to append: neither kept nor earlier in the batch
+        for i in range(0, len(data), size):
+            record = data[i : i + size]
+            if known is None or known.find(record) < 0:
+                fresh[record] = None
         if not fresh:
             return Verdict.CONTINUE
         cap = self.cap(width)
-        append = data if len(fresh) == len(rows) else records[fresh].tobytes()
+        append = data if len(fresh) * size == len(data) else b"".join(fresh)
         view = await self.views(width).append(
             self.enforcement.store, key, append, cap * size, o.ttl
         )
         self._latest[key] = view
         score, nearest = 0, float("inf")
-        for i in fresh:
-            slot = view.find(data[i * size : (i + 1) * size], wide[i])
+        for record in fresh:
+            slot = view.find(record)
             if slot >= 0 and view.linked[slot]:
                 score = max(score, view.chain_rows(slot))
                 nearest = min(nearest, float(view.nearest[slot]))
