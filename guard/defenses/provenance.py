@@ -115,7 +115,7 @@ class ChainView:
     """
 
     __slots__ = (*_COLUMNS, "width", "cap", "distance", "counts", "index", "keys")
-    __slots__ += ("held", "head", "folded", "top", "_slack", "__weakref__")
+    __slots__ += ("held", "head", "folded", "top", "_slack", "_columns", "__weakref__")
 
     def __init__(self, width: int, cap: int, distance: float) -> None:
         self.width, self.cap, self.distance = width, cap, float(distance)
@@ -143,11 +143,12 @@ class ChainView:
             new = np.empty((size, *old.shape[1:]), dtype=old.dtype)
             new[: self.held] = old[: self.held]
             setattr(self, name, new)
+        self._columns = sum(getattr(self, name).nbytes for name in _COLUMNS)
 
     @property
     def nbytes(self) -> int:
-        columns = sum(getattr(self, name).nbytes for name in _COLUMNS)
-        return columns + sum(map(len, self.keys)) + 100 * (len(self.counts) + len(self.keys))
+        record = 2 * self.width + 100  # a record's bytes and its entry in the index
+        return self._columns + record * self.held + 100 * len(self.counts)
 
     def fold(self, records: bytes) -> None:
         """Take in ``records``: whole rows (``width`` float16 values each), oldest first."""
