@@ -30,22 +30,24 @@ meanwhile is appended and folded as a repeat: nothing).
 from __future__ import annotations
 
 import weakref
-from collections import OrderedDict
 from dataclasses import dataclass
-from functools import partial
 
 from guard.defenses.provenance import ROW, ChainView, canonical
 from guard.pipeline import RequestContext, Verdict
 from guard.stages import scale
-from guard.stages.detector import HISTORY_BYTES, Enforcement, MisdirectOptions, input_rows
+from guard.stages.detector import (
+    HISTORY_BYTES,
+    Enforcement,
+    MisdirectOptions,
+    WidthViews,
+    input_rows,
+)
 from guard.stages.env import StageEnv
 from guard.stages.options import Duration, OptionsStage, option
 from guard.state import client_key
 from guard.state.views import LogViews
 
 TECHNIQUE = "AML.T0043"  # Craft Adversarial Data
-VIEW_BYTES = 64 << 20  # this process's chain views of one row width, at most
-WIDTHS = 4  # row widths whose views are kept (a model has one, usually)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -84,7 +86,7 @@ class Provenance(OptionsStage[ProvenanceOptions]):
         self.enforcement = Enforcement.of(options, env, stage=self.name, technique=TECHNIQUE)
         # Per row width: this process's views of the clients' logs, and (weakly) the last
         # view each key returned, to leave out rows the view already holds before appending.
-        self._views: OrderedDict[int, LogViews[ChainView]] = OrderedDict()
+        self._views = WidthViews(lambda width: ChainView(width, self.cap(width), options.distance))
         self._latest: weakref.WeakValueDictionary[str, ChainView] = weakref.WeakValueDictionary()
 
     def key(self, client: str, width: int) -> str:
@@ -96,14 +98,7 @@ class Provenance(OptionsStage[ProvenanceOptions]):
 
     def views(self, width: int) -> LogViews[ChainView]:
         """This process's views of the logs of ``width``-value rows."""
-        views = self._views.get(width)
-        if views is None:
-            make = partial(ChainView, width, self.cap(width), self.options.distance)
-            views = self._views[width] = LogViews(make, max_bytes=VIEW_BYTES)
-            if len(self._views) > WIDTHS:
-                self._views.popitem(last=False)
-        self._views.move_to_end(width)
-        return views
+        return self._views.of(width)
 
     async def on_request(self, ctx: RequestContext) -> Verdict:
         o = self.options

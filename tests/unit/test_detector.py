@@ -153,3 +153,19 @@ def read_degrade_for(value: Any) -> float:
     env = StageEnv(model="m", backend=None, local=None, metadata=None)
     section = Section({"degrade_for": value}, source="p.yaml")
     return read_options(DetectorOptions, section, env).degrade_for
+
+
+def test_anchor_views_keep_the_last_rows_oldest_first() -> None:
+    from guard.stages.detector import AnchorView
+
+    rng = np.random.default_rng(0)
+    rows = rng.normal(size=(50, 5)).astype(np.float32)
+    folded, rebuilt = AnchorView(5, 20), AnchorView(5, 20)
+    at = 0
+    while at < len(rows):  # requests of 1 to 7 rows
+        end = min(len(rows), at + int(rng.integers(1, 8)))
+        folded.fold(rows[at:end].tobytes())
+        np.testing.assert_array_equal(folded.history(), rows[max(0, end - 20) : end])
+        at = end
+    rebuilt.fold(rows.tobytes())
+    np.testing.assert_array_equal(rebuilt.history(), folded.history())
