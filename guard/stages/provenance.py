@@ -44,7 +44,7 @@ from guard.stages.detector import (
 )
 from guard.stages.env import StageEnv
 from guard.stages.options import Duration, OptionsStage, option
-from guard.state import client_key
+from guard.state import client_key, together
 from guard.state.views import LogViews
 
 TECHNIQUE = "AML.T0043"  # Craft Adversarial Data
@@ -103,9 +103,7 @@ class Provenance(OptionsStage[ProvenanceOptions]):
     async def on_request(self, ctx: RequestContext) -> Verdict:
         o = self.options
         rows = input_rows(ctx, o.input)
-        await self.enforcement.honour_marks(ctx, rows, o.input)
-        if not len(rows):
-            return Verdict.CONTINUE
+        marks = self.enforcement.honour_marks(ctx, rows, o.input)
         width = rows.shape[1]
         key = self.key(ctx.client.name, width)
         size = ROW.itemsize * width
@@ -117,12 +115,12 @@ class Provenance(OptionsStage[ProvenanceOptions]):
             if known is None or known.find(record) < 0:
                 fresh[record] = None
         if not fresh:
+            await marks
             return Verdict.CONTINUE
-        cap = self.cap(width)
         append = data if len(fresh) * size == len(data) else b"".join(fresh)
-        view = await self.views(width).append(
-            self.enforcement.store, key, append, cap * size, o.ttl
-        )
+        store = self.enforcement.store
+        appended = self.views(width).append(store, key, append, self.cap(width) * size, o.ttl)
+        _, view = await together(store, marks, appended)  # a remote store: round trips overlap
         self._latest[key] = view
         score, nearest = 0, float("inf")
         for record in fresh:
