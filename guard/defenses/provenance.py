@@ -37,7 +37,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["ROW", "ChainView", "Link", "canonical", "link_rows", "widen"]
+__all__ = ["ROW", "ChainView", "Link", "canonical", "link_rows"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,16 +70,9 @@ def link_rows(history: np.ndarray, rows: np.ndarray, distance: float) -> list[Li
     return links
 
 
-# float16 -> float32 by table lookup: twice as fast as numpy's cast, bit for bit the same.
-ROW = np.dtype("<f2")
-_WIDEN = np.arange(1 << 16, dtype=np.uint16).view(ROW).astype(np.float32)
+ROW = np.dtype("<f2")  # a record's values
 _EPS = float(np.finfo(np.float32).eps)
 _COLUMNS = ("rows", "halves", "seqs", "chains", "nearest", "linked")
-
-
-def widen(rows16: np.ndarray) -> np.ndarray:
-    """``float16`` values as ``float32`` (exactly)."""
-    return np.take(_WIDEN, np.ascontiguousarray(rows16, dtype=ROW).view(np.uint16))
 
 
 def canonical(rows: np.ndarray) -> np.ndarray:

@@ -14,17 +14,19 @@ Finding: ``score`` the rows of the longest chain the request joined, ``threshold
 ``links``, the message the nearest distance. Technique AML.T0043. Failure mode:
 ``on_error`` (default closed: 503 when the state store is down).
 
-State: per client and row width an offset log of its rows (``{client}:provenance:<model>:<width>``,
-float16 records, the last ``history`` kept, expiring ``ttl`` after the last query) and,
-in this process, a :class:`~guard.defenses.provenance.ChainView` of it kept by
-:class:`~guard.state.views.LogViews`. A request costs one ``append_log`` (one round trip)
-and folds only the records this process has not seen: its own rows and those other
-replicas appended since, in the log's order, so every replica derives the same chains
-(named by the rows that start them, never drawn at random). A view this process lost
-(evicted, the log trimmed past it, expired) is rebuilt from the kept log: a chain whose
-first rows were trimmed then restarts at its oldest kept row, which can only lower a
-count. Rows the view already holds are not appended (a repeat another replica sent
-meanwhile is appended and folded as a repeat: nothing).
+State: per client and row width an offset log of its rows
+(``{client}:provenance:<model>:<width>``, float16 records, the last ``history`` kept,
+expiring ``ttl`` after the last query) and, in this process, a
+:class:`~guard.defenses.provenance.ChainView` of it kept by
+:class:`~guard.state.views.LogViews`. A request costs one ``append_log`` (one round
+trip, overlapping those of the misdirection marks) and folds only the records this
+process had not seen: other replicas' rows since its last request, then its own, in the
+log's order, so every replica derives the same chains (named by the rows that start
+them, never drawn at random). A view this process lost (evicted, the log trimmed past
+it, expired) is rebuilt from the kept log: a chain whose first rows were trimmed then
+restarts at its oldest kept row, which can only lower a count. Rows the view already
+holds are not appended (a repeat another replica sent meanwhile is appended, and folded
+as a repeat: nothing). Rows float16 cannot hold (NaN, beyond +-65504) are never linked.
 """
 
 from __future__ import annotations
