@@ -207,8 +207,10 @@ class ChainView:
         """The slot of the kept row nearest to ``row`` (the oldest of equals) and their L2
         distance (float32 arithmetic)."""
         n = self.held
-        rows = self.rows[:n]
-        approx = self.halves[:n] - rows @ row  # (|b|^2 - 2 a.b) / 2: the order of |a - b|^2
+        full = n == len(self.halves)
+        rows = self.rows if full else self.rows[:n]
+        halves = self.halves if full else self.halves[:n]
+        approx = halves - rows @ row  # (|b|^2 - 2 a.b) / 2: the order of |a - b|^2
         first = int(approx.argmin())
         slack = self._slack * (self.top + norm)  # bounds the rounding of 2 x approx
         near = np.flatnonzero(approx <= approx[first] + slack)

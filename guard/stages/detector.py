@@ -156,20 +156,21 @@ class AnchorView:
 
     def fold(self, records: bytes) -> None:
         new = np.frombuffer(records, dtype=_HISTORY_ROW).reshape(-1, self.width)[-self.cap :]
-        if self.held < self.cap and self.held + len(new) > len(self.rows):
-            grown = np.empty(
-                (min(self.cap, max(2 * len(self.rows), self.held + len(new))), self.width),
-                dtype=_HISTORY_ROW,
-            )
-            grown[: self.held] = self.rows[: self.held]
-            self.rows = grown
-        for row in new:
-            if self.held < self.cap:
-                self.rows[self.held] = row
-                self.held += 1
-            else:
-                self.rows[self.head] = row
-                self.head = (self.head + 1) % self.cap
+        held, k = self.held, len(new)
+        if held < self.cap:  # filling: rows go after the held ones, the ring grown to fit
+            take = min(k, self.cap - held)
+            if held + take > len(self.rows):
+                grown = np.empty(
+                    (min(self.cap, max(2 * held, held + take)), self.width), _HISTORY_ROW
+                )
+                grown[:held] = self.rows[:held]
+                self.rows = grown
+            self.rows[held : held + take] = new[:take]
+            self.held = held = held + take
+            new = new[take:]
+        for row in new:  # full: each row takes the oldest one's place
+            self.rows[self.head] = row
+            self.head = (self.head + 1) % self.cap
 
     def history(self) -> np.ndarray:
         """The kept rows, oldest first."""
