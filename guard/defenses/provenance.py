@@ -72,7 +72,8 @@ def link_rows(history: np.ndarray, rows: np.ndarray, distance: float) -> list[Li
 
 ROW = np.dtype("<f2")  # a record's values
 _EPS = float(np.finfo(np.float32).eps)
-_COLUMNS = ("rows", "halves", "seqs", "chains", "nearest", "linked")
+_COLUMNS = ("rows", "halves")  # numpy, grown by doubling
+_SLOTS = ("seqs", "chains", "nearest", "linked")  # lists: a value per kept row
 
 
 def canonical(rows: np.ndarray) -> np.ndarray:
@@ -107,7 +108,7 @@ class ChainView:
     to the oldest. Memory: the window grows by doubling up to ``cap`` rows of float32.
     """
 
-    __slots__ = (*_COLUMNS, "width", "cap", "distance", "counts", "index", "keys")
+    __slots__ = (*_COLUMNS, *_SLOTS, "width", "cap", "distance", "counts", "index", "keys")
     __slots__ += ("held", "head", "folded", "top", "_slack", "_columns", "__weakref__")
 
     def __init__(self, width: int, cap: int, distance: float) -> None:
@@ -122,10 +123,10 @@ class ChainView:
         self._slack = (4 * width + 8) * _EPS
         self.rows = np.empty((0, width), dtype=np.float32)
         self.halves = np.empty(0, dtype=np.float32)  # |row|^2 / 2
-        self.seqs = np.empty(0, dtype=np.int64)  # the row's sequence number
-        self.chains = np.empty(0, dtype=np.int64)
-        self.nearest = np.empty(0, dtype=np.float64)  # L2 to its nearest earlier row
-        self.linked = np.empty(0, dtype=bool)
+        self.seqs: list[int] = []  # per slot: its row's sequence number
+        self.chains: list[int] = []  # its chain
+        self.nearest: list[float] = []  # L2 to its nearest earlier row
+        self.linked: list[bool] = []  # whether that was within ``distance``
         self._grow()
 
     def _grow(self) -> None:
@@ -158,7 +159,7 @@ class ChainView:
 
     def chain_rows(self, slot: int) -> int:
         """How many kept rows the chain of the row in ``slot`` holds."""
-        return self.counts[int(self.chains[slot])]
+        return self.counts[self.chains[slot]]
 
     def add(self, row: np.ndarray, record: bytes) -> Link:
         """Fold one record: ``row`` its values as float32, ``record`` its bytes."""
@@ -171,10 +172,10 @@ class ChainView:
         if nearest == 0.0:
             return Link(0.0, parent, True, False)
         linked = nearest <= self.distance
-        chain = int(self.chains[parent]) if linked else seq
+        chain = self.chains[parent] if linked else seq
         if self.held == self.cap:  # the oldest row leaves (its slot is the head)
             slot = self.head
-            left = int(self.chains[slot])
+            left = self.chains[slot]
             if self.counts[left] == 1:
                 del self.counts[left]
             else:
@@ -189,7 +190,8 @@ class ChainView:
                 self._grow()
             slot = self.held
             self.held += 1
-            self.keys.append(b"")
+            for column in (self.keys, self.seqs, self.chains, self.nearest, self.linked):
+                column.append(None)  # type: ignore[arg-type]  # set below
         self.head = (slot + 1) % self.cap
         self.rows[slot] = row
         self.halves[slot] = norm / 2
@@ -200,7 +202,7 @@ class ChainView:
         self.index[record] = slot
         self.keys[slot] = record
         self.counts[chain] = self.counts.get(chain, 0) + 1
-        self.top = max(self.top, 2 * float(self.halves[slot]))
+        self.top = max(self.top, norm)
         return Link(nearest, parent, False, linked)
 
     def _nearest(self, row: np.ndarray, norm: float) -> tuple[int, float]:
