@@ -105,7 +105,9 @@ class ChainView:
     every row that rounding may have put ahead of the nearest (a bound of ``(4 w + 8) eps
     (|a|^2 + max |b|^2)`` on the rounding, ``w`` values a row; usually one row): the
     nearest row of the exhaustive scan (:func:`link_rows`, up to rounding at ties), ties
-    to the oldest. Memory: the window grows by doubling up to ``cap`` rows of float32.
+    to the oldest. Memory: the window grows by doubling up to ``cap`` rows of float32, and
+    each kept row's record is kept too (the index that finds rows by their bytes): about
+    ``6 w`` bytes a kept row.
     """
 
     __slots__ = (*_COLUMNS, *_SLOTS, "width", "cap", "distance", "counts", "index", "keys")
