@@ -164,7 +164,9 @@ class ChainView:
         return self.counts[self.chains[slot]]
 
     def add(self, row: np.ndarray, record: bytes) -> Link:
-        """Fold one record: ``row`` its values as float32, ``record`` its bytes."""
+        """Fold one record: ``row`` its values as float32, ``record`` its bytes. The link's
+        ``parent`` is the slot of the nearest kept row (its values: ``rows[parent]`` until a
+        later row takes the slot)."""
         seq = self.folded
         self.folded += 1
         norm = float(np.dot(row, row))
