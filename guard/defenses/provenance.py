@@ -110,8 +110,12 @@ class ChainView:
     ``6 w`` bytes a kept row.
     """
 
-    __slots__ = (*_COLUMNS, *_SLOTS, "width", "cap", "distance", "counts", "index", "keys")
-    __slots__ += ("held", "head", "folded", "top", "_slack", "_columns", "__weakref__")
+    __slots__ = (
+        *_COLUMNS,
+        *_SLOTS,
+        *("width", "cap", "distance", "counts", "index", "keys", "held", "head", "folded"),
+        *("top", "_slack", "_columns", "__weakref__"),
+    )
 
     def __init__(self, width: int, cap: int, distance: float) -> None:
         self.width, self.cap, self.distance = width, cap, float(distance)

@@ -191,12 +191,12 @@ class Enforcement:
     store: StateStore
     radius: float | None = None
     history: int = 256
-    anchors: WidthViews[AnchorView] = field(default=None, repr=False, compare=False)  # type: ignore[assignment]
+    # this process's views of the clients' remembered rows (made here, never passed)
+    anchors: WidthViews[AnchorView] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        if self.anchors is None:
-            made = WidthViews(lambda width: AnchorView(width, self._cap(width)))
-            object.__setattr__(self, "anchors", made)
+        made = WidthViews(lambda width: AnchorView(width, self._cap(width)))
+        object.__setattr__(self, "anchors", made)
 
     @classmethod
     def of(
