@@ -35,7 +35,7 @@ import weakref
 from dataclasses import dataclass
 
 from guard.defenses.provenance import ROW, ChainView, canonical
-from guard.pipeline import RequestContext, Verdict
+from guard.pipeline import RequestContext, Verdict, ensure_prepared
 from guard.stages import scale
 from guard.stages.detector import (
     HISTORY_BYTES,
@@ -102,7 +102,7 @@ class Provenance(OptionsStage[ProvenanceOptions]):
         """This process's views of the logs of ``width``-value rows."""
         return self._views.of(width)
 
-    async def on_request(self, ctx: RequestContext) -> Verdict:
+    async def prepare_request(self, ctx: RequestContext) -> None:
         o = self.options
         rows = input_rows(ctx, o.input)
         marks = self.enforcement.honour_marks(ctx, rows, o.input)
@@ -118,12 +118,22 @@ class Provenance(OptionsStage[ProvenanceOptions]):
                 fresh[record] = None
         if not fresh:
             await marks
-            return Verdict.CONTINUE
+            return
         append = data if len(fresh) * size == len(data) else b"".join(fresh)
         store = self.enforcement.store
         appended = self.views(width).append(store, key, append, self.cap(width) * size, o.ttl)
         _, view = await together(store, marks, appended)  # a remote store: round trips overlap
         self._latest[key] = view
+        ctx.stage_state[self.name] = view, fresh
+
+    async def on_request(self, ctx: RequestContext) -> Verdict:
+        await ensure_prepared(self, "prepare_request", ctx)
+        prepared = ctx.stage_state.pop(self.name, None)
+        if prepared is None:  # nothing new, or the store failed and on_error is open
+            return Verdict.CONTINUE
+        view, fresh = prepared
+        o = self.options
+        rows = input_rows(ctx, o.input)
         score, nearest = 0, float("inf")
         for record in fresh:
             slot = view.find(record)
