@@ -23,6 +23,10 @@ import from here and never from either package directly.
     Blacklight's inverted index (hash -> ascending query ids) that the memory state store
     matches fingerprints with. See :mod:`guard._py.postings`.
 
+``coverage_within(rows, count, x, limit) -> bool``
+    The ``coverage`` stage's novelty test: whether one of the first ``count`` int16 rows
+    lies within squared distance ``limit`` of ``x``, exactly. See :mod:`guard._py.coverage`.
+
 ``prada_scan(table, x) -> (d2, threshold)``
     One PRADA observation: the least squared L2 distance from ``x`` to the members of a
     stored growing set, and the set's threshold ``T_c``. See :mod:`guard._py.prada`.
@@ -49,6 +53,7 @@ __all__ = [
     "Violation",
     "check_and_cast",
     "clip",
+    "coverage_within",
     "fingerprint",
     "median_smooth",
     "prada_nearest",
@@ -61,6 +66,7 @@ __all__ = [
 USING_EXTENSIONS: bool
 if os.environ.get("GUARD_NO_EXTENSIONS", "") not in ("", "0"):
     from guard._py.check import check_and_cast
+    from guard._py.coverage import within as coverage_within
     from guard._py.fingerprint import fingerprint
     from guard._py.postings import PostingIndex
     from guard._py.prada import nearest as prada_nearest
@@ -73,6 +79,7 @@ if os.environ.get("GUARD_NO_EXTENSIONS", "") not in ("", "0"):
 else:
     try:
         from guard._ext.check import check_and_cast
+        from guard._ext.coverage import within as coverage_within
         from guard._ext.fingerprint import fingerprint
         from guard._ext.postings import PostingIndex  # type: ignore[assignment]
         from guard._ext.prada import nearest as prada_nearest
@@ -82,6 +89,7 @@ else:
         from guard._ext.squeeze import clip, median_smooth, reduce_bits
     except ImportError:
         from guard._py.check import check_and_cast
+        from guard._py.coverage import within as coverage_within
         from guard._py.fingerprint import fingerprint
         from guard._py.postings import PostingIndex
         from guard._py.prada import nearest as prada_nearest

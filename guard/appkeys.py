@@ -6,8 +6,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import aiohttp
 from aiohttp import web
+
+from guard.backends.upstream import UpstreamClient
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
@@ -17,7 +18,7 @@ if TYPE_CHECKING:
 
 LIVE: web.AppKey[Live] = web.AppKey("live")
 METRICS: web.AppKey[GuardMetrics] = web.AppKey("metrics")
-SESSION: web.AppKey[aiohttp.ClientSession] = web.AppKey("session")
+SESSION: web.AppKey[UpstreamClient] = web.AppKey("session")
 POLICY_PATH: web.AppKey[Path | None] = web.AppKey("policy_path")
 # The operators' app (metrics, admin) reads the public app it reports on through this key.
 PUBLIC: web.AppKey[web.Application] = web.AppKey("public")

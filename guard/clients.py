@@ -39,7 +39,7 @@ import hmac
 import re
 import secrets
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +50,7 @@ from guard.configreader import Section, show
 from guard.errors import Forbidden, PolicyError, Unauthorized
 
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
+_PEERS_KEPT = 4096  # identities of peer addresses remembered (parsing one costs more)
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +82,8 @@ class ClientDirectory:
     trust_forwarded_for: bool = False  # alone: one trusted hop
     trusted_proxies: int | tuple[forwarded.IPNetwork, ...] | None = None  # hops, or networks
     ipv6_prefix: int = 64
+    # remote address -> client, when no header can change who a socket's peer is
+    _by_peer: dict[str, Client] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def uses_keys(self) -> bool:
@@ -88,6 +91,13 @@ class ClientDirectory:
 
     def identify(self, headers: Mapping[str, str], remote: str | None) -> Client:
         if self.keys is None:
+            if self.trusted_proxies is None and not self.trust_forwarded_for and remote:
+                client = self._by_peer.get(remote)
+                if client is None:
+                    if len(self._by_peer) >= _PEERS_KEPT:
+                        self._by_peer.clear()
+                    client = self._by_peer[remote] = Client(f"addr:{self._address({}, remote)}")
+                return client
             return Client(f"addr:{self._address(headers, remote)}")
         presented = headers.get(self.header)
         if not presented:

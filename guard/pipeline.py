@@ -24,10 +24,21 @@ action for that finding decides what happens:
 ``shadow``   count and audit what *would* have happened; change nothing
 
 A policy-wide ``mode: shadow`` turns every flag, degrade and deny into shadow.
+
+A stage that keeps state may split each side in two: ``prepare_request`` (or
+``prepare_response``) does the state round trips that need no other stage's verdict
+and leaves their results in ``ctx.stage_state``; ``on_request`` (``on_response``)
+then decides from them. The pipeline runs every stage's prepare hook of a side
+together, just before the first of them would run in order (after ``validate``, which
+keeps none): on a remote store their commands leave in one write and come back in one
+read, one round trip for the whole chain instead of one per stage. The price: a
+request a later stage refuses was still counted by the stages that prepared (a query
+over quota is remembered by the detectors; an attacker learns nothing from it).
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import enum
 import logging
@@ -198,6 +209,12 @@ class BaseStage:
     async def on_response(self, ctx: RequestContext) -> Verdict:
         return Verdict.CONTINUE
 
+    async def prepare_request(self, ctx: RequestContext) -> None:
+        """State round trips for ``on_request``, run together with the other stages'."""
+
+    async def prepare_response(self, ctx: RequestContext) -> None:
+        """State round trips for ``on_response``, run together with the other stages'."""
+
     def describe(self) -> dict[str, Any]:
         """The resolved settings, for ``guard check`` and the admin status page."""
         return {}
@@ -213,23 +230,33 @@ class Pipeline:
 
     __slots__ = (
         "stages",
+        "concurrent",
         "_request_stages",
         "_response_stages",
+        "_request_prepares",
+        "_response_prepares",
         "_default_degrade",
         "_reads_only",
     )
 
-    def __init__(self, stages: Sequence[Stage]) -> None:
+    def __init__(self, stages: Sequence[Stage], *, concurrent: bool = False) -> None:
+        """``concurrent``: the stages' state is remote, and prepare hooks run at once (in
+        this process's memory they never wait: they run in turn, without tasks)."""
         self.stages: tuple[Stage, ...] = tuple(stages)
+        self.concurrent = concurrent
         # (position, stage) so a chain cut short by RESPOND unwinds only what ran.
         self._request_stages = tuple(
-            (i, s) for i, s in enumerate(self.stages) if _overrides(s, "on_request")
+            (i, s)
+            for i, s in enumerate(self.stages)
+            if _overrides(s, "on_request") or _overrides(s, "prepare_request")
         )
         self._response_stages = tuple(
             (i, s)
             for i, s in reversed(list(enumerate(self.stages)))
-            if _overrides(s, "on_response")
+            if _overrides(s, "on_response") or _overrides(s, "prepare_response")
         )
+        self._request_prepares = tuple(s for s in self.stages if _overrides(s, "prepare_request"))
+        self._response_prepares = tuple(s for s in self.stages if _overrides(s, "prepare_response"))
         self._default_degrade = not any(getattr(s, "handles_degrade", False) for s in self.stages)
         # Every response stage only reads: the upstream's raw body can be answered as is.
         self._reads_only = not any(
@@ -244,7 +271,10 @@ class Pipeline:
         client is not degraded: response stages that only read (``changes_outputs``
         False) read them decoded from it, and the body goes back untouched."""
         reached = len(self.stages)
+        prepares = self._request_prepares
         for position, stage in self._request_stages:
+            if prepares and stage is prepares[0]:  # the first stage that prepares: all at once
+                await self._prepare(prepares, "prepare_request", ctx)
             verdict = await self._call(stage, "on_request", ctx)
             if verdict is Verdict.DENY:
                 raise Denied(f"request refused by policy ({stage.name})")
@@ -264,6 +294,11 @@ class Pipeline:
             if raw is not None and self._response_stages and not ctx.response.outputs:
                 ctx.response.outputs = v2.decode_response(raw, header_length=None).outputs
         shapes = {n: a.shape for n, a in ctx.response.outputs.items()}
+        if self._response_prepares:
+            ran = {id(s) for p, s in self._response_stages if p <= reached}
+            await self._prepare(
+                [s for s in self._response_prepares if id(s) in ran], "prepare_response", ctx
+            )
         for position, stage in self._response_stages:
             if position > reached:
                 continue
@@ -276,11 +311,27 @@ class Pipeline:
         keep_shapes(ctx.response, shapes)
         return ctx.response
 
+    async def _prepare(self, stages: Sequence[Stage], hook: str, ctx: RequestContext) -> None:
+        """Run ``hook`` of every stage in ``stages``: at once when the state is remote. A
+        failure is the first failing stage's, in policy order, as if run in turn."""
+        for stage in stages:
+            ctx.stage_state[f"{hook}:{stage.name}"] = True
+        if not self.concurrent or len(stages) < 2:
+            for stage in stages:
+                await self._call(stage, hook, ctx)
+            return
+        done = await asyncio.gather(
+            *(self._call(stage, hook, ctx) for stage in stages), return_exceptions=True
+        )
+        for outcome in done:
+            if isinstance(outcome, BaseException):
+                raise outcome
+
     @staticmethod
     async def _call(stage: Stage, hook: str, ctx: RequestContext) -> Verdict:
         started = time.perf_counter()
         try:
-            verdict: Verdict = await getattr(stage, hook)(ctx)
+            verdict: Verdict = await getattr(stage, hook)(ctx) or Verdict.CONTINUE
         except StateUnavailable as exc:  # the state store, not the request: same failure mode
             log.warning("stage %s failed in %s: %s", stage.name, hook, exc, extra=_where(ctx))
             ctx.report(stage.name, Action.FLAG, f"stage failed: {exc}")
@@ -300,6 +351,15 @@ class Pipeline:
                 ctx.stage_seconds.get(stage.name, 0.0) + time.perf_counter() - started
             )
         return verdict
+
+
+async def ensure_prepared(stage: Stage, hook: str, ctx: RequestContext) -> None:
+    """Run ``stage``'s prepare ``hook`` (``prepare_request`` or ``prepare_response``)
+    unless the pipeline already has, failed or not: for a stage called on its own."""
+    done = f"{hook}:{stage.name}"
+    if done not in ctx.stage_state:
+        ctx.stage_state[done] = True
+        await getattr(stage, hook)(ctx)
 
 
 def _where(ctx: RequestContext) -> dict[str, str]:

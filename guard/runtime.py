@@ -12,12 +12,11 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-import aiohttp
-
 from guard.audit import AuditLog
 from guard.backends.base import Backend
 from guard.backends.http import HttpBackend
 from guard.backends.onnx import OnnxBackend
+from guard.backends.upstream import UpstreamClient
 from guard.config import ModelConfig, Policy
 from guard.configreader import Section
 from guard.errors import NotFound, PolicyError
@@ -150,7 +149,7 @@ class Runtime:
 def build_runtime(
     policy: Policy,
     *,
-    session: aiohttp.ClientSession | None,
+    session: UpstreamClient | None,
     state: StateStore | None = None,
     metrics: GuardMetrics | None = None,
 ) -> Runtime:
@@ -175,7 +174,7 @@ def build_runtime(
 def _build_model(
     config: ModelConfig,
     policy: Policy,
-    session: aiohttp.ClientSession | None,
+    session: UpstreamClient | None,
     state: StateStore,
     metrics: GuardMetrics | None,
 ) -> ModelRuntime:
@@ -228,7 +227,8 @@ def _build_model(
         bind = getattr(stage, "bind", None)
         if bind is not None:
             bind(stages)
-    return ModelRuntime(config.name, config, backend, local, Pipeline(stages), scale)
+    pipeline = Pipeline(stages, concurrent=state.shared)
+    return ModelRuntime(config.name, config, backend, local, pipeline, scale)
 
 
 def _build_stage(kind: str, options: Any, path: str, source: str, env: StageEnv) -> Stage:

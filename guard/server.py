@@ -18,7 +18,6 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from pathlib import Path
 
-import aiohttp
 import orjson
 from aiohttp import web
 from aiohttp.web_protocol import RequestPayloadError
@@ -26,6 +25,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 
 from guard import __version__
 from guard.appkeys import EXPOSITION, LIVE, METRICS, ON_RELOAD, POLICY_PATH, PUBLIC, SESSION
+from guard.backends.upstream import UpstreamClient
 from guard.clients import token_matches
 from guard.config import IDLE_TIMEOUT, Limits, Policy, load_policy
 from guard.errors import (
@@ -147,10 +147,7 @@ def create_ops_app(
 
 def _lifecycle(policy: Policy) -> Callable[[web.Application], AsyncIterator[None]]:
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
-        session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=256, ttl_dns_cache=300),
-            skip_auto_headers=("Content-Type", "User-Agent"),
-        )
+        session = UpstreamClient(limit=256)  # keep-alive connections per upstream
         app[SESSION] = session
         live = app[LIVE]
         live.decoder.threshold = policy.limits.offload_decode_bytes
@@ -492,6 +489,10 @@ async def read_body(http: web.Request, limits: Limits) -> bytes:
     """
     timeout = limits.body_timeout
     try:
+        content = http.content
+        if content.is_eof() and not http.headers.get("Content-Encoding"):
+            # It all came with the headers (most inference bodies): nothing to wait for.
+            return _whole_body(content.read_nowait(), http.content_length, limits.max_body_bytes)
         async with _deadline(timeout):  # no extra task, unlike wait_for before 3.12
             return await _read_body(http, limits.max_body_bytes, limits.body_stall_timeout)
     except asyncio.TimeoutError:
@@ -507,6 +508,15 @@ async def read_body(http: web.Request, limits: Limits) -> bytes:
     except (ConnectionResetError, ConnectionAbortedError, BrokenPipeError):
         http.content.feed_eof()
         raise ClientGone from None
+
+
+def _whole_body(body: bytes, length: int | None, limit: int) -> bytes:
+    """A body already received whole, checked as :func:`_read_body` checks one it reads."""
+    if len(body) > limit:
+        raise PayloadTooLarge(f"body of {len(body)} bytes exceeds the limit of {limit}")
+    if length is not None and len(body) != length:
+        raise RequestError(f"body ended after {len(body)} of {length} bytes (Content-Length)")
+    return body
 
 
 async def _read_body(http: web.Request, limit: int, stall: float) -> bytes:

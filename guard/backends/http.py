@@ -8,6 +8,9 @@ too slow → 504; an upstream's own 4xx is passed on with its message.
 A client reads which model's upstream failed and how (``upstream for model
 digits is unreachable``), never its URL, address or the socket error: those go
 to the log (the ``guard.backends.http`` logger, escaped like every log line).
+
+Exchanges go through the application's :class:`~guard.backends.upstream.UpstreamClient`
+(pooled keep-alive HTTP/1.1 connections, one write a request, a hand parser).
 """
 
 from __future__ import annotations
@@ -19,10 +22,19 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import aiohttp
 import orjson
 
+from guard.backends.upstream import (
+    BrokenExchange,
+    ConnectError,
+    Origin,
+    ResponseTooLarge,
+    UpstreamClient,
+    header_block,
+    quote_path,
+)
 from guard.errors import (
+    PolicyError,
     RequestError,
     UpstreamError,
     UpstreamRejected,
@@ -35,6 +47,7 @@ from guard.protocols import v2
 
 log = logging.getLogger(__name__)
 LOG_EVERY_S = 10.0
+_HEADER_LENGTH = v2.HEADER_LENGTH.lower()  # the client's header names are in lower case
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -51,32 +64,47 @@ class UpstreamConfig:
 
 class HttpBackend:
     def __init__(
-        self, config: UpstreamConfig, *, name: str, session: aiohttp.ClientSession | None
+        self, config: UpstreamConfig, *, name: str, session: UpstreamClient | None
     ) -> None:
         self.config = config
         self.name = name
         self.session = session
         model = config.model or name
-        base = config.url.rstrip("/")
-        self._model_url = f"{base}/v2/models/{model}"
+        try:
+            self._origin = Origin.parse(config.url.rstrip("/"))
+        except ValueError as exc:
+            raise PolicyError(f"model {name}: upstream.url: {exc}") from None
+        self._model_path = f"{self._origin.prefix}/v2/models/{quote_path(model)}"
         if config.version:
-            self._model_url += f"/versions/{config.version}"
-        self._timeout = aiohttp.ClientTimeout(
-            total=config.timeout, sock_connect=config.connect_timeout
-        )
+            self._model_path += f"/versions/{quote_path(config.version)}"
         self._headers = dict(config.headers)
+        try:
+            self._header_block = header_block(self._headers)
+        except ValueError as exc:
+            raise PolicyError(f"model {name}: upstream.headers: {exc}") from None
+        self._overridable = bool(
+            {k.lower() for k in self._headers} & {"content-type", _HEADER_LENGTH, "x-request-id"}
+        )
         self._logged: dict[str, float] = {}  # failure kind -> when it was last logged
         self._quiet: dict[str, int] = {}  # failure kind -> lines left out since
 
     async def infer(self, request: InferRequest, *, passthrough: bool = False) -> InferResponse:
         body, headers = v2.encode_request(request, binary=self.config.binary)
-        headers = {**self._headers, **headers}
         if request.id and _header_safe(request.id):  # the id is the client's: any string
             headers["X-Request-Id"] = request.id
-        status, reply_headers, payload = await self._call("POST", "/infer", body, headers)
+        # Ours (a content type, a length, an id checked above) need no checking.
+        block = "".join([f"{k}: {v}\r\n" for k, v in headers.items()])
+        if self._overridable:  # the request's own headers win over the configured ones
+            ours = {k.lower() for k in headers}
+            block += "".join(
+                f"{k}: {v}\r\n" for k, v in self._headers.items() if k.lower() not in ours
+            )
+        else:
+            block += self._header_block
+        status, reply_headers, payload = await self._call("POST", "/infer", body, block)
         if status != 200:
             raise self._rejected(status, payload)
-        length = reply_headers.get(v2.HEADER_LENGTH)
+        length = reply_headers.get(_HEADER_LENGTH)
         if passthrough and length is None and self._same_names(request) and _is_v2_json(payload):
             # Nothing reads the outputs and the client wants JSON: skip building
             # arrays and re-encoding them (the request itself was re-encoded).
@@ -103,7 +131,7 @@ class HttpBackend:
         )
 
     async def metadata(self) -> ModelMetadata:
-        status, _, payload = await self._call("GET", "", None, self._headers)
+        status, _, payload = await self._call("GET", "", None, self._header_block)
         if status != 200:
             raise self._rejected(status, payload)
         try:
@@ -123,43 +151,55 @@ class HttpBackend:
 
     async def ready(self) -> bool:
         try:
-            status, _, _ = await self._call("GET", "/ready", None, self._headers)
+            status, _, _ = await self._call("GET", "/ready", None, self._header_block)
         except UpstreamError:
             return False
         return status == 200
 
     async def close(self) -> None:
-        """The session belongs to the application; nothing to close here."""
+        """The client belongs to the application; nothing to close here."""
 
     async def _call(
-        self, method: str, suffix: str, body: bytes | None, headers: Mapping[str, str]
+        self, method: str, suffix: str, body: bytes | None, headers: str
     ) -> tuple[int, Mapping[str, str], bytes]:
         """One exchange with the upstream, retried on a dropped connection.
 
         Servers close idle or failed keep-alive connections (uvicorn does after a
         500), and the next request on that pooled connection fails at once.
         Inference has no side effects, so such failures are retried
-        ``retries`` times on a fresh connection; timeouts are not retried.
+        ``retries`` times on a fresh connection; timeouts are not retried, nor are
+        refused connections or answers over the client's size cap.
         """
-        url = self._model_url + suffix
-        if self.session is None:  # built only to be checked (guard check)
+        path = self._model_path + suffix
+        client = self.session
+        if client is None:  # built only to be checked (guard check)
             raise UpstreamUnavailable(f"upstream for model {self.name} has no client session")
+        config = self.config
         attempt = 0
         while True:
             try:
-                async with self.session.request(
-                    method, url, data=body, headers=headers, timeout=self._timeout
-                ) as reply:
-                    return reply.status, reply.headers, await reply.read()
+                reply = await client.request(
+                    self._origin,
+                    method,
+                    path,
+                    body,
+                    headers,
+                    timeout=config.timeout,
+                    connect_timeout=config.connect_timeout,
+                )
+                return reply.status, reply.headers, reply.body
             except asyncio.TimeoutError as exc:
-                self._log(f"did not answer {method} {suffix or '/'} in {self.config.timeout:g} s")
+                self._log(f"did not answer {method} {suffix or '/'} in {config.timeout:g} s")
                 raise UpstreamTimeout(
                     f"upstream for model {self.name} did not answer in time"
                 ) from exc
-            except aiohttp.ClientConnectorError as exc:
-                self._log("is unreachable", exc.os_error.strerror or exc)
+            except ConnectError as exc:
+                self._log("is unreachable", exc.strerror)
                 raise UpstreamUnavailable(f"upstream for model {self.name} is unreachable") from exc
-            except (aiohttp.ClientError, OSError) as exc:
+            except ResponseTooLarge as exc:
+                self._log("sent too large an answer", exc)
+                raise UpstreamError(f"upstream for model {self.name} failed") from exc
+            except (BrokenExchange, OSError) as exc:
                 attempt += 1
                 if attempt > self.config.retries:
                     self._log(f"failed after {attempt} attempt(s)", f"{type(exc).__name__}: {exc}")

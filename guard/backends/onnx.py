@@ -3,7 +3,11 @@
 The CUDA provider is used when it really loads (``get_available_providers()``
 lists it even on machines where it cannot: we check the session's providers),
 otherwise the CPU. Inference runs in a worker thread so the event loop keeps
-serving; onnxruntime releases the GIL while it computes.
+serving (onnxruntime releases the GIL while it computes), except a run expected to
+take less than ``INLINE_S``: the hop to a thread and back costs about as much as that
+(a small model such as the digits MLP computes a row in some 20 µs), so such runs
+run on the loop. The expectation is the recent mean time per row of the model's
+runs (its first run goes to a thread), times the request's rows.
 """
 
 from __future__ import annotations
@@ -12,6 +16,8 @@ import asyncio
 import ctypes
 import hashlib
 import logging
+import math
+import time
 from collections.abc import Sequence
 from concurrent.futures import Executor
 from pathlib import Path
@@ -23,6 +29,8 @@ from guard.errors import PolicyError, RequestError
 from guard.inference import DATATYPES, InferRequest, InferResponse, ModelMetadata, TensorSpec
 
 log = logging.getLogger(__name__)
+INLINE_S = 0.0005  # runs expected shorter than this run on the event loop
+_LEARN = 0.05  # weight of each run in the mean time per row
 
 _ONNX_TYPES = {
     "tensor(bool)": "BOOL",
@@ -76,6 +84,11 @@ def _providers(device: str) -> list[str]:
     return ["CUDAExecutionProvider", "CPUExecutionProvider"]
 
 
+def _rows(feeds: dict[str, np.ndarray]) -> int:
+    """The batch of a run: the largest leading dimension among its inputs (1 for scalars)."""
+    return max((int(a.shape[0]) for a in feeds.values() if a.ndim), default=1)
+
+
 def _spec(arg: Any) -> TensorSpec:
     datatype = _ONNX_TYPES.get(arg.type, arg.type)
     shape = tuple(d if isinstance(d, int) else -1 for d in arg.shape)
@@ -124,6 +137,7 @@ class OnnxBackend:
         self.outputs = tuple(_spec(a) for a in self.session.get_outputs())
         self._input_dtypes = {s.name: DATATYPES[s.datatype] for s in self.inputs}
         self._output_names = [spec.name for spec in self.outputs]
+        self._row_seconds = math.inf  # the recent mean run time per row; unknown at first
         self.model_metadata = ModelMetadata(name, "onnxruntime_onnx", self.inputs, self.outputs)
         log.info("model %s: %s on %s", name, path.name, ", ".join(self.providers))
 
@@ -149,9 +163,15 @@ class OnnxBackend:
                     f"outputs: model {self.name} has no output {unknown[0]!r}; "
                     f"it has {', '.join(self._output_names)}"
                 )
-        loop = asyncio.get_running_loop()
+        rows = _rows(feeds)
         try:
-            results = await loop.run_in_executor(self.executor, self.run, feeds, wanted)
+            if self._row_seconds * rows < INLINE_S:
+                results = self._timed_run(feeds, wanted, rows)
+            else:
+                loop = asyncio.get_running_loop()
+                results = await loop.run_in_executor(
+                    self.executor, self._timed_run, feeds, wanted, rows
+                )
         except Exception as exc:
             # onnxruntime's messages describe shape/type problems; they hold no secrets.
             raise RequestError(f"model {self.name} rejected the input: {_short(exc)}") from exc
@@ -161,6 +181,16 @@ class OnnxBackend:
             id=request.id,
             outputs=results,
         )
+
+    def _timed_run(
+        self, feeds: dict[str, np.ndarray], wanted: Sequence[str] | None, rows: int
+    ) -> dict[str, np.ndarray]:
+        started = time.perf_counter()
+        results = self.run(feeds, wanted)
+        per_row = (time.perf_counter() - started) / max(rows, 1)
+        known = self._row_seconds
+        self._row_seconds = per_row if known == math.inf else known + _LEARN * (per_row - known)
+        return results
 
     def _feeds(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         feeds: dict[str, np.ndarray] = {}

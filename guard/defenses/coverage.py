@@ -34,6 +34,15 @@ above) are pooled per model; when the pooled novel count of two or more of them
 reaches ``min_novel`` each of them is suspicious. A client whose own queries do
 not look like a shard is never pooled, so other accounts cannot push it over.
 
+The stage keeps step 1 and 2 incremental (:class:`Window`): a client's queries are an
+offset log of raw facts (each query's fixed-point sketch and predicted class, never its
+novelty), and this process's :class:`Window` of the log (a
+:class:`~guard.state.views.LogView`) derives novelty and the evidence record by record
+as queries enter and leave the window: a request costs its own rows, each one scan of the
+window (:func:`guard._native.coverage_within`, exact integer arithmetic, abandoned early),
+not a decode of the history. :class:`History` and :func:`nearest` state the same steps
+over a decoded history, in floating point, for offline use and as the tests' reference.
+
 What this cannot tell apart, and we say so: an honest client that sends many
 fresh inputs over every class looks exactly like this (Karchmer, "Theoretical
 limits of provable security against model extraction by efficient
@@ -42,10 +51,14 @@ observational defenses", SaTML 2023).
 
 from __future__ import annotations
 
+import math
+import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+
+from guard._native import coverage_within
 
 __all__ = [
     "STEPS_PER_RADIUS",
@@ -54,6 +67,7 @@ __all__ = [
     "Shard",
     "Sketch",
     "Thresholds",
+    "Window",
     "calibrate_radius",
     "nearest",
     "union",
@@ -157,6 +171,170 @@ class History:
         return Evidence(len(self.labels), int(self.novel.sum()), counts[:classes])
 
 
+_LABEL = np.dtype("<i4")  # a Window record's predicted class; -1: unknown
+MAX_LABEL = 1 << 20  # classes at or above this are counted as unknown
+_ONE_LABEL = struct.Struct("<i")
+
+
+class Window:
+    """A client's newest ``window`` queries, derived from its log one record at a time.
+
+    Records (:meth:`encode`): the predicted class (little-endian i4, -1: unknown), then the
+    query's sketch in fixed point, multiples of ``step = radius / STEPS_PER_RADIUS``
+    (little-endian i2, saturating at ±32,767). :meth:`fold` takes each record in log
+    order: it is novel when no row of the window before it (the ``window`` records that
+    precede it) lies within ``STEPS_PER_RADIUS`` steps (squared distance at most
+    ``STEPS_PER_RADIUS²``, in exact integers: the same answer on every replica and
+    machine), then it joins the window and the oldest record leaves; the novel count and
+    the novel records' class counts change by the record entering and the one leaving.
+
+    So the state after the records of a log depends on the records alone, folded one at a
+    time or all at once: a window rebuilt from a log that kept at least ``2 × window``
+    records (every record of the window then has all its predecessors) equals one folded
+    request by request (:meth:`state` compares them). Folding ``n`` records costs at most
+    ``min(n, window)`` scans: records that leave again within the same fold are only
+    counted (their novelty can no longer matter), and those older than ``2 × window``
+    records before the end are skipped. ``total`` counts every record folded (the log's
+    lifetime when folded from its start; the kept log when rebuilt from a trimmed one).
+    """
+
+    __slots__ = (
+        "dims",
+        "window",
+        "limit",
+        "total",
+        "novel_count",
+        "_record",
+        "_rows",
+        "_labels",
+        "_novel",
+        "_classes",
+        "_count",
+        "_head",
+    )
+
+    def __init__(self, dims: int, window: int, *, limit: int = STEPS_PER_RADIUS**2) -> None:
+        if dims < 1 or window < 1:
+            raise ValueError("a Window needs dims >= 1 and window >= 1")
+        self.dims, self.window, self.limit = dims, window, limit
+        self.total = 0  # records folded
+        self.novel_count = 0  # novel records in the window
+        self._record = Window.record_dtype(dims)
+        capacity = min(window, 64)  # grows by doubling up to ``window``
+        self._rows = np.empty((capacity, dims), np.int16)
+        self._labels = np.empty(capacity, np.int32)
+        self._novel = np.zeros(capacity, bool)
+        self._classes: list[int] = []  # novel records in the window, per class
+        self._count = 0  # records in the window
+        self._head = 0  # the oldest record's slot once the window is full
+
+    @staticmethod
+    def record_dtype(dims: int) -> np.dtype:
+        return np.dtype([("label", _LABEL), ("values", _VALUE, (dims,))])
+
+    @staticmethod
+    def record_size(dims: int) -> int:
+        """Bytes of one record."""
+        return _LABEL.itemsize + dims * _VALUE.itemsize
+
+    @staticmethod
+    def encode(sketches: np.ndarray, labels: np.ndarray, step: float) -> bytes:
+        """The records of queries ``sketches`` ``[n, dims]`` with predicted ``labels``."""
+        fixed = np.divide(sketches, step, dtype=np.float64)
+        np.rint(fixed, out=fixed)
+        np.maximum(fixed, -32767, out=fixed)  # saturating (np.clip costs more per call)
+        np.minimum(fixed, 32767, out=fixed)
+        if len(fixed) == 1:  # one query (most requests): no interleaving needed
+            return _ONE_LABEL.pack(int(labels[0])) + fixed.astype(_VALUE).tobytes()
+        header = np.asarray(labels, _LABEL).view(_VALUE).reshape(len(fixed), 2)
+        return np.concatenate((header, fixed.astype(_VALUE)), axis=1).tobytes()
+
+    @property
+    def nbytes(self) -> int:
+        return self._rows.nbytes + self._labels.nbytes + self._novel.nbytes + 8 * len(self._classes)
+
+    def __len__(self) -> int:
+        return self._count
+
+    def fold(self, records: bytes) -> None:
+        """Take in ``records`` (whole records, oldest first; a leading partial one is skipped)."""
+        size = self._record.itemsize
+        if len(records) == size:  # one record (most requests): no structured decode
+            row = np.frombuffer(records, _VALUE, offset=_LABEL.itemsize)
+            novel = not coverage_within(self._rows, self._count, row, self.limit)
+            self._push(row, _ONE_LABEL.unpack_from(records)[0], novel)
+            return
+        raw = np.frombuffer(records, self._record, offset=len(records) % size)
+        n = len(raw)
+        skip, quiet = max(0, n - 2 * self.window), max(0, n - self.window)
+        self.total += skip
+        values, labels = raw["values"], raw["label"].tolist()
+        if self._count == 0 and quiet > skip:  # a rebuild: the leaving ones in one copy
+            self._fill(values[skip:quiet], raw["label"][skip:quiet])
+            self.total += quiet - skip
+            skip = quiet
+        for i in range(skip, n):
+            row = values[i]
+            novel = i >= quiet and not coverage_within(self._rows, self._count, row, self.limit)
+            self._push(row, labels[i], novel)
+
+    def _push(self, row: np.ndarray, label: int, novel: bool) -> None:
+        if self._count == self.window:  # the oldest leaves
+            slot = self._head
+            self._head = (slot + 1) % self.window
+            if self._novel[slot]:
+                self._count_novel(int(self._labels[slot]), -1)
+        else:
+            slot = self._count
+            if slot == len(self._labels):
+                self._grow()
+            self._count += 1
+        self._rows[slot] = row
+        self._labels[slot] = label
+        self._novel[slot] = novel
+        if novel:
+            self._count_novel(label, 1)
+        self.total += 1
+
+    def _fill(self, rows: np.ndarray, labels: np.ndarray) -> None:
+        """An empty window's first records, none novel (they leave within the fold)."""
+        while len(self._labels) < len(rows):
+            self._grow()
+        count = len(rows)
+        self._rows[:count] = rows
+        self._labels[:count] = labels
+        self._novel[:count] = False
+        self._count, self._head = count, 0
+
+    def _count_novel(self, label: int, change: int) -> None:
+        self.novel_count += change
+        if 0 <= label < MAX_LABEL:
+            if label >= len(self._classes):
+                self._classes.extend([0] * (label + 1 - len(self._classes)))
+            self._classes[label] += change
+
+    def _grow(self) -> None:
+        capacity = min(self.window, 2 * len(self._labels))
+        rows = np.empty((capacity, self.dims), np.int16)
+        rows[: self._count] = self._rows[: self._count]
+        labels = np.empty(capacity, np.int32)
+        labels[: self._count] = self._labels[: self._count]
+        novel = np.zeros(capacity, bool)
+        novel[: self._count] = self._novel[: self._count]
+        self._rows, self._labels, self._novel = rows, labels, novel
+
+    def evidence(self, classes: int) -> Evidence:
+        """Step 2 over the window, the novel records' classes cut or padded to ``classes``."""
+        counts = self._classes[:classes]
+        counts = counts + [0] * (classes - len(counts))
+        return Evidence(self._count, self.novel_count, np.array(counts, np.int64))
+
+    def state(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The window oldest first: fixed-point rows, classes and novelty."""
+        order = (np.arange(self._count) + self._head) % max(self._count, 1)
+        return self._rows[order], self._labels[order], self._novel[order]
+
+
 def nearest(history: np.ndarray, sketch: np.ndarray) -> float:
     """``min_y ||sketch - y||₂`` over the rows of ``history``; infinity when it is empty."""
     if history.shape[0] == 0:
@@ -198,11 +376,21 @@ class Evidence:
     @property
     def entropy(self) -> float:
         """Entropy of the novel queries' classes over ``log C``: 0 (one class) to 1 (even)."""
-        total = int(self.classes.sum())
-        if total == 0 or len(self.classes) < 2:
+        if len(self.classes) > 64:  # many classes: vectorised
+            total = int(self.classes.sum())
+            if total == 0:
+                return 0.0
+            p = self.classes[self.classes > 0] / total
+            return float(-np.sum(p * np.log(p)) / np.log(len(self.classes)))
+        counts = self.classes.tolist()  # a few: per request, cheaper in plain floats
+        total = sum(counts)
+        if total == 0 or len(counts) < 2:
             return 0.0
-        p = self.classes[self.classes > 0] / total
-        return float(-np.sum(p * np.log(p)) / np.log(len(self.classes)))
+        h = 0.0
+        for c in counts:
+            if c > 0:
+                h -= c / total * math.log(c / total)
+        return h / math.log(len(counts))
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -53,6 +53,7 @@ Stealing Attacks Using Deceptive Perturbations", IEEE S&P Workshops 2019
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import itertools
@@ -116,10 +117,11 @@ def check_scores(scores: np.ndarray) -> None:
         raise ValueError(f"scores must be floating point; got {scores.dtype}")
     if scores.size == 0:
         return
-    if not np.isfinite(scores).all() or scores.min() < 0.0 or scores.max() > 1.0:
+    # NaN fails both comparisons (min and max propagate it), and so does an infinity.
+    if not (scores.min() >= 0.0 and scores.max() <= 1.0):
         raise ValueError("scores must be probabilities in [0, 1] (logits are not supported)")
     sums = scores.sum(axis=1, dtype=np.float64)
-    if np.abs(sums - 1.0).max() > SUM_TOLERANCE:
+    if not (sums.min() >= 1.0 - SUM_TOLERANCE and sums.max() <= 1.0 + SUM_TOLERANCE):
         raise ValueError("each row of scores must sum to 1 (softmax probabilities)")
 
 
@@ -231,16 +233,42 @@ def bin_confidence(
     p = scores.astype(np.float64)
     rows = np.arange(p.shape[0])[:, None]
     order = np.argsort(-p, axis=1, kind="stable")
-    p_top = p[rows[:, 0], order[:, 0]]
-    level = np.asarray(confidences, dtype=np.float64)[
-        np.searchsorted(np.asarray(cuts, dtype=np.float64), p_top, side="right")
-    ]
-    steps = np.arange(p.shape[1] - 1)
-    weights = 0.5 ** (steps if ranked is None else np.minimum(steps, ranked))
+    top = order[:, 0]
+    level_of, shares = _bin_tables(tuple(cuts), tuple(confidences), ranked, p.shape[1])
+    level = level_of(p[rows[:, 0], top])
     out = np.empty_like(p)
-    out[rows, order[:, 1:]] = (1.0 - level)[:, None] * (weights / weights.sum())
-    out[rows[:, 0], order[:, 0]] = level
+    out[rows, order[:, 1:]] = (1.0 - level)[:, None] * shares
+    out[rows[:, 0], top] = level
     return out
+
+
+@functools.lru_cache(maxsize=64)
+def _bin_tables(
+    cuts: tuple[float, ...], confidences: tuple[float, ...], ranked: int | None, classes: int
+) -> tuple[Callable[[np.ndarray], np.ndarray], np.ndarray]:
+    """The level of each top probability, and the shares of the rest by rank, made once
+    per setting and class count (a request's rows are few: the setup would dominate)."""
+    edges = np.asarray(cuts, dtype=np.float64)
+    levels = np.asarray(confidences, dtype=np.float64)
+    steps = np.arange(classes - 1)
+    weights = 0.5 ** (steps if ranked is None else np.minimum(steps, ranked))
+    shares = weights / weights.sum()
+    shares.flags.writeable = False
+    if not len(edges):
+        return (lambda top: np.full(top.shape, levels[0])), shares
+    return (lambda top: levels[np.searchsorted(edges, top, side="right")]), shares
+
+
+@functools.lru_cache(maxsize=64)
+def levels_lead(
+    confidences: tuple[float, ...], ranked: int | None, classes: int, dtype: np.dtype[Any]
+) -> bool:
+    """Whether every level stays strictly above the second class's share once cast to
+    ``dtype``: then :func:`bin_confidence`'s top is the model's argmax already (both
+    take the lowest index among ties) and :func:`keep_top1` would change nothing."""
+    _, shares = _bin_tables((), (1.0,), ranked, classes)
+    kind = dtype.type
+    return all(kind(level) > kind((1.0 - level) * shares[0]) for level in confidences)
 
 
 def _sigmoid(z: np.ndarray) -> np.ndarray:
@@ -508,7 +536,8 @@ class ConfidenceBins:
     def apply(self, scores: np.ndarray, rng: Rng | None = None) -> np.ndarray:
         check_scores(scores)
         released = bin_confidence(scores, self.cuts, self.confidences, self.ranked)
-        return _finish(released, scores, True)
+        led = levels_lead(self.confidences, self.ranked, scores.shape[1], scores.dtype)
+        return _finish(released, scores, not led)
 
     def fingerprint(self) -> str:
         return _fingerprint(self)

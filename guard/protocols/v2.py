@@ -44,6 +44,7 @@ _OUTPUT_KEYS = frozenset({"name", "parameters"})
 _DUMPS = orjson.OPT_SERIALIZE_NUMPY
 # Per-tensor parameters that frame the binary extension, not the tensor: never passed on.
 _FRAMING = frozenset({"binary_data_size", "binary_data"})
+_NONE: dict[str, Any] = {}  # a tensor without parameters (read only)
 
 __all__ = [
     "HEADER_LENGTH",
@@ -206,8 +207,8 @@ def _tensors(
         if name in tensors:
             raise RequestError(f"{field}[{i}].name: duplicate tensor name {name!r}")
         tensors[name] = array
-        if parameters is not None:
-            own = {k: v for k, v in entry.get("parameters", {}).items() if k not in _FRAMING}
+        if parameters is not None and entry.get("parameters"):
+            own = {k: v for k, v in entry["parameters"].items() if k not in _FRAMING}
             if own:
                 _encodable(own, field=f"{field}[{i}].parameters")
                 parameters[name] = own
@@ -228,7 +229,8 @@ def _decode_tensor(
         raise RequestError(f"{field}.datatype: must be a string; got {show(datatype)}")
     dtype_of(datatype, field=f"{field}.datatype")
     shape = check_shape(entry.get("shape"), field=f"{field}.shape")
-    parameters = _object(entry.get("parameters"), field=f"{field}.parameters")
+    given = entry.get("parameters")
+    parameters = _object(given, field=f"{field}.parameters") if given is not None else _NONE
     size = parameters.get("binary_data_size")
     if size is not None:
         if "data" in entry:

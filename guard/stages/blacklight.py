@@ -37,11 +37,12 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from guard.defenses.blacklight import Fingerprinter, FingerprintKey
-from guard.pipeline import RequestContext, Verdict
+from guard.pipeline import RequestContext, Verdict, ensure_prepared
 from guard.stages import scale
 from guard.stages.detector import Enforcement, MisdirectOptions, input_rows
 from guard.stages.env import StageEnv
 from guard.stages.options import Duration, OptionError, OptionsStage, option
+from guard.state import together
 
 TECHNIQUE = "AML.T0043"  # Craft Adversarial Data (black-box evasion probes)
 MAX_PER_HASH = 256  # postings kept per hash: a hash common to many queries says little
@@ -131,11 +132,12 @@ class Blacklight(OptionsStage[BlacklightOptions]):
             "technique": TECHNIQUE,
         }
 
-    async def on_request(self, ctx: RequestContext) -> Verdict:
+    async def prepare_request(self, ctx: RequestContext) -> None:
         o = self.options
         rows = input_rows(ctx, o.input)
-        await self.enforcement.honour_marks(ctx, rows, o.input)
-        results = await self.enforcement.store.match_fingerprints(
+        store = self.enforcement.store
+        marks = self.enforcement.honour_marks(ctx, rows, o.input)
+        matched = store.match_fingerprints(
             self.table,
             ctx.client.name,
             self.fingerprinter(rows),
@@ -146,6 +148,15 @@ class Blacklight(OptionsStage[BlacklightOptions]):
             ttl_s=o.ttl,
             max_per_hash=MAX_PER_HASH,
         )
+        _, ctx.stage_state[self.name] = await together(store, marks, matched)
+
+    async def on_request(self, ctx: RequestContext) -> Verdict:
+        await ensure_prepared(self, "prepare_request", ctx)
+        results = ctx.stage_state.pop(self.name, None)
+        if results is None:  # the store failed and on_error is open: served, flagged
+            return Verdict.CONTINUE
+        o = self.options
+        rows = input_rows(ctx, o.input)
         fresh = [r for r in results if not r.repeat]
         if not fresh:
             return Verdict.CONTINUE

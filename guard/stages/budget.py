@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from guard.errors import RateLimited
-from guard.pipeline import RequestContext, Verdict
+from guard.pipeline import RequestContext, Verdict, ensure_prepared
 from guard.stages.detector import DetectorOptions, Enforcement
 from guard.stages.env import StageEnv
 from guard.stages.options import Duration, OptionError, OptionsStage, format_duration, option
@@ -70,12 +70,12 @@ class Budget(OptionsStage[BudgetOptions]):
         super().__init__(options, env)
         self.enforcement = Enforcement.of(options, env, stage=self.name, technique=TECHNIQUE)
 
-    async def on_request(self, ctx: RequestContext) -> Verdict:
+    async def prepare_request(self, ctx: RequestContext) -> None:
         await self.enforcement.honour_marks(ctx)
         limits = self.options.limits
         amount = self._rows(ctx) if self.options.count == "rows" else 1
         store, client, model = self.enforcement.store, ctx.client.name, self.enforcement.model
-        counts = await together(
+        ctx.stage_state[self.name] = await together(
             store,
             *(
                 store.incr(
@@ -84,6 +84,13 @@ class Budget(OptionsStage[BudgetOptions]):
                 for q in limits
             ),
         )
+
+    async def on_request(self, ctx: RequestContext) -> Verdict:
+        await ensure_prepared(self, "prepare_request", ctx)
+        counts = ctx.stage_state.pop(self.name, None)
+        if counts is None:  # the store failed and on_error is open: served, flagged
+            return Verdict.CONTINUE
+        limits = self.options.limits
         exceeded = [
             (q, n, reset) for q, (n, reset) in zip(limits, counts, strict=True) if n > q.queries
         ]

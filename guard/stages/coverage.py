@@ -20,11 +20,20 @@ scores turning one-hot are a sign of their own; ``misdirect`` shows none.
 
 Finding: ``score`` the novel queries in the window (pooled ones for a split
 extraction), ``threshold`` ``min_novel`` or ``max_novel``; technique AML.T0024.002.
-Cost per request: one read and one append of the client's window, kept as one byte
-log (``4 + 2 × dims`` bytes a query: :meth:`~guard.state.base.StateStore.append_bytes`),
-and one distance per kept query (``window`` × ``dims``). The pool (one model-wide
-history of at most 512 entries) is read and written only by clients already shaped like a
-shard, every ``every`` of their queries.
+Cost per request: one :meth:`LogViews.append <guard.state.views.LogViews.append>` (one
+round trip on Redis) of the request's records to the client's offset log (``4 + 2 × dims``
+bytes a query: its predicted class and fixed-point sketch, raw facts only; the log keeps
+the newest ``2 × window`` records, so that a window rebuilt from it, on another replica or
+after this process dropped its copy, is the one kept up to date here), then, per row, one
+exact scan of the window for a near query (:func:`guard._native.coverage_within`, each
+row's distance abandoned once past the radius) and the window's counts moved by the query
+entering and the one leaving. This process keeps each client's decoded window (about
+``2 × dims × window`` bytes, at most :data:`VIEW_BYTES` per input width, least recently
+used dropped first: a dropped window costs one rebuild of at most ``window`` scans, never
+a different answer). Replicas folding the same log in the same order decide alike. The
+pool (one model-wide history of at most 512 entries) is read and written only by clients
+already shaped like a shard, every ``every`` of their queries (counted by the window:
+from the log's start, or from its kept records when it was rebuilt from a trimmed log).
 Failure mode: as ``on_error`` says (default closed: 503 when the state store is down).
 """
 
@@ -40,23 +49,25 @@ import orjson
 from guard.defenses.coverage import (
     STEPS_PER_RADIUS,
     Evidence,
-    History,
     Shard,
     Sketch,
     Thresholds,
+    Window,
     calibrate_radius,
     union,
 )
 from guard.inference import InferResponse
-from guard.pipeline import Action, RequestContext, Verdict
+from guard.pipeline import Action, RequestContext, Verdict, ensure_prepared
 from guard.stages.detector import Enforcement, MisdirectOptions, input_rows
 from guard.stages.env import StageEnv
 from guard.stages.options import Duration, OptionError, OptionsStage, option
 from guard.stages.shared import OUTPUT_DOC, predicted
-from guard.state import client_key, hash_tag, together
+from guard.state import client_key, hash_tag
+from guard.state.views import LogViews
 
 TECHNIQUE = "AML.T0024.002"  # Exfiltration via ML Inference API: Extract ML Model
 POOL_CAP = 512  # entries: the newest of each pooled client counts; a read stays cheap
+VIEW_BYTES = 64 << 20  # this process's decoded windows, per input width (LogViews' bound)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -154,44 +165,48 @@ class Coverage(OptionsStage[CoverageOptions]):
         self.enforcement = Enforcement.of(options, env, stage=self.name, technique=TECHNIQUE)
         self.clock = time.time
         self._sketches: dict[int, Sketch] = {}
+        self._windows: dict[int, LogViews[Window]] = {}
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "radius": round(self.radius, 6)}  # calibrated if need be
 
-    async def on_request(self, ctx: RequestContext) -> Verdict:
+    async def prepare_request(self, ctx: RequestContext) -> None:
         name = self.options.input
         rows = input_rows(ctx, name) if self.enforcement.misdirects else None
         await self.enforcement.honour_marks(ctx, rows, name)
-        return Verdict.CONTINUE
 
-    async def on_response(self, ctx: RequestContext) -> Verdict:
+    async def prepare_response(self, ctx: RequestContext) -> None:
         if ctx.response is None:
-            return Verdict.CONTINUE
+            return
         o = self.options
         x = input_rows(ctx, o.input)
         if x.shape[0] == 0:
-            return Verdict.CONTINUE
+            return
         labels, classes = self._labels(ctx.response, x.shape[0])
-        sketch = self._sketch(x.shape[1])
-        sketches = sketch(x)
+        sketches = self._sketch(x.shape[1])(x)
         dims = sketches.shape[1]
-        store, client = self.enforcement.store, ctx.client.name
-        key = self._key(client, f"h{dims}")  # the sketch's width names the layout
-        step = self.radius / STEPS_PER_RADIUS
-        history = History.decode(await store.read_bytes(key), dims, step, spare=len(x))
-        history.keep(o.window)
-        records = b"".join(
-            History.encode(row, label, history.observe(row, label, self.radius, o.window), step)
-            for row, label in zip(sketches, labels.tolist(), strict=True)
+        records = Window.encode(sketches, labels, self.radius / STEPS_PER_RADIUS)
+        key = self._key(ctx.client.name, f"w{dims}")  # the sketch's width names the layout
+        window = await self._views(dims).append(
+            self.enforcement.store, key, records, 2 * o.window * Window.record_size(dims), o.ttl
         )
-        count, _ = (
-            await together(
-                store,
-                store.append_bytes(key, records, o.window * History.record_size(dims), o.ttl),
-                store.incr(self._key(client, "n"), x.shape[0], o.ttl),
-            )
-        )[1]
-        evidence = history.evidence(classes)
+        ctx.stage_state[self.name] = window, classes
+
+    async def on_request(self, ctx: RequestContext) -> Verdict:
+        await ensure_prepared(self, "prepare_request", ctx)
+        return Verdict.CONTINUE
+
+    async def on_response(self, ctx: RequestContext) -> Verdict:
+        await ensure_prepared(self, "prepare_response", ctx)
+        prepared = ctx.stage_state.pop(self.name, None)
+        if prepared is None:  # no rows, or the store failed and on_error is open
+            return Verdict.CONTINUE
+        window, classes = prepared
+        o = self.options
+        x = input_rows(ctx, o.input)
+        evidence = window.evidence(classes)
+        count = window.total
+        client = ctx.client.name
         t = self.thresholds
         if t.judge(evidence):
             limit = t.max_novel if evidence.novel >= t.max_novel else t.min_novel
@@ -237,6 +252,16 @@ class Coverage(OptionsStage[CoverageOptions]):
         width = len(evidence.classes)
         shards = [s for s in shards if len(s.evidence.classes) == width]
         return union(shards, self.thresholds, since=now - self.options.period)
+
+    def _views(self, dims: int) -> LogViews[Window]:
+        """This process's windows of ``dims``-wide sketches, one per client."""
+        found = self._windows.get(dims)
+        if found is None:
+            window = self.options.window
+            found = self._windows[dims] = LogViews(
+                lambda: Window(dims, window), max_bytes=VIEW_BYTES
+            )
+        return found
 
     def _sketch(self, features: int) -> Sketch:
         found = self._sketches.get(features)

@@ -18,13 +18,22 @@ stages and timing, only the backend sees other inputs. A row's anchor is the
 earliest of the client's recent rows within ``radius``; the rows expire ``1h`` after
 the last request, or twice ``degrade_for`` if longer. A marked client's rows are not
 added: its anchors stay those it had when it was caught.
+
+The rows are an offset log per client, model and row width
+(``{client}:rows:<model>:<width>``, float32 records, the last ``history`` kept, at most
+256 KiB), remembered by the first misdirecting detector of a request with one
+``append_log``; each detector keeps a view of them in this process
+(:class:`AnchorView`, :class:`~guard.state.views.LogViews`), so misdirecting a marked
+client reads only the rows it has not folded yet, not the whole history.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Literal
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Generic, Literal, TypeVar
 
 import numpy as np
 
@@ -35,8 +44,16 @@ from guard.stages.env import StageEnv
 from guard.stages.options import Duration, option
 from guard.stages.shared import request_input
 from guard.state import StateStore, client_key
+from guard.state.views import LogView, LogViews
 
-__all__ = ["DetectorOptions", "Enforcement", "MisdirectOptions", "input_rows"]
+__all__ = [
+    "AnchorView",
+    "DetectorOptions",
+    "Enforcement",
+    "MisdirectOptions",
+    "WidthViews",
+    "input_rows",
+]
 
 ACTIONS_BUT_MISDIRECT = tuple(a for a in ACTIONS if a != Action.MISDIRECT.value)
 
@@ -96,6 +113,70 @@ def input_rows(ctx: RequestContext, name: str | None) -> np.ndarray:
 
 HISTORY_BYTES = 256 << 10  # misdirection anchors kept per client and model, at most
 _HISTORY_ROW = np.dtype("<f4")
+VIEW_BYTES = 64 << 20  # this process's views of one stage's logs of one row width, at most
+WIDTHS = 4  # row widths whose views a stage keeps (a model has one, usually)
+
+V = TypeVar("V", bound=LogView)
+
+
+class WidthViews(Generic[V]):
+    """A stage's :class:`~guard.state.views.LogViews`, one per row width (records of one
+    width a log), the ``WIDTHS`` most recently used kept; ``make(width)`` makes a view."""
+
+    def __init__(self, make: Callable[[int], V], max_bytes: int = VIEW_BYTES) -> None:
+        self._make, self.max_bytes = make, max_bytes
+        self._views: OrderedDict[int, LogViews[V]] = OrderedDict()
+
+    def of(self, width: int) -> LogViews[V]:
+        views = self._views.get(width)
+        if views is None:
+            views = self._views[width] = LogViews(
+                lambda: self._make(width), max_bytes=self.max_bytes
+            )
+            if len(self._views) > WIDTHS:
+                self._views.popitem(last=False)
+        self._views.move_to_end(width)
+        return views
+
+
+class AnchorView:
+    """A client's remembered rows (float32 records), the last ``cap`` kept in a ring."""
+
+    __slots__ = ("width", "cap", "rows", "held", "head")
+
+    def __init__(self, width: int, cap: int) -> None:
+        self.width, self.cap = width, cap
+        self.rows = np.empty((min(cap, 16), width), dtype=_HISTORY_ROW)
+        self.held = 0  # rows kept; the oldest is at ``head`` once the ring is full
+        self.head = 0
+
+    @property
+    def nbytes(self) -> int:
+        return self.rows.nbytes
+
+    def fold(self, records: bytes) -> None:
+        new = np.frombuffer(records, dtype=_HISTORY_ROW).reshape(-1, self.width)[-self.cap :]
+        held, k = self.held, len(new)
+        if held < self.cap:  # filling: rows go after the held ones, the ring grown to fit
+            take = min(k, self.cap - held)
+            if held + take > len(self.rows):
+                grown = np.empty(
+                    (min(self.cap, max(2 * held, held + take)), self.width), _HISTORY_ROW
+                )
+                grown[:held] = self.rows[:held]
+                self.rows = grown
+            self.rows[held : held + take] = new[:take]
+            self.held = held = held + take
+            new = new[take:]
+        for row in new:  # full: each row takes the oldest one's place
+            self.rows[self.head] = row
+            self.head = (self.head + 1) % self.cap
+
+    def history(self) -> np.ndarray:
+        """The kept rows, oldest first."""
+        if self.held < self.cap:
+            return self.rows[: self.held]
+        return np.concatenate((self.rows[self.head :], self.rows[: self.head]))
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -110,6 +191,12 @@ class Enforcement:
     store: StateStore
     radius: float | None = None
     history: int = 256
+    # this process's views of the clients' remembered rows (made here, never passed)
+    anchors: WidthViews[AnchorView] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        made = WidthViews(lambda width: AnchorView(width, self._cap(width)))
+        object.__setattr__(self, "anchors", made)
 
     @classmethod
     def of(
@@ -138,8 +225,8 @@ class Enforcement:
     def misdirect_key(self, client: str) -> str:
         return client_key(client, "misdirect", self.model)
 
-    def rows_key(self, client: str) -> str:
-        return client_key(client, "rows", self.model)
+    def rows_key(self, client: str, width: int) -> str:
+        return client_key(client, "rows", self.model, str(width))
 
     async def honour_marks(
         self, ctx: RequestContext, rows: np.ndarray | None = None, input_name: str | None = None
@@ -200,35 +287,33 @@ class Enforcement:
     def _cap(self, width: int) -> int:
         return max(8, min(self.history, HISTORY_BYTES // max(1, width * _HISTORY_ROW.itemsize)))
 
+    def _ttl(self) -> float:
+        return max(2 * self.degrade_for, 3600.0)
+
+    async def _anchors(self, ctx: RequestContext, rows: np.ndarray) -> AnchorView:
+        """Append ``rows`` (none: read) to the client's remembered rows; their view."""
+        width = rows.shape[1]
+        data = np.ascontiguousarray(rows, dtype=_HISTORY_ROW).tobytes()
+        key, size = self.rows_key(ctx.client.name, width), self._cap(width) * width * 4
+        return await self.anchors.of(width).append(self.store, key, data, size, self._ttl())
+
     async def _remember(self, ctx: RequestContext, rows: np.ndarray) -> None:
         """Append the request's rows to the client's history (once per request)."""
         if ctx.stage_state.get("misdirect:remembered") or not len(rows):
             return
         ctx.stage_state["misdirect:remembered"] = True
-        items = [np.asarray(r, dtype=_HISTORY_ROW).tobytes() for r in rows]
-        ttl = max(2 * self.degrade_for, 3600.0)
-        await self.store.push(self.rows_key(ctx.client.name), items, self._cap(rows.shape[1]), ttl)
+        await self._anchors(ctx, rows)
 
     async def _misdirect(
         self, ctx: RequestContext, rows: np.ndarray, input_name: str | None
     ) -> int:
         """Answer this request from the rows' anchors (see :mod:`guard.defenses.misdirect`);
         return how many rows that changed (0: the request goes through as sent)."""
-        width = rows.shape[1]
-        held = [
-            np.frombuffer(item, dtype=_HISTORY_ROW)
-            for item in await self.store.items(self.rows_key(ctx.client.name))
-        ]
-        held = [h for h in held if h.size == width]
-        if not held:  # nothing remembered (expired): this request's rows become the anchors
-            await self.store.push(
-                self.rows_key(ctx.client.name),
-                [np.asarray(r, dtype=_HISTORY_ROW).tobytes() for r in rows],
-                self._cap(width),
-                max(2 * self.degrade_for, 3600.0),
-            )
-        history = np.stack(held) if held else np.zeros((0, width), dtype=np.float32)
-        anchors = anchor_rows(history, rows, self.radius)
+        view = await self._anchors(ctx, rows[:0])
+        if not view.held:  # nothing remembered (expired): this request's rows become the anchors
+            await self._anchors(ctx, rows)
+            return 0
+        anchors = anchor_rows(view.history(), rows, self.radius)
         changed = int(np.any(anchors != np.asarray(rows, dtype=np.float32), axis=1).sum())
         if changed:
             name = input_name if input_name is not None else next(iter(ctx.request.inputs))

@@ -12,31 +12,44 @@ Keys: :class:`ProvenanceOptions` (docs/stage-options.md).
 
 Finding: ``score`` the rows of the longest chain the request joined, ``threshold``
 ``links``, the message the nearest distance. Technique AML.T0043. Failure mode:
-``on_error`` (default closed: 503 when the state store is down). Several
-replicas may update one client's history at once; each push is atomic, the
-read-then-push is not, which at worst delays a finding by a query or two.
+``on_error`` (default closed: 503 when the state store is down).
+
+State: per client and row width an offset log of its rows
+(``{client}:provenance:<model>:<width>``, float16 records, the last ``history`` kept,
+expiring ``ttl`` after the last query) and, in this process, a
+:class:`~guard.defenses.provenance.ChainView` of it kept by
+:class:`~guard.state.views.LogViews`. A request costs one ``append_log`` (one round
+trip, overlapping those of the misdirection marks) and folds only the records this
+process had not seen: other replicas' rows since its last request, then its own, in the
+log's order, so every replica derives the same chains (named by the rows that start
+them, never drawn at random). A view this process lost (evicted, the log trimmed past
+it, expired) is rebuilt from the kept log: a chain whose first rows were trimmed then
+restarts at its oldest kept row, which can only lower a count. Rows the view already
+holds are not appended (a repeat another replica sent meanwhile is appended, and folded
+as a repeat: nothing). Rows float16 cannot hold (NaN, beyond +-65504) are never linked.
 """
 
 from __future__ import annotations
 
-import os
+import weakref
 from dataclasses import dataclass
 
-import numpy as np
-
-from guard.defenses.provenance import link_rows
-from guard.pipeline import RequestContext, Verdict
+from guard.defenses.provenance import ROW, ChainView, canonical
+from guard.pipeline import RequestContext, Verdict, ensure_prepared
 from guard.stages import scale
-from guard.stages.detector import HISTORY_BYTES, Enforcement, MisdirectOptions, input_rows
+from guard.stages.detector import (
+    HISTORY_BYTES,
+    Enforcement,
+    MisdirectOptions,
+    WidthViews,
+    input_rows,
+)
 from guard.stages.env import StageEnv
 from guard.stages.options import Duration, OptionsStage, option
-from guard.state import client_key
+from guard.state import client_key, together
+from guard.state.views import LogViews
 
 TECHNIQUE = "AML.T0043"  # Craft Adversarial Data
-_ROW = np.dtype("<f2")
-_CHAIN = 8  # bytes of a chain id (random)
-# float16 -> float32 by table lookup: twice as fast as numpy's cast, bit for bit the same.
-_WIDEN = np.arange(1 << 16, dtype=np.uint16).view(_ROW).astype(np.float32)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -73,50 +86,62 @@ class Provenance(OptionsStage[ProvenanceOptions]):
     def __init__(self, options: ProvenanceOptions, env: StageEnv) -> None:
         super().__init__(options, env)
         self.enforcement = Enforcement.of(options, env, stage=self.name, technique=TECHNIQUE)
+        # Per row width: this process's views of the clients' logs, and (weakly) the last
+        # view each key returned, to leave out rows the view already holds before appending.
+        self._views = WidthViews(lambda width: ChainView(width, self.cap(width), options.distance))
+        self._latest: weakref.WeakValueDictionary[str, ChainView] = weakref.WeakValueDictionary()
 
-    def key(self, client: str) -> str:
-        return client_key(client, "provenance", self.enforcement.model)
+    def key(self, client: str, width: int) -> str:
+        return client_key(client, "provenance", self.enforcement.model, str(width))
 
-    async def on_request(self, ctx: RequestContext) -> Verdict:
+    def cap(self, width: int) -> int:
+        """Rows kept per client at ``width`` values a row."""
+        return max(8, min(self.options.history, HISTORY_BYTES // (ROW.itemsize * width)))
+
+    def views(self, width: int) -> LogViews[ChainView]:
+        """This process's views of the logs of ``width``-value rows."""
+        return self._views.of(width)
+
+    async def prepare_request(self, ctx: RequestContext) -> None:
         o = self.options
         rows = input_rows(ctx, o.input)
-        await self.enforcement.honour_marks(ctx, rows, o.input)
-        if not len(rows):
-            return Verdict.CONTINUE
-        store = self.enforcement.store
+        marks = self.enforcement.honour_marks(ctx, rows, o.input)
         width = rows.shape[1]
-        size = _CHAIN + _ROW.itemsize * width
-        key = self.key(ctx.client.name)
-        held = [item for item in await store.items(key) if len(item) == size]
-        record = np.dtype([("chain", f"V{_CHAIN}"), ("row", _ROW, (width,))])
-        stored = np.frombuffer(b"".join(held), dtype=record)  # one copy, no slice per item
-        chains: list[bytes] = stored["chain"].tolist()
-        rounded = rows.astype(_ROW)
-        links = link_rows(np.take(_WIDEN, stored["row"].view(np.uint16)), rounded, o.distance)
-        fresh = []
-        joined: list[bytes] = []
-        for link, row in zip(links, rounded, strict=True):
-            chain = chains[link.parent] if link.parent >= 0 else b""
-            chains.append(chain)  # a batch row's place, whatever it is
-            if link.repeat:
-                continue
-            if not link.linked:
-                chain = os.urandom(_CHAIN)  # the first row of a new chain
-                chains[-1] = chain
-            else:
-                joined.append(chain)
-            fresh.append(chain + row.tobytes())
+        key = self.key(ctx.client.name, width)
+        size = ROW.itemsize * width
+        data = canonical(rows).tobytes()
+        known = self._latest.get(key)
+        fresh: dict[bytes, None] = {}  # the rows to append: neither kept nor earlier in the batch
+        for i in range(0, len(data), size):
+            record = data[i : i + size]
+            if known is None or known.find(record) < 0:
+                fresh[record] = None
         if not fresh:
+            await marks
+            return
+        append = data if len(fresh) * size == len(data) else b"".join(fresh)
+        store = self.enforcement.store
+        appended = self.views(width).append(store, key, append, self.cap(width) * size, o.ttl)
+        _, view = await together(store, marks, appended)  # a remote store: round trips overlap
+        self._latest[key] = view
+        ctx.stage_state[self.name] = view, fresh
+
+    async def on_request(self, ctx: RequestContext) -> Verdict:
+        await ensure_prepared(self, "prepare_request", ctx)
+        prepared = ctx.stage_state.pop(self.name, None)
+        if prepared is None:  # nothing new, or the store failed and on_error is open
             return Verdict.CONTINUE
-        cap = max(8, min(o.history, HISTORY_BYTES // size))
-        await store.push(key, fresh, cap, o.ttl)
-        if not joined:
-            return Verdict.CONTINUE
-        kept = [item[:_CHAIN] for item in (held + fresh)[-cap:]]
-        score = max(kept.count(chain) for chain in set(joined))
+        view, fresh = prepared
+        o = self.options
+        rows = input_rows(ctx, o.input)
+        score, nearest = 0, float("inf")
+        for record in fresh:
+            slot = view.find(record)
+            if slot >= 0 and view.linked[slot]:
+                score = max(score, view.chain_rows(slot))
+                nearest = min(nearest, float(view.nearest[slot]))
         if score < o.links:
             return Verdict.CONTINUE
-        nearest = min(link.nearest for link in links if link.linked)
         return await self.enforcement.report(
             ctx,
             f"a chain of {score} of this client's recent queries, each within "

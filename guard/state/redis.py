@@ -68,6 +68,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from guard.errors import StateUnavailable
 from guard.state import SentinelConfig
 from guard.state.base import LOG_START_BITS, FingerprintMatch, client_key, hash_tag
+from guard.state.resp import RespClient, lean_url
 
 __all__ = ["FINGERPRINT_SCOPES", "RedisStore"]
 
@@ -351,6 +352,14 @@ class RedisStore:
             # Slots of a dead node fail; the others are served (the server decides too:
             # cluster-require-full-coverage).
             self._redis = RedisCluster.from_url(url, require_full_coverage=False, **options)
+        elif lean_url(url):  # one plain server: our own pipelined client (guard/state/resp.py)
+            credentials = {"username": username, "password": password}
+            self._redis = RespClient.from_url(
+                url,
+                timeout=timeout,
+                max_pending=max_connections,
+                **{k: v for k, v in credentials.items() if v is not None},
+            )
         else:
             self._redis = aioredis.Redis.from_url(url, **options)
         self._incr = self._redis.register_script(_INCR)

@@ -16,7 +16,7 @@ by them, and hides their cost). Targets, each its own process on loopback:
                    policy's stages, memory state: compared with ``model``
 ``guard-<stage>``  the guard with that one stage of the default policy
 ``...-w2``         (``--workers``) ``guard-none`` and ``guard-redis`` with ``--workers 2``
-``...@baseline``   (``--baseline DIR``) ``guard`` and ``guard-redis`` run from another
+``...@baseline``   (``--baseline DIR``) ``guard``, ``guard-none``, ``guard-redis`` run from another
                    checkout (an earlier commit, its kernels built), in the same rounds
 
 At ``--connections`` (32) the figure is each proxy's throughput over the
@@ -514,7 +514,7 @@ def targets_of(args: argparse.Namespace) -> list[str]:
     if args.workers:  # 2 workers: stateless (no stage), and the default policy on Redis
         targets += ["guard-none-w2"] + (["guard-redis-w2"] if "guard-redis" in targets else [])
     if args.baseline:
-        targets += [t + BASELINE for t in ("guard", "guard-redis") if t in targets]
+        targets += [t + BASELINE for t in ("guard", "guard-none", "guard-redis") if t in targets]
     if not args.no_stages:
         targets += [f"guard-{s}" for s in STAGES]
     return targets

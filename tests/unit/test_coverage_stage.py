@@ -112,10 +112,10 @@ async def test_an_honest_mix_is_not_found() -> None:
     stage = build(action="deny")
     _, contexts = await run(stage, honest(600))
     assert found(contexts) == []
-    history = await stage.enforcement.store.read_bytes(
-        client_key("alice", "coverage", "digits", "h64")
+    _, log = await stage.enforcement.store.append_log(
+        client_key("alice", "coverage", "digits", "w64"), b"", 1 << 20, 60.0, None
     )
-    assert len(history) == 600 * (4 + 2 * 64)
+    assert len(log) == 600 * (4 + 2 * 64)  # one record a query: its class and fixed-point row
 
 
 async def test_padding_with_repeats_is_caught_at_max_novel() -> None:

@@ -13,10 +13,12 @@ from guard.errors import PolicyError, StateUnavailable
 from guard.inference import InferRequest, InferResponse
 from guard.pipeline import Action, BaseStage, Pipeline, RequestContext, Verdict, label_only
 from guard.stages.budget import Budget
-from guard.stages.detector import DetectorOptions, Enforcement
+from guard.stages.detector import AnchorView, DetectorOptions, Enforcement
 from guard.stages.env import StageEnv
 from guard.stages.options import read_options
 from guard.state.memory import MemoryStore
+from guard.state.redis import RedisStore
+from tests.integration.redis_server import RedisServer
 
 
 class DeadStore(MemoryStore):
@@ -34,8 +36,9 @@ class Backend:
         )
 
 
-def context() -> RequestContext:
-    request = InferRequest(model_name="m", inputs={"input": np.zeros((2, 4), np.float32)})
+def context(x: np.ndarray | None = None) -> RequestContext:
+    x = np.zeros((2, 4), np.float32) if x is None else x
+    request = InferRequest(model_name="m", inputs={"input": x})
     return RequestContext(request_id="r", model="m", client=Client("alice"), request=request)
 
 
@@ -153,3 +156,49 @@ def read_degrade_for(value: Any) -> float:
     env = StageEnv(model="m", backend=None, local=None, metadata=None)
     section = Section({"degrade_for": value}, source="p.yaml")
     return read_options(DetectorOptions, section, env).degrade_for
+
+
+def test_anchor_views_keep_the_last_rows_oldest_first() -> None:
+    rng = np.random.default_rng(0)
+    rows = rng.normal(size=(50, 5)).astype(np.float32)
+    folded, rebuilt = AnchorView(5, 20), AnchorView(5, 20)
+    at = 0
+    while at < len(rows):  # requests of 1 to 7 rows
+        end = min(len(rows), at + int(rng.integers(1, 8)))
+        folded.fold(rows[at:end].tobytes())
+        np.testing.assert_array_equal(folded.history(), rows[max(0, end - 20) : end])
+        at = end
+    rebuilt.fold(rows.tobytes())
+    np.testing.assert_array_equal(rebuilt.history(), folded.history())
+
+
+async def test_anchors_remembered_by_one_replica_misdirect_on_another(
+    redis_server: RedisServer,
+) -> None:
+    # Two replicas (two Enforcements, one Redis store): rows remembered through one are the
+    # anchors the other answers a marked client from; the marked client's rows are not added.
+    store = RedisStore(redis_server.url, key_prefix="d:", timeout=5.0)
+    try:
+        one, two = (
+            Enforcement(
+                stage="provenance",
+                model="digits",
+                action=Action.MISDIRECT,
+                degrade_for=60.0,
+                technique=None,
+                store=store,
+            )
+            for _ in range(2)
+        )
+        walk = np.random.default_rng(1).uniform(0, 16, (4, 64)).astype(np.float32)
+        for replica, row in zip([one, two, one], walk[:3], strict=True):
+            await replica.honour_marks(context(row[None]), row[None], "input")
+        await store.mark(one.misdirect_key("alice"), 60.0)
+        for replica in (two, one, two):
+            ctx = context(walk[3:])
+            await replica.honour_marks(ctx, walk[3:], "input")
+            np.testing.assert_array_equal(ctx.substitute["input"], walk[:1])  # the oldest row
+        view = await two._anchors(context(walk[:1]), walk[:0])
+        np.testing.assert_array_equal(view.history(), walk[:3])
+    finally:
+        await store.close()

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import numpy as np
 import pytest
 
 from guard.clients import Client
-from guard.errors import Denied, Overloaded
+from guard.configreader import Section
+from guard.errors import Denied, Overloaded, RateLimited
 from guard.inference import InferRequest, InferResponse, ModelMetadata
-from guard.pipeline import Action, BaseStage, Pipeline, RequestContext, Verdict
+from guard.pipeline import Action, BaseStage, Pipeline, RequestContext, Verdict, ensure_prepared
+from guard.stages.budget import Budget
+from guard.stages.env import StageEnv
+from guard.state.memory import MemoryStore
 
 
 class Recorder(BaseStage):
@@ -151,3 +157,83 @@ async def test_stage_time_is_recorded() -> None:
     assert set(ctx.stage_seconds) == {"a"}
     assert ctx.stage_seconds["a"] >= 0
     assert ctx.upstream_seconds is not None
+
+
+class Preparing(BaseStage):
+    """A stage with a state round trip of ``wait`` seconds on each side."""
+
+    def __init__(
+        self,
+        name: str,
+        log: list[str],
+        wait: float = 0.0,
+        fails: bool = False,
+        respond: bool = False,
+    ) -> None:
+        self.name, self.log, self.wait, self.fails, self.respond = name, log, wait, fails, respond
+
+    async def prepare_request(self, ctx: RequestContext) -> None:
+        self.log.append(f"{self.name}.prepare")
+        await asyncio.sleep(self.wait)
+        self.log.append(f"{self.name}.prepared")
+        if self.fails:
+            raise RuntimeError(f"{self.name} store down")
+        ctx.stage_state[self.name] = "ready"
+
+    async def on_request(self, ctx: RequestContext) -> Verdict:
+        self.log.append(f"{self.name}.request:{ctx.stage_state.get(self.name)}")
+        if self.respond:
+            ctx.response = InferResponse(model_name="m", outputs={"y": np.zeros(1)})
+            return Verdict.RESPOND
+        return Verdict.CONTINUE
+
+    async def prepare_response(self, ctx: RequestContext) -> None:
+        self.log.append(f"{self.name}.prepare_response")
+        await asyncio.sleep(self.wait)
+
+
+@pytest.mark.parametrize("concurrent", [False, True])
+async def test_prepare_hooks_run_together_after_the_stages_before_them(concurrent: bool) -> None:
+    log: list[str] = []
+    stages = [RequestOnly(log), Preparing("a", log, 0.01), Preparing("b", log, 0.0)]
+    await Pipeline(stages, concurrent=concurrent).run(_ctx(), EchoBackend(log))
+    together = ["a.prepare", "b.prepare", "b.prepared", "a.prepared"]  # b's wait is shorter
+    in_turn = ["a.prepare", "a.prepared", "b.prepare", "b.prepared"]
+    assert log == [
+        "request_only.request",
+        *(together if concurrent else in_turn),
+        "a.request:ready",
+        "b.request:ready",
+        "backend",
+        "a.prepare_response",
+        "b.prepare_response",
+    ]
+
+
+async def test_a_failed_prepare_is_the_first_failing_stage_in_order() -> None:
+    log: list[str] = []
+    stages = [Preparing("a", log, 0.1, fails=True), Preparing("b", log, 0.0, fails=True)]
+    with pytest.raises(Overloaded, match="stage a is unavailable"):
+        await Pipeline(stages, concurrent=True).run(_ctx(), EchoBackend(log))
+    assert "backend" not in log
+
+
+async def test_a_chain_cut_short_prepares_responses_only_for_stages_that_ran() -> None:
+    log: list[str] = []
+    stages = [Preparing("a", log), Preparing("b", log, respond=True), Preparing("c", log)]
+    await Pipeline(stages).run(_ctx(), EchoBackend(log))
+    assert "backend" not in log and "c.request:ready" not in log
+    assert [e for e in log if "response" in e] == ["a.prepare_response", "b.prepare_response"]
+
+
+async def test_a_stage_called_alone_prepares_itself_once() -> None:
+    stage = Budget.from_config(
+        Section({"limits": [{"queries": 1, "per": "1m"}]}, source="p.yaml", path="budget"),
+        StageEnv(model="m", backend=None, local=None, metadata=None, state=MemoryStore()),
+    )
+    ctx = _ctx()
+    await ensure_prepared(stage, "prepare_request", ctx)
+    await ensure_prepared(stage, "prepare_request", ctx)  # already: not counted twice
+    assert await stage.on_request(ctx) is Verdict.CONTINUE
+    with pytest.raises(RateLimited):
+        await stage.on_request(_ctx())

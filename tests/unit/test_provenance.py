@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import Any
 
 import numpy as np
@@ -10,14 +11,17 @@ import pytest
 from guard.clients import Client
 from guard.configreader import Section
 from guard.defenses.misdirect import anchor_rows
-from guard.defenses.provenance import link_rows
+from guard.defenses.provenance import ROW, ChainView, canonical, link_rows
 from guard.errors import PolicyError
 from guard.inference import InferRequest
 from guard.models import load_samples
 from guard.pipeline import Action, RequestContext, Verdict
 from guard.stages.env import StageEnv
 from guard.stages.provenance import Provenance
+from guard.state import StateStore
 from guard.state.memory import MemoryStore
+from guard.state.redis import RedisStore
+from tests.integration.redis_server import RedisServer
 
 
 def build(store: MemoryStore | None = None, **options: Any) -> Provenance:
@@ -114,7 +118,11 @@ async def test_the_history_is_bounded() -> None:
     x, _ = load_samples("digits")
     for row in x[:40]:
         await stage.on_request(context(row))
-    assert len(await store.items(stage.key("alice"))) == 16
+    key, size = stage.key("alice", 64), 64 * 2  # float16 rows
+    _, log = await store.append_log(key, b"", 1 << 20, 60.0, None)
+    assert 16 * size <= len(log) <= 20 * size  # trimmed to 16 rows past a quarter more
+    view = await stage.views(64).append(store, key, b"", 16 * size, 60.0)
+    assert view.held == 16 and sum(view.counts.values()) == 16
 
 
 @pytest.mark.parametrize(
@@ -148,3 +156,125 @@ def test_misdirect_is_refused_where_a_stage_cannot_do_it() -> None:
     )
     with pytest.raises(PolicyError, match="action"):
         Budget.from_config(section, env)
+
+
+def walk_and_noise(rng: np.random.Generator, n: int, width: int = 64) -> np.ndarray:
+    """``n`` rows: walks around a few starting rows (linked), fresh rows, exact repeats."""
+    starts = rng.uniform(0, 16, (3, width))
+    rows = []
+    for _ in range(n):
+        kind = rng.integers(4)
+        if kind == 0 or not rows:
+            rows.append(rng.uniform(0, 16, width))  # fresh
+        elif kind == 1:
+            rows.append(rows[rng.integers(len(rows))])  # an exact repeat
+        else:
+            rows.append(np.clip(starts[kind - 2] + rng.normal(0, 0.6, width), 0, 16))
+    return canonical(np.array(rows))
+
+
+def state(view: ChainView) -> tuple[Any, ...]:
+    """What a view decides from, oldest kept row first."""
+    order = np.argsort(view.seqs)
+    return (
+        view.held,
+        view.folded,
+        view.rows[order].tobytes(),
+        *(np.asarray(column)[order].tolist() for column in (view.seqs, view.chains)),
+        *(np.asarray(column)[order].tolist() for column in (view.linked, view.nearest)),
+        sorted(view.counts.items()),
+    )
+
+
+@pytest.mark.parametrize("width", [3, 64, 3072])
+def test_the_view_links_each_row_to_the_nearest_kept_row(width: int) -> None:
+    # Against the exhaustive scan over the window the row saw: same nearest row, repeat
+    # and link; chains and their counts as a brute-force pass over the rows derives them.
+    rng = np.random.default_rng(4)
+    cap, distance = 24, 3.0 * np.sqrt(width / 64)
+    view = ChainView(width, cap, distance)
+    kept: list[tuple[np.ndarray, int]] = []  # (row, chain), oldest first
+    for record in walk_and_noise(rng, 120, width):
+        row = record.astype(np.float32)
+        window = np.array([r for r, _ in kept]).reshape(-1, width)
+        (expected,) = link_rows(window, row[None], distance)
+        before = view.rows[: view.held].copy()  # the parent's slot may take the row
+        link = view.add(row, record.tobytes())
+        assert (link.repeat, link.linked) == (expected.repeat, expected.linked)
+        assert link.nearest == pytest.approx(expected.nearest, rel=1e-5)
+        if expected.parent >= 0:
+            np.testing.assert_array_equal(before[link.parent], window[expected.parent])
+        if link.repeat:
+            continue
+        chain = kept[expected.parent][1] if link.linked else view.folded - 1
+        kept = [*kept, (row, chain)][-cap:]
+        slot = view.find(record.tobytes())
+        assert view.chains[slot] == chain
+        assert view.chain_rows(slot) == sum(c == chain for _, c in kept)
+    assert view.held == cap and sum(view.counts.values()) == cap
+
+
+def test_a_view_folded_request_by_request_equals_one_rebuilt_from_the_whole_log() -> None:
+    rng = np.random.default_rng(5)
+    records = walk_and_noise(rng, 90)
+    incremental, rebuilt = ChainView(64, 128, 6.0), ChainView(64, 128, 6.0)
+    at = 0
+    while at < len(records):  # requests of 1 to 4 rows, folded as they come
+        size = int(rng.integers(1, 5))
+        incremental.fold(records[at : at + size].tobytes())
+        at += size
+    rebuilt.fold(records.tobytes())
+    assert state(incremental) == state(rebuilt)
+    assert max(incremental.counts.values()) >= 8  # the walks made long chains
+
+
+async def test_the_stage_view_equals_one_rebuilt_from_its_log() -> None:
+    store, rng = MemoryStore(), np.random.default_rng(6)
+    stage = build(store, history=512, links=100)
+    for row in walk_and_noise(rng, 200):
+        await stage.on_request(context(row.astype(np.float32)))
+    key, size = stage.key("alice", 64), 64 * ROW.itemsize
+    view = await stage.views(64).append(store, key, b"", 512 * size, 60.0)
+    _, log = await store.append_log(key, b"", 512 * size, 60.0, None)
+    rebuilt = ChainView(64, 512, 6.0)
+    rebuilt.fold(log)
+    assert state(view) == state(rebuilt) and view.held < 200  # repeats were not appended
+
+
+@pytest.fixture
+async def redis_store(redis_server: RedisServer) -> AsyncIterator[StateStore]:
+    store = RedisStore(redis_server.url, key_prefix="p:", timeout=5.0)
+    yield store
+    await store.close()
+
+
+async def first_findings(stages: list[Provenance], walk: np.ndarray) -> list[float]:
+    """The scores of the findings as ``stages`` take the client's requests in turn."""
+    scores = []
+    for i, q in enumerate(walk):
+        ctx = context(q)
+        await stages[i % len(stages)].on_request(ctx)
+        scores.append(ctx.findings[0].score if ctx.findings else 0.0)
+    return scores
+
+
+async def test_two_replicas_on_one_redis_store_find_what_one_would(
+    redis_store: StateStore,
+) -> None:
+    # A client's requests alternate between two replicas (two stages, one Redis store):
+    # each folds the other's rows from the log, so the chain grows and the finding comes
+    # at the same request, with the same scores, as on one replica; both views agree.
+    x, _ = load_samples("digits")
+    rng = np.random.default_rng(7)
+    walk = np.clip(x[3] + rng.normal(0, 0.5, (30, 64)), 0, 16).astype(np.float32)
+    walk[10] = walk[4]  # an exact repeat, sent to the other replica
+    fresh = rng.uniform(0, 16, (6, 64)).astype(np.float32)
+    walk = np.concatenate([walk[:15], fresh, walk[15:]])
+    one = await first_findings([build(MemoryStore(), links=12, history=24)], walk)
+    replicas = [build(redis_store, links=12, history=24) for _ in range(2)]
+    two = await first_findings(replicas, walk)
+    # the 12th distinct walk row (one is a repeat) flags; 24 kept rows hold 6 fresh ones
+    assert two == one and one.index(12.0) == 12 and max(one) == 18.0
+    key = replicas[0].key("alice", 64)
+    views = [await r.views(64).append(redis_store, key, b"", 24 * 128, 60.0) for r in replicas]
+    assert state(views[0]) == state(views[1])

@@ -1,0 +1,3 @@
+import numpy as np
+
+def within(rows: np.ndarray, count: int, x: np.ndarray, limit: int) -> bool: ...
