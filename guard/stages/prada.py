@@ -36,7 +36,7 @@ import functools
 from dataclasses import dataclass
 
 from guard.defenses.prada import History, record_dtype, shapiro_w
-from guard.pipeline import Action, RequestContext, Verdict
+from guard.pipeline import Action, RequestContext, Verdict, ensure_prepared
 from guard.stages.detector import Enforcement, MisdirectOptions, input_rows
 from guard.stages.env import StageEnv
 from guard.stages.options import Duration, OptionsStage, option
@@ -97,20 +97,19 @@ class Prada(OptionsStage[PradaOptions]):
         self._floor = self._view_bytes // clients
         self._views: dict[int, LogViews[History]] = {}
 
-    async def on_request(self, ctx: RequestContext) -> Verdict:
+    async def prepare_request(self, ctx: RequestContext) -> None:
         name = self.options.input
         rows = input_rows(ctx, name) if self.enforcement.misdirects else None
         await self.enforcement.honour_marks(ctx, rows, name)
-        return Verdict.CONTINUE
 
-    async def on_response(self, ctx: RequestContext) -> Verdict:
+    async def prepare_response(self, ctx: RequestContext) -> None:
         if ctx.response is None:
-            return Verdict.CONTINUE
+            return
         o = self.options
         x = input_rows(ctx, o.input)
         found = predicted(ctx.response, x.shape[0], o.output)
         if found is None or x.shape[0] == 0:
-            return Verdict.CONTINUE
+            return
         n, dim = x.shape
         views = self._views.get(dim)
         if views is None:
@@ -124,7 +123,19 @@ class Prada(OptionsStage[PradaOptions]):
             self._log_bytes(dim),
             o.ttl,
         )
-        count, distances = history.count, history.distances
+        ctx.stage_state[self.name] = n, history.count, history.distances
+
+    async def on_request(self, ctx: RequestContext) -> Verdict:
+        await ensure_prepared(self, "prepare_request", ctx)
+        return Verdict.CONTINUE
+
+    async def on_response(self, ctx: RequestContext) -> Verdict:
+        await ensure_prepared(self, "prepare_response", ctx)
+        prepared = ctx.stage_state.pop(self.name, None)
+        if prepared is None:  # no rows or classes, or the store failed and on_error is open
+            return Verdict.CONTINUE
+        o = self.options
+        n, count, distances = prepared
         if distances.size < o.min_queries or (count - n) // o.every == count // o.every:
             return Verdict.CONTINUE
         w = shapiro_w(distances)
