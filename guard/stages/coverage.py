@@ -58,7 +58,7 @@ from guard.defenses.coverage import (
 )
 from guard.inference import InferResponse
 from guard.pipeline import Action, RequestContext, Verdict, ensure_prepared
-from guard.stages.detector import Enforcement, MisdirectOptions, input_rows
+from guard.stages.detector import VIEW_BYTES, Enforcement, MisdirectOptions, WidthViews, input_rows
 from guard.stages.env import StageEnv
 from guard.stages.options import Duration, OptionError, OptionsStage, option
 from guard.stages.shared import OUTPUT_DOC, predicted
@@ -67,7 +67,6 @@ from guard.state.views import LogViews
 
 TECHNIQUE = "AML.T0024.002"  # Exfiltration via ML Inference API: Extract ML Model
 POOL_CAP = 512  # entries: the newest of each pooled client counts; a read stays cheap
-VIEW_BYTES = 64 << 20  # this process's decoded windows, per input width (LogViews' bound)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -165,7 +164,8 @@ class Coverage(OptionsStage[CoverageOptions]):
         self.enforcement = Enforcement.of(options, env, stage=self.name, technique=TECHNIQUE)
         self.clock = time.time
         self._sketches: dict[int, Sketch] = {}
-        self._windows: dict[int, LogViews[Window]] = {}
+        window = options.window
+        self._windows = WidthViews(lambda dims: Window(dims, window), VIEW_BYTES)
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "radius": round(self.radius, 6)}  # calibrated if need be
@@ -254,14 +254,9 @@ class Coverage(OptionsStage[CoverageOptions]):
         return union(shards, self.thresholds, since=now - self.options.period)
 
     def _views(self, dims: int) -> LogViews[Window]:
-        """This process's windows of ``dims``-wide sketches, one per client."""
-        found = self._windows.get(dims)
-        if found is None:
-            window = self.options.window
-            found = self._windows[dims] = LogViews(
-                lambda: Window(dims, window), max_bytes=VIEW_BYTES
-            )
-        return found
+        """This process's windows of ``dims``-wide sketches, one per client (the few widths
+        most recently used: a client sending every width cannot make a set of each)."""
+        return self._windows.of(dims)
 
     def _sketch(self, features: int) -> Sketch:
         found = self._sketches.get(features)

@@ -32,18 +32,16 @@ skipped: it says nothing new and would read as non-natural. Finding: ``score`` W
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 from guard.defenses.prada import History, record_dtype, shapiro_w
 from guard.pipeline import Action, RequestContext, Verdict, ensure_prepared
-from guard.stages.detector import Enforcement, MisdirectOptions, input_rows
+from guard.stages.detector import Enforcement, MisdirectOptions, WidthViews, input_rows
 from guard.stages.env import StageEnv
 from guard.stages.options import Duration, OptionsStage, option
 from guard.stages.shared import OUTPUT_DOC, predicted
 from guard.state import client_key
 from guard.state.memory import MemoryStore
-from guard.state.views import LogViews
 
 TECHNIQUE = "AML.T0024.002"  # Exfiltration via ML Inference API: Extract ML Model
 # A client's query log holds at least its newest min_queries queries, more up to this size.
@@ -95,7 +93,7 @@ class Prada(OptionsStage[PradaOptions]):
         else:
             self._view_bytes, clients = VIEW_BYTES, VIEW_CLIENTS
         self._floor = self._view_bytes // clients
-        self._views: dict[int, LogViews[History]] = {}
+        self._views = WidthViews(self._history, self._view_bytes)  # the few widths last used
 
     async def prepare_request(self, ctx: RequestContext) -> None:
         name = self.options.input
@@ -111,12 +109,7 @@ class Prada(OptionsStage[PradaOptions]):
         if found is None or x.shape[0] == 0:
             return
         n, dim = x.shape
-        views = self._views.get(dim)
-        if views is None:
-            views = self._views[dim] = LogViews(
-                functools.partial(self._history, dim), max_bytes=self._view_bytes
-            )
-        history = await views.append(
+        history = await self._views.of(dim).append(
             self.enforcement.store,
             self._key(ctx.client.name, "q", str(dim)),
             History.encode(x, found[0]),

@@ -13,7 +13,7 @@ from guard.errors import PolicyError, StateUnavailable
 from guard.inference import InferRequest, InferResponse
 from guard.pipeline import Action, BaseStage, Pipeline, RequestContext, Verdict, label_only
 from guard.stages.budget import Budget
-from guard.stages.detector import AnchorView, DetectorOptions, Enforcement
+from guard.stages.detector import WIDTHS, AnchorView, DetectorOptions, Enforcement, WidthViews
 from guard.stages.env import StageEnv
 from guard.stages.options import read_options
 from guard.state.memory import MemoryStore
@@ -202,3 +202,13 @@ async def test_anchors_remembered_by_one_replica_misdirect_on_another(
         np.testing.assert_array_equal(view.history(), walk[:3])
     finally:
         await store.close()
+
+
+def test_a_stage_keeps_views_of_a_few_widths_only() -> None:
+    # A client cycling through row widths (a model without a validate stage takes any)
+    # must not make a bounded set of views per width: the widths least recently used go.
+    views = WidthViews(lambda width: AnchorView(width, 8))
+    kept = [views.of(width) for width in range(1, 4 * WIDTHS)]
+    assert len(views._views) == WIDTHS
+    assert views.of(4 * WIDTHS - 1) is kept[-1]  # the most recent stays
+    assert views.of(1) is not kept[0]  # the first went: made again
