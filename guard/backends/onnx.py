@@ -6,8 +6,9 @@ otherwise the CPU. Inference runs in a worker thread so the event loop keeps
 serving (onnxruntime releases the GIL while it computes), except a run expected to
 take less than ``INLINE_S``: the hop to a thread and back costs about as much as that
 (a small model such as the digits MLP computes a row in some 20 µs), so such runs
-run on the loop. The expectation is the recent mean time per row of the model's
-runs (its first run goes to a thread), times the request's rows.
+run on the loop. The expectation is the recent mean time per input value of the
+model's runs (its first run goes to a thread), times the request's values: values,
+not rows, so that one huge row of a model with free dimensions goes to a thread.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from guard.inference import DATATYPES, InferRequest, InferResponse, ModelMetadat
 
 log = logging.getLogger(__name__)
 INLINE_S = 0.0005  # runs expected shorter than this run on the event loop
-_LEARN = 0.05  # weight of each run in the mean time per row
+_LEARN = 0.05  # weight of each run in the mean time per value
 
 _ONNX_TYPES = {
     "tensor(bool)": "BOOL",
@@ -84,11 +85,6 @@ def _providers(device: str) -> list[str]:
     return ["CUDAExecutionProvider", "CPUExecutionProvider"]
 
 
-def _rows(feeds: dict[str, np.ndarray]) -> int:
-    """The batch of a run: the largest leading dimension among its inputs (1 for scalars)."""
-    return max((int(a.shape[0]) for a in feeds.values() if a.ndim), default=1)
-
-
 def _spec(arg: Any) -> TensorSpec:
     datatype = _ONNX_TYPES.get(arg.type, arg.type)
     shape = tuple(d if isinstance(d, int) else -1 for d in arg.shape)
@@ -137,7 +133,7 @@ class OnnxBackend:
         self.outputs = tuple(_spec(a) for a in self.session.get_outputs())
         self._input_dtypes = {s.name: DATATYPES[s.datatype] for s in self.inputs}
         self._output_names = [spec.name for spec in self.outputs]
-        self._row_seconds = math.inf  # the recent mean run time per row; unknown at first
+        self._value_seconds = math.inf  # the recent mean run time per input value; unknown at first
         self.model_metadata = ModelMetadata(name, "onnxruntime_onnx", self.inputs, self.outputs)
         log.info("model %s: %s on %s", name, path.name, ", ".join(self.providers))
 
@@ -163,14 +159,14 @@ class OnnxBackend:
                     f"outputs: model {self.name} has no output {unknown[0]!r}; "
                     f"it has {', '.join(self._output_names)}"
                 )
-        rows = _rows(feeds)
+        values = sum(a.size for a in feeds.values())
         try:
-            if self._row_seconds * rows < INLINE_S:
-                results = self._timed_run(feeds, wanted, rows)
+            if self._value_seconds * values < INLINE_S:
+                results = self._timed_run(feeds, wanted, values)
             else:
                 loop = asyncio.get_running_loop()
                 results = await loop.run_in_executor(
-                    self.executor, self._timed_run, feeds, wanted, rows
+                    self.executor, self._timed_run, feeds, wanted, values
                 )
         except Exception as exc:
             # onnxruntime's messages describe shape/type problems; they hold no secrets.
@@ -183,13 +179,13 @@ class OnnxBackend:
         )
 
     def _timed_run(
-        self, feeds: dict[str, np.ndarray], wanted: Sequence[str] | None, rows: int
+        self, feeds: dict[str, np.ndarray], wanted: Sequence[str] | None, values: int
     ) -> dict[str, np.ndarray]:
         started = time.perf_counter()
         results = self.run(feeds, wanted)
-        per_row = (time.perf_counter() - started) / max(rows, 1)
-        known = self._row_seconds
-        self._row_seconds = per_row if known == math.inf else known + _LEARN * (per_row - known)
+        each = (time.perf_counter() - started) / max(values, 1)
+        known = self._value_seconds
+        self._value_seconds = each if known == math.inf else known + _LEARN * (each - known)
         return results
 
     def _feeds(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -138,6 +138,10 @@ class WidthViews(Generic[V]):
         self._views.move_to_end(width)
         return views
 
+    def values(self) -> list[LogViews[V]]:
+        """The views kept, one per width, the most recently used last."""
+        return list(self._views.values())
+
 
 class AnchorView:
     """A client's remembered rows (float32 records), the last ``cap`` kept in a ring."""
