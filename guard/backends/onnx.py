@@ -184,8 +184,10 @@ class OnnxBackend:
         started = time.perf_counter()
         results = self.run(feeds, wanted)
         each = (time.perf_counter() - started) / max(values, 1)
+        # Noise (a cold first run, preemption) only adds to a run's time: a faster run is
+        # taken at once, a slower one moves the estimate a little.
         known = self._value_seconds
-        self._value_seconds = each if known == math.inf else known + _LEARN * (each - known)
+        self._value_seconds = each if each < known else known + _LEARN * (each - known)
         return results
 
     def _feeds(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

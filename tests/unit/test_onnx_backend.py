@@ -36,11 +36,14 @@ async def test_a_small_model_runs_on_the_loop_once_its_speed_is_known() -> None:
     try:
         first = await backend.infer(request(1))
         assert executor.submitted == 1  # unknown speed: a thread
+        for _ in range(5):  # a cold first run may be slow: the estimate falls with fast ones
+            await backend.infer(request(1))
+        known = executor.submitted
         answers = [await backend.infer(request(1)) for _ in range(5)]
-        assert executor.submitted == 1  # a digits row takes microseconds: the loop
+        assert executor.submitted == known  # a digits row takes microseconds: the loop
         assert all(np.array_equal(a.outputs["label"], first.outputs["label"]) for a in answers)
         await backend.infer(request(100_000))  # expected to take long: a thread again
-        assert executor.submitted == 2
+        assert executor.submitted == known + 1
     finally:
         executor.shutdown()
 
