@@ -362,6 +362,14 @@ async def ensure_prepared(stage: Stage, hook: str, ctx: RequestContext) -> None:
         await getattr(stage, hook)(ctx)
 
 
+async def take_prepared(stage: Stage, hook: str, ctx: RequestContext) -> Any:
+    """What ``stage``'s prepare ``hook`` left in ``ctx.stage_state`` under the stage's
+    name, taken out (None when it left nothing: no rows to watch, or its store failed
+    and ``on_error`` is open); the hook runs first if the pipeline has not run it."""
+    await ensure_prepared(stage, hook, ctx)
+    return ctx.stage_state.pop(stage.name, None)
+
+
 def _where(ctx: RequestContext) -> dict[str, str]:
     """Structured fields for a log record about this request (``--log-format json``)."""
     return {"request_id": ctx.request_id, "model": ctx.model, "client": ctx.client.name}

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from guard.defenses.blacklight import Fingerprinter, FingerprintKey
-from guard.pipeline import RequestContext, Verdict, ensure_prepared
+from guard.pipeline import RequestContext, Verdict, take_prepared
 from guard.stages import scale
 from guard.stages.detector import Enforcement, MisdirectOptions, input_rows
 from guard.stages.env import StageEnv
@@ -151,8 +151,7 @@ class Blacklight(OptionsStage[BlacklightOptions]):
         _, ctx.stage_state[self.name] = await together(store, marks, matched)
 
     async def on_request(self, ctx: RequestContext) -> Verdict:
-        await ensure_prepared(self, "prepare_request", ctx)
-        results = ctx.stage_state.pop(self.name, None)
+        results = await take_prepared(self, "prepare_request", ctx)
         if results is None:  # the store failed and on_error is open: served, flagged
             return Verdict.CONTINUE
         o = self.options

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from guard.errors import RateLimited
-from guard.pipeline import RequestContext, Verdict, ensure_prepared
+from guard.pipeline import RequestContext, Verdict, take_prepared
 from guard.stages.detector import DetectorOptions, Enforcement
 from guard.stages.env import StageEnv
 from guard.stages.options import Duration, OptionError, OptionsStage, format_duration, option
@@ -86,8 +86,7 @@ class Budget(OptionsStage[BudgetOptions]):
         )
 
     async def on_request(self, ctx: RequestContext) -> Verdict:
-        await ensure_prepared(self, "prepare_request", ctx)
-        counts = ctx.stage_state.pop(self.name, None)
+        counts = await take_prepared(self, "prepare_request", ctx)
         if counts is None:  # the store failed and on_error is open: served, flagged
             return Verdict.CONTINUE
         limits = self.options.limits

@@ -57,7 +57,7 @@ from guard.defenses.coverage import (
     union,
 )
 from guard.inference import InferResponse
-from guard.pipeline import Action, RequestContext, Verdict, ensure_prepared
+from guard.pipeline import Action, RequestContext, Verdict, ensure_prepared, take_prepared
 from guard.stages.detector import VIEW_BYTES, Enforcement, MisdirectOptions, WidthViews, input_rows
 from guard.stages.env import StageEnv
 from guard.stages.options import Duration, OptionError, OptionsStage, option
@@ -197,8 +197,7 @@ class Coverage(OptionsStage[CoverageOptions]):
         return Verdict.CONTINUE
 
     async def on_response(self, ctx: RequestContext) -> Verdict:
-        await ensure_prepared(self, "prepare_response", ctx)
-        prepared = ctx.stage_state.pop(self.name, None)
+        prepared = await take_prepared(self, "prepare_response", ctx)
         if prepared is None:  # no rows, or the store failed and on_error is open
             return Verdict.CONTINUE
         window, classes = prepared

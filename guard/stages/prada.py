@@ -35,7 +35,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from guard.defenses.prada import History, record_dtype, shapiro_w
-from guard.pipeline import Action, RequestContext, Verdict, ensure_prepared
+from guard.pipeline import Action, RequestContext, Verdict, ensure_prepared, take_prepared
 from guard.stages.detector import Enforcement, MisdirectOptions, WidthViews, input_rows
 from guard.stages.env import StageEnv
 from guard.stages.options import Duration, OptionsStage, option
@@ -123,8 +123,7 @@ class Prada(OptionsStage[PradaOptions]):
         return Verdict.CONTINUE
 
     async def on_response(self, ctx: RequestContext) -> Verdict:
-        await ensure_prepared(self, "prepare_response", ctx)
-        prepared = ctx.stage_state.pop(self.name, None)
+        prepared = await take_prepared(self, "prepare_response", ctx)
         if prepared is None:  # no rows or classes, or the store failed and on_error is open
             return Verdict.CONTINUE
         o = self.options

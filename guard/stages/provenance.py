@@ -35,7 +35,7 @@ import weakref
 from dataclasses import dataclass
 
 from guard.defenses.provenance import ROW, ChainView, canonical
-from guard.pipeline import RequestContext, Verdict, ensure_prepared
+from guard.pipeline import RequestContext, Verdict, take_prepared
 from guard.stages import scale
 from guard.stages.detector import (
     HISTORY_BYTES,
@@ -127,8 +127,7 @@ class Provenance(OptionsStage[ProvenanceOptions]):
         ctx.stage_state[self.name] = view, fresh
 
     async def on_request(self, ctx: RequestContext) -> Verdict:
-        await ensure_prepared(self, "prepare_request", ctx)
-        prepared = ctx.stage_state.pop(self.name, None)
+        prepared = await take_prepared(self, "prepare_request", ctx)
         if prepared is None:  # nothing new, or the store failed and on_error is open
             return Verdict.CONTINUE
         view, fresh = prepared
