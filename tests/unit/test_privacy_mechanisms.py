@@ -18,6 +18,7 @@ from guard.defenses.privacy import (
     Rounding,
     TopK,
     add_laplace,
+    bin_confidence,
     check_scores,
     consistent_generators,
     degrade_outputs,
@@ -371,3 +372,24 @@ def test_bins_refuse_bad_cuts_and_levels(
 ) -> None:
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace("]", r"\]")):
         ConfidenceBins(cuts=cuts, confidences=levels)
+
+
+@pytest.mark.parametrize("classes", [2, 3, 10])
+@pytest.mark.parametrize("ranked", [None, 0, 1, 3])
+@pytest.mark.parametrize("confidences", [(0.48, 0.975), (0.2, 0.9), (0.05, 0.5)])
+def test_bins_skip_the_tie_break_only_where_it_changes_nothing(
+    classes: int, ranked: int | None, confidences: tuple[float, float]
+) -> None:
+    # Levels that lead the runner-up's share already put the label on top; levels that
+    # do not (0.05 among 2 classes) still go through keep_top1. Either way the answer is
+    # what bin_confidence then keep_top1 give, ties among the scores included.
+    bins = ConfidenceBins(cuts=(0.5,), confidences=confidences, ranked=ranked)
+    scores = np.random.default_rng(classes).dirichlet(np.full(classes, 0.3), 300)
+    scores = scores.astype(np.float32)
+    scores[:5] = np.float32(1.0 / classes)  # every class tied
+    scores[5:10, :2] = scores[5:10, :2].mean(axis=1, keepdims=True)  # the top two tied
+    expected = keep_top1(
+        bin_confidence(scores, (0.5,), confidences, ranked).astype(np.float32), scores
+    )
+    assert np.array_equal(bins.apply(scores), expected)
+    assert np.array_equal(np.argmax(bins.apply(scores), axis=1), np.argmax(scores, axis=1))
