@@ -256,7 +256,10 @@ class Pipeline:
             if _overrides(s, "on_response") or _overrides(s, "prepare_response")
         )
         self._request_prepares = tuple(s for s in self.stages if _overrides(s, "prepare_request"))
-        self._response_prepares = tuple(s for s in self.stages if _overrides(s, "prepare_response"))
+        # (position, stage): a chain cut short prepares the responses of the stages that ran.
+        self._response_prepares = tuple(
+            (i, s) for i, s in enumerate(self.stages) if _overrides(s, "prepare_response")
+        )
         self._default_degrade = not any(getattr(s, "handles_degrade", False) for s in self.stages)
         # Every response stage only reads: the upstream's raw body can be answered as is.
         self._reads_only = not any(
@@ -295,10 +298,8 @@ class Pipeline:
                 ctx.response.outputs = v2.decode_response(raw, header_length=None).outputs
         shapes = {n: a.shape for n, a in ctx.response.outputs.items()}
         if self._response_prepares:
-            ran = {id(s) for p, s in self._response_stages if p <= reached}
-            await self._prepare(
-                [s for s in self._response_prepares if id(s) in ran], "prepare_response", ctx
-            )
+            ran = [s for position, s in self._response_prepares if position <= reached]
+            await self._prepare(ran, "prepare_response", ctx)
         for position, stage in self._response_stages:
             if position > reached:
                 continue

@@ -366,6 +366,8 @@ class RedisStore:
         self._spend = self._redis.register_script(_SPEND)
         self._fingerprints = self._redis.register_script(_FINGERPRINTS)
         self._push = self._redis.register_script(_PUSH)
+        self._append_bytes = self._redis.register_script(_APPEND_BYTES)
+        self._append_log = self._redis.register_script(_APPEND_LOG)
         self._node_clients: dict[str, aioredis.Redis] = {}  # cluster: a plain client per node
 
     def _key(self, key: str) -> str:
@@ -644,7 +646,7 @@ class RedisStore:
 
     # -- byte logs --------------------------------------------------------------------
     async def append_bytes(self, key: str, data: bytes, max_bytes: int, ttl_s: float) -> int:
-        script = self._redis.register_script(_APPEND_BYTES)  # cheap: EVALSHA, loaded once
+        script = self._append_bytes
         keys = [self._key(key)]
         args: list[bytes | int] = [data, max_bytes, _ms(ttl_s)]
         return int(await self._run("append_bytes", lambda: script(keys=keys, args=args), keys[0]))
@@ -657,7 +659,7 @@ class RedisStore:
     async def append_log(
         self, key: str, data: bytes, max_bytes: int, ttl_s: float, since: int | None
     ) -> tuple[int, bytes]:
-        script = self._redis.register_script(_APPEND_LOG)
+        script = self._append_log
         full = self._key(key)
         keys = [full, full + ":end"]  # the same hash tag: one slot
         start = random.getrandbits(LOG_START_BITS)
