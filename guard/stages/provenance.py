@@ -31,7 +31,6 @@ as a repeat: nothing). Rows float16 cannot hold (NaN, beyond +-65504) are never 
 
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass
 
 from guard.defenses.provenance import ROW, ChainView, canonical
@@ -86,10 +85,9 @@ class Provenance(OptionsStage[ProvenanceOptions]):
     def __init__(self, options: ProvenanceOptions, env: StageEnv) -> None:
         super().__init__(options, env)
         self.enforcement = Enforcement.of(options, env, stage=self.name, technique=TECHNIQUE)
-        # Per row width: this process's views of the clients' logs, and (weakly) the last
-        # view each key returned, to leave out rows the view already holds before appending.
+        # Per row width: this process's views of the clients' logs (a row a view already
+        # holds is a repeat: it is left out before appending).
         self._views = WidthViews(lambda width: ChainView(width, self.cap(width), options.distance))
-        self._latest: weakref.WeakValueDictionary[str, ChainView] = weakref.WeakValueDictionary()
 
     def key(self, client: str, width: int) -> str:
         return client_key(client, "provenance", self.enforcement.model, str(width))
@@ -110,7 +108,7 @@ class Provenance(OptionsStage[ProvenanceOptions]):
         key = self.key(ctx.client.name, width)
         size = ROW.itemsize * width
         data = canonical(rows).tobytes()
-        known = self._latest.get(key)
+        known = self.views(width).peek(key)
         fresh: dict[bytes, None] = {}  # the rows to append: neither kept nor earlier in the batch
         for i in range(0, len(data), size):
             record = data[i : i + size]
@@ -123,7 +121,6 @@ class Provenance(OptionsStage[ProvenanceOptions]):
         store = self.enforcement.store
         appended = self.views(width).append(store, key, append, self.cap(width) * size, o.ttl)
         _, view = await together(store, marks, appended)  # a remote store: round trips overlap
-        self._latest[key] = view
         ctx.stage_state[self.name] = view, fresh
 
     async def on_request(self, ctx: RequestContext) -> Verdict:

@@ -94,6 +94,11 @@ class LogViews(Generic[V]):
         self._held[key] = held
         return held
 
+    def peek(self, key: str) -> V | None:
+        """``key``'s view as this process holds it (perhaps behind the log), or None."""
+        held = self._held.get(key)
+        return None if held is None else held.view
+
     def forget(self, key: str) -> None:
         """Drop ``key``'s view (the next append rebuilds it from the log)."""
         held = self._held.pop(key, None)

@@ -163,5 +163,7 @@ async def test_views_are_bounded_by_their_bytes() -> None:
     for i in range(4):
         await views.append(store, client_key(f"c{i}", "views"), b"x" * 4, 100, 60.0)
     assert views.nbytes <= 10 and len(views) == 2
+    assert views.peek(client_key("c0", "views")) is None  # evicted
+    assert views.peek(client_key("c3", "views")).seen == b"xxxx"  # type: ignore[union-attr]
     view = await views.append(store, client_key("c0", "views"), b"y", 100, 60.0)
     assert view.seen == b"xxxxy"  # evicted here, rebuilt from the store
