@@ -539,9 +539,7 @@ async def _read_body(http: web.Request, limit: int, stall: float) -> bytes:
         if size > limit:
             raise PayloadTooLarge(f"body exceeds the limit of {limit} bytes")
         chunks.append(chunk)
-    if length is not None and size != length:
-        raise RequestError(f"body ended after {size} of {length} bytes (Content-Length)")
-    return b"".join(chunks)
+    return _whole_body(b"".join(chunks), length, limit)
 
 
 def _quote(text: str) -> str:
