@@ -19,19 +19,20 @@ earliest of the client's recent rows within ``radius``; the rows expire ``1h`` a
 the last request, or twice ``degrade_for`` if longer. A marked client's rows are not
 added: its anchors stay those it had when it was caught.
 
-The rows are an offset log per client, model and row width
+The rows are a byte log per client, model and row width
 (``{client}:rows:<model>:<width>``, float32 records, the last ``history`` kept, at most
-256 KiB), remembered by the first misdirecting detector of a request with one
-``append_log``; each detector keeps a view of them in this process
-(:class:`AnchorView`, :class:`~guard.state.views.LogViews`), so misdirecting a marked
-client reads only the rows it has not folded yet, not the whole history.
+256 KiB), appended by the first misdirecting detector of a request with one
+``append_bytes`` and never read while the client is unmarked. A marked client adds
+none, so its rows stand still: each detector reads them once and answers from its copy
+(:class:`AnchorCache`) for ``ANCHORS_FRESH_S`` before reading them again.
 """
 
 from __future__ import annotations
 
 import math
+import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Generic, Literal, TypeVar
 
@@ -47,7 +48,7 @@ from guard.state import StateStore, client_key
 from guard.state.views import LogView, LogViews
 
 __all__ = [
-    "AnchorView",
+    "AnchorCache",
     "DetectorOptions",
     "Enforcement",
     "MisdirectOptions",
@@ -143,44 +144,47 @@ class WidthViews(Generic[V]):
         return list(self._views.values())
 
 
-class AnchorView:
-    """A client's remembered rows (float32 records), the last ``cap`` kept in a ring."""
+ANCHORS_FRESH_S = 10.0  # how long a detector answers a marked client from rows it read
 
-    __slots__ = ("width", "cap", "rows", "held", "head")
 
-    def __init__(self, width: int, cap: int) -> None:
-        self.width, self.cap = width, cap
-        self.rows = np.empty((min(cap, 16), width), dtype=_HISTORY_ROW)
-        self.held = 0  # rows kept; the oldest is at ``head`` once the ring is full
-        self.head = 0
+class AnchorCache:
+    """This process's copies of marked clients' rows (``[n, width]`` float32, oldest
+    first), each used for ``fresh_s`` after it was read, ``max_bytes`` of them at most
+    (the least recently used go first).
 
-    @property
-    def nbytes(self) -> int:
-        return self.rows.nbytes
+    A marked client adds no rows, so its log stands still and one read serves it: in
+    process, a misdirected request costs a dictionary look-up, not the log's bytes. The
+    bound on age covers the one case where the log moved: the mark lapsed, the client
+    sent new rows through another replica and was marked again (an unmarked client's
+    request through this process drops its copy at once)."""
 
-    def fold(self, records: bytes) -> None:
-        new = np.frombuffer(records, dtype=_HISTORY_ROW).reshape(-1, self.width)[-self.cap :]
-        held, k = self.held, len(new)
-        if held < self.cap:  # filling: rows go after the held ones, the ring grown to fit
-            take = min(k, self.cap - held)
-            if held + take > len(self.rows):
-                grown = np.empty(
-                    (min(self.cap, max(2 * held, held + take)), self.width), _HISTORY_ROW
-                )
-                grown[:held] = self.rows[:held]
-                self.rows = grown
-            self.rows[held : held + take] = new[:take]
-            self.held = held = held + take
-            new = new[take:]
-        for row in new:  # full: each row takes the oldest one's place
-            self.rows[self.head] = row
-            self.head = (self.head + 1) % self.cap
+    def __init__(self, max_bytes: int, fresh_s: float = ANCHORS_FRESH_S) -> None:
+        self.max_bytes, self.fresh_s = max_bytes, fresh_s
+        self._held: OrderedDict[str, tuple[float, np.ndarray]] = OrderedDict()
+        self._nbytes = 0
 
-    def history(self) -> np.ndarray:
-        """The kept rows, oldest first."""
-        if self.held < self.cap:
-            return self.rows[: self.held]
-        return np.concatenate((self.rows[self.head :], self.rows[: self.head]))
+    def get(self, key: str) -> np.ndarray | None:
+        held = self._held.get(key)
+        if held is None:
+            return None
+        if time.monotonic() - held[0] > self.fresh_s:
+            self.drop(key)
+            return None
+        self._held.move_to_end(key)
+        return held[1]
+
+    def put(self, key: str, rows: np.ndarray) -> None:
+        self.drop(key)
+        self._held[key] = (time.monotonic(), rows)
+        self._nbytes += rows.nbytes
+        while self._nbytes > self.max_bytes and len(self._held) > 1:
+            _, (_, dropped) = self._held.popitem(last=False)
+            self._nbytes -= dropped.nbytes
+
+    def drop(self, key: str) -> None:
+        held = self._held.pop(key, None)
+        if held is not None:
+            self._nbytes -= held[1].nbytes
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -195,12 +199,11 @@ class Enforcement:
     store: StateStore
     radius: float | None = None
     history: int = 256
-    # this process's views of the clients' remembered rows (made here, never passed)
-    anchors: WidthViews[AnchorView] = field(init=False, repr=False, compare=False)
+    # this process's copies of marked clients' rows (made here, never passed)
+    anchors: AnchorCache = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        made = WidthViews(lambda width: AnchorView(width, self._cap(width)))
-        object.__setattr__(self, "anchors", made)
+        object.__setattr__(self, "anchors", AnchorCache(VIEW_BYTES))
 
     @classmethod
     def of(
@@ -294,30 +297,45 @@ class Enforcement:
     def _ttl(self) -> float:
         return max(2 * self.degrade_for, 3600.0)
 
-    async def _anchors(self, ctx: RequestContext, rows: np.ndarray) -> AnchorView:
-        """Append ``rows`` (none: read) to the client's remembered rows; their view."""
+    def _append(self, ctx: RequestContext, rows: np.ndarray) -> Awaitable[int]:
+        """Append ``rows`` to the client's remembered rows."""
         width = rows.shape[1]
+        key = self.rows_key(ctx.client.name, width)
+        self.anchors.drop(key)
         data = np.ascontiguousarray(rows, dtype=_HISTORY_ROW).tobytes()
-        key, size = self.rows_key(ctx.client.name, width), self._cap(width) * width * 4
-        return await self.anchors.of(width).append(self.store, key, data, size, self._ttl())
+        return self.store.append_bytes(key, data, self._cap(width) * width * 4, self._ttl())
 
     async def _remember(self, ctx: RequestContext, rows: np.ndarray) -> None:
         """Append the request's rows to the client's history (once per request)."""
         if ctx.stage_state.get("misdirect:remembered") or not len(rows):
             return
         ctx.stage_state["misdirect:remembered"] = True
-        await self._anchors(ctx, rows)
+        await self._append(ctx, rows)
+
+    async def _history(self, ctx: RequestContext, width: int) -> np.ndarray:
+        """The client's remembered rows of ``width`` values, oldest first (the last
+        ``history`` of them), from this process's copy while it is fresh."""
+        key = self.rows_key(ctx.client.name, width)
+        rows = self.anchors.get(key)
+        if rows is None:
+            data = await self.store.read_bytes(key)
+            size = width * _HISTORY_ROW.itemsize
+            kept = len(data) // size  # whole records (a log always holds whole ones)
+            rows = np.frombuffer(data, _HISTORY_ROW, kept * width).reshape(kept, width)
+            rows = rows[-self._cap(width) :]
+            self.anchors.put(key, rows)
+        return rows
 
     async def _misdirect(
         self, ctx: RequestContext, rows: np.ndarray, input_name: str | None
     ) -> int:
         """Answer this request from the rows' anchors (see :mod:`guard.defenses.misdirect`);
         return how many rows that changed (0: the request goes through as sent)."""
-        view = await self._anchors(ctx, rows[:0])
-        if not view.held:  # nothing remembered (expired): this request's rows become the anchors
-            await self._anchors(ctx, rows)
+        history = await self._history(ctx, rows.shape[1])
+        if not len(history):  # nothing remembered (expired): this request's rows become them
+            await self._append(ctx, rows)
             return 0
-        anchors = anchor_rows(view.history(), rows, self.radius)
+        anchors = anchor_rows(history, rows, self.radius)
         changed = int(np.any(anchors != np.asarray(rows, dtype=np.float32), axis=1).sum())
         if changed:
             name = input_name if input_name is not None else next(iter(ctx.request.inputs))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 from typing import Any
 
 import numpy as np
@@ -13,7 +15,13 @@ from guard.errors import PolicyError, StateUnavailable
 from guard.inference import InferRequest, InferResponse
 from guard.pipeline import Action, BaseStage, Pipeline, RequestContext, Verdict, label_only
 from guard.stages.budget import Budget
-from guard.stages.detector import WIDTHS, AnchorView, DetectorOptions, Enforcement, WidthViews
+from guard.stages.detector import (
+    WIDTHS,
+    AnchorCache,
+    DetectorOptions,
+    Enforcement,
+    WidthViews,
+)
 from guard.stages.env import StageEnv
 from guard.stages.options import read_options
 from guard.state.memory import MemoryStore
@@ -158,18 +166,19 @@ def read_degrade_for(value: Any) -> float:
     return read_options(DetectorOptions, section, env).degrade_for
 
 
-def test_anchor_views_keep_the_last_rows_oldest_first() -> None:
-    rng = np.random.default_rng(0)
-    rows = rng.normal(size=(50, 5)).astype(np.float32)
-    folded, rebuilt = AnchorView(5, 20), AnchorView(5, 20)
-    at = 0
-    while at < len(rows):  # requests of 1 to 7 rows
-        end = min(len(rows), at + int(rng.integers(1, 8)))
-        folded.fold(rows[at:end].tobytes())
-        np.testing.assert_array_equal(folded.history(), rows[max(0, end - 20) : end])
-        at = end
-    rebuilt.fold(rows.tobytes())
-    np.testing.assert_array_equal(rebuilt.history(), folded.history())
+def test_anchor_copies_are_bounded_and_go_stale() -> None:
+    rows = np.ones((4, 8), np.float32)  # 128 bytes a copy
+    cache = AnchorCache(max_bytes=300, fresh_s=60.0)
+    for key in "abc":
+        cache.put(key, rows)
+    assert cache.get("a") is None  # over 300 bytes: the least recently used went
+    assert cache.get("b") is rows and cache.get("c") is rows
+    cache.drop("b")
+    assert cache.get("b") is None
+    stale = AnchorCache(max_bytes=300, fresh_s=0.0)
+    stale.put("a", rows)
+    time.sleep(0.001)
+    assert stale.get("a") is None  # read too long ago: read again
 
 
 async def test_anchors_remembered_by_one_replica_misdirect_on_another(
@@ -198,16 +207,36 @@ async def test_anchors_remembered_by_one_replica_misdirect_on_another(
             ctx = context(walk[3:])
             await replica.honour_marks(ctx, walk[3:], "input")
             np.testing.assert_array_equal(ctx.substitute["input"], walk[:1])  # the oldest row
-        view = await two._anchors(context(walk[:1]), walk[:0])
-        np.testing.assert_array_equal(view.history(), walk[:3])
+        np.testing.assert_array_equal(await two._history(context(walk[:1]), 64), walk[:3])
+        # The mark lapses; the client goes on through ``one`` (adding a row, so ``one``
+        # drops its copy) and is marked again: ``one`` answers from the moved log at once.
+        await store.mark(one.misdirect_key("alice"), 0.001)
+        await asyncio.sleep(0.02)
+        await one.honour_marks(context(walk[3:]), walk[3:], "input")
+        assert one.anchors.get(one.rows_key("alice", 64)) is None
+        np.testing.assert_array_equal(await one._history(context(walk[:1]), 64), walk)
     finally:
         await store.close()
+
+
+class Rows:
+    """The least view: the bytes it folded."""
+
+    def __init__(self) -> None:
+        self.data = b""
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.data)
+
+    def fold(self, records: bytes) -> None:
+        self.data += records
 
 
 def test_a_stage_keeps_views_of_a_few_widths_only() -> None:
     # A client cycling through row widths (a model without a validate stage takes any)
     # must not make a bounded set of views per width: the widths least recently used go.
-    views = WidthViews(lambda width: AnchorView(width, 8))
+    views = WidthViews(lambda width: Rows())
     kept = [views.of(width) for width in range(1, 4 * WIDTHS)]
     assert len(views._views) == WIDTHS
     assert views.of(4 * WIDTHS - 1) is kept[-1]  # the most recent stays
