@@ -153,6 +153,9 @@ class ChainView:
     def fold(self, records: bytes) -> None:
         """Take in ``records``: whole rows (``width`` float16 values each), oldest first."""
         size = self.width * ROW.itemsize
+        if len(records) == size:  # one row (most requests)
+            self.add(np.frombuffer(records, dtype=ROW).astype(np.float32), records)
+            return
         if len(records) % size:
             raise ValueError(f"records of {size} bytes expected; got {len(records)} bytes")
         wide = np.frombuffer(records, dtype=ROW).reshape(-1, self.width).astype(np.float32)

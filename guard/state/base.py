@@ -180,6 +180,7 @@ async def together(store: StateStore, *operations: Awaitable[Any]) -> list[Any]:
 
 
 @functools.lru_cache(maxsize=4096)
+@functools.lru_cache(maxsize=4096)  # a request asks for a few keys of one client
 def hash_tag(name: str) -> str:
     """``name`` as a Redis hash tag, escaped so that distinct names give distinct tags."""
     escaped = name.replace("%", "%25").replace("{", "%7B").replace("}", "%7D")
