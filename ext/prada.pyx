@@ -11,7 +11,7 @@ standard deviation of the joined distances.
 """
 
 cimport cython
-from libc.math cimport isfinite, isnan, sqrt
+from libc.math cimport INFINITY, isfinite, isnan, sqrt
 from libc.stdlib cimport free, malloc
 
 import numpy as np
@@ -92,47 +92,13 @@ cdef void _scan(const float[:, ::1] table, const float[::1] x, int first, double
                 double* t_out):
     """``first``: the column of the values (1: column 0 holds the joined distances, whose
     threshold goes to ``t_out``; 0: members only, ``t_out`` untouched)."""
-    cdef Py_ssize_t k = table.shape[0], d = x.shape[0], i, j, l
+    cdef Py_ssize_t k = table.shape[0], d = x.shape[0], i
     cdef double best = 0.0, s, t = 0.0
-    cdef double a0, a1, a2, a3, a4, a5, a6, a7
-    cdef double tail[LANES]
-    cdef const float* row
     cdef const float* xs = &x[0] if d else NULL
-    cdef bint abandoned
     with nogil:
         for i in range(k):
-            row = &table[i, first] if d else NULL
-            a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = 0.0
-            abandoned = False
-            j = 0
-            while j + LANES <= d:  # eight independent chains, kept in registers
-                a0 = a0 + _sq(row[j], xs[j])
-                a1 = a1 + _sq(row[j + 1], xs[j + 1])
-                a2 = a2 + _sq(row[j + 2], xs[j + 2])
-                a3 = a3 + _sq(row[j + 3], xs[j + 3])
-                a4 = a4 + _sq(row[j + 4], xs[j + 4])
-                a5 = a5 + _sq(row[j + 5], xs[j + 5])
-                a6 = a6 + _sq(row[j + 6], xs[j + 6])
-                a7 = a7 + _sq(row[j + 7], xs[j + 7])
-                j += LANES
-                if i and j % CHECK == 0:
-                    if ((a0 + a1) + (a2 + a3)) + ((a4 + a5) + (a6 + a7)) > best:
-                        abandoned = True
-                        break
-            if abandoned:
-                continue
-            tail[0] = a0
-            tail[1] = a1
-            tail[2] = a2
-            tail[3] = a3
-            tail[4] = a4
-            tail[5] = a5
-            tail[6] = a6
-            tail[7] = a7
-            for l in range(d - j):
-                tail[l] = tail[l] + _sq(row[j + l], xs[j + l])
-            s = (((tail[0] + tail[1]) + (tail[2] + tail[3]))
-                 + ((tail[4] + tail[5]) + (tail[6] + tail[7])))
+            # past the first member, one that cannot be nearest is abandoned (INFINITY)
+            s = _d2_below(&table[i, first] if d else NULL, xs, d, best if i else INFINITY)
             if i == 0 or s < best:
                 best = s
         if first:
@@ -186,8 +152,13 @@ cdef inline float _dot(const float* row, const float* xs, Py_ssize_t d) noexcept
 
 @cython.boundscheck(False)
 @cython.wraparound(False)
-cdef inline double _d2(const float* row, const float* xs, Py_ssize_t d) noexcept nogil:
-    """One member's squared distance exactly as :func:`_scan` sums it (no early abandon)."""
+@cython.cdivision(True)
+cdef inline double _d2_below(const float* row, const float* xs, Py_ssize_t d,
+                             double limit) noexcept nogil:
+    """One member's squared distance, summed in eight independent lanes (kept in
+    registers; lane ``l`` adds ``j ≡ l (mod 8)`` in order), then the tail, then the lanes
+    pairwise. Every ``CHECK`` values, a partial sum above ``limit`` abandons the member:
+    INFINITY (a sum is never changed by the checks, only cut short)."""
     cdef double a0 = 0.0, a1 = 0.0, a2 = 0.0, a3 = 0.0, a4 = 0.0, a5 = 0.0, a6 = 0.0
     cdef double a7 = 0.0
     cdef double tail[LANES]
@@ -202,6 +173,8 @@ cdef inline double _d2(const float* row, const float* xs, Py_ssize_t d) noexcept
         a6 = a6 + _sq(row[j + 6], xs[j + 6])
         a7 = a7 + _sq(row[j + 7], xs[j + 7])
         j += LANES
+        if j % CHECK == 0 and ((a0 + a1) + (a2 + a3)) + ((a4 + a5) + (a6 + a7)) > limit:
+            return INFINITY
     tail[0] = a0
     tail[1] = a1
     tail[2] = a2
@@ -239,7 +212,7 @@ cdef double _pruned(const float[:, ::1] m, const double[::1] norms, double large
     for i in range(k):
         if finite and a[i] > least + 2.0 * bound:
             continue  # cannot be the nearest
-        s = _d2(&m[i, 0], xs, d)
+        s = _d2_below(&m[i, 0], xs, d, INFINITY)
         if not found or s < best:  # as _scan: the first member, then any nearer one
             best = s
             found = True

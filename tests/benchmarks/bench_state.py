@@ -115,7 +115,7 @@ def running_guard(workdir: Path, document: dict[str, Any]) -> Iterator[tuple[str
     env = os.environ | {BLACKLIGHT_ENV: "bench secret", "PYTHONPATH": str(ROOT)}
     args = [sys.executable, "-c", "import sys; from guard.cli import main; sys.exit(main())",
             "serve", "--policy", str(workdir / "policy.yaml"),
-            "--port", str(port), "--metrics-port", "off"]  # fmt: skip
+            "--port", str(port), "--metrics-port", "off", "--workers", "1"]  # fmt: skip
     log = (workdir / "guard.log").open("wb")
     process = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=workdir)
     try:
