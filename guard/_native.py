@@ -27,6 +27,11 @@ import from here and never from either package directly.
     The ``coverage`` stage's novelty test: whether one of the first ``count`` int16 rows
     lies within squared distance ``limit`` of ``x``, exactly. See :mod:`guard._py.coverage`.
 
+``release_bins(scores, edges, levels, shares, ordered, lo, hi) -> (released, code)``
+    The ``privacy`` stage's confidence bins: the batch of probability rows checked
+    (``code`` non-zero: not probabilities) and released as each row's level and shares.
+    See :mod:`guard._py.bins`.
+
 ``prada_scan(table, x) -> (d2, threshold)``
     One PRADA observation: the least squared L2 distance from ``x`` to the members of a
     stored growing set, and the set's threshold ``T_c``. See :mod:`guard._py.prada`.
@@ -61,10 +66,12 @@ __all__ = [
     "prada_scan",
     "prada_threshold",
     "reduce_bits",
+    "release_bins",
 ]
 
 USING_EXTENSIONS: bool
 if os.environ.get("GUARD_NO_EXTENSIONS", "") not in ("", "0"):
+    from guard._py.bins import release as release_bins
     from guard._py.check import check_and_cast
     from guard._py.coverage import within as coverage_within
     from guard._py.fingerprint import fingerprint
@@ -78,6 +85,7 @@ if os.environ.get("GUARD_NO_EXTENSIONS", "") not in ("", "0"):
     USING_EXTENSIONS = False
 else:
     try:
+        from guard._ext.bins import release as release_bins
         from guard._ext.check import check_and_cast
         from guard._ext.coverage import within as coverage_within
         from guard._ext.fingerprint import fingerprint
@@ -88,6 +96,7 @@ else:
         from guard._ext.prada import threshold as prada_threshold
         from guard._ext.squeeze import clip, median_smooth, reduce_bits
     except ImportError:
+        from guard._py.bins import release as release_bins
         from guard._py.check import check_and_cast
         from guard._py.coverage import within as coverage_within
         from guard._py.fingerprint import fingerprint

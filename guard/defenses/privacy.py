@@ -64,6 +64,9 @@ from typing import Any, ClassVar, Literal, Protocol
 
 import numpy as np
 
+from guard import _native
+from guard._py import bins as bins_twin
+
 L1_SENSITIVITY = 2.0  # max ‖p - p'‖₁ over probability vectors
 L2_SENSITIVITY = math.sqrt(2.0)  # max ‖p - p'‖₂ over probability vectors
 SUM_TOLERANCE = 1e-3  # how far a row of FP32 probabilities may sum from 1
@@ -109,20 +112,32 @@ def gaussian_sigma(rho: float, sensitivity: float = L2_SENSITIVITY) -> float:
 
 def check_scores(scores: np.ndarray) -> None:
     """Refuse anything but a batch of probability rows (the sensitivities assume them)."""
+    check_layout(scores)
+    if scores.size == 0:
+        return
+    # NaN fails both comparisons (min and max propagate it), and so does an infinity.
+    if not (scores.min() >= 0.0 and scores.max() <= 1.0):
+        raise ValueError(_NOT_PROBABILITIES[bins_twin.RANGE])
+    sums = scores.sum(axis=1, dtype=np.float64)
+    if not (sums.min() >= _SUM_LO and sums.max() <= _SUM_HI):
+        raise ValueError(_NOT_PROBABILITIES[bins_twin.SUM])
+
+
+def check_layout(scores: np.ndarray) -> None:
+    """Refuse anything but a batch of floating-point rows of two classes or more."""
     if scores.ndim != 2 or scores.shape[1] < 2:
         raise ValueError(
             f"scores must be a batch of probability rows [N, C>=2]; got shape {scores.shape}"
         )
     if scores.dtype.kind != "f":
         raise ValueError(f"scores must be floating point; got {scores.dtype}")
-    if scores.size == 0:
-        return
-    # NaN fails both comparisons (min and max propagate it), and so does an infinity.
-    if not (scores.min() >= 0.0 and scores.max() <= 1.0):
-        raise ValueError("scores must be probabilities in [0, 1] (logits are not supported)")
-    sums = scores.sum(axis=1, dtype=np.float64)
-    if not (sums.min() >= 1.0 - SUM_TOLERANCE and sums.max() <= 1.0 + SUM_TOLERANCE):
-        raise ValueError("each row of scores must sum to 1 (softmax probabilities)")
+
+
+_SUM_LO, _SUM_HI = 1.0 - SUM_TOLERANCE, 1.0 + SUM_TOLERANCE
+_NOT_PROBABILITIES = {
+    bins_twin.RANGE: "scores must be probabilities in [0, 1] (logits are not supported)",
+    bins_twin.SUM: "each row of scores must sum to 1 (softmax probabilities)",
+}
 
 
 def add_laplace(scores: np.ndarray, scale: float, rng: Rng) -> np.ndarray:
@@ -229,34 +244,15 @@ def bin_confidence(
     them evenly (ties in the model's order go to the lower class index). A row then
     depends on its label, the order of its first ``ranked + 1`` classes and its bin,
     nothing else. That order is kept, except that a level below the second class's
-    share swaps with it (:func:`keep_top1` puts the label back)."""
-    p = scores.astype(np.float64)
-    rows = np.arange(p.shape[0])[:, None]
-    order = np.argsort(-p, axis=1, kind="stable")
-    top = order[:, 0]
-    level_of, shares = _bin_tables(tuple(cuts), tuple(confidences), ranked, p.shape[1])
-    level = level_of(p[rows[:, 0], top])
-    out = np.empty_like(p)
-    out[rows, order[:, 1:]] = (1.0 - level)[:, None] * shares
-    out[rows[:, 0], top] = level
-    return out
+    share swaps with it (:func:`keep_top1` puts the label back). Float64, unchecked:
+    :class:`ConfidenceBins` checks, and releases in the scores' dtype."""
+    edges, levels, shares, _ = bin_tables(tuple(cuts), tuple(confidences), ranked, scores.shape[1])
+    return bins_twin.binned(scores, edges, levels, shares)
 
 
-@functools.lru_cache(maxsize=64)
-def _bin_tables(
-    cuts: tuple[float, ...], confidences: tuple[float, ...], ranked: int | None, classes: int
-) -> tuple[Callable[[np.ndarray], np.ndarray], np.ndarray]:
-    """The level of each top probability, and the shares of the rest by rank, made once
-    per setting and class count (a request's rows are few: the setup would dominate)."""
-    edges = np.asarray(cuts, dtype=np.float64)
-    levels = np.asarray(confidences, dtype=np.float64)
-    steps = np.arange(classes - 1)
-    weights = 0.5 ** (steps if ranked is None else np.minimum(steps, ranked))
-    shares = weights / weights.sum()
-    shares.flags.writeable = False
-    if not len(edges):
-        return (lambda top: np.full(top.shape, levels[0])), shares
-    return (lambda top: levels[np.searchsorted(edges, top, side="right")]), shares
+# The tables of a setting and class count, made once (a request's rows are few: making
+# them would cost more than binning).
+bin_tables = functools.lru_cache(maxsize=64)(bins_twin.tables)
 
 
 @functools.lru_cache(maxsize=64)
@@ -266,7 +262,7 @@ def levels_lead(
     """Whether every level stays strictly above the second class's share once cast to
     ``dtype``: then :func:`bin_confidence`'s top is the model's argmax already (both
     take the lowest index among ties) and :func:`keep_top1` would change nothing."""
-    _, shares = _bin_tables((), (1.0,), ranked, classes)
+    _, _, shares, _ = bin_tables((), (1.0,), ranked, classes)
     kind = dtype.type
     return all(kind(level) > kind((1.0 - level) * shares[0]) for level in confidences)
 
@@ -534,10 +530,15 @@ class ConfidenceBins:
         return None
 
     def apply(self, scores: np.ndarray, rng: Rng | None = None) -> np.ndarray:
-        check_scores(scores)
-        released = bin_confidence(scores, self.cuts, self.confidences, self.ranked)
-        led = levels_lead(self.confidences, self.ranked, scores.shape[1], scores.dtype)
-        return _finish(released, scores, not led)
+        check_layout(scores)
+        classes = scores.shape[1]
+        tables = bin_tables(self.cuts, self.confidences, self.ranked, classes)
+        released, code = _native.release_bins(scores, *tables, _SUM_LO, _SUM_HI)
+        if code:
+            raise ValueError(_NOT_PROBABILITIES[code])
+        if levels_lead(self.confidences, self.ranked, classes, scores.dtype):
+            return released
+        return keep_top1(released, scores)
 
     def fingerprint(self) -> str:
         return _fingerprint(self)
