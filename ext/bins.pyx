@@ -1,4 +1,5 @@
 # cython: language_level=3, embedsignature=True
+# distutils: language = c++
 """The privacy stage's confidence bins: check a batch of probability rows and release it.
 
 Semantics are those of :func:`guard._py.bins.release` (its module docstring states
@@ -6,20 +7,25 @@ them); this kernel returns the same bits. It specialises C-contiguous float32 an
 float64 scores and hands anything else to the twin. Two passes: the checks (every
 value, each row's sum from left to right), then per row its top class and level and
 the ``ordered`` places after it, picked one at a time (a few: the usual ``ranked``) or
-by sorting the row (many), every other place taking the last share. No temporary
-array but the output.
+by sorting the row (many), every other place taking the last share.
+
+The sort orders (key, index) pairs, the key a value's bits reversed: the bits of a
+non-negative double (-0 made +0) rise with it, so ascending keys are descending values,
+and equal values fall back on the lower index, as ``np.argsort(-p, kind="stable")``.
 """
 
 cimport cython
-from libc.stdlib cimport free, malloc, qsort
+from libc.stdint cimport uint64_t
+from libc.string cimport memcpy
+from libcpp.algorithm cimport sort
+from libcpp.pair cimport pair
+from libcpp.vector cimport vector
 
 import numpy as np
 
 from guard._py import bins as twin
 
-cdef struct Entry:
-    double value
-    Py_ssize_t index
+ctypedef pair[uint64_t, Py_ssize_t] Entry
 
 cdef enum:
     SELECT = 8  # up to this many ordered places: picked by scans, beyond: a sort
@@ -45,20 +51,16 @@ def release(scores, edges, levels, shares, Py_ssize_t ordered, double lo, double
     cdef float[:, ::1] of
     cdef double[:, ::1] od
     cdef const double[::1] e = edges, v = levels, s = shares
-    cdef Entry* scratch = <Entry*>malloc(scores.shape[1] * sizeof(Entry))
-    if scratch == NULL:
-        raise MemoryError()
-    try:
-        if scores.dtype == np.float32:
-            pf, of = scores, out
-            with nogil:
-                code = _release(pf, of, e, v, s, ordered, lo, hi, scratch)
-        else:
-            pd, od = scores, out
-            with nogil:
-                code = _release(pd, od, e, v, s, ordered, lo, hi, scratch)
-    finally:
-        free(scratch)
+    cdef vector[Entry] scratch
+    scratch.resize(scores.shape[1])
+    if scores.dtype == np.float32:
+        pf, of = scores, out
+        with nogil:
+            code = _release(pf, of, e, v, s, ordered, lo, hi, scratch)
+    else:
+        pd, od = scores, out
+        with nogil:
+            code = _release(pd, od, e, v, s, ordered, lo, hi, scratch)
     return (scores, code) if code else (out, 0)
 
 
@@ -75,7 +77,7 @@ ctypedef fused real:
 @cython.wraparound(False)
 cdef int _release(const real[:, ::1] p, real[:, ::1] out, const double[::1] edges,
                   const double[::1] levels, const double[::1] shares, Py_ssize_t ordered,
-                  double lo, double hi, Entry* scratch) noexcept nogil:
+                  double lo, double hi, vector[Entry]& scratch) noexcept nogil:
     cdef Py_ssize_t n = p.shape[0], c = p.shape[1], i, j
     cdef double total
     cdef bint outside = False, off = False
@@ -100,7 +102,7 @@ cdef int _release(const real[:, ::1] p, real[:, ::1] out, const double[::1] edge
 @cython.wraparound(False)
 cdef inline void _row(const real* p, real* out, Py_ssize_t c, const double[::1] edges,
                       const double[::1] levels, const double[::1] shares, Py_ssize_t ordered,
-                      Entry* scratch) noexcept nogil:
+                      vector[Entry]& scratch) noexcept nogil:
     cdef Py_ssize_t top = 0, j, r, k = 0, best, m = 0
     for j in range(1, c):
         if p[j] > p[top]:  # strictly: the lowest index among equals
@@ -118,31 +120,27 @@ cdef inline void _row(const real* p, real* out, Py_ssize_t c, const double[::1] 
         return
     if ordered <= SELECT:  # pick each place by a scan over the classes not yet placed
         for j in range(c):
-            scratch[j].index = 0  # 1: placed
-        scratch[top].index = 1
+            scratch[j].second = 0  # 1: placed
+        scratch[top].second = 1
         for r in range(ordered):
             best = -1
             for j in range(c):
-                if scratch[j].index == 0 and (best < 0 or p[j] > p[best]):
+                if scratch[j].second == 0 and (best < 0 or p[j] > p[best]):
                     best = j
-            scratch[best].index = 1
+            scratch[best].second = 1
             out[best] = <real>(rest * shares[r])
         return
     for j in range(c):  # sort the other classes: larger value first, then lower index
         if j != top:
-            scratch[m].value = p[j]
-            scratch[m].index = j
+            scratch[m].first = ~_bits(<double>p[j] + 0.0)
+            scratch[m].second = j
             m += 1
-    qsort(scratch, m, sizeof(Entry), _descending)
+    sort(scratch.begin(), scratch.begin() + m)
     for r in range(ordered):
-        out[scratch[r].index] = <real>(rest * shares[r])
+        out[scratch[r].second] = <real>(rest * shares[r])
 
 
-cdef int _descending(const void* a, const void* b) noexcept nogil:
-    cdef const Entry* x = <const Entry*>a
-    cdef const Entry* y = <const Entry*>b
-    if x.value > y.value:
-        return -1
-    if x.value < y.value:
-        return 1
-    return -1 if x.index < y.index else (1 if x.index > y.index else 0)
+cdef inline uint64_t _bits(double value) noexcept nogil:
+    cdef uint64_t bits
+    memcpy(&bits, &value, sizeof(bits))
+    return bits

@@ -17,12 +17,14 @@ from typing import Any
 
 import numpy as np
 
+from guard._py import bins as bins_twin
 from guard._py import check as twin
 
 try:
+    from guard._ext import bins as bins_ext
     from guard._ext import check as ext
 except ImportError:
-    ext = None
+    ext = bins_ext = None
 
 # Tabular features (64 values), a CIFAR-10 image (3072), an ImageNet one (150528).
 SIZES = (64, 3072, 150528)
@@ -49,6 +51,34 @@ def bench_check_and_cast(size: int, *, repeat: int, min_time: float) -> tuple[fl
     return per_call_us(lambda: ext.check_and_cast(*args), repeat=repeat, min_time=min_time), twin_us
 
 
+# (rows, classes, ranked): digits' default (one row, 10 classes, the runner-up ranked), a
+# batch of them, ImageNet's 1,000 classes ranked the same, and ranked all the way (a sort).
+BINS = ((1, 10, 1), (64, 10, 1), (1, 1000, 1), (1, 1000, None))
+
+
+def bench_bins(
+    rows: int, classes: int, ranked: int | None, *, repeat: int, min_time: float
+) -> tuple[float | None, float]:
+    """The privacy stage's confidence bins on softmax rows (float32), two bins."""
+    scores = np.random.default_rng(classes).dirichlet(np.full(classes, 0.3), rows)
+    scores = scores.astype(np.float32)
+    args = (scores, *bins_twin.tables((0.5,), (0.48, 0.975), ranked, classes), 0.999, 1.001)
+    want = bins_twin.release(*args)
+    twin_us = per_call_us(lambda: bins_twin.release(*args), repeat=repeat, min_time=min_time)
+    if bins_ext is None:
+        return None, twin_us
+    got = bins_ext.release(*args)
+    if got[0].tobytes() != want[0].tobytes() or got[1] != want[1]:
+        raise SystemExit(f"release_bins: kernel and twin disagree at {rows}x{classes}")
+    return per_call_us(lambda: bins_ext.release(*args), repeat=repeat, min_time=min_time), twin_us
+
+
+def ratio_row(name: str, size: str, ext_us: float | None, twin_us: float) -> str:
+    cython = "n/a" if ext_us is None else f"{ext_us:.2f}"
+    ratio = "n/a" if ext_us is None else f"{twin_us / ext_us:.1f}x"
+    return f"| {name} | {size} | {cython} | {twin_us:.2f} | {ratio} |"
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=7, help="timing runs per figure (best kept)")
@@ -64,9 +94,13 @@ def main(argv: list[str] | None = None) -> None:
     print("|---|---:|---:|---:|---:|")
     for size in SIZES:
         ext_us, twin_us = bench_check_and_cast(size, repeat=args.repeat, min_time=args.min_time)
-        cython = "n/a" if ext_us is None else f"{ext_us:.2f}"
-        ratio = "n/a" if ext_us is None else f"{twin_us / ext_us:.1f}x"
-        print(f"| check_and_cast f64→f32 | {size} | {cython} | {twin_us:.2f} | {ratio} |")
+        print(ratio_row("check_and_cast f64→f32", str(size), ext_us, twin_us))
+    for rows, classes, ranked in BINS:
+        ext_us, twin_us = bench_bins(
+            rows, classes, ranked, repeat=args.repeat, min_time=args.min_time
+        )
+        name = f"release_bins, ranked {'all' if ranked is None else ranked}"
+        print(ratio_row(name, f"{rows}×{classes}", ext_us, twin_us))
 
 
 if __name__ == "__main__":

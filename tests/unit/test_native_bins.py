@@ -148,3 +148,19 @@ def test_other_layouts_go_through_the_twin() -> None:
         want, _ = twin.release(scores, *tables, LO, 1.02)
         assert code == 0 and got.dtype == scores.dtype
         assert got.tobytes() == want.tobytes()
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_the_sort_places_negative_zero_as_zero_and_ties_by_index(dtype: str) -> None:
+    # 20 classes ranked all the way: the sort path. -0.0 and 0.0 are one value, so the
+    # zeros keep their index order whichever sign they carry.
+    row = np.zeros(20, dtype)
+    row[[3, 11]] = 0.3
+    row[7] = 0.4
+    row[[0, 5, 9, 14]] = -0.0
+    tables = twin.tables((), (0.9,), None, 20)
+    got, code = ext.release(row[None], *tables, LO, HI)
+    want, _ = twin.release(row[None], *tables, LO, HI)
+    assert code == 0 and got.tobytes() == want.tobytes()
+    np.testing.assert_array_equal(got, reference(row[None], (), (0.9,), None))
