@@ -193,7 +193,8 @@ class BaseStage:
     """Optional base: no-op hooks, so a stage writes only the side it needs.
 
     The pipeline skips hooks a stage does not override, so a request-only stage
-    costs nothing on the response path.
+    costs nothing on the response path, and the hooks an instance names in
+    ``idle_hooks`` (its settings leave them nothing to do).
     """
 
     name = "stage"
@@ -202,6 +203,7 @@ class BaseStage:
     # answered as it came when no other stage changes it). Stages that do not say: True.
     changes_outputs = True
     handles_degrade = False  # True: this stage decides what ``ctx.degraded`` answers look like
+    idle_hooks: frozenset[str] = frozenset()
 
     async def on_request(self, ctx: RequestContext) -> Verdict:
         return Verdict.CONTINUE
@@ -221,8 +223,11 @@ class BaseStage:
 
 
 def _overrides(stage: object, hook: str) -> bool:
+    """Whether the pipeline calls ``stage``'s ``hook``: its class has one of its own, and
+    the instance does not call it idle."""
     base = getattr(BaseStage, hook)
-    return getattr(type(stage), hook, base) is not base
+    own = getattr(type(stage), hook, base) is not base
+    return own and hook not in getattr(stage, "idle_hooks", ())
 
 
 class Pipeline:

@@ -162,6 +162,8 @@ class Coverage(OptionsStage[CoverageOptions]):
             shard_novel=o.shard_novel,
         )
         self.enforcement = Enforcement.of(options, env, stage=self.name, technique=TECHNIQUE)
+        if not self.enforcement.acts_on_requests:  # no mark to honour: the response side only
+            self.idle_hooks = frozenset({"prepare_request", "on_request"})
         self.clock = time.time
         self._sketches: dict[int, Sketch] = {}
         window = options.window

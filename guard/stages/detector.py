@@ -226,6 +226,11 @@ class Enforcement:
     def misdirects(self) -> bool:
         return self.action is Action.MISDIRECT
 
+    @property
+    def acts_on_requests(self) -> bool:
+        """Whether :meth:`honour_marks` has anything to do (a degrade or misdirect mark)."""
+        return self.action in (Action.DEGRADE, Action.MISDIRECT)
+
     def mark_key(self, client: str) -> str:
         return client_key(client, "degrade", self.model)
 

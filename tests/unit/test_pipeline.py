@@ -100,6 +100,25 @@ async def test_request_stages_in_order_response_stages_reversed() -> None:
     ]
 
 
+async def test_hooks_an_instance_calls_idle_are_skipped() -> None:
+    log: list[str] = []
+    quiet = Recorder("quiet", log)
+    quiet.idle_hooks = frozenset({"on_request"})  # its settings leave it nothing to do there
+    await Pipeline([Recorder("a", log), quiet]).run(_ctx(), EchoBackend(log))
+    assert log == ["a.request", "backend", "quiet.response", "a.response"]
+
+
+async def test_coverage_leaves_the_request_side_only_when_it_has_no_mark_to_honour() -> None:
+    from guard.stages.coverage import Coverage
+
+    env = StageEnv(model="m", backend=None, local=None, metadata=None, state=MemoryStore())
+    for action, request_side in [("flag", False), ("degrade", True), ("misdirect", True)]:
+        section = Section({"radius": 1.0, "action": action}, source="p.yaml")
+        pipeline = Pipeline([Coverage.from_config(section, env)])
+        assert bool(pipeline._request_stages) is request_side, action
+        assert pipeline._response_stages
+
+
 async def test_respond_skips_backend_and_unwinds_only_stages_that_ran() -> None:
     log: list[str] = []
     pipeline = Pipeline([Recorder("a", log), Recorder("b", log, respond=True), Recorder("c", log)])
