@@ -24,7 +24,7 @@ from guard.state import (
     read_state_config,
 )
 from guard.state.memory import MemoryStore
-from guard.state.redis import RedisStore
+from guard.state.redis import RedisStore, _hex
 from tests.integration.redis_server import (
     RedisClusterServers,
     RedisSentinelServers,
@@ -779,3 +779,9 @@ async def test_stores_agree_with_repeats_and_shares(shared: RedisStore) -> None:
         want = await memory.match_fingerprints("t", client, batch, digests=digests, **args)
         got = await shared.match_fingerprints("t", client, batch, digests=digests, **args)
         assert got == want
+
+
+def test_fingerprint_hashes_are_sent_as_sixteen_hex_digits_each() -> None:
+    hashes = [0, 1, 0xFEDCBA9876543210, 2**64 - 1, 0x0123456789ABCDEF]
+    assert _hex(hashes) == "".join(f"{h:016x}" for h in hashes)  # the script's reading
+    assert _hex([]) == ""
