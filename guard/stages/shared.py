@@ -79,7 +79,7 @@ def predicted(
             continue
         kind = class_output(value.dtype.kind, value.shape)
         if kind == "scores":
-            return np.argmax(value, axis=1).astype(np.int64), int(value.shape[1])
+            return np.argmax(value, axis=1).astype(np.int64, copy=False), int(value.shape[1])
         if kind == "labels":
             return value.reshape(rows).astype(np.int64), None
     return None
