@@ -327,7 +327,8 @@ class Enforcement:
             size = width * _HISTORY_ROW.itemsize
             kept = len(data) // size  # whole records (a log always holds whole ones)
             rows = np.frombuffer(data, _HISTORY_ROW, kept * width).reshape(kept, width)
-            rows = rows[-self._cap(width) :]
+            if kept > self._cap(width):  # a log holds up to a quarter more before its trim
+                rows = rows[-self._cap(width) :].copy()  # (the copy lets the rest go)
             self.anchors.put(key, rows)
         return rows
 
