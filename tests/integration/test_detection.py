@@ -379,9 +379,7 @@ async def test_priming_accounts_cannot_get_honest_requests_refused(
 ) -> None:
     """Five accounts send twenty guessed inputs once each (exactly or jittered); honest
     clients then send them (was: 20/20 refused)."""
-    guard = await start_fleet(
-        start_guard, default_digits_stages(), audit={"path": "audit.jsonl"}
-    )
+    guard = await start_fleet(start_guard, default_digits_stages(), audit={"path": "audit.jsonl"})
     x, _ = load_samples("digits")
     rng = np.random.default_rng(5)
     guessed = x[300:320]
@@ -448,9 +446,9 @@ async def test_misdirected_attackers_get_plain_answers_that_lead_nowhere(
         header_names = names
     # Far away inputs too (a fresh transform, another digit): the anchor's answer.
     other_digit = 0
-    while outputs((await infer(http, guard, x[other_digit], "alice"))[1])["label"] == first[
-        "label"
-    ]:
+    while (
+        outputs((await infer(http, guard, x[other_digit], "alice"))[1])["label"] == first["label"]
+    ):
         other_digit += 1
     status, data, _ = await infer(http, guard, x[other_digit], "mallory")
     assert status == 200 and outputs(data)["label"] == first["label"]

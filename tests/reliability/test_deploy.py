@@ -172,9 +172,10 @@ def test_compose_guard_service_is_consistent(compose: dict[str, Any]) -> None:
     assert policy_file in POLICY_FILES and policy_file.is_file()
     # Clients reach the public port from anywhere; metrics and admin only from this host.
     published = {p.rsplit(":", 1)[1]: p.rsplit(":", 1)[0] for p in guard["ports"]}
-    assert published == {str(args.port): str(args.port), str(args.metrics_port): (
-        f"127.0.0.1:{args.metrics_port}"
-    )}
+    assert published == {
+        str(args.port): str(args.port),
+        str(args.metrics_port): (f"127.0.0.1:{args.metrics_port}"),
+    }
     assert args.metrics_host == "0.0.0.0"  # inside the container: Prometheus must reach it
     policy = yaml.safe_load(policy_file.read_text())
     assert env_references(policy) <= set(guard["environment"])

@@ -200,9 +200,7 @@ def walk_until_refused(url: str) -> Any:
 def test_a_deny_names_no_stage_unless_the_policy_says_so(
     spawn_guard: GuardSpawner, reasons: bool
 ) -> None:
-    guard = spawn_guard(
-        policy(BLACKLIGHT, disclose={"reasons": reasons}), env=BLACKLIGHT_ENV
-    )
+    guard = spawn_guard(policy(BLACKLIGHT, disclose={"reasons": reasons}), env=BLACKLIGHT_ENV)
     reply = walk_until_refused(guard.url)
     assert reply.status == 403
     if reasons:

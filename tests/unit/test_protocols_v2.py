@@ -792,11 +792,22 @@ def test_nan_and_infinity_literals_from_python_json_clients_decode() -> None:
     import json
 
     body = json.dumps(
-        {"inputs": [{"name": "x", "shape": [3], "datatype": "FP32", "data": [float("nan"), float("inf"), -float("inf")]}]}
+        {
+            "inputs": [
+                {
+                    "name": "x",
+                    "shape": [3],
+                    "datatype": "FP32",
+                    "data": [float("nan"), float("inf"), -float("inf")],
+                }
+            ]
+        }
     ).encode()
     assert b"NaN" in body and b"Infinity" in body
     x = v2.decode_request(body, header_length=None, model_name="m", model_version=None).inputs["x"]
     assert np.isnan(x[0]) and x[1] == np.inf and x[2] == -np.inf
     overflow = b'{"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [1e39]}]}'
-    with pytest.raises(RequestError, match=r"inputs\[0\].data\[0\]: 1e\+39 is out of range for FP32"):
+    with pytest.raises(
+        RequestError, match=r"inputs\[0\].data\[0\]: 1e\+39 is out of range for FP32"
+    ):
         v2.decode_request(overflow, header_length=None, model_name="m", model_version=None)
