@@ -238,8 +238,8 @@ def run(
             for name, options in stages:
                 spent = asyncio.run(measure([(name, options)], width, requests, seed))[name]
                 alone[name] = min(alone.get(name, spent), spent)
-            run = asyncio.run(measure(stages, width, requests, seed))
-            chain = {k: min(chain.get(k, v), v) for k, v in run.items()}
+            chained = asyncio.run(measure(stages, width, requests, seed))
+            chain = {k: min(chain.get(k, v), v) for k, v in chained.items()}
         for name in alone:
             print(f"  width {width:5}  {name:11} {alone[name]:8.1f} µs", file=sys.stderr)
         print(f"  width {width:5}  {'chain':11} {chain['total']:8.1f} µs", file=sys.stderr)
