@@ -219,6 +219,26 @@ async def test_anchors_remembered_by_one_replica_misdirect_on_another(
         await store.close()
 
 
+async def test_a_marked_clients_anchors_are_its_last_history_rows() -> None:
+    # The log keeps up to a quarter more than ``history`` rows before it trims; the
+    # anchors are the last ``history`` of them, oldest first, in a copy of their own.
+    one = Enforcement(
+        stage="provenance",
+        model="digits",
+        action=Action.MISDIRECT,
+        degrade_for=60.0,
+        technique=None,
+        store=MemoryStore(),
+        history=8,
+    )
+    walk = np.random.default_rng(2).uniform(0, 16, (9, 64)).astype(np.float32)
+    for row in walk:
+        await one.honour_marks(context(row[None]), row[None], "input")
+    kept = await one._history(context(walk[:1]), 64)
+    np.testing.assert_array_equal(kept, walk[1:])
+    assert kept.base is None or kept.base.nbytes == kept.nbytes  # owns its 8 rows only
+
+
 class Rows:
     """The least view: the bytes it folded."""
 
