@@ -210,6 +210,8 @@ def test_scores_that_are_not_probability_rows_are_refused(scores: np.ndarray, me
         check_scores(scores)
     with pytest.raises(ValueError, match=message):
         Laplace(epsilon=1.0).apply(scores, np.random.default_rng(0))
+    with pytest.raises(ValueError, match=message):  # the compiled bins check their own rows
+        ConfidenceBins(cuts=(0.5,), confidences=(0.48, 0.975), ranked=1).apply(scores)
 
 
 def test_noisy_mechanism_without_a_generator_is_refused() -> None:
