@@ -69,19 +69,18 @@ class Budget(OptionsStage[BudgetOptions]):
     def __init__(self, options: BudgetOptions, env: StageEnv) -> None:
         super().__init__(options, env)
         self.enforcement = Enforcement.of(options, env, stage=self.name, technique=TECHNIQUE)
+        # each window's key suffix and length, made once
+        self._windows = [(f"{round(q.per * 1000)}ms", q.per) for q in options.limits]
 
     async def prepare_request(self, ctx: RequestContext) -> None:
         await self.enforcement.honour_marks(ctx)
-        limits = self.options.limits
         amount = self._rows(ctx) if self.options.count == "rows" else 1
         store, client, model = self.enforcement.store, ctx.client.name, self.enforcement.model
         ctx.stage_state[self.name] = await together(
             store,
             *(
-                store.incr(
-                    client_key(client, "budget", model, f"{round(q.per * 1000)}ms"), amount, q.per
-                )
-                for q in limits
+                store.incr(client_key(client, "budget", model, window), amount, per)
+                for window, per in self._windows
             ),
         )
 
