@@ -41,7 +41,7 @@ novelty), and this process's :class:`Window` of the log (a
 as queries enter and leave the window: a request costs its own rows, each one scan of the
 window (:func:`guard._native.coverage_within`, exact integer arithmetic, abandoned early),
 not a decode of the history. :class:`History` and :func:`nearest` state the same steps
-over a decoded history, in floating point, for offline use and as the tests' reference.
+over a decoded history, in floating point: the reference the tests hold the window to.
 
 What this cannot tell apart, and we say so: an honest client that sends many
 fresh inputs over every class looks exactly like this (Karchmer, "Theoretical
