@@ -137,29 +137,58 @@ local threshold, max_queries, ttl, max_per_hash = p[1], p[2], p[3], p[4]
 local expire_per_insert, share, detail = p[5], p[6], p[7] == 1
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local seq = tonumber(redis.call('HGET', meta, 'seq') or '0')
-local head = tonumber(redis.call('HGET', meta, 'head') or '1')
+local counters = redis.call('HMGET', meta, 'seq', 'head')
+local seq = tonumber(counters[1] or '0')
+local head = tonumber(counters[2] or '1')
 local held = redis.call('HLEN', qs)
+
+-- The index is read and written a fingerprint at a time (HMGET, HSET, HDEL of many
+-- fields: one command each instead of one per hash), in slices that stay within
+-- Lua's limit on unpacked arguments.
+local SLICE = 256  -- even: HSET takes field-value pairs
+local function split(packed)
+  local hashes = {}
+  for i = 1, #packed, 16 do hashes[#hashes + 1] = string.sub(packed, i, i + 15) end
+  return hashes
+end
+local function postings(hashes)
+  local got = {}
+  for i = 1, #hashes, SLICE do
+    local part = redis.call('HMGET', idx, unpack(hashes, i, math.min(i + SLICE - 1, #hashes)))
+    for j = 1, #part do got[#got + 1] = part[j] end
+  end
+  return got
+end
+local function each_slice(command, args)
+  for i = 1, #args, SLICE do
+    redis.call(command, idx, unpack(args, i, math.min(i + SLICE - 1, #args)))
+  end
+end
 
 local function evict(qid)
   local rec = redis.call('HGET', qs, qid)
   if not rec then return end
   redis.call('HDEL', qs, qid)
   held = held - 1
-  local hashes, digest, who = string.match(rec, '^%d+ (%x*) (%S+) %S+ (.*)$')
+  local packed, digest, who = string.match(rec, '^%d+ (%x*) (%S+) %S+ (.*)$')
   local sid = tostring(qid)
-  for i = 1, #hashes, 16 do
-    local h = string.sub(hashes, i, i + 15)
-    local ids = redis.call('HGET', idx, h)
-    if ids then
+  local hashes = split(packed)
+  local got = postings(hashes)
+  local put, gone, done = {}, {}, {}
+  for i, h in ipairs(hashes) do
+    local ids = got[i]
+    if ids and not done[h] then
+      done[h] = true
       local kept = {}
       for id in string.gmatch(ids, '%d+') do
         if id ~= sid then kept[#kept + 1] = id end
       end
-      if #kept == 0 then redis.call('HDEL', idx, h)
-      else redis.call('HSET', idx, h, table.concat(kept, ' ')) end
+      if #kept == 0 then gone[#gone + 1] = h
+      else put[#put + 1] = h; put[#put + 1] = table.concat(kept, ' ') end
     end
   end
+  each_slice('HDEL', gone)
+  each_slice('HSET', put)
   if digest ~= '-' and redis.call('HGET', digs, digest) == sid then
     redis.call('HDEL', digs, digest)
   end
@@ -188,14 +217,12 @@ for a = 3, #ARGV, 3 do
   if repeated then
     if detail then out[#out + 1] = {1, ''} else out[#out + 1] = {0, 0, 0, 1} end
   else
-    local hashes = {}
+    local hashes = split(packed)
+    local got = postings(hashes)
     local shared = {}
-    for i = 1, #packed, 16 do
-      local h = string.sub(packed, i, i + 15)
-      hashes[#hashes + 1] = h
-      local ids = redis.call('HGET', idx, h)
-      if ids then
-        for id in string.gmatch(ids, '%d+') do shared[id] = (shared[id] or 0) + 1 end
+    for i = 1, #hashes do
+      if got[i] then
+        for id in string.gmatch(got[i], '%d+') do shared[id] = (shared[id] or 0) + 1 end
       end
     end
     local matches, own, best = 0, 0, 0
@@ -219,8 +246,15 @@ for a = 3, #ARGV, 3 do
     redis.call('HSET', qs, seq, rec)
     held = held + 1
     if digest ~= '-' then redis.call('HSET', digs, digest, seq) end
-    for _, h in ipairs(hashes) do
-      local ids = redis.call('HGET', idx, h)
+    -- Each hash's posting gains this query, the oldest dropped past max_per_hash; a hash
+    -- given twice gains it twice, as if posted in turn.
+    local posted, order = {}, {}
+    for i, h in ipairs(hashes) do
+      local ids = posted[h]
+      if ids == nil then
+        ids = got[i]
+        order[#order + 1] = h
+      end
       if ids then
         local _, count = string.gsub(ids, ' ', ' ')
         if count + 1 >= max_per_hash then ids = string.match(ids, '^%d+ (.*)$') or '' end
@@ -228,8 +262,11 @@ for a = 3, #ARGV, 3 do
       else
         ids = tostring(seq)
       end
-      redis.call('HSET', idx, h, ids)
+      posted[h] = ids
     end
+    local put = {}
+    for _, h in ipairs(order) do put[#put + 1] = h; put[#put + 1] = posted[h] end
+    each_slice('HSET', put)
     local mine = owners .. client
     redis.call('RPUSH', mine, seq)
     redis.call('ZINCRBY', sizes, 1, client)

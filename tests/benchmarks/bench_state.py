@@ -244,10 +244,11 @@ def main() -> int:
         "(busiest node)  commands/req"
     )
     for r in results:
-        base = next(b for b in results if b.policy == r.policy and b.backend == "memory")
+        base = next((b for b in results if b.policy == r.policy and b.backend == "memory"), None)
+        ratio = f"{r.rps / base.rps:7.2f}" if base else "      -"  # memory not measured
         total = sum(r.redis_commands.values())
         top = ", ".join(f"{k} {v:.2f}" for k, v in r.redis_commands.items() if v >= 0.01)
-        print(f"{r.policy:8} {r.backend:9} {r.rps:7.1f}  {r.rps / base.rps:7.2f}  {r.p50_ms:6.1f}"
+        print(f"{r.policy:8} {r.backend:9} {r.rps:7.1f}  {ratio}  {r.p50_ms:6.1f}"
               f"  {r.p99_ms:6.1f}  {r.guard_cpu_us:12.0f}  {r.redis_cpu_us:7.0f} "
               f"({r.redis_cpu_us_busiest:4.0f})  {total:.2f}: {top}")  # fmt: skip
     if args.json:

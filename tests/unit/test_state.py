@@ -239,6 +239,27 @@ async def test_stores_agree_on_a_random_workload(shared: RedisStore) -> None:
         assert await shared.match_fingerprints("t", client, batch, **args) == want
 
 
+async def test_stores_agree_on_long_fingerprints_under_every_bound(shared: RedisStore) -> None:
+    """Fingerprints longer than the script's index slices (it reads and writes the index
+    a fingerprint at a time, in slices), with exact repeats, while the per-hash, per-client
+    and table bounds all evict."""
+    rng = np.random.default_rng(8)
+    memory = MemoryStore()
+    args = fingerprint_args(threshold=40, max_queries=12, max_per_hash=3, max_per_client=5)
+    pool = [sorted({int(h) for h in rng.integers(0, 900, size=700)}) for _ in range(30)]
+    assert min(len(p) for p in pool) > 256  # past a slice of hashes, and of HSET's pairs
+    matched = 0
+    for _ in range(45):
+        picks = [int(rng.integers(len(pool))) for _ in range(int(rng.integers(1, 3)))]
+        batch, digests = [pool[i] for i in picks], [bytes([i]) for i in picks]
+        client = f"c{rng.integers(3)}"
+        want = await memory.match_fingerprints("t", client, batch, digests=digests, **args)
+        got = await shared.match_fingerprints("t", client, batch, digests=digests, **args)
+        assert got == want
+        matched += sum(m.matches > 0 for m in got)
+    assert matched > 5
+
+
 async def test_sharded_tables_agree_with_memory_while_no_bound_binds(sharded: RedisStore) -> None:
     """Split by hash value, a table's shares add up to the same counts, repeats included
     (the bounds apply per shard: see test_sharded_bounds_hold_per_shard)."""
