@@ -34,14 +34,13 @@ above) are pooled per model; when the pooled novel count of two or more of them
 reaches ``min_novel`` each of them is suspicious. A client whose own queries do
 not look like a shard is never pooled, so other accounts cannot push it over.
 
-The stage keeps step 1 and 2 incremental (:class:`Window`): a client's queries are an
-offset log of raw facts (each query's fixed-point sketch and predicted class, never its
-novelty), and this process's :class:`Window` of the log (a
-:class:`~guard.state.views.LogView`) derives novelty and the evidence record by record
-as queries enter and leave the window: a request costs its own rows, each one scan of the
-window (:func:`guard._native.coverage_within`, exact integer arithmetic, abandoned early),
-not a decode of the history. :class:`History` and :func:`nearest` state the same steps
-over a decoded history, in floating point: the reference the tests hold the window to.
+Steps 1 and 2 are incremental (:class:`Window`): a client's queries are an offset log
+of raw facts (each query's fixed-point sketch and predicted class, never its novelty),
+and this process's :class:`Window` of the log (a :class:`~guard.state.views.LogView`)
+derives novelty and the evidence record by record as queries enter and leave the
+window: a request costs its own rows, each one scan of the window
+(:func:`guard._native.coverage_within`, exact integer arithmetic, abandoned early), not
+a decode of the history.
 
 What this cannot tell apart, and we say so: an honest client that sends many
 fresh inputs over every class looks exactly like this (Karchmer, "Theoretical
@@ -63,17 +62,14 @@ from guard._native import coverage_within
 __all__ = [
     "STEPS_PER_RADIUS",
     "Evidence",
-    "History",
     "Shard",
     "Sketch",
     "Thresholds",
     "Window",
     "calibrate_radius",
-    "nearest",
     "union",
 ]
 
-_HEADER = np.dtype("<i4")  # 2 * class + novel; class -1: unknown
 _VALUE = np.dtype("<i2")
 STEPS_PER_RADIUS = 64  # the stored sketches' resolution: radius / 64
 
@@ -96,79 +92,6 @@ class Sketch:
     def __call__(self, x: np.ndarray) -> np.ndarray:
         x = np.asarray(x, dtype=np.float32)
         return x if self.matrix is None else x @ self.matrix
-
-
-@dataclass(slots=True)
-class History:
-    """A client's recent queries: their sketches, predicted classes and novelty, oldest first."""
-
-    sketches: np.ndarray  # [m, dims] float32
-    labels: np.ndarray  # [m] int64 (-1: unknown)
-    novel: np.ndarray  # [m] bool
-    # Rows reserved by :meth:`decode` so that :meth:`add` writes in place instead of copying
-    # the whole history: ``sketches`` is then ``_buffer[_start:_start + m]``.
-    _buffer: np.ndarray | None = None
-    _start: int = 0
-
-    @classmethod
-    def empty(cls, dims: int) -> History:
-        return cls(np.empty((0, dims), np.float32), np.empty(0, np.int64), np.empty(0, bool))
-
-    @classmethod
-    def decode(cls, data: bytes, dims: int, step: float, *, spare: int = 0) -> History:
-        """From stored records (:meth:`encode` with the same ``step``), concatenated; a
-        leading partial record (a log trimmed by bytes) is skipped. ``spare`` rows are
-        reserved for the queries about to be added (:meth:`observe`)."""
-        record = np.dtype([("header", _HEADER), ("values", _VALUE, (dims,))])
-        data = data[len(data) % record.itemsize :]
-        raw = np.frombuffer(data, dtype=record)
-        buffer = np.empty((len(raw) + spare, dims), np.float32)
-        np.multiply(raw["values"], np.float32(step), out=buffer[: len(raw)], casting="unsafe")
-        header = raw["header"].astype(np.int64)
-        return cls(buffer[: len(raw)], header >> 1, (header & 1).astype(bool), buffer, 0)
-
-    @staticmethod
-    def record_size(dims: int) -> int:
-        """Bytes of one stored record."""
-        return _HEADER.itemsize + dims * _VALUE.itemsize
-
-    @staticmethod
-    def encode(sketch: np.ndarray, label: int, novel: bool, step: float) -> bytes:
-        """One query as stored: ``2 * label + novel`` (little-endian i4), then its sketch in
-        fixed point, multiples of ``step`` (little-endian i2, saturating)."""
-        header = np.array([2 * int(label) + int(novel)], dtype=_HEADER)
-        fixed = np.clip(np.rint(np.asarray(sketch, np.float64) / step), -32767, 32767)
-        return header.tobytes() + fixed.astype(_VALUE).tobytes()
-
-    def add(self, sketch: np.ndarray, label: int, novel: bool) -> None:
-        end = self._start + len(self.sketches)
-        if self._buffer is not None and end < len(self._buffer):
-            self._buffer[end] = sketch
-            self.sketches = self._buffer[self._start : end + 1]
-        else:
-            self.sketches = np.vstack((self.sketches, sketch[None, :].astype(np.float32)))
-            self._buffer = None
-        self.labels = np.append(self.labels, np.int64(label))
-        self.novel = np.append(self.novel, novel)
-
-    def keep(self, window: int) -> None:
-        """Forget all but the newest ``window`` queries."""
-        if len(self.labels) > window:
-            self._start += len(self.sketches) - window
-            self.sketches = self.sketches[-window:]
-            self.labels = self.labels[-window:]
-            self.novel = self.novel[-window:]
-
-    def observe(self, sketch: np.ndarray, label: int, radius: float, window: int) -> bool:
-        """Step 1 for one query: whether it is novel; it joins the history either way."""
-        novel = nearest(self.sketches, sketch) > radius
-        self.add(sketch, label, novel)
-        self.keep(window)
-        return novel
-
-    def evidence(self, classes: int) -> Evidence:
-        counts = np.bincount(self.labels[self.novel & (self.labels >= 0)], minlength=classes)
-        return Evidence(len(self.labels), int(self.novel.sum()), counts[:classes])
 
 
 _LABEL = np.dtype("<i4")  # a Window record's predicted class; -1: unknown
@@ -333,14 +256,6 @@ class Window:
         """The window oldest first: fixed-point rows, classes and novelty."""
         order = (np.arange(self._count) + self._head) % max(self._count, 1)
         return self._rows[order], self._labels[order], self._novel[order]
-
-
-def nearest(history: np.ndarray, sketch: np.ndarray) -> float:
-    """``min_y ||sketch - y||₂`` over the rows of ``history``; infinity when it is empty."""
-    if history.shape[0] == 0:
-        return float("inf")
-    diff = history - sketch
-    return float(np.sqrt(np.min(np.einsum("ij,ij->i", diff, diff))))
 
 
 def calibrate_radius(reference: np.ndarray, *, quantile: float = 0.01, scale: float = 0.5) -> float:

@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 
 from guard.defenses.coverage import (
+    STEPS_PER_RADIUS,
     Evidence,
-    History,
     Shard,
     Sketch,
     Thresholds,
+    Window,
     calibrate_radius,
-    nearest,
     union,
 )
 
@@ -24,13 +24,19 @@ def clusters(rng: np.random.Generator, n: int, dim: int = 16) -> tuple[np.ndarra
     return centres[labels] + rng.normal(0.0, 2.0, (n, dim)), labels
 
 
-def stream(
-    history: History, x: np.ndarray, labels: np.ndarray, radius: float, window: int
-) -> list[bool]:
-    return [
-        history.observe(row.astype(np.float32), int(c), radius, window)
-        for row, c in zip(x, labels, strict=True)
-    ]
+def observe(window: Window, row: np.ndarray, label: int, radius: float) -> bool:
+    """Fold one query as the stage does (fixed point in steps of radius / 64): whether it
+    was novel."""
+    window.fold(Window.encode(row[None, :], np.array([label]), radius / STEPS_PER_RADIUS))
+    return bool(window.state()[2][-1])
+
+
+def stream(window: Window, x: np.ndarray, labels: np.ndarray, radius: float) -> list[bool]:
+    return [observe(window, row, int(c), radius) for row, c in zip(x, labels, strict=True)]
+
+
+def nearest(reference: np.ndarray, row: np.ndarray) -> float:
+    return float(np.sqrt(np.min(np.sum((reference - row) ** 2, axis=1))))
 
 
 def test_calibrated_radius_separates_jitter_from_distinct_inputs() -> None:
@@ -38,7 +44,7 @@ def test_calibrated_radius_separates_jitter_from_distinct_inputs() -> None:
     reference, _ = clusters(rng, 500)
     radius = calibrate_radius(reference)
     fresh, _ = clusters(np.random.default_rng(1), 500)
-    gaps = [nearest(reference.astype(np.float32), row.astype(np.float32)) for row in fresh]
+    gaps = [nearest(reference, row) for row in fresh]
     assert np.mean(np.asarray(gaps) > radius) > 0.95  # new natural inputs are novel
     jitter = np.linalg.norm(rng.normal(0.0, 0.1, (500, 16)), axis=1)
     assert np.all(jitter < radius)  # small honest variation is not
@@ -53,46 +59,29 @@ def test_calibrate_radius_rejects_degenerate_references() -> None:
         calibrate_radius(np.eye(4), quantile=1.5)
 
 
-def test_history_round_trips_through_its_encoding() -> None:
-    rng = np.random.default_rng(2)
-    rows = rng.normal(size=(5, 8)).astype(np.float32)
-    step = 1e-3
-    items = [
-        History.encode(r, c, bool(c % 2), step) for r, c in zip(rows, [0, 1, 2, -1, 9], strict=True)
-    ]
-    history = History.decode(b"xyz" + b"".join(items), 8, step)  # a partial record: skipped
-    assert history.labels.tolist() == [0, 1, 2, -1, 9]
-    assert history.novel.tolist() == [False, True, False, True, True]
-    np.testing.assert_allclose(history.sketches, rows, atol=step / 2 + 1e-6)  # fixed point
-    saturated = History.decode(History.encode(np.array([1e9, -1e9]), 0, False, 1.0), 2, 1.0)
-    assert saturated.sketches.tolist() == [[32767.0, -32767.0]]
-
-
 def test_an_extraction_stream_is_novel_and_spread_an_honest_one_is_not() -> None:
     rng = np.random.default_rng(3)
     x, labels = clusters(rng, 2000)
     radius = calibrate_radius(x[:500])
     thresholds = Thresholds()
-    extraction = History.empty(16)
-    stream(extraction, x[500:900], labels[500:900], radius, 1000)
+    extraction = Window(16, 1000)
+    stream(extraction, x[500:900], labels[500:900], radius)
     evidence = extraction.evidence(10)
     assert evidence.queries == 400 and evidence.novel >= 390
     assert evidence.entropy > 0.95 and thresholds.judge(evidence)
 
-    honest = History.empty(16)  # a few popular inputs, retries and jittered copies, some fresh
+    honest = Window(16, 1000)  # a few popular inputs, retries and jittered copies, some fresh
     popular = x[900:905]
+    row = x[905]
     for i in range(400):
         kind = rng.integers(4)
-        row = (
-            popular[rng.integers(5)]
-            if kind == 0
-            else x[905 + i]
-            if kind == 3
-            else honest.sketches[-1] + rng.normal(0, 0.1 * kind, 16)
-            if len(honest.labels)
-            else x[905 + i]
-        )
-        honest.observe(np.asarray(row, np.float32), int(rng.integers(10)), radius, 1000)
+        if kind == 0:
+            row = popular[rng.integers(5)]
+        elif kind == 3:
+            row = x[905 + i]
+        else:  # a retry (kind 1: small jitter) or a re-encoded copy (kind 2) of the last one
+            row = row + rng.normal(0, 0.1 * kind, 16)
+        observe(honest, row, int(rng.integers(10)), radius)
     evidence = honest.evidence(10)
     assert 50 < evidence.novel < 200 and evidence.fraction < 0.5
     assert not thresholds.judge(evidence) and not thresholds.shard(evidence)
@@ -101,11 +90,11 @@ def test_an_extraction_stream_is_novel_and_spread_an_honest_one_is_not() -> None
 def test_the_window_forgets_and_repeats_of_forgotten_queries_are_novel_again() -> None:
     rng = np.random.default_rng(4)
     x, labels = clusters(rng, 40)
-    history = History.empty(16)
-    assert all(stream(history, x, labels, 1.0, 30))
-    assert len(history.labels) == 30
-    assert stream(history, x[-5:], labels[-5:], 1.0, 30) == [False] * 5  # still remembered
-    assert stream(history, x[:1], labels[:1], 1.0, 30) == [True]  # forgotten
+    window = Window(16, 30)
+    assert all(stream(window, x, labels, 1.0))
+    assert len(window) == 30
+    assert stream(window, x[-5:], labels[-5:], 1.0) == [False] * 5  # still remembered
+    assert stream(window, x[:1], labels[:1], 1.0) == [True]  # forgotten
 
 
 def test_padding_with_repeats_lowers_the_fraction_but_not_the_count() -> None:
@@ -159,13 +148,3 @@ def test_union_pools_a_split_extraction_but_never_clients_unlike_a_shard() -> No
     again = [*split[:2], shard("sybil-0", 20.0, 70)]
     assert union(again, t, since=0.0) is None  # 70 + 60 < 150
     assert union(split, t, since=11.5) is None  # only sybil-2 is recent
-
-
-def test_a_window_longer_than_the_log_keeps_whole_records() -> None:
-    step, dims = 0.5, 4
-    size = History.record_size(dims)
-    records = [History.encode(np.full(dims, float(i)), i % 10, True, step) for i in range(7)]
-    trimmed = b"".join(records)[-(3 * size + 5) :]  # cut inside a record
-    history = History.decode(trimmed, dims, step)
-    assert history.labels.tolist() == [4, 5, 6]
-    assert history.sketches[:, 0].tolist() == [4.0, 5.0, 6.0]
