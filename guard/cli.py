@@ -169,7 +169,8 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         metavar="N",
         help="guard processes sharing the port (SO_REUSEPORT; default: the CPUs this process "
-        "may use, 1 with a memory state store and stateful stages; docs/deployment.md)",
+        "may use, 1 with a memory state store and stateful stages, which N > 1 keeps in a "
+        "state process they share; docs/deployment.md)",
     )
     serve.set_defaults(run=_serve)
 
@@ -307,7 +308,14 @@ def _serve(args: argparse.Namespace) -> int:
     if args.metrics_port is not _UNSET:
         listen = dataclasses.replace(listen, metrics_port=args.metrics_port)
     policy = dataclasses.replace(policy, listen=listen)
-    from guard.workers import Workers, metrics_directory, run_workers, workers_for
+    from guard.workers import (
+        Workers,
+        metrics_directory,
+        needs_state_process,
+        run_workers,
+        state_process,
+        workers_for,
+    )
 
     if args.grpc_port is not None and (args.workers or 1) > 1:
         print("guard: --grpc-port serves from one process; --workers must be 1", file=sys.stderr)
@@ -335,11 +343,13 @@ def _serve(args: argparse.Namespace) -> int:
         return 0
     master = os.getpid()
     counted = metrics_directory() if listen.metrics_port is not None else contextlib.nullcontext()
-    with counted as directory:  # None: no metrics port, nothing to sum
+    shared = state_process(policy) if needs_state_process(policy, workers) else None
+    with counted as directory, shared or contextlib.nullcontext() as helper:
         return run_workers(
             workers,
             lambda index: serve(Workers(index=index, metrics_dir=directory, master=master)),
             metrics_dir=directory,
+            helper=helper,
         )
 
 

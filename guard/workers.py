@@ -7,11 +7,13 @@ master binds nothing and serves nothing: it forwards ``SIGHUP`` (reload the poli
 ``SIGTERM``/``SIGINT`` (drain and stop) to every worker, restarts a worker that dies
 unasked (after a second), and exits once every worker has.
 
-State: a worker's memory store is its own. Detection spread over workers is caught
-exactly as on one only when they share the state, which the Redis backend does (one
-Redis for all workers and replicas); with ``state.backend: memory``, ``--workers`` above
-1 is refused when a model has a stage that keeps per-client state (budgets, detectors, a
-privacy budget), and the default (``--workers`` left out) is then 1.
+State: detection spread over workers is caught exactly as on one only when they share
+the state. The Redis backend does (one Redis for all workers and replicas). With
+``state.backend: memory`` and a stage that keeps per-client state (budgets, detectors,
+a privacy budget), the master first forks a *state process* holding the one memory
+store, which the workers reach over a Unix socket (:mod:`guard.state.local`); it is
+restarted (empty) if it dies, and stopped after the last worker. Such a policy runs one
+worker unless ``--workers`` asks for more: in one process the store needs no socket.
 
 gRPC (``--grpc-port``) is served by one process: with it the default is 1 and more
 are refused.
@@ -95,27 +97,35 @@ def stateful_stages(policy: Policy) -> list[str]:
 
 
 def workers_for(policy: Policy, asked: int | None) -> int:
-    """How many workers to run: ``asked``, or the CPUs; raises SystemExit when ``asked``
-    above 1 would split per-client state over private memory stores."""
+    """How many workers to run: ``asked``, or the CPUs; one when ``asked`` is left out and
+    the memory store holds per-client state (more would need the state process)."""
     if asked is not None and asked < 1:
         raise SystemExit(f"guard: --workers must be >= 1; got {asked}")
-    if policy.state.backend != "memory":
+    if asked is not None or policy.state.backend != "memory" or not stateful_stages(policy):
         return asked or default_workers()
-    stateful = stateful_stages(policy)
-    if not stateful:
-        return asked or default_workers()
-    if asked is not None and asked > 1:
-        raise SystemExit(
-            f"guard: --workers {asked} needs shared state: {', '.join(stateful[:4])} keep "
-            "per-client state, which each worker's memory store would hold apart (an attack "
-            "spread over workers would go unseen); use state: {backend: redis, ...}"
-        )
-    if asked is None and default_workers() > 1:
+    if default_workers() > 1:
         log.info(
-            "one worker: the memory state store is per process (state.backend: redis "
-            "shares it across workers)"
+            "one worker: --workers N runs N, sharing the memory state through a state "
+            "process (state.backend: redis shares it across hosts)"
         )
     return 1
+
+
+def needs_state_process(policy: Policy, workers: int) -> bool:
+    """Whether ``workers`` workers of ``policy`` share its memory state through a state
+    process: several of them, the memory backend, and a stage that keeps state."""
+    return workers > 1 and policy.state.backend == "memory" and bool(stateful_stages(policy))
+
+
+@dataclass(frozen=True)
+class Helper:
+    """A process the master runs beside its workers (the state process): started before
+    them and restarted if it dies, not sent the signals they are sent, stopped after the
+    last of them has exited."""
+
+    name: str
+    run: Callable[[], None]  # its body, in a forked child
+    ready: Callable[[], bool]  # whether it serves (the workers start once it does)
 
 
 @dataclass(frozen=True)
@@ -147,6 +157,39 @@ def metrics_directory() -> Iterator[str]:
         shutil.rmtree(path, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def state_process(policy: Policy) -> Iterator[Helper]:
+    """The state process of ``policy``'s workers (:mod:`guard.state.local`): its socket in
+    a fresh private directory, named in ``GUARD_STATE_SOCKET`` for the workers to inherit
+    (removed, and the variable restored, on exit). The per-process secrets a stage draws
+    without a configured key (blacklight's hash key) are drawn here, before the workers
+    are forked, so that they all hash alike."""
+    from guard.stages.blacklight import process_secret
+    from guard.state.local import SOCKET_ENV, run_state_process, serving
+
+    directory = tempfile.mkdtemp(prefix="guard-state-")  # mode 0700
+    if len(directory) > 96:  # a Unix socket's path holds 107 bytes
+        shutil.rmtree(directory, ignore_errors=True)
+        directory = tempfile.mkdtemp(prefix="guard-state-", dir="/tmp")
+    path = os.path.join(directory, "state.sock")
+    before = os.environ.get(SOCKET_ENV)
+    os.environ[SOCKET_ENV] = path
+    process_secret()
+    config = policy.state
+    try:
+        yield Helper(
+            name="state process",
+            run=lambda: run_state_process(path, config.max_clients, config.max_bytes),
+            ready=lambda: serving(path),
+        )
+    finally:
+        if before is None:
+            os.environ.pop(SOCKET_ENV, None)
+        else:
+            os.environ[SOCKET_ENV] = before
+        shutil.rmtree(directory, ignore_errors=True)
+
+
 def reload_others(master: int) -> Callable[[], None]:
     """What worker 0 does after a successful ``/admin/reload``: ask ``master`` to reload
     the other workers (``SIGUSR1``), unless this worker has lost it (then its parent is
@@ -159,12 +202,40 @@ def reload_others(master: int) -> Callable[[], None]:
     return ask
 
 
-def run_workers(count: int, serve: Callable[[int], None], *, metrics_dir: str | None = None) -> int:
+def run_workers(
+    count: int,
+    serve: Callable[[int], None],
+    *,
+    metrics_dir: str | None = None,
+    helper: Helper | None = None,
+) -> int:
     """Fork ``count`` workers, each running ``serve(index)``; supervise them until told to
     stop. With ``metrics_dir`` (multiprocess metrics), a worker that exits has its
-    live-gauge files removed there. Returns the exit status for the master."""
+    live-gauge files removed there. ``helper`` runs beside them (see :class:`Helper`).
+    Returns the exit status for the master."""
     children: dict[int, tuple[int, float]] = {}  # pid -> (worker index, started at)
     stopping = False
+    helper_pid = 0
+
+    def start_helper(helper: Helper) -> None:
+        nonlocal helper_pid
+        pid = os.fork()
+        if pid == 0:
+            code = 0
+            try:
+                helper.run()
+            except BaseException:
+                log.exception("the %s failed", helper.name)
+                code = 1
+            os._exit(code)
+        helper_pid = pid
+        deadline = time.monotonic() + EARLY_EXIT_S
+        while not helper.ready():
+            if time.monotonic() > deadline:
+                log.error("the %s (pid %d) did not start serving", helper.name, pid)
+                return
+            time.sleep(0.01)
+        log.info("the %s (pid %d) serves", helper.name, pid)
 
     def spawn(index: int) -> None:
         pid = os.fork()
@@ -200,6 +271,8 @@ def run_workers(count: int, serve: Callable[[int], None], *, metrics_dir: str | 
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, forward)
     signal.signal(signal.SIGUSR1, reload_all_but_first)
+    if helper is not None:
+        start_helper(helper)
     for index in range(count):
         spawn(index)
     log.info("guard master %d: %d workers (%s)", os.getpid(), count, sorted(children))
@@ -210,6 +283,18 @@ def run_workers(count: int, serve: Callable[[int], None], *, metrics_dir: str | 
         except ChildProcessError:
             break
         except InterruptedError:
+            continue
+        if pid == helper_pid and helper is not None:
+            helper_pid = 0
+            if not stopping:
+                log.error(
+                    "the %s (pid %d) exited with %d; starting another",
+                    helper.name,
+                    pid,
+                    os.waitstatus_to_exitcode(code),
+                )
+                time.sleep(RESTART_DELAY_S)
+                start_helper(helper)
             continue
         index, started = children.pop(pid, (-1, 0.0))
         exit_code = os.waitstatus_to_exitcode(code)
@@ -228,4 +313,9 @@ def run_workers(count: int, serve: Callable[[int], None], *, metrics_dir: str | 
         time.sleep(RESTART_DELAY_S)
         if not stopping:
             spawn(index)
+    if helper_pid:  # the workers are gone: nothing uses it any more
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(helper_pid, signal.SIGKILL)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(helper_pid, 0)
     return status

@@ -42,15 +42,16 @@ from guard.stages import scale
 from guard.stages.detector import Enforcement, MisdirectOptions, input_rows
 from guard.stages.env import StageEnv
 from guard.stages.options import Duration, OptionError, OptionsStage, option
-from guard.state import together
+from guard.state import StateStore, together
 
 TECHNIQUE = "AML.T0043"  # Craft Adversarial Data (black-box evasion probes)
 MAX_PER_HASH = 256  # postings kept per hash: a hash common to many queries says little
 
 
 @functools.cache
-def _process_secret() -> bytes:
-    """The key of a guard without ``key_env``: one per process, so it survives reloads."""
+def process_secret() -> bytes:
+    """The key of a guard without ``key_env``: one per process, so it survives reloads (and
+    the workers forked after their master drew it share it)."""
     return os.urandom(32)
 
 
@@ -95,7 +96,8 @@ class BlacklightOptions(MisdirectOptions):
         None,
         doc="environment variable holding the secret the hash key is derived from; required "
         "with a shared (Redis) state, so every replica hashes alike. Without it the key is "
-        "random per process",
+        "random per process (the workers of one `guard serve --workers N` share their "
+        "master's)",
     )
 
     REMOVED: ClassVar[dict[str, str]] = {
@@ -116,7 +118,7 @@ class Blacklight(OptionsStage[BlacklightOptions]):
         super().__init__(options, env)
         self.enforcement = Enforcement.of(options, env, stage=self.name, technique=TECHNIQUE)
         self.fingerprinter = Fingerprinter(
-            key=FingerprintKey.derive(_secret(options, env, shared=self.enforcement.store.shared)),
+            key=FingerprintKey.derive(_secret(options, env, store=self.enforcement.store)),
             step=options.quantize,
             window=options.window,
             stride=options.stride,
@@ -174,8 +176,9 @@ class Blacklight(OptionsStage[BlacklightOptions]):
         )
 
 
-def _secret(options: BlacklightOptions, env: StageEnv, *, shared: bool) -> bytes:
-    """The hash key's secret: from ``key_env``, else one per process (never with shared state)."""
+def _secret(options: BlacklightOptions, env: StageEnv, *, store: StateStore) -> bytes:
+    """The hash key's secret: from ``key_env``, else one per process (never with state shared
+    by other processes, unless they are this master's workers: they inherit its secret)."""
     if options.key_env is not None:
         secret = env.secret(options.key_env)
         if secret is None:
@@ -183,8 +186,8 @@ def _secret(options: BlacklightOptions, env: StageEnv, *, shared: bool) -> bytes
                 "key_env", f"names environment variable {options.key_env}, which is not set"
             )
         return secret.encode()
-    if shared:
+    if store.shared and not getattr(store, "same_master", False):
         raise OptionError(
             None, "needs key_env with a shared state store: every replica must hash with one key"
         )
-    return _process_secret()
+    return process_secret()

@@ -26,7 +26,8 @@ The policy's top-level ``state:`` section picks the backend::
       url: rediss://redis/0             # optional here: only its scheme (rediss: TLS),
                                         # credentials and database apply
 
-``memory`` serves one guard process; ``redis`` lets every replica see the same
+``memory`` serves one guard process (the workers of one ``guard serve --workers N``
+share one: :mod:`guard.state.local`); ``redis`` lets every replica see the same
 state (a client splitting an attack across replicas is still one client).
 ``cluster: true`` opens a Redis Cluster client: the URL names any one node (its
 database must be 0), the client finds the others and routes each key to its
@@ -233,6 +234,13 @@ def build_store(
             max_connections=config.max_connections,
             fingerprint_scope=config.fingerprint_scope,
         )
+    import os
+
+    from guard.state.local import SOCKET_ENV, LocalStore
+
+    shared = os.environ.get(SOCKET_ENV)
+    if shared:  # a worker of `guard serve --workers N`: the host's state process holds it
+        return LocalStore(shared, on_error=on_error)
     from guard.state.memory import MemoryStore
 
     return MemoryStore(max_clients=config.max_clients, max_bytes=config.max_bytes)

@@ -15,7 +15,8 @@ by them, and hides their cost). Targets, each its own process on loopback:
 ``guard-embedded`` the guard serving ``builtin:digits`` itself (no upstream), the default
                    policy's stages, memory state: compared with ``model``
 ``guard-<stage>``  the guard with that one stage of the default policy
-``...-w2``         (``--workers``) ``guard-none`` and ``guard-redis`` with ``--workers 2``
+``...-w2``         (``--workers``) ``guard-none``, ``guard`` (its memory state in the state
+                   process) and ``guard-redis`` with ``--workers 2``
 ``...@baseline``   (``--baseline DIR``) ``guard``, ``guard-none``, ``guard-redis`` run from another
                    checkout (an earlier commit, its kernels built), in the same rounds
 
@@ -511,8 +512,9 @@ def targets_of(args: argparse.Namespace) -> list[str]:
     targets += ["guard", "guard-none", "guard-embedded"]
     if shutil.which("redis-server") and not args.no_redis:
         targets.append("guard-redis")
-    if args.workers:  # 2 workers: stateless (no stage), and the default policy on Redis
-        targets += ["guard-none-w2"] + (["guard-redis-w2"] if "guard-redis" in targets else [])
+    if args.workers:  # 2 workers: no stage, the default policy in memory and on Redis
+        targets += ["guard-none-w2", "guard-w2"]
+        targets += ["guard-redis-w2"] if "guard-redis" in targets else []
     if args.baseline:
         targets += [t + BASELINE for t in ("guard", "guard-none", "guard-redis") if t in targets]
     if not args.no_stages:
@@ -669,7 +671,8 @@ def report(results: list[Measurement], generator: str, loads: list[str]) -> tupl
                     f"throughput; added p50 {rows[new]['added_p50_ms']:.3f} ms against "
                     f"{old['added_p50_ms']:.3f} ms."
                 )
-        for one, two in (("guard-none", "guard-none-w2"), ("guard-redis", "guard-redis-w2")):
+        for one in ("guard-none", "guard", "guard-redis"):
+            two = one + "-w2"
             rows = {r["target"]: r for r in summary if r["loop"] == loop}
             if one in rows and two in rows:
                 ratio = rows[two]["rps"] / rows[one]["rps"]
@@ -697,7 +700,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-nginx", action="store_true", help="skip nginx")
     parser.add_argument("--no-stage-table", action="store_true", help="skip bench_stages.py")
     parser.add_argument(
-        "--workers", action="store_true", help="add guard-none and guard-redis with --workers 2"
+        "--workers",
+        action="store_true",
+        help="add guard-none, guard and guard-redis with --workers 2",
     )
     parser.add_argument(
         "--baseline",

@@ -1,11 +1,11 @@
-"""``guard serve --workers N``: one port, N processes, state shared through Redis.
+"""``guard serve --workers N``: one port, N processes, state shared through Redis or,
+on the memory backend, through the master's state process.
 
 A near-duplicate walk (Blacklight's evidence) and a quota spread over two workers (a
 fresh connection per request, so the kernel's SO_REUSEPORT hashing sends them to both)
-are answered exactly as by one worker; both workers served (each worker's own metrics
-file counts some of the requests); SIGHUP reloads every worker
-and SIGTERM stops them all; more than one worker on a memory store with stateful stages
-is refused.
+are answered exactly as by one worker, on either backend; both workers served (each
+worker's own metrics file counts some of the requests); SIGHUP reloads every worker
+and SIGTERM stops them all; a state process that dies is replaced.
 """
 
 from __future__ import annotations
@@ -35,11 +35,13 @@ ROOT = Path(__file__).resolve().parents[2]
 KEY_ENV = "GUARD_TEST_BLACKLIGHT_KEY"
 
 
-def policy(redis_url: str | None, queries: int = 1000) -> dict[str, Any]:
+def policy(redis_url: str | None, queries: int = 1000, *, keyed: bool = True) -> dict[str, Any]:
+    """Without ``keyed``, blacklight hashes with a key drawn per process: the workers of
+    one master inherit its key (and a second run draws another)."""
     stages: list[dict[str, Any]] = [
         {"validate": {"min": 0.0, "max": 16.0}},
         {"budget": {"limits": [{"queries": queries, "per": "1m"}]}},
-        {"blacklight": {"key_env": KEY_ENV} if redis_url else {}},  # action: deny
+        {"blacklight": {"key_env": KEY_ENV} if keyed else {}},  # action: deny
     ]
     doc: dict[str, Any] = {
         "version": 1,
@@ -151,14 +153,20 @@ def requests_per_worker(tmp: Path) -> dict[int, float]:
     return counts
 
 
+@pytest.mark.parametrize("backend", ["redis", "memory"])
 def test_an_attack_spread_over_two_workers_is_caught_as_on_one(
-    tmp_path: Path, redis_server: RedisServer
+    tmp_path: Path, backend: str, request: pytest.FixtureRequest
 ) -> None:
+    redis: RedisServer | None = None
+    if backend == "redis":
+        redis = request.getfixturevalue("redis_server")
     queries = walk(24, seed=3)
     answers = {}
     for workers in (1, 2):
-        redis_server.flush()
-        with Guard(tmp_path, policy(redis_server.url, queries=20), workers) as guard:
+        if redis is not None:
+            redis.flush()
+        doc = policy(None if redis is None else redis.url, queries=20)
+        with Guard(tmp_path, doc, workers) as guard:
             answers[workers] = [infer(guard.url, q) for q in queries]
             if workers == 2:  # once every worker wrote its file (each second)
                 deadline = time.monotonic() + 10
@@ -169,6 +177,7 @@ def test_an_attack_spread_over_two_workers_is_caught_as_on_one(
             code, output = guard.stop()
         assert code == 0, output
         assert "Traceback" not in output
+        assert ("state process" in output) == (workers == 2 and backend == "memory"), output
     assert answers[1] == answers[2]
     assert 403 in answers[1]  # the walk is caught (blacklight, action deny) ...
     assert answers[1][20:] == [429] * 4  # ... and the quota of 20 holds over both workers
@@ -196,30 +205,26 @@ def test_sighup_reloads_every_worker(tmp_path: Path, redis_server: RedisServer) 
     assert output.count("reloaded") == 2, output
 
 
-def test_workers_on_a_memory_store_with_stateful_stages_are_refused(tmp_path: Path) -> None:
-    path = tmp_path / "policy.yaml"
-    path.write_text(yaml.safe_dump(policy(None)))
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "guard.cli",
-            "serve",
-            "--policy",
-            str(path),
-            "--port",
-            str(free_port()),
-            "--workers",
-            "2",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert result.returncode != 0
-    assert "--workers 2 needs shared state" in result.stderr
-    assert "digits.budget" in result.stderr and "Traceback" not in result.stderr
+def test_a_state_process_that_dies_is_replaced(tmp_path: Path) -> None:
+    with Guard(tmp_path, policy(None, keyed=False), 2) as guard:
+        # The workers hash with their master's key: a walk over both is caught.
+        assert 403 in [infer(guard.url, q) for q in walk(16, seed=4)]
+        x = np.full(64, 10.0, np.float32)
+        assert infer(guard.url, x) == 200
+        pid = int(guard.head.split("the state process (pid ")[1].split(")")[0])
+        os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 15
+        statuses: list[int] = []
+        while time.monotonic() < deadline:  # refused while it is gone (on_error: closed)
+            statuses.append(infer(guard.url, x + len(statuses) / 1000))
+            if statuses[-1] == 200:
+                break
+            time.sleep(0.1)
+        code, output = guard.stop()
+    assert statuses[-1] == 200, statuses
+    assert set(statuses) <= {200, 503}, statuses
+    assert "starting another" in output and output.count("state process (pid") == 3, output
+    assert code == 0, output
 
 
 @pytest.mark.parametrize("asked", [0, -1])
