@@ -27,6 +27,7 @@ after a restart of one process) and operations fail meanwhile (the stages'
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import pickle
 import signal
@@ -58,6 +59,9 @@ _OPERATIONS = frozenset(
     }
 )
 _LENGTH = 4
+_BACKLOG = 1 << 20  # bytes of replies a connection may hold unread before it waits
+
+log = logging.getLogger(__name__)
 
 
 def _frame(message: object) -> bytes:
@@ -84,8 +88,12 @@ async def serve_state(path: str, store: MemoryStore) -> None:
                 except Exception as exc:  # the caller's fault: its reply, not this process's end
                     reply = (False, f"{operation}: {type(exc).__name__}: {exc}")
                 writer.write(_frame(reply))
+                if writer.transport.get_write_buffer_size() > _BACKLOG:
+                    await writer.drain()  # a worker not reading: stop reading its requests
         except (asyncio.IncompleteReadError, ConnectionError):
             pass  # the worker went away
+        except Exception:  # an unreadable message: this connection is out of step
+            log.exception("state process: dropped a connection")
         finally:
             connections.discard(writer)
             writer.close()

@@ -162,3 +162,17 @@ def test_only_several_workers_with_state_in_memory_need_the_state_process() -> N
     budget = policy_with({"budget": {"limits": [{"queries": 5, "per": "1m"}]}})
     assert needs_state_process(budget, 2) and not needs_state_process(budget, 1)
     assert not needs_state_process(policy_with({"validate": {}}), 4)  # nothing to share
+
+
+async def test_an_unreadable_message_drops_its_connection_only(tmp_path: Path) -> None:
+    path = tmp_path / "s"
+    async with state_server(path):
+        reader, writer = await asyncio.open_unix_connection(str(path))
+        writer.write((5).to_bytes(4, "little") + b"junk!")
+        assert await reader.read() == b""  # closed without a reply
+        writer.close()
+        store = LocalStore(str(path))
+        try:
+            assert (await store.incr("{c}:n", 1, 60.0))[0] == 1  # the others are served
+        finally:
+            await store.close()
