@@ -25,8 +25,8 @@ pass-through's; at 1 connection, its added median latency (its p50 minus the
 model's) and that over the pass-through's. Every target gets a warm-up, then
 ``--rounds`` measured runs interleaved with the other targets' (a change in
 background load is shared out, not pinned on one target); per target the median over
-the rounds of req/s, p50, p99 and the CPU its own process spent per request
-(``/proc``). The per-stage cost table in µs per request at 64 and 3,072 values comes
+the rounds of req/s, p50, p99 and the CPU its own process (with its children: a
+``--workers`` master's workers and state process) spent per request (``/proc``). The per-stage cost table in µs per request at 64 and 3,072 values comes
 from ``bench_stages.py`` (in-process, the same stages, by CPU time), printed after the proxy tables
 unless ``--no-stage-table``.
 
@@ -57,7 +57,7 @@ import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -353,13 +353,21 @@ def servers(
 
 
 def cpu_seconds(pid: int) -> float | None:
-    """User + system CPU time of process ``pid`` (all its threads), from ``/proc``; None elsewhere."""
+    """User + system CPU time of process ``pid`` (all its threads) and its children (a
+    ``--workers`` master's workers and state process), from ``/proc``; None elsewhere."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        stats = [Path(f"/proc/{pid}/stat").read_text()]
     except OSError:
         return None
-    fields = stat.rpartition(")")[2].split()  # the command name may hold spaces
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    for child in children:
+        with suppress(OSError):  # gone since
+            stats.append(Path(f"/proc/{child}/stat").read_text())
+    ticks = 0
+    for stat in stats:
+        fields = stat.rpartition(")")[2].split()  # the command name may hold spaces
+        ticks += int(fields[11]) + int(fields[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def random_body(rng: Any) -> bytes:
@@ -627,10 +635,8 @@ def report(results: list[Measurement], generator: str, loads: list[str]) -> tupl
             summary.append(row)
             cpu = (
                 "n/a"
-                if hi.cpu_us_per_request is None or target == "nginx" or target.endswith("-w2")
-                else (
-                    f"{hi.cpu_us_per_request:.0f}"  # nginx, -w2: the master's pid alone
-                )
+                if hi.cpu_us_per_request is None or target == "nginx"
+                else f"{hi.cpu_us_per_request:.0f}"  # -w2: its workers and state process too
             )
             lines.append(
                 f"| {target} | {hi.rps:.0f} | {row['rps_over_passthrough']:.2f} | {cpu} "
