@@ -129,8 +129,12 @@ def test_serve_reloads_on_sighup_and_stops_on_sigterm(tmp_path: Path, loop: str)
         policy["models"]["digits"]["stages"][0]["validate"]["max"] = 5.0  # type: ignore[index]
         path.write_text(yaml.safe_dump(policy))
         process.send_signal(signal.SIGHUP)
+        # A stateless policy runs a worker per CPU, each reloading on its own: wait until
+        # every connection (a fresh one each, spread over the workers) sees the new policy.
         deadline = time.monotonic() + 10
-        while infer(url, 10.0)[0] == 200 and time.monotonic() < deadline:
+        while time.monotonic() < deadline:
+            if all(infer(url, 10.0)[0] == 400 for _ in range(8)):
+                break
             time.sleep(0.05)
         status, body = infer(url, 10.0)
         assert status == 400 and "above the maximum 5" in str(body["error"])
