@@ -5,7 +5,9 @@ the whole guard (:func:`guard.cli.serve_forever`) on its own event loop and bind
 public port with ``SO_REUSEPORT``, so the kernel spreads connections over them. The
 master binds nothing and serves nothing: it forwards ``SIGHUP`` (reload the policy) and
 ``SIGTERM``/``SIGINT`` (drain and stop) to every worker, restarts a worker that dies
-unasked (after a second), and exits once every worker has.
+unasked (after a second), and exits once every worker has. A master killed outright
+(SIGKILL) takes its children along on Linux: each worker is sent SIGTERM and drains,
+the state process is killed (``PR_SET_PDEATHSIG``).
 
 State: detection spread over workers is caught exactly as on one only when they share
 the state. The Redis backend does (one Redis for all workers and replicas). With
@@ -40,10 +42,12 @@ reloads all.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import os
 import shutil
 import signal
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -157,6 +161,16 @@ def metrics_directory() -> Iterator[str]:
         shutil.rmtree(path, ignore_errors=True)
 
 
+def _die_with(master: int, sig: signal.Signals) -> None:
+    """In a child of ``master``: be sent ``sig`` when it dies, even by SIGKILL (Linux's
+    ``PR_SET_PDEATHSIG``; elsewhere nothing), and exit now if it already has: no worker
+    or state process outlives its master, holding the port or the state."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(sig))  # PR_SET_PDEATHSIG
+    if os.getppid() != master:
+        os._exit(1)
+
+
 @contextlib.contextmanager
 def state_process(policy: Policy) -> Iterator[Helper]:
     """The state process of ``policy``'s workers (:mod:`guard.state.local`): its socket in
@@ -219,10 +233,12 @@ def run_workers(
 
     def start_helper(helper: Helper) -> None:
         nonlocal helper_pid
+        master = os.getpid()
         pid = os.fork()
         if pid == 0:
             code = 0
             try:
+                _die_with(master, signal.SIGKILL)  # it ignores SIGTERM
                 helper.run()
             except BaseException:
                 log.exception("the %s failed", helper.name)
@@ -238,11 +254,13 @@ def run_workers(
         log.info("the %s (pid %d) serves", helper.name, pid)
 
     def spawn(index: int) -> None:
+        master = os.getpid()
         pid = os.fork()
         if pid == 0:  # the worker
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGUSR1):
                 signal.signal(sig, signal.SIG_DFL)
             signal.signal(signal.SIGHUP, _defer_reload)  # until its loop handles reloads
+            _die_with(master, signal.SIGTERM)  # a master killed outright: drain and stop
             code = 0
             try:
                 serve(index)

@@ -227,6 +227,34 @@ def test_a_state_process_that_dies_is_replaced(tmp_path: Path) -> None:
     assert code == 0, output
 
 
+def test_a_master_killed_outright_takes_its_workers_and_state_process_along(
+    tmp_path: Path,
+) -> None:
+    with Guard(tmp_path, policy(None), 2) as guard:
+        state = int(guard.head.split("the state process (pid ")[1].split(")")[0])
+        workers = [int(p) for p in guard.head.split("2 workers ([")[1].split("]")[0].split(",")]
+        guard.process.kill()
+        guard.process.wait()
+        deadline = time.monotonic() + 15
+        left = [state, *workers]
+        while left and time.monotonic() < deadline:
+            left = [pid for pid in left if _alive(pid)]
+            time.sleep(0.1)
+    assert not left, left
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        status = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    except OSError:  # reaped meanwhile
+        return False
+    return status != "Z"  # a zombie has exited (its parent, init, reaps it soon)
+
+
 @pytest.mark.parametrize("asked", [0, -1])
 def test_workers_must_be_positive(tmp_path: Path, asked: int) -> None:
     path = tmp_path / "policy.yaml"
