@@ -186,7 +186,7 @@ def _secret(options: BlacklightOptions, env: StageEnv, *, store: StateStore) -> 
                 "key_env", f"names environment variable {options.key_env}, which is not set"
             )
         return secret.encode()
-    if store.shared and not getattr(store, "same_master", False):
+    if store.shared and not store.same_master:
         raise OptionError(
             None, "needs key_env with a shared state store: every replica must hash with one key"
         )

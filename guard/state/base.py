@@ -55,10 +55,14 @@ class FingerprintMatch:
 
 @runtime_checkable
 class StateStore(Protocol):
-    """Shared, bounded, expiring state. Implementations: memory and Redis."""
+    """Shared, bounded, expiring state. Implementations: memory, Redis, and the memory
+    of a ``--workers`` master's state process (:mod:`guard.state.local`)."""
 
     backend: str  # "memory" or "redis": the metric label
     shared: bool  # True when several guard processes see the same state
+    # True when every process that sees it was forked by one master after the master drew
+    # its per-process secrets (blacklight's key), so they hash alike without a configured key
+    same_master: bool
 
     async def incr(self, key: str, amount: int, window_s: float) -> tuple[int, float]:
         """Add ``amount`` to a fixed-window counter.

@@ -178,9 +178,7 @@ class LocalStore:
 
     backend = "memory"
     shared = True
-    # Every process using it was forked by one master, after the master drew its
-    # per-process secrets (blacklight's key): they hash alike without ``key_env``.
-    same_master = True
+    same_master = True  # the workers of one master (it draws their secrets before forking)
 
     def __init__(self, path: str, *, on_error: Callable[[str], None] | None = None) -> None:
         self.path = path

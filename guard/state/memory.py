@@ -129,6 +129,7 @@ class MemoryStore:
 
     backend = "memory"
     shared = False
+    same_master = True  # one process
 
     def __init__(
         self,

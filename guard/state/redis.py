@@ -322,6 +322,7 @@ class RedisStore:
 
     backend = "redis"
     shared = True
+    same_master = False  # replicas on any host
 
     def __init__(
         self,

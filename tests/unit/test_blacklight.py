@@ -496,8 +496,9 @@ def test_describe_never_shows_the_key() -> None:
     ) == (3.0, 20, 50, 25)
 
 
-class SharedStore(MemoryStore):
+class SharedStore(MemoryStore):  # stands for a store shared with other replicas
     shared = True
+    same_master = False
 
 
 @pytest.mark.parametrize(
