@@ -148,17 +148,34 @@ def metrics_directory() -> Iterator[str]:
     """A fresh private directory for the workers' metric files, named in
     ``PROMETHEUS_MULTIPROC_DIR`` (which the workers inherit) and removed on exit; the
     variable is restored. A master killed with SIGKILL leaves it behind in the temp dir."""
-    path = tempfile.mkdtemp(prefix="guard-metrics-")  # mode 0700
-    before = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
+    with _private_directory("guard-metrics-") as path, _named("PROMETHEUS_MULTIPROC_DIR", path):
+        yield path
+
+
+@contextlib.contextmanager
+def _private_directory(prefix: str, root: str | None = None) -> Iterator[str]:
+    """A fresh directory in ``root`` (default: the temp dir) only this user can enter
+    (mode 0700), removed on exit."""
+    path = tempfile.mkdtemp(prefix=prefix, dir=root)
     try:
         yield path
     finally:
-        if before is None:
-            os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
-        else:
-            os.environ["PROMETHEUS_MULTIPROC_DIR"] = before
         shutil.rmtree(path, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _named(variable: str, value: str) -> Iterator[None]:
+    """``value`` in the environment variable ``variable`` (which forked workers inherit),
+    restored on exit."""
+    before = os.environ.get(variable)
+    os.environ[variable] = value
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(variable, None)
+        else:
+            os.environ[variable] = before
 
 
 def _die_with(master: int, sig: signal.Signals) -> None:
@@ -181,27 +198,18 @@ def state_process(policy: Policy) -> Iterator[Helper]:
     from guard.stages.blacklight import process_secret
     from guard.state.local import SOCKET_ENV, run_state_process, serving
 
-    directory = tempfile.mkdtemp(prefix="guard-state-")  # mode 0700
-    if len(directory) > 96:  # a Unix socket's path holds 107 bytes
-        shutil.rmtree(directory, ignore_errors=True)
-        directory = tempfile.mkdtemp(prefix="guard-state-", dir="/tmp")
-    path = os.path.join(directory, "state.sock")
-    before = os.environ.get(SOCKET_ENV)
-    os.environ[SOCKET_ENV] = path
     process_secret()
     config = policy.state
-    try:
-        yield Helper(
-            name="state process",
-            run=lambda: run_state_process(path, config.max_clients, config.max_bytes),
-            ready=lambda: serving(path),
-        )
-    finally:
-        if before is None:
-            os.environ.pop(SOCKET_ENV, None)
-        else:
-            os.environ[SOCKET_ENV] = before
-        shutil.rmtree(directory, ignore_errors=True)
+    # A Unix socket's path holds 107 bytes: under a long TMPDIR, the directory goes in /tmp.
+    root = None if len(tempfile.gettempdir()) <= 64 else "/tmp"
+    with _private_directory("guard-state-", root) as directory:
+        path = os.path.join(directory, "state.sock")
+        with _named(SOCKET_ENV, path):
+            yield Helper(
+                name="state process",
+                run=lambda: run_state_process(path, config.max_clients, config.max_bytes),
+                ready=lambda: serving(path),
+            )
 
 
 def reload_others(master: int) -> Callable[[], None]:
